@@ -1,0 +1,186 @@
+"""The ``chert-relay`` command line.
+
+Exit codes: 0 ok · 1 unexpected failure · 2 usage · 69 Redis unreachable or the
+embedded redis-server would not start · 78 invalid configuration, or a Redis whose
+settings could lose events (systemd: ``RestartPreventExitStatus=78``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from relay import __version__, logs
+from relay.config import DEFAULT_CONFIG_PATHS, Config, load_config, resolve_secret
+from relay.envelope import BadEventError, from_body
+from relay.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ConfigError,
+    EmbeddedRedisError,
+    RedisUnavailableError,
+    UnsafeRedisError,
+)
+from relay.service import RoleFactory, Service, serve
+from relay.signing import webhook_headers
+
+log = logging.getLogger("relay")
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    if args.config:
+        return Path(args.config)
+    env = os.environ.get("CHERT_RELAY_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if Path(candidate).exists():
+            return Path(candidate)
+    return Path(DEFAULT_CONFIG_PATHS[0])
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args))
+
+
+def role_factories() -> dict[str, RoleFactory]:
+    """Roles beyond the receiver and admin, by name."""
+    factories: dict[str, RoleFactory] = {}
+    return factories
+
+
+def _run_service(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
+    config = _load(args)
+    service = Service(
+        config, roles=roles, config_path=_config_path(args), extra_roles=role_factories()
+    )
+    serve(service)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _run_service(args, ("receiver", "admin", "poller"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_service(args, ("receiver", "admin", "poller", "worker"))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    sinks = sum(len(t.sinks) for t in config.tenants)
+    print(f"{path}: ok ({len(config.tenants)} tenant(s), {sinks} sink(s))")
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    body = sys.stdin.buffer.read()
+    if args.secret:
+        try:
+            secret = resolve_secret(args.secret).get()
+        except ValueError as e:
+            print(f"chert-relay sign: --secret: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        tenant = _load(args).tenant(args.tenant)
+        if tenant is None or not tenant.webhook_secrets:
+            print(f"chert-relay sign: tenant {args.tenant!r} has no webhook secret in the "
+                  "configuration; pass --secret", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        secret = tenant.webhook_secrets[0].get()
+    headers = {"Content-Type": "application/json"}
+    try:
+        event = from_body(body)
+        headers["X-Webhook-Event"] = event.type
+        headers["X-Webhook-Event-Id"] = event.event_id
+    except BadEventError as e:
+        print(f"chert-relay sign: note: {e}; signing the body as it is", file=sys.stderr)
+    headers.update(webhook_headers(secret, body, timestamp=args.timestamp, legacy=args.legacy))
+    if args.curl:
+        url = args.curl.rstrip("/")
+        if "/webhooks/" not in url:
+            url = f"{url}/webhooks/chert/{args.tenant}"
+        parts = ["curl", "-sS", "-X", "POST", url]
+        for k, v in headers.items():
+            parts += ["-H", f"{k}: {v}"]
+        parts += ["--data-binary", "@-"]
+        print(shlex.join(parts))
+    elif args.json:
+        print(json.dumps(headers, indent=2))
+    else:
+        for k, v in headers.items():
+            print(f"{k}: {v}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chert-relay",
+        description="Webhook relay and event-ingestion daemon for the Chert Messaging API.",
+    )
+    p.add_argument("--version", action="version", version=f"chert-relay {__version__}")
+    p.add_argument(
+        "-c", "--config",
+        help="configuration file (default: $CHERT_RELAY_CONFIG or /etc/chert-relay/relay.toml)",
+    )  # fmt: skip
+    p.add_argument("--log-level", default=os.environ.get("CHERT_RELAY_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])  # fmt: skip
+    p.add_argument("--log-format", default=os.environ.get("CHERT_RELAY_LOG_FORMAT", "auto"),
+                   choices=["auto", "text", "json"],
+                   help="text for terminals, json lines for machines (auto: by tty)")  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run every role in one process (receiver, admin, worker…)")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("serve", help="run the receiver and the admin listener")
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("check-config", help="validate the configuration and list every problem")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("sign", help="sign a body (stdin) the way Chert signs webhooks")
+    s.add_argument("--tenant", required=True, help="tenant slug (picks its secret from the config)")
+    s.add_argument("--secret", help="webhook secret: the value, env:NAME or file:/path")
+    s.add_argument("--timestamp", type=int, help="unix seconds to sign with (default: now)")
+    s.add_argument("--legacy", action="store_true", help="legacy x-chert-signature format")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the headers as JSON")
+    out.add_argument("--curl", metavar="URL", help="print a curl command posting stdin to URL")
+    s.set_defaults(func=cmd_sign)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except UnsafeRedisError as e:
+        log.error("refusing to start: %s", e)
+        return EXIT_CONFIG
+    except (RedisUnavailableError, EmbeddedRedisError) as e:
+        log.error("cannot start: %s", e)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        log.exception("unexpected failure")
+        return EXIT_FAILURE

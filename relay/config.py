@@ -1,0 +1,404 @@
+"""The relay's configuration: one TOML file, validated once into frozen models.
+
+Unknown keys are errors (a misspelt setting must never be silently ignored).
+Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``.
+Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warning).
+Environment variables ``CHERT_RELAY__<SECTION>__<KEY>`` override single settings of
+the top-level sections (``CHERT_RELAY__REDIS__URL=redis://…``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from relay.errors import ConfigError
+
+ENV_PREFIX = "CHERT_RELAY__"
+DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``2.5``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or ``"250ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"{value!r} is not a duration; use seconds or e.g. '30s', '5m', '2h', '7d'"
+            )
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '30s'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Secret:
+    """A secret value with where it came from; never shows the value in repr or str."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str) -> None:
+        self._value = value
+        self.origin = origin  # "env:NAME", "file:/path" or "literal"
+
+    def get(self) -> str:
+        return self._value
+
+    @property
+    def is_literal(self) -> bool:
+        return self.origin == "literal"
+
+    def __repr__(self) -> str:
+        return f"Secret({self.origin})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def resolve_secret(value: object, base_dir: Path | None = None) -> Secret:
+    """Resolve ``env:NAME``, ``file:/path`` (relative to ``base_dir``) or a literal."""
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a secret is a string: 'env:NAME', 'file:/path' or the literal value")
+    if value.startswith("env:"):
+        name = value[4:]
+        if not name:
+            raise ValueError("'env:' needs a variable name")
+        found = os.environ.get(name)
+        if found is None or found == "":
+            raise ValueError(f"environment variable {name} is not set")
+        return Secret(found.strip(), value)
+    if value.startswith("file:"):
+        path = Path(value[5:]).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+        if not text:
+            raise ValueError(f"secret file {path} is empty")
+        return Secret(text, f"file:{path}")
+    if not value:
+        raise ValueError("a secret cannot be empty")
+    return Secret(value, "literal")
+
+
+def _secret_validator(value: object, info: ValidationInfo) -> Secret:
+    base = (info.context or {}).get("base_dir")
+    return resolve_secret(value, base)
+
+
+SecretField = Annotated[Secret, BeforeValidator(_secret_validator)]
+
+
+class Listen(BaseModel):
+    """A TCP ``host:port`` or ``unix:/path`` to listen on."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(value: object) -> Listen:
+    if isinstance(value, Listen):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("listen is 'host:port' or 'unix:/path'")
+    if value.startswith("unix:"):
+        return Listen(path=value[5:])
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not 'host:port' or 'unix:/path'")
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port {p} is out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return Listen(host=host, port=p)
+
+
+ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(lambda v: _check_http_url(v) if isinstance(v, str) else v)]
+
+_SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class ServerConfig(_Section):
+    listen: ListenField = Field(default_factory=lambda: parse_listen("127.0.0.1:8080"))
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    ingest_timeout: Duration = 5.0  # longest a webhook waits on Redis before answering 503
+    shutdown_timeout: Duration = 10.0  # bound on in-flight requests at shutdown
+    retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
+
+
+class AdminConfig(_Section):
+    listen: ListenField | None = Field(default_factory=lambda: parse_listen("127.0.0.1:9090"))
+    token: SecretField | None = None
+
+
+class RedisConfig(_Section):
+    url: SecretField | None = None  # absent: a private redis-server under state_dir
+    key_prefix: str = Field("chert-relay", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    server_binary: str = "redis-server"
+    connect_timeout: Duration = 5.0
+    require_aof: bool = False  # refuse (rather than warn) when AOF is off
+
+
+class RelaySection(_Section):
+    state_dir: Path = Path("/var/lib/chert-relay")
+    dedupe_ttl: Duration = Field(7 * 86400.0, gt=0)
+
+
+class WorkerConfig(_Section):
+    max_jobs: int = Field(200, ge=1, le=10_000)
+    poll_delay: Duration = 0.05
+    shutdown_grace: Duration = 30.0  # running deliveries get this long after SIGTERM
+    queue_read_limit: int | None = Field(None, ge=1)
+
+
+class ApiConfig(_Section):
+    base_url: HttpUrl = "https://console.trychert.com/api/v1"
+    auth: Literal["hmac", "bearer"] = "hmac"
+    signing_secret: SecretField | None = None
+    timeout: Duration = 30.0
+
+
+class PollConfig(_Section):
+    mode: Literal["off", "fallback", "always", "sse"] = "fallback"
+    interval: Duration = Field(10.0, gt=0)
+    lapse_after: Duration = Field(300.0, gt=0)
+    reconcile_every: Duration = Field(900.0, gt=0)
+    overlap: Duration = 120.0
+    page_size: int = Field(200, ge=1, le=200)
+
+
+class SinkConfig(_Section):
+    name: str = Field(pattern=_SLUG_RE)
+    url: HttpUrl
+    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    secret: SecretField | None = None
+    timeout: Duration = Field(10.0, gt=0)
+    max_attempts: int = Field(15, ge=1, le=1000)
+    max_age: Duration = Field(86400.0, gt=0)
+    concurrency: int = Field(16, ge=1, le=10_000)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, v: Secret | None) -> Secret | None:
+        if v is not None and not v.get().startswith("whsec_"):
+            raise ValueError("a sink secret is a Standard Webhooks key: 'whsec_' + base64")
+        return v
+
+    def matches(self, event_type: str) -> bool:
+        """Whether this sink wants events of ``event_type`` (exact names or globs)."""
+        return any(p == event_type or fnmatch.fnmatchcase(event_type, p) for p in self.events)
+
+
+class TenantConfig(_Section):
+    slug: str = Field(pattern=_SLUG_RE)
+    webhook_secrets: list[SecretField] = Field(default_factory=list)
+    signature_tolerance: Duration = Field(300.0, gt=0)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    poll: PollConfig = Field(default_factory=PollConfig)
+    sinks: list[SinkConfig] = Field(min_length=1)
+
+    @field_validator("sinks")
+    @classmethod
+    def _unique_sinks(cls, v: list[SinkConfig]) -> list[SinkConfig]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sink names must be unique within a tenant: {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _has_a_way_in(self) -> TenantConfig:
+        if not self.webhook_secrets and self.poll.mode in ("off", "fallback"):
+            raise ValueError(
+                "no webhook_secrets and poll.mode is "
+                f"{self.poll.mode!r}: this tenant could receive nothing"
+            )
+        if self.poll.mode != "off" and self.api.signing_secret is None:
+            raise ValueError(
+                f"poll.mode is {self.poll.mode!r} but api.signing_secret is not set "
+                "(set it, or poll.mode = 'off')"
+            )
+        return self
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    relay: RelaySection = Field(default_factory=RelaySection)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    tenants: list[TenantConfig] = Field(min_length=1)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, v: list[TenantConfig]) -> list[TenantConfig]:
+        slugs = [t.slug for t in v]
+        dupes = sorted({s for s in slugs if slugs.count(s) > 1})
+        if dupes:
+            raise ValueError(f"tenant slugs must be unique: {', '.join(dupes)}")
+        return v
+
+    def tenant(self, slug: str) -> TenantConfig | None:
+        for t in self.tenants:
+            if t.slug == slug:
+                return t
+        return None
+
+    def warnings(self) -> list[str]:
+        """Things that work but should not reach production (literal secrets...)."""
+        out: list[str] = []
+        if self.admin.token is not None and self.admin.token.is_literal:
+            out.append("admin.token is a literal secret; use 'env:NAME' or 'file:/path'")
+        for i, t in enumerate(self.tenants):
+            for j, s in enumerate(t.webhook_secrets):
+                if s.is_literal:
+                    out.append(
+                        f"tenants[{i}].webhook_secrets[{j}] is a literal secret; "
+                        "use 'env:NAME' or 'file:/path'"
+                    )
+            if t.api.signing_secret is not None and t.api.signing_secret.is_literal:
+                out.append(f"tenants[{i}].api.signing_secret is a literal secret")
+            for k, sink in enumerate(t.sinks):
+                if sink.secret is not None and sink.secret.is_literal:
+                    out.append(f"tenants[{i}].sinks[{k}].secret is a literal secret")
+                if sink.secret is None:
+                    out.append(
+                        f"tenants[{i}].sinks[{k}] ({sink.name}) has no secret: "
+                        "deliveries to it are unsigned"
+                    )
+        return out
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith("function-") or part in ("literal", "union"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, object]]:
+    out: list[tuple[str, str, object]] = []
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            continue
+        try:
+            value: object = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.append((parts[0], parts[1], value))
+    return out
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate the whole configuration.
+
+    Raises :class:`ConfigError` listing every problem with its key path.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([("", f"cannot read {path}: {e.strerror}")], str(path)) from None
+    try:
+        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([("", f"not valid TOML: {e}")], str(path)) from None
+    return parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
+
+
+def parse_config(
+    data: dict[str, Any],
+    *,
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    source: str = "",
+) -> Config:
+    problems: list[tuple[str, str]] = []
+    for section, key, value in _env_overrides(os.environ if env is None else env):
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            problems.append((f"{section}", f"cannot override {ENV_PREFIX}{section.upper()}__…"))
+            continue
+        target[key] = value
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as e:
+        for err in e.errors(include_url=False, include_input=False):
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            problems.append((_loc_to_path(tuple(err["loc"])), msg))
+        raise ConfigError(problems, source) from None

@@ -1,0 +1,112 @@
+"""Normalizing what Chert sends into the relay's canonical event: the envelope.
+
+Two body shapes reach the relay (chert-contract.md §3): the envelope itself, and
+the events-API "log row" that wraps it in ``payload``. Unknown event types pass
+through untouched; only the fields the relay needs are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from relay.errors import RelayError
+
+MAX_EVENT_ID_LENGTH = 512
+
+
+class BadEventError(RelayError):
+    """A body that can never become an event. ``reason`` is a stable metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    type: str
+    body: bytes  # the envelope as JSON, exactly as delivered to sinks
+    partner_id: str | None = None
+    timestamp: float | None = None  # Chert's event time, unix seconds
+    log_id: str | None = None  # the events-API row id (evt_…), when known
+    created_at: str | None = None  # the events-API row's created_at, when known
+
+
+def parse_timestamp(value: object) -> float | None:
+    """Unix seconds from an ISO-8601 string (``Z`` or an offset); ``None`` if unusable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def _is_log_row(obj: dict[str, Any]) -> bool:
+    return isinstance(obj.get("payload"), dict) and ("delivery" in obj or "created_at" in obj)
+
+
+def from_object(
+    obj: object,
+    raw: bytes | None = None,
+    *,
+    header_event_id: str | None = None,
+    header_type: str | None = None,
+) -> Event:
+    """An :class:`Event` from a decoded body of either shape.
+
+    ``raw`` is the original bytes of ``obj``; when the body is already an envelope it
+    is kept byte for byte instead of being re-serialized.
+    """
+    if not isinstance(obj, dict):
+        raise BadEventError("malformed_json", "the body is not a JSON object")
+    log_id: str | None = None
+    created_at: str | None = None
+    row_type: object = None
+    row_event_id: object = None
+    envelope = obj
+    if _is_log_row(obj):
+        envelope = obj["payload"]
+        raw = None
+        log_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        created_at = obj.get("created_at") if isinstance(obj.get("created_at"), str) else None
+        row_type, row_event_id = obj.get("type"), obj.get("event_id")
+
+    event_id = envelope.get("event_id") or row_event_id or header_event_id
+    if not event_id:
+        raise BadEventError("missing_event_id", "no event_id in the body or X-Webhook-Event-Id")
+    if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
+        raise BadEventError("malformed_event_id", "event_id is not a string of at most 512 chars")
+    if not event_id.isprintable():
+        raise BadEventError("malformed_event_id", "event_id contains control characters")
+
+    etype = envelope.get("event") or envelope.get("event_type") or row_type or header_type
+    if not isinstance(etype, str) or not etype:
+        etype = "unknown"
+    partner = envelope.get("partner_id")
+    if raw is None:
+        raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+    return Event(
+        event_id=event_id,
+        type=etype,
+        body=raw,
+        partner_id=partner if isinstance(partner, str) else None,
+        timestamp=parse_timestamp(envelope.get("timestamp")),
+        log_id=log_id,
+        created_at=created_at,
+    )
+
+
+def from_body(
+    body: bytes, *, header_event_id: str | None = None, header_type: str | None = None
+) -> Event:
+    """An :class:`Event` from a raw webhook body."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadEventError("malformed_json", f"the body is not valid JSON: {e}") from None
+    return from_object(obj, body, header_event_id=header_event_id, header_type=header_type)

@@ -1,0 +1,69 @@
+"""The relay's exceptions and process exit codes.
+
+Every error the relay raises on purpose is a :class:`RelayError`; its children say
+what kind of fault it is, so callers branch on meaning rather than on message text.
+"""
+
+from __future__ import annotations
+
+# Process exit codes (sysexits.h where one fits). systemd units use
+# ``RestartPreventExitStatus=78`` so a bad configuration does not restart-loop.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69  # Redis (or another dependency) could not be reached at start-up
+EXIT_CONFIG = 78  # the configuration, or the Redis it points at, is unsafe or invalid
+
+
+class RelayError(Exception):
+    """Root of every error the relay raises deliberately."""
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid. ``problems`` lists ``(key path, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{len(problems)} configuration problem(s){where}:"]
+        lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class UnsafeRedisError(RelayError):
+    """The Redis server's settings could lose acknowledged events (e.g. key eviction)."""
+
+
+class RedisUnavailableError(RelayError):
+    """Redis could not be reached or did not answer in time; the caller may retry."""
+
+
+class EmbeddedRedisError(RelayError):
+    """The private redis-server could not be started."""
+
+
+class UpstreamError(RelayError):
+    """Chert answered with an error or could not be reached."""
+
+
+class DeliveryError(RelayError):
+    """A delivery to a sink failed."""
+
+
+class RetryableDeliveryError(DeliveryError):
+    """A delivery failed in a way a later attempt may fix (timeouts, 5xx, 429...)."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A delivery failed in a way no retry can fix (most 4xx answers)."""
+
+
+class SignatureError(RelayError):
+    """A webhook's signature did not verify. ``reason`` is a short, stable label
+    (``missing``, ``malformed``, ``stale``, ``future``, ``mismatch``) used in logs and
+    metrics; it never includes the secret or the expected digest."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(detail)

@@ -1,0 +1,47 @@
+-- Ingest a batch of events atomically, per event: mark (tenant, event_id) seen,
+-- store the envelope once, and enqueue one arq job per matching sink. An event
+-- already seen writes nothing. Keys are built from the prefix (standalone Redis
+-- only, as arq itself). A webhook also records when the tenant's last one came.
+--
+-- ARGV: prefix, queue, arq_job_prefix, dedupe_ttl_ms, now_ms, n_events, then per event:
+--   tenant, event_id, body, type, ts, source, event_ttl_ms, n_jobs,
+--   then per job: sink, job_ttl_ms
+-- Returns one integer per event: 1 new, 0 duplicate.
+local prefix, queue, jobp = ARGV[1], ARGV[2], ARGV[3]
+local dedupe_ttl, now = ARGV[4], ARGV[5]
+local n = tonumber(ARGV[6])
+local i = 7
+local out = {}
+for e = 1, n do
+  local tenant, event_id, body, etype = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local ts, source, ev_ttl = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local njobs = tonumber(ARGV[i + 7])
+  i = i + 8
+  local tail = tenant .. ':' .. event_id
+  if source == 'webhook' then
+    -- webhooks are getting through: the poller reads this to tell a lapse
+    redis.call('SET', prefix .. ':lastwh:' .. tenant, now)
+  end
+  if redis.call('SET', prefix .. ':seen:' .. tail, now, 'NX', 'PX', dedupe_ttl) then
+    local ev_key = prefix .. ':ev:' .. tail
+    redis.call('HSET', ev_key, 'body', body, 'type', etype, 'ts', ts, 'src', source,
+      'at', now, 'n', njobs)
+    redis.call('PEXPIRE', ev_key, ev_ttl)
+    local id_json = cjson.encode(event_id)
+    for j = 1, njobs do
+      local sink, job_ttl = ARGV[i], ARGV[i + 1]
+      i = i + 2
+      local job_id = prefix .. ':' .. tenant .. ':' .. sink .. ':' .. event_id
+      local job = '{"t":null,"f":"deliver","a":["' .. tenant .. '","' .. sink .. '",' ..
+        id_json .. '],"k":{},"et":' .. now .. '}'
+      if redis.call('SET', jobp .. job_id, job, 'NX', 'PX', job_ttl) then
+        redis.call('ZADD', queue, now, job_id)
+      end
+    end
+    out[e] = 1
+  else
+    i = i + 2 * njobs
+    out[e] = 0
+  end
+end
+return out

@@ -1,0 +1,76 @@
+"""Logging, configured once by the CLI: readable lines on a terminal, JSON lines otherwise.
+
+Context (tenant, event id, sink…) is bound with :func:`bind` and added to every
+record logged inside it. Never put a secret or a whole payload in a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039
+
+
+@contextlib.contextmanager
+def bind(**values: Any) -> Iterator[None]:
+    """Add ``values`` to every log record emitted inside the block (task-local)."""
+    token = _context.set({**_context.get(), **values})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.context = _context.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "context", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ctx = getattr(record, "context", None)
+        if ctx:
+            line += " " + " ".join(f"{k}={v}" for k, v in ctx.items())
+        return line
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Set up the root logger once: ``fmt`` is ``text``, ``json`` or ``auto`` (tty → text)."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries' chatter stays at warning unless debugging.
+    for name in ("aiohttp.access", "arq.worker", "arq.jobs"):
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))

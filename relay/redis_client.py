@@ -1,0 +1,78 @@
+"""Connecting to Redis and checking that it will not lose what the relay stores."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from relay.errors import RedisUnavailableError, UnsafeRedisError
+
+log = logging.getLogger(__name__)
+
+# Redis policies that may evict keys: every relay key has a TTL, so the volatile-*
+# policies are as dangerous as the allkeys-* ones.
+SAFE_POLICY = "noeviction"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit((parts.scheme, user + netloc, parts.path, parts.query, parts.fragment))
+
+
+def connect(url: str, *, timeout: float = 5.0, max_connections: int = 64) -> Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``)."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        max_connections=max_connections,
+        health_check_interval=30,
+    )
+    return client
+
+
+async def _config_value(client: Redis, name: str) -> str | None:
+    found = await client.config_get(name)
+    for key, value in found.items():
+        if (key.decode() if isinstance(key, bytes) else key) == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]:
+    """Refuse a Redis that can evict keys; return warnings for softer risks.
+
+    Raises :class:`RedisUnavailableError` if it cannot be reached, and
+    :class:`UnsafeRedisError` if its settings could lose acknowledged events.
+    """
+    try:
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise RedisUnavailableError(f"cannot reach Redis: {e}") from None
+    warnings: list[str] = []
+    try:
+        policy = await _config_value(client, "maxmemory-policy")
+        aof = await _config_value(client, "appendonly")
+    except redis.exceptions.ResponseError as e:
+        return [f"cannot read Redis settings (CONFIG GET refused: {e}); make sure it runs "
+                "with maxmemory-policy noeviction and appendonly yes"]  # fmt: skip
+    if policy is not None and policy != SAFE_POLICY:
+        raise UnsafeRedisError(
+            f"Redis maxmemory-policy is {policy!r}: it may evict queued events. "
+            f"Set maxmemory-policy {SAFE_POLICY}."
+        )
+    if aof is not None and aof != "yes":
+        msg = ("Redis has AOF off (appendonly no): events acknowledged since its last "
+               "snapshot are lost if it crashes. Set appendonly yes.")  # fmt: skip
+        if require_aof:
+            raise UnsafeRedisError(msg)
+        warnings.append(msg)
+    return warnings

@@ -1,0 +1,162 @@
+"""The embedded default: a private ``redis-server`` under the state directory.
+
+Started with AOF on (``appendfsync always``: every acknowledged event is on disk
+before the answer), ``noeviction``, no RDB snapshots, and a Unix socket only (no
+TCP port unless asked), so a single machine needs no Redis of its own to run the
+relay safely. The same class starts the test suite's servers on free TCP ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from relay.errors import EmbeddedRedisError
+
+log = logging.getLogger(__name__)
+
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` child process with its data in ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        binary: str = "redis-server",
+        port: int | None = None,
+        appendfsync: str = "always",
+    ) -> None:
+        self.directory = directory.resolve()
+        self.binary = binary
+        self.port = port
+        self.appendfsync = appendfsync
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def _argv(self, exe: str, sock: Path | None) -> list[str]:
+        argv = [
+            exe,
+            "--dir", str(self.directory),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--maxmemory-policy", "noeviction",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.directory / "redis.log"),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        if sock is not None:
+            argv += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+        else:
+            argv += ["--port", str(self.port)]
+        return argv
+
+    async def start(self, timeout: float = 15.0) -> str:
+        """Start the server, wait until it answers, and return its URL."""
+        exe = shutil.which(self.binary)
+        if exe is None:
+            raise EmbeddedRedisError(
+                f"{self.binary!r} was not found on PATH; install Redis (Debian: "
+                "apt-get install redis-server) or set [redis] url"
+            )
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock: Path | None = self.directory / "redis.sock"
+        if self.port is None and len(str(sock)) > _MAX_UNIX_PATH:
+            self.port = free_port()
+        if self.port is not None:
+            sock = None
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        else:
+            assert sock is not None
+            if sock.exists() and await self._answers(f"unix://{sock}"):
+                raise EmbeddedRedisError(
+                    f"a redis-server is already running on {sock}: is another relay "
+                    "using this state_dir? Set [redis] url to share one Redis."
+                )
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            self.url = f"unix://{sock}"
+        self.process = subprocess.Popen(
+            self._argv(exe, sock),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server exited at start-up: {self._log_tail()}")
+            if await self._answers(self.url):
+                log.info("embedded redis-server started (pid %d) at %s", self.process.pid, self.url)
+                return self.url
+            await asyncio.sleep(0.02)
+        await self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    def _log_tail(self) -> str:
+        parts = []
+        if self.process is not None and self.process.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                parts.append(self.process.stderr.read().decode(errors="replace"))
+        with contextlib.suppress(OSError):
+            lines = (self.directory / "redis.log").read_text(errors="replace").splitlines()
+            parts += lines[-5:]
+        return " | ".join(p.strip() for p in parts if p.strip()) or "no output"
+
+    @staticmethod
+    async def _answers(url: str) -> bool:
+        client: Redis = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(await client.ping())
+        except Exception:
+            return False
+        finally:
+            await client.aclose()
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the server (it fsyncs its AOF and exits) and wait for it."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            log.error("redis-server did not stop within %.0fs; killing it", timeout)
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        log.info("embedded redis-server stopped")
+
+    def kill(self) -> None:
+        """Stop it at once, as a crash would (tests)."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+            self.process = None

@@ -1,0 +1,43 @@
+"""What the roles of a running relay share, and the shape every role has.
+
+The service builds one :class:`Runtime` at start-up and passes it to each role
+explicitly; nothing is looked up from globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from relay.config import Config
+from relay.ingest import Ingestor
+from relay.keys import Keys
+from relay.metrics import Metrics
+
+
+@dataclass
+class Runtime:
+    config: Config
+    redis: Redis
+    metrics: Metrics
+    ingestor: Ingestor
+    keys: Keys
+
+
+class Role(Protocol):
+    """One part of the daemon (receiver, admin, worker, poller).
+
+    ``run`` does the role's work until ``stop`` is called, then returns; raising
+    from ``run`` stops the whole process. ``stop`` is graceful and bounded.
+    ``reload`` takes a new configuration without a restart (SIGHUP).
+    """
+
+    name: str
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def reload(self, config: Config) -> None: ...

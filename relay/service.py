@@ -1,0 +1,248 @@
+"""The daemon's lifecycle: start-up order, signals, and shutdown order.
+
+Only this module installs signal handlers (SIGTERM/SIGINT: shut down, SIGHUP:
+reload the configuration). Every resource's set-up is paired with its tear-down on
+one ``AsyncExitStack``, and the roles run under one ``TaskGroup`` so that a role
+that crashes stops the process instead of leaving a half-alive daemon.
+
+Shutdown order: stop taking webhooks (the receiver answers 503 and closes its
+listener) → let in-flight ingests finish → stop the poller → stop picking jobs and
+let running deliveries finish (bounded) → stop the admin listener → close Redis →
+stop the embedded redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from aiohttp import web
+
+from relay.admin import Admin
+from relay.config import Config, load_config
+from relay.errors import ConfigError
+from relay.ingest import Ingestor
+from relay.keys import Keys
+from relay.metrics import Metrics
+from relay.receiver import Receiver
+from relay.redis_client import check_server, connect, redact_url
+from relay.redis_server import EmbeddedRedis
+from relay.runtime import Role, Runtime
+
+log = logging.getLogger(__name__)
+
+# The order roles are stopped in; they start in the reverse order.
+STOP_ORDER = ("receiver", "poller", "worker", "admin")
+RoleFactory = Callable[[Runtime], Role]
+
+
+class HttpRole:
+    """An aiohttp application on one listener, run without aiohttp's own signal handling."""
+
+    def __init__(
+        self, name: str, app: web.Application, listen: object, shutdown_timeout: float,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self._app = app
+        self._listen = listen
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
+        )
+        self._stopped = asyncio.Event()
+        self._on_stop = on_stop
+        self.addresses: list[object] = []
+
+    async def start(self) -> None:
+        from relay.config import Listen
+
+        listen = self._listen
+        assert isinstance(listen, Listen)
+        await self._runner.setup()
+        site: web.BaseSite
+        if listen.path is not None:
+            site = web.UnixSite(self._runner, listen.path)
+        else:
+            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        self.addresses = list(self._runner.addresses)
+        log.info("%s listening on %s", self.name, ", ".join(map(str, self.addresses)))
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        if self._on_stop is not None:
+            self._on_stop()
+        await self._runner.cleanup()
+        self._stopped.set()
+
+    def reload(self, config: Config) -> None:
+        pass
+
+
+class Service:
+    """Runs the chosen roles until SIGTERM/SIGINT (or :meth:`request_stop`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        roles: tuple[str, ...] = ("receiver", "admin"),
+        config_path: Path | None = None,
+        extra_roles: dict[str, RoleFactory] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.wanted = roles
+        self.extra_roles = extra_roles or {}
+        self.roles: dict[str, Role] = {}
+        self.runtime: Runtime | None = None
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("shutting down")
+            self._stop.set()
+
+    def reload(self) -> None:
+        """Re-read the configuration file; keep the old one if the new one is invalid."""
+        if self.config_path is None:
+            return
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("configuration not reloaded: %s", e)
+            return
+        if (
+            config.redis != self.config.redis
+            or config.relay.state_dir != self.config.relay.state_dir
+        ):
+            log.warning("[redis] and relay.state_dir changes need a restart; the rest applies now")
+        self.config = config
+        if self.runtime is not None:
+            self.runtime.config = config
+            self.runtime.ingestor.set_config(config)
+        for role in self.roles.values():
+            role.reload(config)
+        log.info("configuration reloaded from %s", self.config_path)
+
+    async def _redis_url(self, stack: AsyncExitStack) -> str:
+        if self.config.redis.url is not None:
+            return self.config.redis.url.get()
+        embedded = EmbeddedRedis(
+            self.config.relay.state_dir / "redis", binary=self.config.redis.server_binary
+        )
+        url = await embedded.start()
+        stack.push_async_callback(embedded.stop)
+        return url
+
+    def _install_signals(self, stack: AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+            stack.callback(loop.remove_signal_handler, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+    async def run(self) -> None:
+        """Start, serve until asked to stop, shut down in order. Raises on start-up faults."""
+        async with AsyncExitStack() as stack:
+            self._install_signals(stack)
+            url = await self._redis_url(stack)
+            client = connect(url, timeout=self.config.redis.connect_timeout)
+            stack.push_async_callback(client.aclose)
+            for warning in await check_server(client, require_aof=self.config.redis.require_aof):
+                log.warning("%s", warning)
+            log.info("using Redis at %s", redact_url(url))
+            metrics = Metrics()
+            metrics.redis_up.set(1)
+            ingestor = Ingestor(client, self.config, metrics)
+            self.runtime = rt = Runtime(
+                config=self.config, redis=client, metrics=metrics, ingestor=ingestor,
+                keys=Keys(self.config.redis.key_prefix),
+            )  # fmt: skip
+            for warning in self.config.warnings():
+                log.warning("config: %s", warning)
+            await self._start_roles(rt)
+            self.started.set()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for role in self.roles.values():
+                        tg.create_task(role.run(), name=role.name)
+                    tg.create_task(self._stop_when_asked(rt))
+            finally:
+                await self._stop_roles(rt)
+            log.info("stopped")
+
+    async def _start_roles(self, rt: Runtime) -> None:
+        cfg = self.config
+        admin: Admin | None = None
+        if "admin" in self.wanted and cfg.admin.listen is not None:
+            admin = Admin(cfg, rt.redis, rt.metrics)
+        for name in reversed(STOP_ORDER):
+            if name not in self.wanted:
+                continue
+            if name == "receiver":
+                receiver = Receiver(cfg, rt.ingestor, rt.metrics)
+                role: Role = _ReceiverRole(receiver, rt, cfg)
+            elif name == "admin":
+                if admin is None:
+                    continue
+                role = HttpRole("admin", admin.app(), cfg.admin.listen, 5.0)
+                self.admin = admin
+            elif name in self.extra_roles:
+                role = self.extra_roles[name](rt)
+            else:
+                continue
+            start = getattr(role, "start", None)
+            if start is not None:
+                await start()
+            self.roles[name] = role
+
+    async def _stop_when_asked(self, rt: Runtime) -> None:
+        await self._stop.wait()
+        rt.metrics.draining.set(1)
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            admin.draining = True
+        await self._stop_roles(rt)
+
+    async def _stop_roles(self, rt: Runtime) -> None:
+        for name in STOP_ORDER:
+            role = self.roles.pop(name, None)
+            if role is None:
+                continue
+            try:
+                await role.stop()
+            except Exception:
+                log.exception("error while stopping %s", name)
+            if name == "receiver":
+                await rt.ingestor.drain()
+
+
+class _ReceiverRole(HttpRole):
+    def __init__(self, receiver: Receiver, rt: Runtime, cfg: Config) -> None:
+        def drain() -> None:
+            receiver.draining = True
+
+        super().__init__(
+            "receiver", receiver.app(), cfg.server.listen, cfg.server.shutdown_timeout,
+            on_stop=drain,
+        )  # fmt: skip
+        self.receiver = receiver
+
+    def reload(self, config: Config) -> None:
+        self.receiver.set_config(config)
+
+
+def serve(service: Service) -> None:
+    """Run ``service`` on a fresh event loop until it stops."""
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(service.run())

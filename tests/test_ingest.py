@@ -1,0 +1,94 @@
+"""Ingest: one atomic step marks an event seen, stores it once, and enqueues its jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from arq.worker import Worker, func
+from redis.asyncio import Redis
+
+from relay import envelope, queue
+from relay.ingest import Ingestor
+from relay.keys import Keys
+from tests.conftest import TENANT, make_config
+from tests.conftest import envelope as make_envelope
+
+
+def event(event_id: str, etype: str = "message.received") -> envelope.Event:
+    return envelope.from_object(make_envelope(event_id, etype))
+
+
+async def test_new_event_is_stored_once_and_queued_per_matching_sink(redis: Redis) -> None:
+    cfg = make_config()
+    ing = Ingestor(redis, cfg)
+    assert await ing.ingest(TENANT, event("e1"), "webhook") is True
+    assert await ing.ingest(TENANT, event("e1"), "poll") is False
+
+    q = queue.queue_name(cfg.redis.key_prefix)
+    ids = sorted(x.decode() for x in await redis.zrange(q, 0, -1))
+    assert ids == [
+        queue.delivery_job_id("chert-relay", TENANT, "all", "e1"),
+        queue.delivery_job_id("chert-relay", TENANT, "crm", "e1"),
+    ]
+    keys = Keys("chert-relay")
+    stored = await redis.hgetall(keys.event(TENANT, "e1"))
+    assert json.loads(stored[b"body"])["event_id"] == "e1"
+    assert stored[b"src"] == b"webhook"
+    assert stored[b"n"] == b"2"
+    assert await redis.ttl(keys.seen(TENANT, "e1")) > 0
+    assert await redis.get(keys.last_webhook(TENANT)) is not None
+
+
+async def test_sink_filter_excludes_other_types(redis: Redis) -> None:
+    cfg = make_config()
+    ing = Ingestor(redis, cfg)
+    assert await ing.ingest(TENANT, event("r1", "reaction.added"), "poll")
+    ids = [x.decode() for x in await redis.zrange(queue.queue_name("chert-relay"), 0, -1)]
+    assert ids == [queue.delivery_job_id("chert-relay", TENANT, "all", "r1")]
+    # Not a webhook: the last-webhook mark is untouched.
+    assert await redis.get(Keys("chert-relay").last_webhook(TENANT)) is None
+
+
+async def test_concurrent_ingests_batch_and_dedupe(redis: Redis) -> None:
+    ing = Ingestor(redis, make_config(), max_batch=16)
+    ids = [f"b{i % 150}" for i in range(300)]  # every id twice
+    results = await asyncio.gather(*(ing.ingest(TENANT, event(i), "webhook") for i in ids))
+    assert sum(results) == 150
+    assert await redis.zcard(queue.queue_name("chert-relay")) == 300  # 150 events x 2 sinks
+
+
+async def test_arq_worker_runs_jobs_ingest_wrote(redis: Redis, redis_url: str) -> None:
+    """Contract: a real arq Worker deserializes and runs the jobs the Lua script wrote."""
+    cfg = make_config()
+    ing = Ingestor(redis, cfg)
+    for i in range(5):
+        await ing.ingest(TENANT, event(f"c{i}"), "webhook")
+    seen: list[tuple[Any, ...]] = []
+
+    async def deliver(ctx: dict[str, Any], *args: Any) -> None:
+        seen.append((ctx["job_try"], *args))
+
+    from arq.connections import RedisSettings
+
+    worker = Worker(
+        functions=[func(deliver, name=queue.DELIVER_FUNCTION)],
+        queue_name=queue.queue_name(cfg.redis.key_prefix),
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        burst=True,
+        handle_signals=False,
+        keep_result=0,
+        job_serializer=queue.serialize,
+        job_deserializer=queue.deserialize,
+        poll_delay=0.01,
+    )
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+    assert sorted(seen) == sorted(
+        (1, TENANT, sink, f"c{i}") for i in range(5) for sink in ("all", "crm")
+    )
+    assert worker.jobs_complete == 10
+    assert worker.jobs_failed == 0
