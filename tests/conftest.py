@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,18 +63,24 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def make_redis_server(tmp_path: Path) -> Iterator[Callable[[], EmbeddedRedis]]:
-    """Start extra redis-servers a test may stop and restart; all stopped at the end."""
+async def make_redis_server(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[[], Awaitable[EmbeddedRedis]]]:
+    """Start extra redis-servers a test may stop and restart (``await server.stop()`` /
+    ``await server.start()`` keeps its port and data); all stopped at the end."""
     servers: list[EmbeddedRedis] = []
 
-    def make() -> EmbeddedRedis:
-        server = start_redis(tmp_path / f"redis{len(servers)}")
+    async def make() -> EmbeddedRedis:
+        server = EmbeddedRedis(
+            tmp_path / f"redis{len(servers)}", port=free_port(), appendfsync="everysec"
+        )
+        await server.start()
         servers.append(server)
         return server
 
     yield make
     for s in servers:
-        stop_redis(s)
+        await s.stop()
 
 
 def config_dict(

@@ -1,0 +1,232 @@
+"""The receiver: what Chert's webhooks get back, what gets queued, what gets counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from relay import queue
+from relay.ingest import Ingestor
+from relay.metrics import Metrics
+from relay.receiver import Receiver
+from relay.redis_client import connect
+from tests.conftest import (
+    OTHER_SECRET,
+    SINK_SECRET,
+    TENANT,
+    envelope,
+    log_row,
+    make_config,
+    signed,
+)
+
+SINKS = [
+    {"name": "crm", "url": "http://127.0.0.1:9/crm", "events": ["message.received"],
+     "secret": SINK_SECRET},
+    {"name": "all", "url": "http://127.0.0.1:9/all", "events": ["*"]},
+    {"name": "reactions", "url": "http://127.0.0.1:9/r", "events": ["reaction.*"]},
+]  # fmt: skip
+URL = f"/webhooks/chert/{TENANT}"
+QUEUE = queue.queue_name("chert-relay")
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class Harness:
+    def __init__(self, client: TestClient[Any, Any], receiver: Receiver, metrics: Metrics) -> None:
+        self.client = client
+        self.receiver = receiver
+        self.metrics = metrics
+
+    async def post(self, body: bytes, headers: dict[str, str], url: str = URL) -> tuple[int, Any]:
+        resp = await self.client.post(url, data=body, headers=headers)
+        return resp.status, await resp.json()
+
+    def count(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def rejected(self, reason: str, tenant: str = TENANT) -> float:
+        return self.count("chert_relay_webhook_rejections_total", tenant=tenant, reason=reason)
+
+
+async def make_harness(aiohttp_client: ClientFactory, redis_client: Redis, **cfg: Any) -> Harness:
+    config = make_config(sinks=SINKS, **cfg)
+    metrics = Metrics()
+    receiver = Receiver(config, Ingestor(redis_client, config, metrics), metrics)
+    return Harness(await aiohttp_client(receiver.app()), receiver, metrics)
+
+
+@pytest.fixture
+async def h(aiohttp_client: ClientFactory, redis: Redis) -> Harness:
+    return await make_harness(aiohttp_client, redis, server={"max_body_bytes": 4096})
+
+
+async def queued(redis: Redis) -> list[str]:
+    return sorted(x.decode() for x in await redis.zrange(QUEUE, 0, -1))
+
+
+def job(sink: str, event_id: str) -> str:
+    return queue.delivery_job_id("chert-relay", TENANT, sink, event_id)
+
+
+async def test_new_event_is_queued_once_per_matching_sink(h: Harness, redis: Redis) -> None:
+    status, body = await h.post(*signed(envelope("chert:msg:A")))
+    assert (status, body["status"]) == (202, "accepted")
+    # "reactions" filters on reaction.* and gets nothing.
+    assert await queued(redis) == [job("all", "chert:msg:A"), job("crm", "chert:msg:A")]
+    assert h.count("chert_relay_webhooks_total", tenant=TENANT, outcome="accepted") == 1
+
+
+async def test_reaction_goes_to_reactions_and_all(h: Harness, redis: Redis) -> None:
+    status, _ = await h.post(*signed(envelope("r:1", event="reaction.added")))
+    assert status == 202
+    assert await queued(redis) == [job("all", "r:1"), job("reactions", "r:1")]
+
+
+async def test_duplicates_resigned_and_as_log_row_are_200_and_queue_nothing(
+    h: Harness, redis: Redis
+) -> None:
+    assert (await h.post(*signed(envelope("chert:msg:B"), legacy=True)))[0] == 202
+    before = await queued(redis)
+    status, body = await h.post(*signed(envelope("chert:msg:B"), timestamp=int(time.time()) - 5))
+    assert (status, body["status"]) == (200, "duplicate")
+    status, body = await h.post(*signed(log_row("chert:msg:B")))
+    assert (status, body["status"]) == (200, "duplicate")
+    assert await queued(redis) == before
+    assert h.count("chert_relay_webhooks_total", tenant=TENANT, outcome="duplicate") == 2
+    assert h.count("chert_relay_events_ingested_total", tenant=TENANT, source="webhook",
+                   outcome="duplicate") == 2  # fmt: skip
+
+
+async def test_log_row_shape_is_accepted_and_normalized_to_the_envelope(
+    h: Harness, redis: Redis
+) -> None:
+    assert (await h.post(*signed(log_row("chert:msg:row"))))[0] == 202
+    stored = await redis.hget(f"chert-relay:ev:{TENANT}:chert:msg:row", "body")
+    assert stored is not None
+    assert "payload" not in json.loads(stored)
+    assert json.loads(stored)["event_id"] == "chert:msg:row"
+
+
+async def test_event_id_from_header_when_the_body_has_none(h: Harness, redis: Redis) -> None:
+    body = envelope("ignored")
+    del body["event_id"]
+    raw, headers = signed(body)
+    headers["X-Webhook-Event-Id"] = "chert:msg:hdr"
+    assert (await h.post(raw, headers))[0] == 202
+    assert job("crm", "chert:msg:hdr") in await queued(redis)
+
+
+def _bad_signature() -> tuple[bytes, dict[str, str]]:
+    raw, headers = signed(envelope("x1"))
+    return raw, {**headers, "X-Webhook-Signature": headers["X-Webhook-Signature"][:-4] + "0000"}
+
+
+def _no_event_id() -> tuple[bytes, dict[str, str]]:
+    body = envelope("x")
+    del body["event_id"]
+    return signed(body)
+
+
+BAD_INPUTS: list[tuple[str, Callable[[], tuple[bytes, dict[str, str]]], int, str]] = [
+    ("wrong signature", _bad_signature, 401, "bad_signature"),
+    ("wrong secret", lambda: signed(envelope("x2"), OTHER_SECRET), 401, "bad_signature"),
+    ("stale", lambda: signed(envelope("x3"), timestamp=int(time.time()) - 400), 401,
+     "stale_timestamp"),
+    ("future", lambda: signed(envelope("x4"), timestamp=int(time.time()) + 400), 401,
+     "future_timestamp"),
+    ("no signature", lambda: (b"{}", {"Content-Type": "application/json"}), 401,
+     "missing_signature"),
+    ("malformed signature", lambda: (b"{}", {"X-Webhook-Signature": "t=1,v1=xyz"}), 401,
+     "malformed_signature"),
+    ("malformed json", lambda: signed(b'{"event_id": "x5",'), 400, "malformed_json"),
+    ("not an object", lambda: signed(b'["x"]'), 400, "malformed_json"),
+    ("no event id", _no_event_id, 400, "missing_event_id"),
+    ("other tenant's partner_id", lambda: signed(envelope("x6", partner_id="other-1")), 403,
+     "tenant_mismatch"),
+    ("oversized", lambda: signed(envelope("x7", pad="x" * 5000)), 413, "body_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
+async def test_bad_input_gets_its_status_queues_nothing_and_is_counted(
+    h: Harness, redis: Redis, make: Callable[[], tuple[bytes, dict[str, str]]],
+    status: int, reason: str,
+) -> None:  # fmt: skip
+    got, body = await h.post(*make())
+    assert got == status
+    assert body["error"] == reason
+    assert await queued(redis) == []
+    assert await redis.keys("chert-relay:seen:*") == []
+    assert h.rejected(reason) == 1
+    assert h.count("chert_relay_webhooks_total", tenant=TENANT, outcome="rejected") == 1
+
+
+async def test_unknown_tenant_is_404_and_never_becomes_a_label(h: Harness, redis: Redis) -> None:
+    status, body = await h.post(*signed(envelope("u1")), url="/webhooks/chert/nobody-here")
+    assert (status, body["error"]) == (404, "unknown_tenant")
+    assert h.rejected("unknown_tenant", tenant="unknown") == 1
+    assert b"nobody-here" not in h.metrics.render()
+    assert await queued(redis) == []
+
+
+async def test_one_tenants_secret_cannot_post_for_another(h: Harness, redis: Redis) -> None:
+    # other-1's secret on acme's URL: signature fails.
+    status, _ = await h.post(*signed(envelope("c1"), OTHER_SECRET))
+    assert status == 401
+    # other-1's URL and secret, but the body claims to be acme's: refused.
+    status, body = await h.post(
+        *signed(envelope("c2"), OTHER_SECRET), url="/webhooks/chert/other-1"
+    )
+    assert (status, body["error"]) == (403, "tenant_mismatch")
+    assert await queued(redis) == []
+
+
+async def test_rotation_overlap_any_configured_secret_passes(
+    aiohttp_client: ClientFactory, redis: Redis
+) -> None:
+    new = "ab" * 32
+    tenants = [{"slug": TENANT, "webhook_secrets": [new, OTHER_SECRET], "poll": {"mode": "off"},
+                "sinks": SINKS}]  # fmt: skip
+    h2 = await make_harness(aiohttp_client, redis, tenants=tenants)
+    assert (await h2.post(*signed(envelope("rot1"), new)))[0] == 202
+    assert (await h2.post(*signed(envelope("rot2"), OTHER_SECRET)))[0] == 202
+
+
+async def test_draining_answers_503_with_retry_after(h: Harness, redis: Redis) -> None:
+    h.receiver.draining = True
+    resp = await h.client.post(
+        URL, data=signed(envelope("d1"))[0], headers=signed(envelope("d1"))[1]
+    )
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "5"
+    assert await queued(redis) == []
+
+
+async def test_redis_down_is_503_then_the_same_request_succeeds(
+    aiohttp_client: ClientFactory, make_redis_server: Callable[[], Any]
+) -> None:
+    server = await make_redis_server()
+    client = connect(server.url, timeout=1.0)
+    try:
+        h2 = await make_harness(aiohttp_client, client)
+        raw, headers = signed(envelope("down:1"))
+        await server.stop()
+        resp = await h2.client.post(URL, data=raw, headers=headers)
+        assert resp.status == 503
+        assert "Retry-After" in resp.headers
+        assert h2.rejected("redis_unavailable") == 1
+        await server.start()  # same directory and port: AOF replays
+        status, body = await h2.post(raw, headers)
+        assert (status, body["status"]) == (202, "accepted")
+        assert await client.zcard(QUEUE) == 2
+    finally:
+        await client.aclose()
