@@ -1,16 +1,25 @@
 -- Ingest a batch of events atomically, per event: mark (tenant, event_id) seen,
 -- store the envelope once, and enqueue one arq job per matching sink. An event
 -- already seen writes nothing. Keys are built from the prefix (standalone Redis
--- only, as arq itself). A webhook also records when the tenant's last one came.
+-- only, as arq itself). The batch also records when each tenant's last webhook came.
 --
--- ARGV: prefix, queue, arq_job_prefix, dedupe_ttl_ms, now_ms, n_events, then per event:
---   tenant, event_id, body, type, ts, source, event_ttl_ms, n_jobs,
---   then per job: sink, job_ttl_ms
+-- ARGV: prefix, queue, arq_job_prefix, dedupe_ttl_ms, now_ms,
+--   n_webhook_tenants, then that many tenant slugs,
+--   n_events, then per event:
+--     tenant, event_id, body, type, ts, source, event_ttl_ms, n_jobs,
+--     then per job: sink, job_ttl_ms
 -- Returns one integer per event: 1 new, 0 duplicate.
 local prefix, queue, jobp = ARGV[1], ARGV[2], ARGV[3]
 local dedupe_ttl, now = ARGV[4], ARGV[5]
-local n = tonumber(ARGV[6])
-local i = 7
+local i = 6
+local nwh = tonumber(ARGV[i])
+for k = 1, nwh do
+  -- webhooks are getting through: the poller reads this to tell a lapse
+  redis.call('SET', prefix .. ':lastwh:' .. ARGV[i + k], now)
+end
+i = i + nwh + 1
+local n = tonumber(ARGV[i])
+i = i + 1
 local out = {}
 for e = 1, n do
   local tenant, event_id, body, etype = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -18,10 +27,6 @@ for e = 1, n do
   local njobs = tonumber(ARGV[i + 7])
   i = i + 8
   local tail = tenant .. ':' .. event_id
-  if source == 'webhook' then
-    -- webhooks are getting through: the poller reads this to tell a lapse
-    redis.call('SET', prefix .. ':lastwh:' .. tenant, now)
-  end
   if redis.call('SET', prefix .. ':seen:' .. tail, now, 'NX', 'PX', dedupe_ttl) then
     local ev_key = prefix .. ':ev:' .. tail
     redis.call('HSET', ev_key, 'body', body, 'type', etype, 'ts', ts, 'src', source,

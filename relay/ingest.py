@@ -22,12 +22,14 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 import redis.exceptions
+from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from relay import queue
 from relay.config import Config
 from relay.envelope import Event
 from relay.errors import RedisUnavailableError
+from relay.script_call import ScriptCaller, bulk, bulks
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
@@ -53,9 +55,12 @@ EXPIRY_MARGIN_S = 86400.0
 
 @dataclass(frozen=True, slots=True)
 class _Route:
-    event_ttl_ms: int
-    jobs: tuple[str, ...]  # flattened (sink, job_ttl_ms) pairs, as the script wants them
     sinks: tuple[str, ...]
+    packed: bytes  # event_ttl_ms, n_jobs, then (sink, job_ttl_ms) pairs, as RESP
+    nargs: int
+
+
+_Pending = tuple[str, bool, bytes, int, "asyncio.Future[bool]"]
 
 
 class Ingestor:
@@ -69,23 +74,30 @@ class Ingestor:
         *,
         max_batch: int = 256,
         max_inflight: int = 2,
+        timeout: float | None = None,
     ) -> None:
-        self._script = redis_client.register_script(LUA)
+        self._caller = ScriptCaller(redis_client, LUA)
+        self._timeout = config.server.ingest_timeout if timeout is None else timeout
+        self._counted: dict[tuple[str, str, bool], Counter] = {}
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        self._pending: list[tuple[list[bytes | str | int], asyncio.Future[bool]]] = []
+        self._pending: list[_Pending] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduled = False
+        self._sources = {s: bulk(s) for s in SOURCES}
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
         """Use a new configuration (on reload); routes are recomputed lazily."""
         self._config = config
-        self._prefix = config.redis.key_prefix
-        self._queue = queue.queue_name(self._prefix)
-        self._dedupe_ttl_ms = int(config.relay.dedupe_ttl * 1000)
+        prefix = config.redis.key_prefix
+        self._head = bulks([
+            prefix, queue.queue_name(prefix), queue.JOB_KEY_PREFIX,
+            int(config.relay.dedupe_ttl * 1000),
+        ])  # fmt: skip
         self._routes: dict[tuple[str, str], _Route] = {}
+        self._tenants = {t.slug: bulk(t.slug) for t in config.tenants}
 
     def _route(self, tenant: str, event_type: str) -> _Route:
         key = (tenant, event_type)
@@ -95,15 +107,14 @@ class Ingestor:
             if t is None:
                 raise KeyError(f"unknown tenant {tenant!r}")
             sinks = [s for s in t.sinks if s.matches(event_type)]
-            jobs: list[str] = []
-            for s in sinks:
-                jobs += [s.name, str(int((s.max_age + EXPIRY_MARGIN_S) * 1000))]
             longest = max([s.max_age for s in sinks], default=0.0) + EXPIRY_MARGIN_S
-            route = _Route(
-                event_ttl_ms=int(max(longest, self._config.relay.dedupe_ttl) * 1000),
-                jobs=tuple(jobs),
-                sinks=tuple(s.name for s in sinks),
-            )
+            args: list[str | int] = [
+                int(max(longest, self._config.relay.dedupe_ttl) * 1000),
+                len(sinks),
+            ]
+            for s in sinks:
+                args += [s.name, int((s.max_age + EXPIRY_MARGIN_S) * 1000)]
+            route = _Route(sinks=tuple(s.name for s in sinks), packed=bulks(args), nargs=len(args))
             if len(self._routes) < 4096:
                 self._routes[key] = route
         return route
@@ -116,24 +127,30 @@ class Ingestor:
         """Store and enqueue ``event``; ``True`` if new, ``False`` if already seen.
 
         Raises :class:`RedisUnavailableError` if Redis could not take it; then nothing
-        was acknowledged and the caller must let the sender retry.
+        was acknowledged and the caller must let the sender retry. A batch that Redis
+        does not answer within ``server.ingest_timeout`` fails the same way.
         """
-        if source not in SOURCES:
+        src = self._sources.get(source)
+        if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
-        ts = "" if event.timestamp is None else repr(event.timestamp)
-        args: list[bytes | str | int] = [
-            tenant, event.event_id, event.body, event.type, ts, source,
-            route.event_ttl_ms, len(route.sinks), *route.jobs,
-        ]  # fmt: skip
+        ts = b"" if event.timestamp is None else repr(event.timestamp).encode()
+        packed = b"".join((
+            self._tenants[tenant], bulk(event.event_id), bulk(event.body), bulk(event.type),
+            bulk(ts), src, route.packed,
+        ))  # fmt: skip
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, fut))
+        self._pending.append((tenant, source == "webhook", packed, 6 + route.nargs, fut))
         self._kick()
         new = await fut
         if self._metrics is not None:
-            self._metrics.events_ingested.labels(
-                tenant, source, "new" if new else "duplicate"
-            ).inc()
+            counter = self._counted.get((tenant, source, new))
+            if counter is None:
+                counter = self._metrics.events_ingested.labels(
+                    tenant, source, "new" if new else "duplicate"
+                )
+                self._counted[(tenant, source, new)] = counter
+            counter.inc()
         return new
 
     def _kick(self) -> None:
@@ -155,37 +172,39 @@ class Ingestor:
         self._tasks.discard(task)
         self._kick()
 
-    async def _write(
-        self, batch: list[tuple[list[bytes | str | int], asyncio.Future[bool]]]
-    ) -> None:
-        now_ms = int(time.time() * 1000)
-        argv: list[bytes | str | int] = [
-            self._prefix, self._queue, queue.JOB_KEY_PREFIX, self._dedupe_ttl_ms, now_ms,
-            len(batch),
-        ]  # fmt: skip
-        for args, _ in batch:
-            argv += args
+    async def _write(self, batch: list[_Pending]) -> None:
+        webhook_tenants = sorted({p[0] for p in batch if p[1]})
+        parts = [
+            self._head,
+            bulk(int(time.time() * 1000)),
+            bulk(len(webhook_tenants)),
+            *(self._tenants[t] for t in webhook_tenants),
+            bulk(len(batch)),
+            *(p[2] for p in batch),
+        ]
+        nargs = 7 + len(webhook_tenants) + sum(p[3] for p in batch)
         started = time.perf_counter()
         try:
-            results = await self._script(args=argv)
-        except REDIS_TRANSIENT as e:
+            async with asyncio.timeout(self._timeout):
+                results = await self._caller.call(nargs, parts)
+        except (*REDIS_TRANSIENT, TimeoutError) as e:
             log.warning("ingest of %d event(s) failed: Redis unavailable: %s", len(batch), e)
             err = RedisUnavailableError(f"Redis unavailable: {type(e).__name__}")
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(err)
+            for p in batch:
+                if not p[4].done():
+                    p[4].set_exception(err)
             return
         except BaseException as e:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(RedisUnavailableError(f"ingest failed: {type(e).__name__}"))
+            for p in batch:
+                if not p[4].done():
+                    p[4].set_exception(RedisUnavailableError(f"ingest failed: {type(e).__name__}"))
             raise
         if self._metrics is not None:
             self._metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
             self._metrics.ingest_batch_size.observe(len(batch))
-        for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
-                fut.set_result(bool(result))
+        for p, result in zip(batch, results, strict=True):
+            if not p[4].done():
+                p[4].set_result(bool(result))
 
     async def drain(self) -> None:
         """Wait until every ingest already asked for has been written (or failed)."""

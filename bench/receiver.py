@@ -1,0 +1,221 @@
+"""Receiver throughput: the full relay path against a bare aiohttp handler, same run.
+
+Both servers get the same load generator (wrk, 1 thread, 32 connections) replaying
+the same pre-signed requests, each with a distinct event id (~1.3 KB
+``message.received`` envelopes). The relay runs as ``chert-relay serve`` on its
+embedded default (private redis-server, AOF with ``appendfsync always``), so every
+202 it counts was fsynced. Prints requests/s, p50/p99 latency and the ratio.
+
+    python bench/receiver.py [--duration 10] [--connections 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.redis_server import free_port  # noqa: E402
+from relay.signing import chert_signature  # noqa: E402
+
+SECRET = "3b5f0c8e2d9a4e6f8b1c7d2e5a9f0b3c4d6e8f1a2b5c7d9e0f3a6b8c1d4e7f90"
+TENANT = "acme-7a3f"
+
+WRK_SCRIPT = r"""
+local data = dofile(os.getenv("BENCH_DATA"))
+local prefix, suffix, n = data.prefix, data.suffix, #data.ids
+local i = 0
+local reqs = {}
+init = function(args)
+  for k = 1, n do
+    local body = prefix .. data.ids[k] .. suffix
+    reqs[k] = wrk.format("POST", "/webhooks/chert/%s", {
+      ["Content-Type"] = "application/json",
+      ["X-Webhook-Signature"] = "t=" .. data.ts .. ",v1=" .. data.sigs[k],
+    }, body)
+  end
+end
+request = function()
+  i = i + 1
+  if i > n then i = 1 end
+  return reqs[i]
+end
+""".replace("%s", TENANT)
+
+
+def envelope_parts() -> tuple[str, str]:
+    text = "Sure, what time works for you tomorrow? " * 12
+    body = {
+        "event": "message.received", "event_id": "@@ID@@",
+        "timestamp": "2026-05-24T01:35:34.000Z", "api_version": "v1",
+        "webhook_version": "2026-05-04", "event_type": "message.received",
+        "trace_id": "4f1c9e0a7b3d", "partner_id": TENANT,
+        "data": {"chat": {"id": "17f6e9ed-5b6a-4c1e-9a7f-2b8d3c4e5f60", "is_group": False,
+                          "handles": [{"handle": "+14152165723", "service": "imessage", "is_me": True},
+                                      {"handle": "+14155551234", "service": "imessage", "is_me": False}]},
+                 "message": {"id": "0D36042D-C551-4CB4-9BE7-853832D6F2FE", "direction": "inbound",
+                             "sender_handle": {"handle": "+14155551234", "service": "imessage",
+                                               "is_me": False},
+                             "parts": [{"type": "text", "value": text}]}},
+    }  # fmt: skip
+    prefix, suffix = json.dumps(body, separators=(",", ":")).split("@@ID@@")
+    return prefix, suffix
+
+
+def write_data(path: Path, count: int) -> int:
+    prefix, suffix = envelope_parts()
+    ts = int(time.time())
+    ids = [f"chert:msg:bench-{ts}-{i:07d}" for i in range(count)]
+    sigs = [chert_signature(SECRET, ts, f"{prefix}{i}{suffix}".encode()) for i in ids]
+
+    def lua_str(s: str) -> str:
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    path.write_text(
+        "return {prefix=" + lua_str(prefix) + ", suffix=" + lua_str(suffix) + f", ts={ts},\n"
+        "ids={" + ",".join(lua_str(i) for i in ids) + "},\n"
+        "sigs={" + ",".join(lua_str(s) for s in sigs) + "}}\n"
+    )
+    return len(prefix) + len(suffix) + len(ids[0])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+            return
+        except Exception:  # noqa: BLE001
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(port: int, script: Path, data: Path, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "BENCH_DATA": str(data)},
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = {p: _ms(v, u) for p, v, u in re.findall(r"\s(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)", out)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"rps": rps, "p50_ms": lat.get("50", 0.0), "p99_ms": lat.get("99", 0.0),
+            "non2xx": float(non2xx.group(1)) if non2xx else 0.0}  # fmt: skip
+
+
+def start_bare() -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare.py"), str(port)])
+    wait_port(port)
+    return proc, port
+
+
+def start_relay(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port, admin = free_port(), free_port()
+    cfg = workdir / "relay.toml"
+    cfg.write_text(f"""
+[server]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:{admin}"
+[relay]
+state_dir = "{workdir / "state"}"
+[[tenants]]
+slug = "{TENANT}"
+webhook_secrets = ["{SECRET}"]
+poll = {{ mode = "off" }}
+[[tenants.sinks]]
+name = "crm"
+url = "http://127.0.0.1:9/crm"
+events = ["message.received"]
+[[tenants.sinks]]
+name = "all"
+url = "http://127.0.0.1:9/all"
+""")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--log-level", "warning", "--config", str(cfg), "serve"],
+        cwd=ROOT,
+    )
+    wait_http(f"http://127.0.0.1:{admin}/readyz")
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=120_000)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        script, data = work / "bench.lua", work / "data.lua"
+        script.write_text(WRK_SCRIPT)
+        size = write_data(data, args.requests)
+        print(f"{args.requests} pre-signed requests, body {size} bytes, "
+              f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} round(s)")  # fmt: skip
+        results: dict[str, list[dict[str, float]]] = {"bare": [], "relay": []}
+        for r in range(args.rounds):
+            for name in ("bare", "relay"):
+                if name == "bare":
+                    proc, port = start_bare()
+                else:
+                    rdir = work / f"relay{r}"
+                    rdir.mkdir()
+                    proc, port = start_relay(rdir)
+                try:
+                    res = run_wrk(port, script, data, args.duration, args.connections)
+                finally:
+                    stop(proc)
+                results[name].append(res)
+                print(f"  round {r + 1} {name:5s}: {res['rps']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
+                      f"  p99 {res['p99_ms']:.2f} ms  non-2xx {res['non2xx']:.0f}")  # fmt: skip
+        bare = max(x["rps"] for x in results["bare"])
+        relay = max(x["rps"] for x in results["relay"])
+        best = max(results["relay"], key=lambda x: x["rps"])
+        print(f"best of rounds: bare {bare:.0f} req/s, relay {relay:.0f} req/s, "
+              f"ratio {relay / bare:.2f}; relay p50 {best['p50_ms']:.2f} ms p99 {best['p99_ms']:.2f} ms")  # fmt: skip
+        ratios = [r["rps"] / b["rps"] for r, b in zip(results["relay"], results["bare"], strict=True)]
+        print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
+
+
+if __name__ == "__main__":
+    main()
