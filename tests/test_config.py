@@ -1,0 +1,124 @@
+"""Configuration: durations, secrets, unknown keys, environment overrides, key paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_config, parse_config, parse_duration, resolve_secret
+from relay.errors import ConfigError
+from tests.conftest import config_dict
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(30, 30.0), (2.5, 2.5), ("30", 30.0), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0),
+     ("2h", 7200.0), ("7d", 604800.0), (" 1.5h ", 5400.0)],
+)  # fmt: skip
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["7 weeks", "-5s", "s", "", True, None, [1]])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+def problems(data: dict[str, object], env: dict[str, str] | None = None) -> dict[str, str]:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env=env or {})
+    return dict(e.value.problems)
+
+
+def test_unknown_keys_are_errors_with_their_path() -> None:
+    data = config_dict()
+    data["server"]["listn"] = "x"
+    data["tenants"][0]["sinks"][0]["retries"] = 3
+    found = problems(data)
+    assert found["server.listn"] == "unknown key"
+    assert found["tenants[0].sinks[0].retries"] == "unknown key"
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    data = config_dict()
+    data["relay"]["dedupe_ttl"] = "forever"
+    data["tenants"][0]["slug"] = "Not A Slug"
+    data["tenants"][1]["sinks"][0]["url"] = "ftp://nope"
+    found = problems(data)
+    assert set(found) >= {"relay.dedupe_ttl", "tenants[0].slug", "tenants[1].sinks[0].url"}
+
+
+def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "hook.secret").write_text("from-a-file\n")
+    monkeypatch.setenv("CHERT_TEST_SECRET", "from-env")
+    assert resolve_secret("file:hook.secret", tmp_path).get() == "from-a-file"
+    assert resolve_secret(f"file:{tmp_path / 'hook.secret'}").get() == "from-a-file"
+    env_secret = resolve_secret("env:CHERT_TEST_SECRET")
+    assert env_secret.get() == "from-env"
+    assert "from-env" not in repr(env_secret)
+    assert resolve_secret("literal-value").is_literal
+    with pytest.raises(ValueError, match="CHERT_TEST_MISSING is not set"):
+        resolve_secret("env:CHERT_TEST_MISSING")
+    with pytest.raises(ValueError, match="cannot read secret file"):
+        resolve_secret("file:missing.secret", tmp_path)
+
+
+def test_literal_secrets_are_warned_about_and_never_shown() -> None:
+    config = parse_config(config_dict(), env={})
+    warnings = config.warnings()
+    assert any("tenants[0].webhook_secrets[0] is a literal secret" in w for w in warnings)
+    assert not any(config.tenants[0].webhook_secrets[0].get() in w for w in warnings)
+    assert config.tenants[0].webhook_secrets[0].get() not in repr(config)
+
+
+def test_environment_overrides_top_level_settings() -> None:
+    env = {
+        "CHERT_RELAY__SERVER__MAX_BODY_BYTES": "2048",
+        "CHERT_RELAY__REDIS__URL": "redis://10.1.2.3:6380/2",
+        "CHERT_RELAY__RELAY__DEDUPE_TTL": "3d",
+        "UNRELATED": "x",
+    }
+    config = parse_config(config_dict(), env=env)
+    assert config.server.max_body_bytes == 2048
+    assert config.redis.url is not None
+    assert config.redis.url.get() == "redis://10.1.2.3:6380/2"
+    assert config.relay.dedupe_ttl == 3 * 86400
+    found = problems(config_dict(), env={"CHERT_RELAY__SERVER__NOPE": "1"})
+    assert found["server.nope"] == "unknown key"
+
+
+def test_sink_filters_and_unique_names() -> None:
+    config = parse_config(config_dict(), env={})
+    crm, everything = config.tenants[0].sinks
+    assert crm.matches("message.received")
+    assert not crm.matches("reaction.added")
+    assert everything.matches("anything.at.all")
+    data = config_dict()
+    data["tenants"][0]["sinks"][1]["name"] = "crm"
+    assert "sink names must be unique" in problems(data)["tenants[0].sinks"]
+
+
+def test_a_tenant_must_have_a_way_in() -> None:
+    data = config_dict()
+    data["tenants"][0]["webhook_secrets"] = []
+    assert "could receive nothing" in problems(data)["tenants[0]"]
+    data["tenants"][0]["poll"] = {"mode": "always"}
+    assert "api.signing_secret is not set" in problems(data)["tenants[0]"]
+
+
+def test_the_example_configuration_is_valid() -> None:
+    example = Path(__file__).parent.parent / "config" / "relay.example.toml"
+    config = load_config(example, env={})
+    assert config.redis.url is None  # the embedded default
+    assert config.tenants[0].slug == "acme-7a3f"
+
+
+def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})

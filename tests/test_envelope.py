@@ -1,0 +1,69 @@
+"""Body normalization: both shapes become the envelope; unknown types pass through."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.envelope import BadEventError, from_body, from_object
+from tests.conftest import envelope, log_row
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)  # fmt: skip
+event_ids = st.text(min_size=1, max_size=80).filter(str.isprintable)
+
+
+@given(extra=st.dictionaries(st.text(max_size=10), json_values, max_size=5), event_id=event_ids)
+def test_any_object_with_an_event_id_is_kept_byte_for_byte(
+    extra: dict[str, object], event_id: str
+) -> None:
+    body = {**extra, "event_id": event_id}
+    body.pop("payload", None)
+    raw = json.dumps(body).encode()
+    event = from_body(raw)
+    assert event.event_id == event_id
+    assert event.body == raw
+
+
+@given(event_id=event_ids)
+def test_log_rows_become_their_payload(event_id: str) -> None:
+    row = log_row(event_id)
+    event = from_object(row)
+    assert event.event_id == event_id
+    assert json.loads(event.body) == row["payload"]
+    assert event.log_id == row["id"]
+    assert event.created_at == row["created_at"]
+
+
+def test_fields_are_read_from_the_envelope() -> None:
+    event = from_object(envelope("chert:msg:1"))
+    assert event.type == "message.received"
+    assert event.partner_id == "acme-7a3f"
+    assert event.timestamp == pytest.approx(1779586534.0)
+
+
+def test_unknown_types_pass_through_and_headers_fill_gaps() -> None:
+    event = from_body(b'{"event": "brand.new", "x": 1}', header_event_id="h1")
+    assert (event.event_id, event.type) == ("h1", "brand.new")
+    event = from_body(b'{"x": 1}', header_event_id="h2", header_type="lead_reply")
+    assert event.type == "lead_reply"
+    assert from_body(b'{"event_id": "e"}').type == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [(b"{", "malformed_json"), (b"[]", "malformed_json"), (b"\xff", "malformed_json"),
+     (b'{"a": 1}', "missing_event_id"), (b'{"event_id": 5}', "malformed_event_id"),
+     (b'{"event_id": "a\\nb"}', "malformed_event_id"),
+     (json.dumps({"event_id": "x" * 600}).encode(), "malformed_event_id")],
+)  # fmt: skip
+def test_bodies_that_can_never_be_events(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(raw)
+    assert e.value.reason == reason
