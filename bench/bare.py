@@ -1,4 +1,4 @@
-"""The baseline for bench/receiver.py: an aiohttp handler that only reads the body and answers 202."""
+"""Baseline for bench/receiver.py: an aiohttp handler that only reads the body, answers 202."""
 
 from __future__ import annotations
 

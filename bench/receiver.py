@@ -58,18 +58,31 @@ end
 def envelope_parts() -> tuple[str, str]:
     text = "Sure, what time works for you tomorrow? " * 12
     body = {
-        "event": "message.received", "event_id": "@@ID@@",
-        "timestamp": "2026-05-24T01:35:34.000Z", "api_version": "v1",
-        "webhook_version": "2026-05-04", "event_type": "message.received",
-        "trace_id": "4f1c9e0a7b3d", "partner_id": TENANT,
-        "data": {"chat": {"id": "17f6e9ed-5b6a-4c1e-9a7f-2b8d3c4e5f60", "is_group": False,
-                          "handles": [{"handle": "+14152165723", "service": "imessage", "is_me": True},
-                                      {"handle": "+14155551234", "service": "imessage", "is_me": False}]},
-                 "message": {"id": "0D36042D-C551-4CB4-9BE7-853832D6F2FE", "direction": "inbound",
-                             "sender_handle": {"handle": "+14155551234", "service": "imessage",
-                                               "is_me": False},
-                             "parts": [{"type": "text", "value": text}]}},
-    }  # fmt: skip
+        "event": "message.received",
+        "event_id": "@@ID@@",
+        "timestamp": "2026-05-24T01:35:34.000Z",
+        "api_version": "v1",
+        "webhook_version": "2026-05-04",
+        "event_type": "message.received",
+        "trace_id": "4f1c9e0a7b3d",
+        "partner_id": TENANT,
+        "data": {
+            "chat": {
+                "id": "17f6e9ed-5b6a-4c1e-9a7f-2b8d3c4e5f60",
+                "is_group": False,
+                "handles": [
+                    {"handle": "+14152165723", "service": "imessage", "is_me": True},
+                    {"handle": "+14155551234", "service": "imessage", "is_me": False},
+                ],
+            },
+            "message": {
+                "id": "0D36042D-C551-4CB4-9BE7-853832D6F2FE",
+                "direction": "inbound",
+                "sender_handle": {"handle": "+14155551234", "service": "imessage", "is_me": False},
+                "parts": [{"type": "text", "value": text}],
+            },
+        },
+    }
     prefix, suffix = json.dumps(body, separators=(",", ":")).split("@@ID@@")
     return prefix, suffix
 
@@ -97,7 +110,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
         try:
             urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
             return
-        except Exception:  # noqa: BLE001
+        except Exception:
             time.sleep(0.05)
     raise SystemExit(f"{url} did not come up")
 
@@ -118,7 +131,9 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_wrk(port: int, script: Path, data: Path, duration: int, connections: int) -> dict[str, float]:
+def run_wrk(
+    port: int, script: Path, data: Path, duration: int, connections: int
+) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
          f"http://127.0.0.1:{port}"],
@@ -127,8 +142,12 @@ def run_wrk(port: int, script: Path, data: Path, duration: int, connections: int
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {p: _ms(v, u) for p, v, u in re.findall(r"\s(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)", out)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"rps": rps, "p50_ms": lat.get("50", 0.0), "p99_ms": lat.get("99", 0.0),
-            "non2xx": float(non2xx.group(1)) if non2xx else 0.0}  # fmt: skip
+    return {
+        "rps": rps,
+        "p50_ms": lat.get("50", 0.0),
+        "p99_ms": lat.get("99", 0.0),
+        "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
+    }
 
 
 def start_bare() -> tuple[subprocess.Popen[bytes], int]:
@@ -190,8 +209,10 @@ def main() -> None:
         script, data = work / "bench.lua", work / "data.lua"
         script.write_text(WRK_SCRIPT)
         size = write_data(data, args.requests)
-        print(f"{args.requests} pre-signed requests, body {size} bytes, "
-              f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} round(s)")  # fmt: skip
+        print(
+            f"{args.requests} pre-signed requests, body {size} bytes, "
+            f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} round(s)"
+        )
         results: dict[str, list[dict[str, float]]] = {"bare": [], "relay": []}
         for r in range(args.rounds):
             for name in ("bare", "relay"):
@@ -206,14 +227,22 @@ def main() -> None:
                 finally:
                     stop(proc)
                 results[name].append(res)
-                print(f"  round {r + 1} {name:5s}: {res['rps']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
-                      f"  p99 {res['p99_ms']:.2f} ms  non-2xx {res['non2xx']:.0f}")  # fmt: skip
+                print(
+                    f"  round {r + 1} {name:5s}: {res['rps']:8.0f} req/s"
+                    f"  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms"
+                    f"  non-2xx {res['non2xx']:.0f}"
+                )
         bare = max(x["rps"] for x in results["bare"])
         relay = max(x["rps"] for x in results["relay"])
         best = max(results["relay"], key=lambda x: x["rps"])
-        print(f"best of rounds: bare {bare:.0f} req/s, relay {relay:.0f} req/s, "
-              f"ratio {relay / bare:.2f}; relay p50 {best['p50_ms']:.2f} ms p99 {best['p99_ms']:.2f} ms")  # fmt: skip
-        ratios = [r["rps"] / b["rps"] for r, b in zip(results["relay"], results["bare"], strict=True)]
+        print(
+            f"best of rounds: bare {bare:.0f} req/s, relay {relay:.0f} req/s, "
+            f"ratio {relay / bare:.2f}; "
+            f"relay p50 {best['p50_ms']:.2f} ms p99 {best['p99_ms']:.2f} ms"
+        )
+        ratios = [
+            r["rps"] / b["rps"] for r, b in zip(results["relay"], results["bare"], strict=True)
+        ]
         print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
 
 

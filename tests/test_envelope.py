@@ -13,9 +13,11 @@ from tests.conftest import envelope, log_row
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=10,
-)  # fmt: skip
+)
 event_ids = st.text(min_size=1, max_size=80).filter(str.isprintable)
 
 
