@@ -61,6 +61,28 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class Throttle:
+    """Lets one log line per key through every ``interval`` seconds and counts the rest,
+    so a flood of identical refusals cannot drown the log (or the disk)."""
+
+    def __init__(self, interval: float = 10.0, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._next: dict[object, tuple[float, int]] = {}
+
+    def allow(self, key: object) -> int | None:
+        """``None``: stay quiet. Otherwise log now; the int is how many were suppressed."""
+        now = time.monotonic()
+        due, suppressed = self._next.get(key, (0.0, 0))
+        if now < due:
+            self._next[key] = (due, suppressed + 1)
+            return None
+        if len(self._next) >= self.max_keys and key not in self._next:
+            self._next.clear()
+        self._next[key] = (now + self.interval, 0)
+        return suppressed
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Set up the root logger once: ``fmt`` is ``text``, ``json`` or ``auto`` (tty → text)."""
     if fmt == "auto":

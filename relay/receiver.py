@@ -22,6 +22,7 @@ from relay.config import Config
 from relay.envelope import BadEventError
 from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import Ingestor
+from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.signing import verify_webhook
 
@@ -71,6 +72,7 @@ class Receiver:
         self._ingestor = ingestor
         self._metrics = metrics
         self.draining = False
+        self._throttle = Throttle(interval=10.0)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -101,10 +103,13 @@ class Receiver:
         self._metrics.webhook_rejections.labels(tenant, reason).inc()
         outcome = "unavailable" if status == 503 else "rejected"
         self._metrics.webhooks.labels(tenant, outcome).inc()
-        log.warning(
-            "webhook refused: tenant=%s status=%d reason=%s remote=%s: %s",
-            tenant, status, reason, request.remote, detail,
-        )  # fmt: skip
+        suppressed = self._throttle.allow((tenant, reason))
+        if suppressed is not None:
+            log.warning(
+                "webhook refused: tenant=%s status=%d reason=%s remote=%s: %s%s",
+                tenant, status, reason, request.remote, detail,
+                f" ({suppressed} more like it since the last line)" if suppressed else "",
+            )  # fmt: skip
         headers = self._retry_after if status == 503 else None
         return _json(status, {"error": reason, "message": detail}, headers)
 

@@ -1,0 +1,111 @@
+"""The admin listener: liveness, readiness, metrics, and the token guard on /api/."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from relay.admin import Admin
+from relay.logs import Throttle
+from relay.metrics import Metrics
+from relay.redis_client import connect
+from relay.redis_server import EmbeddedRedis
+from tests.conftest import make_config
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({"pong": True})
+
+
+async def make_admin(
+    aiohttp_client: ClientFactory, redis_client: Redis, **cfg: Any
+) -> tuple[TestClient[Any, Any], Admin]:
+    admin = Admin(make_config(**cfg), redis_client, Metrics())
+    admin.add_api_routes([web.get("/api/ping", ping)])
+    return await aiohttp_client(admin.app()), admin
+
+
+async def test_health_ready_and_metrics(aiohttp_client: ClientFactory, redis: Redis) -> None:
+    client, admin = await make_admin(aiohttp_client, redis)
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert (ready.status, await ready.json()) == (200, {"ready": True, "problems": []})
+    metrics = await client.get("/metrics")
+    text = await metrics.text()
+    assert metrics.status == 200
+    assert "chert_relay_redis_up 1.0" in text
+    assert 'chert_relay_build_info{version="' in text
+    admin.draining = True
+    ready = await client.get("/readyz")
+    assert (ready.status, (await ready.json())["problems"]) == (503, ["draining"])
+
+
+async def test_readyz_fails_while_redis_is_down(
+    aiohttp_client: ClientFactory, make_redis_server: Callable[[], Awaitable[EmbeddedRedis]]
+) -> None:
+    server = await make_redis_server()
+    redis_client = connect(server.url, timeout=1.0)
+    try:
+        client, _ = await make_admin(aiohttp_client, redis_client)
+        await server.stop()
+        ready = await client.get("/readyz")
+        assert (ready.status, (await ready.json())["problems"]) == (503, ["redis_unreachable"])
+        assert "chert_relay_redis_up 0.0" in await (await client.get("/metrics")).text()
+        await server.start()
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await redis_client.aclose()
+
+
+async def test_api_needs_the_bearer_token(aiohttp_client: ClientFactory, redis: Redis) -> None:
+    off, _ = await make_admin(aiohttp_client, redis)
+    assert (await off.get("/api/ping")).status == 403  # no token configured: API off
+    client, _ = await make_admin(aiohttp_client, redis, admin={"token": "s3cret-token"})
+    assert (await client.get("/api/ping")).status == 401
+    assert (await client.get("/api/ping", headers={"Authorization": "Bearer nope"})).status == 401
+    ok = await client.get("/api/ping", headers={"Authorization": "Bearer s3cret-token"})
+    assert (ok.status, await ok.json()) == (200, {"pong": True})
+    assert (await client.get("/healthz")).status == 200  # only /api/ is guarded
+
+
+def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> None:
+    throttle = Throttle(interval=3600)
+    assert throttle.allow("k") == 0
+    assert throttle.allow("k") is None
+    assert throttle.allow("k") is None
+    assert throttle.allow("other") == 0
+    throttle.interval = 0
+    throttle._next["k"] = (0.0, 2)  # the interval has passed
+    assert throttle.allow("k") == 2
+
+
+async def test_refusals_are_logged_without_flooding(
+    aiohttp_client: ClientFactory, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.ingest import Ingestor
+    from relay.receiver import Receiver
+
+    config = make_config()
+    metrics = Metrics()
+    client = await aiohttp_client(Receiver(config, Ingestor(redis, config), metrics).app())
+    with caplog.at_level(logging.WARNING, logger="relay.receiver"):
+        for _ in range(20):
+            assert (await client.post("/webhooks/chert/acme-7a3f", data=b"{}")).status == 401
+    lines = [r for r in caplog.records if "webhook refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "reason=missing_signature" in lines[0].getMessage()
+    assert (
+        metrics.registry.get_sample_value(
+            "chert_relay_webhook_rejections_total",
+            {"tenant": "acme-7a3f", "reason": "missing_signature"},
+        )
+        == 20
+    )
