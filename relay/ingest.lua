@@ -21,6 +21,7 @@ i = i + nwh + 1
 local n = tonumber(ARGV[i])
 i = i + 1
 local out = {}
+local queued = {}  -- score, job id, score, job id, ...: one ZADD for the whole batch
 for e = 1, n do
   local tenant, event_id, body, etype = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local ts, source, ev_ttl = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
@@ -40,7 +41,8 @@ for e = 1, n do
       local job = '{"t":null,"f":"deliver","a":["' .. tenant .. '","' .. sink .. '",' ..
         id_json .. '],"k":{},"et":' .. now .. '}'
       if redis.call('SET', jobp .. job_id, job, 'NX', 'PX', job_ttl) then
-        redis.call('ZADD', queue, now, job_id)
+        queued[#queued + 1] = now
+        queued[#queued + 1] = job_id
       end
     end
     out[e] = 1
@@ -48,5 +50,8 @@ for e = 1, n do
     i = i + 2 * njobs
     out[e] = 0
   end
+end
+for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
+  redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))
 end
 return out

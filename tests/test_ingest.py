@@ -92,3 +92,13 @@ async def test_arq_worker_runs_jobs_ingest_wrote(redis: Redis, redis_url: str) -
     )
     assert worker.jobs_complete == 10
     assert worker.jobs_failed == 0
+
+
+async def test_a_batch_with_thousands_of_jobs_queues_them_all(redis: Redis) -> None:
+    sinks = [{"name": f"s{i}", "url": f"http://127.0.0.1:9/{i}"} for i in range(8)]
+    ing = Ingestor(redis, make_config(sinks=sinks), max_batch=400)
+    results = await asyncio.gather(
+        *(ing.ingest(TENANT, event(f"big{i}"), "poll") for i in range(400))
+    )
+    assert all(results)
+    assert await redis.zcard(queue.queue_name("chert-relay")) == 400 * 8
