@@ -54,6 +54,12 @@ def _load(args: argparse.Namespace) -> Config:
 def role_factories() -> dict[str, RoleFactory]:
     """Roles beyond the receiver and admin, by name."""
     factories: dict[str, RoleFactory] = {}
+    from relay.poller import make_poller
+
+    factories["poller"] = make_poller
+    from relay.worker import factory as make_worker
+
+    factories["worker"] = make_worker
     return factories
 
 
@@ -72,6 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     return _run_service(args, ("receiver", "admin", "poller", "worker"))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _run_service(args, ("admin", "worker"))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -149,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("serve", help="run the receiver and the admin listener")
     s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("worker", help="deliver queued events to sinks (and the admin listener)")
+    s.set_defaults(func=cmd_worker)
     s = sub.add_parser("check-config", help="validate the configuration and list every problem")
     s.set_defaults(func=cmd_check_config)
 
@@ -161,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print the headers as JSON")
     out.add_argument("--curl", metavar="URL", help="print a curl command posting stdin to URL")
     s.set_defaults(func=cmd_sign)
+
+    from relay.backfill import cmd_backfill
+
+    s = sub.add_parser("backfill", help="pull a time range from Chert's events API through ingest")
+    s.add_argument("--tenant", required=True, help="tenant slug")
+    s.add_argument("--since", required=True, help="start, ISO-8601 (e.g. 2026-05-01T00:00:00Z)")
+    s.add_argument("--until", help="end, ISO-8601 (default: up to now)")
+    s.set_defaults(func=cmd_backfill)
+
+    from relay.simulator.cli import add_simulate_parser
+
+    add_simulate_parser(sub)
+
+    from relay import dlq_cli
+
+    dlq_cli.add_parser(sub, _load)
     return p
 
 

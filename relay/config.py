@@ -209,6 +209,18 @@ class WorkerConfig(_Section):
     poll_delay: Duration = 0.05
     shutdown_grace: Duration = 30.0  # running deliveries get this long after SIGTERM
     queue_read_limit: int | None = Field(None, ge=1)
+    # Delivery retries: the wait before attempt n+1 is retry_backoff * 2**(n-1), capped at
+    # retry_backoff_max, minus up to 25% jitter; a sink's Retry-After wins, up to
+    # retry_after_max.
+    retry_backoff: Duration = Field(1.0, gt=0)
+    retry_backoff_max: Duration = Field(3600.0, gt=0)
+    retry_after_max: Duration = Field(3600.0, gt=0)
+    # Per-sink circuit breaker: opens after this many consecutive failed attempts, and
+    # lets one probe through after breaker_cooldown.
+    breaker_failures: int = Field(5, ge=1, le=10_000)
+    breaker_cooldown: Duration = Field(30.0, gt=0)
+    # A job whose sink is at its in-flight cap (sink.concurrency) waits about this long.
+    busy_defer: Duration = Field(0.25, gt=0)
 
 
 class ApiConfig(_Section):
@@ -216,6 +228,8 @@ class ApiConfig(_Section):
     auth: Literal["hmac", "bearer"] = "hmac"
     signing_secret: SecretField | None = None
     timeout: Duration = 30.0
+    max_attempts: int = Field(4, ge=1, le=100)  # tries per call on retryable errors
+    max_backoff: Duration = Field(60.0, gt=0)  # cap on one wait between tries
 
 
 class PollConfig(_Section):
@@ -225,6 +239,14 @@ class PollConfig(_Section):
     reconcile_every: Duration = Field(900.0, gt=0)
     overlap: Duration = 120.0
     page_size: int = Field(200, ge=1, le=200)
+    # First poll of a tenant (no watermark yet) asks for now - max(overlap, this);
+    # older history is what ``chert-relay backfill`` is for.
+    initial_lookback: Duration = 0.0
+    # A failed/pending row older than this that the relay never saw means webhooks lapsed.
+    stale_after: Duration = 60.0
+    auth_backoff: Duration = Field(300.0, gt=0)  # wait after Chert refuses our credentials
+    lease_ttl: Duration = Field(30.0, gt=0)  # one poller per tenant across relays
+    sse_idle_timeout: Duration = Field(30.0, gt=0)  # a stream silent this long is dead
 
 
 class SinkConfig(_Section):

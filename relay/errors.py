@@ -47,6 +47,45 @@ class UpstreamError(RelayError):
     """Chert answered with an error or could not be reached."""
 
 
+class ChertApiError(UpstreamError):
+    """Chert answered a call with an error (its envelope parsed, chert-contract.md §6).
+
+    ``code`` is Chert's numeric error code (0 when the answer had no envelope),
+    ``retry_after`` the seconds Chert asked us to wait (body or ``Retry-After``), and
+    ``trace_id`` Chert's trace id for support requests. Never carries a secret.
+    """
+
+    # Codes meaning our credentials or tenant are wrong: retrying soon cannot help.
+    AUTH_CODES = frozenset({2001, 2004, 2005, 2012, 2013})
+
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.trace_id = trace_id
+        super().__init__(f"Chert answered {status} (code {code}): {message}")
+
+    @property
+    def is_auth(self) -> bool:
+        """Credentials rejected, tenant unknown or forbidden (401/403/404 or an auth code)."""
+        return self.code in self.AUTH_CODES or (self.status in (401, 403) and not self.retryable)
+
+
+class ChertUnreachableError(UpstreamError):
+    """Chert could not be reached, or did not answer in time (always retryable)."""
+
+
 class DeliveryError(RelayError):
     """A delivery to a sink failed."""
 
@@ -57,6 +96,10 @@ class RetryableDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """A delivery failed in a way no retry can fix (most 4xx answers)."""
+
+
+class DeadLetterError(RelayError):
+    """A dead-letter operation was refused (unknown tenant or sink, no such entry…)."""
 
 
 class SignatureError(RelayError):

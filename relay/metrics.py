@@ -83,6 +83,105 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # --- poller (Chert events API, SSE, lease) ------------------------------------
+        self.poll_mode = Gauge(
+            f"{p}_poll_mode",
+            "1 for the poller's current mode per tenant (reconcile, fast, always, sse, "
+            "standby while another relay holds the lease), 0 for the others.",
+            ["tenant", "mode"],
+            registry=r,
+        )
+        self.poll_requests = Counter(
+            f"{p}_poll_requests_total",
+            "Calls to Chert's events API by outcome (ok, rate_limited, auth, error, unreachable).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.poll_rows = Counter(
+            f"{p}_poll_rows_total",
+            "Event rows read from Chert, by source (poll, sse, backfill).",
+            ["tenant", "source"],
+            registry=r,
+        )
+        self.poll_watermark_age = Gauge(
+            f"{p}_poll_watermark_age_seconds",
+            "Age of the poller's watermark (newest created_at ingested) after each window.",
+            ["tenant"],
+            registry=r,
+        )
+        self.poll_lease_held = Gauge(
+            f"{p}_poll_lease_held",
+            "1 while this process holds the tenant's poll lease.",
+            ["tenant"],
+            registry=r,
+        )
+        self.sse_connections = Counter(
+            f"{p}_sse_connections_total",
+            "SSE stream connections opened to Chert.",
+            ["tenant"],
+            registry=r,
+        )
+        self.sse_reconnects = Counter(
+            f"{p}_sse_reconnects_total",
+            "SSE stream ends by reason (close, eof, idle, error).",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.chert_api_errors = Counter(
+            f"{p}_chert_api_errors_total",
+            "Error answers from Chert's API by Chert error code (0: no error envelope).",
+            ["tenant", "code"],
+            registry=r,
+        )
+        # --- delivery (relay.delivery, relay.worker) ------------------------------------
+        # Queue depth, stored dead letters and breaker states live in Redis: the worker
+        # registers a collector that reads them at scrape time.
+        self.deliveries = Counter(
+            f"{p}_deliveries_total",
+            "Delivery attempts by outcome (delivered, retried, rejected, exhausted, gone) "
+            "and status class (2xx, 3xx, 4xx, 5xx, timeout, connection, none).",
+            ["tenant", "sink", "outcome", "class"],
+            registry=r,
+        )
+        self.delivery_deferrals = Counter(
+            f"{p}_delivery_deferrals_total",
+            "Due deliveries put off without an HTTP call, by reason "
+            "(breaker_open, half_open, busy, not_due).",
+            ["tenant", "sink", "reason"],
+            registry=r,
+        )
+        self.delivery_attempt_seconds = Histogram(
+            f"{p}_delivery_attempt_seconds",
+            "Duration of one HTTP attempt to a sink, whatever its outcome.",
+            ["tenant", "sink"],
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
+        self.delivery_e2e_seconds = Histogram(
+            f"{p}_delivery_e2e_seconds",
+            "Chert's event timestamp to the sink's 2xx.",
+            ["tenant", "sink"],
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
+        self.delivery_relay_seconds = Histogram(
+            f"{p}_delivery_relay_seconds",
+            "Ingest (the event stored by the relay) to the sink's 2xx.",
+            ["tenant", "sink"],
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            f"{p}_dead_lettered_total",
+            "Deliveries turned into dead letters by this process, by class "
+            "(rejected, exhausted, gone).",
+            ["tenant", "sink", "class"],
+            registry=r,
+        )
+        self.deliveries_running = Gauge(
+            f"{p}_deliveries_running", "Delivery jobs running in this process.", registry=r
+        )
+        # --- process ------------------------------------------------------------------
         self.redis_up = Gauge(f"{p}_redis_up", "1 when the last Redis check succeeded.", registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while the process is shutting down.", registry=r)
 

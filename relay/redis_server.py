@@ -17,10 +17,12 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from redis.asyncio import Redis
 
+from relay.config import Config
 from relay.errors import EmbeddedRedisError
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class EmbeddedRedis:
             self.url = f"redis://127.0.0.1:{self.port}/0"
         else:
             assert sock is not None
-            if sock.exists() and await self._answers(f"unix://{sock}"):
+            if sock.exists() and await self.answers(f"unix://{sock}"):
                 raise EmbeddedRedisError(
                     f"a redis-server is already running on {sock}: is another relay "
                     "using this state_dir? Set [redis] url to share one Redis."
@@ -108,7 +110,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedRedisError(f"redis-server exited at start-up: {self._log_tail()}")
-            if await self._answers(self.url):
+            if await self.answers(self.url):
                 log.info("embedded redis-server started (pid %d) at %s", self.process.pid, self.url)
                 return self.url
             await asyncio.sleep(0.02)
@@ -126,7 +128,7 @@ class EmbeddedRedis:
         return " | ".join(p.strip() for p in parts if p.strip()) or "no output"
 
     @staticmethod
-    async def _answers(url: str) -> bool:
+    async def answers(url: str) -> bool:
         client: Redis = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(await client.ping())
@@ -160,3 +162,23 @@ class EmbeddedRedis:
             if self.process.stderr is not None:
                 self.process.stderr.close()
             self.process = None
+
+
+async def open_redis_url(
+    config: Config, stack: AsyncExitStack, *, share_running: bool = False
+) -> str:
+    """The Redis URL to use: ``[redis] url``, or else the embedded server under
+    ``state_dir``, started now and stopped when ``stack`` closes.
+
+    ``share_running``: a short-lived command (``backfill``, ``dlq``) uses the embedded
+    server of a relay already running on the same ``state_dir`` instead of refusing.
+    """
+    if config.redis.url is not None:
+        return config.redis.url.get()
+    embedded = EmbeddedRedis(config.relay.state_dir / "redis", binary=config.redis.server_binary)
+    sock = embedded.directory / "redis.sock"
+    if share_running and sock.exists() and await EmbeddedRedis.answers(f"unix://{sock}"):
+        return f"unix://{sock}"
+    url = await embedded.start()
+    stack.push_async_callback(embedded.stop)
+    return url

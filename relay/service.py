@@ -25,13 +25,14 @@ from aiohttp import web
 
 from relay.admin import Admin
 from relay.config import Config, load_config
+from relay.dlq_api import DeadLetterApi
 from relay.errors import ConfigError
 from relay.ingest import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.receiver import Receiver
 from relay.redis_client import check_server, connect, redact_url
-from relay.redis_server import EmbeddedRedis
+from relay.redis_server import open_redis_url
 from relay.runtime import Role, Runtime
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,6 @@ class Service:
             role.reload(config)
         log.info("configuration reloaded from %s", self.config_path)
 
-    async def _redis_url(self, stack: AsyncExitStack) -> str:
-        if self.config.redis.url is not None:
-            return self.config.redis.url.get()
-        embedded = EmbeddedRedis(
-            self.config.relay.state_dir / "redis", binary=self.config.redis.server_binary
-        )
-        url = await embedded.start()
-        stack.push_async_callback(embedded.stop)
-        return url
-
     def _install_signals(self, stack: AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,7 +146,7 @@ class Service:
         """Start, serve until asked to stop, shut down in order. Raises on start-up faults."""
         async with AsyncExitStack() as stack:
             self._install_signals(stack)
-            url = await self._redis_url(stack)
+            url = await open_redis_url(self.config, stack)
             client = connect(url, timeout=self.config.redis.connect_timeout)
             stack.push_async_callback(client.aclose)
             for warning in await check_server(client, require_aof=self.config.redis.require_aof):
@@ -186,6 +177,7 @@ class Service:
         admin: Admin | None = None
         if "admin" in self.wanted and cfg.admin.listen is not None:
             admin = Admin(cfg, rt.redis, rt.metrics)
+            admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
         for name in reversed(STOP_ORDER):
             if name not in self.wanted:
                 continue

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
 from relay.config import Config, parse_config
@@ -25,6 +26,13 @@ WEBHOOK_SECRET = "7f3c1e9a5b2d4f6081a3c5e7f9b1d3e5a7c9e1f3b5d7f9a1c3e5b7d9f1a3c5
 OTHER_SECRET = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9"
 SINK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 TENANT = "acme-7a3f"
+
+# Property tests check correctness, not speed: on a busy 2-core machine an example may
+# take longer than hypothesis' default 200 ms deadline.
+settings.register_profile(
+    "relay", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("relay")
 
 
 def start_redis(directory: Path, port: int | None = None) -> EmbeddedRedis:

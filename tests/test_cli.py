@@ -57,3 +57,13 @@ def test_sign_takes_the_secret_from_the_config(tmp_path: Path) -> None:
     missing = cli("--config", str(path), "sign", "--tenant", "nobody", stdin=body)
     assert missing.returncode == 2
     assert b"has no webhook secret" in missing.stderr
+
+
+def test_dlq_list_on_the_embedded_default_with_no_relay_running(tmp_path: Path) -> None:
+    data = config_dict()
+    data["relay"]["state_dir"] = str(tmp_path / "state")
+    path = write_toml(tmp_path / "relay.toml", data)
+    out = cli("--config", str(path), "dlq", "list")
+    assert out.returncode == 0, out.stderr
+    assert b"0 dead letter(s)" in out.stderr
+    assert not (tmp_path / "state" / "redis" / "redis.sock").exists()  # stopped again

@@ -1,0 +1,132 @@
+"""Dead letters over the admin API (``/api/…``, behind the admin bearer token).
+
+- ``GET /api/deadletters?tenant=&sink=&class=&type=&since=&until=&limit=`` — list
+  (``since``/``until``: unix seconds, ISO 8601 or an age such as ``2h``)
+- ``GET /api/deadletters/{tenant}/{sink}/{event_id}`` — one entry with its event
+- ``POST /api/deadletters/replay`` and ``POST /api/deadletters/purge`` — a JSON body
+  with the same filters, plus ``"all": true`` (needed when no filter is given) and
+  ``"dry_run": true``
+
+Register with ``admin.add_api_routes(DeadLetterApi(redis, lambda: config).routes())``
+before the admin app is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from relay.config import Config
+from relay.deadletters import DeadLetterStore, Filter
+from relay.dlq_cli import parse_time
+from relay.errors import DeadLetterError
+
+log = logging.getLogger(__name__)
+
+MAX_LIMIT = 10_000
+
+
+def _bad(message: str) -> web.Response:
+    return web.json_response({"error": "bad_request", "message": message}, status=400)
+
+
+def _filter(src: dict[str, Any], *, with_limit: bool) -> Filter:
+    def text(name: str) -> str | None:
+        v = src.get(name)
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str | int | float):
+            raise ValueError(f"{name} must be a string")
+        return str(v)
+
+    limit: int | None = None
+    if with_limit:
+        raw = text("limit")
+        limit = 1000 if raw is None else int(raw)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be between 1 and {MAX_LIMIT}")
+    since, until = text("since"), text("until")
+    return Filter(
+        tenant=text("tenant"),
+        sink=text("sink"),
+        cls=text("class"),
+        event_type=text("type"),
+        since=None if since is None else parse_time(since),
+        until=None if until is None else parse_time(until),
+        limit=limit,
+    )
+
+
+class DeadLetterApi:
+    def __init__(self, redis_client: Redis, config: Callable[[], Config]) -> None:
+        self._config = config
+        self._store = DeadLetterStore(redis_client, config())
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/deadletters", self.list),
+            web.get("/api/deadletters/{tenant}/{sink}/{event_id}", self.show),
+            web.post("/api/deadletters/replay", self.replay),
+            web.post("/api/deadletters/purge", self.purge),
+        ]
+
+    def _store_now(self) -> DeadLetterStore:
+        self._store.set_config(self._config())
+        return self._store
+
+    async def list(self, request: web.Request) -> web.Response:
+        try:
+            flt = _filter(dict(request.query), with_limit=True)
+            found = await self._store_now().find(flt)
+        except (ValueError, DeadLetterError) as e:
+            return _bad(str(e))
+        return web.json_response({"count": len(found), "entries": [d.to_json() for d in found]})
+
+    async def show(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        store = self._store_now()
+        d = await store.get(m["tenant"], m["sink"], m["event_id"])
+        if d is None:
+            return web.json_response(
+                {"error": "not_found", "message": "no such dead letter"}, status=404
+            )
+        body = await store.payload(d.tenant, d.event_id)
+        out = d.to_json()
+        out["event"] = None if body is None else json.loads(body)
+        return web.json_response(out)
+
+    async def replay(self, request: web.Request) -> web.Response:
+        return await self._change(request, "replay")
+
+    async def purge(self, request: web.Request) -> web.Response:
+        return await self._change(request, "purge")
+
+    async def _change(self, request: web.Request, action: str) -> web.Response:
+        try:
+            raw = await request.read()
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            flt = _filter(body, with_limit=False)
+            everything = body.get("all") is True
+            dry_run = body.get("dry_run") is True
+            if flt.is_empty() and not everything:
+                raise ValueError('give a filter (tenant, sink, class, type, since, until) '
+                                 'or "all": true')  # fmt: skip
+            store = self._store_now()
+            if action == "replay":
+                out = await store.replay(flt, dry_run=dry_run)
+            else:
+                out = await store.purge(flt, dry_run=dry_run)
+        except (ValueError, DeadLetterError) as e:  # json.JSONDecodeError is a ValueError
+            return _bad(str(e))
+        log.info(
+            "admin API: %s%s of %d dead letter(s), %d skipped",
+            action, " (dry run)" if dry_run else "", len(out.done), len(out.skipped),
+        )  # fmt: skip
+        return web.json_response({"action": action, "dry_run": dry_run, **out.to_json()})

@@ -1,0 +1,189 @@
+"""``chert-relay dlq list|show|replay|purge``: dead letters from the command line.
+
+The commands talk to the relay's Redis directly: ``[redis] url``, or the embedded
+server under ``relay.state_dir`` (the running relay's, or one started for the
+command). Filters: ``--tenant``,
+``--sink``, ``--class``, ``--type``, ``--since`` and ``--until`` (dead-letter time:
+unix seconds, ISO 8601, or an age such as ``2h`` or ``7d``). ``replay`` and ``purge``
+need at least one filter or ``--all``, and show what they would do with ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+
+import redis.exceptions
+from redis.asyncio import Redis
+
+from relay.config import Config, parse_duration
+from relay.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, Outcome
+from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
+from relay.redis_client import connect
+from relay.redis_server import open_redis_url
+
+_AGE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*$")
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Unix seconds from ``1767225600``, ``2026-05-24T01:35:34Z`` or an age like ``2h``."""
+    now = time.time() if now is None else now
+    if _AGE_RE.match(text):
+        return now - parse_duration(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use unix seconds, ISO 8601 or an age like '2h'"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", help="tenant slug (default: every configured tenant)")
+    p.add_argument("--sink", help="sink name")
+    p.add_argument("--class", dest="cls", choices=CLASSES, help="dead-letter class")
+    p.add_argument("--type", dest="event_type", help="event type, e.g. message.received")
+    p.add_argument("--since", help="dead-lettered at or after (unix s, ISO 8601, or an age: 2h)")
+    p.add_argument("--until", help="dead-lettered before (same forms as --since)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    load: Callable[[argparse.Namespace], Config],
+) -> None:
+    """Add ``dlq`` and its actions to the ``chert-relay`` parser."""
+    d = sub.add_parser("dlq", help="list, show, replay or purge dead letters")
+    actions = d.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+    s = actions.add_parser("list", help="list dead letters (oldest first)")
+    _filters(s)
+    s.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    s = actions.add_parser("show", help="one dead letter, with the event it holds")
+    s.add_argument("--tenant", required=True)
+    s.add_argument("--sink", required=True)
+    s.add_argument("event_id")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    for name, what in (("replay", "queue the matching dead letters again, with fresh attempts"),
+                       ("purge", "delete the matching dead letters for good")):  # fmt: skip
+        s = actions.add_parser(name, help=what)
+        _filters(s)
+        s.add_argument("--all", action="store_true", help="every dead letter (no filter needed)")
+        s.add_argument("--dry-run", action="store_true", help="only show what would be done")
+    d.set_defaults(func=lambda args: run(args, load(args)))
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    return Filter(
+        tenant=args.tenant,
+        sink=args.sink,
+        cls=args.cls,
+        event_type=args.event_type,
+        since=None if args.since is None else parse_time(args.since),
+        until=None if args.until is None else parse_time(args.until),
+        limit=getattr(args, "limit", None),
+    )
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _line(d: DeadLetter) -> str:
+    status = "-" if d.status is None else str(d.status)
+    return (f"{d.tenant}  {d.sink}  {d.event_id}  {d.event_type}  {d.cls}  {status}  "
+            f"{d.attempts}  {_when(d.dead_lettered_at)}  {d.error}")  # fmt: skip
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        return asyncio.run(_run(args, config))
+    except (DeadLetterError, ValueError) as e:
+        print(f"chert-relay dlq: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    async with AsyncExitStack() as stack:
+        url = await open_redis_url(config, stack, share_running=True)
+        client = connect(url, timeout=config.redis.connect_timeout)
+        stack.push_async_callback(client.aclose)
+        return await _act(args, config, client)
+
+
+async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
+    try:
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise RedisUnavailableError(f"cannot reach the relay's Redis: {e}") from None
+    store = DeadLetterStore(client, config)
+    action = args.dlq_action
+    if action == "show":
+        return await _show(store, args)
+    flt = _filter(args)
+    if action == "list":
+        found = await store.find(flt)
+        for d in found:
+            print(json.dumps(d.to_json()) if args.json else _line(d))
+        if not args.json:
+            print(f"{len(found)} dead letter(s)", file=sys.stderr)
+        return EXIT_OK
+    if flt.is_empty() and not args.all:
+        print(f"chert-relay dlq {action}: give a filter (--tenant, --sink, --class, --type, "
+              "--since, --until) or --all", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if action == "replay":
+        out = await store.replay(flt, dry_run=args.dry_run)
+    else:
+        out = await store.purge(flt, dry_run=args.dry_run)
+    _report(action, out, args)
+    return EXIT_OK if not out.skipped else EXIT_FAILURE
+
+
+async def _show(store: DeadLetterStore, args: argparse.Namespace) -> int:
+    d = await store.get(args.tenant, args.sink, args.event_id)
+    if d is None:
+        print(f"chert-relay dlq show: no dead letter for {args.event_id} to {args.tenant}/"
+              f"{args.sink}", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    body = await store.payload(d.tenant, d.event_id)
+    if args.json:
+        out = d.to_json()
+        out["event"] = None if body is None else json.loads(body)
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for name, value in d.to_json().items():
+        print(f"{name}: {value}")
+    print(f"first_attempt_at: {_when(d.first_attempt)}")
+    print(f"last_attempt_at: {_when(d.last_attempt)}")
+    print("event:", "(not stored)" if body is None else body.decode(errors="replace"))
+    return EXIT_OK
+
+
+def _report(action: str, out: Outcome, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"action": action, "dry_run": args.dry_run, **out.to_json()}))
+        return
+    verb = {"replay": "replayed", "purge": "purged"}[action]
+    if args.dry_run:
+        verb = f"would be {verb}"
+    for d in out.done:
+        print(_line(d))
+    for d, reason in out.skipped:
+        print(f"skipped {d.tenant}/{d.sink}/{d.event_id}: {reason}", file=sys.stderr)
+    print(f"{len(out.done)} dead letter(s) {verb}, {len(out.skipped)} skipped", file=sys.stderr)

@@ -1,0 +1,590 @@
+"""The poller role: pulls what webhooks missed from Chert's events API, per tenant.
+
+One task per tenant whose ``poll.mode`` is not ``off``. A task first takes the
+tenant's Redis lease (``relay.lease``), so across every relay sharing one Redis
+exactly one polls a tenant; the others wait on standby and take over within one
+lease ttl when the holder stops or dies.
+
+Modes (``poll.mode``, chert-contract.md §4-5):
+
+- ``fallback`` (default): a reconciliation sweep every ``reconcile_every``, and fast
+  polling every ``interval`` while webhooks have lapsed — no webhook for
+  ``lapse_after`` (the ingest script records the last one per tenant, shared by every
+  relay; until the first one, the poller's own start counts), or a sweep found rows
+  Chert marks ``failed``/``pending`` (older than ``stale_after``) that the relay never
+  saw. Fast polling ends when a webhook arrives again. Every switch is logged and
+  shown in ``chert_relay_poll_mode``.
+- ``always``: a window every ``interval`` (tenants that cannot receive webhooks).
+- ``sse``: tail ``/events/stream``, reconnecting (signed afresh, resuming from the
+  last ``created_at`` - ``overlap``) on ``event: close``, end of stream, an error or
+  ``sse_idle_timeout`` of silence; reconciliation sweeps run beside it.
+
+A *window* asks ``since = watermark - overlap``, follows ``next_cursor`` to its end,
+ingests every row through the one ingest door, and only then advances the tenant's
+watermark in Redis to the newest ``created_at`` seen (never backwards). A crash mid-
+window repeats the window, and dedupe absorbs the repeats. With no watermark yet,
+the first window starts at now - max(``overlap``, ``initial_lookback``); history
+older than that is what ``chert-relay backfill`` is for.
+
+When Chert refuses the credentials the poller logs it once (again only if the
+answer changes) and slows to one try per ``auth_backoff``; a reload (SIGHUP) with a
+new secret ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from relay.chert_api import ChertApi, isoformat
+from relay.config import Config, TenantConfig
+from relay.envelope import BadEventError, Event, from_object, parse_timestamp
+from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError
+from relay.ingest import REDIS_TRANSIENT, Ingestor
+from relay.lease import Lease
+from relay.metrics import Metrics
+from relay.runtime import Runtime
+from relay.sse import SseIdleError, read_messages
+
+log = logging.getLogger(__name__)
+
+MODES = ("reconcile", "fast", "always", "sse", "standby")
+UNDELIVERED = frozenset({"failed", "pending"})
+STOP_TIMEOUT_S = 5.0
+_TRANSIENT = (UpstreamError, RedisUnavailableError, *REDIS_TRANSIENT)
+
+# Raise the watermark, never lower it (two holders may briefly overlap at a takeover).
+_ADVANCE = """
+local cur = tonumber(redis.call('GET', KEYS[1]))
+local new = tonumber(ARGV[1])
+if cur == nil or new > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end (without swallowing our own cancellation)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed while stopping", task.get_name(), exc_info=task.exception())
+
+
+# --- ingesting rows (shared with backfill) -----------------------------------------------
+
+
+@dataclass
+class RowsResult:
+    """What ingesting some rows did."""
+
+    seen: int = 0
+    new: int = 0
+    duplicates: int = 0
+    skipped: int = 0  # rows that could not become an event, or named another tenant
+    newest: float | None = None  # largest created_at (unix seconds)
+    undelivered_new: int = 0  # new rows Chert marks failed/pending, older than stale_after
+    statuses: set[str] = field(default_factory=set)
+
+    def add(self, other: RowsResult) -> None:
+        self.seen += other.seen
+        self.new += other.new
+        self.duplicates += other.duplicates
+        self.skipped += other.skipped
+        self.undelivered_new += other.undelivered_new
+        self.statuses |= other.statuses
+        if other.newest is not None and (self.newest is None or other.newest > self.newest):
+            self.newest = other.newest
+
+
+def _row_event(tenant: str, row: dict[str, Any]) -> Event | None:
+    try:
+        event = from_object(row)
+    except BadEventError as e:
+        log.warning("tenant %s: skipping an event row Chert returned: %s", tenant, e)
+        return None
+    if event.partner_id is not None and event.partner_id != tenant:
+        log.warning("tenant %s: skipping event %s: it names partner %r",
+                    tenant, event.event_id, event.partner_id)  # fmt: skip
+        return None
+    return event
+
+
+def _delivery_status(row: dict[str, Any]) -> str | None:
+    delivery = row.get("delivery")
+    status = delivery.get("status") if isinstance(delivery, dict) else None
+    return status if isinstance(status, str) else None
+
+
+async def ingest_rows(
+    ingestor: Ingestor,
+    tenant: str,
+    rows: Iterable[dict[str, Any]],
+    source: str,
+    *,
+    stale_before: float | None = None,
+) -> RowsResult:
+    """Ingest Chert log rows (concurrently: the ingestor batches them into one round trip).
+
+    ``stale_before`` (unix seconds): count new rows Chert marks failed/pending that
+    were created before it — evidence that webhooks are not getting through.
+    Raises :class:`RedisUnavailableError` if Redis could not take them.
+    """
+    out = RowsResult()
+    events: list[tuple[Event, dict[str, Any], float | None]] = []
+    for row in rows:
+        out.seen += 1
+        event = _row_event(tenant, row)
+        if event is None:
+            out.skipped += 1
+            continue
+        created = parse_timestamp(row.get("created_at"))
+        if created is None:
+            created = event.timestamp
+        if created is not None and (out.newest is None or created > out.newest):
+            out.newest = created
+        events.append((event, row, created))
+    results = await asyncio.gather(*(ingestor.ingest(tenant, e, source) for e, _, _ in events))
+    for (_, row, created), new in zip(events, results, strict=True):
+        if not new:
+            out.duplicates += 1
+            continue
+        out.new += 1
+        status = _delivery_status(row)
+        if (
+            stale_before is not None and status in UNDELIVERED
+            and created is not None and created < stale_before
+        ):  # fmt: skip
+            out.undelivered_new += 1
+            out.statuses.add(status)
+    return out
+
+
+# --- one tenant ------------------------------------------------------------------------
+
+
+class TenantPoller:
+    """Polls one tenant while it holds the tenant's lease."""
+
+    def __init__(self, rt: Runtime, tenant: TenantConfig, session: aiohttp.ClientSession) -> None:
+        self.slug = tenant.slug
+        self.tenant = tenant
+        self._rt = rt
+        self._metrics: Metrics = rt.metrics
+        self.api = ChertApi(tenant, session, rt.metrics)
+        self.lease = Lease(rt.redis, rt.keys.poll_lease(self.slug), tenant.poll.lease_ttl)
+        self._advance = rt.redis.register_script(_ADVANCE)
+        self._wm_key = rt.keys.watermark(self.slug)
+        self._kick = asyncio.Event()  # set (and replaced) on reload: ends every pause
+        self._changed = asyncio.Event()
+        self._started = time.time()
+        self.mode: str | None = None
+        self.fast = False
+        self._fast_since = 0.0
+        self._auth_error: tuple[int, int] | None = None
+        self._redis_trouble = False
+        self.windows = 0  # completed windows (for tests and status)
+
+    # --- configuration and pauses ----------------------------------------------------
+
+    def set_config(self, tenant: TenantConfig) -> None:
+        if tenant == self.tenant:
+            return
+        self.tenant = tenant
+        self.api.set_tenant(tenant)
+        self.lease.ttl = tenant.poll.lease_ttl
+        self._changed.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._kick.set()
+        self._kick = asyncio.Event()
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the configuration changes meanwhile."""
+        kick = self._kick
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await kick.wait()
+
+    def _set_mode(self, mode: str | None) -> None:
+        if mode == self.mode:
+            return
+        self.mode = mode
+        for m in MODES:
+            self._metrics.poll_mode.labels(self.slug, m).set(1 if m == mode else 0)
+
+    # --- lease ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Take the lease when free, poll while holding it; until cancelled."""
+        poll = self.tenant.poll
+        try:
+            while True:
+                try:
+                    got = await self.lease.acquire()
+                    self._redis_trouble = False
+                except REDIS_TRANSIENT as e:
+                    self._redis_down(e)
+                    got = False
+                if not got:
+                    self._set_mode("standby")
+                    await self._pause(self.lease.ttl / 3)
+                    continue
+                log.info("tenant %s: this relay polls it now (mode %s)", self.slug, poll.mode)
+                self._metrics.poll_lease_held.labels(self.slug).set(1)
+                try:
+                    await self._hold()
+                finally:
+                    self._metrics.poll_lease_held.labels(self.slug).set(0)
+                poll = self.tenant.poll
+        finally:
+            self._set_mode(None)
+            if self.lease.held:
+                with contextlib.suppress(*REDIS_TRANSIENT):
+                    await self.lease.release()
+
+    async def _hold(self) -> None:
+        """Run the mode's work while renewing the lease every third of its ttl."""
+        work: asyncio.Task[None] | None = None
+        mode = ""
+        try:
+            while True:
+                self._changed.clear()
+                if work is not None and work.done():
+                    if not work.cancelled() and work.exception() is not None:
+                        log.error("tenant %s: poller failed; restarting it", self.slug,
+                                  exc_info=work.exception())  # fmt: skip
+                        await self._pause(min(self.tenant.poll.interval, self.lease.ttl / 3))
+                    work = None
+                if work is not None and self.tenant.poll.mode != mode:
+                    log.info("tenant %s: poll mode changed from %s to %s",
+                             self.slug, mode, self.tenant.poll.mode)  # fmt: skip
+                    await _cancel(work)
+                    work = None
+                if work is None:
+                    mode = self.tenant.poll.mode
+                    work = asyncio.create_task(self._work(mode), name=f"poll:{self.slug}")
+                changed = asyncio.create_task(self._changed.wait())
+                try:
+                    await asyncio.wait(
+                        {work, changed}, timeout=self.lease.ttl / 3,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )  # fmt: skip
+                finally:
+                    changed.cancel()
+                try:
+                    ok = await self.lease.renew()
+                except REDIS_TRANSIENT as e:
+                    self._redis_down(e)
+                    ok = False
+                if not ok:
+                    log.warning("tenant %s: lost the poll lease; standing by", self.slug)
+                    return
+        finally:
+            if work is not None:
+                await _cancel(work)
+
+    def _redis_down(self, e: BaseException) -> None:
+        if not self._redis_trouble:
+            log.warning("tenant %s: poller cannot reach Redis: %s", self.slug, e)
+        self._redis_trouble = True
+
+    # --- modes ---------------------------------------------------------------------------
+
+    async def _work(self, mode: str) -> None:
+        if mode == "always":
+            self._set_mode("always")
+            while True:
+                await self.window_guarded()
+                await self._pause(self.tenant.poll.interval)
+        elif mode == "sse":
+            self._set_mode("sse")
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._sse_loop())
+                tg.create_task(self._reconcile_loop())
+        elif mode == "fallback":
+            self._set_mode("fast" if self.fast else "reconcile")
+            await self._fallback_loop()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self.window_guarded()
+            await self._pause(self.tenant.poll.reconcile_every)
+
+    async def _fallback_loop(self) -> None:
+        next_sweep = 0.0  # monotonic: sweep at once on taking the lease
+        while True:
+            poll = self.tenant.poll
+            try:
+                await self._check_lapse()
+            except _TRANSIENT as e:
+                self._redis_down(e)
+            now = time.monotonic()
+            if self.fast or now >= next_sweep:
+                result = await self.window_guarded()
+                if now >= next_sweep:
+                    next_sweep = now + poll.reconcile_every
+                if result is not None and result.undelivered_new and not self.fast:
+                    self._switch(True, (
+                        f"a sweep found {result.undelivered_new} event(s) Chert marks "
+                        f"{'/'.join(sorted(result.statuses))} that the relay never saw"
+                    ))  # fmt: skip
+            wait = poll.interval if self.fast else min(poll.interval, next_sweep - now)
+            await self._pause(wait)
+
+    async def _last_webhook(self) -> float | None:
+        raw = await self._rt.redis.get(self._rt.keys.last_webhook(self.slug))
+        try:
+            return int(raw) / 1000.0 if raw is not None else None
+        except ValueError:
+            return None
+
+    async def _check_lapse(self) -> None:
+        last = await self._last_webhook()
+        now = time.time()
+        if self.fast:
+            if last is not None and last > self._fast_since:
+                self._switch(False, "webhooks are arriving again")
+            return
+        lapse_after = self.tenant.poll.lapse_after
+        if now - max(last or 0.0, self._started) > lapse_after:
+            if last is None:
+                why = f"no webhook since this relay started {now - self._started:.0f}s ago"
+            else:
+                why = f"no webhook for {now - last:.0f}s"
+            self._switch(True, f"{why} (lapse_after {lapse_after:g}s)")
+
+    def _switch(self, fast: bool, why: str) -> None:
+        self.fast = fast
+        poll = self.tenant.poll
+        if fast:
+            self._fast_since = time.time()
+            log.warning("tenant %s: webhooks have lapsed: %s; polling every %gs",
+                        self.slug, why, poll.interval)  # fmt: skip
+            self._set_mode("fast")
+        else:
+            log.info("tenant %s: %s; fast polling stops (a sweep every %gs)",
+                     self.slug, why, poll.reconcile_every)  # fmt: skip
+            self._set_mode("reconcile")
+
+    # --- windows ---------------------------------------------------------------------------
+
+    async def watermark(self) -> float:
+        """The tenant's watermark, set to now - initial lookback the first time."""
+        raw = await self._rt.redis.get(self._wm_key)
+        if raw is None:
+            poll = self.tenant.poll
+            start = time.time() - max(0.0, poll.initial_lookback - poll.overlap)
+            await self._rt.redis.set(self._wm_key, repr(start), nx=True)
+            raw = await self._rt.redis.get(self._wm_key)
+        return float(raw) if raw is not None else time.time()
+
+    async def window(self, source: str = "poll") -> RowsResult:
+        """One window: ``since = watermark - overlap`` to the end; then advance the watermark."""
+        poll = self.tenant.poll
+        wm = await self.watermark()
+        total = RowsResult()
+        stale_before = time.time() - poll.stale_after
+        async for page in self.api.events(since=isoformat(wm - poll.overlap),
+                                          page_size=poll.page_size):  # fmt: skip
+            result = await ingest_rows(
+                self._rt.ingestor, self.slug, page.rows, source, stale_before=stale_before
+            )
+            self._metrics.poll_rows.labels(self.slug, source).inc(result.seen)
+            total.add(result)
+        if total.newest is not None and total.newest > wm:
+            await self._advance(keys=[self._wm_key], args=[repr(total.newest)])
+            wm = total.newest
+        self._metrics.poll_watermark_age.labels(self.slug).set(max(0.0, time.time() - wm))
+        self.windows += 1
+        if total.new:
+            log.info("tenant %s: window found %d new event(s) of %d row(s)",
+                     self.slug, total.new, total.seen)  # fmt: skip
+        return total
+
+    async def window_guarded(self) -> RowsResult | None:
+        """:meth:`window`, with every expected failure logged and waited out."""
+        try:
+            result = await self.window()
+        except ChertApiError as e:
+            if e.is_auth:
+                await self._auth_failed(e)
+            else:
+                log.warning("tenant %s: poll failed: Chert answered %d code %d (%s), trace_id=%s",
+                            self.slug, e.status, e.code, e.message, e.trace_id or "-")  # fmt: skip
+            return None
+        except UpstreamError as e:
+            log.warning("tenant %s: poll failed: %s", self.slug, e)
+            return None
+        except (RedisUnavailableError, *REDIS_TRANSIENT) as e:
+            self._redis_down(e)
+            return None
+        self._redis_trouble = False
+        if self._auth_error is not None:
+            log.info("tenant %s: Chert accepts the relay's credentials again", self.slug)
+            self._auth_error = None
+        return result
+
+    async def _auth_failed(self, e: ChertApiError) -> None:
+        key = (e.status, e.code)
+        backoff = self.tenant.poll.auth_backoff
+        if key != self._auth_error:
+            log.error(
+                "tenant %s: Chert refused the relay's credentials: HTTP %d code %d (%s), "
+                "trace_id=%s; trying again every %gs until they change (fix "
+                "api.signing_secret and reload with SIGHUP)", self.slug, e.status, e.code,
+                e.message, e.trace_id or "-", backoff,
+            )  # fmt: skip
+            self._auth_error = key
+        else:
+            log.debug("tenant %s: credentials still refused (code %d)", self.slug, e.code)
+        await self._pause(backoff)
+
+    # --- SSE -------------------------------------------------------------------------------
+
+    async def _sse_loop(self) -> None:
+        resume: float | None = None  # newest created_at seen on the stream
+        failures = 0
+        while True:
+            poll = self.tenant.poll
+            reason = "eof"
+            try:
+                base = resume if resume is not None else await self.watermark()
+                async with self.api.stream(since=isoformat(base - poll.overlap)) as resp:
+                    self._metrics.sse_connections.labels(self.slug).inc()
+                    log.debug("tenant %s: SSE stream open", self.slug)
+                    async for msg in read_messages(resp.content,
+                                                   idle_timeout=poll.sse_idle_timeout):  # fmt: skip
+                        if msg.event == "close":
+                            reason = "close"
+                            break
+                        newest = await self._sse_event(msg.data)
+                        failures = 0
+                        if newest is not None and (resume is None or newest > resume):
+                            resume = newest
+            except SseIdleError:
+                reason = "idle"
+            except ChertApiError as e:
+                reason = "error"
+                if e.is_auth:
+                    await self._auth_failed(e)
+                else:
+                    log.warning("tenant %s: SSE stream refused: %s, trace_id=%s",
+                                self.slug, e, e.trace_id or "-")  # fmt: skip
+            except (aiohttp.ClientError, TimeoutError, *_TRANSIENT) as e:
+                reason = "error"
+                log.warning("tenant %s: SSE stream failed: %s: %s", self.slug,
+                            type(e).__name__, e)  # fmt: skip
+            self._metrics.sse_reconnects.labels(self.slug, reason).inc()
+            log.debug("tenant %s: SSE stream ended (%s); reconnecting", self.slug, reason)
+            if reason == "error":
+                failures += 1
+                cap = min(self.tenant.api.max_backoff, 0.5 * 2.0 ** min(failures, 16))
+                await self._pause(cap * (0.5 + random.random() / 2))
+
+    async def _sse_event(self, data: str) -> float | None:
+        """Ingest one stream message; the event's created_at (or timestamp) if known."""
+        if not data.strip():
+            return None
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            log.warning("tenant %s: SSE message is not JSON; skipped", self.slug)
+            return None
+        rows = [obj] if isinstance(obj, dict) else []
+        if not rows:
+            log.warning("tenant %s: SSE message is not a JSON object; skipped", self.slug)
+            return None
+        result = await ingest_rows(self._rt.ingestor, self.slug, rows, "sse")
+        self._metrics.poll_rows.labels(self.slug, "sse").inc(result.seen)
+        return result.newest
+
+
+# --- the role ----------------------------------------------------------------------------
+
+
+class Poller:
+    """The ``poller`` role: one :class:`TenantPoller` task per polled tenant."""
+
+    name = "poller"
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._config = rt.config
+        self._session: aiohttp.ClientSession | None = None
+        self.tenants: dict[str, TenantPoller] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": "chert-relay"}, raise_for_status=False
+        )
+
+    async def run(self) -> None:
+        if self._session is None:
+            await self.start()
+        self._sync()
+        await self._stop.wait()
+
+    def reload(self, config: Config) -> None:
+        self._config = config
+        if self._session is not None and not self._stop.is_set():
+            self._sync()
+
+    def _sync(self) -> None:
+        """Start, update or stop tenant tasks to match the configuration."""
+        assert self._session is not None
+        wanted = {t.slug: t for t in self._config.tenants if t.poll.mode != "off"}
+        for slug in list(self._tasks):
+            if slug not in wanted:
+                log.info("tenant %s: polling turned off", slug)
+                task = self._tasks.pop(slug)
+                self.tenants.pop(slug)
+                task.cancel()
+        for slug, tenant in wanted.items():
+            if slug in self.tenants:
+                self.tenants[slug].set_config(tenant)
+                continue
+            tp = TenantPoller(self._rt, tenant, self._session)
+            self.tenants[slug] = tp
+            task = asyncio.create_task(tp.run(), name=f"poller:{slug}")
+            task.add_done_callback(_log_crash)
+            self._tasks[slug] = task
+
+    async def stop(self) -> None:
+        """Cancel every tenant task (a window cut short repeats later) and release the leases."""
+        self._stop.set()
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            if pending:
+                log.warning("%d tenant poller(s) did not stop in time", len(pending))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: unexpected failure", task.get_name(), exc_info=task.exception())
+
+
+def make_poller(rt: Runtime) -> Poller:
+    """Role factory for :func:`relay.cli.role_factories`."""
+    return Poller(rt)

@@ -1,0 +1,166 @@
+"""Helpers shared by the poller, Chert API and backfill tests (no tests of its own).
+
+The simulator plays Chert; the relay under test is the real ``Service`` run in-process
+with the receiver and poller roles, on the suite's real redis-server. What reached the
+sinks is read from what ingest enqueued (arq's queue and the event hashes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+
+from relay.cli import role_factories
+from relay.config import Config, parse_config
+from relay.metrics import Metrics
+from relay.queue import queue_name
+from relay.service import Service
+from relay.simulator import SimTenant, Simulator
+from tests.conftest import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
+
+API_SECRET = "5e0c9a7d3b1f48a6c2e4f6081a3b5c7d"
+OTHER_API_SECRET = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+PREFIX = "chert-relay"
+SINKS = [
+    {"name": "crm", "url": "http://127.0.0.1:9/crm", "events": ["message.received"]},
+    {"name": "all", "url": "http://127.0.0.1:9/all", "events": ["*"]},
+]
+
+
+def sim_tenants() -> list[SimTenant]:
+    return [
+        SimTenant(slug=TENANT, api_secret=API_SECRET, webhook_secret=WEBHOOK_SECRET),
+        SimTenant(slug="other-1", api_secret=OTHER_API_SECRET, webhook_secret=OTHER_SECRET),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def simulator(**kwargs: Any) -> AsyncIterator[Simulator]:
+    sim = Simulator(sim_tenants(), **kwargs)
+    await sim.start(host="127.0.0.1", port=0)
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def poll_section(mode: str, **poll: Any) -> dict[str, Any]:
+    """Short intervals for tests; anything in ``poll`` overrides."""
+    base: dict[str, Any] = {
+        "mode": mode, "interval": 0.2, "lapse_after": 1.0, "reconcile_every": 30.0,
+        "overlap": 5.0, "lease_ttl": 2.0, "stale_after": 0.5, "auth_backoff": 30.0,
+        "sse_idle_timeout": 3.0, "page_size": 7,
+    }  # fmt: skip
+    base.update(poll)
+    return base
+
+
+def relay_config(
+    redis_url: str,
+    base_url: str,
+    mode: str = "fallback",
+    *,
+    api: dict[str, Any] | None = None,
+    other_mode: str = "off",
+    **poll: Any,
+) -> Config:
+    """Tenant acme-7a3f polled in ``mode`` from the simulator; other-1 as ``other_mode``."""
+    api_section = {"base_url": base_url, "auth": "hmac", "signing_secret": API_SECRET,
+                   "max_backoff": 1.0}  # fmt: skip
+    api_section.update(api or {})
+    tenants = [
+        {"slug": TENANT, "webhook_secrets": [WEBHOOK_SECRET], "sinks": SINKS,
+         "api": api_section, "poll": poll_section(mode, **poll)},
+        {"slug": "other-1", "webhook_secrets": [OTHER_SECRET],
+         "sinks": [{"name": "s", "url": "http://127.0.0.1:9/s"}],
+         "api": {"base_url": base_url, "signing_secret": OTHER_API_SECRET, "max_backoff": 1.0},
+         "poll": poll_section(other_mode)},
+    ]  # fmt: skip
+    return parse_config(config_dict(redis_url=redis_url, tenants=tenants), env={})
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    config: Config, roles: tuple[str, ...] = ("receiver", "poller")
+) -> AsyncIterator[Service]:
+    """The real service in-process; stopped (gracefully) on exit."""
+    service = Service(config, roles=roles, extra_roles=role_factories())
+    task = asyncio.create_task(service.run())
+    waiter = asyncio.create_task(service.started.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+    assert waiter in done, "service did not start"
+    try:
+        yield service
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 20)
+
+
+def webhook_url(service: Service, tenant: str = TENANT) -> str:
+    role: Any = service.roles["receiver"]
+    host, port = role.addresses[0][:2]
+    return f"http://{host}:{port}/webhooks/chert/{tenant}"
+
+
+def metrics(service: Service) -> Metrics:
+    assert service.runtime is not None
+    return service.runtime.metrics
+
+
+def sample(m: Metrics, name: str, **labels: str) -> float:
+    value = m.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def ingested(m: Metrics, tenant: str = TENANT, outcome: str = "new") -> float:
+    """Events ingested for ``tenant`` with ``outcome`` over every source."""
+    total = 0.0
+    for source in ("webhook", "poll", "sse", "backfill", "replay"):
+        total += sample(m, "chert_relay_events_ingested_total", tenant=tenant, source=source,
+                        outcome=outcome)  # fmt: skip
+    return total
+
+
+async def enqueued(redis: Redis, tenant: str = TENANT) -> Counter[tuple[str, str]]:
+    """(sink, event_id) → number of jobs in the arq queue for ``tenant``."""
+    out: Counter[tuple[str, str]] = Counter()
+    head = f"{PREFIX}:{tenant}:"
+    for raw in await redis.zrange(queue_name(PREFIX), 0, -1):
+        job_id = raw.decode()
+        if job_id.startswith(head):
+            sink, _, event_id = job_id[len(head) :].partition(":")
+            out[(sink, event_id)] += 1
+    return out
+
+
+def expected_jobs(rows: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    """One job per matching sink (crm takes message.received; all takes everything)."""
+    out: Counter[tuple[str, str]] = Counter()
+    for row in rows:
+        out[("all", row["event_id"])] += 1
+        if row["type"] == "message.received":
+            out[("crm", row["event_id"])] += 1
+    return out
+
+
+async def wait_enqueued(redis: Redis, rows: list[dict[str, Any]], timeout: float = 20.0) -> None:
+    want = expected_jobs(rows)
+
+    async def check() -> bool:
+        got = await enqueued(redis)
+        return all(got[k] >= 1 for k in want)
+
+    await wait_for(check, timeout=timeout, interval=0.05)
+
+
+def messages(caplog: Any, logger: str = "relay.poller", level: int = logging.INFO) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= level]
