@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
 from relay.errors import RelayError
 
 MAX_EVENT_ID_LENGTH = 512
@@ -101,12 +103,37 @@ def from_object(
     )
 
 
+class _Head(BaseModel):
+    """The few top-level fields the relay reads. Parsing into this model checks the
+    whole body is valid JSON but builds Python objects only for these fields — the
+    bulk of an envelope (``data``) is never materialized on the webhook path."""
+
+    model_config = ConfigDict(extra="ignore")
+    event_id: Any = None
+    event: Any = None
+    event_type: Any = None
+    partner_id: Any = None
+    timestamp: Any = None
+    payload: Any = None
+    delivery: Any = None
+    created_at: Any = None
+    id: Any = None
+    type: Any = None
+
+
+_HEAD = TypeAdapter(_Head)
+
+
 def from_body(
     body: bytes, *, header_event_id: str | None = None, header_type: str | None = None
 ) -> Event:
     """An :class:`Event` from a raw webhook body."""
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadEventError("malformed_json", f"the body is not valid JSON: {e}") from None
+        head = _HEAD.validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        if err["type"] == "model_type":
+            raise BadEventError("malformed_json", "the body is not a JSON object") from None
+        raise BadEventError("malformed_json", f"the body is not valid JSON: {err['msg']}") from None
+    obj = {name: getattr(head, name) for name in head.model_fields_set}
     return from_object(obj, body, header_event_id=header_event_id, header_type=header_type)

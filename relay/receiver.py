@@ -9,6 +9,7 @@ with ``Retry-After``. 2xx is sent only once ingest has durably stored the event:
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
-from relay.signing import verify_webhook
+from relay.signing import verify_webhook, webhook_key
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _SIGNATURE_REASONS = {
 @dataclass(frozen=True, slots=True)
 class _Tenant:
     slug: str
-    secrets: tuple[bytes, ...]
+    secrets: tuple[hmac.HMAC, ...]
     tolerance: float
     accepted: Counter  # this tenant's metric children, looked up once
     duplicate: Counter
@@ -83,7 +84,7 @@ class Receiver:
         self._tenants = {
             t.slug: _Tenant(
                 slug=t.slug,
-                secrets=tuple(s.get().encode() for s in t.webhook_secrets),
+                secrets=tuple(webhook_key(s.get().encode()) for s in t.webhook_secrets),
                 tolerance=t.signature_tolerance,
                 accepted=self._metrics.webhooks.labels(t.slug, "accepted"),
                 duplicate=self._metrics.webhooks.labels(t.slug, "duplicate"),
