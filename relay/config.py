@@ -13,7 +13,8 @@ import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -272,6 +273,11 @@ class SinkConfig(_Section):
         return any(p == event_type or fnmatch.fnmatchcase(event_type, p) for p in self.events)
 
 
+def _repeated(names: Iterable[str]) -> list[str]:
+    counts = Counter(names)
+    return sorted(n for n, c in counts.items() if c > 1)
+
+
 class TenantConfig(_Section):
     slug: str = Field(pattern=_SLUG_RE)
     webhook_secrets: list[SecretField] = Field(default_factory=list)
@@ -283,8 +289,7 @@ class TenantConfig(_Section):
     @field_validator("sinks")
     @classmethod
     def _unique_sinks(cls, v: list[SinkConfig]) -> list[SinkConfig]:
-        names = [s.name for s in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = _repeated(s.name for s in v)
         if dupes:
             raise ValueError(f"sink names must be unique within a tenant: {', '.join(dupes)}")
         return v
@@ -315,8 +320,7 @@ class Config(_Section):
     @field_validator("tenants")
     @classmethod
     def _unique_tenants(cls, v: list[TenantConfig]) -> list[TenantConfig]:
-        slugs = [t.slug for t in v]
-        dupes = sorted({s for s in slugs if slugs.count(s) > 1})
+        dupes = _repeated(t.slug for t in v)
         if dupes:
             raise ValueError(f"tenant slugs must be unique: {', '.join(dupes)}")
         return v
