@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from relay.errors import ConfigError
+from relay.signing import standard_webhooks_key
 
 ENV_PREFIX = "CHERT_RELAY__"
 DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
@@ -264,8 +265,15 @@ class SinkConfig(_Section):
     @field_validator("secret")
     @classmethod
     def _whsec(cls, v: Secret | None) -> Secret | None:
-        if v is not None and not v.get().startswith("whsec_"):
-            raise ValueError("a sink secret is a Standard Webhooks key: 'whsec_' + base64")
+        if v is not None:
+            try:
+                key = standard_webhooks_key(v.get())
+            except ValueError:
+                raise ValueError(
+                    "a sink secret is a Standard Webhooks key: 'whsec_' + base64"
+                ) from None
+            if len(key) < 16:
+                raise ValueError("a sink secret's key is too short (at least 16 bytes)")
         return v
 
     def matches(self, event_type: str) -> bool:

@@ -3,15 +3,17 @@
 -- already seen writes nothing. Keys are built from the prefix (standalone Redis
 -- only, as arq itself). The batch also records when each tenant's last webhook came.
 --
--- ARGV: prefix, queue, arq_job_prefix, dedupe_ttl_ms, now_ms,
+-- ARGV: prefix, queue, arq_job_prefix, now_ms,
 --   n_webhook_tenants, then that many tenant slugs,
 --   n_events, then per event:
 --     tenant, event_id, body, type, ts, source, event_ttl_ms, n_jobs,
+--     (event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
+--     outlives every job the event gets)
 --     then per job: sink, job_ttl_ms
 -- Returns one integer per event: 1 new, 0 duplicate.
 local prefix, queue, jobp = ARGV[1], ARGV[2], ARGV[3]
-local dedupe_ttl, now = ARGV[4], ARGV[5]
-local i = 6
+local now = ARGV[4]
+local i = 5
 local nwh = tonumber(ARGV[i])
 for k = 1, nwh do
   -- webhooks are getting through: the poller reads this to tell a lapse
@@ -28,12 +30,13 @@ for e = 1, n do
   local njobs = tonumber(ARGV[i + 7])
   i = i + 8
   local tail = tenant .. ':' .. event_id
-  if redis.call('SET', prefix .. ':seen:' .. tail, now, 'NX', 'PX', dedupe_ttl) then
+  if redis.call('SET', prefix .. ':seen:' .. tail, now, 'NX', 'PX', ev_ttl) then
     local ev_key = prefix .. ':ev:' .. tail
-    redis.call('HSET', ev_key, 'body', body, 'type', etype, 'ts', ts, 'src', source,
-      'at', now, 'n', njobs)
-    redis.call('PEXPIRE', ev_key, ev_ttl)
+    -- The stored event may outlive its seen mark: a dead letter keeps it (no expiry)
+    -- until replayed or purged. Then add to its users instead of starting over.
+    local kept = redis.call('EXISTS', ev_key) == 1
     local id_json = cjson.encode(event_id)
+    local created = 0
     for j = 1, njobs do
       local sink, job_ttl = ARGV[i], ARGV[i + 1]
       i = i + 2
@@ -43,7 +46,18 @@ for e = 1, n do
       if redis.call('SET', jobp .. job_id, job, 'NX', 'PX', job_ttl) then
         queued[#queued + 1] = now
         queued[#queued + 1] = job_id
+        created = created + 1
       end
+    end
+    if not kept then
+      redis.call('HSET', ev_key, 'body', body, 'type', etype, 'ts', ts, 'src', source,
+        'at', now, 'n', created)
+      redis.call('PEXPIRE', ev_key, ev_ttl)
+    elseif created > 0 then
+      redis.call('HSET', ev_key, 'at', now)
+      redis.call('HINCRBY', ev_key, 'n', created)
+      local ttl = redis.call('PTTL', ev_key)
+      if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end
     end
     out[e] = 1
   else

@@ -92,10 +92,7 @@ class Ingestor:
         """Use a new configuration (on reload); routes are recomputed lazily."""
         self._config = config
         prefix = config.redis.key_prefix
-        self._head = bulks([
-            prefix, queue.queue_name(prefix), queue.JOB_KEY_PREFIX,
-            int(config.relay.dedupe_ttl * 1000),
-        ])  # fmt: skip
+        self._head = bulks([prefix, queue.queue_name(prefix), queue.JOB_KEY_PREFIX])
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tenants = {t.slug: bulk(t.slug) for t in config.tenants}
 
@@ -170,21 +167,23 @@ class Ingestor:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an ingest batch failed", exc_info=task.exception())
         self._kick()
 
     async def _write(self, batch: list[_Pending]) -> None:
-        webhook_tenants = sorted({p[0] for p in batch if p[1]})
-        parts = [
-            self._head,
-            bulk(int(time.time() * 1000)),
-            bulk(len(webhook_tenants)),
-            *(self._tenants[t] for t in webhook_tenants),
-            bulk(len(batch)),
-            *(p[2] for p in batch),
-        ]
-        nargs = 7 + len(webhook_tenants) + sum(p[3] for p in batch)
         started = time.perf_counter()
         try:
+            webhook_tenants = sorted({p[0] for p in batch if p[1]})
+            parts = [
+                self._head,
+                bulk(int(time.time() * 1000)),
+                bulk(len(webhook_tenants)),
+                *(bulk(t) for t in webhook_tenants),
+                bulk(len(batch)),
+                *(p[2] for p in batch),
+            ]
+            nargs = 6 + len(webhook_tenants) + sum(p[3] for p in batch)
             async with asyncio.timeout(self._timeout):
                 results = await self._caller.call(nargs, parts)
         except (*REDIS_TRANSIENT, TimeoutError) as e:
@@ -195,6 +194,7 @@ class Ingestor:
                     p[4].set_exception(err)
             return
         except BaseException as e:
+            # Whatever went wrong, no caller may be left waiting on this batch.
             for p in batch:
                 if not p[4].done():
                     p[4].set_exception(RedisUnavailableError(f"ingest failed: {type(e).__name__}"))

@@ -122,3 +122,10 @@ def test_unreadable_or_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+
+
+@pytest.mark.parametrize("secret", ["abc", "whsec_not-base64!!", "whsec_c2hvcnQ="])
+def test_sink_secrets_must_be_standard_webhooks_keys(secret: str) -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][0]["secret"] = secret
+    assert "tenants[0].sinks[0].secret" in problems(data)

@@ -102,3 +102,43 @@ async def test_a_batch_with_thousands_of_jobs_queues_them_all(redis: Redis) -> N
     )
     assert all(results)
     assert await redis.zcard(queue.queue_name("chert-relay")) == 400 * 8
+
+
+async def test_a_reload_that_drops_a_tenant_fails_no_queued_ingest(redis: Redis) -> None:
+    cfg = make_config()
+    ing = Ingestor(redis, cfg)
+    first = asyncio.ensure_future(ing.ingest(TENANT, event("rl1"), "webhook"))
+    second = asyncio.ensure_future(ing.ingest("other-1", event("rl2"), "webhook"))
+    await asyncio.sleep(0)  # both are queued for the next batch, not yet written
+    ing.set_config(make_config(tenants=[cfg.tenants[0].model_dump()]))
+    assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [True, True]
+
+
+async def test_reingest_after_the_seen_mark_expired_keeps_a_dead_letters_payload(
+    redis: Redis,
+) -> None:
+    keys = Keys("chert-relay")
+    ing = Ingestor(redis, make_config())
+    assert await ing.ingest(TENANT, event("dl1"), "webhook")
+    # Both deliveries ended: one delivered, one dead-lettered, which keeps the event.
+    for sink in ("crm", "all"):
+        job_id = queue.delivery_job_id("chert-relay", TENANT, sink, "dl1")
+        await redis.delete(queue.JOB_KEY_PREFIX + job_id)
+        await redis.zrem(queue.queue_name("chert-relay"), job_id)
+    await redis.hset(keys.event(TENANT, "dl1"), "n", 1)
+    await redis.persist(keys.event(TENANT, "dl1"))
+    await redis.delete(keys.seen(TENANT, "dl1"))  # the dedupe window has passed
+
+    assert await ing.ingest(TENANT, event("dl1"), "backfill")
+    stored = await redis.hgetall(keys.event(TENANT, "dl1"))
+    assert stored[b"n"] == b"3"  # the dead letter's hold plus two new jobs
+    assert stored[b"src"] == b"webhook"  # the stored event is not replaced
+    assert await redis.pttl(keys.event(TENANT, "dl1")) == -1  # still kept for the dead letter
+    assert await redis.zcard(queue.queue_name("chert-relay")) == 2
+
+
+async def test_the_seen_mark_outlives_the_longest_delivery(redis: Redis) -> None:
+    sinks = [{"name": "slow", "url": "http://127.0.0.1:9/s", "max_age": "30d"}]
+    ing = Ingestor(redis, make_config(sinks=sinks))  # dedupe_ttl is 1h in tests
+    assert await ing.ingest(TENANT, event("long1"), "webhook")
+    assert await redis.pttl(Keys("chert-relay").seen(TENANT, "long1")) > 30 * 86400 * 1000
