@@ -61,6 +61,7 @@ async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]
     try:
         policy = await _config_value(client, "maxmemory-policy")
         aof = await _config_value(client, "appendonly")
+        fsync = await _config_value(client, "appendfsync")
     except redis.exceptions.ResponseError as e:
         return [f"cannot read Redis settings (CONFIG GET refused: {e}); make sure it runs "
                 "with maxmemory-policy noeviction and appendonly yes"]  # fmt: skip
@@ -75,4 +76,9 @@ async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]
         if require_aof:
             raise UnsafeRedisError(msg)
         warnings.append(msg)
+    elif fsync is not None and fsync != "always":
+        warnings.append(
+            f"Redis has appendfsync {fsync}: a machine crash can lose events acknowledged "
+            "in the last second or so. appendfsync always makes every 202 durable."
+        )
     return warnings

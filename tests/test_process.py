@@ -150,5 +150,13 @@ async def test_a_redis_that_can_evict_is_refused_and_aof_off_warns(
         relay.signal(signal.SIGTERM)
         assert await relay.wait() == EXIT_OK
         assert "AOF off" in relay.log
+
+        await client.config_set("appendonly", "yes")
+        relay = RelayProcess(path).start()
+        procs.append(relay)
+        await relay.wait_ready(admin)
+        relay.signal(signal.SIGTERM)
+        assert await relay.wait() == EXIT_OK
+        assert "appendfsync everysec" in relay.log  # the test servers fsync every second
     finally:
         await client.aclose()
