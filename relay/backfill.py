@@ -7,6 +7,11 @@ it never saw is enqueued for the sinks. Progress goes to stderr (one updating li
 on a terminal, a line per second otherwise); the closing summary — rows seen, new,
 duplicates — goes to stdout. The poller's watermark is not touched.
 
+The range is complete only when Chert's cursor chain ends (``next_cursor: null``).
+If it breaks (Chert gives a cursor again), what was read stays ingested, but the
+command says so on stderr, marks the summary ``(incomplete)`` and exits 69, like
+any other upstream failure: run it again, or narrow the range.
+
 Redis is found the way the daemon finds it: ``[redis] url`` if set; otherwise the
 embedded redis-server of a relay already running on this ``state_dir``, or a fresh
 one started for the command (the events then wait there for the next ``run``).
@@ -26,7 +31,7 @@ from typing import TextIO
 
 import aiohttp
 
-from relay.chert_api import ChertApi, isoformat
+from relay.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.config import Config, TenantConfig
 from relay.envelope import parse_timestamp
 from relay.errors import (
@@ -110,7 +115,11 @@ async def backfill(
     progress: Progress | None = None,
     summary: BackfillSummary | None = None,
 ) -> BackfillSummary:
-    """Ingest every row created after ``since`` and up to ``until`` (unix seconds)."""
+    """Ingest every row created after ``since`` and up to ``until`` (unix seconds).
+
+    Raises :class:`ChertPagingError` if Chert's cursor chain breaks (``summary``, if
+    given, then holds what was read) and any other :class:`UpstreamError` as it comes.
+    """
     out = summary if summary is not None else BackfillSummary()
     async for page in api.events(since=isoformat(since), page_size=page_size):
         rows = page.rows
@@ -202,6 +211,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"\nchert-relay backfill: Chert answered {e.status} code {e.code} ({e.message}), "
               f"trace_id={e.trace_id or '-'}", file=sys.stderr)  # fmt: skip
         code = EXIT_CONFIG if e.is_auth else EXIT_UNAVAILABLE
+    except ChertPagingError as e:
+        print(f"\nchert-relay backfill: {e}; rows on the pages not read were not backfilled",
+              file=sys.stderr)  # fmt: skip
+        code = EXIT_UNAVAILABLE
     except UpstreamError as e:
         print(f"\nchert-relay backfill: {e}", file=sys.stderr)
         code = EXIT_UNAVAILABLE

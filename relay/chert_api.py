@@ -17,6 +17,17 @@ A credentials failure is never retried here. If the signing secret comes from a
 the client re-reads it and tries once more; otherwise the caller decides how long
 to wait (the poller slows right down). A reload (SIGHUP) swaps the tenant's
 configuration in with :meth:`ChertApi.set_tenant`.
+
+Paging (:meth:`ChertApi.events`) ends only when Chert answers ``next_cursor: null``.
+A broken cursor chain — a cursor Chert already gave in this chain — raises
+:class:`ChertPagingError` after the pages read so far: the caller must not take the
+rows it has as the whole window (the poller then keeps its watermark, and backfill
+reports the range as incomplete).
+
+Every request's wait for Chert's response headers is bounded by ``api.timeout``,
+stream or not, so a server that accepts the connection and never answers cannot
+hold a caller forever; a stream's body is then read without a deadline (the SSE
+reader's idle timeout watches for silence).
 """
 
 from __future__ import annotations
@@ -55,6 +66,14 @@ class Page:
 
     rows: list[dict[str, Any]]
     next_cursor: str | None
+
+
+class ChertPagingError(UpstreamError):
+    """Chert's cursor chain for one ``GET /events`` query broke (a cursor came back again).
+
+    The pages already read were yielded; the rest of the window was never read, so
+    whoever pages must treat the window as failed, not as complete.
+    """
 
 
 def isoformat(unix_seconds: float) -> str:
@@ -195,6 +214,8 @@ class ChertApi:
         api = self.tenant.api
         url = api.base_url.rstrip("/") + path
         query = {k: str(v) for k, v in params.items() if v is not None}
+        # A stream's body has no deadline (the SSE idle timeout covers silence); its
+        # connect and response headers are bounded below, as every request's are.
         timeout = aiohttp.ClientTimeout(
             total=None if stream else api.timeout, sock_connect=api.timeout,
             sock_read=None if stream else api.timeout,
@@ -208,9 +229,14 @@ class ChertApi:
             headers = self._auth_headers()  # signed afresh for every try
             err: UpstreamError
             try:
-                resp = await self._session.get(url, params=query, headers=headers, timeout=timeout)
-            except (aiohttp.ClientError, TimeoutError) as e:
+                async with asyncio.timeout(api.timeout):  # connect + response headers
+                    resp = await self._session.get(
+                        url, params=query, headers=headers, timeout=timeout
+                    )
+            except aiohttp.ClientError as e:  # aiohttp's own timeouts included
                 err = ChertUnreachableError(f"GET {path}: {type(e).__name__}: {e}")
+            except TimeoutError:
+                err = ChertUnreachableError(f"GET {path}: no response within {api.timeout:g}s")
             else:
                 if resp.status < 300:
                     self._count("ok")
@@ -295,16 +321,25 @@ class ChertApi:
         return Page(rows=[r for r in rows if isinstance(r, dict)], next_cursor=cursor_out or None)
 
     async def events(self, *, since: str | None, page_size: int) -> AsyncIterator[Page]:
-        """Every page of ``GET /events?since=…``, following ``next_cursor`` to its end."""
+        """Every page of ``GET /events?since=…``, following ``next_cursor`` to its end.
+
+        Returns only when Chert answers ``next_cursor: null``: the window is complete.
+        Raises :class:`ChertPagingError` (after yielding the pages read) if the chain
+        breaks — a server bug that must neither loop forever nor pass for the end.
+        """
         page = await self.events_page(since=since, limit=page_size)
         yield page
+        pages = 1
         seen_cursors: set[str] = set()
-        while page.next_cursor:
-            if page.next_cursor in seen_cursors:  # a server bug must not loop us forever
-                log.warning("tenant %s: Chert repeated a cursor; ending the window", self.slug)
-                return
+        while page.next_cursor is not None:
+            if page.next_cursor in seen_cursors:
+                raise ChertPagingError(
+                    f"GET /events: Chert gave a cursor it had already given after {pages} "
+                    f"page(s) (since={since or '-'}); the rest of the window was not read"
+                )
             seen_cursors.add(page.next_cursor)
             page = await self.events_page(since=since, cursor=page.next_cursor, limit=page_size)
+            pages += 1
             yield page
 
     @contextlib.asynccontextmanager

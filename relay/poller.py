@@ -21,8 +21,11 @@ Modes (``poll.mode``, chert-contract.md §4-5):
 
 A *window* asks ``since = watermark - overlap``, follows ``next_cursor`` to its end,
 ingests every row through the one ingest door, and only then advances the tenant's
-watermark in Redis to the newest ``created_at`` seen (never backwards). A crash mid-
-window repeats the window, and dedupe absorbs the repeats. With no watermark yet,
+watermark in Redis to the newest ``created_at`` seen (never backwards). Only a chain
+that ended with ``next_cursor: null`` counts: Chert returns newest first, so a window
+cut short (a crash, an error, or a broken cursor chain — ``ChertPagingError``) must
+not move the watermark past rows on pages it never read. Such a window is logged as
+failed and repeats from the same watermark; dedupe absorbs the repeats. With no watermark yet,
 the first window starts at now - max(``overlap``, ``initial_lookback``); history
 older than that is what ``chert-relay backfill`` is for.
 
@@ -45,7 +48,7 @@ from typing import Any
 
 import aiohttp
 
-from relay.chert_api import ChertApi, isoformat
+from relay.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.config import Config, TenantConfig
 from relay.envelope import BadEventError, Event, from_object, parse_timestamp
 from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError
@@ -397,6 +400,8 @@ class TenantPoller:
         wm = await self.watermark()
         total = RowsResult()
         stale_before = time.time() - poll.stale_after
+        # ``events`` returns only at ``next_cursor: null``; any failure (a broken cursor
+        # chain included) raises out of here before the watermark moves.
         async for page in self.api.events(since=isoformat(wm - poll.overlap),
                                           page_size=poll.page_size):  # fmt: skip
             result = await ingest_rows(
@@ -424,6 +429,10 @@ class TenantPoller:
             else:
                 log.warning("tenant %s: poll failed: Chert answered %d code %d (%s), trace_id=%s",
                             self.slug, e.status, e.code, e.message, e.trace_id or "-")  # fmt: skip
+            return None
+        except ChertPagingError as e:
+            log.warning("tenant %s: poll window failed, watermark kept (the window repeats): %s",
+                        self.slug, e)  # fmt: skip
             return None
         except UpstreamError as e:
             log.warning("tenant %s: poll failed: %s", self.slug, e)

@@ -8,14 +8,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
-from relay.backfill import Progress, parse_when, run_backfill
+from relay.backfill import BackfillSummary, Progress, parse_when, run_backfill
+from relay.chert_api import ChertPagingError
 from relay.envelope import from_object
+from relay.errors import EXIT_UNAVAILABLE
 from relay.ingest import Ingestor
-from tests.conftest import TENANT
+from tests.conftest import TENANT, WEBHOOK_SECRET, log_row
 from tests.test_poller_lease import _write_config
-from tests.test_poller_support import enqueued, expected_jobs, relay_config, simulator
+from tests.test_poller_support import (
+    API_SECRET,
+    enqueued,
+    expected_jobs,
+    paged_chert,
+    relay_config,
+    simulator,
+)
 
 
 async def test_backfill_enqueues_what_was_never_seen_and_counts(
@@ -88,3 +98,55 @@ def test_backfill_command_rejects_bad_arguments(tmp_path: Path, redis_url: str) 
         done = subprocess.run([*base, *args], capture_output=True, timeout=60, check=False)
         assert done.returncode == 2, (args, done.stderr)
         assert b"chert-relay backfill:" in done.stderr
+
+
+async def test_backfill_with_a_broken_cursor_chain_fails_with_what_it_read(
+    redis_url: str, redis: Redis
+) -> None:
+    async with paged_chert() as chert:
+        read = [log_row("ev1"), log_row("ev2"), log_row("ev3")]
+        chert.pages = {None: (read[:2], "c1"), "c1": (read[2:], "c1")}
+        config = relay_config(redis_url, chert.base_url, "off", api={"auth": "bearer"})
+        tenant = config.tenant(TENANT)
+        assert tenant is not None
+        summary = BackfillSummary()
+        with pytest.raises(ChertPagingError, match="already given"):
+            await run_backfill(
+                config, tenant, since=parse_when("2026-01-01"), until=None, summary=summary
+            )
+    assert (summary.pages, summary.seen, summary.new) == (2, 3, 3)
+    assert await enqueued(redis) == expected_jobs(read)
+
+
+async def test_backfill_command_reports_a_broken_cursor_chain_as_incomplete(
+    redis_url: str, redis: Redis, tmp_path: Path
+) -> None:
+    async with paged_chert() as chert:
+        chert.pages = {None: ([log_row("ev1")], "c1"), "c1": ([log_row("ev2")], "c1")}
+        cfg = tmp_path / "relay.toml"
+        cfg.write_text(
+            f"""
+[redis]
+url = "{redis_url}"
+[[tenants]]
+slug = "{TENANT}"
+webhook_secrets = ["{WEBHOOK_SECRET}"]
+[tenants.api]
+base_url = "{chert.base_url}"
+auth = "bearer"
+signing_secret = "{API_SECRET}"
+[[tenants.sinks]]
+name = "all"
+url = "http://127.0.0.1:9/all"
+"""
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "-c", str(cfg), "backfill", "--tenant", TENANT,
+            "--since", "2000-01-01T00:00:00Z",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == EXIT_UNAVAILABLE, stderr.decode()
+    assert "(incomplete): 2 rows seen, 2 new" in stdout.decode()
+    assert "already given" in stderr.decode()
+    assert "not backfilled" in stderr.decode()

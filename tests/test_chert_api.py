@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -14,13 +15,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from relay.chert_api import ChertApi, parse_error
+from relay.chert_api import ChertApi, ChertPagingError, Page, parse_error
 from relay.config import TenantConfig, parse_config
 from relay.errors import ChertApiError, ChertUnreachableError
 from relay.redis_server import free_port
 from relay.simulator import Simulator
-from tests.conftest import TENANT, config_dict
-from tests.test_poller_support import API_SECRET, SINKS, simulator
+from tests.conftest import TENANT, config_dict, log_row
+from tests.test_poller_support import (
+    API_SECRET,
+    SINKS,
+    paged_chert,
+    silent_server,
+    simulator,
+)
 
 
 def tenant_config(base_url: str, **api: Any) -> TenantConfig:
@@ -198,3 +205,60 @@ def test_parse_error_never_fails_on_what_comes_back(
     err = parse_error(status, headers, body)
     assert err.status == status
     assert err.retry_after is None or 0 <= err.retry_after <= 3600
+
+
+CHAINS = {
+    "the same cursor again": {None: ["a", "b"], "c1": ["c"], "c1 again": []},
+    "a cycle": {None: ["a", "b"], "c1": ["c"], "c2": ["d"], "c1 again": []},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(CHAINS))
+async def test_a_broken_cursor_chain_raises_after_the_pages_read(shape: str) -> None:
+    async with paged_chert() as chert:
+        if shape == "the same cursor again":
+            chert.pages = {None: ([log_row("a"), log_row("b")], "c1"), "c1": ([log_row("c")], "c1")}
+        else:
+            chert.pages = {
+                None: ([log_row("a"), log_row("b")], "c1"),
+                "c1": ([log_row("c")], "c2"),
+                "c2": ([log_row("d")], "c1"),
+            }
+        pages: list[Page] = []
+
+        async def read_all(api: ChertApi) -> None:
+            async for page in api.events(since="2026-01-01T00:00:00Z", page_size=2):
+                pages.append(page)
+
+        async with client(tenant_config(chert.base_url, auth="bearer")) as api:
+            with pytest.raises(ChertPagingError, match="already given"):
+                await read_all(api)
+    want = [k for k in CHAINS[shape] if k != "c1 again"]
+    assert [r.get("cursor") for r in chert.requests] == want  # no request loops back
+    assert [row["event_id"] for p in pages for row in p.rows] == [
+        e for k in want for e in CHAINS[shape][k]
+    ]
+
+
+async def test_a_chain_ending_in_a_null_cursor_is_complete() -> None:
+    async with paged_chert() as chert:
+        chert.pages = {None: ([log_row("a")], "c1"), "c1": ([log_row("b")], None)}
+        async with client(tenant_config(chert.base_url, auth="bearer")) as api:
+            pages = [p async for p in api.events(since=None, page_size=1)]
+    assert [row["event_id"] for p in pages for row in p.rows] == ["a", "b"]
+    assert pages[-1].next_cursor is None
+
+
+async def test_a_stream_that_never_answers_is_given_up_after_the_api_timeout() -> None:
+    async with silent_server() as silent:
+        tenant = tenant_config(silent.base_url, timeout=0.3, max_attempts=2)
+
+        async def open_stream(api: ChertApi) -> None:
+            async with asyncio.timeout(30):  # a hang fails the test rather than stalls it
+                async with api.stream(since=None):
+                    pass
+
+        async with client(tenant) as api:
+            with pytest.raises(ChertUnreachableError, match=r"no response within 0\.3s"):
+                await open_stream(api)
+    assert silent.count("/api/v1/events/stream") == 2  # one per attempt

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+from aiohttp import web
 from redis.asyncio import Redis
 
 from relay.cli import role_factories
@@ -164,3 +165,95 @@ async def wait_enqueued(redis: Redis, rows: list[dict[str, Any]], timeout: float
 
 def messages(caplog: Any, logger: str = "relay.poller", level: int = logging.INFO) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= level]
+
+
+# --- stand-ins for a misbehaving Chert (the simulator is a correct one) -------------------
+
+
+class PagedChert:
+    """A tiny real aiohttp server answering ``GET /api/v1/events`` from a fixed cursor chain.
+
+    ``pages`` maps the cursor a request carries (``None`` for the first page) to the rows
+    it gets and the ``next_cursor`` it names — a chain may repeat a cursor, which Chert
+    must never do. Requests need ``Authorization: Bearer API_SECRET`` (``auth = "bearer"``).
+    """
+
+    def __init__(self) -> None:
+        self.pages: dict[str | None, tuple[list[dict[str, Any]], str | None]] = {}
+        self.requests: list[dict[str, str]] = []  # the query of every accepted request
+        self.base_url = ""
+
+    async def events(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {API_SECRET}":
+            error = {"status": 401, "code": 2004, "message": "bad key", "retryable": False}
+            return web.json_response({"success": False, "error": error}, status=401)
+        self.requests.append(dict(request.query))
+        rows, next_cursor = self.pages[request.query.get("cursor")]
+        return web.json_response({"events": rows, "next_cursor": next_cursor, "count": len(rows)})
+
+
+@contextlib.asynccontextmanager
+async def paged_chert() -> AsyncIterator[PagedChert]:
+    chert = PagedChert()
+    app = web.Application()
+    app.router.add_get("/api/v1/events", chert.events)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        chert.base_url = f"http://{host}:{port}/api/v1"
+        yield chert
+    finally:
+        await runner.cleanup()
+
+
+class SilentServer:
+    """Accepts connections and reads each request's head, but never answers.
+
+    ``paths`` lists the request target of every request read, in order.
+    """
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.base_url = ""
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.paths.append(head.split(b" ", 2)[1].decode())
+            await reader.read()  # until the client gives up and closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+            if task is not None:
+                self.handlers.discard(task)
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for p in self.paths if p.startswith(prefix))
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[SilentServer]:
+    silent = SilentServer()
+    server = await asyncio.start_server(silent.handle, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    silent.base_url = f"http://{host}:{port}/api/v1"
+    try:
+        yield silent
+    finally:
+        server.close()
+        for writer in list(silent.writers):
+            writer.close()
+        if silent.handlers:
+            await asyncio.wait(list(silent.handlers), timeout=10)
+        await server.wait_closed()
