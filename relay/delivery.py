@@ -25,10 +25,18 @@ One run is three steps:
    ``exhausted``. 410 — dead letter ``gone`` and the sink's URL is marked gone. Any
    other 4xx (or a 3xx) — dead letter ``rejected``.
 
+A ``Retry-After`` never shortens the wait below the normal backoff for the attempt
+(``Retry-After: 0`` would otherwise burn ``max_attempts`` in moments). A sink whose
+secret is not a usable signing key is dead-lettered ``rejected`` before the claim, so it
+never uses an attempt, an in-flight slot or a breaker probe.
+
 Everything is caught inside the job: arq treats any exception but ``Retry`` (and its
 own job timeout) as final and would drop the job. A fault of our own (Redis away, a
-bug) re-runs the job a few seconds later via ``Retry(defer=…)``; when the script has
-already rescheduled the job, a plain ``Retry()`` just hands it back. The HTTP timeout
+bug) re-runs the job a few seconds later: a small script moves the job's queue entry
+(``ZADD XX``, only while the job key still exists) and a plain ``Retry()`` hands it
+back. arq itself never re-adds the entry: if the finish script ran but its reply was
+lost, the job key is gone, and the run simply ends (the delivery is recorded). Every
+``Retry`` is plain — the scripts have already rescheduled the job. The HTTP timeout
 is the sink's ``timeout``, well inside the job's own budget, which is inside arq's
 job timeout (the longest sink timeout + :data:`JOB_MARGIN_S`).
 """
@@ -63,6 +71,7 @@ log = logging.getLogger(__name__)
 CTX_KEY = "relay"  # the one key of arq's ctx dict the relay uses
 JOB_MARGIN_S = 3.0  # arq's job timeout = longest sink timeout + this
 FAULT_RETRY_S = 5.0  # a run that failed on our side tries again after 1-2x this
+FAULT_CHECK_S = 0.5  # bound on rescheduling after a fault (inside arq's job timeout)
 ERROR_MAX_CHARS = 300
 ERROR_BODY_BYTES = 200
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -144,6 +153,15 @@ end
 return outcome
 """
 
+# After a fault: the job runs again later, unless it is finished (its job key is gone —
+# the finish script ran but its reply was lost). XX: never re-create a queue entry.
+# KEYS: job, queue   ARGV: due_ms, job_id
+_RESCHEDULE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[2])
+return 1
+"""
+
 # KEYS: inflight, breaker   ARGV: job_id
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -204,13 +222,15 @@ def backoff(
 ) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based).
 
-    ``base * 2**(attempt-1)`` capped at ``cap``, less up to 25% jitter; a
-    ``Retry-After`` from the sink is used instead, bounded by ``retry_after_max``.
+    ``base * 2**(attempt-1)`` capped at ``cap``, less up to 25% jitter.
+    A ``Retry-After`` from the sink can lengthen the wait, up to ``retry_after_max``, but
+    never shortens it below that backoff.
     """
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), retry_after_max)
     delay = min(base * 2.0 ** min(attempt - 1, 62), cap)
-    return delay * (0.75 + 0.25 * (random.random() if rand is None else rand))
+    delay *= 0.75 + 0.25 * (random.random() if rand is None else rand)
+    if retry_after is not None:
+        return max(delay, min(max(retry_after, 0.0), retry_after_max))
+    return delay
 
 
 def status_class(status: int | None, kind: str) -> str:
@@ -269,10 +289,13 @@ class Deliverer:
         self._claim = redis_client.register_script(breaker.LUA + _CLAIM)
         self._finish = redis_client.register_script(breaker.LUA + deadletters.LUA_ADD + _FINISH)
         self._release = redis_client.register_script(breaker.LUA + _RELEASE)
+        self._reschedule = redis_client.register_script(_RESCHEDULE)
+        self._signing_keys: dict[str, bytes | None] = {}
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
         self._config = config
+        self._signing_keys = {}
         self._keys = Keys(config.redis.key_prefix)
         self._queue = queue.queue_name(config.redis.key_prefix)
         longest = job_timeout(config)
@@ -303,11 +326,35 @@ class Deliverer:
             except Exception as e:  # never let arq see it: it would drop the job
                 wait = FAULT_RETRY_S * (1 + random.random())
                 redis_fault = isinstance(e, redis.exceptions.RedisError | OSError | TimeoutError)
+                if not await self._after_fault(job_id, wait):
+                    log.warning(
+                        "delivery run ended with %s: %s, after its outcome was recorded; "
+                        "nothing to run again", type(e).__name__, e,
+                    )  # fmt: skip
+                    return
                 log.error(
                     "delivery could not run (%s: %s); trying again in %.1fs",
                     type(e).__name__, e, wait, exc_info=not redis_fault,
                 )  # fmt: skip
-                raise Retry(defer=wait) from None
+                raise Retry() from None
+
+    async def _after_fault(self, job_id: str, wait: float) -> bool:
+        """Reschedule a job whose run failed on our side; False if it is already finished.
+
+        Never lets arq re-add the job (``Retry(defer=…)`` would ``ZINCRBY`` an entry the
+        finish script may already have removed). If Redis cannot be asked, the job stays
+        as it is: arq's in-progress key holds it back until it expires.
+        """
+        due = _now_ms() + int(wait * 1000)
+        try:
+            async with asyncio.timeout(FAULT_CHECK_S):
+                found = await self._reschedule(
+                    keys=[job_key_prefix + job_id, self._queue], args=[due, job_id]
+                )
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
+            log.warning("could not reschedule job %s after the fault (%s)", job_id, e)
+            return True
+        return bool(found)
 
     def _keys_for(self, tenant: str, sink: str, event_id: str, job_id: str) -> list[str]:
         k = self._keys
@@ -320,7 +367,17 @@ class Deliverer:
     async def _run(self, tenant: str, sink_name: str, event_id: str, job_id: str) -> None:
         sink = self._sink(tenant, sink_name)
         if sink is None:
-            await self._unconfigured(tenant, sink_name, event_id, job_id)
+            await self._dead_letter_unclaimed(
+                tenant, sink_name, event_id, job_id, "gone", "the sink is no longer configured"
+            )
+            return
+        if sink.secret is not None and self._signing_key(sink) is None:
+            self._metrics.deliveries.labels(tenant, sink_name, "rejected", "none").inc()
+            await self._dead_letter_unclaimed(
+                tenant, sink_name, event_id, job_id, "rejected",
+                "the sink's secret is not valid base64 (a Standard Webhooks key is "
+                "'whsec_' + base64); not tried",
+            )  # fmt: skip
             return
         w = self._config.worker
         http_timeout = min(sink.timeout, self.job_timeout - JOB_MARGIN_S)
@@ -455,8 +512,8 @@ class Deliverer:
             "X-Relay-Attempt": str(attempt),
             "X-Relay-Source": src,
         }
-        if sink.secret is not None:
-            key = standard_webhooks_key(sink.secret.get())
+        key = self._signing_key(sink)
+        if key is not None:
             ours["webhook-signature"] = standard_webhooks_signature(key, event_id, now, body)
         taken = {k.lower() for k in ours} | {"webhook-signature"}
         headers = {k: v for k, v in sink.headers.items() if k.lower() not in taken}
@@ -512,7 +569,22 @@ class Deliverer:
             cls, attempts, took, error,
         )  # fmt: skip
 
-    async def _unconfigured(self, tenant: str, sink: str, event_id: str, job_id: str) -> None:
+    def _signing_key(self, sink: SinkConfig) -> bytes | None:
+        """The sink's HMAC key, decoded once per config; None without a usable secret."""
+        if sink.secret is None:
+            return None
+        secret = sink.secret.get()
+        if secret not in self._signing_keys:
+            try:
+                self._signing_keys[secret] = standard_webhooks_key(secret)
+            except ValueError:
+                self._signing_keys[secret] = None
+        return self._signing_keys[secret]
+
+    async def _dead_letter_unclaimed(
+        self, tenant: str, sink: str, event_id: str, job_id: str, cls: str, error: str
+    ) -> None:
+        """Dead-letter a delivery without claiming it (no attempt, slot or probe taken)."""
         k = self._keys
         keys = self._keys_for(tenant, sink, event_id, job_id)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -524,13 +596,13 @@ class Deliverer:
             await self._finish_call(keys, now, job_id, "drop")
             return
         entry = deadletters.DeadLetter(
-            tenant=tenant, sink=sink, event_id=event_id, event_type=_text(found[0]), cls="gone",
-            status=None, error="the sink is no longer configured", attempts=int(att[0] or 0),
+            tenant=tenant, sink=sink, event_id=event_id, event_type=_text(found[0]), cls=cls,
+            status=None, error=error, attempts=int(att[0] or 0),
             first_attempt=_ms(att[1]), last_attempt=_ms(att[2]), dead_lettered_at=now / 1000,
         )  # fmt: skip
         await self._finish_call(keys, now, job_id, "dead", error=entry.error, entry=entry)
-        self._metrics.dead_lettered.labels(tenant, sink, "gone").inc()
-        log.warning("delivery ended: dead-lettered as gone: the sink is no longer configured")
+        self._metrics.dead_lettered.labels(tenant, sink, cls).inc()
+        log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
 
     async def _finish_call(
         self, keys: list[str], now: int, job_id: str, outcome: str, *, due: int = 0,

@@ -7,8 +7,9 @@ The role sets arq up for I/O-bound work and for the relay's guarantees:
   does what arq's own SIGTERM handler would with ``job_completion_wait``: stop picking
   jobs, let running deliveries finish for up to ``worker.shutdown_grace``, then cancel
   the rest (arq puts a cancelled job back in the queue; it runs again on any worker).
-- ``keep_result=0`` (no result keys), JSON job (de)serialization, ``max_tries`` very
-  high — the relay counts attempts itself; arq's count of pickups is only a backstop.
+- ``keep_result=0`` (no result keys), JSON job (de)serialization, ``max_tries``
+  unbounded — the relay's own ``max_attempts``/``max_age`` are the limits; arq counts
+  every pickup (deferrals too), and a long-deferred job must never hit that count.
 - the job timeout is the longest sink timeout plus a margin, so the relay's own
   timeouts always fire first (arq's timeout would end the job for good).
 - ``on_job_start``/``on_job_end`` hooks only keep a gauge, and can never raise: a
@@ -23,9 +24,11 @@ The job's dependencies travel in arq's ``ctx`` as one typed object
 (``relay.delivery.JobContext``). The worker uses its own Redis connection pool, sized
 for ``max_jobs`` concurrent deliveries. A collector registered on the metrics registry
 reads queue depth, stored dead letters and breaker states from Redis at scrape time.
-If Redis goes away, arq's polling loop raises; the role lets running jobs end, waits,
-and starts polling again with a fresh arq worker (a job whose outcome could not be
-written runs again once its in-progress key expires).
+If Redis goes away or refuses writes (out of memory with ``noeviction``, a read-only
+replica after a failover, MISCONF when it cannot persist), arq's polling loop raises;
+the role logs which it was, lets running jobs end, backs off and starts polling again
+with a fresh arq worker (a job whose outcome could not be written runs again once its
+in-progress key expires).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,8 +62,9 @@ from relay.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-MAX_PICKUPS = 1_000_000  # arq's max_tries: a backstop far beyond any real attempt count
+MAX_PICKUPS = sys.maxsize  # arq's max_tries: unbounded; the relay's own limits end a delivery
 REDIS_RETRY_S = (0.5, 10.0)  # first and longest wait before polling again after a Redis fault
+HEALTHY_S = 60.0  # polling this long without a Redis fault resets the backoff
 SCRAPE_TIMEOUT_S = 1.0
 CLOSE_TIMEOUT_S = 10.0  # bound on each step of closing arq's worker
 
@@ -347,8 +352,10 @@ class WorkerRole:
         if self._worker is None:
             await self.start()
         wait = REDIS_RETRY_S[0]
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._main = asyncio.create_task(self.arq.main(), name="arq-worker")
+            began = loop.time()
             try:
                 await self._main
                 return  # burst mode: the queue is empty
@@ -356,10 +363,12 @@ class WorkerRole:
                 if self._stopping and not _current_cancelling():
                     return
                 raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+            except (redis.exceptions.RedisError, OSError) as e:
                 if self._stopping:
                     return
-                log.error("worker lost Redis (%s); polling again in %.1fs", e, wait)
+                if loop.time() - began > HEALTHY_S:
+                    wait = REDIS_RETRY_S[0]  # a new episode: start the backoff over
+                log.error("worker: %s (%s); polling again in %.1fs", redis_fault(e), e, wait)
                 await self._abandon(self.arq)
                 await asyncio.sleep(wait * (1 + random.random() / 4))
                 wait = min(wait * 2, REDIS_RETRY_S[1])
@@ -446,6 +455,20 @@ class WorkerRole:
             self.deliverer.set_config(config)
         if self._collector is not None:
             self._collector.config = config
+
+
+def redis_fault(e: BaseException) -> str:
+    """What a Redis error means for the worker, in a few words, for the log."""
+    text = str(e)
+    if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in text:
+        return "Redis is out of memory (maxmemory reached) and refuses writes"
+    if isinstance(e, redis.exceptions.ReadOnlyError) or text.startswith("READONLY"):
+        return "Redis is read-only (a replica, e.g. after a failover) and refuses writes"
+    if text.startswith("MISCONF"):
+        return "Redis cannot persist (MISCONF) and refuses writes"
+    if isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+        return "lost Redis"
+    return f"Redis answered with an error ({type(e).__name__})"
 
 
 def _current_cancelling() -> int:
