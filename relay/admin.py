@@ -98,5 +98,7 @@ class Admin:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self._metrics.render()
+        # Off the event loop: some collectors read Redis synchronously (queue depth,
+        # dead letters), and a slow Redis must not stall webhooks or deliveries.
+        body = await asyncio.to_thread(self._metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
