@@ -407,7 +407,7 @@ class Deliverer:
             attempts, first, last = int(res[1]), _ms(res[2]), _ms(res[3])
             status, error, etype = _text(res[4]), _text(res[5]), _text(res[6])
             if verdict == "gone":
-                cls, error = "gone", f"{sink.url} answered 410 Gone earlier; not tried"
+                cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
             else:
                 cls = "exhausted"
                 why = "past max_age" if verdict == "expired" else "out of attempts"
