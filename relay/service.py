@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from relay.admin import Admin
-from relay.config import Config, load_config
+from relay.config import Config, Listen, load_config
 from relay.dlq_api import DeadLetterApi
 from relay.errors import ConfigError
 from relay.ingest import Ingestor
@@ -46,7 +46,7 @@ class HttpRole:
     """An aiohttp application on one listener, run without aiohttp's own signal handling."""
 
     def __init__(
-        self, name: str, app: web.Application, listen: object, shutdown_timeout: float,
+        self, name: str, app: web.Application, listen: Listen | None, shutdown_timeout: float,
         on_stop: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
@@ -60,10 +60,8 @@ class HttpRole:
         self.addresses: list[object] = []
 
     async def start(self) -> None:
-        from relay.config import Listen
-
         listen = self._listen
-        assert isinstance(listen, Listen)
+        assert listen is not None
         await self._runner.setup()
         site: web.BaseSite
         if listen.path is not None:
@@ -104,6 +102,7 @@ class Service:
         self.extra_roles = extra_roles or {}
         self.roles: dict[str, Role] = {}
         self.runtime: Runtime | None = None
+        self.admin: Admin | None = None
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -201,9 +200,8 @@ class Service:
     async def _stop_when_asked(self, rt: Runtime) -> None:
         await self._stop.wait()
         rt.metrics.draining.set(1)
-        admin = getattr(self, "admin", None)
-        if admin is not None:
-            admin.draining = True
+        if self.admin is not None:
+            self.admin.draining = True
         await self._stop_roles(rt)
 
     async def _stop_roles(self, rt: Runtime) -> None:
