@@ -150,9 +150,9 @@ def run_wrk(
     }
 
 
-def start_bare() -> tuple[subprocess.Popen[bytes], int]:
+def start_bare(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare.py"), str(port)])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare.py"), str(port), *extra])
     wait_port(port)
     return proc, port
 
@@ -213,11 +213,14 @@ def main() -> None:
             f"{args.requests} pre-signed requests, body {size} bytes, "
             f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} round(s)"
         )
-        results: dict[str, list[dict[str, float]]] = {"bare": [], "relay": []}
+        names = ("bare", "bare-ll", "relay")
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for r in range(args.rounds):
-            for name in ("bare", "relay"):
+            for name in names:
                 if name == "bare":
                     proc, port = start_bare()
+                elif name == "bare-ll":
+                    proc, port = start_bare("--low-level")
                 else:
                     rdir = work / f"relay{r}"
                     rdir.mkdir()
@@ -228,11 +231,12 @@ def main() -> None:
                     stop(proc)
                 results[name].append(res)
                 print(
-                    f"  round {r + 1} {name:5s}: {res['rps']:8.0f} req/s"
+                    f"  round {r + 1} {name:7s}: {res['rps']:8.0f} req/s"
                     f"  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms"
                     f"  non-2xx {res['non2xx']:.0f}"
                 )
         bare = max(x["rps"] for x in results["bare"])
+        bare_ll = max(x["rps"] for x in results["bare-ll"])
         relay = max(x["rps"] for x in results["relay"])
         best = max(results["relay"], key=lambda x: x["rps"])
         print(
@@ -240,10 +244,12 @@ def main() -> None:
             f"ratio {relay / bare:.2f}; "
             f"relay p50 {best['p50_ms']:.2f} ms p99 {best['p99_ms']:.2f} ms"
         )
-        ratios = [
-            r["rps"] / b["rps"] for r, b in zip(results["relay"], results["bare"], strict=True)
-        ]
-        print("per-round ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
+        print(f"against the low-level bare handler ({bare_ll:.0f} req/s): {relay / bare_ll:.2f}")
+        for base in ("bare", "bare-ll"):
+            ratios = [
+                r["rps"] / b["rps"] for r, b in zip(results["relay"], results[base], strict=True)
+            ]
+            print(f"per-round ratios vs {base}: " + ", ".join(f"{x:.2f}" for x in ratios))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
 
 from relay.errors import RelayError
 
@@ -103,22 +104,21 @@ def from_object(
     )
 
 
-class _Head(BaseModel):
-    """The few top-level fields the relay reads. Parsing into this model checks the
-    whole body is valid JSON but builds Python objects only for these fields — the
-    bulk of an envelope (``data``) is never materialized on the webhook path."""
+class _Head(TypedDict, total=False):
+    """The few top-level fields the relay reads. Parsing into this checks the whole
+    body is valid JSON but builds Python objects only for these fields — the bulk of
+    an envelope (``data``) is never materialized on the webhook path."""
 
-    model_config = ConfigDict(extra="ignore")
-    event_id: Any = None
-    event: Any = None
-    event_type: Any = None
-    partner_id: Any = None
-    timestamp: Any = None
-    payload: Any = None
-    delivery: Any = None
-    created_at: Any = None
-    id: Any = None
-    type: Any = None
+    event_id: Any
+    event: Any
+    event_type: Any
+    partner_id: Any
+    timestamp: Any
+    payload: Any
+    delivery: Any
+    created_at: Any
+    id: Any
+    type: Any
 
 
 _HEAD = TypeAdapter(_Head)
@@ -132,8 +132,7 @@ def from_body(
         head = _HEAD.validate_json(body)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
-        if err["type"] == "model_type":
+        if err["type"] in ("dict_type", "model_type"):
             raise BadEventError("malformed_json", "the body is not a JSON object") from None
         raise BadEventError("malformed_json", f"the body is not valid JSON: {err['msg']}") from None
-    obj = {name: getattr(head, name) for name in head.model_fields_set}
-    return from_object(obj, body, header_event_id=header_event_id, header_type=header_type)
+    return from_object(head, body, header_event_id=header_event_id, header_type=header_type)

@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
-import redis.exceptions
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from relay import queue
 from relay.config import Config
 from relay.envelope import Event
-from relay.errors import RedisUnavailableError
-from relay.script_call import ScriptCaller, bulk, bulks
+from relay.script_pipe import ScriptPipeline, bulk, bulks
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
@@ -39,15 +37,6 @@ log = logging.getLogger(__name__)
 LUA = resources.files("relay").joinpath("ingest.lua").read_text(encoding="utf-8")
 SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
 
-# Transient Redis faults: the caller answers "try again later" (503), never "no".
-REDIS_TRANSIENT = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ResponseError,  # e.g. OOM or MISCONF: Redis refuses writes for now
-    OSError,
-)
 # How long past its deadline a job (and its payload) stays in Redis: arq must never
 # drop a job by expiry before the relay's own deadline turns it into a dead letter.
 EXPIRY_MARGIN_S = 86400.0
@@ -60,7 +49,9 @@ class _Route:
     nargs: int
 
 
-_Pending = tuple[str, bool, bytes, int, "asyncio.Future[bool]"]
+# An event on its way into a batch: tenant, whether it came by webhook, its packed
+# arguments and how many there are.
+_Item = tuple[str, bool, bytes, int]
 
 
 class Ingestor:
@@ -72,20 +63,19 @@ class Ingestor:
         config: Config,
         metrics: Metrics | None = None,
         *,
+        flush_at: int = 16,
         max_batch: int = 256,
-        max_inflight: int = 2,
         timeout: float | None = None,
     ) -> None:
-        self._caller = ScriptCaller(redis_client, LUA)
-        self._timeout = config.server.ingest_timeout if timeout is None else timeout
         self._counted: dict[tuple[str, str, bool], Counter] = {}
         self._metrics = metrics
-        self._max_batch = max_batch
-        self._max_inflight = max_inflight
-        self._pending: list[_Pending] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._scheduled = False
         self._sources = {s: bulk(s) for s in SOURCES}
+        self._pipe: ScriptPipeline[_Item] = ScriptPipeline(
+            redis_client, LUA, self._build,
+            timeout=config.server.ingest_timeout if timeout is None else timeout,
+            flush_at=flush_at, max_batch=max_batch,
+            observe=self._observe if metrics is not None else None,
+        )  # fmt: skip
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -127,89 +117,56 @@ class Ingestor:
         was acknowledged and the caller must let the sender retry. A batch that Redis
         does not answer within ``server.ingest_timeout`` fails the same way.
         """
+        new = bool(await self.submit(tenant, event, source))
+        if self._metrics is not None:
+            self.ingested(tenant, source, new).inc()
+        return new
+
+    def submit(self, tenant: str, event: Event, source: str) -> asyncio.Future[int]:
+        """:meth:`ingest` as a future of the script's 1 (new) or 0, counting nothing.
+
+        For the webhook path, which counts with metric children it looked up once.
+        """
         src = self._sources.get(source)
         if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
         ts = b"" if event.timestamp is None else repr(event.timestamp).encode()
-        packed = b"".join((
-            self._tenants[tenant], bulk(event.event_id), bulk(event.body), bulk(event.type),
-            bulk(ts), src, route.packed,
-        ))  # fmt: skip
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((tenant, source == "webhook", packed, 6 + route.nargs, fut))
-        self._kick()
-        new = await fut
-        if self._metrics is not None:
-            counter = self._counted.get((tenant, source, new))
-            if counter is None:
-                counter = self._metrics.events_ingested.labels(
-                    tenant, source, "new" if new else "duplicate"
-                )
-                self._counted[(tenant, source, new)] = counter
-            counter.inc()
-        return new
+        eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
+        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s" % (
+            self._tenants[tenant], len(eid), eid, len(body), body, len(etype), etype,
+            len(ts), ts, src, route.packed,
+        )  # fmt: skip
+        return self._pipe.submit((tenant, source == "webhook", packed, 6 + route.nargs))
 
-    def _kick(self) -> None:
-        if not self._scheduled and self._pending and len(self._tasks) < self._max_inflight:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def ingested(self, tenant: str, source: str, new: bool) -> Counter:
+        """The ``events_ingested_total`` child for these labels (looked up once)."""
+        assert self._metrics is not None
+        counter = self._counted.get((tenant, source, new))
+        if counter is None:
+            counter = self._metrics.events_ingested.labels(
+                tenant, source, "new" if new else "duplicate"
+            )
+            self._counted[(tenant, source, new)] = counter
+        return counter
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        if not self._pending or len(self._tasks) >= self._max_inflight:
-            return
-        batch = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
-        task = asyncio.ensure_future(self._write(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+    def _build(self, batch: list[_Item]) -> tuple[int, list[bytes]]:
+        webhook_tenants = sorted({item[0] for item in batch if item[1]})
+        parts = [
+            self._head,
+            bulk(int(time.time() * 1000)),
+            bulk(len(webhook_tenants)),
+            *(bulk(t) for t in webhook_tenants),
+            bulk(len(batch)),
+            *(item[2] for item in batch),
+        ]
+        return 6 + len(webhook_tenants) + sum(item[3] for item in batch), parts
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("an ingest batch failed", exc_info=task.exception())
-        self._kick()
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        started = time.perf_counter()
-        try:
-            webhook_tenants = sorted({p[0] for p in batch if p[1]})
-            parts = [
-                self._head,
-                bulk(int(time.time() * 1000)),
-                bulk(len(webhook_tenants)),
-                *(bulk(t) for t in webhook_tenants),
-                bulk(len(batch)),
-                *(p[2] for p in batch),
-            ]
-            nargs = 6 + len(webhook_tenants) + sum(p[3] for p in batch)
-            async with asyncio.timeout(self._timeout):
-                results = await self._caller.call(nargs, parts)
-        except (*REDIS_TRANSIENT, TimeoutError) as e:
-            log.warning("ingest of %d event(s) failed: Redis unavailable: %s", len(batch), e)
-            err = RedisUnavailableError(f"Redis unavailable: {type(e).__name__}")
-            for p in batch:
-                if not p[4].done():
-                    p[4].set_exception(err)
-            return
-        except BaseException as e:
-            # Whatever went wrong, no caller may be left waiting on this batch.
-            for p in batch:
-                if not p[4].done():
-                    p[4].set_exception(RedisUnavailableError(f"ingest failed: {type(e).__name__}"))
-            raise
-        if self._metrics is not None:
-            self._metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
-            self._metrics.ingest_batch_size.observe(len(batch))
-        for p, result in zip(batch, results, strict=True):
-            if not p[4].done():
-                p[4].set_result(bool(result))
+    def _observe(self, seconds: float, size: int) -> None:
+        assert self._metrics is not None
+        self._metrics.ingest_batch_seconds.observe(seconds)
+        self._metrics.ingest_batch_size.observe(size)
 
     async def drain(self) -> None:
         """Wait until every ingest already asked for has been written (or failed)."""
-        while self._pending or self._tasks or self._scheduled:
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            else:
-                await asyncio.sleep(0)
+        await self._pipe.drain()

@@ -52,10 +52,11 @@ from relay.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.config import Config, TenantConfig
 from relay.envelope import BadEventError, Event, from_object, parse_timestamp
 from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError
-from relay.ingest import REDIS_TRANSIENT, Ingestor
+from relay.ingest import Ingestor
 from relay.lease import Lease
 from relay.metrics import Metrics
 from relay.runtime import Runtime
+from relay.script_pipe import REDIS_TRANSIENT
 from relay.sse import SseIdleError, read_messages
 
 log = logging.getLogger(__name__)

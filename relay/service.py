@@ -43,18 +43,24 @@ RoleFactory = Callable[[Runtime], Role]
 
 
 class HttpRole:
-    """An aiohttp application on one listener, run without aiohttp's own signal handling."""
+    """An aiohttp application (or low-level server) on one listener, run without
+    aiohttp's own signal handling."""
 
     def __init__(
-        self, name: str, app: web.Application, listen: Listen | None, shutdown_timeout: float,
-        on_stop: Callable[[], None] | None = None,
+        self, name: str, app: web.Application | web.Server, listen: Listen | None,
+        shutdown_timeout: float, on_stop: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
-        self._app = app
         self._listen = listen
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
-        )
+        self._runner: web.BaseRunner
+        if isinstance(app, web.Server):
+            self._runner = web.ServerRunner(
+                app, handle_signals=False, shutdown_timeout=shutdown_timeout
+            )
+        else:
+            self._runner = web.AppRunner(
+                app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
+            )
         self._stopped = asyncio.Event()
         self._on_stop = on_stop
         self.addresses: list[object] = []
@@ -169,6 +175,7 @@ class Service:
                     tg.create_task(self._stop_when_asked(rt))
             finally:
                 await self._stop_roles(rt)
+                await rt.ingestor.drain()  # and give its Redis connection back
             log.info("stopped")
 
     async def _start_roles(self, rt: Runtime) -> None:
@@ -223,7 +230,7 @@ class _ReceiverRole(HttpRole):
             receiver.draining = True
 
         super().__init__(
-            "receiver", receiver.app(), cfg.server.listen, cfg.server.shutdown_timeout,
+            "receiver", receiver.server(), cfg.server.listen, cfg.server.shutdown_timeout,
             on_stop=drain,
         )  # fmt: skip
         self.receiver = receiver

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer
 from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
@@ -187,3 +189,15 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class LowLevelTestServer(BaseTestServer):
+    """Serves an aiohttp low-level ``web.Server`` exactly as built (request factory and
+    all), for ``aiohttp_client``; ``RawTestServer`` would build its own from a handler."""
+
+    def __init__(self, server: web.Server, **kwargs: Any) -> None:
+        self._server_under_test = server
+        super().__init__(**kwargs)
+
+    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
+        return web.ServerRunner(self._server_under_test, **kwargs)

@@ -16,7 +16,7 @@ from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.redis_client import connect
 from relay.redis_server import EmbeddedRedis
-from tests.conftest import make_config
+from tests.conftest import LowLevelTestServer, make_config
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -95,7 +95,8 @@ async def test_refusals_are_logged_without_flooding(
 
     config = make_config()
     metrics = Metrics()
-    client = await aiohttp_client(Receiver(config, Ingestor(redis, config), metrics).app())
+    receiver = Receiver(config, Ingestor(redis, config), metrics)
+    client = await aiohttp_client(LowLevelTestServer(receiver.server()))
     with caplog.at_level(logging.WARNING, logger="relay.receiver"):
         for _ in range(20):
             assert (await client.post("/webhooks/chert/acme-7a3f", data=b"{}")).status == 401

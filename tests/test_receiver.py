@@ -20,6 +20,7 @@ from tests.conftest import (
     OTHER_SECRET,
     SINK_SECRET,
     TENANT,
+    LowLevelTestServer,
     envelope,
     log_row,
     make_config,
@@ -59,7 +60,7 @@ async def make_harness(aiohttp_client: ClientFactory, redis_client: Redis, **cfg
     config = make_config(sinks=SINKS, **cfg)
     metrics = Metrics()
     receiver = Receiver(config, Ingestor(redis_client, config, metrics), metrics)
-    return Harness(await aiohttp_client(receiver.app()), receiver, metrics)
+    return Harness(await aiohttp_client(LowLevelTestServer(receiver.server())), receiver, metrics)
 
 
 @pytest.fixture
@@ -175,6 +176,23 @@ async def test_unknown_tenant_is_404_and_never_becomes_a_label(h: Harness, redis
     assert (status, body["error"]) == (404, "unknown_tenant")
     assert h.rejected("unknown_tenant", tenant="unknown") == 1
     assert b"nobody-here" not in h.metrics.render()
+    assert await queued(redis) == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/webhooks/chert/", "/webhooks/chert/acme-7a3f/extra", "/webhooks/other/x"]
+)
+async def test_other_paths_are_404_and_queue_nothing(h: Harness, redis: Redis, path: str) -> None:
+    status, body = await h.post(*signed(envelope("p1")), url=path)
+    assert (status, body["error"]) == (404, "not_found")
+    assert await queued(redis) == []
+
+
+async def test_other_methods_on_the_webhook_path_are_405(h: Harness, redis: Redis) -> None:
+    resp = await h.client.get(URL)
+    assert resp.status == 405
+    assert resp.headers["Allow"] == "POST"
+    assert (await resp.json())["error"] == "method_not_allowed"
     assert await queued(redis) == []
 
 

@@ -1,0 +1,344 @@
+"""Group-committed, pipelined calls of one Lua script on one redis-py connection.
+
+The ingest hot path runs one script for many concurrent callers. Each caller hands
+in an item; items are packed into batches, one ``EVAL`` each, and the batches are
+pipelined on a single connection: written as soon as they are formed and their
+replies read in order by one reader task.
+
+A batch goes out when ``flush_at`` items are waiting — in the middle of an event-loop
+turn, so that Redis runs one batch while the relay is still verifying and parsing the
+requests that make up the next — and otherwise at the start of the next turn, with
+whatever arrived. Without the mid-turn send, a burst of requests would reach Redis
+as one large batch only after all of them were parsed, and the relay would sit idle
+while Redis ran it. With ``appendfsync always``, batches that reach Redis in the same
+turn of its event loop also share one fsync.
+
+Arguments are pre-packed RESP bulk strings (see :func:`bulk`): the caller packs each
+item once, reusing cached fragments for the parts every item shares. Connecting,
+set-up (auth, TLS, database), reply parsing (hiredis when present) and error mapping
+are redis-py's; only the write goes straight to the connection's stream, so that a
+batch can be sent without waiting for the next turn of the loop. Batches call the
+script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
+for every batch, a cost that shows at this rate); each new connection first sends
+``SCRIPT LOAD``, pipelined ahead of its first batch. Should the script still be
+missing (an operator ran ``SCRIPT FLUSH``), the batches that get ``NOSCRIPT`` fail as
+"Redis unavailable" and the script is loaded again for the batches after them.
+
+A connection is taken from the client's pool when work arrives and given back once
+no batch has been waiting or in flight for ``linger`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import redis.exceptions
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+
+from relay.errors import RedisUnavailableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Transient Redis faults: the caller answers "try again later" (503), never "no".
+REDIS_TRANSIENT = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ResponseError,  # e.g. OOM or MISCONF: Redis refuses writes for now
+    OSError,
+)
+
+
+def bulk(value: bytes | str | int) -> bytes:
+    """One RESP bulk string."""
+    if isinstance(value, str):
+        value = value.encode()
+    elif isinstance(value, int):
+        value = b"%d" % value
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def bulks(values: Sequence[bytes | str | int]) -> bytes:
+    return b"".join(bulk(v) for v in values)
+
+
+@dataclass(slots=True)
+class _Batch:
+    futures: list[asyncio.Future[Any]]  # none for a SCRIPT LOAD
+    deadline: float  # loop time by which Redis must have answered
+    sent: float = field(default_factory=time.perf_counter)
+    load: bool = False
+
+
+class ScriptPipeline(Generic[T]):
+    """Runs one script for many callers: ``await call(item)`` → this item's reply element.
+
+    ``build(items)`` returns the script's argument count and its arguments as packed
+    bulk strings; the script must return one reply element per item, in order.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        source: str,
+        build: Callable[[list[T]], tuple[int, Sequence[bytes]]],
+        *,
+        timeout: float,
+        flush_at: int = 16,
+        max_batch: int = 256,
+        max_inflight: int = 16,
+        observe: Callable[[float, int], None] | None = None,
+        linger: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._source = source.encode()
+        self._load = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(self._source)
+        self._sha = hashlib.sha1(self._source).hexdigest().encode()  # noqa: S324 - Redis' id
+        self._loading = False
+        self._build = build
+        self.timeout = timeout
+        self._flush_at = flush_at
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._observe = observe
+        self.linger = linger
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[Any]] = []
+        self._inflight: collections.deque[_Batch] = collections.deque()
+        self._flush_scheduled = False
+        self._conn: AbstractConnection | None = None  # held by the session, usable
+        self._session: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._release_now = False
+
+    async def call(self, item: T) -> Any:
+        """Run the script for ``item`` (batched with concurrent calls); its reply element.
+
+        Raises :class:`RedisUnavailableError` when Redis could not run it: unreachable,
+        refusing writes, or not answering within ``timeout``. Then the caller must not
+        assume either outcome.
+        """
+        return await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[Any]:
+        """:meth:`call` as a future to await (one coroutine frame fewer on a hot path)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._items.append(item)
+        self._futures.append(fut)
+        if len(self._items) >= self._flush_at and self._conn is not None:
+            self._send()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def drain(self) -> None:
+        """Wait until every call already made has been answered (or failed)."""
+        while True:
+            owed = [*self._futures, *(f for b in self._inflight for f in b.futures)]
+            if not owed:
+                break
+            if self._session is None and not self._flush_scheduled:
+                self._flush()
+            await asyncio.wait(owed)
+        # Give the connection back now rather than after the linger.
+        self._release_now = True
+        self._poke()
+        if self._session is not None:
+            await asyncio.wait({self._session})
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._items:
+            return
+        if self._conn is not None:
+            self._send()
+        elif self._session is None:
+            self._session = asyncio.get_running_loop().create_task(self._run_session())
+
+    def _send(self) -> None:
+        """Write batches of waiting items, as many as may be in flight. Never blocks."""
+        conn = self._conn
+        assert conn is not None
+        loop = asyncio.get_running_loop()
+        while self._items and len(self._inflight) < self._max_inflight:
+            writer = _writer(conn)
+            if writer is None:
+                self._poke()  # the connection is gone: the session ends, the next reconnects
+                return
+            items, futures = self._items[: self._max_batch], self._futures[: self._max_batch]
+            del self._items[: self._max_batch], self._futures[: self._max_batch]
+            try:
+                nargs, args = self._build(items)
+            except BaseException as e:
+                _fail(futures, e)
+                raise
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
+            writer.writelines([head, *args])
+            self._sent(conn, _Batch(futures, loop.time() + self.timeout))
+
+    def _send_load(self, conn: AbstractConnection) -> None:
+        writer = _writer(conn)
+        if writer is None or self._loading:
+            return
+        writer.write(self._load)
+        self._loading = True
+        self._sent(conn, _Batch([], asyncio.get_running_loop().time() + self.timeout, load=True))
+
+    def _sent(self, conn: AbstractConnection, batch: _Batch) -> None:
+        self._inflight.append(batch)
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
+
+    def _poke(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _run_session(self) -> None:
+        """Hold a connection while there is work; give it back when there is none."""
+        loop = asyncio.get_running_loop()
+        pool = self._client.connection_pool
+        try:
+            try:
+                conn: AbstractConnection = await pool.get_connection()
+            except REDIS_TRANSIENT as e:
+                log.warning("Redis unavailable for %d ingest(s): %s", len(self._items), e)
+                self._fail_waiting(e)
+                return
+            saved_timeout = conn.socket_timeout
+            conn.socket_timeout = None  # each batch has its own deadline
+            try:
+                self._conn = conn
+                self._loading = False
+                self._send_load(conn)
+                while True:
+                    if self._items:
+                        self._send()
+                    if _writer(conn) is None:
+                        # Lost (Redis restarted, say, while this was idle): what is still
+                        # waiting goes out on a new connection.
+                        await conn.disconnect(nowait=True)
+                        break
+                    idle = not self._items and not self._inflight
+                    if idle and self._release_now:
+                        break
+                    self._wake = loop.create_future()
+                    try:
+                        # Idle, keep the connection a little longer: the next burst
+                        # should not wait for a connection to be set up.
+                        async with asyncio.timeout(self.linger if idle else None):
+                            await self._wake
+                    except TimeoutError:
+                        if not self._items and not self._inflight:
+                            break
+                    finally:
+                        self._wake = None
+            finally:
+                self._conn = None
+                self._release_now = False
+                if self._reader is not None:
+                    self._reader.cancel()
+                    await asyncio.wait({self._reader})
+                conn.socket_timeout = saved_timeout
+                await pool.release(conn)
+        finally:
+            self._session = None
+            if self._items and not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
+
+    async def _read_loop(self, conn: AbstractConnection) -> None:
+        """Read replies in the order batches were sent; each resolves its batch."""
+        try:
+            while self._inflight:
+                batch = self._inflight[0]
+                try:
+                    async with asyncio.timeout_at(batch.deadline):
+                        reply: Any = await conn.read_response()
+                except redis.exceptions.ResponseError as e:
+                    reply = e  # this batch's own error reply; the connection is in step
+                self._inflight.popleft()
+                if batch.load:
+                    self._loading = False
+                    if isinstance(reply, BaseException):
+                        log.warning("could not load the ingest script: %s", reply)
+                    continue
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    self._send_load(conn)  # the batches after this one will find it
+                if self._observe is not None:
+                    self._observe(time.perf_counter() - batch.sent, len(batch.futures))
+                if isinstance(reply, BaseException):
+                    log.warning("Redis refused an ingest batch: %s", reply)
+                    _fail(batch.futures, reply)
+                elif not isinstance(reply, list) or len(reply) != len(batch.futures):
+                    _fail(batch.futures, RuntimeError("the reply does not match the batch"))
+                else:
+                    for fut, value in zip(batch.futures, reply, strict=True):
+                        if not fut.done():
+                            fut.set_result(value)
+                if self._items and self._conn is conn:
+                    self._send()  # room in flight again
+            self._reader = None
+        except BaseException as e:
+            # Timed out, connection lost or cancelled: the replies still owed on this
+            # connection can no longer be matched to their batches. Fail them all (their
+            # events may or may not be stored; the senders retry) and start afresh.
+            await conn.disconnect(nowait=True)
+            self._reader = None
+            if not isinstance(e, asyncio.CancelledError):
+                n = sum(len(b.futures) for b in self._inflight)
+                log.warning("ingest of %d event(s) failed: Redis unavailable: %r", n, e)
+            self._fail_inflight(e)
+            if isinstance(e, TimeoutError):
+                self._fail_waiting(e)  # Redis is too slow: do not pile more on it
+            if not isinstance(e, (*REDIS_TRANSIENT, TimeoutError, asyncio.CancelledError)):
+                raise
+        finally:
+            self._poke()
+
+    def _fail_inflight(self, e: BaseException) -> None:
+        while self._inflight:
+            _fail(self._inflight.popleft().futures, e)
+
+    def _fail_waiting(self, e: BaseException) -> None:
+        futures = self._futures
+        self._items, self._futures = [], []
+        _fail(futures, e)
+
+
+def _writer(conn: AbstractConnection) -> asyncio.StreamWriter | None:
+    """The connection's stream, if it is still open (redis-py 5.3, pinned: see the
+    module docstring). A server that closed the connection shows at once as the end of
+    the stream, with or without a reader waiting on it."""
+    writer, reader = conn._writer, conn._reader
+    if writer is None or reader is None or writer.is_closing() or reader.at_eof():
+        return None
+    return writer
+
+
+def _fail(futures: list[asyncio.Future[Any]], e: BaseException) -> None:
+    if isinstance(e, RedisUnavailableError):
+        err: BaseException = e
+    elif isinstance(e, (*REDIS_TRANSIENT, TimeoutError)):
+        err = RedisUnavailableError(f"Redis unavailable: {type(e).__name__}")
+    elif isinstance(e, asyncio.CancelledError):
+        err = RedisUnavailableError("ingest was cancelled")
+    else:
+        err = RedisUnavailableError(f"ingest failed: {type(e).__name__}")
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(err)

@@ -1,0 +1,161 @@
+"""The pipelined script runner under the ingest path: batching, and every way Redis fails."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from relay.errors import RedisUnavailableError
+from relay.redis_server import EmbeddedRedis
+from relay.script_pipe import ScriptPipeline, bulk
+
+# Appends each item to a list and answers with its new length: the order Redis ran
+# the items in is visible, and a batch's reply is one element per item.
+SCRIPT = """
+local out = {}
+for i = 1, #ARGV do out[i] = redis.call('RPUSH', 'ran', ARGV[i]) end
+return out
+"""
+
+
+def build(items: list[str]) -> tuple[int, list[bytes]]:
+    return len(items), [bulk(i) for i in items]
+
+
+def pipeline(client: Redis, **kwargs: float) -> tuple[ScriptPipeline[str], list[int]]:
+    sizes: list[int] = []
+    options: dict[str, float] = {"timeout": 5.0, **kwargs}
+    pipe: ScriptPipeline[str] = ScriptPipeline(
+        client, SCRIPT, build, observe=lambda _s, n: sizes.append(n), **options
+    )  # type: ignore[arg-type]
+    return pipe, sizes
+
+
+async def ran(client: Redis) -> list[str]:
+    return [x.decode() for x in await client.lrange("ran", 0, -1)]
+
+
+def in_use(client: Redis) -> int:
+    return len(client.connection_pool._in_use_connections)  # type: ignore[attr-defined]
+
+
+async def test_each_call_gets_its_own_reply_in_order(redis: Redis) -> None:
+    pipe, _ = pipeline(redis)
+    replies = await asyncio.gather(*(pipe.call(f"i{n}") for n in range(100)))
+    assert sorted(replies) == list(range(1, 101))
+    order = await ran(redis)
+    assert sorted(order) == sorted(f"i{n}" for n in range(100))
+    # Each caller got the position its own item was written at.
+    assert [order[r - 1] for r in replies] == [f"i{n}" for n in range(100)]
+
+
+async def test_a_burst_goes_out_in_batches_of_flush_at_while_it_is_still_arriving(
+    redis: Redis,
+) -> None:
+    pipe, sizes = pipeline(redis, flush_at=8)
+    await pipe.call("warm-up")  # the connection is held from here on
+    sizes.clear()
+
+    async def one(n: int) -> int:
+        await asyncio.sleep(0)  # all 40 callers run in the same turn of the loop
+        return int(await pipe.call(f"b{n}"))
+
+    await asyncio.gather(*(one(n) for n in range(40)))
+    assert sizes == [8, 8, 8, 8, 8]
+
+
+async def test_drain_gives_the_connection_back_without_waiting_out_the_linger(
+    redis: Redis,
+) -> None:
+    pipe, _ = pipeline(redis, linger=3600.0)
+    calls = [asyncio.ensure_future(pipe.call(f"d{n}")) for n in range(10)]
+    await asyncio.wait_for(pipe.drain(), 10)
+    assert all(c.done() and not c.exception() for c in calls)
+    assert in_use(redis) == 0
+    # And it is usable afterwards.
+    assert await pipe.call("again") == 11
+
+
+async def test_an_idle_connection_that_died_is_replaced_without_failing_a_call(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+) -> None:
+    server = await make_redis_server()
+    client: Redis = Redis.from_url(server.url)
+    try:
+        pipe, _ = pipeline(client, linger=3600.0)
+        assert await pipe.call("before") == 1
+        server.kill()  # the pipeline still holds its (now dead) connection
+        await server.start()
+        # The first call after the restart succeeds: nothing was in flight, so nothing
+        # needed to fail.
+        assert await pipe.call("after") >= 1
+        assert "after" in await ran(client)
+    finally:
+        await client.aclose()
+
+
+async def test_redis_down_fails_calls_fast_and_they_succeed_once_it_is_back(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+) -> None:
+    server = await make_redis_server()
+    client: Redis = Redis.from_url(server.url, socket_connect_timeout=1)
+    try:
+        pipe, _ = pipeline(client)
+        await server.stop()
+        results = await asyncio.gather(*(pipe.call(f"x{n}") for n in range(5)),
+                                       return_exceptions=True)  # fmt: skip
+        assert all(isinstance(r, RedisUnavailableError) for r in results)
+        assert in_use(client) == 0
+        await server.start()
+        assert await pipe.call("back") >= 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_batch_redis_refuses_fails_alone_and_the_connection_stays_usable(
+    redis: Redis,
+) -> None:
+    pipe, _ = pipeline(redis)
+    assert await pipe.call("ok") == 1
+    await redis.config_set("maxmemory", 1)  # with noeviction: every write is refused (OOM)
+    try:
+        with pytest.raises(RedisUnavailableError):
+            await pipe.call("refused")
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert await pipe.call("ok-again") == 2
+    assert await ran(redis) == ["ok", "ok-again"]
+
+
+async def test_a_flushed_script_cache_fails_one_batch_then_is_reloaded(redis: Redis) -> None:
+    pipe, _ = pipeline(redis, linger=3600.0)
+    assert await pipe.call("first") == 1
+    await redis.script_flush()
+    with pytest.raises(RedisUnavailableError):
+        await pipe.call("noscript")
+    assert await pipe.call("reloaded") == 2
+    assert await ran(redis) == ["first", "reloaded"]
+
+
+async def test_redis_that_stops_answering_fails_the_calls_within_the_timeout(
+    redis_url: str,
+) -> None:
+    client: Redis = Redis.from_url(redis_url)
+    admin: Redis = Redis.from_url(redis_url)
+    try:
+        pipe, _ = pipeline(client, timeout=0.5)
+        assert await pipe.call("before") == 1
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        try:
+            with pytest.raises(RedisUnavailableError, match="TimeoutError"):
+                await asyncio.wait_for(pipe.call("stuck"), 5)
+        finally:
+            await admin.execute_command("CLIENT", "UNPAUSE")
+        # The connection whose reply was lost is dropped; a new one takes over.
+        assert await pipe.call("after") >= 2
+    finally:
+        await client.aclose()
+        await admin.aclose()
