@@ -243,7 +243,11 @@ def scrub(text: str, sink: SinkConfig) -> str:
     if sink.secret is not None:
         secrets.append(sink.secret.get())
     parts = urlsplit(sink.url)
-    secrets += [p for p in (parts.password, parts.username, parts.query) if p]
+    # Webhook URLs often carry their credential in the path (…/hooks/T01/B02/XyZ…):
+    # the path goes too, whole and by segment, unless it is too short to be one.
+    segments = [seg for seg in parts.path.split("/") if len(seg) >= 8]
+    path = parts.path if len(parts.path) >= 8 else ""
+    secrets += [p for p in (parts.password, parts.username, parts.query, path, *segments) if p]
     for s in sorted(secrets, key=len, reverse=True):
         text = text.replace(s, "***")
     return " ".join(text.split())[:ERROR_MAX_CHARS]

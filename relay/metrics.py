@@ -103,6 +103,14 @@ class Metrics:
             ["tenant", "source"],
             registry=r,
         )
+        self.poll_windows = Counter(
+            f"{p}_poll_windows_total",
+            "Poll windows by outcome: ok (read to the end, watermark advanced), api_error, "
+            "auth_error, broken_chain (Chert's cursors repeated: watermark kept, the window "
+            "repeats), upstream_error (Chert unreachable), redis_unavailable.",
+            ["tenant", "outcome"],
+            registry=r,
+        )
         self.poll_watermark_age = Gauge(
             f"{p}_poll_watermark_age_seconds",
             "Age of the poller's watermark (newest created_at ingested) after each window.",

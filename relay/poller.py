@@ -422,9 +422,11 @@ class TenantPoller:
 
     async def window_guarded(self) -> RowsResult | None:
         """:meth:`window`, with every expected failure logged and waited out."""
+        windows = self._metrics.poll_windows
         try:
             result = await self.window()
         except ChertApiError as e:
+            windows.labels(self.slug, "auth_error" if e.is_auth else "api_error").inc()
             if e.is_auth:
                 await self._auth_failed(e)
             else:
@@ -432,15 +434,19 @@ class TenantPoller:
                             self.slug, e.status, e.code, e.message, e.trace_id or "-")  # fmt: skip
             return None
         except ChertPagingError as e:
+            windows.labels(self.slug, "broken_chain").inc()
             log.warning("tenant %s: poll window failed, watermark kept (the window repeats): %s",
                         self.slug, e)  # fmt: skip
             return None
         except UpstreamError as e:
+            windows.labels(self.slug, "upstream_error").inc()
             log.warning("tenant %s: poll failed: %s", self.slug, e)
             return None
         except (RedisUnavailableError, *REDIS_TRANSIENT) as e:
+            windows.labels(self.slug, "redis_unavailable").inc()
             self._redis_down(e)
             return None
+        windows.labels(self.slug, "ok").inc()
         self._redis_trouble = False
         if self._auth_error is not None:
             log.info("tenant %s: Chert accepts the relay's credentials again", self.slug)

@@ -296,6 +296,19 @@ def test_errors_never_carry_secrets() -> None:
     assert len(text) <= 300
 
 
+def test_errors_never_carry_a_token_in_the_sink_urls_path() -> None:
+    url = "https://hooks.example/services/T0ABCDEF1/B0GHIJKL2/xYz123secretToken456"
+    cfg = config_with("redis://127.0.0.1:1/0", [sink_conf("s", url)])
+    sink = cfg.tenants[0].sinks[0]
+    for error in (f"InvalidUrlClientError: {url}", "bad segment xYz123secretToken456 seen"):
+        text = scrub(error, sink)
+        assert "xYz123secretToken456" not in text
+        assert "T0ABCDEF1" not in text
+    # A short path is not taken for a secret: the error stays readable.
+    short = config_with("redis://127.0.0.1:1/0", [sink_conf("s", "http://127.0.0.1:9/hook")])
+    assert scrub("POST /hook failed", short.tenants[0].sinks[0]) == "POST /hook failed"
+
+
 async def test_metrics_read_queue_and_breakers_at_scrape_time(redis: Redis, redis_url: str) -> None:
     cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
     rt = runtime(redis, cfg)

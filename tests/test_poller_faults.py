@@ -90,6 +90,16 @@ async def test_a_broken_cursor_chain_keeps_the_watermark_and_a_whole_one_advance
             want = parse_timestamp(newest[0]["created_at"])
             assert float(await redis.get(rt.keys.watermark(TENANT)) or b"0") == want
             assert poller.windows == 1
+
+            def windows(outcome: str) -> float:
+                return (
+                    metrics.registry.get_sample_value(
+                        "chert_relay_poll_windows_total", {"tenant": TENANT, "outcome": outcome}
+                    )
+                    or 0.0
+                )
+
+            assert (windows("broken_chain"), windows("ok")) == (1, 1)
     for r in newest + older + oldest:
         assert await seen(redis, r["event_id"]), r["event_id"]
 
