@@ -199,6 +199,11 @@ class TenantPoller:
         self._auth_error: tuple[int, int] | None = None
         self._redis_trouble = False
         self.windows = 0  # completed windows (for tests and status)
+        # For /api/pollers: the last window's end and outcome, the last failure's text.
+        self.last_window_at: float | None = None
+        self.last_outcome: str | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     # --- configuration and pauses ----------------------------------------------------
 
@@ -422,11 +427,10 @@ class TenantPoller:
 
     async def window_guarded(self) -> RowsResult | None:
         """:meth:`window`, with every expected failure logged and waited out."""
-        windows = self._metrics.poll_windows
         try:
             result = await self.window()
         except ChertApiError as e:
-            windows.labels(self.slug, "auth_error" if e.is_auth else "api_error").inc()
+            self._outcome("auth_error" if e.is_auth else "api_error", e)
             if e.is_auth:
                 await self._auth_failed(e)
             else:
@@ -434,24 +438,32 @@ class TenantPoller:
                             self.slug, e.status, e.code, e.message, e.trace_id or "-")  # fmt: skip
             return None
         except ChertPagingError as e:
-            windows.labels(self.slug, "broken_chain").inc()
+            self._outcome("broken_chain", e)
             log.warning("tenant %s: poll window failed, watermark kept (the window repeats): %s",
                         self.slug, e)  # fmt: skip
             return None
         except UpstreamError as e:
-            windows.labels(self.slug, "upstream_error").inc()
+            self._outcome("upstream_error", e)
             log.warning("tenant %s: poll failed: %s", self.slug, e)
             return None
         except (RedisUnavailableError, *REDIS_TRANSIENT) as e:
-            windows.labels(self.slug, "redis_unavailable").inc()
+            self._outcome("redis_unavailable", e)
             self._redis_down(e)
             return None
-        windows.labels(self.slug, "ok").inc()
+        self._outcome("ok")
         self._redis_trouble = False
         if self._auth_error is not None:
             log.info("tenant %s: Chert accepts the relay's credentials again", self.slug)
             self._auth_error = None
         return result
+
+    def _outcome(self, outcome: str, error: BaseException | None = None) -> None:
+        self._metrics.poll_windows.labels(self.slug, outcome).inc()
+        self.last_window_at = time.time()
+        self.last_outcome = outcome
+        if error is not None:
+            self.last_error = f"{outcome}: {error}"[:300]
+            self.last_error_at = self.last_window_at
 
     async def _auth_failed(self, e: ChertApiError) -> None:
         key = (e.status, e.code)

@@ -30,6 +30,8 @@ from relay.errors import ConfigError
 from relay.ingest import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
+from relay.poller import Poller
+from relay.poller_api import PollerStatusApi
 from relay.receiver import Receiver
 from relay.redis_client import check_server, connect, redact_url
 from relay.redis_server import open_redis_url
@@ -184,6 +186,7 @@ class Service:
         if "admin" in self.wanted and cfg.admin.listen is not None:
             admin = Admin(cfg, rt.redis, rt.metrics)
             admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
+            admin.add_api_routes(PollerStatusApi(rt, self._poller).routes())
         for name in reversed(STOP_ORDER):
             if name not in self.wanted:
                 continue
@@ -203,6 +206,10 @@ class Service:
             if start is not None:
                 await start()
             self.roles[name] = role
+
+    def _poller(self) -> Poller | None:
+        role = self.roles.get("poller")
+        return role if isinstance(role, Poller) else None
 
     async def _stop_when_asked(self, rt: Runtime) -> None:
         await self._stop.wait()
