@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -174,6 +174,16 @@ class Receiver:
                 413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
                 started,
             )  # fmt: skip
+        if "Expect" in request.headers:
+            # No router here to answer it: a client that asks waits for this line.
+            if request.headers["Expect"].lower() != "100-continue":
+                return self._reject(
+                    417, slug, "bad_expect", "only Expect: 100-continue is understood", request,
+                    started,
+                )  # fmt: skip
+            if request.version >= HttpVersion11:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:

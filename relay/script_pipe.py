@@ -113,8 +113,12 @@ class ScriptPipeline(Generic[T]):
         self._max_inflight = max_inflight
         self._observe = observe
         self.linger = linger
+        # Waiting to be sent, in three parallel lists: the item, its caller's future and
+        # when it arrived (loop time). ``timeout`` runs from arrival: getting a
+        # connection and waiting for room in flight count against it.
         self._items: list[T] = []
         self._futures: list[asyncio.Future[Any]] = []
+        self._arrived: list[float] = []
         self._inflight: collections.deque[_Batch] = collections.deque()
         self._flush_scheduled = False
         self._conn: AbstractConnection | None = None  # held by the session, usable
@@ -138,6 +142,7 @@ class ScriptPipeline(Generic[T]):
         fut: asyncio.Future[Any] = loop.create_future()
         self._items.append(item)
         self._futures.append(fut)
+        self._arrived.append(loop.time())
         if len(self._items) >= self._flush_at and self._conn is not None:
             self._send()
         elif not self._flush_scheduled:
@@ -149,15 +154,17 @@ class ScriptPipeline(Generic[T]):
         """Wait until every call already made has been answered (or failed)."""
         while True:
             owed = [*self._futures, *(f for b in self._inflight for f in b.futures)]
+            owed = [f for f in owed if not f.done()]  # a cancelled caller is owed nothing
             if not owed:
                 break
             if self._session is None and not self._flush_scheduled:
                 self._flush()
             await asyncio.wait(owed)
-        # Give the connection back now rather than after the linger.
-        self._release_now = True
-        self._poke()
         if self._session is not None:
+            # Give the connection back now rather than after the linger (once any
+            # batch still in flight for a cancelled caller has been answered).
+            self._release_now = True
+            self._poke()
             await asyncio.wait({self._session})
 
     def _flush(self) -> None:
@@ -173,14 +180,15 @@ class ScriptPipeline(Generic[T]):
         """Write batches of waiting items, as many as may be in flight. Never blocks."""
         conn = self._conn
         assert conn is not None
-        loop = asyncio.get_running_loop()
         while self._items and len(self._inflight) < self._max_inflight:
             writer = _writer(conn)
             if writer is None:
                 self._poke()  # the connection is gone: the session ends, the next reconnects
                 return
-            items, futures = self._items[: self._max_batch], self._futures[: self._max_batch]
-            del self._items[: self._max_batch], self._futures[: self._max_batch]
+            n = self._max_batch
+            items, futures, deadline = self._items[:n], self._futures[:n], self._arrived[0]
+            del self._items[:n], self._futures[:n], self._arrived[:n]
+            deadline += self.timeout
             try:
                 nargs, args = self._build(items)
             except BaseException as e:
@@ -188,7 +196,7 @@ class ScriptPipeline(Generic[T]):
                 raise
             head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
             writer.writelines([head, *args])
-            self._sent(conn, _Batch(futures, loop.time() + self.timeout))
+            self._sent(conn, _Batch(futures, deadline))
 
     def _send_load(self, conn: AbstractConnection) -> None:
         writer = _writer(conn)
@@ -214,9 +222,13 @@ class ScriptPipeline(Generic[T]):
         pool = self._client.connection_pool
         try:
             try:
-                conn: AbstractConnection = await pool.get_connection()
-            except REDIS_TRANSIENT as e:
-                log.warning("Redis unavailable for %d ingest(s): %s", len(self._items), e)
+                oldest = self._arrived[0] if self._arrived else loop.time()
+                async with asyncio.timeout_at(oldest + self.timeout):
+                    conn: AbstractConnection = await pool.get_connection()
+            except Exception as e:
+                # Transient or not (a server that is not Redis, say): whoever waits gets
+                # "unavailable" now; the next call tries again.
+                log.warning("Redis unavailable for %d ingest(s): %r", len(self._items), e)
                 self._fail_waiting(e)
                 return
             saved_timeout = conn.socket_timeout
@@ -255,6 +267,10 @@ class ScriptPipeline(Generic[T]):
                     await asyncio.wait({self._reader})
                 conn.socket_timeout = saved_timeout
                 await pool.release(conn)
+        except asyncio.CancelledError as e:
+            # The loop is being torn down: nobody may be left waiting, nothing restarted.
+            self._fail_waiting(e)
+            raise
         finally:
             self._session = None
             if self._items and not self._flush_scheduled:
@@ -316,7 +332,7 @@ class ScriptPipeline(Generic[T]):
 
     def _fail_waiting(self, e: BaseException) -> None:
         futures = self._futures
-        self._items, self._futures = [], []
+        self._items, self._futures, self._arrived = [], [], []
         _fail(futures, e)
 
 

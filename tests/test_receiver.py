@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -248,3 +249,38 @@ async def test_redis_down_is_503_then_the_same_request_succeeds(
         assert await client.zcard(QUEUE) == 2
     finally:
         await client.aclose()
+
+
+async def _raw_exchange(h: Harness, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+    """Send ``head``; read what comes before the body is sent; send it; read the rest."""
+    assert h.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    try:
+        writer.write(head)
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(body)
+        rest = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        return first, rest
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body(h: Harness, redis: Redis) -> None:
+    raw, headers = signed(envelope("x100"))
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(raw)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "Expect: 100-continue\r\n\r\n"
+    ).encode()
+    first, rest = await _raw_exchange(h, head, raw)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 202")
+    assert await queued(redis) == [job("all", "x100"), job("crm", "x100")]
+
+
+async def test_an_unknown_expectation_is_417(h: Harness, redis: Redis) -> None:
+    resp = await h.client.post(URL, data=b"{}", headers={"Expect": "something-else"})
+    assert resp.status == 417
+    assert (await resp.json())["error"] == "bad_expect"
+    assert h.rejected("bad_expect") == 1
+    assert await queued(redis) == []

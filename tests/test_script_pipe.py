@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
+from relay.redis_client import connect
 from relay.redis_server import EmbeddedRedis
 from relay.script_pipe import ScriptPipeline, bulk
 
@@ -159,3 +161,58 @@ async def test_redis_that_stops_answering_fails_the_calls_within_the_timeout(
     finally:
         await client.aclose()
         await admin.aclose()
+
+
+async def _tcp_server(reply: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
+    """A TCP server that is not Redis: answers anything with ``reply`` (None: never)."""
+    opened: list[int] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(1)
+        with contextlib.suppress(Exception):
+            while await reader.read(4096):
+                if reply is not None:
+                    writer.write(reply)
+        writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], opened
+
+
+async def test_a_server_that_is_not_redis_fails_the_call_instead_of_hanging_it() -> None:
+    server, port, opened = await _tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    client = connect(f"redis://127.0.0.1:{port}", timeout=1.0)
+    try:
+        pipe, _ = pipeline(client, timeout=0.5)
+        with pytest.raises(RedisUnavailableError):
+            await asyncio.wait_for(pipe.call("x"), 10)
+        assert len(opened) <= 2  # no reconnecting in a loop
+        await asyncio.wait_for(pipe.drain(), 10)
+    finally:
+        server.close()
+        await client.aclose()
+
+
+async def test_getting_a_connection_counts_against_the_timeout() -> None:
+    # A frozen Redis: the kernel accepts the connection, nothing ever answers. The call
+    # fails at the ingest timeout (0.5 s), not at the connect timeout (60 s).
+    server, port, _ = await _tcp_server(None)
+    client = connect(f"redis://127.0.0.1:{port}", timeout=60.0)
+    try:
+        pipe, _ = pipeline(client, timeout=0.5)
+        with pytest.raises(RedisUnavailableError, match="TimeoutError"):
+            await asyncio.wait_for(pipe.call("x"), 30)
+    finally:
+        server.close()
+        await client.aclose()
+
+
+async def test_draining_an_idle_pipeline_does_not_cut_the_next_linger(redis: Redis) -> None:
+    pipe, _ = pipeline(redis, linger=3600.0)
+    await pipe.drain()  # nothing to drain, no connection held
+    # No "give it back now" order may be left over for the next session.
+    assert not pipe._release_now
+    assert await pipe.call("a") == 1
+    assert in_use(redis) == 1  # held for the linger
+    await pipe.drain()
+    assert in_use(redis) == 0
