@@ -153,6 +153,7 @@ class ScriptPipeline(Generic[T]):
     async def drain(self) -> None:
         """Wait until every call already made has been answered (or failed)."""
         while True:
+            self._drop_cancelled()
             owed = [*self._futures, *(f for b in self._inflight for f in b.futures)]
             owed = [f for f in owed if not f.done()]  # a cancelled caller is owed nothing
             if not owed:
@@ -329,6 +330,15 @@ class ScriptPipeline(Generic[T]):
     def _fail_inflight(self, e: BaseException) -> None:
         while self._inflight:
             _fail(self._inflight.popleft().futures, e)
+
+    def _drop_cancelled(self) -> None:
+        """Forget waiting items whose callers went away: nobody would read the answer,
+        and a drained pipeline must not open a connection for them later."""
+        if any(f.done() for f in self._futures):
+            keep = [i for i, f in enumerate(self._futures) if not f.done()]
+            self._items = [self._items[i] for i in keep]
+            self._futures = [self._futures[i] for i in keep]
+            self._arrived = [self._arrived[i] for i in keep]
 
     def _fail_waiting(self, e: BaseException) -> None:
         futures = self._futures

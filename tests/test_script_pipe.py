@@ -216,3 +216,18 @@ async def test_draining_an_idle_pipeline_does_not_cut_the_next_linger(redis: Red
     assert in_use(redis) == 1  # held for the linger
     await pipe.drain()
     assert in_use(redis) == 0
+
+
+async def test_a_drained_pipeline_opens_nothing_for_callers_that_went_away(
+    redis: Redis,
+) -> None:
+    pipe, _ = pipeline(redis)
+    call = asyncio.ensure_future(pipe.call("abandoned"))
+    await asyncio.sleep(0)  # the call is queued; the flush is scheduled for the next turn
+    call.cancel()
+    await pipe.drain()
+    for _ in range(3):  # let the scheduled flush run
+        await asyncio.sleep(0)
+    assert pipe._session is None  # no connection taken for nobody
+    assert in_use(redis) == 0
+    assert await ran(redis) == []
