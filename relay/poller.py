@@ -78,6 +78,19 @@ return 0
 """
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that something below swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every send when a
+    socket timeout is set) returns its result instead of raising when its caller is
+    cancelled just as the inner call finishes. A loop that carried on would outlive
+    its role's stop. Every loop here checks at the top of each turn.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     """Cancel ``task`` and wait for it to end (without swallowing our own cancellation)."""
     task.cancel()
@@ -241,6 +254,7 @@ class TenantPoller:
         poll = self.tenant.poll
         try:
             while True:
+                _raise_if_cancelled()
                 try:
                     got = await self.lease.acquire()
                     self._redis_trouble = False
@@ -270,6 +284,7 @@ class TenantPoller:
         mode = ""
         try:
             while True:
+                _raise_if_cancelled()
                 self._changed.clear()
                 if work is not None and work.done():
                     if not work.cancelled() and work.exception() is not None:
@@ -316,6 +331,7 @@ class TenantPoller:
         if mode == "always":
             self._set_mode("always")
             while True:
+                _raise_if_cancelled()
                 await self.window_guarded()
                 await self._pause(self.tenant.poll.interval)
         elif mode == "sse":
@@ -329,12 +345,14 @@ class TenantPoller:
 
     async def _reconcile_loop(self) -> None:
         while True:
+            _raise_if_cancelled()
             await self.window_guarded()
             await self._pause(self.tenant.poll.reconcile_every)
 
     async def _fallback_loop(self) -> None:
         next_sweep = 0.0  # monotonic: sweep at once on taking the lease
         while True:
+            _raise_if_cancelled()
             poll = self.tenant.poll
             try:
                 await self._check_lapse()
@@ -486,6 +504,7 @@ class TenantPoller:
         resume: float | None = None  # newest created_at seen on the stream
         failures = 0
         while True:
+            _raise_if_cancelled()
             poll = self.tenant.poll
             reason = "eof"
             try:
@@ -554,6 +573,7 @@ class Poller:
         self._session: aiohttp.ClientSession | None = None
         self.tenants: dict[str, TenantPoller] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retired: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -582,6 +602,9 @@ class Poller:
                 task = self._tasks.pop(slug)
                 self.tenants.pop(slug)
                 task.cancel()
+                # Still releasing its lease: stop() waits for it too.
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
         for slug, tenant in wanted.items():
             if slug in self.tenants:
                 self.tenants[slug].set_config(tenant)
@@ -595,7 +618,7 @@ class Poller:
     async def stop(self) -> None:
         """Cancel every tenant task (a window cut short repeats later) and release the leases."""
         self._stop.set()
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._retired]
         self._tasks.clear()
         for task in tasks:
             task.cancel()

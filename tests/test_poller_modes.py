@@ -72,6 +72,11 @@ async def test_fallback_switches_to_fast_polling_when_webhooks_stop_and_back(
         async with running_relay(config) as service:
             sim.tenants[TENANT].webhook_url = webhook_url(service)
             await wait_for(lambda: mode_gauge(service, "reconcile") == 1)
+            # The window the poller runs on taking the lease is over: the next events
+            # can only come by webhook until webhooks lapse.
+            poller = service.roles["poller"]
+            assert isinstance(poller, Poller)
+            await wait_for(lambda: poller.tenants[TENANT].windows >= 1)
             m = metrics(service)
             # Webhooks flow: events arrive by webhook, the poller stays slow.
             first = sim.emit(TENANT, count=3)
@@ -158,6 +163,11 @@ async def test_sse_mode_across_lifetimes_and_a_forced_disconnect(
         async with running_relay(config) as service:
             m = metrics(service)
             await wait_for(lambda: sim.open_streams == 1)
+            # The catch-up window that starts with the stream is over: from here on,
+            # events can only come by the stream.
+            poller = service.roles["poller"]
+            assert isinstance(poller, Poller)
+            await wait_for(lambda: poller.tenants[TENANT].windows >= 1)
             rows = []
             for i in range(4):
                 opened = sample(m, "chert_relay_sse_connections_total", tenant=TENANT)
