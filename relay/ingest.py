@@ -5,11 +5,11 @@ the dedupe window, store the envelope once, and enqueue one arq job per matching
 sink. An event already seen writes nothing, and nothing is marked seen unless its
 jobs are enqueued in the same step.
 
-Concurrent ingests are group-committed: every call made while a batch is being
-written joins the next batch, which goes to Redis as one ``EVALSHA``. Under load
-this turns hundreds of Redis round trips (and their client-side overhead) into a
-few, and with ``appendfsync always`` it also shares one fsync among the batch;
-a lone event still goes out at once, on the next turn of the event loop.
+Concurrent ingests are group-committed into batches, one ``EVALSHA`` each, and the
+batches are pipelined on one Redis connection (:mod:`relay.script_pipe`): a batch
+goes out once 16 events wait, or at the next turn of the event loop with whatever
+arrived, so a lone event is not held back. Under load this turns hundreds of Redis
+round trips into a few, and with ``appendfsync always`` events share fsyncs.
 """
 
 from __future__ import annotations
