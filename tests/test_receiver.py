@@ -6,17 +6,21 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from relay import queue
 from relay.ingest import Ingestor
+from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.receiver import Receiver
 from relay.redis_client import connect
+from relay.redis_server import EmbeddedRedis, free_port
 from tests.conftest import (
     OTHER_SECRET,
     SINK_SECRET,
@@ -26,6 +30,7 @@ from tests.conftest import (
     log_row,
     make_config,
     signed,
+    wait_for,
 )
 
 SINKS = [
@@ -284,3 +289,45 @@ async def test_an_unknown_expectation_is_417(h: Harness, redis: Redis) -> None:
     assert (await resp.json())["error"] == "bad_expect"
     assert h.rejected("bad_expect") == 1
     assert await queued(redis) == []
+
+
+async def test_redis_killed_during_a_burst_loses_no_acknowledged_event(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    """Every webhook answered 2xx is in Redis after a crash (SIGKILL, AOF with
+    ``appendfsync always``); every other one was answered 503 and can be retried."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    await server.start()
+    client = connect(server.url, timeout=1.0)
+    try:
+        h2 = await make_harness(aiohttp_client, client, server={"ingest_timeout": 2.0})
+        answers: dict[str, int] = {}
+
+        async def send(i: int) -> None:
+            event_id = f"crash:{i}"
+            raw, headers = signed(envelope(event_id))
+            try:
+                resp = await h2.client.post(URL, data=raw, headers=headers)
+                answers[event_id] = resp.status
+            except aiohttp.ClientError:
+                answers[event_id] = 0
+
+        burst = [asyncio.ensure_future(send(i)) for i in range(400)]
+        await wait_for(lambda: sum(s == 202 for s in answers.values()) >= 50, timeout=30)
+        server.kill()  # mid-burst, as a crash
+        await asyncio.gather(*burst)
+        acked = [e for e, s in answers.items() if 200 <= s < 300]
+        refused = [e for e, s in answers.items() if s == 503]
+        assert acked  # the crash did land in the middle of the burst
+        assert refused
+        assert len(acked) + len(refused) == 400  # nothing else: no 4xx, no hang
+        await server.start()  # same directory: the AOF replays
+        keys = Keys("chert-relay")
+        for event_id in acked:
+            assert await client.exists(keys.seen(TENANT, event_id)), event_id
+            assert await client.hget(keys.event(TENANT, event_id), "body"), event_id
+            for sink in ("all", "crm"):
+                assert await client.zscore(QUEUE, job(sink, event_id)) is not None
+    finally:
+        await client.aclose()
+        await server.stop()
