@@ -102,9 +102,9 @@ class ScriptPipeline(Generic[T]):
         linger: float = 1.0,
     ) -> None:
         self._client = client
-        self._source = source.encode()
-        self._load = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(self._source)
-        self._sha = hashlib.sha1(self._source).hexdigest().encode()  # noqa: S324 - Redis' id
+        script = source.encode()
+        self._load = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(script)
+        self._sha = hashlib.sha1(script).hexdigest().encode()  # noqa: S324 - Redis' id
         self._loading = False
         self._build = build
         self.timeout = timeout
