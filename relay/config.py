@@ -292,7 +292,7 @@ class TenantConfig(_Section):
     signature_tolerance: Duration = Field(300.0, gt=0)
     api: ApiConfig = Field(default_factory=ApiConfig)
     poll: PollConfig = Field(default_factory=PollConfig)
-    sinks: list[SinkConfig] = Field(min_length=1)
+    sinks: list[SinkConfig] = Field(min_length=1, max_length=1000)
 
     @field_validator("sinks")
     @classmethod

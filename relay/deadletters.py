@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from relay import queue
+from relay import queue, stored_event
 from relay.config import Config
 from relay.errors import DeadLetterError
 from relay.ingest import EXPIRY_MARGIN_S
@@ -75,8 +75,7 @@ if redis.call('EXISTS', KEYS[5]) == 0 then
   redis.call('ZADD', KEYS[6], ARGV[2], job_id)
 else
   -- a job for this (event, sink) is already queued: it carries the delivery
-  local n = redis.call('HINCRBY', KEYS[4], 'n', -1)
-  if n <= 0 then redis.call('DEL', KEYS[4]) end
+  event_release(KEYS[4])
 end
 redis.call('DEL', KEYS[10])
 redis.call('HINCRBY', KEYS[3], cls, -1)
@@ -92,8 +91,7 @@ if not cls then return 0 end
 redis.call('HINCRBY', KEYS[3], cls, -1)
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-local n = redis.call('HINCRBY', KEYS[4], 'n', -1)
-if n <= 0 then redis.call('DEL', KEYS[4]) end
+event_release(KEYS[4])
 return 1
 """
 
@@ -206,8 +204,8 @@ class DeadLetterStore:
 
     def __init__(self, redis_client: Redis, config: Config) -> None:
         self._redis = redis_client
-        self._replay = redis_client.register_script(_REPLAY)
-        self._purge = redis_client.register_script(_PURGE)
+        self._replay = redis_client.register_script(stored_event.LUA + _REPLAY)
+        self._purge = redis_client.register_script(stored_event.LUA + _PURGE)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -262,10 +260,8 @@ class DeadLetterStore:
 
     async def payload(self, tenant: str, event_id: str) -> bytes | None:
         """The stored envelope a dead letter would deliver."""
-        body = await _aw(self._redis.hget(self._keys.event(tenant, event_id), "body"))
-        if isinstance(body, str):
-            return body.encode()
-        return body
+        stored = await _aw(self._redis.get(self._keys.event(tenant, event_id)))
+        return None if stored is None else stored_event.parse(stored).body
 
     async def counts(self) -> dict[tuple[str, str], int]:
         """Stored dead letters by (tenant, class)."""

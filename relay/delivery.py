@@ -60,7 +60,7 @@ from arq.constants import job_key_prefix, retry_key_prefix
 from arq.worker import Retry
 from redis.asyncio import Redis
 
-from relay import __version__, breaker, deadletters, logs, queue
+from relay import __version__, breaker, deadletters, logs, queue, stored_event
 from relay.config import Config, SinkConfig
 from relay.keys import Keys
 from relay.metrics import Metrics
@@ -81,8 +81,8 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 #       open_jitter_ms, half_open_ms
 _CLAIM = """
 local now, job_id = tonumber(ARGV[1]), ARGV[2]
-local ev = redis.call('HMGET', KEYS[1], 'body', 'type', 'ts', 'src', 'at')
-if not ev[1] then return {'missing'} end
+local ev = event_read(KEYS[1])
+if not ev then return {'missing'} end
 local st = redis.call('HMGET', KEYS[2], 'a', 'dl', 'due', 'first', 'last', 'st', 'err', 'src')
 local a = tonumber(st[1]) or 0
 local dl = tonumber(st[2])
@@ -147,8 +147,7 @@ if outcome == 'dead' then
   redis.call('PERSIST', KEYS[1])
   if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11]) end
 elseif outcome == 'ok' then
-  local n = redis.call('HINCRBY', KEYS[1], 'n', -1)
-  if n <= 0 then redis.call('DEL', KEYS[1]) end
+  event_release(KEYS[1])
 end
 return outcome
 """
@@ -290,8 +289,10 @@ class Deliverer:
         self._session = session
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
-        self._claim = redis_client.register_script(breaker.LUA + _CLAIM)
-        self._finish = redis_client.register_script(breaker.LUA + deadletters.LUA_ADD + _FINISH)
+        self._claim = redis_client.register_script(stored_event.LUA + breaker.LUA + _CLAIM)
+        self._finish = redis_client.register_script(
+            stored_event.LUA + breaker.LUA + deadletters.LUA_ADD + _FINISH
+        )
         self._release = redis_client.register_script(breaker.LUA + _RELEASE)
         self._reschedule = redis_client.register_script(_RESCHEDULE)
         self._signing_keys: dict[str, bytes | None] = {}
@@ -592,15 +593,16 @@ class Deliverer:
         k = self._keys
         keys = self._keys_for(tenant, sink, event_id, job_id)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.event(tenant, event_id), ["type"])
+            pipe.get(k.event(tenant, event_id))
             pipe.hmget(k.attempts(tenant, sink, event_id), ["a", "first", "last"])
-            found, att = await pipe.execute()
+            stored, att = await pipe.execute()
         now = _now_ms()
-        if found[0] is None:
+        if stored is None:
             await self._finish_call(keys, now, job_id, "drop")
             return
         entry = deadletters.DeadLetter(
-            tenant=tenant, sink=sink, event_id=event_id, event_type=_text(found[0]), cls=cls,
+            tenant=tenant, sink=sink, event_id=event_id, event_type=stored_event.parse(stored).type,
+            cls=cls,
             status=None, error=error, attempts=int(att[0] or 0),
             first_attempt=_ms(att[1]), last_attempt=_ms(att[2]), dead_lettered_at=now / 1000,
         )  # fmt: skip

@@ -1,15 +1,15 @@
 -- Ingest a batch of events atomically, per event: mark (tenant, event_id) seen,
--- store the envelope once, and enqueue one arq job per matching sink. An event
+-- store the event once, and enqueue one arq job per matching sink. An event
 -- already seen writes nothing. Keys are built from the prefix (standalone Redis
 -- only, as arq itself). The batch also records when each tenant's last webhook came.
 --
 -- ARGV: prefix, queue, arq_job_prefix, now_ms,
 --   n_webhook_tenants, then that many tenant slugs,
 --   n_events, then per event:
---     tenant, event_id, body, type, ts, source, event_ttl_ms, n_jobs,
---     (event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
---     outlives every job the event gets)
---     then per job: sink, job_ttl_ms
+--     tenant, event_id, stored, event_ttl_ms, n_jobs, then per job: sink, job_ttl_ms
+--   stored: the stored event (relay.stored_event) counting n_jobs users
+--   event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
+--   outlives every job the event gets
 -- Returns one integer per event: 1 new, 0 duplicate.
 local prefix, queue, jobp = ARGV[1], ARGV[2], ARGV[3]
 local now = ARGV[4]
@@ -25,16 +25,11 @@ i = i + 1
 local out = {}
 local queued = {}  -- score, job id, score, job id, ...: one ZADD for the whole batch
 for e = 1, n do
-  local tenant, event_id, body, etype = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local ts, source, ev_ttl = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local njobs = tonumber(ARGV[i + 7])
-  i = i + 8
+  local tenant, event_id, stored, ev_ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local njobs = tonumber(ARGV[i + 4])
+  i = i + 5
   local tail = tenant .. ':' .. event_id
   if redis.call('SET', prefix .. ':seen:' .. tail, now, 'NX', 'PX', ev_ttl) then
-    local ev_key = prefix .. ':ev:' .. tail
-    -- The stored event may outlive its seen mark: a dead letter keeps it (no expiry)
-    -- until replayed or purged. Then add to its users instead of starting over.
-    local kept = redis.call('EXISTS', ev_key) == 1
     local id_json = cjson.encode(event_id)
     local created = 0
     for j = 1, njobs do
@@ -49,13 +44,18 @@ for e = 1, n do
         created = created + 1
       end
     end
-    if not kept then
-      redis.call('HSET', ev_key, 'body', body, 'type', etype, 'ts', ts, 'src', source,
-        'at', now, 'n', created)
-      redis.call('PEXPIRE', ev_key, ev_ttl)
-    elseif created > 0 then
-      redis.call('HSET', ev_key, 'at', now)
-      redis.call('HINCRBY', ev_key, 'n', created)
+    local ev_key = prefix .. ':ev:' .. tail
+    if created == 0 then
+      -- no delivery needs it
+    elseif redis.call('SET', ev_key, stored, 'NX', 'PX', ev_ttl) then
+      if created < njobs then
+        redis.call('SETRANGE', ev_key, 0, string.format('%04d', created))
+      end
+    else
+      -- Still stored past its seen mark: a dead letter keeps it (no expiry) until
+      -- replayed or purged. Add the new jobs to its users, from now.
+      local users = tonumber(redis.call('GETRANGE', ev_key, 0, 3)) or 0
+      redis.call('SETRANGE', ev_key, 0, string.format('%04d %013d', users + created, now))
       local ttl = redis.call('PTTL', ev_key)
       if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end
     end

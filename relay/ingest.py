@@ -1,9 +1,9 @@
 """Ingest: the one door into the pipeline, for every source (webhook, poll, SSE, backfill).
 
 One Lua script does, atomically and per event: mark ``(tenant, event_id)`` seen for
-the dedupe window, store the envelope once, and enqueue one arq job per matching
-sink. An event already seen writes nothing, and nothing is marked seen unless its
-jobs are enqueued in the same step.
+the dedupe window, store the event once (:mod:`relay.stored_event`), and enqueue one
+arq job per matching sink. An event already seen writes nothing, and nothing is
+marked seen unless its jobs are enqueued in the same step.
 
 Concurrent ingests are group-committed into batches, one ``EVALSHA`` each, and the
 batches are pipelined on one Redis connection (:mod:`relay.script_pipe`): a batch
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from relay import queue
+from relay import queue, stored_event
 from relay.config import Config
 from relay.envelope import Event
 from relay.script_pipe import ScriptPipeline, bulk, bulks
@@ -69,7 +69,7 @@ class Ingestor:
     ) -> None:
         self._counted: dict[tuple[str, str, bool], Counter] = {}
         self._metrics = metrics
-        self._sources = {s: bulk(s) for s in SOURCES}
+        self._sources = {s: s.encode() for s in SOURCES}
         self._pipe: ScriptPipeline[_Item] = ScriptPipeline(
             redis_client, LUA, self._build,
             timeout=config.server.ingest_timeout if timeout is None else timeout,
@@ -131,13 +131,14 @@ class Ingestor:
         if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
-        ts = b"" if event.timestamp is None else repr(event.timestamp).encode()
+        ts = b"-" if event.timestamp is None else repr(event.timestamp).encode()
         eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
-        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s%s" % (
-            self._tenants[tenant], len(eid), eid, len(body), body, len(etype), etype,
-            len(ts), ts, src, route.packed,
+        head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
+        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n%s" % (
+            self._tenants[tenant], len(eid), eid, len(head) + len(etype) + len(body), head,
+            etype, body, route.packed,
         )  # fmt: skip
-        return self._pipe.submit((tenant, source == "webhook", packed, 6 + route.nargs))
+        return self._pipe.submit((tenant, source == "webhook", packed, 3 + route.nargs))
 
     def ingested(self, tenant: str, source: str, new: bool) -> Counter:
         """The ``events_ingested_total`` child for these labels (looked up once)."""

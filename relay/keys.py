@@ -15,7 +15,7 @@ class Keys:
         return f"{self.prefix}:seen:{tenant}:{event_id}"
 
     def event(self, tenant: str, event_id: str) -> str:
-        """Hash: body, type, ts (Chert time), src, at (ingest ms), n (jobs created)."""
+        """The stored event, a string shared by its deliveries (:mod:`relay.stored_event`)."""
         return f"{self.prefix}:ev:{tenant}:{event_id}"
 
     def last_webhook(self, tenant: str) -> str:

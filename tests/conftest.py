@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from relay.config import Config, parse_config
 from relay.redis_server import EmbeddedRedis, free_port
 from relay.signing import webhook_headers
+from relay.stored_event import StoredEvent, parse
 
 WEBHOOK_SECRET = "7f3c1e9a5b2d4f6081a3c5e7f9b1d3e5a7c9e1f3b5d7f9a1c3e5b7d9f1a3c5e7"
 OTHER_SECRET = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9"
@@ -125,6 +126,12 @@ def config_dict(
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return data
+
+
+async def stored_event(redis: Redis, event_id: str, tenant: str = TENANT) -> StoredEvent | None:
+    """The event as ingest stored it, or None."""
+    raw = await redis.get(f"chert-relay:ev:{tenant}:{event_id}")
+    return None if raw is None else parse(raw)
 
 
 def make_config(**kwargs: Any) -> Config:

@@ -16,7 +16,7 @@ from relay.chert_api import ChertPagingError
 from relay.envelope import from_object
 from relay.errors import EXIT_UNAVAILABLE
 from relay.ingest import Ingestor
-from tests.conftest import TENANT, WEBHOOK_SECRET, log_row
+from tests.conftest import TENANT, WEBHOOK_SECRET, log_row, stored_event
 from tests.test_poller_lease import _write_config
 from tests.test_poller_support import (
     API_SECRET,
@@ -56,8 +56,9 @@ async def test_backfill_enqueues_what_was_never_seen_and_counts(
         new_jobs = (await enqueued(redis)) - before
         assert new_jobs == expected_jobs(in_range[5:])
         for r in in_range[5:]:
-            src = await redis.hget(f"chert-relay:ev:{TENANT}:{r['event_id']}", "src")
-            assert src == b"backfill"
+            stored = await stored_event(redis, r["event_id"])
+            assert stored is not None
+            assert stored.source == "backfill"
         for r in too_old + too_new:
             assert not await redis.exists(f"chert-relay:seen:{TENANT}:{r['event_id']}")
         assert "backfill: page 1" in out.getvalue()  # not a tty: plain lines

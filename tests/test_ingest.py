@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from relay import envelope, queue
 from relay.ingest import Ingestor
 from relay.keys import Keys
-from tests.conftest import TENANT, make_config
+from tests.conftest import TENANT, make_config, stored_event
 from tests.conftest import envelope as make_envelope
 
 
@@ -33,10 +33,10 @@ async def test_new_event_is_stored_once_and_queued_per_matching_sink(redis: Redi
         queue.delivery_job_id("chert-relay", TENANT, "crm", "e1"),
     ]
     keys = Keys("chert-relay")
-    stored = await redis.hgetall(keys.event(TENANT, "e1"))
-    assert json.loads(stored[b"body"])["event_id"] == "e1"
-    assert stored[b"src"] == b"webhook"
-    assert stored[b"n"] == b"2"
+    stored = await stored_event(redis, "e1")
+    assert stored is not None
+    assert json.loads(stored.body)["event_id"] == "e1"
+    assert (stored.source, stored.type, stored.users) == ("webhook", "message.received", 2)
     assert await redis.ttl(keys.seen(TENANT, "e1")) > 0
     assert await redis.get(keys.last_webhook(TENANT)) is not None
 
@@ -125,14 +125,15 @@ async def test_reingest_after_the_seen_mark_expired_keeps_a_dead_letters_payload
         job_id = queue.delivery_job_id("chert-relay", TENANT, sink, "dl1")
         await redis.delete(queue.JOB_KEY_PREFIX + job_id)
         await redis.zrem(queue.queue_name("chert-relay"), job_id)
-    await redis.hset(keys.event(TENANT, "dl1"), "n", 1)
+    await redis.setrange(keys.event(TENANT, "dl1"), 0, b"0001")
     await redis.persist(keys.event(TENANT, "dl1"))
     await redis.delete(keys.seen(TENANT, "dl1"))  # the dedupe window has passed
 
     assert await ing.ingest(TENANT, event("dl1"), "backfill")
-    stored = await redis.hgetall(keys.event(TENANT, "dl1"))
-    assert stored[b"n"] == b"3"  # the dead letter's hold plus two new jobs
-    assert stored[b"src"] == b"webhook"  # the stored event is not replaced
+    stored = await stored_event(redis, "dl1")
+    assert stored is not None
+    assert stored.users == 3  # the dead letter's hold plus two new jobs
+    assert stored.source == "webhook"  # the stored event is not replaced
     assert await redis.pttl(keys.event(TENANT, "dl1")) == -1  # still kept for the dead letter
     assert await redis.zcard(queue.queue_name("chert-relay")) == 2
 
@@ -142,3 +143,16 @@ async def test_the_seen_mark_outlives_the_longest_delivery(redis: Redis) -> None
     ing = Ingestor(redis, make_config(sinks=sinks))  # dedupe_ttl is 1h in tests
     assert await ing.ingest(TENANT, event("long1"), "webhook")
     assert await redis.pttl(Keys("chert-relay").seen(TENANT, "long1")) > 30 * 86400 * 1000
+
+
+async def test_a_job_already_queued_is_not_counted_again(redis: Redis) -> None:
+    # A job for (event, sink) queued without its seen mark (a replayed dead letter whose
+    # dedupe window passed): the new copy makes a job for the other sink only.
+    crm_job = queue.delivery_job_id("chert-relay", TENANT, "crm", "q1")
+    await redis.set(queue.JOB_KEY_PREFIX + crm_job, b"{}", px=60_000)
+    assert await Ingestor(redis, make_config()).ingest(TENANT, event("q1"), "webhook")
+    stored = await stored_event(redis, "q1")
+    assert stored is not None
+    assert stored.users == 1
+    assert await redis.get(queue.JOB_KEY_PREFIX + crm_job) == b"{}"  # not replaced
+    assert await redis.zcard(queue.queue_name("chert-relay")) == 1

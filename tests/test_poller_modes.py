@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from relay.envelope import parse_timestamp
 from relay.poller import Poller
 from relay.service import Service
-from tests.conftest import TENANT, wait_for
+from tests.conftest import TENANT, stored_event, wait_for
 from tests.test_poller_support import (
     enqueued,
     expected_jobs,
@@ -151,8 +151,9 @@ async def test_dropped_duplicated_reordered_webhooks_every_event_exactly_once(
                           source="poll", outcome="new") > 0  # fmt: skip
             # Each event's stored record says how many jobs it made: once per sink.
             for row in rows:
-                n = await redis.hget(f"chert-relay:ev:{TENANT}:{row['event_id']}", "n")
-                assert int(n) == (2 if row["type"] == "message.received" else 1)
+                stored = await stored_event(redis, row["event_id"])
+                assert stored is not None
+                assert stored.users == (2 if row["type"] == "message.received" else 1)
 
 
 async def test_sse_mode_across_lifetimes_and_a_forced_disconnect(

@@ -30,6 +30,7 @@ from tests.conftest import (
     log_row,
     make_config,
     signed,
+    stored_event,
     wait_for,
 )
 
@@ -115,10 +116,10 @@ async def test_log_row_shape_is_accepted_and_normalized_to_the_envelope(
     h: Harness, redis: Redis
 ) -> None:
     assert (await h.post(*signed(log_row("chert:msg:row"))))[0] == 202
-    stored = await redis.hget(f"chert-relay:ev:{TENANT}:chert:msg:row", "body")
+    stored = await stored_event(redis, "chert:msg:row")
     assert stored is not None
-    assert "payload" not in json.loads(stored)
-    assert json.loads(stored)["event_id"] == "chert:msg:row"
+    assert "payload" not in json.loads(stored.body)
+    assert json.loads(stored.body)["event_id"] == "chert:msg:row"
 
 
 async def test_event_id_from_header_when_the_body_has_none(h: Harness, redis: Redis) -> None:
@@ -325,7 +326,9 @@ async def test_redis_killed_during_a_burst_loses_no_acknowledged_event(
         keys = Keys("chert-relay")
         for event_id in acked:
             assert await client.exists(keys.seen(TENANT, event_id)), event_id
-            assert await client.hget(keys.event(TENANT, event_id), "body"), event_id
+            stored = await stored_event(client, event_id)
+            assert stored is not None, event_id
+            assert stored.body, event_id
             for sink in ("all", "crm"):
                 assert await client.zscore(QUEUE, job(sink, event_id)) is not None
     finally:
