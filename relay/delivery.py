@@ -81,18 +81,18 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 #       open_jitter_ms, half_open_ms
 _CLAIM = """
 local now, job_id = tonumber(ARGV[1]), ARGV[2]
-local ev = event_read(KEYS[1])
-if not ev then return {'missing'} end
+local stored = redis.call('GET', KEYS[1])  -- relay.stored_event; parsed by the caller
+if not stored then return {'missing'} end
 local st = redis.call('HMGET', KEYS[2], 'a', 'dl', 'due', 'first', 'last', 'st', 'err', 'src')
 local a = tonumber(st[1]) or 0
 local dl = tonumber(st[2])
 local margin = tonumber(ARGV[7])
 if not dl then
-  dl = (tonumber(ev[5]) or now) + tonumber(ARGV[3])
+  dl = (event_at(stored) or now) + tonumber(ARGV[3])
   redis.call('HSET', KEYS[2], 'dl', dl)
   redis.call('PEXPIRE', KEYS[2], math.max(dl - now, 0) + margin)
 end
-local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', ev[2]}
+local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored}
 if redis.call('GET', KEYS[5]) == ARGV[8] then return {'gone', unpack(info)} end
 if now >= dl then return {'expired', unpack(info)} end
 if a >= tonumber(ARGV[4]) then return {'exhausted', unpack(info)} end
@@ -122,7 +122,7 @@ local keep = math.max(dl - now, 0) + margin
 redis.call('PEXPIRE', KEYS[6], keep)
 local ev_ttl = redis.call('PTTL', KEYS[1])
 if ev_ttl >= 0 and ev_ttl < keep then redis.call('PEXPIRE', KEYS[1], keep) end
-return {'go', a, st[4] or now, dl, ev[1], ev[2], ev[3], st[8] or ev[4], ev[5] or ''}
+return {'go', a, st[4] or now, dl, stored, st[8] or ''}
 """
 
 # KEYS: ev, attempts, breaker, inflight, gone, job, queue, arq retry, dl entry, dl index,
@@ -167,6 +167,14 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 breaker_release(KEYS[2], ARGV[1])
 return 1
 """
+
+
+def header_value(text: str) -> str:
+    """``text`` as an HTTP header value: control characters (which would end the header
+    line) escaped, not sent. Event types come from Chert's body and are not checked."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 @dataclass
@@ -410,7 +418,8 @@ class Deliverer:
             raise Retry()  # the claim script already rescheduled the job
         if verdict in ("gone", "expired", "exhausted"):
             attempts, first, last = int(res[1]), _ms(res[2]), _ms(res[3])
-            status, error, etype = _text(res[4]), _text(res[5]), _text(res[6])
+            status, error = _text(res[4]), _text(res[5])
+            etype = stored_event.parse(res[6]).type
             if verdict == "gone":
                 cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
             else:
@@ -424,20 +433,20 @@ class Deliverer:
             )  # fmt: skip
             return
         attempt, first_ms, deadline_ms = int(res[1]), int(res[2]), int(res[3])
-        body, etype, ts, src, at = (
-            bytes(res[4]), _text(res[5]), _text(res[6]), _text(res[7]), _text(res[8])
-        )  # fmt: skip
+        stored = stored_event.parse(res[4])
+        src = _text(res[5]) or stored.source  # a replay says so
         with logs.bind(attempt=attempt):
             await self._attempt(
                 keys, tenant, sink, event_id, job_id, attempt, first_ms, deadline_ms,
-                body, etype, ts, src, at, http_timeout,
+                stored, src, http_timeout,
             )  # fmt: skip
 
     async def _attempt(
         self, keys: list[str], tenant: str, sink: SinkConfig, event_id: str, job_id: str,
-        attempt: int, first_ms: int, deadline_ms: int, body: bytes, etype: str, ts: str,
-        src: str, at: str, http_timeout: float,
+        attempt: int, first_ms: int, deadline_ms: int, stored: stored_event.StoredEvent,
+        src: str, http_timeout: float,
     ) -> None:  # fmt: skip
+        body, etype = stored.body, stored.type
         m = self._metrics
         log.info("delivery started: attempt %d of %d", attempt, sink.max_attempts)
         headers = self._headers(tenant, sink, event_id, etype, attempt, src, body)
@@ -458,12 +467,13 @@ class Deliverer:
             await self._finish_call(keys, now, job_id, "ok", effect="success")
             m.deliveries.labels(tenant, sink.name, "delivered", label).inc()
             done = time.time()
-            if at:
-                m.delivery_relay_seconds.labels(tenant, sink.name).observe(
-                    max(0.0, done - int(at) / 1000)
+            m.delivery_relay_seconds.labels(tenant, sink.name).observe(
+                max(0.0, done - stored.at_ms / 1000)
+            )
+            if stored.timestamp is not None:
+                m.delivery_e2e_seconds.labels(tenant, sink.name).observe(
+                    max(0.0, done - stored.timestamp)
                 )
-            if ts:
-                m.delivery_e2e_seconds.labels(tenant, sink.name).observe(max(0.0, done - float(ts)))
             log.info(
                 "delivery ended: delivered (HTTP %d) on attempt %d in %.3fs",
                 answer.status, attempt, answer.seconds,
@@ -512,7 +522,7 @@ class Deliverer:
             "User-Agent": f"chert-relay/{__version__}",
             "webhook-id": event_id,
             "webhook-timestamp": str(now),
-            "X-Chert-Event-Type": etype,
+            "X-Chert-Event-Type": header_value(etype),
             "X-Chert-Tenant": tenant,
             "X-Relay-Attempt": str(attempt),
             "X-Relay-Source": src,

@@ -25,16 +25,11 @@ from dataclasses import dataclass
 
 MAX_USERS = 9999  # four digits; a tenant has at most 1,000 sinks, each at most 2 users
 
-# Included by the scripts that read or release the stored event.
+# Included by the scripts that read the ingest time or release the stored event; the
+# rest of it is parsed by the caller (:func:`parse`).
 LUA = r"""
-local function event_read(key)
-  local v = redis.call('GET', key)
-  if not v then return nil end
-  local _, at, src, ts, tlen, p = string.match(v, '^(%d+) (%d+) (%S+) (%S+) (%d+)\n()')
-  if not p then return nil end
-  local body_at = p + tonumber(tlen)
-  if ts == '-' then ts = '' end
-  return {string.sub(v, body_at), string.sub(v, p, body_at - 1), ts, src, at}
+local function event_at(stored)  -- the ingest time, Unix ms
+  return tonumber(string.sub(stored, 6, 18))
 end
 local function event_release(key)
   local n = tonumber(redis.call('GETRANGE', key, 0, 3))
