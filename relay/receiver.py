@@ -59,6 +59,7 @@ class _Tenant:
     ingested_duplicate: Counter
 
 
+_JSON = "application/json"
 _ACCEPTED = b'{"status": "accepted"}'
 _DUPLICATE = b'{"status": "duplicate"}'
 
@@ -132,7 +133,7 @@ class Receiver:
         started: float,
     ) -> web.Response:  # fmt: skip
         self._metrics.webhook_rejections.labels(tenant, reason).inc()
-        outcome = "unavailable" if status == 503 else "rejected"
+        outcome = {503: "unavailable", 500: "error"}.get(status, "rejected")
         self._metrics.webhooks.labels(tenant, outcome).inc()
         suppressed = self._throttle.allow((tenant, reason))
         if suppressed is not None:
@@ -163,66 +164,75 @@ class Receiver:
             return self._reject(
                 404, "unknown", "unknown_tenant", "no such tenant", request, started
             )
-        if self.draining:
-            return self._reject(
-                503, slug, "draining", "the relay is shutting down", request, started
-            )
-
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            return self._reject(
-                413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
-                started,
-            )  # fmt: skip
-        if "Expect" in request.headers:
-            # No router here to answer it: a client that asks waits for this line.
-            if request.headers["Expect"].lower() != "100-continue":
+        try:
+            if self.draining:
                 return self._reject(
-                    417, slug, "bad_expect", "only Expect: 100-continue is understood", request,
+                    503, slug, "draining", "the relay is shutting down", request, started
+                )
+
+            length = request.content_length
+            if length is not None and length > self._max_body:
+                return self._reject(
+                    413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
                     started,
                 )  # fmt: skip
-            if request.version >= HttpVersion11:
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.writer.output_size = 0
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+            if "Expect" in request.headers:
+                # No router here to answer it: a client that asks waits for this line.
+                if request.headers["Expect"].lower() != "100-continue":
+                    return self._reject(
+                        417, slug, "bad_expect", "only Expect: 100-continue is understood", request,
+                        started,
+                    )  # fmt: skip
+                if request.version >= HttpVersion11:
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    request.writer.output_size = 0
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._reject(
+                    413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
+                    started,
+                )  # fmt: skip
+
+            headers = request.headers
+            try:
+                verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
+            except SignatureError as e:
+                return self._reject(
+                    401, slug, _SIGNATURE_REASONS[e.reason], str(e), request, started
+                )
+
+            try:
+                event = envelope.from_body(
+                    body,
+                    header_event_id=headers.get("X-Webhook-Event-Id"),
+                    header_type=headers.get("X-Webhook-Event"),
+                )
+            except BadEventError as e:
+                return self._reject(400, slug, e.reason, str(e), request, started)
+            if event.partner_id is not None and event.partner_id != slug:
+                reason, detail = "tenant_mismatch", "partner_id names another tenant"
+                return self._reject(403, slug, reason, detail, request, started)
+
+            tenant.last_webhook.set(time.time())
+            try:
+                new = await self._ingestor.submit(slug, event, "webhook")
+            except RedisUnavailableError as e:
+                return self._reject(503, slug, "redis_unavailable", str(e), request, started)
+            if new:
+                tenant.ingested_new.inc()
+                tenant.accepted.inc()
+                response = web.Response(status=202, body=_ACCEPTED, content_type=_JSON)
+            else:
+                tenant.ingested_duplicate.inc()
+                tenant.duplicate.inc()
+                response = web.Response(status=200, body=_DUPLICATE, content_type=_JSON)
+        except Exception:
+            # A bug, not the sender's fault: Chert retries a 5xx, so nothing is lost.
+            log.exception("webhook handler failed: tenant=%s", slug)
             return self._reject(
-                413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
+                500, slug, "internal_error", "the relay failed to handle the webhook", request,
                 started,
             )  # fmt: skip
-
-        headers = request.headers
-        try:
-            verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
-        except SignatureError as e:
-            return self._reject(401, slug, _SIGNATURE_REASONS[e.reason], str(e), request, started)
-
-        try:
-            event = envelope.from_body(
-                body,
-                header_event_id=headers.get("X-Webhook-Event-Id"),
-                header_type=headers.get("X-Webhook-Event"),
-            )
-        except BadEventError as e:
-            return self._reject(400, slug, e.reason, str(e), request, started)
-        if event.partner_id is not None and event.partner_id != slug:
-            return self._reject(
-                403, slug, "tenant_mismatch", "partner_id names another tenant", request, started
-            )
-
-        tenant.last_webhook.set(time.time())
-        try:
-            new = await self._ingestor.submit(slug, event, "webhook")
-        except RedisUnavailableError as e:
-            return self._reject(503, slug, "redis_unavailable", str(e), request, started)
-        if new:
-            tenant.ingested_new.inc()
-            tenant.accepted.inc()
-            response = web.Response(status=202, body=_ACCEPTED, content_type="application/json")
-        else:
-            tenant.ingested_duplicate.inc()
-            tenant.duplicate.inc()
-            response = web.Response(status=200, body=_DUPLICATE, content_type="application/json")
         self._observe(time.perf_counter() - started)
         return response

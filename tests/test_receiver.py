@@ -334,3 +334,19 @@ async def test_redis_killed_during_a_burst_loses_no_acknowledged_event(
     finally:
         await client.aclose()
         await server.stop()
+
+
+async def test_a_failure_inside_the_relay_answers_500_and_counts(
+    h: Harness, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The ingestor no longer knows the tenant the receiver still serves: a bug, if it
+    # ever happened. Chert retries a 5xx, so the answer must not be a 4xx.
+    other = make_config().tenants[1].model_dump()
+    h.receiver._ingestor.set_config(make_config(tenants=[other]))
+    status, body = await h.post(*signed(envelope("chert:msg:bug")))
+    assert (status, body["error"]) == (500, "internal_error")
+    assert h.rejected("internal_error") == 1
+    assert h.count("chert_relay_webhooks_total", tenant=TENANT, outcome="error") == 1
+    assert h.count("chert_relay_webhook_ack_seconds_count") == 1
+    assert "webhook handler failed: tenant=acme-7a3f" in caplog.text
+    assert await queued(redis) == []
