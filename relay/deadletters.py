@@ -15,9 +15,10 @@ answered 410 Gone, or is no longer configured; while a sink's URL is marked gone
 deliveries dead-letter at once, without an HTTP call, until a replay for that sink or
 a new URL clears the mark).
 
-The event itself stays in its ``ev`` hash: a dead letter holds it (the hash has no
-expiry while dead letters need it, and its ``n`` counter counts the jobs and dead
-letters still holding it; the last one to let go deletes it).
+The event itself stays stored (:mod:`relay.stored_event`): a dead letter holds it
+(it has no expiry while dead letters need it, and its users count the jobs and dead
+letters still holding it — at most a job and a dead letter per sink; the last one to
+let go deletes it).
 
 Replay puts an entry back through the normal queue — the same deterministic job id,
 a fresh attempt count and deadline — and removes the entry in the same atomic step,
@@ -33,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar, cast
 
+import redis.exceptions
 from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
@@ -260,8 +262,11 @@ class DeadLetterStore:
 
     async def payload(self, tenant: str, event_id: str) -> bytes | None:
         """The stored envelope a dead letter would deliver."""
-        stored = await _aw(self._redis.get(self._keys.event(tenant, event_id)))
-        return None if stored is None else stored_event.parse(stored).body
+        try:
+            raw = await _aw(self._redis.get(self._keys.event(tenant, event_id)))
+            return None if raw is None else stored_event.parse(raw).body
+        except (ValueError, redis.exceptions.ResponseError):  # not a stored event
+            return None
 
     async def counts(self) -> dict[tuple[str, str], int]:
         """Stored dead letters by (tenant, class)."""

@@ -81,7 +81,8 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 #       open_jitter_ms, half_open_ms
 _CLAIM = """
 local now, job_id = tonumber(ARGV[1]), ARGV[2]
-local stored = redis.call('GET', KEYS[1])  -- relay.stored_event; parsed by the caller
+local stored = redis.pcall('GET', KEYS[1])  -- relay.stored_event; parsed by the caller
+if type(stored) == 'table' then return {'unreadable'} end  -- not a string: WRONGTYPE
 if not stored then return {'missing'} end
 local st = redis.call('HMGET', KEYS[2], 'a', 'dl', 'due', 'first', 'last', 'st', 'err', 'src')
 local a = tonumber(st[1]) or 0
@@ -143,6 +144,9 @@ end
 redis.call('DEL', KEYS[6], KEYS[8], KEYS[2])
 redis.call('ZREM', KEYS[7], job_id)
 if outcome == 'dead' then
+  -- An earlier dead letter of this (event, sink) is replaced: its hold on the stored
+  -- event passes to the new one, and this job's is let go.
+  if redis.call('EXISTS', KEYS[9]) == 1 then event_release(KEYS[1]) end
   deadletter_add(KEYS[9], KEYS[10], KEYS[11], ARGV[13], now, ARGV[12], 14)
   redis.call('PERSIST', KEYS[1])
   if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11]) end
@@ -167,6 +171,13 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 breaker_release(KEYS[2], ARGV[1])
 return 1
 """
+
+
+def _parse_stored(raw: bytes) -> stored_event.StoredEvent | None:
+    try:
+        return stored_event.parse(raw)
+    except ValueError:
+        return None
 
 
 def header_value(text: str) -> str:
@@ -406,8 +417,14 @@ class Deliverer:
         ]  # fmt: skip
         res = await self._claim(keys=keys, args=args)
         verdict = _text(res[0])
-        if verdict == "missing":
-            log.error("the stored event is gone; nothing to deliver (job %s)", job_id)
+        stored = None
+        if verdict in ("go", "gone", "expired", "exhausted"):
+            stored = _parse_stored(res[4] if verdict == "go" else res[6])
+            if stored is None:
+                verdict = "unreadable"
+        if verdict in ("missing", "unreadable"):
+            what = "gone" if verdict == "missing" else "unreadable"
+            log.error("the stored event is %s; nothing to deliver (job %s)", what, job_id)
             self._metrics.deliveries.labels(tenant, sink_name, "missing", "none").inc()
             await self._finish_call(keys, now, job_id, "drop")
             return
@@ -416,10 +433,11 @@ class Deliverer:
             self._metrics.delivery_deferrals.labels(tenant, sink_name, reason).inc()
             log.debug("delivery put off %.2fs (%s)", wait / 1000, reason)
             raise Retry()  # the claim script already rescheduled the job
+        assert stored is not None  # parsed above for every other verdict
         if verdict in ("gone", "expired", "exhausted"):
             attempts, first, last = int(res[1]), _ms(res[2]), _ms(res[3])
             status, error = _text(res[4]), _text(res[5])
-            etype = stored_event.parse(res[6]).type
+            etype = stored.type
             if verdict == "gone":
                 cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
             else:
@@ -433,7 +451,6 @@ class Deliverer:
             )  # fmt: skip
             return
         attempt, first_ms, deadline_ms = int(res[1]), int(res[2]), int(res[3])
-        stored = stored_event.parse(res[4])
         src = _text(res[5]) or stored.source  # a replay says so
         with logs.bind(attempt=attempt):
             await self._attempt(
@@ -605,14 +622,15 @@ class Deliverer:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(k.event(tenant, event_id))
             pipe.hmget(k.attempts(tenant, sink, event_id), ["a", "first", "last"])
-            stored, att = await pipe.execute()
+            raw, att = await pipe.execute(raise_on_error=False)
         now = _now_ms()
-        if stored is None:
+        stored = None if isinstance(raw, Exception | None) else _parse_stored(raw)
+        if stored is None or isinstance(att, Exception):
+            # Nothing (readable) left to deliver: no dead letter without its event.
             await self._finish_call(keys, now, job_id, "drop")
             return
         entry = deadletters.DeadLetter(
-            tenant=tenant, sink=sink, event_id=event_id, event_type=stored_event.parse(stored).type,
-            cls=cls,
+            tenant=tenant, sink=sink, event_id=event_id, event_type=stored.type, cls=cls,
             status=None, error=error, attempts=int(att[0] or 0),
             first_attempt=_ms(att[1]), last_attempt=_ms(att[2]), dead_lettered_at=now / 1000,
         )  # fmt: skip

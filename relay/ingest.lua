@@ -54,7 +54,14 @@ for e = 1, n do
     else
       -- Still stored past its seen mark: a dead letter keeps it (no expiry) until
       -- replayed or purged. Add the new jobs to its users, from now.
-      local users = tonumber(redis.call('GETRANGE', ev_key, 0, 3)) or 0
+      -- Nothing here may fail: the batch's earlier writes would stay without their ZADD.
+      local users = tonumber(redis.pcall('GETRANGE', ev_key, 0, 3))
+      if not users then
+        -- Not in this format (a hash written by an earlier build): replace it, keeping
+        -- its expiry and the holds it counted.
+        users = tonumber(redis.pcall('HGET', ev_key, 'n')) or 0
+        redis.call('SET', ev_key, stored, 'KEEPTTL')
+      end
       redis.call('SETRANGE', ev_key, 0, string.format('%04d %013d', users + created, now))
       local ttl = redis.call('PTTL', ev_key)
       if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end

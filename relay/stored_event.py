@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_USERS = 9999  # four digits; a tenant has at most 1,000 sinks, each at most 2 users
+# (a job and a dead letter)
 
 # Included by the scripts that read the ingest time or release the stored event; the
 # rest of it is parsed by the caller (:func:`parse`).

@@ -360,3 +360,58 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redi
         assert s.received[tried].headers["webhook-id"] in ids
         assert 'reason="breaker_open"' in rt.metrics.render().decode()
         assert await redis.exists(rt.keys.breaker(TENANT, "s")) == 0
+
+
+async def test_an_unreadable_stored_event_is_dropped_not_retried_forever(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(), Sink()) as (a, b):
+        cfg = config_with(redis_url, [sink_conf("a", a.url), sink_conf("b", b.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["garbled", "hashed"])
+        # Damaged by hand, or written by an earlier build as a hash.
+        await redis.set(f"chert-relay:ev:{TENANT}:garbled", b"not a stored event")
+        await redis.delete(f"chert-relay:ev:{TENANT}:hashed")
+        await redis.hset(f"chert-relay:ev:{TENANT}:hashed", "body", b"{}")
+        async with worker(rt):
+            await wait_for(lambda: queue_empty(redis), 15)
+        assert a.received == b.received == []
+        for sink in ("a", "b"):
+            assert (
+                rt.metrics.registry.get_sample_value(
+                    "chert_relay_deliveries_total",
+                    {"tenant": TENANT, "sink": sink, "outcome": "missing", "class": "none"},
+                )
+                == 2
+            )
+        assert await DeadLetterStore(redis, cfg).find(Filter()) == []
+        assert await redis.keys(queue.JOB_KEY_PREFIX + "*") == []  # nothing left to run
+
+
+async def test_a_second_dead_letter_for_the_same_delivery_lets_the_event_go(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(lambda s, r: (400, {}))) as (a,):
+        cfg = config_with(redis_url, [sink_conf("crm", a.url)])
+        rt = runtime(redis, cfg)
+        store = DeadLetterStore(redis, cfg)
+        ev = f"chert-relay:ev:{TENANT}:e1"
+        async with worker(rt):
+            await ingest(rt, ["e1"])
+            await wait_for(lambda: _dead_letters(store, 1, redis), 15)
+            # The dedupe window passes and the event comes again; its new job fails too.
+            await redis.delete(f"chert-relay:seen:{TENANT}:e1")
+            await ingest(rt, ["e1"], source="backfill")
+            await wait_for(lambda: _received(a, 2), 15)
+            await wait_for(lambda: _dead_letters(store, 1, redis), 15)
+        assert await redis.pttl(ev) == -1  # the one dead letter holds it
+        assert (await store.purge(Filter())).done
+        assert await redis.exists(ev) == 0  # nothing holds it any more
+
+
+async def _received(sink: Sink, n: int) -> bool:
+    return len(sink.received) >= n
+
+
+async def _dead_letters(store: DeadLetterStore, n: int, redis: Redis) -> bool:
+    return len(await store.find(Filter())) == n and await queue_empty(redis)

@@ -156,3 +156,23 @@ async def test_a_job_already_queued_is_not_counted_again(redis: Redis) -> None:
     assert stored.users == 1
     assert await redis.get(queue.JOB_KEY_PREFIX + crm_job) == b"{}"  # not replaced
     assert await redis.zcard(queue.queue_name("chert-relay")) == 1
+
+
+async def test_an_event_stored_by_an_earlier_build_does_not_break_the_batch(
+    redis: Redis,
+) -> None:
+    # An earlier build stored events as a hash; one is still held by a dead letter.
+    keys = Keys("chert-relay")
+    old = keys.event(TENANT, "old1")
+    await redis.hset(old, mapping={"body": b"{}", "type": "message.received", "n": 1})
+    ing = Ingestor(redis, make_config())
+    both = await asyncio.gather(
+        ing.ingest(TENANT, event("old1"), "backfill"), ing.ingest(TENANT, event("new1"), "poll")
+    )
+    assert both == [True, True]
+    stored = await stored_event(redis, "old1")
+    assert stored is not None
+    assert stored.users == 3  # the dead letter's hold plus two new jobs
+    assert json.loads(stored.body)["event_id"] == "old1"
+    assert await redis.pttl(old) == -1  # still kept for the dead letter
+    assert await redis.zcard(queue.queue_name("chert-relay")) == 4
