@@ -146,7 +146,8 @@ class Metrics:
         # registers a collector that reads them at scrape time.
         self.deliveries = Counter(
             f"{p}_deliveries_total",
-            "Delivery attempts by outcome (delivered, retried, rejected, exhausted, gone) "
+            "Deliveries by outcome (delivered, retried, rejected, exhausted, expired, gone, "
+            "missing) "
             "and status class (2xx, 3xx, 4xx, 5xx, timeout, connection, none).",
             ["tenant", "sink", "outcome", "class"],
             registry=r,
