@@ -49,6 +49,16 @@ def parse_timestamp(value: object) -> float | None:
         return None
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (JSON parsed by ``json.loads`` may hold lone
+    surrogates, which do not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_log_row(obj: dict[str, Any]) -> bool:
     return isinstance(obj.get("payload"), dict) and ("delivery" in obj or "created_at" in obj)
 
@@ -90,9 +100,14 @@ def from_object(
     etype = envelope.get("event") or envelope.get("event_type") or row_type or header_type
     if not isinstance(etype, str) or not etype:
         etype = "unknown"
+    elif not _utf8(etype):  # a lone surrogate ("\ud800" in the JSON): kept visible
+        etype = etype.encode("utf-8", "backslashreplace").decode()
     partner = envelope.get("partner_id")
     if raw is None:
-        raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate: the same JSON, escaped
+            raw = json.dumps(envelope, separators=(",", ":")).encode()
     return Event(
         event_id=event_id,
         type=etype,

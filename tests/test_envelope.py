@@ -7,9 +7,11 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 
 from relay.envelope import BadEventError, from_body, from_object
-from tests.conftest import envelope, log_row
+from relay.ingest import Ingestor
+from tests.conftest import TENANT, envelope, log_row, make_config, stored_event
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
@@ -69,3 +71,20 @@ def test_bodies_that_can_never_be_events(raw: bytes, reason: str) -> None:
     with pytest.raises(BadEventError) as e:
         from_body(raw)
     assert e.value.reason == reason
+
+
+async def test_a_row_with_lone_surrogates_is_still_ingested(redis: Redis) -> None:
+    # json.loads (the events API's rows) accepts "\ud800", which UTF-8 cannot encode: such
+    # a row must not stall the poller, which would fetch it again forever.
+    row = json.loads(
+        '{"id": "evt_1", "type": "message.received", "event_id": "s1", "delivery": {},'
+        ' "created_at": "2026-11-27T10:00:00Z", "payload": {"event": "message.\\ud800",'
+        ' "event_id": "s1", "data": {"text": "x\\udc00y é"}}}'
+    )
+    event = from_object(row)
+    assert event.type == "message.\\ud800"
+    assert json.loads(event.body) == row["payload"]  # the same JSON, escaped
+    assert await Ingestor(redis, make_config()).ingest(TENANT, event, "poll")
+    stored = await stored_event(redis, "s1")
+    assert stored is not None
+    assert stored.type == "message.\\ud800"
