@@ -189,7 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     from relay import dlq_cli
 
     dlq_cli.add_parser(sub, _load)
+    _config_after_command(p)
     return p
+
+
+def _config_after_command(parser: argparse.ArgumentParser) -> None:
+    """Let ``--config`` also follow the command: ``chert-relay check-config -c FILE``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if "--config" not in command._option_string_actions:
+                    command.add_argument(
+                        "-c", "--config", default=argparse.SUPPRESS,
+                        help="configuration file (also accepted before the command)",
+                    )  # fmt: skip
+                _config_after_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,18 @@ def test_check_config_accepts_the_example() -> None:
     assert b"literal secret" in out.stderr
 
 
+def test_the_config_option_may_follow_the_command(tmp_path: Path) -> None:
+    out = cli("check-config", "--config", str(EXAMPLE))
+    assert out.returncode == 0, out.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nlisten = 'nowhere'\n")
+    out = cli("--config", str(EXAMPLE), "check-config", "-c", str(bad))  # the later one wins
+    assert out.returncode == 78
+    assert b"server.listen" in out.stdout + out.stderr
+    out = cli("dlq", "list", "--config", str(bad))
+    assert out.returncode == 78
+
+
 def test_sign_prints_headers_the_receiver_accepts(tmp_path: Path) -> None:
     body = json.dumps(envelope("chert:msg:cli")).encode()
     out = cli("sign", "--tenant", "acme-7a3f", "--secret", WEBHOOK_SECRET, "--json", stdin=body)
