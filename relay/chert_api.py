@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.5
 MAX_RETRY_AFTER_S = 3600.0  # a longer wait than this from Chert is taken as an hour
+MAX_PAGES_PER_WINDOW = 10_000  # a window paging on past this is given up (and repeats)
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 
@@ -106,21 +107,22 @@ def parse_error(status: int, headers: Any, body: bytes) -> ChertApiError:
     trace_id = headers.get("X-Trace-ID") if headers is not None else None
     try:
         obj = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         obj = None
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict):
             raw_code = err.get("code")
-            if isinstance(raw_code, int | str) and str(raw_code).isdigit():
-                code = int(raw_code)
+            text = str(raw_code) if isinstance(raw_code, int | str) else ""
+            if text.isascii() and text.isdigit() and len(text) <= 9:
+                code = int(text)
             if isinstance(err.get("message"), str):
                 message = err["message"][:200]
             if isinstance(err.get("retryable"), bool):
                 retryable = err["retryable"]
             ra = err.get("retry_after")
             if isinstance(ra, int | float) and not isinstance(ra, bool) and ra >= 0:
-                retry_after = float(ra)
+                retry_after = float(min(ra, MAX_RETRY_AFTER_S))  # an int may exceed a float
         if isinstance(obj.get("trace_id"), str):
             trace_id = obj["trace_id"]
     if retry_after is None and headers is not None:
@@ -231,8 +233,9 @@ class ChertApi:
             try:
                 async with asyncio.timeout(api.timeout):  # connect + response headers
                     resp = await self._session.get(
-                        url, params=query, headers=headers, timeout=timeout
-                    )
+                        url, params=query, headers=headers, timeout=timeout,
+                        allow_redirects=False,  # signed headers go to Chert only
+                    )  # fmt: skip
             except aiohttp.ClientError as e:  # aiohttp's own timeouts included
                 err = ChertUnreachableError(f"GET {path}: {type(e).__name__}: {e}")
             except TimeoutError:
@@ -249,7 +252,8 @@ class ChertApi:
                     resp.release()
                 err = parse_error(resp.status, resp.headers, body)
                 if self._metrics is not None:
-                    self._metrics.chert_api_errors.labels(self.slug, str(err.code)).inc()
+                    label = str(err.code) if err.code == 0 or 1000 <= err.code <= 9999 else "other"
+                    self._metrics.chert_api_errors.labels(self.slug, label).inc()
                 if err.retry_after is not None:
                     self._paused_until = max(self._paused_until, time.monotonic() + err.retry_after)
                 if err.is_auth and not reread and self._reread_secret():
@@ -313,7 +317,7 @@ class ChertApi:
                 cursor_out is None or isinstance(cursor_out, str)
             ):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ChertApiError(
                 resp.status, 0, "GET /events: unexpected response shape", retryable=True,
                 trace_id=resp.headers.get("X-Trace-ID"),
@@ -336,6 +340,11 @@ class ChertApi:
                 raise ChertPagingError(
                     f"GET /events: Chert gave a cursor it had already given after {pages} "
                     f"page(s) (since={since or '-'}); the rest of the window was not read"
+                )
+            if pages >= MAX_PAGES_PER_WINDOW:
+                raise ChertPagingError(
+                    f"GET /events: still more pages after {pages} (since={since or '-'}); "
+                    "the window was given up"
                 )
             seen_cursors.add(page.next_cursor)
             page = await self.events_page(since=since, cursor=page.next_cursor, limit=page_size)

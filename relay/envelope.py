@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -44,9 +44,12 @@ def parse_timestamp(value: object) -> float | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        return datetime.fromisoformat(value).timestamp()
+        when = datetime.fromisoformat(value)
     except ValueError:
         return None
+    if when.tzinfo is None:  # no offset: UTC, as Chert writes it, not this host's zone
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _utf8(text: str) -> bool:
@@ -60,7 +63,13 @@ def _utf8(text: str) -> bool:
 
 
 def _is_log_row(obj: dict[str, Any]) -> bool:
-    return isinstance(obj.get("payload"), dict) and ("delivery" in obj or "created_at" in obj)
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        return False
+    if "delivery" in obj or "created_at" in obj:
+        return True
+    # A row trimmed of both: still a row when the envelope is plainly inside it.
+    return "event_id" in payload and "event" not in obj and "event_type" not in obj
 
 
 def from_object(
@@ -105,9 +114,12 @@ def from_object(
     partner = envelope.get("partner_id")
     if raw is None:
         try:
-            raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
-        except UnicodeEncodeError:  # a lone surrogate: the same JSON, escaped
-            raw = json.dumps(envelope, separators=(",", ":")).encode()
+            try:
+                raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # a lone surrogate: the same JSON, escaped
+                raw = json.dumps(envelope, separators=(",", ":")).encode()
+        except RecursionError:
+            raise BadEventError("malformed_json", "the event is nested too deeply") from None
     return Event(
         event_id=event_id,
         type=etype,

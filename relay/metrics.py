@@ -131,13 +131,15 @@ class Metrics:
         )
         self.sse_reconnects = Counter(
             f"{p}_sse_reconnects_total",
-            "SSE stream ends by reason (close, eof, idle, error).",
+            "SSE stream ends by reason (close, eof, idle, error, short: ended at once with "
+            "nothing delivered, retried with backoff).",
             ["tenant", "reason"],
             registry=r,
         )
         self.chert_api_errors = Counter(
             f"{p}_chert_api_errors_total",
-            "Error answers from Chert's API by Chert error code (0: no error envelope).",
+            "Error answers from Chert's API by Chert error code (0: no error envelope, "
+            "other: not a four-digit code).",
             ["tenant", "code"],
             registry=r,
         )

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.config import Config, TenantConfig
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 MODES = ("reconcile", "fast", "always", "sse", "standby")
 UNDELIVERED = frozenset({"failed", "pending"})
 STOP_TIMEOUT_S = 5.0
+MAX_FUTURE_S = 300.0  # an event dated further ahead than this is taken as dated now
+SSE_SHORT_S = 5.0  # a stream that ends sooner, having delivered nothing, counts as failed
 _TRANSIENT = (UpstreamError, RedisUnavailableError, *REDIS_TRANSIENT)
 
 # Raise the watermark, never lower it (two holders may briefly overlap at a takeover).
@@ -125,6 +128,12 @@ class RowsResult:
             self.newest = other.newest
 
 
+def _since(watermark: float, overlap: float) -> str:
+    """Chert's ``since`` for a window from ``watermark``: never past now, even when a
+    watermark from before :data:`MAX_FUTURE_S` was enforced is."""
+    return isoformat(min(watermark, time.time()) - overlap)
+
+
 def _row_event(tenant: str, row: dict[str, Any]) -> Event | None:
     try:
         event = from_object(row)
@@ -160,6 +169,7 @@ async def ingest_rows(
     """
     out = RowsResult()
     events: list[tuple[Event, dict[str, Any], float | None]] = []
+    latest = time.time() + MAX_FUTURE_S
     for row in rows:
         out.seen += 1
         event = _row_event(tenant, row)
@@ -169,6 +179,11 @@ async def ingest_rows(
         created = parse_timestamp(row.get("created_at"))
         if created is None:
             created = event.timestamp
+        if created is not None and created > latest:
+            # Taken at its word it would carry the watermark past every later event.
+            log.warning("tenant %s: event %s is dated %s, in the future; taken as now",
+                        tenant, event.event_id, row.get("created_at"))  # fmt: skip
+            created = time.time()
         if created is not None and (out.newest is None or created > out.newest):
             out.newest = created
         events.append((event, row, created))
@@ -426,7 +441,7 @@ class TenantPoller:
         stale_before = time.time() - poll.stale_after
         # ``events`` returns only at ``next_cursor: null``; any failure (a broken cursor
         # chain included) raises out of here before the watermark moves.
-        async for page in self.api.events(since=isoformat(wm - poll.overlap),
+        async for page in self.api.events(since=_since(wm, poll.overlap),
                                           page_size=poll.page_size):  # fmt: skip
             result = await ingest_rows(
                 self._rt.ingestor, self.slug, page.rows, source, stale_before=stale_before
@@ -508,8 +523,11 @@ class TenantPoller:
             poll = self.tenant.poll
             reason = "eof"
             try:
-                base = resume if resume is not None else await self.watermark()
-                async with self.api.stream(since=isoformat(base - poll.overlap)) as resp:
+                # The watermark, which reconcile windows advance, wins over a resume
+                # point stuck behind a message this loop cannot get past.
+                base = max(resume or 0.0, await self.watermark())
+                opened, delivered = time.monotonic(), False
+                async with self.api.stream(since=_since(base, poll.overlap)) as resp:
                     self._metrics.sse_connections.labels(self.slug).inc()
                     log.debug("tenant %s: SSE stream open", self.slug)
                     async for msg in read_messages(resp.content,
@@ -518,9 +536,11 @@ class TenantPoller:
                             reason = "close"
                             break
                         newest = await self._sse_event(msg.data)
-                        failures = 0
+                        failures, delivered = 0, True
                         if newest is not None and (resume is None or newest > resume):
                             resume = newest
+                if not delivered and time.monotonic() - opened < SSE_SHORT_S:
+                    reason = "short"  # a stream that ends at once is no stream: back off
             except SseIdleError:
                 reason = "idle"
             except ChertApiError as e:
@@ -530,13 +550,15 @@ class TenantPoller:
                 else:
                     log.warning("tenant %s: SSE stream refused: %s, trace_id=%s",
                                 self.slug, e, e.trace_id or "-")  # fmt: skip
-            except (aiohttp.ClientError, TimeoutError, *_TRANSIENT) as e:
+            except (aiohttp.ClientError, HttpProcessingError, ValueError, TimeoutError,
+                    *_TRANSIENT) as e:  # fmt: skip
+                # (HttpProcessingError: a line longer than aiohttp reads, say)
                 reason = "error"
                 log.warning("tenant %s: SSE stream failed: %s: %s", self.slug,
                             type(e).__name__, e)  # fmt: skip
             self._metrics.sse_reconnects.labels(self.slug, reason).inc()
             log.debug("tenant %s: SSE stream ended (%s); reconnecting", self.slug, reason)
-            if reason == "error":
+            if reason in ("error", "short"):
                 failures += 1
                 cap = min(self.tenant.api.max_backoff, 0.5 * 2.0 ** min(failures, 16))
                 await self._pause(cap * (0.5 + random.random() / 2))
@@ -547,7 +569,7 @@ class TenantPoller:
             return None
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("tenant %s: SSE message is not JSON; skipped", self.slug)
             return None
         rows = [obj] if isinstance(obj, dict) else []

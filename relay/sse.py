@@ -16,11 +16,17 @@ business (the poller's SSE loop).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from relay.errors import UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+MAX_MESSAGE_CHARS = 4 * 1024 * 1024  # one event is a few KB; a longer message is dropped
 
 
 class SseIdleError(UpstreamError):
@@ -37,11 +43,15 @@ class SseMessage:
 class SseParser:
     """Feed it lines (without their line ending); it returns each message as it completes."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_chars: int = MAX_MESSAGE_CHARS) -> None:
         self._data: list[str] = []
+        self._size = 0
+        self._too_big = False
+        self.max_message_chars = max_message_chars
         self._event: str | None = None
         self._id: str | None = None
         self.comments = 0  # heartbeats seen
+        self.dropped = 0  # messages over max_message_chars, not kept
 
     def feed_line(self, line: str) -> SseMessage | None:
         if line == "":
@@ -53,7 +63,11 @@ class SseParser:
         if sep and value.startswith(" "):
             value = value[1:]
         if field == "data":
-            self._data.append(value)
+            self._size += len(value) + 1
+            if self._size > self.max_message_chars:  # a message without end: not in memory
+                self._too_big, self._data = True, []
+            elif not self._too_big:
+                self._data.append(value)
         elif field == "event":
             self._event = value
         elif field == "id" and "\0" not in value:
@@ -62,12 +76,14 @@ class SseParser:
         return None
 
     def _dispatch(self) -> SseMessage | None:
-        if not self._data and self._event is None:
+        too_big, event, data = self._too_big, self._event, self._data
+        self._data, self._size, self._too_big, self._event = [], 0, False, None
+        if too_big:
+            self.dropped += 1
             return None
-        msg = SseMessage(event=self._event or "message", data="\n".join(self._data), id=self._id)
-        self._data = []
-        self._event = None
-        return msg
+        if not data and event is None:
+            return None
+        return SseMessage(event=event or "message", data="\n".join(data), id=self._id)
 
 
 class LineReader(Protocol):
@@ -90,6 +106,9 @@ async def read_messages(reader: LineReader, *, idle_timeout: float) -> AsyncIter
             line = line[:-1]
         if line.endswith("\r"):
             line = line[:-1]
+        dropped = parser.dropped
         msg = parser.feed_line(line)
+        if parser.dropped != dropped:
+            log.warning("SSE message over %d characters dropped", parser.max_message_chars)
         if msg is not None:
             yield msg
