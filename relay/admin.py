@@ -60,7 +60,8 @@ class Admin:
             )
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._token):
+        given_token = token.encode(errors="surrogateescape")  # headers may carry any bytes
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self._token):
             log.warning(
                 "admin API: refused a request without a valid token from %s", request.remote
             )

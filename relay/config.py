@@ -10,6 +10,7 @@ the top-level sections (``CHERT_RELAY__REDIS__URL=redis://…``).
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import tomllib
@@ -37,6 +38,7 @@ ENV_PREFIX = "CHERT_RELAY__"
 DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+MAX_DURATION_S = 10 * 365 * 86400.0  # anything longer is a typo, and Redis TTLs must fit
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
@@ -55,8 +57,12 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError("a duration is a number of seconds or a string like '30s'")
+    if math.isnan(seconds):
+        raise ValueError("a duration must be a number")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError("a duration cannot be longer than 10 years")
     return seconds
 
 
@@ -167,7 +173,8 @@ ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
 def _check_http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        # Not the value itself: a mistyped URL may carry a credential.
+        raise ValueError("not an http:// or https:// URL (scheme://host/…)")
     return value
 
 
@@ -183,7 +190,10 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     listen: ListenField = Field(default_factory=lambda: parse_listen("127.0.0.1:8080"))
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
-    ingest_timeout: Duration = 5.0  # longest a webhook waits on Redis before answering 503
+    # longest a webhook waits on Redis before answering 503
+    ingest_timeout: Annotated[Duration, Field(ge=0.1)] = 5.0
+    # longest a webhook's body may take to arrive before answering 503
+    body_timeout: Annotated[Duration, Field(ge=0.1)] = 30.0
     shutdown_timeout: Duration = 10.0  # bound on in-flight requests at shutdown
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
 
@@ -199,6 +209,14 @@ class RedisConfig(_Section):
     server_binary: str = "redis-server"
     connect_timeout: Duration = 5.0
     require_aof: bool = False  # refuse (rather than warn) when AOF is off
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, v: Secret | None) -> Secret | None:
+        if v is not None and urlsplit(v.get()).scheme not in ("redis", "rediss", "unix"):
+            # Not the value itself: it may carry the password.
+            raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+        return v
 
 
 class RelaySection(_Section):
@@ -289,7 +307,7 @@ def _repeated(names: Iterable[str]) -> list[str]:
 class TenantConfig(_Section):
     slug: str = Field(pattern=_SLUG_RE)
     webhook_secrets: list[SecretField] = Field(default_factory=list)
-    signature_tolerance: Duration = Field(300.0, gt=0)
+    signature_tolerance: Duration = Field(300.0, ge=1)
     api: ApiConfig = Field(default_factory=ApiConfig)
     poll: PollConfig = Field(default_factory=PollConfig)
     sinks: list[SinkConfig] = Field(min_length=1, max_length=1000)

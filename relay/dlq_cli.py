@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -38,9 +39,13 @@ def parse_time(text: str, now: float | None = None) -> float:
     if _AGE_RE.match(text):
         return now - parse_duration(text)
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"{text!r} is not a time: use unix seconds, ISO 8601 or an age")
+        return seconds
     try:
         when = datetime.fromisoformat(text)
     except ValueError:

@@ -16,8 +16,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiohttp import HttpVersion11, web
+from aiohttp import ClientPayloadError, HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -90,6 +91,7 @@ class Receiver:
         """Switch to a new configuration (new secrets take effect for the next request)."""
         self._config = config
         self._max_body = config.server.max_body_bytes
+        self._body_timeout = config.server.body_timeout
         self._retry_after = {"Retry-After": str(config.server.retry_after)}
         self._tenants = {
             t.slug: _Tenant(
@@ -187,12 +189,24 @@ class Receiver:
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.writer.output_size = 0
             try:
-                body = await request.read()
+                if request.content.is_eof():  # all of it is here (the usual case)
+                    body = await request.read()
+                else:
+                    async with asyncio.timeout(self._body_timeout):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._reject(
                     413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
                     started,
                 )  # fmt: skip
+            except TimeoutError:
+                # Slow or stalled: the sender may well succeed on a retry.
+                detail = f"the body did not arrive within {self._body_timeout:g}s"
+                return self._reject(503, slug, "body_timeout", detail, request, started)
+            except (ConnectionError, HttpProcessingError, ClientPayloadError):
+                # The sender went away mid-body: nobody reads the answer.
+                detail = "the connection closed before the body was complete"
+                return self._reject(400, slug, "client_disconnected", detail, request, started)
 
             headers = request.headers
             try:

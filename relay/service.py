@@ -51,6 +51,7 @@ class HttpRole:
     def __init__(
         self, name: str, app: web.Application | web.Server, listen: Listen | None,
         shutdown_timeout: float, on_stop: Callable[[], None] | None = None,
+        on_reload: Callable[[Config], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self._listen = listen
@@ -65,6 +66,7 @@ class HttpRole:
             )
         self._stopped = asyncio.Event()
         self._on_stop = on_stop
+        self._on_reload = on_reload
         self.addresses: list[object] = []
 
     async def start(self) -> None:
@@ -90,7 +92,8 @@ class HttpRole:
         self._stopped.set()
 
     def reload(self, config: Config) -> None:
-        pass
+        if self._on_reload is not None:
+            self._on_reload(config)
 
 
 class Service:
@@ -196,7 +199,9 @@ class Service:
             elif name == "admin":
                 if admin is None:
                     continue
-                role = HttpRole("admin", admin.app(), cfg.admin.listen, 5.0)
+                role = HttpRole(
+                    "admin", admin.app(), cfg.admin.listen, 5.0, on_reload=admin.set_config
+                )
                 self.admin = admin
             elif name in self.extra_roles:
                 role = self.extra_roles[name](rt)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from relay.admin import Admin
+from relay.config import load_config
+from relay.dlq_api import DeadLetterApi
 from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.redis_client import connect
 from relay.redis_server import EmbeddedRedis
-from tests.conftest import LowLevelTestServer, make_config
+from relay.service import Service
+from tests.conftest import LowLevelTestServer, config_dict, make_config
+from tests.process import write_toml
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -110,3 +117,53 @@ async def test_refusals_are_logged_without_flooding(
         )
         == 20
     )
+
+
+async def test_a_reload_rotates_the_admin_token(tmp_path: Path, redis_url: str) -> None:
+    path = tmp_path / "relay.toml"
+    write_toml(path, config_dict(redis_url=redis_url, admin={"token": "old-token-0123456789"}))
+    service = Service(load_config(path), roles=("admin",), config_path=path)
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.started.wait(), 20)
+    try:
+        role: Any = service.roles["admin"]
+        host, port = role.addresses[0][:2]
+        url = f"http://{host}:{port}/api/deadletters"
+        write_toml(path, config_dict(redis_url=redis_url, admin={"token": "new-token-987654321"}))
+        service.reload()  # what SIGHUP does
+        async with aiohttp.ClientSession() as s:
+            for token, status in (("new-token-987654321", 200), ("old-token-0123456789", 401)):
+                async with s.get(url, headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == status, token
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_a_token_that_is_not_utf8_is_refused_not_a_failure(
+    aiohttp_client: ClientFactory, redis: Redis
+) -> None:
+    client, _ = await make_admin(aiohttp_client, redis, admin={"token": "s3cret-token"})
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:
+        writer.write(
+            b"GET /api/ping HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 401")
+    finally:
+        writer.close()
+
+
+async def test_a_time_out_of_range_is_a_bad_request(
+    aiohttp_client: ClientFactory, redis: Redis
+) -> None:
+    cfg = make_config(admin={"token": "s3cret-token"})
+    admin = Admin(cfg, redis, Metrics())
+    admin.add_api_routes(DeadLetterApi(redis, lambda: cfg).routes())
+    client = await aiohttp_client(admin.app())
+    auth = {"Authorization": "Bearer s3cret-token"}
+    for since in ("1e400", "nan", "-inf"):
+        r = await client.get(f"/api/deadletters?since={since}", headers=auth)
+        assert r.status == 400, since

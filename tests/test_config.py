@@ -8,6 +8,7 @@ import pytest
 
 from relay.config import load_config, parse_config, parse_duration, resolve_secret
 from relay.errors import ConfigError
+from relay.redis_client import redact_url
 from tests.conftest import config_dict
 
 
@@ -129,3 +130,36 @@ def test_sink_secrets_must_be_standard_webhooks_keys(secret: str) -> None:
     data = config_dict()
     data["tenants"][0]["sinks"][0]["secret"] = secret
     assert "tenants[0].sinks[0].secret" in problems(data)
+
+
+def test_values_that_validate_must_also_work() -> None:
+    data = config_dict(
+        server={"ingest_timeout": 0, "body_timeout": float("nan")},
+        relay={"dedupe_ttl": 1e300},
+        redis={"url": "localhost:6379"},
+    )
+    data["tenants"][0]["sinks"][0]["max_age"] = float("inf")
+    data["tenants"][0]["signature_tolerance"] = 0.5
+    found = problems(data)
+    assert "greater than or equal to 0.1" in found["server.ingest_timeout"]
+    assert found["server.body_timeout"] == "a duration must be a number"
+    assert found["relay.dedupe_ttl"] == "a duration cannot be longer than 10 years"
+    assert found["tenants[0].sinks[0].max_age"] == "a duration cannot be longer than 10 years"
+    assert "greater than or equal to 1" in found["tenants[0].signature_tolerance"]
+    assert found["redis.url"] == "a Redis URL starts with redis://, rediss:// or unix://"
+
+
+def test_a_bad_url_is_not_echoed_in_the_error() -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][0]["url"] = "https//user:PASSWORD@hooks.example/T0/B0/xyz"
+    found = problems(data)
+    assert "PASSWORD" not in str(found)
+    assert "not an http:// or https:// URL" in found["tenants[0].sinks[0].url"]
+    data = config_dict(redis={"url": "redis//:PASSWORD@host:6379"})
+    assert "PASSWORD" not in str(problems(data))
+
+
+def test_redis_passwords_are_hidden_from_logs() -> None:
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://h:1/0?password=pw&db=1") == "redis://h:1/0?password=***&db=1"
+    assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"

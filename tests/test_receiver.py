@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -350,3 +351,69 @@ async def test_a_failure_inside_the_relay_answers_500_and_counts(
     assert h.count("chert_relay_webhook_ack_seconds_count") == 1
     assert "webhook handler failed: tenant=acme-7a3f" in caplog.text
     assert await queued(redis) == []
+
+
+async def test_a_lone_surrogate_escape_in_the_text_is_accepted(h: Harness, redis: Redis) -> None:
+    # JSON allows it and a sender truncating an emoji produces it; pydantic's parser
+    # refuses it, and a 400 would never be retried.
+    raw = (
+        b'{"event":"message.received","event_id":"chert:msg:sur","partner_id":"'
+        + TENANT.encode()
+        + b'","data":{"message":{"parts":[{"type":"text","value":"hi \\ud83d"}]}}}'
+    )
+    status, body = await h.post(*signed(raw))
+    assert (status, body["status"]) == (202, "accepted")
+    stored = await stored_event(redis, "chert:msg:sur")
+    assert stored is not None
+    assert stored.body == raw  # byte for byte
+
+
+async def _raw_post(h: Harness, body: bytes, length: int) -> bytes:
+    _, headers = signed(envelope("raw:1"))
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {length}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
+    assert h.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        writer.close()
+
+
+async def test_a_body_that_never_arrives_gets_503_in_time(
+    aiohttp_client: ClientFactory, redis: Redis
+) -> None:
+    h = await make_harness(aiohttp_client, redis, server={"body_timeout": 0.2})
+    line = await _raw_post(h, b'{"event_id"', 2000)  # says 2000 bytes, sends 11
+    assert line.startswith(b"HTTP/1.1 503"), line
+    assert h.rejected("body_timeout") == 1
+    assert await queued(redis) == []
+
+
+async def test_a_sender_gone_mid_body_is_not_a_relay_failure(
+    h: Harness, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw, headers = signed(envelope("gone:1"))
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(raw)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
+    assert h.client.server.port is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    writer.write(head + raw[: len(raw) // 2])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await wait_for(lambda: _rejected(h, "client_disconnected"), 10)
+    assert h.rejected("internal_error") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def _rejected(h: Harness, reason: str) -> bool:
+    return h.rejected(reason) > 0
