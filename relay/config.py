@@ -9,6 +9,7 @@ the top-level sections (``CHERT_RELAY__REDIS__URL=redis://…``).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
@@ -156,6 +157,8 @@ def parse_listen(value: object) -> Listen:
     if not isinstance(value, str) or not value:
         raise ValueError("listen is 'host:port' or 'unix:/path'")
     if value.startswith("unix:"):
+        if not value[5:]:
+            raise ValueError("'unix:' needs a socket path: 'unix:/run/chert-relay.sock'")
         return Listen(path=value[5:])
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -351,6 +354,15 @@ class Config(_Section):
             raise ValueError(f"tenant slugs must be unique: {', '.join(dupes)}")
         return v
 
+    @field_validator("admin")
+    @classmethod
+    def _distinct_listeners(cls, v: AdminConfig, info: ValidationInfo) -> AdminConfig:
+        server, listen = info.data.get("server"), v.listen
+        same = server is not None and listen is not None and listen == server.listen
+        if same and listen is not None and (listen.path or listen.port):  # port 0: free ports
+            raise ValueError(f"admin.listen is server.listen too ({listen})")
+        return v
+
     def tenant(self, slug: str) -> TenantConfig | None:
         for t in self.tenants:
             if t.slug == slug:
@@ -394,6 +406,9 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+_SECRET_KEYS = frozenset({("admin", "token"), ("redis", "url")})
+
+
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, object]]:
     out: list[tuple[str, str, object]] = []
     for name, raw in env.items():
@@ -402,10 +417,10 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, object]]:
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2 or not all(parts):
             continue
-        try:
-            value: object = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
+        value: object = raw
+        if (parts[0], parts[1]) not in _SECRET_KEYS:  # a token of digits stays a string
+            with contextlib.suppress(tomllib.TOMLDecodeError):  # not TOML: the text itself
+                value = tomllib.loads(f"v = {raw}")["v"]
         out.append((parts[0], parts[1], value))
     return out
 

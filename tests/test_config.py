@@ -163,3 +163,19 @@ def test_redis_passwords_are_hidden_from_logs() -> None:
     assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redact_url("redis://h:1/0?password=pw&db=1") == "redis://h:1/0?password=***&db=1"
     assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
+
+
+def test_an_environment_secret_of_digits_stays_a_string() -> None:
+    env = {"CHERT_RELAY__ADMIN__TOKEN": "0x1234567890123456", "CHERT_RELAY__WORKER__MAX_JOBS": "7"}
+    cfg = parse_config(config_dict(), env=env)
+    assert cfg.admin.token is not None
+    assert cfg.admin.token.get() == "0x1234567890123456"
+    assert cfg.worker.max_jobs == 7  # other settings are still read as TOML values
+
+
+def test_listeners_must_be_usable() -> None:
+    found = problems(config_dict(server={"listen": "unix:"}))
+    assert "needs a socket path" in found["server.listen"]
+    found = problems(config_dict(server={"listen": "127.0.0.1:8080"},
+                                 admin={"listen": "127.0.0.1:8080"}))  # fmt: skip
+    assert found["admin"] == "admin.listen is server.listen too (127.0.0.1:8080)"
