@@ -313,6 +313,8 @@ class ChertApi:
             obj = json.loads(body)
             rows = obj["events"]
             cursor_out = obj.get("next_cursor")
+            if isinstance(cursor_out, int) and not isinstance(cursor_out, bool):
+                cursor_out = str(cursor_out)  # an opaque token: sent back as it came
             if not isinstance(rows, list) or not (
                 cursor_out is None or isinstance(cursor_out, str)
             ):

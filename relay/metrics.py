@@ -103,6 +103,12 @@ class Metrics:
             ["tenant", "source"],
             registry=r,
         )
+        self.poll_rows_skipped = Counter(
+            f"{p}_poll_rows_skipped_total",
+            "Event rows from Chert that are not events the relay can take (logged).",
+            ["tenant", "source"],
+            registry=r,
+        )
         self.poll_windows = Counter(
             f"{p}_poll_windows_total",
             "Poll windows by outcome: ok (read to the end, watermark advanced), api_error, "

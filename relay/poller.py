@@ -447,6 +447,7 @@ class TenantPoller:
                 self._rt.ingestor, self.slug, page.rows, source, stale_before=stale_before
             )
             self._metrics.poll_rows.labels(self.slug, source).inc(result.seen)
+            self._metrics.poll_rows_skipped.labels(self.slug, source).inc(result.skipped)
             total.add(result)
         if total.newest is not None and total.newest > wm:
             await self._advance(keys=[self._wm_key], args=[repr(total.newest)])
@@ -578,6 +579,7 @@ class TenantPoller:
             return None
         result = await ingest_rows(self._rt.ingestor, self.slug, rows, "sse")
         self._metrics.poll_rows.labels(self.slug, "sse").inc(result.seen)
+        self._metrics.poll_rows_skipped.labels(self.slug, "sse").inc(result.skipped)
         return result.newest
 
 

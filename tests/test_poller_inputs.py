@@ -328,3 +328,34 @@ def test_a_message_that_never_ends_is_not_kept_in_memory() -> None:
 
 async def _count(items: list[float], n: int) -> bool:
     return len(items) >= n
+
+
+async def test_a_cursor_given_as_a_number_is_followed(redis_url: str, redis: Redis) -> None:
+    async with chert() as c:
+
+        async def events(request: web.Request) -> web.Response:
+            if "cursor" not in request.query:
+                return page([row("ev-1", isoformat(time.time() - 5))], 12345)
+            assert request.query["cursor"] == "12345"
+            return page([row("ev-2", isoformat(time.time() - 4))])
+
+        c.events = events
+        async with poller_for(redis_url, redis, c.base_url) as (poller, _):
+            result = await poller.window_guarded()
+            assert result is not None
+            assert result.new == 2
+
+
+async def test_rows_that_are_not_events_are_counted(redis_url: str, redis: Redis) -> None:
+    async with chert() as c:
+
+        async def events(request: web.Request) -> web.Response:
+            return page([row("x" * 600, isoformat(time.time() - 5)), row("ok", isoformat(0))])
+
+        c.events = events
+        async with poller_for(redis_url, redis, c.base_url) as (poller, rt):
+            result = await poller.window_guarded()
+            assert result is not None
+            assert (result.seen, result.skipped, result.new) == (2, 1, 1)
+            skipped = sample(rt, "chert_relay_poll_rows_skipped_total", source="poll")
+            assert skipped == 1
