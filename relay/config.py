@@ -174,10 +174,16 @@ ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
 
 
 def _check_http_url(value: str) -> str:
+    # The errors never show the value: a mistyped URL may carry a credential.
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        # Not the value itself: a mistyped URL may carry a credential.
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not an http:// or https:// URL (scheme://host/…)")
+    if any(c.isspace() for c in value):
+        raise ValueError("a URL cannot contain spaces")
+    try:
+        parts.port  # noqa: B018 - raises when out of range or not a number
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 0 to 65535") from None
     return value
 
 

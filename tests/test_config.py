@@ -179,3 +179,17 @@ def test_listeners_must_be_usable() -> None:
     found = problems(config_dict(server={"listen": "127.0.0.1:8080"},
                                  admin={"listen": "127.0.0.1:8080"}))  # fmt: skip
     assert found["admin"] == "admin.listen is server.listen too (127.0.0.1:8080)"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://hooks.example:99999/x", "the URL's port is not a number from 0 to 65535"),
+        ("http://hooks example/x", "a URL cannot contain spaces"),
+        ("http:///x", "not an http:// or https:// URL (scheme://host/…)"),
+    ],
+)
+def test_sink_urls_that_could_never_be_reached(url: str, problem: str) -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][0]["url"] = url
+    assert problems(data)["tenants[0].sinks[0].url"] == problem
