@@ -48,11 +48,12 @@ import contextlib
 import email.utils
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import redis.exceptions
@@ -74,6 +75,7 @@ FAULT_RETRY_S = 5.0  # a run that failed on our side tries again after 1-2x this
 FAULT_CHECK_S = 0.5  # bound on rescheduling after a fault (inside arq's job timeout)
 ERROR_MAX_CHARS = 300
 ERROR_BODY_BYTES = 200
+ERROR_BODY_SLACK = 1024  # read beyond, scrubbed, then cut
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 # KEYS: ev, attempts, breaker, inflight, gone, job, queue
@@ -88,10 +90,19 @@ local st = redis.call('HMGET', KEYS[2], 'a', 'dl', 'due', 'first', 'last', 'st',
 local a = tonumber(st[1]) or 0
 local dl = tonumber(st[2])
 local margin = tonumber(ARGV[7])
+-- neither arq's job nor the payload may expire before the deadline has been acted on
+-- (the sink's max_age may have grown by a reload since the event was queued)
+local function hold()
+  local keep = math.max(dl - now, 0) + margin
+  redis.call('PEXPIRE', KEYS[6], keep)
+  local ev_ttl = redis.call('PTTL', KEYS[1])
+  if ev_ttl >= 0 and ev_ttl < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+end
 if not dl then
   dl = (event_at(stored) or now) + tonumber(ARGV[3])
   redis.call('HSET', KEYS[2], 'dl', dl)
   redis.call('PEXPIRE', KEYS[2], math.max(dl - now, 0) + margin)
+  hold()  -- now, even if this claim only puts the delivery off
 end
 local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored}
 if redis.call('GET', KEYS[5]) == ARGV[8] then return {'gone', unpack(info)} end
@@ -101,28 +112,31 @@ local function defer(reason, wait)
   redis.call('ZADD', KEYS[7], now + wait, job_id)
   return {'defer', reason, wait}
 end
+-- A delivery put off again and again because its sink is busy (or probing) waits
+-- longer each time, up to 10 s: a slow sink's backlog must not crowd out the jobs of
+-- other sinks by cycling through the queue.
+local function longer(wait)
+  local n = redis.call('HINCRBY', KEYS[2], 'w', 1)
+  return math.min(wait * 2 ^ math.min(n - 1, 16), math.max(wait, 10000))
+end
 local due = tonumber(st[3])
 if due and due > now then return defer('not_due', due - now) end
 local verdict, wait = breaker_check(KEYS[3], now, job_id, tonumber(ARGV[10]), tonumber(ARGV[11]))
 if verdict == 'open' then return defer('breaker_open', wait) end
-if verdict == 'half' then return defer('half_open', wait) end
+if verdict == 'half' then return defer('half_open', longer(wait)) end
 local lease = tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local mine = redis.call('ZSCORE', KEYS[4], job_id)
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[5]) and not mine then
-  return defer('busy', tonumber(ARGV[9]))
+  return defer('busy', longer(tonumber(ARGV[9])))
 end
 if verdict == 'probe' then breaker_take_probe(KEYS[3], now, job_id, lease) end
 redis.call('ZADD', KEYS[4], now + lease, job_id)
 redis.call('PEXPIRE', KEYS[4], lease + margin)
 a = a + 1
-redis.call('HSET', KEYS[2], 'a', a, 'last', now)
+redis.call('HSET', KEYS[2], 'a', a, 'last', now, 'w', 0)
 redis.call('HSETNX', KEYS[2], 'first', now)
--- neither arq's job nor the payload may expire before the deadline has been acted on
-local keep = math.max(dl - now, 0) + margin
-redis.call('PEXPIRE', KEYS[6], keep)
-local ev_ttl = redis.call('PTTL', KEYS[1])
-if ev_ttl >= 0 and ev_ttl < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+hold()
 return {'go', a, st[4] or now, dl, stored, st[8] or ''}
 """
 
@@ -255,9 +269,14 @@ def status_class(status: int | None, kind: str) -> str:
     return kind if status is None else f"{status // 100}xx"
 
 
+_WORDS = re.compile(r"[\s=,;:]+")
+
+
 def scrub(text: str, sink: SinkConfig) -> str:
     """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
     secrets = [v for v in sink.headers.values() if len(v) >= 4]
+    # A sink may echo only the credential part of a header (the token of "Bearer tok…").
+    secrets += [w for v in sink.headers.values() for w in _WORDS.split(v) if len(w) >= 8]
     if sink.secret is not None:
         secrets.append(sink.secret.get())
     parts = urlsplit(sink.url)
@@ -265,7 +284,10 @@ def scrub(text: str, sink: SinkConfig) -> str:
     # the path goes too, whole and by segment, unless it is too short to be one.
     segments = [seg for seg in parts.path.split("/") if len(seg) >= 8]
     path = parts.path if len(parts.path) >= 8 else ""
-    secrets += [p for p in (parts.password, parts.username, parts.query, path, *segments) if p]
+    values = [v for _, v in parse_qsl(parts.query, keep_blank_values=True) if len(v) >= 8]
+    secrets += [
+        p for p in (parts.password, parts.username, parts.query, path, *segments, *values) if p
+    ]
     for s in sorted(secrets, key=len, reverse=True):
         text = text.replace(s, "***")
     return " ".join(text.split())[:ERROR_MAX_CHARS]
@@ -471,10 +493,9 @@ class Deliverer:
             answer = await self._post(sink, body, headers, http_timeout)
         except asyncio.CancelledError:
             # Shutting down past the grace period: give the slot back; arq runs it again.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self._release(keys=[keys[3], keys[2]], args=[job_id])
-                )  # fmt: skip
+            with contextlib.suppress(Exception):  # best effort: the lease also expires
+                async with asyncio.timeout(FAULT_CHECK_S):
+                    await asyncio.shield(self._release(keys=[keys[3], keys[2]], args=[job_id]))
             log.info("delivery cancelled during attempt %d; it will run again", attempt)
             raise
         now = _now_ms()
@@ -565,7 +586,12 @@ class Deliverer:
                 if 200 <= status < 300:
                     await resp.content.read(65536)  # lets the connection be reused
                     return Answer(status, "http", "", None, time.perf_counter() - started)
-                snippet = (await resp.content.read(ERROR_BODY_BYTES)).decode(errors="replace")
+                snippet = ""
+                if status not in (401, 403):  # where a sink would echo a credential back
+                    # Read past what is kept, so that scrub() sees any secret whole
+                    # before the text is cut.
+                    raw = await resp.content.read(ERROR_BODY_BYTES + ERROR_BODY_SLACK)
+                    snippet = raw.decode(errors="replace")
                 error = f"HTTP {status}" + (f": {snippet}" if snippet.strip() else "")
                 return Answer(
                     status, "http", error, parse_retry_after(resp.headers.get("Retry-After")),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
+import time
 
+import pytest
 from redis.asyncio import Redis
 
 from relay import breaker, queue
@@ -296,6 +299,40 @@ def test_errors_never_carry_secrets() -> None:
     assert len(text) <= 300
 
 
+def test_errors_never_carry_the_parts_of_a_credential_a_sink_echoes() -> None:
+    cfg = config_with("redis://127.0.0.1:1/0", [
+        sink_conf("s", "https://sink.example/hook?v=2&token=q5ecret7777xyz",
+                  headers={"Authorization": "Bearer tok-9876543210abcdef"}),
+    ])  # fmt: skip
+    sink = cfg.tenants[0].sinks[0]
+    text = scrub('HTTP 400: {"error":"bad token tok-9876543210abcdef","q":"q5ecret7777xyz"}', sink)
+    assert "tok-9876543210abcdef" not in text
+    assert "q5ecret7777xyz" not in text
+    assert "bad token" in text  # the rest stays readable
+
+
+async def test_a_sink_that_echoes_its_credential_does_not_leak_it(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "tok-9876543210abcdef"
+
+    async with sinks(Sink(lambda s, r: (401, {}), body=f"invalid token {token}"),
+                     Sink(lambda s, r: (400, {}), body="x" * 190 + token)) as (a, b):  # fmt: skip
+        cfg = config_with(redis_url, [
+            sink_conf("a", a.url, headers={"Authorization": f"Bearer {token}"}),
+            sink_conf("b", b.url, headers={"Authorization": f"Bearer {token}"}),
+        ])  # fmt: skip
+        rt = runtime(redis, cfg)
+        store = DeadLetterStore(redis, cfg)
+        await ingest(rt, ["e1"])
+        async with worker(rt):
+            await wait_for(lambda: _dead_letters(store, 2, redis), 15)
+        for d in await store.find(Filter()):
+            assert token not in d.error
+            assert token[:8] not in d.error  # not even the part before a cut
+        assert token not in caplog.text
+
+
 def test_errors_never_carry_a_token_in_the_sink_urls_path() -> None:
     url = "https://hooks.example/services/T0ABCDEF1/B0GHIJKL2/xYz123secretToken456"
     cfg = config_with("redis://127.0.0.1:1/0", [sink_conf("s", url)])
@@ -415,3 +452,46 @@ async def _received(sink: Sink, n: int) -> bool:
 
 async def _dead_letters(store: DeadLetterStore, n: int, redis: Redis) -> bool:
     return len(await store.find(Filter())) == n and await queue_empty(redis)
+
+
+async def test_a_delivery_put_off_keeps_its_job_and_event_until_its_deadline(
+    redis: Redis, redis_url: str
+) -> None:
+    url = "http://127.0.0.1:9/hook"
+    rt = runtime(redis, config_with(redis_url, [sink_conf("s", url, max_age=60)]))
+    await ingest(rt, ["e1"])
+    # The sink will be down a while: max_age goes up to 10 days by a reload, and its
+    # breaker is open, so the job is only ever put off.
+    rt.config = config_with(redis_url, [sink_conf("s", url, max_age=10 * 86400)])
+    opened = int(time.time() * 1000) + 3_600_000
+    await redis.hset(rt.keys.breaker(TENANT, "s"), mapping={"s": "o", "u": opened})
+    att = rt.keys.attempts(TENANT, "s", "e1")
+    async with worker(rt):
+        await wait_for(lambda: redis.hget(att, "dl"), 10)
+    left = int(await redis.hget(att, "dl")) - int(time.time() * 1000)
+    job_id = queue.delivery_job_id("chert-relay", TENANT, "s", "e1")
+    assert await redis.pttl(queue.JOB_KEY_PREFIX + job_id) >= left
+    assert await redis.pttl(rt.keys.event(TENANT, "e1")) >= left
+
+
+async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sink's one slot is taken (a delivery elsewhere holds it for a minute): this
+    # job is put off again and again, and must not cycle through the queue every 0.25 s.
+    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook", concurrency=1)])
+    rt = runtime(redis, cfg)
+    await redis.zadd(rt.keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
+    await ingest(rt, ["e1"])
+    caplog.set_level(logging.DEBUG, logger="relay.delivery")
+    async with worker(rt):
+        await wait_for(lambda: _put_off(caplog, 4), 30)
+    waits = [float(r.args[0]) for r in caplog.records if "put off" in r.msg][:4]  # type: ignore[index]
+    # Each wait is worker.busy_defer times 1 to 2 (jitter) times 2**(n-1): without the
+    # doubling, no wait could be twice another.
+    assert waits[3] > 2 * waits[0], waits
+    assert all(later > 0.9 * earlier for earlier, later in itertools.pairwise(waits)), waits
+
+
+async def _put_off(caplog: pytest.LogCaptureFixture, n: int) -> bool:
+    return sum("put off" in r.msg for r in caplog.records) >= n

@@ -70,6 +70,7 @@ class Sink:
     running: int = 0
     max_running: int = 0
     url: str = ""
+    body: str | None = None  # what a non-2xx answer says (default "nope")
     _runner: web.AppRunner | None = None
 
     def ids(self) -> list[str]:
@@ -98,7 +99,8 @@ class Sink:
                 status, headers = reply  # type: ignore[misc]
         finally:
             self.running -= 1
-        return web.Response(status=status, headers=headers, text="nope" if status >= 300 else "")
+        text = (self.body or "nope") if status >= 300 else ""
+        return web.Response(status=status, headers=headers, text=text)
 
     async def start(self) -> Sink:
         app = web.Application()
