@@ -214,10 +214,14 @@ class DeadLetterStore:
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
 
-    def _tenants(self, flt: Filter) -> list[str]:
+    async def _tenants(self, flt: Filter) -> list[str]:
         if flt.tenant is None:
             return [t.slug for t in self._config.tenants]
-        if self._config.tenant(flt.tenant) is None:
+        # A tenant removed from the configuration may still have dead letters: named
+        # explicitly, they can be listed and purged.
+        if self._config.tenant(flt.tenant) is None and not await _aw(
+            self._redis.exists(self._keys.dead_letters(flt.tenant))
+        ):
             raise DeadLetterError(f"unknown tenant {flt.tenant!r}")
         return [flt.tenant]
 
@@ -228,7 +232,7 @@ class DeadLetterStore:
         lo = "-inf" if flt.since is None else str(int(flt.since * 1000))
         hi = "+inf" if flt.until is None else f"({int(flt.until * 1000)}"
         left = flt.limit
-        for tenant in self._tenants(flt):
+        for tenant in await self._tenants(flt):
             start = 0
             while left is None or left > 0:
                 members = await self._redis.zrangebyscore(

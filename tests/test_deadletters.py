@@ -20,13 +20,14 @@ from relay.config import Config, resolve_secret
 from relay.deadletters import DeadLetterStore, Filter
 from relay.dlq_api import DeadLetterApi
 from relay.dlq_cli import parse_time
-from relay.errors import EXIT_OK, EXIT_USAGE
-from tests.conftest import TENANT, config_dict, wait_for
+from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
+from tests.conftest import TENANT, config_dict, make_config, wait_for
 from tests.test_delivery_support import (
     FAST_WORKER,
     Sink,
     config_with,
     event,
+    ingest,
     runtime,
     sink_conf,
     sinks,
@@ -222,3 +223,30 @@ async def test_admin_api(redis: Redis, redis_url: str) -> None:
             r = await client.get("/api/deadletters", headers=auth)
             assert (await r.json())["count"] == 0
         assert await redis.zcard(queue.queue_name("chert-relay")) == 5
+
+
+async def test_a_removed_tenants_dead_letters_can_still_be_reached(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink()) as (s,):
+        rt = runtime(redis, one_tenant(redis_url, TENANT, s.url))
+        await ingest(rt, ["e1", "e2"])
+        rt.config = one_tenant(redis_url, "acme-renamed", s.url)  # renamed by a reload
+        async with worker(rt):
+            await wait_for(lambda: redis.exists(rt.keys.dead_letter(TENANT, "s", "e2")), 10)
+        store = DeadLetterStore(redis, rt.config)
+        found = await store.find(Filter(tenant=TENANT))
+        assert sorted(d.event_id for d in found) == ["e1", "e2"]
+        assert {d.cls for d in found} == {"gone"}
+        assert len((await store.purge(Filter(tenant=TENANT))).done) == 2
+        assert await redis.exists(rt.keys.event(TENANT, "e1")) == 0  # let go with them
+        with pytest.raises(DeadLetterError):
+            await store.find(Filter(tenant="never-was"))
+
+
+def one_tenant(redis_url: str, slug: str, sink_url: str) -> Config:
+    return make_config(
+        redis_url=redis_url, worker=FAST_WORKER,
+        tenants=[{"slug": slug, "webhook_secrets": ["x" * 32], "poll": {"mode": "off"},
+                  "sinks": [sink_conf("s", sink_url)]}],
+    )  # fmt: skip
