@@ -368,28 +368,31 @@ async def test_a_lone_surrogate_escape_in_the_text_is_accepted(h: Harness, redis
     assert stored.body == raw  # byte for byte
 
 
-async def _raw_post(h: Harness, body: bytes, length: int) -> bytes:
-    _, headers = signed(envelope("raw:1"))
+def _raw_request(length: int | None = None) -> tuple[bytes, bytes]:
+    """A signed webhook as raw HTTP (head, body); the head may announce another length."""
+    body, headers = signed(envelope("raw:1"))
     head = (
-        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {length}\r\n"
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n"
         + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         + "\r\n"
     ).encode()
-    assert h.client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
-    try:
-        writer.write(head + body)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readline(), 30)
-    finally:
-        writer.close()
+    return head, body
 
 
 async def test_a_body_that_never_arrives_gets_503_in_time(
     aiohttp_client: ClientFactory, redis: Redis
 ) -> None:
     h = await make_harness(aiohttp_client, redis, server={"body_timeout": 0.2})
-    line = await _raw_post(h, b'{"event_id"', 2000)  # says 2000 bytes, sends 11
+    head, body = _raw_request(length=2000)  # says 2000 bytes, sends 11
+    assert h.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    try:
+        writer.write(head + body[:11])
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 30)
+    finally:
+        writer.close()
     assert line.startswith(b"HTTP/1.1 503"), line
     assert h.rejected("body_timeout") == 1
     assert await queued(redis) == []
@@ -398,15 +401,10 @@ async def test_a_body_that_never_arrives_gets_503_in_time(
 async def test_a_sender_gone_mid_body_is_not_a_relay_failure(
     h: Harness, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    raw, headers = signed(envelope("gone:1"))
-    head = (
-        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(raw)}\r\n"
-        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        + "\r\n"
-    ).encode()
+    head, body = _raw_request()
     assert h.client.server.port is not None
     _, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
-    writer.write(head + raw[: len(raw) // 2])
+    writer.write(head + body[: len(body) // 2])
     await writer.drain()
     writer.close()
     await writer.wait_closed()
