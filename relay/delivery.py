@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 CTX_KEY = "relay"  # the one key of arq's ctx dict the relay uses
 JOB_MARGIN_S = 3.0  # arq's job timeout = longest sink timeout + this
 FAULT_RETRY_S = 5.0  # a run that failed on our side tries again after 1-2x this
+LAST_TRY_MARGIN_S = 1.0  # a last attempt starts this + the sink's timeout before the deadline
 FAULT_CHECK_S = 0.5  # bound on rescheduling after a fault (inside arq's job timeout)
 ERROR_MAX_CHARS = 300
 ERROR_BODY_BYTES = 200
@@ -525,6 +526,11 @@ class Deliverer:
                 w.retry_after_max,
             )  # fmt: skip
             due = now + int(delay * 1000)
+            # A wait (a long Retry-After, say) that would run past the deadline still leaves
+            # one last attempt, just before it, rather than none.
+            last_chance = deadline_ms - int((sink.timeout + LAST_TRY_MARGIN_S) * 1000)
+            if due >= deadline_ms and last_chance > now:
+                due, delay = last_chance, (last_chance - now) / 1000
             if attempt < sink.max_attempts and due < deadline_ms:
                 await self._finish_call(
                     keys, now, job_id, "retry", due=due, status=answer.status, error=error,

@@ -495,3 +495,24 @@ async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
 
 async def _put_off(caplog: pytest.LogCaptureFixture, n: int) -> bool:
     return sum("put off" in r.msg for r in caplog.records) >= n
+
+
+async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(
+    redis: Redis, redis_url: str
+) -> None:
+    # The sink asks for an hour; the delivery has 4 s: one more try at the end, then done.
+    async with sinks(Sink(lambda s, r: (503, {"Retry-After": "3600"}))) as (a,):
+        cfg = config_with(redis_url, [sink_conf("s", a.url, timeout=0.5, max_age=4)],
+                          retry_after_max=3600)  # fmt: skip
+        rt = runtime(redis, cfg)
+        store = DeadLetterStore(redis, cfg)
+        before = time.monotonic()
+        await ingest(rt, ["e1"])
+        async with worker(rt):
+            await wait_for(lambda: _dead_letters(store, 1, redis), 20)
+        assert [r.attempt for r in a.received] == [1, 2]
+        # Not before max_age minus the sink's timeout minus 1 s after the event came in.
+        assert a.received[1].at - before >= 4 - 0.5 - 1 - 0.1
+        [d] = await store.find(Filter())
+        assert d.cls == "exhausted"
+        assert d.error.startswith("past max_age")
