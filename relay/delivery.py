@@ -75,8 +75,7 @@ FAULT_RETRY_S = 5.0  # a run that failed on our side tries again after 1-2x this
 LAST_TRY_MARGIN_S = 1.0  # a last attempt starts this + the sink's timeout before the deadline
 FAULT_CHECK_S = 0.5  # bound on rescheduling after a fault (inside arq's job timeout)
 ERROR_MAX_CHARS = 300
-ERROR_BODY_BYTES = 200
-ERROR_BODY_SLACK = 1024  # read beyond, scrubbed, then cut
+ERROR_BODY_READ = 1024  # bytes of an error answer read; scrub() blanks secrets, then cuts
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 
 # KEYS: ev, attempts, breaker, inflight, gone, job, queue
@@ -594,9 +593,9 @@ class Deliverer:
                     return Answer(status, "http", "", None, time.perf_counter() - started)
                 snippet = ""
                 if status not in (401, 403):  # where a sink would echo a credential back
-                    # Read past what is kept, so that scrub() sees any secret whole
-                    # before the text is cut.
-                    raw = await resp.content.read(ERROR_BODY_BYTES + ERROR_BODY_SLACK)
+                    # More than is kept, so that scrub() sees any secret whole before
+                    # the text is cut to ERROR_MAX_CHARS.
+                    raw = await resp.content.read(ERROR_BODY_READ)
                     snippet = raw.decode(errors="replace")
                 error = f"HTTP {status}" + (f": {snippet}" if snippet.strip() else "")
                 return Answer(

@@ -131,8 +131,8 @@ class Ingestor:
         if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
-        ts = b"-" if event.timestamp is None else repr(event.timestamp).encode()
         eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
+        ts = stored_event.timestamp_field(event.timestamp)
         head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
         packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n%s" % (
             self._tenants[tenant], len(eid), eid, len(head) + len(etype) + len(body), head,

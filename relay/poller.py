@@ -129,8 +129,8 @@ class RowsResult:
 
 
 def _since(watermark: float, overlap: float) -> str:
-    """Chert's ``since`` for a window from ``watermark``: never past now, even when a
-    watermark from before :data:`MAX_FUTURE_S` was enforced is."""
+    """Chert's ``since`` for a window from ``watermark``: never later than now, even
+    for a watermark an earlier build let run into the future."""
     return isoformat(min(watermark, time.time()) - overlap)
 
 

@@ -59,13 +59,17 @@ def header(users: int, at_ms: int, source: bytes, timestamp: bytes, type_len: in
     return b"%04d %013d %s %s %d\n" % (users, at_ms, source, timestamp, type_len)
 
 
+def timestamp_field(timestamp: float | None) -> bytes:
+    """The ``TS`` field: Chert's timestamp, or ``-``."""
+    return b"-" if timestamp is None else repr(timestamp).encode()
+
+
 def pack(
     users: int, at_ms: int, source: str, timestamp: float | None, etype: str, body: bytes
 ) -> bytes:
     """A whole stored event (the ingest path builds it in one go, with its RESP framing)."""
     t = etype.encode()
-    ts = b"-" if timestamp is None else repr(timestamp).encode()
-    return header(users, at_ms, source.encode(), ts, len(t)) + t + body
+    return header(users, at_ms, source.encode(), timestamp_field(timestamp), len(t)) + t + body
 
 
 def parse(raw: bytes | str) -> StoredEvent:

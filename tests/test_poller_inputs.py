@@ -28,7 +28,7 @@ from relay.poller import TenantPoller
 from relay.runtime import Runtime
 from relay.sse import SseParser
 from tests.conftest import TENANT, log_row, wait_for
-from tests.test_poller_support import PREFIX, relay_config
+from tests.test_poller_support import PREFIX, relay_config, serve_api
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,16 +60,8 @@ async def chert() -> AsyncIterator[Chert]:
     app.router.add_get("/api/v1/events", fake._events)
     app.router.add_get("/api/v1/events/stream", fake._stream)
     app.router.add_get("/elsewhere", fake._events)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        fake.base_url = f"http://{host}:{port}/api/v1"
+    async with serve_api(app) as fake.base_url:
         yield fake
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

@@ -193,20 +193,26 @@ class PagedChert:
 
 
 @contextlib.asynccontextmanager
-async def paged_chert() -> AsyncIterator[PagedChert]:
-    chert = PagedChert()
-    app = web.Application()
-    app.router.add_get("/api/v1/events", chert.events)
-    runner = web.AppRunner(app)
+async def serve_api(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a free local port; yields its ``…/api/v1`` base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]
-        chert.base_url = f"http://{host}:{port}/api/v1"
-        yield chert
+        yield f"http://{host}:{port}/api/v1"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def paged_chert() -> AsyncIterator[PagedChert]:
+    chert = PagedChert()
+    app = web.Application()
+    app.router.add_get("/api/v1/events", chert.events)
+    async with serve_api(app) as chert.base_url:
+        yield chert
 
 
 class SilentServer:
