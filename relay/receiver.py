@@ -10,7 +10,6 @@ with ``Retry-After``. 2xx is sent only once ingest has durably stored the event:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
-from relay.signing import verify_webhook, webhook_key
+from relay.signing import WebhookKey, verify_webhook, webhook_key
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ _SIGNATURE_REASONS = {
 @dataclass(frozen=True, slots=True)
 class _Tenant:
     slug: str
-    secrets: tuple[hmac.HMAC, ...]
+    secrets: tuple[WebhookKey, ...]
     tolerance: float
     accepted: Counter  # this tenant's metric children, looked up once
     duplicate: Counter
@@ -189,8 +188,11 @@ class Receiver:
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.writer.output_size = 0
             try:
-                if request.content.is_eof():  # all of it is here (the usual case)
-                    body = await request.read()
+                content = request.content
+                if content.is_eof():  # all of it is here (the usual case): take it as is
+                    body = content.read_nowait()
+                    if len(body) > self._max_body:  # chunked, so no Content-Length
+                        raise web.HTTPRequestEntityTooLarge(self._max_body, len(body))
                 else:
                     async with asyncio.timeout(self._body_timeout):
                         body = await request.read()

@@ -380,6 +380,42 @@ def _raw_request(length: int | None = None) -> tuple[bytes, bytes]:
     return head, body
 
 
+async def _chunked_exchange(h: Harness, body: bytes, headers: dict[str, str]) -> bytes:
+    """POST ``body`` with ``Transfer-Encoding: chunked`` (no length announced) in 1 KiB
+    chunks; the answer's status line and JSON."""
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
+    chunks = [body[i : i + 1024] for i in range(0, len(body), 1024)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    assert h.client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    try:
+        writer.write(head + framed)
+        return await asyncio.wait_for(reader.readuntil(b"}"), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_chunked_body_is_accepted(h: Harness, redis: Redis) -> None:
+    answer = await _chunked_exchange(h, *signed(envelope("ch1", pad="x" * 2000)))
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+    assert await queued(redis) == [job("all", "ch1"), job("crm", "ch1")]
+
+
+async def test_an_oversized_chunked_body_is_413_and_queues_nothing(
+    h: Harness, redis: Redis
+) -> None:
+    """No Content-Length to refuse it by: the body itself is measured (limit 4096)."""
+    answer = await _chunked_exchange(h, *signed(envelope("ch2", pad="x" * 5000)))
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"body_too_large" in answer
+    assert h.rejected("body_too_large") == 1
+    assert await queued(redis) == []
+
+
 async def test_a_body_that_never_arrives_gets_503_in_time(
     aiohttp_client: ClientFactory, redis: Redis
 ) -> None:

@@ -13,11 +13,14 @@ from standardwebhooks.webhooks import Webhook
 
 from relay.errors import SignatureError
 from relay.signing import (
+    _SIMPLE_HEADER,
     chert_signature,
+    parse_signature_header,
     standard_webhooks_key,
     standard_webhooks_signature,
     verify_webhook,
     webhook_headers,
+    webhook_key,
 )
 
 NOW = 1_790_000_000
@@ -151,3 +154,34 @@ def test_standard_webhooks_signature_verifies_with_the_public_library() -> None:
     headers["webhook-id"] = "chert:msg:2"
     with pytest.raises(Exception, match="signature"):
         Webhook(secret).verify(body, headers)
+
+
+@settings(max_examples=200)
+@given(ts=st.integers(0, 10**11 - 1), digest=st.binary(min_size=32, max_size=32),
+       upper=st.booleans(), zeros=st.integers(0, 1))  # fmt: skip
+def test_the_common_header_shape_reads_as_the_general_parser_reads_it(
+    ts: int, digest: bytes, upper: bool, zeros: int
+) -> None:
+    """The receiver reads ``t=<ts>,v1=<hex>`` by a shortcut; it must mean the same."""
+    hexed = digest.hex().upper() if upper else digest.hex()
+    value = f"t={'0' * zeros}{ts},v1={hexed}"
+    simple = _SIMPLE_HEADER.fullmatch(value)
+    assert simple is not None
+    assert (int(simple[1]), [bytes.fromhex(simple[2])]) == parse_signature_header(value)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["t={ts},v1={sig}", "t={ts}, v1={sig}", " t={ts},v1={sig} ", "v1={sig},t={ts}",
+     "t={ts},v1={bad},v1={sig}", "t={ts},v0=zz,v1={sig}", "v1,{ts},{sig}"],
+)  # fmt: skip
+def test_every_header_shape_verifies_with_a_prepared_key(shape: str) -> None:
+    secret, body = "k" * 32, b'{"event_id": "e1"}'
+    sig = chert_signature(secret, NOW, body)
+    value = shape.format(ts=NOW, sig=sig, bad="0" * 64)
+    name = "x-chert-signature" if shape.startswith("v1,") else "X-Webhook-Signature"
+    keys = [webhook_key(b"other-secret"), webhook_key(secret.encode())]
+    verify_webhook(CIMultiDict({name: value}), body, keys, tolerance=300, now=NOW)
+    with pytest.raises(SignatureError) as e:
+        verify_webhook(CIMultiDict({name: value}), body + b" ", keys, tolerance=300, now=NOW)
+    assert e.value.reason == "mismatch"
