@@ -14,10 +14,12 @@ while Redis ran it. With ``appendfsync always``, batches that reach Redis in the
 turn of its event loop also share one fsync.
 
 Arguments are pre-packed RESP bulk strings (see :func:`bulk`): the caller packs each
-item once, reusing cached fragments for the parts every item shares. Connecting,
-set-up (auth, TLS, database), reply parsing (hiredis when present) and error mapping
-are redis-py's; only the write goes straight to the connection's stream, so that a
-batch can be sent without waiting for the next turn of the loop. Batches call the
+item once, reusing cached fragments for the parts every item shares. Connecting and
+set-up (auth, TLS, database) are redis-py's, and so is the mapping of error replies
+to exceptions; batches are written straight to the connection's stream, so that a
+batch can be sent without waiting for the next turn of the loop, and replies are
+parsed with hiredis straight off it, as many per read as have arrived. One timer
+watches the oldest batch in flight, instead of a timeout set and cancelled for each. Batches call the
 script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
 for every batch, a cost that shows at this rate); each new connection first sends
 ``SCRIPT LOAD``, pipelined ahead of its first batch. Should the script still be
@@ -39,7 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import hiredis
 import redis.exceptions
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
@@ -124,6 +128,9 @@ class ScriptPipeline(Generic[T]):
         self._conn: AbstractConnection | None = None  # held by the session, usable
         self._session: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        # One timer for every batch in flight: due when the oldest is (see _watch).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
         self._wake: asyncio.Future[None] | None = None
         self._release_now = False
 
@@ -211,6 +218,24 @@ class ScriptPipeline(Generic[T]):
         self._inflight.append(batch)
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_at(batch.deadline, self._watch)
+
+    def _watch(self) -> None:
+        """The oldest batch in flight must be answered by its deadline, or the reader
+        stops (as a timeout). One timer serves every batch: when it fires it is either
+        overdue or re-armed for whichever batch is now the oldest, rather than a timer
+        being set and cancelled for each batch."""
+        self._watchdog = None
+        if not self._inflight or self._reader is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._inflight[0].deadline
+        if loop.time() < deadline:
+            self._watchdog = loop.call_at(deadline, self._watch)
+        else:
+            self._timed_out = True
+            self._reader.cancel()
 
     def _poke(self) -> None:
         wake = self._wake
@@ -279,38 +304,39 @@ class ScriptPipeline(Generic[T]):
                 loop.call_soon(self._flush)
 
     async def _read_loop(self, conn: AbstractConnection) -> None:
-        """Read replies in the order batches were sent; each resolves its batch."""
+        """Read replies in the order batches were sent; each resolves its batch.
+
+        Replies are parsed here with hiredis straight off the connection's stream, as
+        many as have arrived per read, rather than through redis-py's per-command
+        reply path: this connection is the pipeline's alone while the session holds
+        it, and every byte Redis sends on it is a reply to a batch in flight.
+        """
+        stream = conn._reader
+        parser = hiredis.Reader(
+            protocolError=redis.exceptions.InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_MORE,
+        )
         try:
+            assert stream is not None
             while self._inflight:
-                batch = self._inflight[0]
-                try:
-                    async with asyncio.timeout_at(batch.deadline):
-                        reply: Any = await conn.read_response()
-                except redis.exceptions.ResponseError as e:
-                    reply = e  # this batch's own error reply; the connection is in step
-                self._inflight.popleft()
-                if batch.load:
-                    self._loading = False
-                    if isinstance(reply, BaseException):
-                        log.warning("could not load the ingest script: %s", reply)
-                    continue
-                if isinstance(reply, redis.exceptions.NoScriptError):
-                    self._send_load(conn)  # the batches after this one will find it
-                if self._observe is not None:
-                    self._observe(time.perf_counter() - batch.sent, len(batch.futures))
-                if isinstance(reply, BaseException):
-                    log.warning("Redis refused an ingest batch: %s", reply)
-                    _fail(batch.futures, reply)
-                elif not isinstance(reply, list) or len(reply) != len(batch.futures):
-                    _fail(batch.futures, RuntimeError("the reply does not match the batch"))
-                else:
-                    for fut, value in zip(batch.futures, reply, strict=True):
-                        if not fut.done():
-                            fut.set_result(value)
+                data = await stream.read(_READ_SIZE)
+                if not data:
+                    raise redis.exceptions.ConnectionError("Redis closed the connection")
+                parser.feed(data)
+                while (reply := parser.gets()) is not _MORE:
+                    if not self._inflight:
+                        raise redis.exceptions.InvalidResponse("a reply nothing was sent for")
+                    self._answer(conn, self._inflight.popleft(), reply)
                 if self._items and self._conn is conn:
                     self._send()  # room in flight again
             self._reader = None
         except BaseException as e:
+            if isinstance(e, asyncio.CancelledError) and self._timed_out:
+                # Stopped by the watchdog: the oldest batch is overdue.
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                e = TimeoutError("Redis did not answer an ingest batch in time")
+            self._timed_out = False
             # Timed out, connection lost or cancelled: the replies still owed on this
             # connection can no longer be matched to their batches. Fail them all (their
             # events may or may not be stored; the senders retry) and start afresh.
@@ -326,6 +352,27 @@ class ScriptPipeline(Generic[T]):
                 raise
         finally:
             self._poke()
+
+    def _answer(self, conn: AbstractConnection, batch: _Batch, reply: Any) -> None:
+        """Resolve ``batch``'s callers from its reply (a list, or an error reply)."""
+        if batch.load:
+            self._loading = False
+            if isinstance(reply, BaseException):
+                log.warning("could not load the ingest script: %s", reply)
+            return
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            self._send_load(conn)  # the batches after this one will find it
+        if self._observe is not None:
+            self._observe(time.perf_counter() - batch.sent, len(batch.futures))
+        if isinstance(reply, BaseException):
+            log.warning("Redis refused an ingest batch: %s", reply)
+            _fail(batch.futures, reply)
+        elif not isinstance(reply, list) or len(reply) != len(batch.futures):
+            _fail(batch.futures, RuntimeError("the reply does not match the batch"))
+        else:
+            for fut, value in zip(batch.futures, reply, strict=True):
+                if not fut.done():
+                    fut.set_result(value)
 
     def _fail_inflight(self, e: BaseException) -> None:
         while self._inflight:
@@ -344,6 +391,10 @@ class ScriptPipeline(Generic[T]):
         futures = self._futures
         self._items, self._futures, self._arrived = [], [], []
         _fail(futures, e)
+
+
+_MORE = object()  # hiredis: no whole reply buffered yet
+_READ_SIZE = 65536
 
 
 def _writer(conn: AbstractConnection) -> asyncio.StreamWriter | None:

@@ -163,6 +163,22 @@ async def test_redis_that_stops_answering_fails_the_calls_within_the_timeout(
         await admin.aclose()
 
 
+async def test_batches_answered_in_time_never_time_out_however_long_the_run(
+    redis: Redis,
+) -> None:
+    """One timer watches every batch in flight: it must follow the oldest one, not
+    fire at the first batch's deadline while later batches are still on their way."""
+    pipe, sizes = pipeline(redis, timeout=0.3)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 1.2  # four timeouts long, batches in flight throughout
+    rounds = 0
+    while loop.time() < end:
+        calls = [pipe.call(f"r{rounds}-{i}") for i in range(8)]
+        assert len(await asyncio.gather(*calls)) == 8
+        rounds += 1
+    assert len(await ran(redis)) == 8 * rounds == sum(sizes)
+
+
 async def _tcp_server(reply: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
     """A TCP server that is not Redis: answers anything with ``reply`` (None: never)."""
     opened: list[int] = []
