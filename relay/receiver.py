@@ -5,28 +5,30 @@ tenant match → ingest → answer. Chert never retries a 4xx, so a 4xx is only 
 faults no retry can fix; anything transient (Redis down, shutting down) is a 503
 with ``Retry-After``. 2xx is sent only once ingest has durably stored the event:
 202 for a new event, 200 for one already seen.
+
+The HTTP side is :mod:`relay.http_server`; this module is what the receiver decides,
+in the three steps that server calls: the head, a body that could not be read, and
+the whole request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from aiohttp import ClientPayloadError, HttpVersion11, web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter, Gauge
 
 from relay import envelope
 from relay.config import Config
 from relay.envelope import BadEventError
 from relay.errors import RedisUnavailableError, SignatureError
+from relay.http_server import HttpServer, Pending, Response
 from relay.ingest import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
@@ -59,24 +61,26 @@ class _Tenant:
     ingested_duplicate: Counter
 
 
-_JSON = "application/json"
-_ACCEPTED = b'{"status": "accepted"}'
-_DUPLICATE = b'{"status": "duplicate"}'
+_ACCEPTED = Response(202, b'{"status": "accepted"}')
+_DUPLICATE = Response(200, b'{"status": "duplicate"}')
+_NOT_FOUND = Response(404, b'{"error": "not_found", "message": "POST %s only"}' % ROUTE.encode())
+_NOT_POST = Response(
+    405, b'{"error": "method_not_allowed", "message": "POST only"}', (("Allow", "POST"),)
+)
 
 
-def _json(
-    status: int, payload: dict[str, str], headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(payload).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
+@dataclass(slots=True)
+class _Request:
+    """What the receiver knows of a webhook between the steps."""
+
+    slug: str  # the tenant's metric label ("unknown" for an unknown tenant)
+    tenant: _Tenant | None
+    started: float
+    remote: str | None
 
 
 class Receiver:
-    """Holds the receiver's state; ``app()`` builds its aiohttp application."""
+    """Holds the receiver's state and decides each webhook; ``server()`` serves it."""
 
     def __init__(self, config: Config, ingestor: Ingestor, metrics: Metrics) -> None:
         self._ingestor = ingestor
@@ -84,6 +88,7 @@ class Receiver:
         self.draining = False
         self._throttle = Throttle(interval=10.0)
         self._observe = metrics.webhook_seconds.observe
+        self._server: HttpServer | None = None
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -91,7 +96,7 @@ class Receiver:
         self._config = config
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout
-        self._retry_after = {"Retry-After": str(config.server.retry_after)}
+        self._retry_after = (("Retry-After", str(config.server.retry_after)),)
         self._tenants = {
             t.slug: _Tenant(
                 slug=t.slug,
@@ -107,32 +112,20 @@ class Receiver:
             )
             for t in config.tenants
         }
+        if self._server is not None:
+            self._server.max_body = self._max_body
+            self._server.body_timeout = self._body_timeout
 
-    def server(self) -> web.Server:
-        """The receiver as an aiohttp low-level server.
+    def server(self) -> HttpServer:
+        """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""
+        if self._server is None:
+            self._server = HttpServer(
+                self, max_body=self._max_body, body_timeout=self._body_timeout
+            )
+        return self._server
 
-        One route needs no router: the path is matched here, which takes aiohttp's
-        application layer (router, middleware chain, signals) off every webhook.
-        """
-        return web.Server(self.handle, request_factory=self._make_request, access_log=None)
-
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        return web.BaseRequest(
-            message, payload, protocol, writer, task, asyncio.get_running_loop(),
-            client_max_size=self._max_body,
-        )  # fmt: skip
-
-    def _reject(
-        self, status: int, tenant: str, reason: str, detail: str, request: web.BaseRequest,
-        started: float,
-    ) -> web.Response:  # fmt: skip
+    def _reject(self, status: int, reason: str, detail: str, req: _Request) -> Response:
+        tenant = req.slug
         self._metrics.webhook_rejections.labels(tenant, reason).inc()
         outcome = {503: "unavailable", 500: "error"}.get(status, "rejected")
         self._metrics.webhooks.labels(tenant, outcome).inc()
@@ -140,115 +133,93 @@ class Receiver:
         if suppressed is not None:
             log.warning(
                 "webhook refused: tenant=%s status=%d reason=%s remote=%s: %s%s",
-                tenant, status, reason, request.remote, detail,
+                tenant, status, reason, req.remote, detail,
                 f" ({suppressed} more like it since the last line)" if suppressed else "",
             )  # fmt: skip
-        headers = self._retry_after if status == 503 else None
-        self._observe(time.perf_counter() - started)
-        return _json(status, {"error": reason, "message": detail}, headers)
+        self._observe(time.perf_counter() - req.started)
+        body = json.dumps({"error": reason, "message": detail}).encode()
+        return Response(status, body, self._retry_after if status == 503 else ())
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
-        path = request.path
+    # --- the three steps relay.http_server calls ---------------------------------------
+
+    def head(self, msg: RawRequestMessage, remote: str | None) -> Response | _Request:
+        """The request line and headers: a refusal now, or what the next steps need."""
+        path = msg.url.path
         slug = path[len(PATH_PREFIX) :]
         if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
-            return _json(404, {"error": "not_found", "message": f"POST {ROUTE} only"})
-        if request.method != "POST":
-            return _json(
-                405, {"error": "method_not_allowed", "message": "POST only"}, {"Allow": "POST"}
-            )
-        # One coroutine, no helpers awaited but the body read and the ingest: every
-        # extra frame on this path costs throughput.
+            return _NOT_FOUND
+        if msg.method != "POST":
+            return _NOT_POST
         started = time.perf_counter()
         tenant = self._tenants.get(slug)
         if tenant is None:
             # The label is fixed: a path segment chosen by the caller never becomes one.
-            return self._reject(
-                404, "unknown", "unknown_tenant", "no such tenant", request, started
-            )
+            req = _Request("unknown", None, started, remote)
+            return self._reject(404, "unknown_tenant", "no such tenant", req)
+        req = _Request(slug, tenant, started, remote)
+        if self.draining:
+            return self._reject(503, "draining", "the relay is shutting down", req)
+        length = msg.headers.get("Content-Length")
+        if length is not None and int(length) > self._max_body:
+            detail = f"body exceeds {self._max_body} bytes"
+            return self._reject(413, "body_too_large", detail, req)
+        expect = msg.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            detail = "only Expect: 100-continue is understood"
+            return self._reject(417, "bad_expect", detail, req)
+        return req
+
+    def body_failed(self, req: _Request, status: int, reason: str, detail: str) -> Response:
+        """The body could not be read (too large, too slow, the sender gone)."""
+        return self._reject(status, reason, detail, req)
+
+    def failed(self, req: _Request | None, error: BaseException) -> Response:
+        """A failure inside the relay (a bug): Chert retries a 5xx, so nothing is lost."""
+        tenant = req.slug if req is not None else "-"
+        log.error("webhook handler failed: tenant=%s", tenant, exc_info=error)
+        if req is None:
+            return Response(500, b'{"error": "internal_error"}')
+        detail = "the relay failed to handle the webhook"
+        return self._reject(500, "internal_error", detail, req)
+
+    def handle(self, req: _Request, msg: RawRequestMessage, body: bytes) -> Response | Pending:
+        """The whole webhook: verify, parse, then ingest (the answer waits for it)."""
+        tenant = req.tenant
+        assert tenant is not None
+        headers = msg.headers
         try:
-            if self.draining:
-                return self._reject(
-                    503, slug, "draining", "the relay is shutting down", request, started
-                )
+            verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
+        except SignatureError as e:
+            return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
+        try:
+            event = envelope.from_body(
+                body,
+                header_event_id=headers.get("X-Webhook-Event-Id"),
+                header_type=headers.get("X-Webhook-Event"),
+            )
+        except BadEventError as e:
+            return self._reject(400, e.reason, str(e), req)
+        if event.partner_id is not None and event.partner_id != tenant.slug:
+            return self._reject(403, "tenant_mismatch", "partner_id names another tenant", req)
+        tenant.last_webhook.set(time.time())
+        return self._ingestor.submit(tenant.slug, event, "webhook"), functools.partial(
+            self._ingested, req
+        )
 
-            length = request.content_length
-            if length is not None and length > self._max_body:
-                return self._reject(
-                    413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
-                    started,
-                )  # fmt: skip
-            if "Expect" in request.headers:
-                # No router here to answer it: a client that asks waits for this line.
-                if request.headers["Expect"].lower() != "100-continue":
-                    return self._reject(
-                        417, slug, "bad_expect", "only Expect: 100-continue is understood", request,
-                        started,
-                    )  # fmt: skip
-                if request.version >= HttpVersion11:
-                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    request.writer.output_size = 0
-            try:
-                content = request.content
-                if content.is_eof():  # all of it is here (the usual case): take it as is
-                    body = content.read_nowait()
-                    if len(body) > self._max_body:  # chunked, so no Content-Length
-                        raise web.HTTPRequestEntityTooLarge(self._max_body, len(body))
-                else:
-                    async with asyncio.timeout(self._body_timeout):
-                        body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return self._reject(
-                    413, slug, "body_too_large", f"body exceeds {self._max_body} bytes", request,
-                    started,
-                )  # fmt: skip
-            except TimeoutError:
-                # Slow or stalled: the sender may well succeed on a retry.
-                detail = f"the body did not arrive within {self._body_timeout:g}s"
-                return self._reject(503, slug, "body_timeout", detail, request, started)
-            except (ConnectionError, HttpProcessingError, ClientPayloadError):
-                # The sender went away mid-body: nobody reads the answer.
-                detail = "the connection closed before the body was complete"
-                return self._reject(400, slug, "client_disconnected", detail, request, started)
-
-            headers = request.headers
-            try:
-                verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
-            except SignatureError as e:
-                return self._reject(
-                    401, slug, _SIGNATURE_REASONS[e.reason], str(e), request, started
-                )
-
-            try:
-                event = envelope.from_body(
-                    body,
-                    header_event_id=headers.get("X-Webhook-Event-Id"),
-                    header_type=headers.get("X-Webhook-Event"),
-                )
-            except BadEventError as e:
-                return self._reject(400, slug, e.reason, str(e), request, started)
-            if event.partner_id is not None and event.partner_id != slug:
-                reason, detail = "tenant_mismatch", "partner_id names another tenant"
-                return self._reject(403, slug, reason, detail, request, started)
-
-            tenant.last_webhook.set(time.time())
-            try:
-                new = await self._ingestor.submit(slug, event, "webhook")
-            except RedisUnavailableError as e:
-                return self._reject(503, slug, "redis_unavailable", str(e), request, started)
-            if new:
-                tenant.ingested_new.inc()
-                tenant.accepted.inc()
-                response = web.Response(status=202, body=_ACCEPTED, content_type=_JSON)
-            else:
-                tenant.ingested_duplicate.inc()
-                tenant.duplicate.inc()
-                response = web.Response(status=200, body=_DUPLICATE, content_type=_JSON)
-        except Exception:
-            # A bug, not the sender's fault: Chert retries a 5xx, so nothing is lost.
-            log.exception("webhook handler failed: tenant=%s", slug)
-            return self._reject(
-                500, slug, "internal_error", "the relay failed to handle the webhook", request,
-                started,
-            )  # fmt: skip
-        self._observe(time.perf_counter() - started)
+    def _ingested(self, req: _Request, future: asyncio.Future[Any]) -> Response:
+        tenant = req.tenant
+        assert tenant is not None
+        try:
+            new = future.result()
+        except RedisUnavailableError as e:
+            return self._reject(503, "redis_unavailable", str(e), req)
+        if new:
+            tenant.ingested_new.inc()
+            tenant.accepted.inc()
+            response = _ACCEPTED
+        else:
+            tenant.ingested_duplicate.inc()
+            tenant.duplicate.inc()
+            response = _DUPLICATE
+        self._observe(time.perf_counter() - req.started)
         return response

@@ -19,8 +19,9 @@ set-up (auth, TLS, database) are redis-py's, and so is the mapping of error repl
 to exceptions; batches are written straight to the connection's stream, so that a
 batch can be sent without waiting for the next turn of the loop, and replies are
 parsed with hiredis straight off it, as many per read as have arrived. One timer
-watches the oldest batch in flight, instead of a timeout set and cancelled for each. Batches call the
-script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
+watches the oldest batch in flight, instead of a timeout set and cancelled for each.
+
+Batches call the script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
 for every batch, a cost that shows at this rate); each new connection first sends
 ``SCRIPT LOAD``, pipelined ahead of its first batch. Should the script still be
 missing (an operator ran ``SCRIPT FLUSH``), the batches that get ``NOSCRIPT`` fail as
@@ -216,7 +217,7 @@ class ScriptPipeline(Generic[T]):
 
     def _sent(self, conn: AbstractConnection, batch: _Batch) -> None:
         self._inflight.append(batch)
-        if self._reader is None:
+        if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_at(batch.deadline, self._watch)
@@ -236,6 +237,14 @@ class ScriptPipeline(Generic[T]):
         else:
             self._timed_out = True
             self._reader.cancel()
+
+    def _disarm(self) -> None:
+        """The reader has ended: no timer may be left to act on the next one (a timer
+        firing before a new reader's first step would cancel it before it could
+        answer anyone)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def _poke(self) -> None:
         wake = self._wake
@@ -331,6 +340,7 @@ class ScriptPipeline(Generic[T]):
                 if self._items and self._conn is conn:
                     self._send()  # room in flight again
             self._reader = None
+            self._disarm()
         except BaseException as e:
             if isinstance(e, asyncio.CancelledError) and self._timed_out:
                 # Stopped by the watchdog: the oldest batch is overdue.
@@ -342,13 +352,17 @@ class ScriptPipeline(Generic[T]):
             # events may or may not be stored; the senders retry) and start afresh.
             await conn.disconnect(nowait=True)
             self._reader = None
+            self._disarm()
             if not isinstance(e, asyncio.CancelledError):
                 n = sum(len(b.futures) for b in self._inflight)
                 log.warning("ingest of %d event(s) failed: Redis unavailable: %r", n, e)
             self._fail_inflight(e)
             if isinstance(e, TimeoutError):
                 self._fail_waiting(e)  # Redis is too slow: do not pile more on it
-            if not isinstance(e, (*REDIS_TRANSIENT, TimeoutError, asyncio.CancelledError)):
+            # A reply nothing was sent for, or one hiredis cannot read: the connection
+            # is out of step, handled as lost (nobody awaits this task to see more).
+            handled = (*REDIS_TRANSIENT, redis.exceptions.InvalidResponse, TimeoutError)
+            if not isinstance(e, (*handled, asyncio.CancelledError)):
                 raise
         finally:
             self._poke()

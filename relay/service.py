@@ -45,25 +45,19 @@ RoleFactory = Callable[[Runtime], Role]
 
 
 class HttpRole:
-    """An aiohttp application (or low-level server) on one listener, run without
-    aiohttp's own signal handling."""
+    """An aiohttp application on one listener, run without aiohttp's own signal
+    handling."""
 
     def __init__(
-        self, name: str, app: web.Application | web.Server, listen: Listen | None,
+        self, name: str, app: web.Application, listen: Listen | None,
         shutdown_timeout: float, on_stop: Callable[[], None] | None = None,
         on_reload: Callable[[Config], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
         self._listen = listen
-        self._runner: web.BaseRunner
-        if isinstance(app, web.Server):
-            self._runner = web.ServerRunner(
-                app, handle_signals=False, shutdown_timeout=shutdown_timeout
-            )
-        else:
-            self._runner = web.AppRunner(
-                app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
-            )
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
+        )
         self._stopped = asyncio.Event()
         self._on_stop = on_stop
         self._on_reload = on_reload
@@ -236,16 +230,33 @@ class Service:
                 await rt.ingestor.drain()
 
 
-class _ReceiverRole(HttpRole):
-    def __init__(self, receiver: Receiver, rt: Runtime, cfg: Config) -> None:
-        def drain() -> None:
-            receiver.draining = True
+class _ReceiverRole:
+    """The receiver on its listener (:mod:`relay.http_server`). Stopping it answers new
+    webhooks 503 at once, stops listening, and lets the ones in flight finish (up to
+    ``server.shutdown_timeout``)."""
 
-        super().__init__(
-            "receiver", receiver.server(), cfg.server.listen, cfg.server.shutdown_timeout,
-            on_stop=drain,
-        )  # fmt: skip
+    name = "receiver"
+
+    def __init__(self, receiver: Receiver, rt: Runtime, cfg: Config) -> None:
         self.receiver = receiver
+        self._server = receiver.server()
+        self._listen = cfg.server.listen
+        self._shutdown_timeout = cfg.server.shutdown_timeout
+        self._stopped = asyncio.Event()
+        self.addresses: list[object] = []
+
+    async def start(self) -> None:
+        await self._server.start(self._listen)
+        self.addresses = list(self._server.addresses)
+        log.info("receiver listening on %s", ", ".join(map(str, self.addresses)))
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self.receiver.draining = True
+        await self._server.shutdown(self._shutdown_timeout)
+        self._stopped.set()
 
     def reload(self, config: Config) -> None:
         self.receiver.set_config(config)

@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import BaseTestServer
 from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
-from relay.config import Config, parse_config
+from relay.config import Config, Listen, parse_config
+from relay.http_server import HttpServer
 from relay.redis_server import EmbeddedRedis, free_port
 from relay.signing import webhook_headers
 from relay.stored_event import StoredEvent, parse
@@ -198,13 +198,36 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
-class LowLevelTestServer(BaseTestServer):
-    """Serves an aiohttp low-level ``web.Server`` exactly as built (request factory and
-    all), for ``aiohttp_client``; ``RawTestServer`` would build its own from a handler."""
+class ReceiverClient:
+    """An HTTP client for a receiver's own server, listening on a free port."""
 
-    def __init__(self, server: web.Server, **kwargs: Any) -> None:
-        self._server_under_test = server
-        super().__init__(**kwargs)
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.session = session
+        self.port = port
 
-    async def _make_runner(self, **kwargs: Any) -> web.ServerRunner:
-        return web.ServerRunner(self._server_under_test, **kwargs)
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.session.post(path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.session.get(path, **kwargs)
+
+
+ServeReceiver = Callable[[HttpServer], Awaitable[ReceiverClient]]
+
+
+@pytest.fixture
+async def serve_receiver() -> AsyncIterator[ServeReceiver]:
+    """Start a receiver's :class:`HttpServer` on a free port; stopped after the test."""
+    started: list[tuple[HttpServer, aiohttp.ClientSession]] = []
+
+    async def serve(server: HttpServer) -> ReceiverClient:
+        await server.start(Listen(host="127.0.0.1", port=0))
+        port = server.addresses[0][1]
+        session = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+        started.append((server, session))
+        return ReceiverClient(session, port)
+
+    yield serve
+    for server, session in started:
+        await session.close()
+        await server.shutdown(1.0)

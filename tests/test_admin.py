@@ -22,7 +22,7 @@ from relay.metrics import Metrics
 from relay.redis_client import connect
 from relay.redis_server import EmbeddedRedis
 from relay.service import Service
-from tests.conftest import LowLevelTestServer, config_dict, make_config
+from tests.conftest import ServeReceiver, config_dict, make_config
 from tests.process import write_toml
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -95,7 +95,7 @@ def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> No
 
 
 async def test_refusals_are_logged_without_flooding(
-    aiohttp_client: ClientFactory, redis: Redis, caplog: pytest.LogCaptureFixture
+    serve_receiver: ServeReceiver, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     from relay.ingest import Ingestor
     from relay.receiver import Receiver
@@ -103,7 +103,7 @@ async def test_refusals_are_logged_without_flooding(
     config = make_config()
     metrics = Metrics()
     receiver = Receiver(config, Ingestor(redis, config), metrics)
-    client = await aiohttp_client(LowLevelTestServer(receiver.server()))
+    client = await serve_receiver(receiver.server())
     with caplog.at_level(logging.WARNING, logger="relay.receiver"):
         for _ in range(20):
             assert (await client.post("/webhooks/chert/acme-7a3f", data=b"{}")).status == 401

@@ -6,13 +6,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from relay import queue
@@ -26,7 +25,8 @@ from tests.conftest import (
     OTHER_SECRET,
     SINK_SECRET,
     TENANT,
-    LowLevelTestServer,
+    ReceiverClient,
+    ServeReceiver,
     envelope,
     log_row,
     make_config,
@@ -44,11 +44,9 @@ SINKS = [
 URL = f"/webhooks/chert/{TENANT}"
 QUEUE = queue.queue_name("chert-relay")
 
-ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
-
 
 class Harness:
-    def __init__(self, client: TestClient[Any, Any], receiver: Receiver, metrics: Metrics) -> None:
+    def __init__(self, client: ReceiverClient, receiver: Receiver, metrics: Metrics) -> None:
         self.client = client
         self.receiver = receiver
         self.metrics = metrics
@@ -64,16 +62,16 @@ class Harness:
         return self.count("chert_relay_webhook_rejections_total", tenant=tenant, reason=reason)
 
 
-async def make_harness(aiohttp_client: ClientFactory, redis_client: Redis, **cfg: Any) -> Harness:
+async def make_harness(serve: ServeReceiver, redis_client: Redis, **cfg: Any) -> Harness:
     config = make_config(sinks=SINKS, **cfg)
     metrics = Metrics()
     receiver = Receiver(config, Ingestor(redis_client, config, metrics), metrics)
-    return Harness(await aiohttp_client(LowLevelTestServer(receiver.server())), receiver, metrics)
+    return Harness(await serve(receiver.server()), receiver, metrics)
 
 
 @pytest.fixture
-async def h(aiohttp_client: ClientFactory, redis: Redis) -> Harness:
-    return await make_harness(aiohttp_client, redis, server={"max_body_bytes": 4096})
+async def h(serve_receiver: ServeReceiver, redis: Redis) -> Harness:
+    return await make_harness(serve_receiver, redis, server={"max_body_bytes": 4096})
 
 
 async def queued(redis: Redis) -> list[str]:
@@ -217,12 +215,12 @@ async def test_one_tenants_secret_cannot_post_for_another(h: Harness, redis: Red
 
 
 async def test_rotation_overlap_any_configured_secret_passes(
-    aiohttp_client: ClientFactory, redis: Redis
+    serve_receiver: ServeReceiver, redis: Redis
 ) -> None:
     new = "ab" * 32
     tenants = [{"slug": TENANT, "webhook_secrets": [new, OTHER_SECRET], "poll": {"mode": "off"},
                 "sinks": SINKS}]  # fmt: skip
-    h2 = await make_harness(aiohttp_client, redis, tenants=tenants)
+    h2 = await make_harness(serve_receiver, redis, tenants=tenants)
     assert (await h2.post(*signed(envelope("rot1"), new)))[0] == 202
     assert (await h2.post(*signed(envelope("rot2"), OTHER_SECRET)))[0] == 202
 
@@ -238,12 +236,12 @@ async def test_draining_answers_503_with_retry_after(h: Harness, redis: Redis) -
 
 
 async def test_redis_down_is_503_then_the_same_request_succeeds(
-    aiohttp_client: ClientFactory, make_redis_server: Callable[[], Any]
+    serve_receiver: ServeReceiver, make_redis_server: Callable[[], Any]
 ) -> None:
     server = await make_redis_server()
     client = connect(server.url, timeout=1.0)
     try:
-        h2 = await make_harness(aiohttp_client, client)
+        h2 = await make_harness(serve_receiver, client)
         raw, headers = signed(envelope("down:1"))
         await server.stop()
         resp = await h2.client.post(URL, data=raw, headers=headers)
@@ -260,8 +258,8 @@ async def test_redis_down_is_503_then_the_same_request_succeeds(
 
 async def _raw_exchange(h: Harness, head: bytes, body: bytes) -> tuple[bytes, bytes]:
     """Send ``head``; read what comes before the body is sent; send it; read the rest."""
-    assert h.client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    assert h.client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
     try:
         writer.write(head)
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -294,7 +292,7 @@ async def test_an_unknown_expectation_is_417(h: Harness, redis: Redis) -> None:
 
 
 async def test_redis_killed_during_a_burst_loses_no_acknowledged_event(
-    aiohttp_client: ClientFactory, tmp_path: Path
+    serve_receiver: ServeReceiver, tmp_path: Path
 ) -> None:
     """Every webhook answered 2xx is in Redis after a crash (SIGKILL, AOF with
     ``appendfsync always``); every other one was answered 503 and can be retried."""
@@ -302,7 +300,7 @@ async def test_redis_killed_during_a_burst_loses_no_acknowledged_event(
     await server.start()
     client = connect(server.url, timeout=1.0)
     try:
-        h2 = await make_harness(aiohttp_client, client, server={"ingest_timeout": 2.0})
+        h2 = await make_harness(serve_receiver, client, server={"ingest_timeout": 2.0})
         answers: dict[str, int] = {}
 
         async def send(i: int) -> None:
@@ -390,8 +388,8 @@ async def _chunked_exchange(h: Harness, body: bytes, headers: dict[str, str]) ->
     ).encode()
     chunks = [body[i : i + 1024] for i in range(0, len(body), 1024)]
     framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
-    assert h.client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    assert h.client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
     try:
         writer.write(head + framed)
         return await asyncio.wait_for(reader.readuntil(b"}"), 10)
@@ -416,13 +414,47 @@ async def test_an_oversized_chunked_body_is_413_and_queues_nothing(
     assert await queued(redis) == []
 
 
-async def test_a_body_that_never_arrives_gets_503_in_time(
-    aiohttp_client: ClientFactory, redis: Redis
+@pytest.mark.parametrize("in_pieces", [False, True], ids=["whole", "in-pieces"])
+async def test_a_body_that_cannot_be_decoded_is_400_malformed_body(
+    h: Harness, redis: Redis, in_pieces: bool
 ) -> None:
-    h = await make_harness(aiohttp_client, redis, server={"body_timeout": 0.2})
+    """A gzip body that does not inflate can never be read: a 400 (which Chert does not
+    retry), not a 500 (which it would retry for ever)."""
+    _, headers = signed(envelope("gz1"))
+    body = b"\x1f\x8b\x08\x00garbage-garbage"
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(body)}\r\n"
+        "Content-Encoding: gzip\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + ("Expect: 100-continue\r\n" if in_pieces else "")
+        + "\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
+    try:
+        if in_pieces:  # the body follows the interim answer: the awaited read path
+            writer.write(head)
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+                b"HTTP/1.1 100 Continue\r\n\r\n"
+            )
+            writer.write(body)
+        else:
+            writer.write(head + body)
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert h.rejected("malformed_body") == 1
+    assert h.rejected("internal_error") == 0
+    assert await queued(redis) == []
+
+
+async def test_a_body_that_never_arrives_gets_503_in_time(
+    serve_receiver: ServeReceiver, redis: Redis
+) -> None:
+    h = await make_harness(serve_receiver, redis, server={"body_timeout": 0.2})
     head, body = _raw_request(length=2000)  # says 2000 bytes, sends 11
-    assert h.client.server.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    assert h.client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
     try:
         writer.write(head + body[:11])
         await writer.drain()
@@ -438,8 +470,8 @@ async def test_a_sender_gone_mid_body_is_not_a_relay_failure(
     h: Harness, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     head, body = _raw_request()
-    assert h.client.server.port is not None
-    _, writer = await asyncio.open_connection("127.0.0.1", h.client.server.port)
+    assert h.client.port is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
     writer.write(head + body[: len(body) // 2])
     await writer.drain()
     writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -177,6 +178,60 @@ async def test_batches_answered_in_time_never_time_out_however_long_the_run(
         assert len(await asyncio.gather(*calls)) == 8
         rounds += 1
     assert len(await ran(redis)) == 8 * rounds == sum(sizes)
+
+
+STALL_TIMEOUT = 1.0
+
+
+async def _quiet_pipeline_with_a_stale_watchdog(redis: Redis) -> ScriptPipeline[str]:
+    """A pipeline whose last batch was answered (no reader). A watchdog timer left armed
+    from that batch would be the bug the next test guards against."""
+    loop = asyncio.get_running_loop()
+    for _ in range(20):  # a slow machine may need another go at the precondition
+        pipe: ScriptPipeline[str] = ScriptPipeline(
+            redis, SCRIPT, build, timeout=STALL_TIMEOUT, linger=3600.0
+        )
+        await pipe.call("warm-up")
+        # Let the session settle back into its linger wait (the reader's last poke
+        # wakes it once): from here the pipeline is simply idle.
+        for _ in range(100):
+            if pipe._wake is not None and not pipe._wake.done():
+                break
+            await asyncio.sleep(0)
+        wd = pipe._watchdog
+        # (A fixed pipeline leaves no watchdog armed here: that is fine too.)
+        if pipe._reader is None and (wd is None or wd.when() > loop.time() + 0.1):
+            return pipe
+        await pipe.drain()
+    pytest.fail("could not reach the precondition (idle, no reader)")
+
+
+async def test_a_loop_stall_longer_than_the_timeout_does_not_wedge_the_pipeline(
+    redis: Redis,
+) -> None:
+    pipe = await _quiet_pipeline_with_a_stale_watchdog(redis)
+    try:
+        fut = pipe.submit("during-stall")
+        time.sleep(STALL_TIMEOUT * 1.3)  # the event loop is held up past the call's deadline
+
+        # The call may fail (it is overdue: RedisUnavailableError/TimeoutError) or even
+        # succeed, but it must be answered; and the pipeline must work afterwards.
+        done, _ = await asyncio.wait({fut}, timeout=STALL_TIMEOUT * 5)
+        reader = repr(pipe._reader)
+        after = asyncio.ensure_future(pipe.call("after"))
+        after_done, _ = await asyncio.wait({after}, timeout=STALL_TIMEOUT * 5)
+        state = f"reader left behind: {reader}; batches in flight: {len(pipe._inflight)}"
+        assert done, f"the call made during the stall was never answered ({state})"
+        assert after_done, f"a later call was never answered ({state})"
+        if fut.exception() is not None:
+            assert isinstance(fut.exception(), RedisUnavailableError)
+        assert after.result() >= 2
+    finally:
+        for f in pipe._futures + [f for b in pipe._inflight for f in b.futures]:
+            f.cancel()
+        if pipe._session is not None:
+            pipe._session.cancel()
+            await asyncio.wait({pipe._session}, timeout=5)
 
 
 async def _tcp_server(reply: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
