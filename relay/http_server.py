@@ -198,9 +198,12 @@ class _Connection(BaseProtocol):
     __slots__ = (
         "_close_after",
         "_closing",
+        "_eof",
+        "_head_only",
         "_in_next",
         "_queue",
         "_reading",
+        "_refused",
         "_remote",
         "_srv",
         "_task",
@@ -219,6 +222,9 @@ class _Connection(BaseProtocol):
         self.busy = False  # a request is being handled: its answer is not written yet
         self._close_after = False  # close once the current answer is written
         self._closing = False
+        self._eof = False  # the client has sent all it will send
+        self._head_only = False  # the current request is a HEAD: no body in its answer
+        self._refused: Response | None = None  # the answer to a request the parser refused
         self._reading: StreamReader | None = None  # a body being read by a task
         self._task: asyncio.Task[None] | None = None
         self._remote: str | None = None
@@ -270,6 +276,16 @@ class _Connection(BaseProtocol):
         if not self.busy:
             self._next()
 
+    def eof_received(self) -> bool:
+        """The client has sent all it will (it may still read): answer what it sent,
+        then close. A body still arriving never will."""
+        self._eof = True
+        if self._reading is not None:
+            self._reading.set_exception(ConnectionResetError("the client stopped sending"))
+        if not self.busy and not self._queue and self._refused is None:
+            self.close()
+        return True  # keep the transport open to write the answers
+
     def resume_writing(self) -> None:
         super().resume_writing()
         self._next()
@@ -290,6 +306,10 @@ class _Connection(BaseProtocol):
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUE // 2:
                     self._resume_if_drained()
                 self._start(msg, payload)
+            if self._refused is not None and not self._queue and not self.busy:
+                refused, self._refused = self._refused, None
+                self._close_after, self._head_only = True, False
+                self._answer(refused)
         finally:
             self._in_next = False
 
@@ -305,6 +325,7 @@ class _Connection(BaseProtocol):
         self.busy = True
         self._srv.request_started()
         self._close_after = msg.should_close or msg.upgrade
+        self._head_only = msg.method == "HEAD"
         srv = self._srv
         handler = srv.handler
         try:
@@ -404,8 +425,11 @@ class _Connection(BaseProtocol):
     def _answer(self, response: Response) -> None:
         transport = self.transport
         if transport is not None and not self._closing:
-            close = self._close_after or self._srv.closing
-            transport.write(serialize(response, self._srv.date.get(), close))
+            close = self._close_after or self._srv.closing or (self._eof and not self._queue)
+            data = serialize(response, self._srv.date.get(), close)
+            if self._head_only:  # the headers a GET would have had, no body
+                data = data[: len(data) - len(response.body)]
+            transport.write(data)
             self.last_active = self._loop.time()
             if close:
                 self.close()
@@ -414,18 +438,14 @@ class _Connection(BaseProtocol):
             self._srv.request_ended()
 
     def _bad_request(self, e: HttpProcessingError) -> None:
-        """A request the parser cannot read: answered 400 (once nothing is in flight
-        before it) and the connection closed."""
-        self._queue.clear()
-        self._parser = None  # nothing more is read from this connection
+        """A request the parser cannot read: nothing more is read from this connection;
+        the requests before it are answered, then this one (400), then it is closed."""
+        self._parser = None
         message = e.message if isinstance(e.message, str) else "bad request"
         status = e.code if 400 <= e.code < 500 else 400
-        response = Response(status, b'{"error": "bad_request", "message": %s}' % _json_str(message))
-        if self.busy:
-            self._close_after = True  # the answer in flight is the last one
-            return
-        self._close_after = True
-        self._answer(response)
+        body = b'{"error": "bad_request", "message": %s}' % _json_str(message)
+        self._refused = Response(status, body)
+        self._next()
 
     # --- closing ---------------------------------------------------------------------
 

@@ -266,3 +266,57 @@ async def test_it_serves_on_a_unix_socket(tmp_path: Path) -> None:
     finally:
         writer.close()
         await server.shutdown(1)
+
+
+async def test_a_request_in_flight_is_answered_before_the_refusal_of_the_next() -> None:
+    handler = Scripted()
+    server, port = await start(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/good", b"wait:good"))
+        await wait_for(lambda: b"wait:good" in handler.waiting, 10)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        handler.waiting[b"wait:good"].set_result(1)
+        status, _, body = await answer(reader)
+        assert (status, json.loads(body)["path"]) == (200, "/good")
+        status, headers, body = await answer(reader)
+        assert (status, headers["connection"], json.loads(body)["error"]) == (
+            400, "close", "bad_request",
+        )  # fmt: skip
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    handler = Scripted()
+    server, port = await start(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/a", b"wait:half"))
+        writer.write_eof()  # done sending; still reading
+        await wait_for(lambda: b"wait:half" in handler.waiting, 10)
+        handler.waiting[b"wait:half"].set_result(1)
+        status, headers, _ = await answer(reader)
+        assert (status, headers["connection"]) == (200, "close")
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_head_request_is_answered_without_a_body() -> None:
+    server, port = await start(Scripted())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"HEAD /a HTTP/1.1\r\nHost: relay\r\n\r\n" + request("/next", b"y"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        # The next bytes are the next answer, not a body of the HEAD's.
+        status, _, body = await answer(reader)
+        assert (status, json.loads(body)["path"]) == (200, "/next")
+    finally:
+        writer.close()
+        await server.shutdown(1)
