@@ -166,7 +166,10 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self.keepalive_timeout
         for conn in list(self._connections):
-            if not conn.busy and conn.last_active < cutoff:
+            if conn.closing_since is not None:
+                if conn.closing_since < cutoff:
+                    conn.abort()  # still flushing to a client that does not read
+            elif not conn.busy and conn.last_active < cutoff:
                 conn.close()
         self._sweeper = loop.call_later(self.sweep_every, self._sweep)
 
@@ -197,10 +200,12 @@ class _Connection(BaseProtocol):
 
     __slots__ = (
         "_close_after",
+        "_close_after_queue",
         "_closing",
         "_eof",
         "_head_only",
         "_in_next",
+        "_prev",
         "_queue",
         "_reading",
         "_refused",
@@ -208,6 +213,7 @@ class _Connection(BaseProtocol):
         "_srv",
         "_task",
         "busy",
+        "closing_since",
         "last_active",
     )  # fmt: skip
 
@@ -223,8 +229,11 @@ class _Connection(BaseProtocol):
         self._close_after = False  # close once the current answer is written
         self._closing = False
         self._eof = False  # the client has sent all it will send
+        self._close_after_queue = False  # close once what is queued has been answered
         self._head_only = False  # the current request is a HEAD: no body in its answer
         self._refused: Response | None = None  # the answer to a request the parser refused
+        self._prev = b""  # the end of the last read (a request head may span two reads)
+        self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
         self._task: asyncio.Task[None] | None = None
         self._remote: str | None = None
@@ -262,8 +271,9 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, _tail = self._parser.feed_data(data)
         except HttpProcessingError as e:
-            self._bad_request(e)
+            self._bad_request(e, self._prev + data)
             return
+        self._prev = data[-2:]
         if messages:
             self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:
@@ -280,7 +290,7 @@ class _Connection(BaseProtocol):
         """The client has sent all it will (it may still read): answer what it sent,
         then close. A body still arriving never will."""
         self._eof = True
-        if self._reading is not None:
+        if self._reading is not None and not self._reading.is_eof():
             self._reading.set_exception(ConnectionResetError("the client stopped sending"))
         if not self.busy and not self._queue and self._refused is None:
             self.close()
@@ -306,10 +316,13 @@ class _Connection(BaseProtocol):
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUE // 2:
                     self._resume_if_drained()
                 self._start(msg, payload)
-            if self._refused is not None and not self._queue and not self.busy:
-                refused, self._refused = self._refused, None
-                self._close_after, self._head_only = True, False
-                self._answer(refused)
+            if not self._queue and not self.busy:
+                if self._refused is not None:
+                    refused, self._refused = self._refused, None
+                    self._close_after, self._head_only = True, False
+                    self._answer(refused)
+                elif self._close_after_queue:
+                    self.close()
         finally:
             self._in_next = False
 
@@ -437,20 +450,33 @@ class _Connection(BaseProtocol):
             self.busy = False
             self._srv.request_ended()
 
-    def _bad_request(self, e: HttpProcessingError) -> None:
+    def _bad_request(self, e: HttpProcessingError, data: bytes) -> None:
         """A request the parser cannot read: nothing more is read from this connection;
-        the requests before it are answered, then this one (400), then it is closed."""
+        the requests before it are answered, then this one (400), then it is closed.
+
+        When the parser fails it drops the requests it had already read from the same
+        read, unanswered. A 400 would then be taken, by a client that pipelines, as the
+        answer to one of them — a refusal its sender never retries. So the 400 is sent
+        only when that read cannot have finished a request head; otherwise the
+        connection is just closed after the answers owed, and the client retries what
+        got no answer."""
         self._parser = None
-        message = e.message if isinstance(e.message, str) else "bad request"
-        status = e.code if 400 <= e.code < 500 else 400
-        body = b'{"error": "bad_request", "message": %s}' % _json_str(message)
-        self._refused = Response(status, body)
+        if b"\n\n" in data or b"\n\r\n" in data:
+            log.debug("closing a connection on a request the parser refused: %s", e)
+            self._close_after_queue = True
+        else:
+            message = e.message if isinstance(e.message, str) else "bad request"
+            status = e.code if 400 <= e.code < 500 else 400
+            body = b'{"error": "bad_request", "message": %s}' % _json_str(message)
+            self._refused = Response(status, body)
         self._next()
 
     # --- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
         self._closing = True
+        if self.closing_since is None:
+            self.closing_since = self._loop.time()
         if self.transport is not None:
             self.transport.close()
 

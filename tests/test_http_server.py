@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ async def test_a_request_the_parser_cannot_read_is_400_and_closes() -> None:
     server, port = await start(Scripted())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx")
+        writer.write(b"POST /a HTTP/1.1\r\nHost: r\r\nNo colon in this header\r\n")
         status, headers, body = await answer(reader)
         assert (status, headers["connection"]) == (400, "close")
         assert json.loads(body)["error"] == "bad_request"
@@ -275,7 +276,7 @@ async def test_a_request_in_flight_is_answered_before_the_refusal_of_the_next() 
     try:
         writer.write(request("/good", b"wait:good"))
         await wait_for(lambda: b"wait:good" in handler.waiting, 10)
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n")
         await writer.drain()
         handler.waiting[b"wait:good"].set_result(1)
         status, _, body = await answer(reader)
@@ -317,6 +318,41 @@ async def test_a_head_request_is_answered_without_a_body() -> None:
         # The next bytes are the next answer, not a body of the HEAD's.
         status, _, body = await answer(reader)
         assert (status, json.loads(body)["path"]) == (200, "/next")
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_refused_request_read_with_a_good_one_is_not_answered_400() -> None:
+    """The parser drops the good request it read along with the bad one. A 400 would be
+    taken as the good one's answer — a refusal its sender never retries — so the
+    connection is closed without one, and the sender retries."""
+    server, port = await start(Scripted())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bad = b"POST /bad HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
+    try:
+        writer.write(request("/good", b"x") + bad)
+        assert await closed(reader)  # no answer at all, rather than a wrong one
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
+    """Closing waits to flush what is written; a client that never reads would hold
+    its connection, the answers and the queued requests for ever."""
+    server, port = await start(Scripted(), keepalive_timeout=0.2, sweep_every=0.05)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)  # its answers are never read
+    try:
+        writer.write(b"".join(request(f"/{i}", b"y" * 4000) for i in range(2000)))
+        await wait_for(lambda: len(server._connections) == 1, 10)
+        conn = next(iter(server._connections))
+        await wait_for(lambda: conn.closing_since is not None, 10)
+        await wait_for(lambda: not server._connections, 10)
     finally:
         writer.close()
         await server.shutdown(1)
