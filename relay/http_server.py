@@ -22,10 +22,14 @@ receiver) sees a request in up to three steps:
   ingest) and a function turning its outcome into the answer.
 
 The connection is closed after an answer when the client asked for that (HTTP/1.0,
-``Connection: close``), when a request's body was left unread or could not be read,
-after a request the parser could not read (answered 400), and on shutdown. A
-connection idle for ``keepalive_timeout`` is closed by a sweep (one timer for all
-connections, not one per request).
+``Connection: close``, an ``Upgrade``), when a request's body was left unread or could
+not be read, after a request the parser could not read (answered 400, or not at all
+when other requests may have been lost with it: see ``_bad_request``), once a client
+that half-closed has its answers, and on shutdown. One
+sweep (a single timer for all connections, not one per request) closes connections
+idle for ``keepalive_timeout``, and those whose request head has been arriving for
+longer than ``body_timeout``; it aborts those still flushing answers to a client
+that does not read, ``keepalive_timeout`` after they were closed.
 """
 
 from __future__ import annotations
@@ -165,12 +169,17 @@ class HttpServer:
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self.keepalive_timeout
+        slow = loop.time() - self.body_timeout
         for conn in list(self._connections):
             if conn.closing_since is not None:
                 if conn.closing_since < cutoff:
                     conn.abort()  # still flushing to a client that does not read
-            elif not conn.busy and conn.last_active < cutoff:
+            elif conn.busy:
+                continue
+            elif conn.last_active < cutoff:
                 conn.close()
+            elif conn.head_since is not None and conn.head_since < slow:
+                conn.close()  # a request head trickling in: the body's bound applies
         self._sweeper = loop.call_later(self.sweep_every, self._sweep)
 
     async def shutdown(self, timeout: float) -> None:
@@ -214,6 +223,7 @@ class _Connection(BaseProtocol):
         "_task",
         "busy",
         "closing_since",
+        "head_since",
         "last_active",
     )  # fmt: skip
 
@@ -233,6 +243,7 @@ class _Connection(BaseProtocol):
         self._head_only = False  # the current request is a HEAD: no body in its answer
         self._refused: Response | None = None  # the answer to a request the parser refused
         self._prev = b""  # the end of the last read (a request head may span two reads)
+        self.head_since: float | None = None  # a request head began arriving then
         self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
         self._task: asyncio.Task[None] | None = None
@@ -274,6 +285,10 @@ class _Connection(BaseProtocol):
             self._bad_request(e, self._prev + data)
             return
         self._prev = data[-2:]
+        if messages:
+            self.head_since = None
+        elif self.head_since is None and not self.busy and not self._queue:
+            self.head_since = self.last_active  # part of a request head, so far
         if messages:
             self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:

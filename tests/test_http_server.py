@@ -356,3 +356,19 @@ async def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
     finally:
         writer.close()
         await server.shutdown(1)
+
+
+async def test_a_request_head_that_trickles_in_is_cut_off_after_the_body_timeout() -> None:
+    server, port = await start(Scripted(), body_timeout=0.2, sweep_every=0.05)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /a HTTP/1.1\r\nHost: r\r\n")  # and never the rest
+        assert await closed(reader)
+        # A connection that is merely idle stays (until the keep-alive timeout).
+        idle_writer.write(request("/still-here", b"x"))
+        assert (await answer(idle_reader))[0] == 200
+    finally:
+        writer.close()
+        idle_writer.close()
+        await server.shutdown(1)
