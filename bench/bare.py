@@ -1,17 +1,25 @@
-"""Baselines for bench/receiver.py: aiohttp handlers that only read the body and answer 202.
+"""Baselines for bench/receiver.py: handlers that only read the body and answer 202.
 
 ``bare.py PORT`` serves a ``web.Application`` with one route (the baseline the relay is
-measured against); ``bare.py PORT --low-level`` serves the same handler on aiohttp's
-low-level ``web.Server``, as the relay's receiver does, to show how much of the figure
-is aiohttp's application layer rather than anything either handler does.
+measured against). ``bare.py PORT --low-level`` serves the same handler on aiohttp's
+low-level ``web.Server``, to show how much of the figure is aiohttp's application
+layer. ``bare.py PORT --own-server`` serves it on the relay's own HTTP server
+(``relay.http_server``), to show how much is the HTTP server rather than anything the
+relay does per webhook.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from relay.config import Listen
+from relay.http_server import HttpServer, Response
 
 BODY = b'{"status": "accepted"}'
 
@@ -28,10 +36,38 @@ async def serve_low_level(port: int) -> None:
     await asyncio.Event().wait()
 
 
+class _Bare:
+    """The same handler for ``relay.http_server``: every request answered 202."""
+
+    def head(self, msg: Any, remote: str | None) -> Any:
+        return msg
+
+    def body_failed(self, ctx: Any, status: int, reason: str, detail: str) -> Response:
+        return Response(status, b"{}")
+
+    def handle(self, ctx: Any, msg: Any, body: bytes) -> Response:
+        return _ACCEPTED
+
+    def failed(self, ctx: Any, error: BaseException) -> Response:
+        return Response(500, b"{}")
+
+
+_ACCEPTED = Response(202, BODY)
+
+
+async def serve_own(port: int) -> None:
+    server = HttpServer(_Bare(), max_body=1_048_576, body_timeout=30.0)
+    await server.start(Listen(host="127.0.0.1", port=port))
+    await asyncio.Event().wait()
+
+
 def main() -> None:
     port = int(sys.argv[1])
     if "--low-level" in sys.argv[2:]:
         asyncio.run(serve_low_level(port))
+        return
+    if "--own-server" in sys.argv[2:]:
+        asyncio.run(serve_own(port))
         return
     app = web.Application(client_max_size=1_048_576)
     app.router.add_post("/webhooks/chert/{tenant}", handle)

@@ -2,7 +2,9 @@
 
 Both servers get the same load generator (wrk, 1 thread) replaying the same pre-signed
 requests, each with a distinct event id (~1.3 KB ``message.received`` envelopes), at
-each of several concurrencies (32 and 128 connections by default). The relay runs as
+each of several concurrencies (32 and 128 connections by default). Two more baselines
+show where the difference lies: the same bare handler on aiohttp's low-level server
+(``bare-ll``) and on the relay's own HTTP server (``bare-own``). The relay runs as
 ``chert-relay serve`` on its embedded default (private redis-server, AOF with
 ``appendfsync always``), so every 202 it counts was fsynced. Prints requests/s,
 p50/p99 latency and the ratio at each concurrency, and the ratio of throughputs:
@@ -219,7 +221,7 @@ def main() -> None:
             f"{args.requests} pre-signed requests, body {size} bytes, wrk -t1 "
             f"-c{','.join(map(str, conns))} -d{args.duration}s, {args.rounds} round(s)"
         )
-        names = ("bare", "bare-ll", "relay")
+        names = ("bare", "bare-ll", "bare-own", "relay")
         results: dict[tuple[str, int], list[dict[str, float]]] = {
             (name, c): [] for name in names for c in conns
         }
@@ -230,6 +232,8 @@ def main() -> None:
                         proc, port = start_bare()
                     elif name == "bare-ll":
                         proc, port = start_bare("--low-level")
+                    elif name == "bare-own":
+                        proc, port = start_bare("--own-server")
                     else:
                         rdir = work / f"relay{r}-{c}"
                         rdir.mkdir()
@@ -250,12 +254,13 @@ def main() -> None:
                 f"{rl['rps'] / b['rps']:.2f}"
                 for rl, b in zip(results["relay", c], results["bare", c], strict=True)
             )
+            ratio = {n: best["relay"]["rps"] / best[n]["rps"] for n in names}
             print(
                 f"c={c}: bare {best['bare']['rps']:.0f}, bare-ll {best['bare-ll']['rps']:.0f}, "
-                f"relay {best['relay']['rps']:.0f} req/s (p50 {best['relay']['p50_ms']:.2f} ms, "
-                f"p99 {best['relay']['p99_ms']:.2f} ms); ratio to bare "
-                f"{best['relay']['rps'] / best['bare']['rps']:.2f} (rounds: {rounds}), to bare-ll "
-                f"{best['relay']['rps'] / best['bare-ll']['rps']:.2f}"
+                f"bare-own {best['bare-own']['rps']:.0f}, relay {best['relay']['rps']:.0f} req/s "
+                f"(p50 {best['relay']['p50_ms']:.2f} ms, p99 {best['relay']['p99_ms']:.2f} ms); "
+                f"ratio to bare {ratio['bare']:.2f} (rounds: {rounds}), to bare-ll "
+                f"{ratio['bare-ll']:.2f}, to bare-own {ratio['bare-own']:.2f}"
             )
         # Throughput is what a server sustains at saturation: each at its best concurrency.
         peak = {name: max((x for c in conns for x in results[name, c]), key=lambda x: x["rps"])
@@ -264,11 +269,11 @@ def main() -> None:
         for r in range(args.rounds):
             top = {name: max(results[name, c][r]["rps"] for c in conns) for name in names}
             per_round.append(f"{top['relay'] / top['bare']:.2f}")
-        bare, bare_ll, relay = (peak[n]["rps"] for n in names)
+        bare, bare_ll, bare_own, relay = (peak[n]["rps"] for n in names)
         print(
             f"throughput (each server's best): bare {bare:.0f}, relay {relay:.0f} req/s: "
             f"ratio {relay / bare:.2f} (rounds: {', '.join(per_round)}); "
-            f"to bare-ll {relay / bare_ll:.2f}"
+            f"to bare-ll {relay / bare_ll:.2f}, to bare-own {relay / bare_own:.2f}"
         )
 
 

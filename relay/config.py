@@ -201,7 +201,8 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     # longest a webhook waits on Redis before answering 503
     ingest_timeout: Annotated[Duration, Field(ge=0.1)] = 5.0
-    # longest a webhook's body may take to arrive before answering 503
+    # longest a webhook's body may take to arrive before answering 503; a request head
+    # still arriving after it (checked every 5 s) closes its connection
     body_timeout: Annotated[Duration, Field(ge=0.1)] = 30.0
     shutdown_timeout: Duration = 10.0  # bound on in-flight requests at shutdown
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503

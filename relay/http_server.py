@@ -13,7 +13,7 @@ pipelined requests are answered in order. The handler (:class:`Handler`, the
 receiver) sees a request in up to three steps:
 
 - ``head``: the request line and headers; it may answer at once (a wrong path, an
-  unknown tenant, a body announced too large, the relay draining);
+  unknown tenant, a body announced too large, the relay shutting down);
 - the body: taken as is when it has all arrived (the usual case); otherwise read by a
   task bounded by ``body_timeout`` and ``max_body``, after an interim
   ``100 Continue`` when the client asked for one (``body_failed`` answers the
@@ -282,9 +282,10 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, _tail = self._parser.feed_data(data)
         except HttpProcessingError as e:
-            self._bad_request(e, self._prev + data)
+            self._bad_request(e, self._prev + data if data else None)
             return
-        self._prev = data[-2:]
+        if data:  # an empty feed re-parses bytes the parser held back
+            self._prev = data[-2:]
         if messages:
             self.head_since = None
         elif self.head_since is None and not self.busy and not self._queue:
@@ -445,7 +446,7 @@ class _Connection(BaseProtocol):
     ) -> None:  # fmt: skip
         try:
             response = finish(future)
-        except Exception as e:
+        except BaseException as e:  # a callback: nothing above it would see this
             response = self._srv.handler.failed(ctx, e)
         self._answer(response)
         self._next()
@@ -465,18 +466,23 @@ class _Connection(BaseProtocol):
             self.busy = False
             self._srv.request_ended()
 
-    def _bad_request(self, e: HttpProcessingError, data: bytes) -> None:
+    def _bad_request(self, e: HttpProcessingError, data: bytes | None) -> None:
         """A request the parser cannot read: nothing more is read from this connection;
         the requests before it are answered, then this one (400), then it is closed.
 
         When the parser fails it drops the requests it had already read from the same
         read, unanswered. A 400 would then be taken, by a client that pipelines, as the
         answer to one of them — a refusal its sender never retries. So the 400 is sent
-        only when that read cannot have finished a request head; otherwise the
-        connection is just closed after the answers owed, and the client retries what
-        got no answer."""
+        only when that read (``data``, with the end of the one before) cannot have
+        finished a request head; otherwise, and when the parser failed on bytes it had
+        held back (``data`` is None), the connection is just closed after the answers
+        owed, and the client retries what got no answer. When the failure is in the
+        body being read (chunked framing, say), that body fails: ``400 malformed_body``."""
         self._parser = None
-        if b"\n\n" in data or b"\n\r\n" in data:
+        if self._reading is not None and not self._reading.is_eof():
+            self._reading.set_exception(e)
+            self._close_after_queue = True
+        elif data is None or b"\n\n" in data or b"\n\r\n" in data:
             log.debug("closing a connection on a request the parser refused: %s", e)
             self._close_after_queue = True
         else:

@@ -50,7 +50,7 @@ class HttpRole:
 
     def __init__(
         self, name: str, app: web.Application, listen: Listen | None,
-        shutdown_timeout: float, on_stop: Callable[[], None] | None = None,
+        shutdown_timeout: float,
         on_reload: Callable[[Config], None] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
@@ -59,7 +59,6 @@ class HttpRole:
             app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
         )
         self._stopped = asyncio.Event()
-        self._on_stop = on_stop
         self._on_reload = on_reload
         self.addresses: list[object] = []
 
@@ -80,8 +79,6 @@ class HttpRole:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        if self._on_stop is not None:
-            self._on_stop()
         await self._runner.cleanup()
         self._stopped.set()
 
@@ -231,9 +228,9 @@ class Service:
 
 
 class _ReceiverRole:
-    """The receiver on its listener (:mod:`relay.http_server`). Stopping it answers new
-    webhooks 503 at once, stops listening, and lets the ones in flight finish (up to
-    ``server.shutdown_timeout``)."""
+    """The receiver on its listener (:mod:`relay.http_server`). Stopping it stops
+    listening, closes idle connections and lets the webhooks in flight be answered (up
+    to ``server.shutdown_timeout``) before their connections close."""
 
     name = "receiver"
 
@@ -255,8 +252,10 @@ class _ReceiverRole:
 
     async def stop(self) -> None:
         self.receiver.draining = True
-        await self._server.shutdown(self._shutdown_timeout)
-        self._stopped.set()
+        try:
+            await self._server.shutdown(self._shutdown_timeout)
+        finally:
+            self._stopped.set()
 
     def reload(self, config: Config) -> None:
         self.receiver.set_config(config)

@@ -372,3 +372,101 @@ async def test_a_request_head_that_trickles_in_is_cut_off_after_the_body_timeout
         writer.close()
         idle_writer.close()
         await server.shutdown(1)
+
+
+# --- the parser failing: no answer is given in another request's place ----------------
+
+
+async def _answers_until_closed(reader: asyncio.StreamReader) -> list[int]:
+    statuses = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if not line:
+            return statuses
+        statuses.append(int(line.split()[1]))
+        length = 0
+        while (h := await asyncio.wait_for(reader.readline(), 10)) != b"\r\n":
+            if h.lower().startswith(b"content-length:"):
+                length = int(h.split(b":")[1])
+        await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_a_bad_request_held_in_the_parsers_tail_does_not_400_a_dropped_good_one() -> None:
+    """The parser stops at MAX_QUEUE requests and keeps the rest as its tail; when the
+    queue drains, ``_resume_if_drained`` feeds it b"" and it parses that tail. If the
+    tail holds a good request then a bad one, the good one is dropped with the error —
+    and ``_bad_request`` sees only ``self._prev + b""`` (no request head end in it), so it
+    sends the 400 that the client takes as the good request's answer."""
+    server, port = await start(Scripted())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bad = b"POST /bad HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
+    good = [request(f"/{i}") for i in range(MAX_QUEUE + 1)]  # no bodies
+    try:
+        writer.write(b"".join(good) + bad)
+        statuses = await _answers_until_closed(reader)
+        # Every slot of a good request holds a 200 or nothing; never a 400.
+        assert 400 not in statuses[: len(good)], statuses
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def test_a_bad_request_after_a_head_split_across_reads_does_not_400_the_dropped_one() -> None:
+    """``_prev`` keeps the end of the last read so that a head end split across two
+    reads ("\\r\\n\\r" | "\\n") is seen. But reading a body (``read_nowait``/``readany``)
+    makes aiohttp's StreamReader call ``resume_reading`` → ``data_received(b"")``, which
+    sets ``_prev = b""``. So: read 1 = request A whole + request B's head up to "\\r\\n\\r";
+    read 2 = "\\n" + garbage. B completes in read 2 and is dropped with the error, yet
+    no head end is seen in ``b"" + read 2``, so the 400 goes out in B's slot."""
+    handler = Scripted()
+    server, port = await start(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    b_head = b"POST /b HTTP/1.1\r\nHost: r\r\n\r"
+    try:
+        writer.write(request("/a", b"body-of-a") + b_head)
+        first = await _answer(reader)  # A answered: read 1 has been handled
+        assert first == 200
+        writer.write(b"\nNOT HTTP AT ALL\r\n")
+        statuses = [first, *await _answers_until_closed(reader)]
+        # Slot 2 is B's: a 200 or nothing, never the refusal of the garbage.
+        assert statuses[1:2] in ([], [200]), statuses
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+async def _answer(reader: asyncio.StreamReader) -> int:
+    line = await asyncio.wait_for(reader.readline(), 10)
+    status = int(line.split()[1])
+    length = 0
+    while (h := await asyncio.wait_for(reader.readline(), 10)) != b"\r\n":
+        if h.lower().startswith(b"content-length:"):
+            length = int(h.split(b":")[1])
+    await asyncio.wait_for(reader.readexactly(length), 10)
+    return status
+
+
+async def test_garbled_chunk_framing_mid_body_is_400_not_left_to_the_body_timeout() -> None:
+    """A chunked body being read by ``_read_body`` whose framing then turns bad: the
+    parser raises from ``feed_data`` (``_bad_request``: parser dropped), but the
+    StreamReader the task awaits is never told, so the task waits out ``body_timeout``
+    and the sender gets 503 ``body_timeout`` (and retries the same bytes) instead of
+    400 ``malformed_body``. ``_bad_request`` should fail ``self._reading`` (as
+    ``eof_received``/``connection_lost`` do)."""
+    handler = Scripted()
+    server, port = await start(handler, body_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /c HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        )  # the body is now awaited by _read_body
+        writer.write(b"3\r\nabc\r\nzz-not-a-chunk-size\r\n")
+        status = await _answer(reader)
+        assert (status, handler.failures) == (400, ["malformed_body"])
+    finally:
+        writer.close()
+        await server.shutdown(1)
