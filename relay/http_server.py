@@ -5,8 +5,8 @@ object, a task, a response object, keep-alive bookkeeping. This server keeps wha
 matters of it — aiohttp's C request parser (llhttp), with its limits and its
 defences against malformed and smuggled requests, and its flow control — and answers
 from pre-built bytes, in the way uvicorn builds its HTTP protocol on httptools. A
-bare handler on it answers 2.5 times as many requests per second as the same
-handler on aiohttp's low-level server (``bench/README.md``).
+bare handler on it answers twice as many requests per second as the same handler on
+aiohttp's low-level server (``bench/receiver.py``, ``bench/README.md``).
 
 Per connection, requests are handled one at a time, in the order they came, so
 pipelined requests are answered in order. The handler (:class:`Handler`, the
