@@ -288,12 +288,11 @@ class _Connection(BaseProtocol):
             self._prev = data[-2:]
         if messages:
             self.head_since = None
-        elif self.head_since is None and not self.busy and not self._queue:
-            self.head_since = self.last_active  # part of a request head, so far
-        if messages:
             self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()
+        elif data and self.head_since is None and not self.busy and not self._queue:
+            self.head_since = self.last_active  # part of a request head, so far
         if upgraded:
             # A protocol switch (Upgrade, CONNECT) is not offered: the request is
             # answered as any other and the connection closed after it; nothing after
