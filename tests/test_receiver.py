@@ -403,6 +403,20 @@ async def test_a_chunked_body_is_accepted(h: Harness, redis: Redis) -> None:
     assert await queued(redis) == [job("all", "ch1"), job("crm", "ch1")]
 
 
+async def test_a_reload_lowers_the_body_limit_for_the_next_request(
+    h: Harness, redis: Redis
+) -> None:
+    """SIGHUP's new max_body_bytes reaches the HTTP server too (a chunked body, with no
+    length to refuse it by, is measured by the server)."""
+    body, headers = signed(envelope("rl1", pad="x" * 1500))
+    assert (await _chunked_exchange(h, body, headers)).startswith(b"HTTP/1.1 202")
+    h.receiver.set_config(make_config(sinks=SINKS, server={"max_body_bytes": 1024}))
+    body, headers = signed(envelope("rl2", pad="x" * 1500))
+    answer = await _chunked_exchange(h, body, headers)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert await queued(redis) == [job("all", "rl1"), job("crm", "rl1")]
+
+
 async def test_an_oversized_chunked_body_is_413_and_queues_nothing(
     h: Harness, redis: Redis
 ) -> None:
