@@ -354,8 +354,7 @@ class _Connection(BaseProtocol):
         self._srv.request_started()
         self._close_after = msg.should_close or msg.upgrade
         self._head_only = msg.method == "HEAD"
-        srv = self._srv
-        handler = srv.handler
+        handler = self._srv.handler
         try:
             ctx = handler.head(msg, self._remote)
         except Exception as e:
@@ -374,10 +373,9 @@ class _Connection(BaseProtocol):
                 self._close_after = True
                 self._answer(self._payload_failed(ctx, e))
                 return
-            if len(body) > srv.max_body:  # chunked, so no length was announced
+            if len(body) > self._srv.max_body:  # chunked, so no length was announced
                 self._close_after = True
-                detail = f"body exceeds {srv.max_body} bytes"
-                self._answer(handler.body_failed(ctx, 413, "body_too_large", detail))
+                self._answer(self._too_large(ctx))
                 return
             self._dispatch(ctx, msg, body)
         else:
@@ -397,8 +395,7 @@ class _Connection(BaseProtocol):
                 while chunk := await payload.readany():
                     size += len(chunk)
                     if size > srv.max_body:
-                        detail = f"body exceeds {srv.max_body} bytes"
-                        response = srv.handler.body_failed(ctx, 413, "body_too_large", detail)
+                        response = self._too_large(ctx)
                         break
                     chunks.append(chunk)
         except TimeoutError:
@@ -416,6 +413,10 @@ class _Connection(BaseProtocol):
         else:
             self._dispatch(ctx, msg, b"".join(chunks))
         self._next()
+
+    def _too_large(self, ctx: Any) -> Response:
+        detail = f"body exceeds {self._srv.max_body} bytes"
+        return self._srv.handler.body_failed(ctx, 413, "body_too_large", detail)
 
     def _payload_failed(self, ctx: Any, e: Exception) -> Response:
         if isinstance(e, ConnectionError):  # the sender went away mid-body
