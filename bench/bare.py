@@ -19,7 +19,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from relay.config import Listen
-from relay.http_server import HttpServer, Response
+from relay.ingest.http_server import HttpServer, Response
 
 BODY = b'{"status": "accepted"}'
 

@@ -49,8 +49,8 @@ from receiver import (  # noqa: E402
     write_data,
 )
 
-from relay.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from relay.signing import webhook_headers  # noqa: E402
+from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 SINK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

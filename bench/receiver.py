@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relay.redis_server import free_port  # noqa: E402
 from relay.signing import chert_signature  # noqa: E402
+from relay.store.embedded import free_port  # noqa: E402
 
 SECRET = "3b5f0c8e2d9a4e6f8b1c7d2e5a9f0b3c4d6e8f1a2b5c7d9e0f3a6b8c1d4e7f90"
 TENANT = "acme-7a3f"

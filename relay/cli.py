@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from relay import __version__, logs
-from relay.config import DEFAULT_CONFIG_PATHS, Config, load_config, resolve_secret
-from relay.envelope import BadEventError, from_body
+from relay.config import Config, config_path, load_config, resolve_secret
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -29,6 +28,7 @@ from relay.errors import (
     RedisUnavailableError,
     UnsafeRedisError,
 )
+from relay.ingest.envelope import BadEventError, from_body
 from relay.service import RoleFactory, Service, serve
 from relay.signing import webhook_headers
 
@@ -36,15 +36,7 @@ log = logging.getLogger("relay")
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    if args.config:
-        return Path(args.config)
-    env = os.environ.get("CHERT_RELAY_CONFIG")
-    if env:
-        return Path(env)
-    for candidate in DEFAULT_CONFIG_PATHS:
-        if Path(candidate).exists():
-            return Path(candidate)
-    return Path(DEFAULT_CONFIG_PATHS[0])
+    return config_path(getattr(args, "config", None))
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -54,10 +46,10 @@ def _load(args: argparse.Namespace) -> Config:
 def role_factories() -> dict[str, RoleFactory]:
     """Roles beyond the receiver and admin, by name."""
     factories: dict[str, RoleFactory] = {}
-    from relay.poller import make_poller
+    from relay.upstream.poller import make_poller
 
     factories["poller"] = make_poller
-    from relay.worker import factory as make_worker
+    from relay.delivery.role import factory as make_worker
 
     factories["worker"] = make_worker
     return factories
@@ -174,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--curl", metavar="URL", help="print a curl command posting stdin to URL")
     s.set_defaults(func=cmd_sign)
 
-    from relay.backfill import cmd_backfill
+    from relay.upstream.backfill import cmd_backfill
 
     s = sub.add_parser("backfill", help="pull a time range from Chert's events API through ingest")
     s.add_argument("--tenant", required=True, help="tenant slug")
@@ -186,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
 
-    from relay import dlq_cli
+    from relay.admin import dlq_cli
 
     dlq_cli.add_parser(sub, _load)
     _config_after_command(p)

@@ -432,6 +432,21 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, object]]:
     return out
 
 
+def config_path(given: str | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """The configuration file to read: ``given`` (``--config``), else
+    ``$CHERT_RELAY_CONFIG``, else the first of :data:`DEFAULT_CONFIG_PATHS` that exists
+    (or the first, for the error message)."""
+    if given:
+        return Path(given)
+    found = (os.environ if env is None else env).get("CHERT_RELAY_CONFIG")
+    if found:
+        return Path(found)
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if Path(candidate).exists():
+            return Path(candidate)
+    return Path(DEFAULT_CONFIG_PATHS[0])
+
+
 def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
     """Read, override from the environment, and validate the whole configuration.
 

@@ -12,7 +12,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.ingest import Ingestor
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 

@@ -23,19 +23,19 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay.admin import Admin
+from relay.admin.app import Admin
+from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.poller_routes import PollerStatusApi
 from relay.config import Config, Listen, load_config
-from relay.dlq_api import DeadLetterApi
 from relay.errors import ConfigError
-from relay.ingest import Ingestor
+from relay.ingest.ingestor import Ingestor
+from relay.ingest.receiver import Receiver
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.poller import Poller
-from relay.poller_api import PollerStatusApi
-from relay.receiver import Receiver
-from relay.redis_client import check_server, connect, redact_url
-from relay.redis_server import open_redis_url
 from relay.runtime import Role, Runtime
+from relay.store.client import check_server, connect, redact_url
+from relay.store.embedded import open_redis_url
+from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
 

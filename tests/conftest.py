@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
 from relay.config import Config, Listen, parse_config
-from relay.http_server import HttpServer
-from relay.redis_server import EmbeddedRedis, free_port
+from relay.ingest.http_server import HttpServer
 from relay.signing import webhook_headers
-from relay.stored_event import StoredEvent, parse
+from relay.store.embedded import EmbeddedRedis, free_port
+from relay.store.stored_event import StoredEvent, parse
 
 WEBHOOK_SECRET = "7f3c1e9a5b2d4f6081a3c5e7f9b1d3e5a7c9e1f3b5d7f9a1c3e5b7d9f1a3c5e7"
 OTHER_SECRET = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9"

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from relay.redis_server import free_port
+from relay.store.embedded import free_port
 
 
 def toml_value(v: Any) -> str:

@@ -14,14 +14,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from relay.admin import Admin
+from relay.admin.app import Admin
+from relay.admin.dead_letter_routes import DeadLetterApi
 from relay.config import load_config
-from relay.dlq_api import DeadLetterApi
 from relay.logs import Throttle
 from relay.metrics import Metrics
-from relay.redis_client import connect
-from relay.redis_server import EmbeddedRedis
 from relay.service import Service
+from relay.store.client import connect
+from relay.store.embedded import EmbeddedRedis
 from tests.conftest import ServeReceiver, config_dict, make_config
 from tests.process import write_toml
 
@@ -97,14 +97,14 @@ def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> No
 async def test_refusals_are_logged_without_flooding(
     serve_receiver: ServeReceiver, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from relay.ingest import Ingestor
-    from relay.receiver import Receiver
+    from relay.ingest.ingestor import Ingestor
+    from relay.ingest.receiver import Receiver
 
     config = make_config()
     metrics = Metrics()
     receiver = Receiver(config, Ingestor(redis, config), metrics)
     client = await serve_receiver(receiver.server())
-    with caplog.at_level(logging.WARNING, logger="relay.receiver"):
+    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
         for _ in range(20):
             assert (await client.post("/webhooks/chert/acme-7a3f", data=b"{}")).status == 401
     lines = [r for r in caplog.records if "webhook refused" in r.getMessage()]

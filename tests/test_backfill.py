@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from relay.backfill import BackfillSummary, Progress, parse_when, run_backfill
-from relay.chert_api import ChertPagingError
-from relay.envelope import from_object
 from relay.errors import EXIT_UNAVAILABLE
-from relay.ingest import Ingestor
+from relay.ingest.envelope import from_object
+from relay.ingest.ingestor import Ingestor
+from relay.upstream.backfill import BackfillSummary, Progress, parse_when, run_backfill
+from relay.upstream.chert_api import ChertPagingError
 from tests.conftest import TENANT, WEBHOOK_SECRET, log_row, stored_event
 from tests.test_poller_lease import _write_config
 from tests.test_poller_support import (

@@ -15,11 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from relay.chert_api import ChertApi, ChertPagingError, Page, parse_error
 from relay.config import TenantConfig, parse_config
 from relay.errors import ChertApiError, ChertUnreachableError
-from relay.redis_server import free_port
 from relay.simulator import Simulator
+from relay.store.embedded import free_port
+from relay.upstream.chert_api import ChertApi, ChertPagingError, Page, parse_error
 from tests.conftest import TENANT, config_dict, log_row
 from tests.test_poller_support import (
     API_SECRET,

@@ -8,7 +8,7 @@ import pytest
 
 from relay.config import load_config, parse_config, parse_duration, resolve_secret
 from relay.errors import ConfigError
-from relay.redis_client import redact_url
+from relay.store.client import redact_url
 from tests.conftest import config_dict
 
 

@@ -13,14 +13,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from relay import queue
-from relay.admin import Admin
+from relay.admin.app import Admin
+from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.dlq_cli import parse_time
 from relay.cli import build_parser
 from relay.config import Config, resolve_secret
-from relay.deadletters import DeadLetterStore, Filter
-from relay.dlq_api import DeadLetterApi
-from relay.dlq_cli import parse_time
+from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
+from relay.store import jobs as queue
 from tests.conftest import TENANT, config_dict, make_config, wait_for
 from tests.test_delivery_support import (
     FAST_WORKER,

@@ -11,11 +11,12 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from relay import breaker, queue
-from relay.deadletters import DeadLetterStore, Filter
-from relay.delivery import backoff, parse_retry_after, scrub
-from relay.redis_server import free_port
-from relay.worker import WorkerRole
+from relay.delivery import breaker
+from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.deliverer import backoff, parse_retry_after, scrub
+from relay.delivery.role import WorkerRole
+from relay.store import jobs as queue
+from relay.store.embedded import free_port
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
     Received,
@@ -483,7 +484,7 @@ async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
     rt = runtime(redis, cfg)
     await redis.zadd(rt.keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
     await ingest(rt, ["e1"])
-    caplog.set_level(logging.DEBUG, logger="relay.delivery")
+    caplog.set_level(logging.DEBUG, logger="relay.delivery.deliverer")
     async with worker(rt):
         await wait_for(lambda: _put_off(caplog, 4), 30)
     waits = [float(r.args[0]) for r in caplog.records if "put off" in r.msg][:4]  # type: ignore[index]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.redis_server import free_port
+from relay.store.embedded import free_port
 from tests.conftest import TENANT, WEBHOOK_SECRET, config_dict, envelope, signed, wait_for
 from tests.test_delivery_support import FAST_WORKER, Sink, sink_conf, sinks, write_config
 

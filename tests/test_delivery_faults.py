@@ -10,11 +10,11 @@ import redis.exceptions
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from relay import queue
 from relay.config import Config, Secret
-from relay.deadletters import DeadLetterStore, Filter
-from relay.delivery import backoff
-from relay.worker import WorkerRole
+from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.deliverer import backoff
+from relay.delivery.role import WorkerRole
+from relay.store import jobs as queue
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
     Received,

@@ -15,14 +15,14 @@ from aiohttp import web
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
-from relay import envelope
 from relay.config import Config
-from relay.ingest import Ingestor
+from relay.delivery.role import WorkerRole
+from relay.ingest import envelope
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.redis_server import free_port
 from relay.runtime import Runtime
-from relay.worker import WorkerRole
+from relay.store.embedded import free_port
 from tests.conftest import SINK_SECRET, TENANT, make_config
 from tests.conftest import envelope as make_envelope
 

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from relay.envelope import BadEventError, from_body, from_object
-from relay.ingest import Ingestor
+from relay.ingest.envelope import BadEventError, from_body, from_object
+from relay.ingest.ingestor import Ingestor
 from tests.conftest import TENANT, envelope, log_row, make_config, stored_event
 
 json_values = st.recursive(

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp.http_parser import RawRequestMessage
 
 from relay.config import Listen
-from relay.http_server import MAX_QUEUE, HttpServer, Pending, Response
+from relay.ingest.http_server import MAX_QUEUE, HttpServer, Pending, Response
 from tests.conftest import wait_for
 
 

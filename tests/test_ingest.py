@@ -9,9 +9,10 @@ from typing import Any
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 
-from relay import envelope, queue
-from relay.ingest import Ingestor
+from relay.ingest import envelope
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
+from relay.store import jobs as queue
 from tests.conftest import TENANT, make_config, stored_event
 from tests.conftest import envelope as make_envelope
 

@@ -8,8 +8,8 @@ import aiohttp
 from redis.asyncio import Redis
 
 from relay.config import Config, resolve_secret
-from relay.poller import Poller
 from relay.service import Service
+from relay.upstream.poller import Poller
 from tests.conftest import TENANT, wait_for
 from tests.test_poller_support import relay_config, running_relay, simulator, wait_enqueued
 

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from relay.poller import Poller
-from relay.redis_server import EmbeddedRedis
+from relay.store.embedded import EmbeddedRedis
+from relay.upstream.poller import Poller
 from tests.conftest import TENANT, wait_for
 from tests.test_poller_support import (
     enqueued,

@@ -17,13 +17,13 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from relay.chert_api import isoformat
-from relay.envelope import parse_timestamp
-from relay.ingest import Ingestor
+from relay.ingest.envelope import parse_timestamp
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.poller import TenantPoller
 from relay.runtime import Runtime
+from relay.upstream.chert_api import isoformat
+from relay.upstream.poller import TenantPoller
 from tests.conftest import TENANT, log_row, wait_for
 from tests.test_poller_support import (
     PREFIX,

@@ -18,15 +18,15 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from relay import chert_api
-from relay.chert_api import isoformat
-from relay.envelope import from_object, parse_timestamp
-from relay.ingest import Ingestor
+from relay.ingest.envelope import from_object, parse_timestamp
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.poller import TenantPoller
 from relay.runtime import Runtime
-from relay.sse import SseParser
+from relay.upstream import chert_api
+from relay.upstream.chert_api import isoformat
+from relay.upstream.poller import TenantPoller
+from relay.upstream.sse import SseParser
 from tests.conftest import TENANT, log_row, wait_for
 from tests.test_poller_support import PREFIX, relay_config, serve_api
 

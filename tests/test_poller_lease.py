@@ -11,8 +11,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from relay.lease import Lease
 from relay.service import Service
+from relay.upstream.lease import Lease
 from tests.conftest import OTHER_SECRET, TENANT, WEBHOOK_SECRET, wait_for
 from tests.test_poller_support import (
     API_SECRET,

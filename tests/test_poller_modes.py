@@ -14,9 +14,9 @@ import random
 import pytest
 from redis.asyncio import Redis
 
-from relay.envelope import parse_timestamp
-from relay.poller import Poller
+from relay.ingest.envelope import parse_timestamp
 from relay.service import Service
+from relay.upstream.poller import Poller
 from tests.conftest import TENANT, stored_event, wait_for
 from tests.test_poller_support import (
     enqueued,

@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from relay.cli import role_factories
 from relay.config import Config, parse_config
 from relay.metrics import Metrics
-from relay.queue import queue_name
 from relay.service import Service
 from relay.simulator import SimTenant, Simulator
+from relay.store.jobs import queue_name
 from tests.conftest import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 
 API_SECRET = "5e0c9a7d3b1f48a6c2e4f6081a3b5c7d"
@@ -163,7 +163,9 @@ async def wait_enqueued(redis: Redis, rows: list[dict[str, Any]], timeout: float
     await wait_for(check, timeout=timeout, interval=0.05)
 
 
-def messages(caplog: Any, logger: str = "relay.poller", level: int = logging.INFO) -> list[str]:
+def messages(
+    caplog: Any, logger: str = "relay.upstream.poller", level: int = logging.INFO
+) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= level]
 
 

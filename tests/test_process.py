@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from relay import queue
 from relay.errors import EXIT_CONFIG, EXIT_OK
 from relay.keys import Keys
-from relay.redis_server import EmbeddedRedis
+from relay.store import jobs as queue
+from relay.store.embedded import EmbeddedRedis
 from tests.conftest import TENANT, config_dict, envelope, signed
 from tests.process import RelayProcess, listen_ports, write_toml
 

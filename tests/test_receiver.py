@@ -14,13 +14,13 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from relay import queue
-from relay.ingest import Ingestor
+from relay.ingest.ingestor import Ingestor
+from relay.ingest.receiver import Receiver
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.receiver import Receiver
-from relay.redis_client import connect
-from relay.redis_server import EmbeddedRedis, free_port
+from relay.store import jobs as queue
+from relay.store.client import connect
+from relay.store.embedded import EmbeddedRedis, free_port
 from tests.conftest import (
     OTHER_SECRET,
     SINK_SECRET,

@@ -11,9 +11,9 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
-from relay.redis_client import connect
-from relay.redis_server import EmbeddedRedis
-from relay.script_pipe import ScriptPipeline, bulk
+from relay.store.client import connect
+from relay.store.embedded import EmbeddedRedis
+from relay.store.script_pipe import ScriptPipeline, bulk
 
 # Appends each item to a list and answers with its new length: the order Redis ran
 # the items in is visible, and a batch's reply is one element per item.

@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
-from relay.script_pipe import ScriptPipeline, bulk
+from relay.store.script_pipe import ScriptPipeline, bulk
 
 SCRIPT = """
 local out = {}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.cli import build_parser
-from relay.envelope import from_object
+from relay.ingest.envelope import from_object
 from relay.signing import api_request_headers, chert_signature
 from relay.simulator import SimTenant, Simulator
 from relay.simulator.eventlog import EventLog, parse_query

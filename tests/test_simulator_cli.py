@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 
 from relay.errors import SignatureError
-from relay.redis_server import free_port
 from relay.signing import (
     api_request_headers,
     standard_webhooks_key,
@@ -26,6 +25,7 @@ from relay.signing import (
 )
 from relay.simulator.cli import parse_rate, tenants_from_config
 from relay.simulator.sink import CountingSink
+from relay.store.embedded import free_port
 from tests.conftest import WEBHOOK_SECRET, make_config, wait_for
 
 API_SECRET = "5f2b8c1d9e4a7f3b6c0d2e8f1a9b4c7d"

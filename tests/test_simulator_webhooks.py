@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 
 from relay.errors import SignatureError
-from relay.redis_server import free_port
 from relay.signing import api_request_headers, verify_webhook
 from relay.simulator import Faults, SimTenant, Simulator
+from relay.store.embedded import free_port
 from tests.conftest import wait_for
 
 API_SECRET = "5f2b8c1d9e4a7f3b6c0d2e8f1a9b4c7d"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.sse import SseIdleError, SseMessage, SseParser, read_messages
+from relay.upstream.sse import SseIdleError, SseMessage, SseParser, read_messages
 
 
 def parse_lines(lines: list[str]) -> list[SseMessage]:

@@ -6,9 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from relay import envelope, stored_event
-from relay.delivery import header_value
-from relay.ingest import SOURCES, Ingestor
+from relay.delivery.deliverer import header_value
+from relay.ingest import envelope
+from relay.ingest.ingestor import SOURCES, Ingestor
+from relay.store import stored_event
 from tests.conftest import TENANT, make_config
 from tests.conftest import envelope as make_envelope
 from tests.conftest import stored_event as read_stored

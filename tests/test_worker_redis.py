@@ -8,7 +8,7 @@ from pathlib import Path
 import redis.exceptions
 from redis.asyncio import Redis
 
-from relay.redis_server import EmbeddedRedis
+from relay.store.embedded import EmbeddedRedis
 from tests.conftest import wait_for
 from tests.test_delivery_support import (
     Sink,

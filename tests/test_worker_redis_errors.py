@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from relay.redis_server import EmbeddedRedis
-from relay.worker import WorkerRole
+from relay.delivery.role import WorkerRole
+from relay.store.embedded import EmbeddedRedis
 from tests.conftest import wait_for
 from tests.test_delivery_support import Sink, config_with, ingest, runtime, sink_conf, sinks
 
@@ -19,7 +19,7 @@ from tests.test_delivery_support import Sink, config_with, ingest, runtime, sink
 async def test_worker_keeps_going_while_redis_is_out_of_memory(
     make_redis_server: Callable[[], Awaitable[EmbeddedRedis]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="relay.worker")
+    caplog.set_level(logging.ERROR, logger="relay.delivery.role")
     server = await make_redis_server()  # private: the CONFIG change cannot leak
     client: Redis = Redis.from_url(server.url)
     try:
@@ -35,7 +35,7 @@ async def test_worker_keeps_going_while_redis_is_out_of_memory(
 
                 def oom_logged() -> bool:
                     return any(
-                        r.name == "relay.worker" and "out of memory" in r.getMessage()
+                        r.name == "relay.delivery.role" and "out of memory" in r.getMessage()
                         for r in caplog.records
                     )
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from relay import queue
-from relay.worker import WorkerRole
+from relay.delivery.role import WorkerRole
+from relay.store import jobs as queue
 from tests.conftest import TENANT, config_dict, wait_for
 from tests.test_delivery_support import (
     FAST_WORKER,

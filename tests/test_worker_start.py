@@ -8,7 +8,7 @@ import time
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from relay import queue
+from relay.store import jobs as queue
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
     Sink,

@@ -61,11 +61,14 @@ from arq.constants import job_key_prefix, retry_key_prefix
 from arq.worker import Retry
 from redis.asyncio import Redis
 
-from relay import __version__, breaker, deadletters, logs, queue, stored_event
+from relay import __version__, logs
 from relay.config import Config, SinkConfig
+from relay.delivery import breaker, deadletters
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.signing import standard_webhooks_key, standard_webhooks_signature
+from relay.store import jobs as queue
+from relay.store import stored_event
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,12 @@ import redis.exceptions
 from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from relay import queue, stored_event
 from relay.config import Config
 from relay.errors import DeadLetterError
-from relay.ingest import EXPIRY_MARGIN_S
+from relay.ingest.ingestor import EXPIRY_MARGIN_S
 from relay.keys import Keys
+from relay.store import jobs as queue
+from relay.store import stored_event
 
 CLASSES = ("rejected", "exhausted", "gone")
 T = TypeVar("T")

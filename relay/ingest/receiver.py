@@ -24,12 +24,12 @@ from typing import Any
 from aiohttp.http_parser import RawRequestMessage
 from prometheus_client import Counter, Gauge
 
-from relay import envelope
 from relay.config import Config
-from relay.envelope import BadEventError
 from relay.errors import RedisUnavailableError, SignatureError
-from relay.http_server import HttpServer, Pending, Response
-from relay.ingest import Ingestor
+from relay.ingest import envelope
+from relay.ingest.envelope import BadEventError
+from relay.ingest.http_server import HttpServer, Pending, Response
+from relay.ingest.ingestor import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.signing import WebhookKey, verify_webhook, webhook_key

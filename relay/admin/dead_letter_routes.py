@@ -21,9 +21,9 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
+from relay.admin.dlq_cli import parse_time
 from relay.config import Config
-from relay.deadletters import DeadLetterStore, Filter
-from relay.dlq_cli import parse_time
+from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.errors import DeadLetterError
 
 log = logging.getLogger(__name__)

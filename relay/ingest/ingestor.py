@@ -24,17 +24,18 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from relay import queue, stored_event
 from relay.config import Config
-from relay.envelope import Event
-from relay.script_pipe import ScriptPipeline, bulk, bulks
+from relay.ingest.envelope import Event
+from relay.store import jobs as queue
+from relay.store import stored_event
+from relay.store.script_pipe import ScriptPipeline, bulk, bulks
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-LUA = resources.files("relay").joinpath("ingest.lua").read_text(encoding="utf-8")
+LUA = resources.files("relay.store").joinpath("lua/ingest.lua").read_text(encoding="utf-8")
 SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
 
 # How long past its deadline a job (and its payload) stays in Redis: arq must never

@@ -31,9 +31,7 @@ from typing import TextIO
 
 import aiohttp
 
-from relay.chert_api import ChertApi, ChertPagingError, isoformat
-from relay.config import Config, TenantConfig
-from relay.envelope import parse_timestamp
+from relay.config import Config, TenantConfig, config_path, load_config
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -43,11 +41,13 @@ from relay.errors import (
     ChertApiError,
     UpstreamError,
 )
-from relay.ingest import Ingestor
+from relay.ingest.envelope import parse_timestamp
+from relay.ingest.ingestor import Ingestor
 from relay.metrics import Metrics
-from relay.poller import RowsResult, ingest_rows
-from relay.redis_client import check_server, connect
-from relay.redis_server import open_redis_url
+from relay.store.client import check_server, connect
+from relay.store.embedded import open_redis_url
+from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
+from relay.upstream.poller import RowsResult, ingest_rows
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,6 @@ async def run_backfill(
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from relay.cli import _load  # the CLI's own way of finding the configuration
-
     try:
         since = parse_when(args.since)
         until = parse_when(args.until) if args.until else None
@@ -190,7 +188,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if until is not None and until <= since:
         print("chert-relay backfill: --until must be later than --since", file=sys.stderr)
         return EXIT_USAGE
-    config: Config = _load(args)
+    config = load_config(config_path(getattr(args, "config", None)))
     tenant = config.tenant(args.tenant)
     if tenant is None:
         print(f"chert-relay backfill: no tenant {args.tenant!r} in the configuration",

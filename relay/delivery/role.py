@@ -53,12 +53,14 @@ from arq.worker import Worker, func
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from relay import breaker, delivery, queue
 from relay.config import Config
-from relay.deadletters import CLASSES
+from relay.delivery import breaker
+from relay.delivery import deliverer as delivery
+from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
 from relay.metrics import PREFIX, Metrics
 from relay.runtime import Runtime
+from relay.store import jobs as queue
 
 log = logging.getLogger(__name__)
 

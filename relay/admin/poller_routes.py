@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.poller import Poller
 from relay.runtime import Runtime
-from relay.script_pipe import REDIS_TRANSIENT
+from relay.store.script_pipe import REDIS_TRANSIENT
+from relay.upstream.poller import Poller
 
 
 def _iso(ts: float | None) -> str | None:

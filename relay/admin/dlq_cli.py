@@ -25,10 +25,10 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.config import Config, parse_duration
-from relay.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, Outcome
+from relay.delivery.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, Outcome
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
-from relay.redis_client import connect
-from relay.redis_server import open_redis_url
+from relay.store.client import connect
+from relay.store.embedded import open_redis_url
 
 _AGE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*$")
 

@@ -49,16 +49,16 @@ from typing import Any
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from relay.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.config import Config, TenantConfig
-from relay.envelope import BadEventError, Event, from_object, parse_timestamp
 from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError
-from relay.ingest import Ingestor
-from relay.lease import Lease
+from relay.ingest.envelope import BadEventError, Event, from_object, parse_timestamp
+from relay.ingest.ingestor import Ingestor
 from relay.metrics import Metrics
 from relay.runtime import Runtime
-from relay.script_pipe import REDIS_TRANSIENT
-from relay.sse import SseIdleError, read_messages
+from relay.store.script_pipe import REDIS_TRANSIENT
+from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
+from relay.upstream.lease import Lease
+from relay.upstream.sse import SseIdleError, read_messages
 
 log = logging.getLogger(__name__)
 
