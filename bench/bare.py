@@ -19,7 +19,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from relay.config import Listen
-from relay.ingest.http_server import HttpServer, Response
+from relay.ingest.http_server import HttpServer
+from relay.ingest.http_types import Response
 
 BODY = b'{"status": "accepted"}'
 

@@ -74,10 +74,14 @@ def sink_main(port: int) -> None:
 
     async def stats(request: web.Request) -> web.Response:
         times = list(arrivals.values())
-        return web.json_response({
-            "requests": count[0], "unique": len(arrivals),
-            "first": min(times, default=0.0), "last": max(times, default=0.0),
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "requests": count[0],
+                "unique": len(arrivals),
+                "first": min(times, default=0.0),
+                "last": max(times, default=0.0),
+            }
+        )
 
     async def dump(request: web.Request) -> web.Response:
         return web.json_response(arrivals)
@@ -257,11 +261,15 @@ def throughput(
     finally:
         relay.stop()
     span = stats["last"] - started
-    print(f"relay webhooks:   {res['rps']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
-          f"  p99 {res['p99_ms']:.2f} ms  non-2xx {res['non2xx']:.0f}")  # fmt: skip
-    print(f"relay end to end: {stats['unique'] / span:8.0f} events/s  ({stats['unique']} "
-          f"distinct events, first webhook to last sink 2xx {span:.1f} s; "
-          f"{stats['requests']} sink requests)")  # fmt: skip
+    print(
+        f"relay webhooks:   {res['rps']:8.0f} req/s  p50 {res['p50_ms']:.2f} ms"
+        f"  p99 {res['p99_ms']:.2f} ms  non-2xx {res['non2xx']:.0f}"
+    )
+    print(
+        f"relay end to end: {stats['unique'] / span:8.0f} events/s  ({stats['unique']} "
+        f"distinct events, first webhook to last sink 2xx {span:.1f} s; "
+        f"{stats['requests']} sink requests)"
+    )
     print("  " + "; ".join(outcomes))
 
 
@@ -272,11 +280,17 @@ def latency(work: Path, sink: str, args: argparse.Namespace, split: bool) -> Non
     out = work / "sent.json"
     try:
         subprocess.run(
-            [sys.executable, __file__, "--loadgen",
-             f"http://127.0.0.1:{relay.port}/webhooks/chert/{TENANT}", str(args.rate),
-             str(args.latency_seconds), str(out)],
+            [
+                sys.executable,
+                __file__,
+                "--loadgen",
+                f"http://127.0.0.1:{relay.port}/webhooks/chert/{TENANT}",
+                str(args.rate),
+                str(args.latency_seconds),
+                str(out),
+            ],
             check=True,
-        )  # fmt: skip
+        )
         sent_doc = json.loads(out.read_text())
         sent: dict[str, float] = sent_doc["sent"]
         wait_delivered(sink, len(sent), timeout=60)
@@ -284,9 +298,11 @@ def latency(work: Path, sink: str, args: argparse.Namespace, split: bool) -> Non
     finally:
         relay.stop()
     lat = [(arrivals[i] - t) * 1000 for i, t in sent.items() if i in arrivals]
-    print(f"latency at {args.rate:.0f} events/s for {args.latency_seconds:.0f} s "
-          f"({len(lat)} events, {sent_doc['failed']} refused): p50 {pct(lat, 50):.1f} ms"
-          f"  p99 {pct(lat, 99):.1f} ms  max {max(lat):.1f} ms")  # fmt: skip
+    print(
+        f"latency at {args.rate:.0f} events/s for {args.latency_seconds:.0f} s "
+        f"({len(lat)} events, {sent_doc['failed']} refused): p50 {pct(lat, 50):.1f} ms"
+        f"  p99 {pct(lat, 99):.1f} ms  max {max(lat):.1f} ms"
+    )
 
 
 def main() -> None:
@@ -314,8 +330,10 @@ def main() -> None:
             print(f"body {size} bytes; wrk -t1 -c{args.connections} -d{args.duration}s")
             if not args.latency_only:
                 direct = run_wrk(sink_port, script, data, args.duration, args.connections)
-                print(f"sink direct:      {direct['rps']:8.0f} req/s  "
-                      f"p50 {direct['p50_ms']:.2f} ms  p99 {direct['p99_ms']:.2f} ms")  # fmt: skip
+                print(
+                    f"sink direct:      {direct['rps']:8.0f} req/s  "
+                    f"p50 {direct['p50_ms']:.2f} ms  p99 {direct['p99_ms']:.2f} ms"
+                )
 
             for split in (False, True):
                 name = "serve + worker" if split else "run"

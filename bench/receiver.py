@@ -139,10 +139,21 @@ def run_wrk(
     port: int, script: Path, data: Path, duration: int, connections: int
 ) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
-         f"http://127.0.0.1:{port}"],
-        capture_output=True, text=True, check=True, env={**os.environ, "BENCH_DATA": str(data)},
-    ).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_DATA": str(data)},
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = {p: _ms(v, u) for p, v, u in re.findall(r"\s(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)", out)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -203,9 +214,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument(
-        "--connections", default="32,128",
+        "--connections",
+        default="32,128",
         help="wrk connections, comma-separated: each server is measured at each",
-    )  # fmt: skip
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=120_000)
     args = ap.parse_args()
@@ -263,8 +275,10 @@ def main() -> None:
                 f"{ratio['bare-ll']:.2f}, to bare-own {ratio['bare-own']:.2f}"
             )
         # Throughput is what a server sustains at saturation: each at its best concurrency.
-        peak = {name: max((x for c in conns for x in results[name, c]), key=lambda x: x["rps"])
-                for name in names}  # fmt: skip
+        peak = {
+            name: max((x for c in conns for x in results[name, c]), key=lambda x: x["rps"])
+            for name in names
+        }
         per_round = []
         for r in range(args.rounds):
             top = {name: max(results[name, c][r]["rps"] for c in conns) for name in names}

@@ -101,8 +101,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
     else:
         tenant = _load(args).tenant(args.tenant)
         if tenant is None or not tenant.webhook_secrets:
-            print(f"chert-relay sign: tenant {args.tenant!r} has no webhook secret in the "
-                  "configuration; pass --secret", file=sys.stderr)  # fmt: skip
+            print(
+                f"chert-relay sign: tenant {args.tenant!r} has no webhook secret in the "
+                "configuration; pass --secret",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         secret = tenant.webhook_secrets[0].get()
     headers = {"Content-Type": "application/json"}
@@ -137,14 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"chert-relay {__version__}")
     p.add_argument(
-        "-c", "--config",
+        "-c",
+        "--config",
         help="configuration file (default: $CHERT_RELAY_CONFIG or /etc/chert-relay/relay.toml)",
-    )  # fmt: skip
-    p.add_argument("--log-level", default=os.environ.get("CHERT_RELAY_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])  # fmt: skip
-    p.add_argument("--log-format", default=os.environ.get("CHERT_RELAY_LOG_FORMAT", "auto"),
-                   choices=["auto", "text", "json"],
-                   help="text for terminals, json lines for machines (auto: by tty)")  # fmt: skip
+    )
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("CHERT_RELAY_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("CHERT_RELAY_LOG_FORMAT", "auto"),
+        choices=["auto", "text", "json"],
+        help="text for terminals, json lines for machines (auto: by tty)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="run every role in one process (receiver, admin, worker…)")
@@ -192,9 +202,11 @@ def _config_after_command(parser: argparse.ArgumentParser) -> None:
             for command in action.choices.values():
                 if "--config" not in command._option_string_actions:
                     command.add_argument(
-                        "-c", "--config", default=argparse.SUPPRESS,
+                        "-c",
+                        "--config",
+                        default=argparse.SUPPRESS,
                         help="configuration file (also accepted before the command)",
-                    )  # fmt: skip
+                    )
                 _config_after_command(command)
 
 

@@ -344,6 +344,9 @@ class TenantConfig(_Section):
             )
         return self
 
+    def sink(self, name: str) -> SinkConfig | None:
+        return next((s for s in self.sinks if s.name == name), None)
+
 
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -86,18 +86,6 @@ class ChertUnreachableError(UpstreamError):
     """Chert could not be reached, or did not answer in time (always retryable)."""
 
 
-class DeliveryError(RelayError):
-    """A delivery to a sink failed."""
-
-
-class RetryableDeliveryError(DeliveryError):
-    """A delivery failed in a way a later attempt may fix (timeouts, 5xx, 429...)."""
-
-
-class PermanentDeliveryError(DeliveryError):
-    """A delivery failed in a way no retry can fix (most 4xx answers)."""
-
-
 class DeadLetterError(RelayError):
     """A dead-letter operation was refused (unknown tenant or sink, no such entry…)."""
 

@@ -1,61 +1,113 @@
-"""Names of the relay's own Redis keys (arq's are in ``relay.queue``).
+"""Every Redis key the relay reads or writes: its own, and arq's queue and job keys.
 
-The ingest script (``ingest.lua``) builds the same names; keep the two in step.
+The relay's own keys are ``{prefix}:{segment}:…``, with the segments in
+:data:`SEGMENTS`; the Lua scripts that build key names themselves (``ingest.lua``) get
+the same segments from the script loader (:mod:`relay.store.scripts`), so the two
+cannot drift apart. arq's keys use arq's own prefixes, outside the relay's.
 """
 
 from __future__ import annotations
+
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+# Segment names, by what they hold. Lua sees this table as ``KEY``.
+SEGMENTS: dict[str, str] = {
+    "seen": "seen",
+    "event": "ev",
+    "last_webhook": "lastwh",
+    "watermark": "poll:wm",
+    "poll_lease": "poll:lease",
+    "attempts": "att",
+    "breaker": "brk",
+    "inflight": "inflight",
+    "sink_gone": "gone",
+    "dead_letters": "dl",
+    "dead_letter": "dle",
+    "dead_letter_counts": "dlc",
+    "queue": "queue",
+}
+JOB_KEY_PREFIX: str = job_key_prefix
 
 
 class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._p = {name: f"{prefix}:{segment}:" for name, segment in SEGMENTS.items()}
+
+    # --- ingest and upstream ---------------------------------------------------------
 
     def seen(self, tenant: str, event_id: str) -> str:
         """Dedupe marker for one event, with the dedupe TTL."""
-        return f"{self.prefix}:seen:{tenant}:{event_id}"
+        return f"{self._p['seen']}{tenant}:{event_id}"
 
     def event(self, tenant: str, event_id: str) -> str:
-        """The stored event, a string shared by its deliveries (:mod:`relay.stored_event`)."""
-        return f"{self.prefix}:ev:{tenant}:{event_id}"
+        """The stored event, a string shared by its deliveries (:mod:`relay.store.stored_event`)."""
+        return f"{self._p['event']}{tenant}:{event_id}"
 
     def last_webhook(self, tenant: str) -> str:
         """Unix ms of the tenant's last verified webhook (any relay instance)."""
-        return f"{self.prefix}:lastwh:{tenant}"
+        return f"{self._p['last_webhook']}{tenant}"
 
     def watermark(self, tenant: str) -> str:
         """The poller's watermark: unix seconds (float) of the newest ``created_at`` ingested."""
-        return f"{self.prefix}:poll:wm:{tenant}"
+        return f"{self._p['watermark']}{tenant}"
 
     def poll_lease(self, tenant: str) -> str:
         """Lease naming the one relay instance that polls ``tenant`` (token, with expiry)."""
-        return f"{self.prefix}:poll:lease:{tenant}"
+        return f"{self._p['poll_lease']}{tenant}"
 
-    # --- delivery (relay.delivery, relay.breaker, relay.deadletters) -----------------
+    # --- the queue (arq's format: relay.store.jobs) ------------------------------------
+
+    @property
+    def queue(self) -> str:
+        """arq's queue: a sorted set of job ids scored by the time they are due (ms)."""
+        return f"{self.prefix}:{SEGMENTS['queue']}"
+
+    def job_id(self, tenant: str, sink: str, event_id: str) -> str:
+        """Deterministic: the same (event, sink) always maps to the same job."""
+        return f"{self.prefix}:{tenant}:{sink}:{event_id}"
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        """arq's job record (``relay.store.jobs``), with an expiry past the deadline."""
+        return job_key_prefix + job_id
+
+    @staticmethod
+    def job_retry(job_id: str) -> str:
+        """arq's count of a job's pickups."""
+        return retry_key_prefix + job_id
+
+    @staticmethod
+    def job_in_progress(job_id: str) -> str:
+        """arq's mark that a worker is running the job."""
+        return in_progress_key_prefix + job_id
+
+    # --- delivery (relay.delivery) -------------------------------------------------------
 
     def attempts(self, tenant: str, sink: str, event_id: str) -> str:
         """Hash: one (event, sink) delivery's attempts, deadline, next due time, last error."""
-        return f"{self.prefix}:att:{tenant}:{sink}:{event_id}"
+        return f"{self._p['attempts']}{tenant}:{sink}:{event_id}"
 
     def breaker(self, tenant: str, sink: str) -> str:
         """Hash: a sink's circuit breaker (state, consecutive failures, open until, probe)."""
-        return f"{self.prefix}:brk:{tenant}:{sink}"
+        return f"{self._p['breaker']}{tenant}:{sink}"
 
     def inflight(self, tenant: str, sink: str) -> str:
         """Sorted set: job ids delivering to a sink now, scored by lease expiry (ms)."""
-        return f"{self.prefix}:inflight:{tenant}:{sink}"
+        return f"{self._p['inflight']}{tenant}:{sink}"
 
     def sink_gone(self, tenant: str, sink: str) -> str:
         """The sink URL that answered 410 Gone (deliveries to it dead-letter at once)."""
-        return f"{self.prefix}:gone:{tenant}:{sink}"
+        return f"{self._p['sink_gone']}{tenant}:{sink}"
 
     def dead_letters(self, tenant: str) -> str:
         """Sorted set of a tenant's dead letters (``sink:event_id``) by dead-letter time (ms)."""
-        return f"{self.prefix}:dl:{tenant}"
+        return f"{self._p['dead_letters']}{tenant}"
 
     def dead_letter(self, tenant: str, sink: str, event_id: str) -> str:
         """Hash: one dead letter (class, status, error, attempts, times, type)."""
-        return f"{self.prefix}:dle:{tenant}:{sink}:{event_id}"
+        return f"{self._p['dead_letter']}{tenant}:{sink}:{event_id}"
 
     def dead_letter_counts(self, tenant: str) -> str:
         """Hash: the tenant's stored dead letters by class."""
-        return f"{self.prefix}:dlc:{tenant}"
+        return f"{self._p['dead_letter_counts']}{tenant}"

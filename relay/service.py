@@ -21,15 +21,11 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from aiohttp import web
-
-from relay.admin.app import Admin
-from relay.admin.dead_letter_routes import DeadLetterApi
-from relay.admin.poller_routes import PollerStatusApi
-from relay.config import Config, Listen, load_config
+from relay.admin.role import AdminRole
+from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.ingest.ingestor import Ingestor
-from relay.ingest.receiver import Receiver
+from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime
@@ -42,49 +38,6 @@ log = logging.getLogger(__name__)
 # The order roles are stopped in; they start in the reverse order.
 STOP_ORDER = ("receiver", "poller", "worker", "admin")
 RoleFactory = Callable[[Runtime], Role]
-
-
-class HttpRole:
-    """An aiohttp application on one listener, run without aiohttp's own signal
-    handling."""
-
-    def __init__(
-        self, name: str, app: web.Application, listen: Listen | None,
-        shutdown_timeout: float,
-        on_reload: Callable[[Config], None] | None = None,
-    ) -> None:  # fmt: skip
-        self.name = name
-        self._listen = listen
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout
-        )
-        self._stopped = asyncio.Event()
-        self._on_reload = on_reload
-        self.addresses: list[object] = []
-
-    async def start(self) -> None:
-        listen = self._listen
-        assert listen is not None
-        await self._runner.setup()
-        site: web.BaseSite
-        if listen.path is not None:
-            site = web.UnixSite(self._runner, listen.path)
-        else:
-            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
-        self.addresses = list(self._runner.addresses)
-        log.info("%s listening on %s", self.name, ", ".join(map(str, self.addresses)))
-
-    async def run(self) -> None:
-        await self._stopped.wait()
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-        self._stopped.set()
-
-    def reload(self, config: Config) -> None:
-        if self._on_reload is not None:
-            self._on_reload(config)
 
 
 class Service:
@@ -104,7 +57,6 @@ class Service:
         self.extra_roles = extra_roles or {}
         self.roles: dict[str, Role] = {}
         self.runtime: Runtime | None = None
-        self.admin: Admin | None = None
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -157,9 +109,12 @@ class Service:
             metrics.redis_up.set(1)
             ingestor = Ingestor(client, self.config, metrics)
             self.runtime = rt = Runtime(
-                config=self.config, redis=client, metrics=metrics, ingestor=ingestor,
+                config=self.config,
+                redis=client,
+                metrics=metrics,
+                ingestor=ingestor,
                 keys=Keys(self.config.redis.key_prefix),
-            )  # fmt: skip
+            )
             for warning in self.config.warnings():
                 log.warning("config: %s", warning)
             await self._start_roles(rt)
@@ -174,29 +129,20 @@ class Service:
                 await rt.ingestor.drain()  # and give its Redis connection back
             log.info("stopped")
 
+    def _make_role(self, name: str, rt: Runtime) -> Role | None:
+        if name == "receiver":
+            return ReceiverRole(rt)
+        if name == "admin":
+            return AdminRole(rt, self._poller) if rt.config.admin.listen is not None else None
+        factory = self.extra_roles.get(name)
+        return None if factory is None else factory(rt)
+
     async def _start_roles(self, rt: Runtime) -> None:
-        cfg = self.config
-        admin: Admin | None = None
-        if "admin" in self.wanted and cfg.admin.listen is not None:
-            admin = Admin(cfg, rt.redis, rt.metrics)
-            admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
-            admin.add_api_routes(PollerStatusApi(rt, self._poller).routes())
         for name in reversed(STOP_ORDER):
             if name not in self.wanted:
                 continue
-            if name == "receiver":
-                receiver = Receiver(cfg, rt.ingestor, rt.metrics)
-                role: Role = _ReceiverRole(receiver, rt, cfg)
-            elif name == "admin":
-                if admin is None:
-                    continue
-                role = HttpRole(
-                    "admin", admin.app(), cfg.admin.listen, 5.0, on_reload=admin.set_config
-                )
-                self.admin = admin
-            elif name in self.extra_roles:
-                role = self.extra_roles[name](rt)
-            else:
+            role = self._make_role(name, rt)
+            if role is None:
                 continue
             start = getattr(role, "start", None)
             if start is not None:
@@ -210,8 +156,9 @@ class Service:
     async def _stop_when_asked(self, rt: Runtime) -> None:
         await self._stop.wait()
         rt.metrics.draining.set(1)
-        if self.admin is not None:
-            self.admin.draining = True
+        admin = self.roles.get("admin")
+        if isinstance(admin, AdminRole):
+            admin.admin.draining = True
         await self._stop_roles(rt)
 
     async def _stop_roles(self, rt: Runtime) -> None:
@@ -225,40 +172,6 @@ class Service:
                 log.exception("error while stopping %s", name)
             if name == "receiver":
                 await rt.ingestor.drain()
-
-
-class _ReceiverRole:
-    """The receiver on its listener (:mod:`relay.http_server`). Stopping it stops
-    listening, closes idle connections and lets the webhooks in flight be answered (up
-    to ``server.shutdown_timeout``) before their connections close."""
-
-    name = "receiver"
-
-    def __init__(self, receiver: Receiver, rt: Runtime, cfg: Config) -> None:
-        self.receiver = receiver
-        self._server = receiver.server()
-        self._listen = cfg.server.listen
-        self._shutdown_timeout = cfg.server.shutdown_timeout
-        self._stopped = asyncio.Event()
-        self.addresses: list[object] = []
-
-    async def start(self) -> None:
-        await self._server.start(self._listen)
-        self.addresses = list(self._server.addresses)
-        log.info("receiver listening on %s", ", ".join(map(str, self.addresses)))
-
-    async def run(self) -> None:
-        await self._stopped.wait()
-
-    async def stop(self) -> None:
-        self.receiver.draining = True
-        try:
-            await self._server.shutdown(self._shutdown_timeout)
-        finally:
-            self._stopped.set()
-
-    def reload(self, config: Config) -> None:
-        self.receiver.set_config(config)
 
 
 def serve(service: Service) -> None:

@@ -104,17 +104,29 @@ def config_dict(
     """A valid configuration as a dict: one tenant with two sinks unless told otherwise."""
     if sinks is None:
         sinks = [
-            {"name": "crm", "url": "http://127.0.0.1:9/crm", "events": ["message.received"],
-             "secret": SINK_SECRET},
+            {
+                "name": "crm",
+                "url": "http://127.0.0.1:9/crm",
+                "events": ["message.received"],
+                "secret": SINK_SECRET,
+            },
             {"name": "all", "url": "http://127.0.0.1:9/all", "events": ["*"]},
-        ]  # fmt: skip
+        ]
     if tenants is None:
         tenants = [
-            {"slug": TENANT, "webhook_secrets": [WEBHOOK_SECRET], "sinks": sinks,
-             "poll": {"mode": "off"}},
-            {"slug": "other-1", "webhook_secrets": [OTHER_SECRET], "poll": {"mode": "off"},
-             "sinks": [{"name": "s", "url": "http://127.0.0.1:9/s"}]},
-        ]  # fmt: skip
+            {
+                "slug": TENANT,
+                "webhook_secrets": [WEBHOOK_SECRET],
+                "sinks": sinks,
+                "poll": {"mode": "off"},
+            },
+            {
+                "slug": "other-1",
+                "webhook_secrets": [OTHER_SECRET],
+                "poll": {"mode": "off"},
+                "sinks": [{"name": "s", "url": "http://127.0.0.1:9/s"}],
+            },
+        ]
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0"},
         "admin": {"listen": "127.0.0.1:0"},
@@ -147,10 +159,15 @@ def envelope(event_id: str, event: str = "message.received", **extra: Any) -> di
         "webhook_version": "2026-05-04",
         "event_type": event,
         "partner_id": TENANT,
-        "data": {"chat": {"id": "17f6e9ed", "is_group": False},
-                 "message": {"id": event_id, "direction": "inbound",
-                             "parts": [{"type": "text", "value": "Sure, what time?"}]}},
-    }  # fmt: skip
+        "data": {
+            "chat": {"id": "17f6e9ed", "is_group": False},
+            "message": {
+                "id": event_id,
+                "direction": "inbound",
+                "parts": [{"type": "text", "value": "Sure, what time?"}],
+            },
+        },
+    }
     body.update(extra)
     return body
 

@@ -55,8 +55,17 @@ class RelayProcess:
     def __init__(self, config_path: Path, command: str = "serve", *extra: str) -> None:
         self.config_path = config_path
         self.log_path = config_path.with_suffix(f".{command}.log")
-        self.argv = [sys.executable, "-m", "relay", "--log-format", "text",
-                     "--config", str(config_path), command, *extra]  # fmt: skip
+        self.argv = [
+            sys.executable,
+            "-m",
+            "relay",
+            "--log-format",
+            "text",
+            "--config",
+            str(config_path),
+            command,
+            *extra,
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayProcess:

@@ -45,11 +45,12 @@ async def test_backfill_enqueues_what_was_never_seen_and_counts(
         assert tenant is not None
         out = io.StringIO()
         summary = await run_backfill(
-            config, tenant,
+            config,
+            tenant,
             since=parse_when(too_old[-1]["created_at"]),
             until=parse_when(in_range[-1]["created_at"]),
             progress=Progress(out, "backfill"),
-        )  # fmt: skip
+        )
         assert (summary.seen, summary.new, summary.duplicates) == (12, 7, 5)
         assert summary.after_until == 2
         assert await enqueued(redis) == expected_jobs(in_range)
@@ -75,10 +76,20 @@ async def test_backfill_command(redis_url: str, redis: Redis, tmp_path: Path) ->
         cfg = tmp_path / "relay.toml"
         _write_config(cfg, redis_url, sim.base_url, 30.0)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "-c", str(cfg), "backfill", "--tenant", TENANT,
-            "--since", "2000-01-01T00:00:00Z",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "relay",
+            "-c",
+            str(cfg),
+            "backfill",
+            "--tenant",
+            TENANT,
+            "--since",
+            "2000-01-01T00:00:00Z",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, stderr.decode()
         assert "5 rows seen, 5 new, 0 duplicates" in stdout.decode()
@@ -142,10 +153,20 @@ url = "http://127.0.0.1:9/all"
 """
         )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "-c", str(cfg), "backfill", "--tenant", TENANT,
-            "--since", "2000-01-01T00:00:00Z",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "relay",
+            "-c",
+            str(cfg),
+            "backfill",
+            "--tenant",
+            TENANT,
+            "--since",
+            "2000-01-01T00:00:00Z",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == EXIT_UNAVAILABLE, stderr.decode()
     assert "(incomplete): 2 rows seen, 2 new" in stdout.decode()

@@ -31,8 +31,12 @@ from tests.test_poller_support import (
 
 
 def tenant_config(base_url: str, **api: Any) -> TenantConfig:
-    section: dict[str, Any] = {"base_url": base_url, "signing_secret": API_SECRET,
-                               "max_backoff": 0.2, **api}  # fmt: skip
+    section: dict[str, Any] = {
+        "base_url": base_url,
+        "signing_secret": API_SECRET,
+        "max_backoff": 0.2,
+        **api,
+    }
     tenants = [{"slug": TENANT, "sinks": SINKS, "api": section, "poll": {"mode": "always"}}]
     config = parse_config(config_dict(tenants=tenants), env={})
     tenant = config.tenant(TENANT)
@@ -156,12 +160,18 @@ async def test_unreachable_chert_is_retried_then_reported() -> None:
 
 
 def test_parse_error_reads_the_envelope() -> None:
-    body = (b'{"success":false,"error":{"status":503,"code":4002,"message":"saturated",'
-            b'"retryable":true,"retry_after":7},"trace_id":"abc"}')  # fmt: skip
+    body = (
+        b'{"success":false,"error":{"status":503,"code":4002,"message":"saturated",'
+        b'"retryable":true,"retry_after":7},"trace_id":"abc"}'
+    )
     err = parse_error(503, CIMultiDict({"X-Trace-ID": "hdr"}), body)
     assert (err.code, err.message, err.retryable, err.retry_after, err.trace_id) == (
-        4002, "saturated", True, 7.0, "abc",
-    )  # fmt: skip
+        4002,
+        "saturated",
+        True,
+        7.0,
+        "abc",
+    )
 
 
 def test_parse_error_without_an_envelope_uses_status_and_headers() -> None:
@@ -179,8 +189,9 @@ def test_retryable_false_from_chert_wins_over_the_status() -> None:
 
 def test_auth_codes_are_auth_failures() -> None:
     for status, code in [(401, 2004), (401, 2012), (401, 2013), (404, 2001), (403, 2005)]:
-        assert parse_error(status, CIMultiDict(),
-                           b'{"error":{"code":%d,"retryable":false}}' % code).is_auth  # fmt: skip
+        assert parse_error(
+            status, CIMultiDict(), b'{"error":{"code":%d,"retryable":false}}' % code
+        ).is_auth
     assert not parse_error(404, CIMultiDict(), b'{"error":{"code":2011}}').is_auth
 
 

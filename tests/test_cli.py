@@ -20,8 +20,11 @@ EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.toml"
 def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "relay", "--log-format", "text", *args],
-        input=stdin, capture_output=True, timeout=60, check=False,
-    )  # fmt: skip
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_check_config_accepts_the_example() -> None:
@@ -51,8 +54,9 @@ def test_sign_prints_headers_the_receiver_accepts(tmp_path: Path) -> None:
     assert headers["X-Webhook-Event-Id"] == "chert:msg:cli"
     verify_webhook(CIMultiDict(headers), body, [WEBHOOK_SECRET.encode()], tolerance=300)
 
-    legacy = cli("sign", "--tenant", "acme-7a3f", "--secret", WEBHOOK_SECRET, "--legacy",
-                 stdin=body)  # fmt: skip
+    legacy = cli(
+        "sign", "--tenant", "acme-7a3f", "--secret", WEBHOOK_SECRET, "--legacy", stdin=body
+    )
     line = next(x for x in legacy.stdout.decode().splitlines() if x.startswith("x-chert-signature"))
     ts = int(line.split(",")[1])
     assert abs(ts - time.time()) < 60
@@ -61,8 +65,16 @@ def test_sign_prints_headers_the_receiver_accepts(tmp_path: Path) -> None:
 def test_sign_takes_the_secret_from_the_config(tmp_path: Path) -> None:
     path = write_toml(tmp_path / "relay.toml", config_dict())
     body = json.dumps(envelope("chert:msg:cfg")).encode()
-    out = cli("--config", str(path), "sign", "--tenant", "acme-7a3f",
-              "--curl", "http://127.0.0.1:8080", stdin=body)  # fmt: skip
+    out = cli(
+        "--config",
+        str(path),
+        "sign",
+        "--tenant",
+        "acme-7a3f",
+        "--curl",
+        "http://127.0.0.1:8080",
+        stdin=body,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(b"curl -sS -X POST http://127.0.0.1:8080/webhooks/chert/acme-7a3f")
     assert WEBHOOK_SECRET.encode() not in out.stdout

@@ -14,9 +14,18 @@ from tests.conftest import config_dict
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(30, 30.0), (2.5, 2.5), ("30", 30.0), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0),
-     ("2h", 7200.0), ("7d", 604800.0), (" 1.5h ", 5400.0)],
-)  # fmt: skip
+    [
+        (30, 30.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("2h", 7200.0),
+        ("7d", 604800.0),
+        (" 1.5h ", 5400.0),
+    ],
+)
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
@@ -176,8 +185,9 @@ def test_an_environment_secret_of_digits_stays_a_string() -> None:
 def test_listeners_must_be_usable() -> None:
     found = problems(config_dict(server={"listen": "unix:"}))
     assert "needs a socket path" in found["server.listen"]
-    found = problems(config_dict(server={"listen": "127.0.0.1:8080"},
-                                 admin={"listen": "127.0.0.1:8080"}))  # fmt: skip
+    found = problems(
+        config_dict(server={"listen": "127.0.0.1:8080"}, admin={"listen": "127.0.0.1:8080"})
+    )
     assert found["admin"] == "admin.listen is server.listen too (127.0.0.1:8080)"
 
 

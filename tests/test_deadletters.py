@@ -15,12 +15,11 @@ from redis.asyncio import Redis
 
 from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
-from relay.admin.dlq_cli import parse_time
 from relay.cli import build_parser
 from relay.config import Config, resolve_secret
-from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
-from relay.store import jobs as queue
+from relay.keys import Keys
 from tests.conftest import TENANT, config_dict, make_config, wait_for
 from tests.test_delivery_support import (
     FAST_WORKER,
@@ -68,16 +67,20 @@ async def test_filters(redis: Redis, redis_url: str) -> None:
         store = DeadLetterStore(redis, cfg)
         assert len(await store.find(Filter(sink="crm"))) == 5
         assert [d.event_id for d in await store.find(Filter(event_type="reaction.added"))] == [
-            "r0", "r0"
-        ]  # fmt: skip
+            "r0",
+            "r0",
+        ]
         assert await store.find(Filter(cls="exhausted")) == []
         assert len(await store.find(Filter(cls="rejected", tenant=TENANT))) == 10
         assert len(await store.find(Filter(limit=3))) == 3
         assert await store.find(Filter(since=time.time() + 60)) == []
         assert await store.find(Filter(until=time.time() - 3600)) == []
         assert len(await store.find(Filter(since=time.time() - 3600))) == 10
-        assert await store.counts() == {(TENANT, "rejected"): 10, (TENANT, "exhausted"): 0,
-                                        (TENANT, "gone"): 0}  # fmt: skip
+        assert await store.counts() == {
+            (TENANT, "rejected"): 10,
+            (TENANT, "exhausted"): 0,
+            (TENANT, "gone"): 0,
+        }
         d = await store.get(TENANT, "all", "m2")
         assert d is not None
         assert d.status == 400
@@ -91,7 +94,7 @@ async def test_replay_requeues_and_skips_a_delivery_still_finishing(
         cfg = two_sinks(redis_url, a.url, b.url)
         await make_dead_letters(redis, cfg)
         store = DeadLetterStore(redis, cfg)
-        busy = queue.delivery_job_id("chert-relay", TENANT, "crm", "m1")
+        busy = Keys("chert-relay").job_id(TENANT, "crm", "m1")
         await redis.set(in_progress_key_prefix + busy, b"1", px=60_000)
         out = await store.replay(Filter(sink="crm"))
         assert sorted(d.event_id for d in out.done) == ["m0", "m2", "m3", "r0"]
@@ -99,10 +102,14 @@ async def test_replay_requeues_and_skips_a_delivery_still_finishing(
         # Replayed entries left the store; the skipped one and the other sink's stay.
         left = await store.find(Filter())
         assert sorted((d.sink, d.event_id) for d in left) == [
-            ("all", "m0"), ("all", "m1"), ("all", "m2"), ("all", "m3"), ("all", "r0"),
+            ("all", "m0"),
+            ("all", "m1"),
+            ("all", "m2"),
+            ("all", "m3"),
+            ("all", "r0"),
             ("crm", "m1"),
-        ]  # fmt: skip
-        q = queue.queue_name("chert-relay")
+        ]
+        q = Keys("chert-relay").queue
         assert await redis.zcard(q) == 4
         att = await redis.hgetall(f"chert-relay:att:{TENANT}:crm:m0")
         assert att[b"src"] == b"replay"
@@ -154,10 +161,16 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
         await b.stop()
         data = config_dict(
             redis_url=redis_url,
-            tenants=[{"slug": TENANT, "webhook_secrets": ["x" * 32], "poll": {"mode": "off"},
-                      "sinks": [sink_conf("crm", a.url), sink_conf("all", b.url)]}],
+            tenants=[
+                {
+                    "slug": TENANT,
+                    "webhook_secrets": ["x" * 32],
+                    "poll": {"mode": "off"},
+                    "sinks": [sink_conf("crm", a.url), sink_conf("all", b.url)],
+                }
+            ],
             worker=FAST_WORKER,
-        )  # fmt: skip
+        )
         return data, a, b
 
     data, _, _ = asyncio.run(setup())
@@ -222,7 +235,7 @@ async def test_admin_api(redis: Redis, redis_url: str) -> None:
             assert (await r.json())["count"] == 5
             r = await client.get("/api/deadletters", headers=auth)
             assert (await r.json())["count"] == 0
-        assert await redis.zcard(queue.queue_name("chert-relay")) == 5
+        assert await redis.zcard(Keys("chert-relay").queue) == 5
 
 
 async def test_a_removed_tenants_dead_letters_can_still_be_reached(
@@ -246,7 +259,14 @@ async def test_a_removed_tenants_dead_letters_can_still_be_reached(
 
 def one_tenant(redis_url: str, slug: str, sink_url: str) -> Config:
     return make_config(
-        redis_url=redis_url, worker=FAST_WORKER,
-        tenants=[{"slug": slug, "webhook_secrets": ["x" * 32], "poll": {"mode": "off"},
-                  "sinks": [sink_conf("s", sink_url)]}],
-    )  # fmt: skip
+        redis_url=redis_url,
+        worker=FAST_WORKER,
+        tenants=[
+            {
+                "slug": slug,
+                "webhook_secrets": ["x" * 32],
+                "poll": {"mode": "off"},
+                "sinks": [sink_conf("s", sink_url)],
+            }
+        ],
+    )

@@ -13,9 +13,10 @@ from redis.asyncio import Redis
 
 from relay.delivery import breaker
 from relay.delivery.deadletters import DeadLetterStore, Filter
-from relay.delivery.deliverer import backoff, parse_retry_after, scrub
+from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
-from relay.store import jobs as queue
+from relay.delivery.sink_client import scrub
+from relay.keys import JOB_KEY_PREFIX, Keys
 from relay.store.embedded import free_port
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
@@ -31,17 +32,20 @@ from tests.test_delivery_support import (
 
 
 async def queue_empty(redis: Redis) -> bool:
-    return await redis.zcard(queue.queue_name("chert-relay")) == 0
+    return await redis.zcard(Keys("chert-relay").queue) == 0
 
 
 async def test_fan_out_1000_events_to_3_sinks(redis: Redis, redis_url: str) -> None:
     """Every (event, sink) pair arrives once, signed, with the stable webhook-id."""
     async with sinks(Sink(), Sink(), Sink()) as (a, b, c):
-        cfg = config_with(redis_url, [
-            sink_conf("a", a.url, concurrency=64, headers={"X-Static": "yes"}),
-            sink_conf("b", b.url, concurrency=64),
-            sink_conf("c", c.url, concurrency=64),
-        ])  # fmt: skip
+        cfg = config_with(
+            redis_url,
+            [
+                sink_conf("a", a.url, concurrency=64, headers={"X-Static": "yes"}),
+                sink_conf("b", b.url, concurrency=64),
+                sink_conf("c", c.url, concurrency=64),
+            ],
+        )
         rt = runtime(redis, cfg)
         ids = [f"evt-{i:04d}" for i in range(1000)]
         await ingest(rt, ids)
@@ -147,8 +151,11 @@ async def test_down_past_max_age_is_exhausted_then_replay_delivers(
         assert {r.attempt for r in s.received} == {1}  # fresh attempts
     assert await store.find(Filter()) == []
     assert await redis.keys("chert-relay:ev:*") == []  # nothing holds the events any more
-    assert await store.counts() == {(TENANT, "rejected"): 0, (TENANT, "exhausted"): 0,
-                                    (TENANT, "gone"): 0}  # fmt: skip
+    assert await store.counts() == {
+        (TENANT, "rejected"): 0,
+        (TENANT, "exhausted"): 0,
+        (TENANT, "gone"): 0,
+    }
 
 
 async def test_hung_sink_does_not_stop_a_healthy_one_and_its_breaker_opens(
@@ -164,8 +171,10 @@ async def test_hung_sink_does_not_stop_a_healthy_one_and_its_breaker_opens(
         cfg = config_with(
             redis_url,
             [sink_conf("hung", hung.url, timeout=0.3, concurrency=2), sink_conf("ok", ok.url)],
-            max_jobs=10, breaker_failures=3, breaker_cooldown=60,
-        )  # fmt: skip
+            max_jobs=10,
+            breaker_failures=3,
+            breaker_cooldown=60,
+        )
         rt = runtime(redis, cfg)
         ids = [f"h{i}" for i in range(60)]
         await ingest(rt, ids)
@@ -284,10 +293,16 @@ def test_retry_after_forms() -> None:
 
 
 def test_errors_never_carry_secrets() -> None:
-    cfg = config_with("redis://127.0.0.1:1/0", [
-        sink_conf("s", "https://user:pw123456@sink.example/hook?token=abcdef123",
-                  headers={"Authorization": "Bearer tok-987654"}),
-    ])  # fmt: skip
+    cfg = config_with(
+        "redis://127.0.0.1:1/0",
+        [
+            sink_conf(
+                "s",
+                "https://user:pw123456@sink.example/hook?token=abcdef123",
+                headers={"Authorization": "Bearer tok-987654"},
+            ),
+        ],
+    )
     sink = cfg.tenants[0].sinks[0]
     text = scrub(
         "failed https://user:pw123456@sink.example/hook?token=abcdef123 with Bearer tok-987654 "
@@ -301,10 +316,16 @@ def test_errors_never_carry_secrets() -> None:
 
 
 def test_errors_never_carry_the_parts_of_a_credential_a_sink_echoes() -> None:
-    cfg = config_with("redis://127.0.0.1:1/0", [
-        sink_conf("s", "https://sink.example/hook?v=2&token=q5ecret7777xyz",
-                  headers={"Authorization": "Bearer tok-9876543210abcdef"}),
-    ])  # fmt: skip
+    cfg = config_with(
+        "redis://127.0.0.1:1/0",
+        [
+            sink_conf(
+                "s",
+                "https://sink.example/hook?v=2&token=q5ecret7777xyz",
+                headers={"Authorization": "Bearer tok-9876543210abcdef"},
+            ),
+        ],
+    )
     sink = cfg.tenants[0].sinks[0]
     text = scrub('HTTP 400: {"error":"bad token tok-9876543210abcdef","q":"q5ecret7777xyz"}', sink)
     assert "tok-9876543210abcdef" not in text
@@ -317,12 +338,17 @@ async def test_a_sink_that_echoes_its_credential_does_not_leak_it(
 ) -> None:
     token = "tok-9876543210abcdef"
 
-    async with sinks(Sink(lambda s, r: (401, {}), body=f"invalid token {token}"),
-                     Sink(lambda s, r: (400, {}), body="x" * 190 + token)) as (a, b):  # fmt: skip
-        cfg = config_with(redis_url, [
-            sink_conf("a", a.url, headers={"Authorization": f"Bearer {token}"}),
-            sink_conf("b", b.url, headers={"Authorization": f"Bearer {token}"}),
-        ])  # fmt: skip
+    async with sinks(
+        Sink(lambda s, r: (401, {}), body=f"invalid token {token}"),
+        Sink(lambda s, r: (400, {}), body="x" * 190 + token),
+    ) as (a, b):
+        cfg = config_with(
+            redis_url,
+            [
+                sink_conf("a", a.url, headers={"Authorization": f"Bearer {token}"}),
+                sink_conf("b", b.url, headers={"Authorization": f"Bearer {token}"}),
+            ],
+        )
         rt = runtime(redis, cfg)
         store = DeadLetterStore(redis, cfg)
         await ingest(rt, ["e1"])
@@ -373,9 +399,12 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redi
 
     async with sinks(Sink(flaky)) as (s,):
         cfg = config_with(
-            redis_url, [sink_conf("s", s.url, concurrency=4)],
-            breaker_failures=3, breaker_cooldown=0.3, retry_backoff=0.05,
-        )  # fmt: skip
+            redis_url,
+            [sink_conf("s", s.url, concurrency=4)],
+            breaker_failures=3,
+            breaker_cooldown=0.3,
+            retry_backoff=0.05,
+        )
         rt = runtime(redis, cfg)
         ids = [f"p{i}" for i in range(30)]
         await ingest(rt, ids)
@@ -423,7 +452,7 @@ async def test_an_unreadable_stored_event_is_dropped_not_retried_forever(
                 == 2
             )
         assert await DeadLetterStore(redis, cfg).find(Filter()) == []
-        assert await redis.keys(queue.JOB_KEY_PREFIX + "*") == []  # nothing left to run
+        assert await redis.keys(JOB_KEY_PREFIX + "*") == []  # nothing left to run
 
 
 async def test_a_second_dead_letter_for_the_same_delivery_lets_the_event_go(
@@ -470,8 +499,8 @@ async def test_a_delivery_put_off_keeps_its_job_and_event_until_its_deadline(
     async with worker(rt):
         await wait_for(lambda: redis.hget(att, "dl"), 10)
     left = int(await redis.hget(att, "dl")) - int(time.time() * 1000)
-    job_id = queue.delivery_job_id("chert-relay", TENANT, "s", "e1")
-    assert await redis.pttl(queue.JOB_KEY_PREFIX + job_id) >= left
+    job_id = Keys("chert-relay").job_id(TENANT, "s", "e1")
+    assert await redis.pttl(JOB_KEY_PREFIX + job_id) >= left
     assert await redis.pttl(rt.keys.event(TENANT, "e1")) >= left
 
 
@@ -503,8 +532,9 @@ async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(
 ) -> None:
     # The sink asks for an hour; the delivery has 4 s: one more try at the end, then done.
     async with sinks(Sink(lambda s, r: (503, {"Retry-After": "3600"}))) as (a,):
-        cfg = config_with(redis_url, [sink_conf("s", a.url, timeout=0.5, max_age=4)],
-                          retry_after_max=3600)  # fmt: skip
+        cfg = config_with(
+            redis_url, [sink_conf("s", a.url, timeout=0.5, max_age=4)], retry_after_max=3600
+        )
         rt = runtime(redis, cfg)
         store = DeadLetterStore(redis, cfg)
         before = time.monotonic()

@@ -23,12 +23,18 @@ async def test_run_delivers_signed_webhooks_and_exits_0_on_sigterm(
     async with sinks(Sink()) as (s,):
         data = config_dict(
             redis_url=redis_url,
-            tenants=[{"slug": TENANT, "webhook_secrets": [WEBHOOK_SECRET],
-                      "poll": {"mode": "off"}, "sinks": [sink_conf("s", s.url)]}],
+            tenants=[
+                {
+                    "slug": TENANT,
+                    "webhook_secrets": [WEBHOOK_SECRET],
+                    "poll": {"mode": "off"},
+                    "sinks": [sink_conf("s", s.url)],
+                }
+            ],
             server={"listen": f"127.0.0.1:{port}"},
             admin={"listen": f"127.0.0.1:{admin}"},
             worker=FAST_WORKER,
-        )  # fmt: skip
+        )
         path = tmp_path / "relay.toml"
         write_config(path, data)
         with (tmp_path / "relay.log").open("ab") as log:

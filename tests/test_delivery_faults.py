@@ -12,9 +12,9 @@ from redis.asyncio import Redis
 
 from relay.config import Config, Secret
 from relay.delivery.deadletters import DeadLetterStore, Filter
-from relay.delivery.deliverer import backoff
+from relay.delivery.retry import backoff
 from relay.delivery.role import WorkerRole
-from relay.store import jobs as queue
+from relay.keys import Keys
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
     Received,
@@ -27,12 +27,12 @@ from tests.test_delivery_support import (
     worker,
 )
 
-QUEUE = queue.queue_name("chert-relay")
+QUEUE = Keys("chert-relay").queue
 BAD_SECRET = "whsec_not-base64!!"
 
 
 def job_id(sink: str, event_id: str) -> str:
-    return queue.delivery_job_id("chert-relay", TENANT, sink, event_id)
+    return Keys("chert-relay").job_id(TENANT, sink, event_id)
 
 
 def runs_settled(role: WorkerRole, runs: int) -> bool:
@@ -47,7 +47,7 @@ def lose_finish_reply(role: WorkerRole, *, before: bool) -> dict[str, int]:
     reaches Redis, or after it ran (its reply lost)."""
     deliverer = role.deliverer
     assert deliverer is not None
-    real = deliverer._finish
+    real = deliverer._steps._finish
     state = {"lost": 0}
 
     async def finish(**kwargs: Any) -> Any:
@@ -58,7 +58,7 @@ def lose_finish_reply(role: WorkerRole, *, before: bool) -> dict[str, int]:
             await real(**kwargs)
         raise redis.exceptions.ConnectionError("connection lost while reading the reply")
 
-    deliverer._finish = finish  # type: ignore[assignment]
+    deliverer._steps._finish = finish  # type: ignore[assignment]
     return state
 
 

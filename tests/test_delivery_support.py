@@ -139,10 +139,16 @@ def sink_conf(name: str, url: str, **extra: Any) -> dict[str, Any]:
 def config_with(redis_url: str, sink_list: list[dict[str, Any]], **worker: Any) -> Config:
     return make_config(
         redis_url=redis_url,
-        tenants=[{"slug": TENANT, "webhook_secrets": ["x" * 32], "poll": {"mode": "off"},
-                  "sinks": sink_list}],
+        tenants=[
+            {
+                "slug": TENANT,
+                "webhook_secrets": ["x" * 32],
+                "poll": {"mode": "off"},
+                "sinks": sink_list,
+            }
+        ],
         worker={**FAST_WORKER, **worker},
-    )  # fmt: skip
+    )
 
 
 def runtime(redis: Redis, config: Config) -> Runtime:

@@ -62,11 +62,16 @@ def test_unknown_types_pass_through_and_headers_fill_gaps() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "reason"),
-    [(b"{", "malformed_json"), (b"[]", "malformed_json"), (b"\xff", "malformed_json"),
-     (b'{"a": 1}', "missing_event_id"), (b'{"event_id": 5}', "malformed_event_id"),
-     (b'{"event_id": "a\\nb"}', "malformed_event_id"),
-     (json.dumps({"event_id": "x" * 600}).encode(), "malformed_event_id")],
-)  # fmt: skip
+    [
+        (b"{", "malformed_json"),
+        (b"[]", "malformed_json"),
+        (b"\xff", "malformed_json"),
+        (b'{"a": 1}', "missing_event_id"),
+        (b'{"event_id": 5}', "malformed_event_id"),
+        (b'{"event_id": "a\\nb"}', "malformed_event_id"),
+        (json.dumps({"event_id": "x" * 600}).encode(), "malformed_event_id"),
+    ],
+)
 def test_bodies_that_can_never_be_events(raw: bytes, reason: str) -> None:
     with pytest.raises(BadEventError) as e:
         from_body(raw)

@@ -12,7 +12,9 @@ from typing import Any
 from aiohttp.http_parser import RawRequestMessage
 
 from relay.config import Listen
-from relay.ingest.http_server import MAX_QUEUE, HttpServer, Pending, Response
+from relay.ingest.http_connection import MAX_QUEUE
+from relay.ingest.http_server import HttpServer
+from relay.ingest.http_types import Pending, Response
 from tests.conftest import wait_for
 
 
@@ -283,8 +285,10 @@ async def test_a_request_in_flight_is_answered_before_the_refusal_of_the_next() 
         assert (status, json.loads(body)["path"]) == (200, "/good")
         status, headers, body = await answer(reader)
         assert (status, headers["connection"], json.loads(body)["error"]) == (
-            400, "close", "bad_request",
-        )  # fmt: skip
+            400,
+            "close",
+            "bad_request",
+        )
         assert await closed(reader)
     finally:
         writer.close()

@@ -11,8 +11,8 @@ from redis.asyncio import Redis
 
 from relay.ingest import envelope
 from relay.ingest.ingestor import Ingestor
-from relay.keys import Keys
-from relay.store import jobs as queue
+from relay.keys import JOB_KEY_PREFIX, Keys
+from relay.store import jobs
 from tests.conftest import TENANT, make_config, stored_event
 from tests.conftest import envelope as make_envelope
 
@@ -27,11 +27,11 @@ async def test_new_event_is_stored_once_and_queued_per_matching_sink(redis: Redi
     assert await ing.ingest(TENANT, event("e1"), "webhook") is True
     assert await ing.ingest(TENANT, event("e1"), "poll") is False
 
-    q = queue.queue_name(cfg.redis.key_prefix)
+    q = Keys(cfg.redis.key_prefix).queue
     ids = sorted(x.decode() for x in await redis.zrange(q, 0, -1))
     assert ids == [
-        queue.delivery_job_id("chert-relay", TENANT, "all", "e1"),
-        queue.delivery_job_id("chert-relay", TENANT, "crm", "e1"),
+        Keys("chert-relay").job_id(TENANT, "all", "e1"),
+        Keys("chert-relay").job_id(TENANT, "crm", "e1"),
     ]
     keys = Keys("chert-relay")
     stored = await stored_event(redis, "e1")
@@ -46,8 +46,8 @@ async def test_sink_filter_excludes_other_types(redis: Redis) -> None:
     cfg = make_config()
     ing = Ingestor(redis, cfg)
     assert await ing.ingest(TENANT, event("r1", "reaction.added"), "poll")
-    ids = [x.decode() for x in await redis.zrange(queue.queue_name("chert-relay"), 0, -1)]
-    assert ids == [queue.delivery_job_id("chert-relay", TENANT, "all", "r1")]
+    ids = [x.decode() for x in await redis.zrange(Keys("chert-relay").queue, 0, -1)]
+    assert ids == [Keys("chert-relay").job_id(TENANT, "all", "r1")]
     # Not a webhook: the last-webhook mark is untouched.
     assert await redis.get(Keys("chert-relay").last_webhook(TENANT)) is None
 
@@ -57,7 +57,7 @@ async def test_concurrent_ingests_batch_and_dedupe(redis: Redis) -> None:
     ids = [f"b{i % 150}" for i in range(300)]  # every id twice
     results = await asyncio.gather(*(ing.ingest(TENANT, event(i), "webhook") for i in ids))
     assert sum(results) == 150
-    assert await redis.zcard(queue.queue_name("chert-relay")) == 300  # 150 events x 2 sinks
+    assert await redis.zcard(Keys("chert-relay").queue) == 300  # 150 events x 2 sinks
 
 
 async def test_arq_worker_runs_jobs_ingest_wrote(redis: Redis, redis_url: str) -> None:
@@ -74,14 +74,14 @@ async def test_arq_worker_runs_jobs_ingest_wrote(redis: Redis, redis_url: str) -
     from arq.connections import RedisSettings
 
     worker = Worker(
-        functions=[func(deliver, name=queue.DELIVER_FUNCTION)],
-        queue_name=queue.queue_name(cfg.redis.key_prefix),
+        functions=[func(deliver, name=jobs.DELIVER_FUNCTION)],
+        queue_name=Keys(cfg.redis.key_prefix).queue,
         redis_settings=RedisSettings.from_dsn(redis_url),
         burst=True,
         handle_signals=False,
         keep_result=0,
-        job_serializer=queue.serialize,
-        job_deserializer=queue.deserialize,
+        job_serializer=jobs.serialize,
+        job_deserializer=jobs.deserialize,
         poll_delay=0.01,
     )
     try:
@@ -102,7 +102,7 @@ async def test_a_batch_with_thousands_of_jobs_queues_them_all(redis: Redis) -> N
         *(ing.ingest(TENANT, event(f"big{i}"), "poll") for i in range(400))
     )
     assert all(results)
-    assert await redis.zcard(queue.queue_name("chert-relay")) == 400 * 8
+    assert await redis.zcard(Keys("chert-relay").queue) == 400 * 8
 
 
 async def test_a_reload_that_drops_a_tenant_fails_no_queued_ingest(redis: Redis) -> None:
@@ -123,9 +123,9 @@ async def test_reingest_after_the_seen_mark_expired_keeps_a_dead_letters_payload
     assert await ing.ingest(TENANT, event("dl1"), "webhook")
     # Both deliveries ended: one delivered, one dead-lettered, which keeps the event.
     for sink in ("crm", "all"):
-        job_id = queue.delivery_job_id("chert-relay", TENANT, sink, "dl1")
-        await redis.delete(queue.JOB_KEY_PREFIX + job_id)
-        await redis.zrem(queue.queue_name("chert-relay"), job_id)
+        job_id = Keys("chert-relay").job_id(TENANT, sink, "dl1")
+        await redis.delete(JOB_KEY_PREFIX + job_id)
+        await redis.zrem(Keys("chert-relay").queue, job_id)
     await redis.setrange(keys.event(TENANT, "dl1"), 0, b"0001")
     await redis.persist(keys.event(TENANT, "dl1"))
     await redis.delete(keys.seen(TENANT, "dl1"))  # the dedupe window has passed
@@ -136,7 +136,7 @@ async def test_reingest_after_the_seen_mark_expired_keeps_a_dead_letters_payload
     assert stored.users == 3  # the dead letter's hold plus two new jobs
     assert stored.source == "webhook"  # the stored event is not replaced
     assert await redis.pttl(keys.event(TENANT, "dl1")) == -1  # still kept for the dead letter
-    assert await redis.zcard(queue.queue_name("chert-relay")) == 2
+    assert await redis.zcard(Keys("chert-relay").queue) == 2
 
 
 async def test_the_seen_mark_outlives_the_longest_delivery(redis: Redis) -> None:
@@ -149,14 +149,14 @@ async def test_the_seen_mark_outlives_the_longest_delivery(redis: Redis) -> None
 async def test_a_job_already_queued_is_not_counted_again(redis: Redis) -> None:
     # A job for (event, sink) queued without its seen mark (a replayed dead letter whose
     # dedupe window passed): the new copy makes a job for the other sink only.
-    crm_job = queue.delivery_job_id("chert-relay", TENANT, "crm", "q1")
-    await redis.set(queue.JOB_KEY_PREFIX + crm_job, b"{}", px=60_000)
+    crm_job = Keys("chert-relay").job_id(TENANT, "crm", "q1")
+    await redis.set(JOB_KEY_PREFIX + crm_job, b"{}", px=60_000)
     assert await Ingestor(redis, make_config()).ingest(TENANT, event("q1"), "webhook")
     stored = await stored_event(redis, "q1")
     assert stored is not None
     assert stored.users == 1
-    assert await redis.get(queue.JOB_KEY_PREFIX + crm_job) == b"{}"  # not replaced
-    assert await redis.zcard(queue.queue_name("chert-relay")) == 1
+    assert await redis.get(JOB_KEY_PREFIX + crm_job) == b"{}"  # not replaced
+    assert await redis.zcard(Keys("chert-relay").queue) == 1
 
 
 async def test_an_event_stored_by_an_earlier_build_does_not_break_the_batch(
@@ -176,4 +176,4 @@ async def test_an_event_stored_by_an_earlier_build_does_not_break_the_batch(
     assert stored.users == 3  # the dead letter's hold plus two new jobs
     assert json.loads(stored.body)["event_id"] == "old1"
     assert await redis.pttl(old) == -1  # still kept for the dead letter
-    assert await redis.zcard(queue.queue_name("chert-relay")) == 4
+    assert await redis.zcard(Keys("chert-relay").queue) == 4

@@ -62,13 +62,21 @@ def e2e_config(redis_url: str, base_url: str, sink_url: str, **poll: Any) -> Con
         {"name": "all", "url": f"{sink_url}/all", "events": ["*"]},
     ]
     tenants = [
-        {"slug": TENANT, "webhook_secrets": [WEBHOOK_SECRET], "sinks": sinks,
-         "api": {"base_url": base_url, "signing_secret": API_SECRET, "max_backoff": 1.0},
-         "poll": poll_section("fallback", **poll)},
-        {"slug": "other-1", "webhook_secrets": [OTHER_SECRET], "poll": {"mode": "off"},
-         "api": {"signing_secret": OTHER_API_SECRET},
-         "sinks": [{"name": "s", "url": f"{sink_url}/s"}]},
-    ]  # fmt: skip
+        {
+            "slug": TENANT,
+            "webhook_secrets": [WEBHOOK_SECRET],
+            "sinks": sinks,
+            "api": {"base_url": base_url, "signing_secret": API_SECRET, "max_backoff": 1.0},
+            "poll": poll_section("fallback", **poll),
+        },
+        {
+            "slug": "other-1",
+            "webhook_secrets": [OTHER_SECRET],
+            "poll": {"mode": "off"},
+            "api": {"signing_secret": OTHER_API_SECRET},
+            "sinks": [{"name": "s", "url": f"{sink_url}/s"}],
+        },
+    ]
     return parse_config(
         config_dict(redis_url=redis_url, tenants=tenants, worker={"poll_delay": 0.02}), env={}
     )
@@ -85,8 +93,7 @@ def wanted(rows: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
 
 async def test_every_event_reaches_each_sink_exactly_once(redis_url: str, redis: Redis) -> None:
     async with simulator(seed=11) as sim, sink_server() as sink:
-        config = e2e_config(redis_url, sim.base_url, sink.url, lapse_after=2.0,
-                            reconcile_every=0.5)  # fmt: skip
+        config = e2e_config(redis_url, sim.base_url, sink.url, lapse_after=2.0, reconcile_every=0.5)
         async with running_relay(config, roles=("receiver", "poller", "worker")) as service:
             sim.tenants[TENANT].webhook_url = webhook_url(service)
             sim.faults.drop_rate = 0.3

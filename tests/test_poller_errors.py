@@ -94,8 +94,9 @@ async def test_poller_survives_a_redis_outage(
                 await wait_enqueued(client, rows, timeout=30)
                 assert await enqueued(client) == expected_jobs(rows)
                 await wait_for(
-                    lambda: sample(metrics(service), "chert_relay_poll_lease_held",
-                                   tenant=TENANT) == 1
-                )  # fmt: skip
+                    lambda: (
+                        sample(metrics(service), "chert_relay_poll_lease_held", tenant=TENANT) == 1
+                    )
+                )
     finally:
         await client.aclose()

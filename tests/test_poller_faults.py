@@ -23,7 +23,7 @@ from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Runtime
 from relay.upstream.chert_api import isoformat
-from relay.upstream.poller import TenantPoller
+from relay.upstream.tenant_poller import TenantPoller
 from tests.conftest import TENANT, log_row, wait_for
 from tests.test_poller_support import (
     PREFIX,
@@ -111,9 +111,11 @@ async def test_an_sse_stream_that_never_answers_is_given_up_and_retried(
     stream = "/api/v1/events/stream"
     async with silent_server() as silent:
         config = relay_config(
-            redis_url, silent.base_url, "sse", api={"timeout": 0.3, "max_attempts": 1,
-                                                    "max_backoff": 0.2}
-        )  # fmt: skip
+            redis_url,
+            silent.base_url,
+            "sse",
+            api={"timeout": 0.3, "max_attempts": 1, "max_backoff": 0.2},
+        )
         async with running_relay(config):
             # Before the bound, the first connect waited for headers forever.
             await wait_for(lambda: silent.count(stream) >= 2, timeout=30)

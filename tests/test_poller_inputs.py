@@ -25,8 +25,8 @@ from relay.metrics import Metrics
 from relay.runtime import Runtime
 from relay.upstream import chert_api
 from relay.upstream.chert_api import isoformat
-from relay.upstream.poller import TenantPoller
 from relay.upstream.sse import SseParser
+from relay.upstream.tenant_poller import TenantPoller
 from tests.conftest import TENANT, log_row, wait_for
 from tests.test_poller_support import PREFIX, relay_config, serve_api
 

@@ -93,10 +93,11 @@ async def test_two_relays_exactly_one_polls_each_tenant_and_a_stop_hands_over(
                     assert counts[1] == len([q for q in sim.api_requests if q.tenant == tenant])
                     assert sum(holds(r, tenant) for r in relays) == 1
                     assert all(
-                        sample(metrics(r), "chert_relay_poll_mode", tenant=tenant,
-                               mode="standby") == 1
-                        for r in relays if not holds(r, tenant)
-                    )  # fmt: skip
+                        sample(metrics(r), "chert_relay_poll_mode", tenant=tenant, mode="standby")
+                        == 1
+                        for r in relays
+                        if not holds(r, tenant)
+                    )
                 # The first relay stops: the second takes over what it held, nothing lost.
                 await first_stack.aclose()
                 for tenant in TENANTS:
@@ -156,8 +157,10 @@ async def test_a_killed_holder_is_replaced_within_the_lease_time_and_nothing_is_
         log_file = (tmp_path / "holder.log").open("wb")
         holder = subprocess.Popen(
             [sys.executable, "-m", "relay", "-c", str(cfg), "--log-format", "text", "serve"],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
         try:
             lease_keys = [f"chert-relay:poll:lease:{t}" for t in TENANTS]
 
@@ -167,11 +170,18 @@ async def test_a_killed_holder_is_replaced_within_the_lease_time_and_nothing_is_
             await wait_for(subprocess_holds_both, timeout=30)
             before = sim.emit(TENANT, count=3)
             await wait_enqueued(redis, before)
-            config = relay_config(redis_url, sim.base_url, "always", other_mode="always",
-                                  lease_ttl=lease_ttl)  # fmt: skip
+            config = relay_config(
+                redis_url, sim.base_url, "always", other_mode="always", lease_ttl=lease_ttl
+            )
             async with running_relay(config) as standby:
-                await wait_for(lambda: sample(metrics(standby), "chert_relay_poll_mode",
-                                              tenant=TENANT, mode="standby") == 1)  # fmt: skip
+                await wait_for(
+                    lambda: (
+                        sample(
+                            metrics(standby), "chert_relay_poll_mode", tenant=TENANT, mode="standby"
+                        )
+                        == 1
+                    )
+                )
                 assert not holds(standby, TENANT)
                 os.kill(holder.pid, signal.SIGKILL)
                 holder.wait(timeout=10)

@@ -81,8 +81,16 @@ async def test_fallback_switches_to_fast_polling_when_webhooks_stop_and_back(
             # Webhooks flow: events arrive by webhook, the poller stays slow.
             first = sim.emit(TENANT, count=3)
             await wait_enqueued(redis, first)
-            assert sample(m, "chert_relay_events_ingested_total", tenant=TENANT,
-                          source="webhook", outcome="new") == 3  # fmt: skip
+            assert (
+                sample(
+                    m,
+                    "chert_relay_events_ingested_total",
+                    tenant=TENANT,
+                    source="webhook",
+                    outcome="new",
+                )
+                == 3
+            )
             assert mode_gauge(service, "fast") == 0
             # Webhooks stop: later events still arrive, by polling, after the switch.
             sim.faults.webhooks_enabled = False
@@ -91,8 +99,16 @@ async def test_fallback_switches_to_fast_polling_when_webhooks_stop_and_back(
             await wait_for(lambda: mode_gauge(service, "fast") == 1)
             assert mode_gauge(service, "reconcile") == 0
             assert any("webhooks have lapsed" in t for t in messages(caplog, level=logging.WARNING))
-            assert sample(m, "chert_relay_events_ingested_total", tenant=TENANT,
-                          source="poll", outcome="new") == 5  # fmt: skip
+            assert (
+                sample(
+                    m,
+                    "chert_relay_events_ingested_total",
+                    tenant=TENANT,
+                    source="poll",
+                    outcome="new",
+                )
+                == 5
+            )
             # Webhooks resume: the next webhook ends fast polling.
             sim.faults.webhooks_enabled = True
             resumed = sim.emit(TENANT, count=1)
@@ -113,8 +129,14 @@ async def test_sweep_evidence_of_undelivered_events_starts_fast_polling(
     caplog.set_level(logging.INFO)
     async with simulator() as sim:
         # Webhooks "work" (recent), but some events were never pushed: the sweep sees them.
-        config = relay_config(redis_url, sim.base_url, "fallback", lapse_after=3600,
-                              reconcile_every=0.5, stale_after=0.0)  # fmt: skip
+        config = relay_config(
+            redis_url,
+            sim.base_url,
+            "fallback",
+            lapse_after=3600,
+            reconcile_every=0.5,
+            stale_after=0.0,
+        )
         async with running_relay(config) as service:
             sim.tenants[TENANT].webhook_url = webhook_url(service)
             sim.faults.webhooks_enabled = False
@@ -128,8 +150,9 @@ async def test_dropped_duplicated_reordered_webhooks_every_event_exactly_once(
     redis_url: str, redis: Redis
 ) -> None:
     async with simulator(seed=7) as sim:
-        config = relay_config(redis_url, sim.base_url, "fallback", lapse_after=3600,
-                              reconcile_every=0.5)  # fmt: skip
+        config = relay_config(
+            redis_url, sim.base_url, "fallback", lapse_after=3600, reconcile_every=0.5
+        )
         async with running_relay(config) as service:
             sim.tenants[TENANT].webhook_url = webhook_url(service)
             sim.faults.drop_rate = 0.3
@@ -138,8 +161,11 @@ async def test_dropped_duplicated_reordered_webhooks_every_event_exactly_once(
             rnd = random.Random(3)
             rows = []
             for _ in range(6):
-                rows += sim.emit(TENANT, type=rnd.choice(["message.received", "reaction.added",
-                                                          "lead_reply"]), count=5)  # fmt: skip
+                rows += sim.emit(
+                    TENANT,
+                    type=rnd.choice(["message.received", "reaction.added", "lead_reply"]),
+                    count=5,
+                )
             await wait_enqueued(redis, rows, timeout=30)
             await sim.wait_idle(timeout=20)
             m = metrics(service)
@@ -147,8 +173,16 @@ async def test_dropped_duplicated_reordered_webhooks_every_event_exactly_once(
             assert ingested(m) == len(rows)
             dropped = [a for a in sim.webhook_attempts if a.error == "dropped"]
             assert dropped, "the fault injection dropped nothing"
-            assert sample(m, "chert_relay_events_ingested_total", tenant=TENANT,
-                          source="poll", outcome="new") > 0  # fmt: skip
+            assert (
+                sample(
+                    m,
+                    "chert_relay_events_ingested_total",
+                    tenant=TENANT,
+                    source="poll",
+                    outcome="new",
+                )
+                > 0
+            )
             # Each event's stored record says how many jobs it made: once per sink.
             for row in rows:
                 stored = await stored_event(redis, row["event_id"])
@@ -177,16 +211,19 @@ async def test_sse_mode_across_lifetimes_and_a_forced_disconnect(
                 if i == 1:
                     sim.disconnect_streams()  # cut without `event: close`
                 # the stream ends and is reopened before the next batch
-                await wait_for(lambda o=opened: sample(
-                    m, "chert_relay_sse_connections_total", tenant=TENANT) > o)  # fmt: skip
-            assert sample(m, "chert_relay_sse_reconnects_total", tenant=TENANT,
-                          reason="close") >= 2  # fmt: skip
+                await wait_for(
+                    lambda o=opened: (
+                        sample(m, "chert_relay_sse_connections_total", tenant=TENANT) > o
+                    )
+                )
+            assert sample(m, "chert_relay_sse_reconnects_total", tenant=TENANT, reason="close") >= 2
             sim.disconnect_streams()
             rows += sim.emit(TENANT, count=2)
             await wait_enqueued(redis, rows)
             assert await enqueued(redis) == expected_jobs(rows)
-            assert sample(m, "chert_relay_events_ingested_total", tenant=TENANT,
-                          source="sse", outcome="new") == len(rows)  # fmt: skip
+            assert sample(
+                m, "chert_relay_events_ingested_total", tenant=TENANT, source="sse", outcome="new"
+            ) == len(rows)
             stream_calls = [r for r in sim.api_requests if r.path.endswith("/events/stream")]
             assert all(r.status == 200 for r in stream_calls)
             assert all("since" in r.query for r in stream_calls)

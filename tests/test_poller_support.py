@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 
 from relay.cli import role_factories
 from relay.config import Config, parse_config
+from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.service import Service
 from relay.simulator import SimTenant, Simulator
-from relay.store.jobs import queue_name
 from tests.conftest import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 
 API_SECRET = "5e0c9a7d3b1f48a6c2e4f6081a3b5c7d"
@@ -54,10 +54,17 @@ async def simulator(**kwargs: Any) -> AsyncIterator[Simulator]:
 def poll_section(mode: str, **poll: Any) -> dict[str, Any]:
     """Short intervals for tests; anything in ``poll`` overrides."""
     base: dict[str, Any] = {
-        "mode": mode, "interval": 0.2, "lapse_after": 1.0, "reconcile_every": 30.0,
-        "overlap": 5.0, "lease_ttl": 2.0, "stale_after": 0.5, "auth_backoff": 30.0,
-        "sse_idle_timeout": 3.0, "page_size": 7,
-    }  # fmt: skip
+        "mode": mode,
+        "interval": 0.2,
+        "lapse_after": 1.0,
+        "reconcile_every": 30.0,
+        "overlap": 5.0,
+        "lease_ttl": 2.0,
+        "stale_after": 0.5,
+        "auth_backoff": 30.0,
+        "sse_idle_timeout": 3.0,
+        "page_size": 7,
+    }
     base.update(poll)
     return base
 
@@ -72,17 +79,29 @@ def relay_config(
     **poll: Any,
 ) -> Config:
     """Tenant acme-7a3f polled in ``mode`` from the simulator; other-1 as ``other_mode``."""
-    api_section = {"base_url": base_url, "auth": "hmac", "signing_secret": API_SECRET,
-                   "max_backoff": 1.0}  # fmt: skip
+    api_section = {
+        "base_url": base_url,
+        "auth": "hmac",
+        "signing_secret": API_SECRET,
+        "max_backoff": 1.0,
+    }
     api_section.update(api or {})
     tenants = [
-        {"slug": TENANT, "webhook_secrets": [WEBHOOK_SECRET], "sinks": SINKS,
-         "api": api_section, "poll": poll_section(mode, **poll)},
-        {"slug": "other-1", "webhook_secrets": [OTHER_SECRET],
-         "sinks": [{"name": "s", "url": "http://127.0.0.1:9/s"}],
-         "api": {"base_url": base_url, "signing_secret": OTHER_API_SECRET, "max_backoff": 1.0},
-         "poll": poll_section(other_mode)},
-    ]  # fmt: skip
+        {
+            "slug": TENANT,
+            "webhook_secrets": [WEBHOOK_SECRET],
+            "sinks": SINKS,
+            "api": api_section,
+            "poll": poll_section(mode, **poll),
+        },
+        {
+            "slug": "other-1",
+            "webhook_secrets": [OTHER_SECRET],
+            "sinks": [{"name": "s", "url": "http://127.0.0.1:9/s"}],
+            "api": {"base_url": base_url, "signing_secret": OTHER_API_SECRET, "max_backoff": 1.0},
+            "poll": poll_section(other_mode),
+        },
+    ]
     return parse_config(config_dict(redis_url=redis_url, tenants=tenants), env={})
 
 
@@ -126,8 +145,9 @@ def ingested(m: Metrics, tenant: str = TENANT, outcome: str = "new") -> float:
     """Events ingested for ``tenant`` with ``outcome`` over every source."""
     total = 0.0
     for source in ("webhook", "poll", "sse", "backfill", "replay"):
-        total += sample(m, "chert_relay_events_ingested_total", tenant=tenant, source=source,
-                        outcome=outcome)  # fmt: skip
+        total += sample(
+            m, "chert_relay_events_ingested_total", tenant=tenant, source=source, outcome=outcome
+        )
     return total
 
 
@@ -135,7 +155,7 @@ async def enqueued(redis: Redis, tenant: str = TENANT) -> Counter[tuple[str, str
     """(sink, event_id) → number of jobs in the arq queue for ``tenant``."""
     out: Counter[tuple[str, str]] = Counter()
     head = f"{PREFIX}:{tenant}:"
-    for raw in await redis.zrange(queue_name(PREFIX), 0, -1):
+    for raw in await redis.zrange(Keys(PREFIX).queue, 0, -1):
         job_id = raw.decode()
         if job_id.startswith(head):
             sink, _, event_id = job_id[len(head) :].partition(":")
@@ -164,7 +184,7 @@ async def wait_enqueued(redis: Redis, rows: list[dict[str, Any]], timeout: float
 
 
 def messages(
-    caplog: Any, logger: str = "relay.upstream.poller", level: int = logging.INFO
+    caplog: Any, logger: str = "relay.upstream.tenant_poller", level: int = logging.INFO
 ) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= level]
 

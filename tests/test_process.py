@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 
 from relay.errors import EXIT_CONFIG, EXIT_OK
 from relay.keys import Keys
-from relay.store import jobs as queue
 from relay.store.embedded import EmbeddedRedis
 from tests.conftest import TENANT, config_dict, envelope, signed
 from tests.process import RelayProcess, listen_ports, write_toml
@@ -76,12 +75,12 @@ async def test_sigterm_during_a_burst_loses_no_acknowledged_event(
     assert len(acked) >= 150
     assert set(statuses.values()) <= {0, 202, 503}
     keys = Keys("chert-relay")
-    q = queue.queue_name("chert-relay")
+    q = Keys("chert-relay").queue
     for event_id in acked:
         assert await redis.exists(keys.seen(TENANT, event_id)), event_id
         assert await redis.exists(keys.event(TENANT, event_id)), event_id
         for sink in ("crm", "all"):
-            job_id = queue.delivery_job_id("chert-relay", TENANT, sink, event_id)
+            job_id = Keys("chert-relay").job_id(TENANT, sink, event_id)
             assert await redis.zscore(q, job_id) is not None, job_id
     assert "shutting down" in relay.log
 
@@ -116,9 +115,12 @@ async def test_bad_config_exits_78_listing_every_problem(
     relay = RelayProcess(path).start()
     procs.append(relay)
     assert await relay.wait() == EXIT_CONFIG
-    for needle in ("server.listen", "server.max_body: unknown key",
-                   "tenants[0].webhook_secrets[0]: environment variable CHERT_TEST_UNSET_VAR",
-                   "tenants[0].sinks[0].timeout"):  # fmt: skip
+    for needle in (
+        "server.listen",
+        "server.max_body: unknown key",
+        "tenants[0].webhook_secrets[0]: environment variable CHERT_TEST_UNSET_VAR",
+        "tenants[0].sinks[0].timeout",
+    ):
         assert needle in relay.log
 
     check = RelayProcess(path, "check-config").start()

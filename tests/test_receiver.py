@@ -18,7 +18,6 @@ from relay.ingest.ingestor import Ingestor
 from relay.ingest.receiver import Receiver
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.store import jobs as queue
 from relay.store.client import connect
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.conftest import (
@@ -36,13 +35,17 @@ from tests.conftest import (
 )
 
 SINKS = [
-    {"name": "crm", "url": "http://127.0.0.1:9/crm", "events": ["message.received"],
-     "secret": SINK_SECRET},
+    {
+        "name": "crm",
+        "url": "http://127.0.0.1:9/crm",
+        "events": ["message.received"],
+        "secret": SINK_SECRET,
+    },
     {"name": "all", "url": "http://127.0.0.1:9/all", "events": ["*"]},
     {"name": "reactions", "url": "http://127.0.0.1:9/r", "events": ["reaction.*"]},
-]  # fmt: skip
+]
 URL = f"/webhooks/chert/{TENANT}"
-QUEUE = queue.queue_name("chert-relay")
+QUEUE = Keys("chert-relay").queue
 
 
 class Harness:
@@ -79,7 +82,7 @@ async def queued(redis: Redis) -> list[str]:
 
 
 def job(sink: str, event_id: str) -> str:
-    return queue.delivery_job_id("chert-relay", TENANT, sink, event_id)
+    return Keys("chert-relay").job_id(TENANT, sink, event_id)
 
 
 async def test_new_event_is_queued_once_per_matching_sink(h: Harness, redis: Redis) -> None:
@@ -107,8 +110,15 @@ async def test_duplicates_resigned_and_as_log_row_are_200_and_queue_nothing(
     assert (status, body["status"]) == (200, "duplicate")
     assert await queued(redis) == before
     assert h.count("chert_relay_webhooks_total", tenant=TENANT, outcome="duplicate") == 2
-    assert h.count("chert_relay_events_ingested_total", tenant=TENANT, source="webhook",
-                   outcome="duplicate") == 2  # fmt: skip
+    assert (
+        h.count(
+            "chert_relay_events_ingested_total",
+            tenant=TENANT,
+            source="webhook",
+            outcome="duplicate",
+        )
+        == 2
+    )
 
 
 async def test_log_row_shape_is_accepted_and_normalized_to_the_envelope(
@@ -144,30 +154,53 @@ def _no_event_id() -> tuple[bytes, dict[str, str]]:
 BAD_INPUTS: list[tuple[str, Callable[[], tuple[bytes, dict[str, str]]], int, str]] = [
     ("wrong signature", _bad_signature, 401, "bad_signature"),
     ("wrong secret", lambda: signed(envelope("x2"), OTHER_SECRET), 401, "bad_signature"),
-    ("stale", lambda: signed(envelope("x3"), timestamp=int(time.time()) - 400), 401,
-     "stale_timestamp"),
-    ("future", lambda: signed(envelope("x4"), timestamp=int(time.time()) + 400), 401,
-     "future_timestamp"),
-    ("no signature", lambda: (b"{}", {"Content-Type": "application/json"}), 401,
-     "missing_signature"),
-    ("malformed signature", lambda: (b"{}", {"X-Webhook-Signature": "t=1,v1=xyz"}), 401,
-     "malformed_signature"),
+    (
+        "stale",
+        lambda: signed(envelope("x3"), timestamp=int(time.time()) - 400),
+        401,
+        "stale_timestamp",
+    ),
+    (
+        "future",
+        lambda: signed(envelope("x4"), timestamp=int(time.time()) + 400),
+        401,
+        "future_timestamp",
+    ),
+    (
+        "no signature",
+        lambda: (b"{}", {"Content-Type": "application/json"}),
+        401,
+        "missing_signature",
+    ),
+    (
+        "malformed signature",
+        lambda: (b"{}", {"X-Webhook-Signature": "t=1,v1=xyz"}),
+        401,
+        "malformed_signature",
+    ),
     ("malformed json", lambda: signed(b'{"event_id": "x5",'), 400, "malformed_json"),
     ("not an object", lambda: signed(b'["x"]'), 400, "malformed_json"),
     ("no event id", _no_event_id, 400, "missing_event_id"),
-    ("other tenant's partner_id", lambda: signed(envelope("x6", partner_id="other-1")), 403,
-     "tenant_mismatch"),
+    (
+        "other tenant's partner_id",
+        lambda: signed(envelope("x6", partner_id="other-1")),
+        403,
+        "tenant_mismatch",
+    ),
     ("oversized", lambda: signed(envelope("x7", pad="x" * 5000)), 413, "body_too_large"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
     ("make", "status", "reason"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
 )
 async def test_bad_input_gets_its_status_queues_nothing_and_is_counted(
-    h: Harness, redis: Redis, make: Callable[[], tuple[bytes, dict[str, str]]],
-    status: int, reason: str,
-) -> None:  # fmt: skip
+    h: Harness,
+    redis: Redis,
+    make: Callable[[], tuple[bytes, dict[str, str]]],
+    status: int,
+    reason: str,
+) -> None:
     got, body = await h.post(*make())
     assert got == status
     assert body["error"] == reason
@@ -218,8 +251,14 @@ async def test_rotation_overlap_any_configured_secret_passes(
     serve_receiver: ServeReceiver, redis: Redis
 ) -> None:
     new = "ab" * 32
-    tenants = [{"slug": TENANT, "webhook_secrets": [new, OTHER_SECRET], "poll": {"mode": "off"},
-                "sinks": SINKS}]  # fmt: skip
+    tenants = [
+        {
+            "slug": TENANT,
+            "webhook_secrets": [new, OTHER_SECRET],
+            "poll": {"mode": "off"},
+            "sinks": SINKS,
+        }
+    ]
     h2 = await make_harness(serve_receiver, redis, tenants=tenants)
     assert (await h2.post(*signed(envelope("rot1"), new)))[0] == 202
     assert (await h2.post(*signed(envelope("rot2"), OTHER_SECRET)))[0] == 202

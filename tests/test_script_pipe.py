@@ -108,8 +108,9 @@ async def test_redis_down_fails_calls_fast_and_they_succeed_once_it_is_back(
     try:
         pipe, _ = pipeline(client)
         await server.stop()
-        results = await asyncio.gather(*(pipe.call(f"x{n}") for n in range(5)),
-                                       return_exceptions=True)  # fmt: skip
+        results = await asyncio.gather(
+            *(pipe.call(f"x{n}") for n in range(5)), return_exceptions=True
+        )
         assert all(isinstance(r, RedisUnavailableError) for r in results)
         assert in_use(client) == 0
         await server.start()

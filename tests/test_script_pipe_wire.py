@@ -87,8 +87,9 @@ async def test_replies_split_byte_by_byte_reach_their_own_callers() -> None:
     async with fake_redis(trickle) as port:
         client: Redis = Redis.from_url(f"redis://127.0.0.1:{port}")
         try:
-            pipe: ScriptPipeline[str] = ScriptPipeline(client, SCRIPT, build, timeout=10,
-                                                       flush_at=3, max_batch=3)  # fmt: skip
+            pipe: ScriptPipeline[str] = ScriptPipeline(
+                client, SCRIPT, build, timeout=10, flush_at=3, max_batch=3
+            )
             got = await asyncio.wait_for(
                 asyncio.gather(*(pipe.call(str(n)) for n in range(50))), 30
             )
@@ -133,8 +134,7 @@ async def test_after_a_timeout_the_shared_pool_serves_other_users_correctly(
     client: Redis = Redis.from_url(redis_url, max_connections=1)  # one connection: shared
     admin: Redis = Redis.from_url(redis_url)
     try:
-        pipe: ScriptPipeline[str] = ScriptPipeline(client, SCRIPT, build, timeout=0.3,
-                                                   linger=0.05)  # fmt: skip
+        pipe: ScriptPipeline[str] = ScriptPipeline(client, SCRIPT, build, timeout=0.3, linger=0.05)
         assert await pipe.call("a") == 1
         await admin.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
         try:

@@ -42,8 +42,9 @@ def reason(headers: dict[str, str], body: bytes, secrets: list[str], now: float 
 
 
 @settings(max_examples=200)
-@given(body=st.binary(max_size=2048), secrets=secrets_st, pick=st.integers(0, 3),
-       legacy=st.booleans())  # fmt: skip
+@given(
+    body=st.binary(max_size=2048), secrets=secrets_st, pick=st.integers(0, 3), legacy=st.booleans()
+)
 def test_signed_with_any_configured_secret_verifies(
     body: bytes, secrets: list[str], pick: int, legacy: bool
 ) -> None:
@@ -52,8 +53,12 @@ def test_signed_with_any_configured_secret_verifies(
 
 
 @settings(max_examples=200)
-@given(body=st.binary(min_size=1, max_size=1024), secret=secrets_st.map(lambda s: s[0]),
-       index=st.integers(min_value=0), flip=st.integers(1, 255))  # fmt: skip
+@given(
+    body=st.binary(min_size=1, max_size=1024),
+    secret=secrets_st.map(lambda s: s[0]),
+    index=st.integers(min_value=0),
+    flip=st.integers(1, 255),
+)
 def test_changing_any_body_byte_fails(body: bytes, secret: str, index: int, flip: int) -> None:
     headers = webhook_headers(secret, body, timestamp=NOW)
     i = index % len(body)
@@ -71,8 +76,12 @@ def test_changing_the_timestamp_fails(secret: str, delta: int) -> None:
 
 
 @settings(max_examples=200)
-@given(secret=secrets_st.map(lambda s: s[0]), index=st.integers(0, 63),
-       char=st.sampled_from("0123456789abcdef"), legacy=st.booleans())  # fmt: skip
+@given(
+    secret=secrets_st.map(lambda s: s[0]),
+    index=st.integers(0, 63),
+    char=st.sampled_from("0123456789abcdef"),
+    legacy=st.booleans(),
+)
 def test_changing_any_signature_character_fails(
     secret: str, index: int, char: str, legacy: bool
 ) -> None:
@@ -157,8 +166,12 @@ def test_standard_webhooks_signature_verifies_with_the_public_library() -> None:
 
 
 @settings(max_examples=200)
-@given(ts=st.integers(0, 10**11 - 1), digest=st.binary(min_size=32, max_size=32),
-       upper=st.booleans(), zeros=st.integers(0, 1))  # fmt: skip
+@given(
+    ts=st.integers(0, 10**11 - 1),
+    digest=st.binary(min_size=32, max_size=32),
+    upper=st.booleans(),
+    zeros=st.integers(0, 1),
+)
 def test_the_common_header_shape_reads_as_the_general_parser_reads_it(
     ts: int, digest: bytes, upper: bool, zeros: int
 ) -> None:
@@ -172,9 +185,16 @@ def test_the_common_header_shape_reads_as_the_general_parser_reads_it(
 
 @pytest.mark.parametrize(
     "shape",
-    ["t={ts},v1={sig}", "t={ts}, v1={sig}", " t={ts},v1={sig} ", "v1={sig},t={ts}",
-     "t={ts},v1={bad},v1={sig}", "t={ts},v0=zz,v1={sig}", "v1,{ts},{sig}"],
-)  # fmt: skip
+    [
+        "t={ts},v1={sig}",
+        "t={ts}, v1={sig}",
+        " t={ts},v1={sig} ",
+        "v1={sig},t={ts}",
+        "t={ts},v1={bad},v1={sig}",
+        "t={ts},v0=zz,v1={sig}",
+        "v1,{ts},{sig}",
+    ],
+)
 def test_every_header_shape_verifies_with_a_prepared_key(shape: str) -> None:
     secret, body = "k" * 32, b'{"event_id": "e1"}'
     sig = chert_signature(secret, NOW, body)

@@ -456,8 +456,12 @@ def test_paging_property(
         for _ in range(n):
             i = next(counter)
             ms = log.next_ms(TENANT)
-            row = {"id": f"evt_{i}", "type": types[i % 2], "lead_id": "ld_1",
-                   "delivery": {"status": "dev_inbox"}}  # fmt: skip
+            row = {
+                "id": f"evt_{i}",
+                "type": types[i % 2],
+                "lead_id": "ld_1",
+                "delivery": {"status": "dev_inbox"},
+            }
             log.append(TENANT, ms, row, b"{}")
 
     add(initial)

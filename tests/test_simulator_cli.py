@@ -116,11 +116,25 @@ async def test_simulate_subprocess(
     sim_port = free_port()
     config = _config_file(tmp_path, receiver_port, sim_port)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "--log-format", "json", "simulate",
-        "--config", str(config), "--listen", f"127.0.0.1:{sim_port}", "--rate", "50/s",
-        "--types", "message.received,lead_reply", "--stats-every", "0.2s",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "relay",
+        "--log-format",
+        "json",
+        "simulate",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{sim_port}",
+        "--rate",
+        "50/s",
+        "--types",
+        "message.received,lead_reply",
+        "--stats-every",
+        "0.2s",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         await wait_for(lambda: len(verified) >= 5, timeout=20)
         base = f"http://127.0.0.1:{sim_port}"
@@ -157,9 +171,15 @@ async def test_simulate_refuses_a_busy_port(tmp_path: Path) -> None:
     port = busy.addresses[0][1]
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "simulate", "--listen", f"127.0.0.1:{port}",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "relay",
+            "simulate",
+            "--listen",
+            f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         async with asyncio.timeout(20):
             _, err = await proc.communicate()
     finally:

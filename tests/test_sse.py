@@ -56,8 +56,14 @@ _text = st.text(
 )
 
 
-@given(st.lists(st.tuples(st.sampled_from(["message", "close", "x"]), st.lists(_text, min_size=1,
-       max_size=4)), max_size=6))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["message", "close", "x"]), st.lists(_text, min_size=1, max_size=4)
+        ),
+        max_size=6,
+    )
+)
 def test_round_trip(messages: list[tuple[str, list[str]]]) -> None:
     lines: list[str] = [": hello", ""]
     for event, data in messages:

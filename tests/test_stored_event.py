@@ -6,16 +6,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from relay.delivery.deliverer import header_value
+from relay.delivery.sink_client import header_value
 from relay.ingest import envelope
 from relay.ingest.ingestor import SOURCES, Ingestor
-from relay.store import stored_event
+from relay.store import scripts, stored_event
 from tests.conftest import TENANT, make_config
 from tests.conftest import envelope as make_envelope
 from tests.conftest import stored_event as read_stored
 
-AT = stored_event.LUA + "return event_at(redis.call('GET', KEYS[1]))"
-RELEASE = stored_event.LUA + "event_release(KEYS[1]) return redis.call('GET', KEYS[1])"
+AT = scripts.library("stored_event") + "return event_at(redis.call('GET', KEYS[1]))"
+RELEASE = (
+    scripts.library("stored_event") + "event_release(KEYS[1]) return redis.call('GET', KEYS[1])"
+)
 
 types = st.text(min_size=1, max_size=40)  # spaces, newlines, any Unicode
 timestamps = st.none() | st.floats(min_value=0, max_value=4e9, allow_nan=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from relay.delivery.role import WorkerRole
-from relay.store import jobs as queue
+from relay.keys import Keys
 from tests.conftest import TENANT, config_dict, wait_for
 from tests.test_delivery_support import (
     FAST_WORKER,
@@ -27,11 +27,11 @@ from tests.test_delivery_support import (
     write_config,
 )
 
-Q = queue.queue_name("chert-relay")
+Q = Keys("chert-relay").queue
 
 
 def job_id(sink: str, event_id: str) -> str:
-    return queue.delivery_job_id("chert-relay", TENANT, sink, event_id)
+    return Keys("chert-relay").job_id(TENANT, sink, event_id)
 
 
 async def not_queued(redis: Redis, event_id: str) -> bool:
@@ -111,10 +111,16 @@ def start_worker(path: Path, log: Path) -> subprocess.Popen[bytes]:
 def config_file(tmp_path: Path, redis_url: str, sink_url: str, **sink: object) -> Path:
     data = config_dict(
         redis_url=redis_url,
-        tenants=[{"slug": TENANT, "webhook_secrets": ["x" * 32], "poll": {"mode": "off"},
-                  "sinks": [sink_conf("s", sink_url, **sink)]}],
+        tenants=[
+            {
+                "slug": TENANT,
+                "webhook_secrets": ["x" * 32],
+                "poll": {"mode": "off"},
+                "sinks": [sink_conf("s", sink_url, **sink)],
+            }
+        ],
         worker={**FAST_WORKER, "max_jobs": 20, "shutdown_grace": 15},
-    )  # fmt: skip
+    )
     path = tmp_path / "relay.toml"
     write_config(path, data)
     return path

@@ -8,7 +8,7 @@ import time
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from relay.store import jobs as queue
+from relay.keys import JOB_KEY_PREFIX, Keys
 from tests.conftest import TENANT, wait_for
 from tests.test_delivery_support import (
     Sink,
@@ -22,13 +22,13 @@ from tests.test_delivery_support import (
 
 
 def job_id(event_id: str) -> str:
-    return queue.delivery_job_id("chert-relay", TENANT, "s", event_id)
+    return Keys("chert-relay").job_id(TENANT, "s", event_id)
 
 
 async def test_jobs_in_progress_elsewhere_or_not_due_are_not_started(
     redis: Redis, redis_url: str
 ) -> None:
-    q = queue.queue_name("chert-relay")
+    q = Keys("chert-relay").queue
     async with sinks(Sink()) as (s,):
         rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
         await ingest(rt, ["j1", "j2", "j3"])
@@ -48,11 +48,11 @@ async def test_jobs_in_progress_elsewhere_or_not_due_are_not_started(
 async def test_a_job_whose_key_expired_is_reported_not_dropped_silently(
     redis: Redis, redis_url: str
 ) -> None:
-    q = queue.queue_name("chert-relay")
+    q = Keys("chert-relay").queue
     async with sinks(Sink()) as (s,):
         rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
         await ingest(rt, ["x1", "x2"])
-        await redis.delete(queue.JOB_KEY_PREFIX + job_id("x1"))  # as if its TTL ran out
+        await redis.delete(JOB_KEY_PREFIX + job_id("x1"))  # as if its TTL ran out
         async with worker(rt):
             await wait_for(lambda: s.ids() == ["x2"])
             await wait_for(lambda: 'outcome="expired",sink="s"' in rt.metrics.render().decode())

@@ -21,9 +21,8 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
-from relay.admin.dlq_cli import parse_time
 from relay.config import Config
-from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import DeadLetterError
 
 log = logging.getLogger(__name__)
@@ -116,8 +115,9 @@ class DeadLetterApi:
             everything = body.get("all") is True
             dry_run = body.get("dry_run") is True
             if flt.is_empty() and not everything:
-                raise ValueError('give a filter (tenant, sink, class, type, since, until) '
-                                 'or "all": true')  # fmt: skip
+                raise ValueError(
+                    'give a filter (tenant, sink, class, type, since, until) or "all": true'
+                )
             store = self._store_now()
             if action == "replay":
                 out = await store.replay(flt, dry_run=dry_run)
@@ -127,6 +127,9 @@ class DeadLetterApi:
             return _bad(str(e))
         log.info(
             "admin API: %s%s of %d dead letter(s), %d skipped",
-            action, " (dry run)" if dry_run else "", len(out.done), len(out.skipped),
-        )  # fmt: skip
+            action,
+            " (dry run)" if dry_run else "",
+            len(out.done),
+            len(out.skipped),
+        )
         return web.json_response({"action": action, "dry_run": dry_run, **out.to_json()})

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import re
 import sys
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -24,37 +21,18 @@ from datetime import UTC, datetime
 import redis.exceptions
 from redis.asyncio import Redis
 
-from relay.config import Config, parse_duration
-from relay.delivery.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, Outcome
+from relay.config import Config
+from relay.delivery.deadletters import (
+    CLASSES,
+    DeadLetter,
+    DeadLetterStore,
+    Filter,
+    Outcome,
+    parse_time,
+)
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
 from relay.store.client import connect
 from relay.store.embedded import open_redis_url
-
-_AGE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*$")
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """Unix seconds from ``1767225600``, ``2026-05-24T01:35:34Z`` or an age like ``2h``."""
-    now = time.time() if now is None else now
-    if _AGE_RE.match(text):
-        return now - parse_duration(text)
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(seconds):
-            raise ValueError(f"{text!r} is not a time: use unix seconds, ISO 8601 or an age")
-        return seconds
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: use unix seconds, ISO 8601 or an age like '2h'"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -82,8 +60,10 @@ def add_parser(
     s.add_argument("--sink", required=True)
     s.add_argument("event_id")
     s.add_argument("--json", action="store_true", help="print JSON")
-    for name, what in (("replay", "queue the matching dead letters again, with fresh attempts"),
-                       ("purge", "delete the matching dead letters for good")):  # fmt: skip
+    for name, what in (
+        ("replay", "queue the matching dead letters again, with fresh attempts"),
+        ("purge", "delete the matching dead letters for good"),
+    ):
         s = actions.add_parser(name, help=what)
         _filters(s)
         s.add_argument("--all", action="store_true", help="every dead letter (no filter needed)")
@@ -111,8 +91,10 @@ def _when(t: float | None) -> str:
 
 def _line(d: DeadLetter) -> str:
     status = "-" if d.status is None else str(d.status)
-    return (f"{d.tenant}  {d.sink}  {d.event_id}  {d.event_type}  {d.cls}  {status}  "
-            f"{d.attempts}  {_when(d.dead_lettered_at)}  {d.error}")  # fmt: skip
+    return (
+        f"{d.tenant}  {d.sink}  {d.event_id}  {d.event_type}  {d.cls}  {status}  "
+        f"{d.attempts}  {_when(d.dead_lettered_at)}  {d.error}"
+    )
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -149,8 +131,11 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
             print(f"{len(found)} dead letter(s)", file=sys.stderr)
         return EXIT_OK
     if flt.is_empty() and not args.all:
-        print(f"chert-relay dlq {action}: give a filter (--tenant, --sink, --class, --type, "
-              "--since, --until) or --all", file=sys.stderr)  # fmt: skip
+        print(
+            f"chert-relay dlq {action}: give a filter (--tenant, --sink, --class, --type, "
+            "--since, --until) or --all",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if action == "replay":
         out = await store.replay(flt, dry_run=args.dry_run)
@@ -163,8 +148,11 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
 async def _show(store: DeadLetterStore, args: argparse.Namespace) -> int:
     d = await store.get(args.tenant, args.sink, args.event_id)
     if d is None:
-        print(f"chert-relay dlq show: no dead letter for {args.event_id} to {args.tenant}/"
-              f"{args.sink}", file=sys.stderr)  # fmt: skip
+        print(
+            f"chert-relay dlq show: no dead letter for {args.event_id} to {args.tenant}/"
+            f"{args.sink}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     body = await store.payload(d.tenant, d.event_id)
     if args.json:

@@ -29,74 +29,40 @@ moment later.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar, cast
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar, cast
 
 import redis.exceptions
-from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from relay.config import Config
+from relay.config import Config, parse_duration
 from relay.errors import DeadLetterError
-from relay.ingest.ingestor import EXPIRY_MARGIN_S
 from relay.keys import Keys
-from relay.store import jobs as queue
-from relay.store import stored_event
+from relay.store import jobs, scripts, stored_event
 
 CLASSES = ("rejected", "exhausted", "gone")
+# What replay.lua answers for one entry, and why an entry it did not replay was skipped.
+ReplayVerdict = Literal["ok", "missing", "busy", "no_payload"]
+SKIPPED: dict[ReplayVerdict, str] = {
+    "busy": "its last delivery is still finishing; try again",
+    "no_payload": "the event's payload is no longer stored",
+}
 T = TypeVar("T")
 _CHUNK = 200
 
-# Included by the delivery's finish script. ``fields`` is ARGV from ``first`` on: flat
-# name/value pairs of the entry, which include ``class``.
-LUA_ADD = """
-local function deadletter_add(entry, index, counts, member, now, cls, first)
-  local old = redis.call('HGET', entry, 'class')
-  if old then redis.call('HINCRBY', counts, old, -1) end
-  redis.call('DEL', entry)
-  redis.call('HSET', entry, unpack(ARGV, first))
-  redis.call('ZADD', index, now, member)
-  redis.call('HINCRBY', counts, cls, 1)
-end
-"""
 
-# KEYS: entry, index, counts, ev, job, queue, attempts, arq retry, arq in-progress, gone
-# ARGV: member, now_ms, job (serialized), job_ttl_ms, deadline_ms, attempts_ttl_ms, job_id
-_REPLAY = """
-local cls = redis.call('HGET', KEYS[1], 'class')
-if not cls then return 'missing' end
-if redis.call('EXISTS', KEYS[9]) == 1 then return 'busy' end
-if redis.call('EXISTS', KEYS[4]) == 0 then return 'no_payload' end
-local job_id = ARGV[7]
-if redis.call('EXISTS', KEYS[5]) == 0 then
-  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4])
-  redis.call('DEL', KEYS[8], KEYS[7])
-  redis.call('HSET', KEYS[7], 'dl', ARGV[5], 'src', 'replay')
-  redis.call('PEXPIRE', KEYS[7], ARGV[6])
-  redis.call('ZADD', KEYS[6], ARGV[2], job_id)
-else
-  -- a job for this (event, sink) is already queued: it carries the delivery
-  event_release(KEYS[4])
-end
-redis.call('DEL', KEYS[10])
-redis.call('HINCRBY', KEYS[3], cls, -1)
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 'ok'
-"""
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """A delivery's attempts so far: how many, and when the first and last were."""
 
-# KEYS: entry, index, counts, ev   ARGV: member
-_PURGE = """
-local cls = redis.call('HGET', KEYS[1], 'class')
-if not cls then return 0 end
-redis.call('HINCRBY', KEYS[3], cls, -1)
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-event_release(KEYS[4])
-return 1
-"""
+    attempts: int
+    first: float | None  # unix seconds
+    last: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +83,33 @@ class DeadLetter:
         out = asdict(self)
         out["class"] = out.pop("cls")
         return out
+
+
+_AGE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*$")
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Unix seconds from ``1767225600``, ``2026-05-24T01:35:34Z`` or an age like ``2h``."""
+    now = time.time() if now is None else now
+    if _AGE_RE.match(text):
+        return now - parse_duration(text)
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"{text!r} is not a time: use unix seconds, ISO 8601 or an age")
+        return seconds
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use unix seconds, ISO 8601 or an age like '2h'"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +133,9 @@ class Filter:
 
     def is_empty(self) -> bool:
         return all(
-            v is None for v in (self.tenant, self.sink, self.cls, self.event_type,
-                                self.since, self.until)
-        )  # fmt: skip
+            v is None
+            for v in (self.tenant, self.sink, self.cls, self.event_type, self.since, self.until)
+        )
 
 
 @dataclass
@@ -167,11 +160,27 @@ def entry_fields(d: DeadLetter) -> list[str]:
         return "" if t is None else str(int(t * 1000))
 
     return [
-        "event_id", d.event_id, "sink", d.sink, "type", d.event_type, "class", d.cls,
-        "status", "" if d.status is None else str(d.status), "error", d.error,
-        "attempts", str(d.attempts), "first", ms(d.first_attempt), "last", ms(d.last_attempt),
-        "at", ms(d.dead_lettered_at),
-    ]  # fmt: skip
+        "event_id",
+        d.event_id,
+        "sink",
+        d.sink,
+        "type",
+        d.event_type,
+        "class",
+        d.cls,
+        "status",
+        "" if d.status is None else str(d.status),
+        "error",
+        d.error,
+        "attempts",
+        str(d.attempts),
+        "first",
+        ms(d.first_attempt),
+        "last",
+        ms(d.last_attempt),
+        "at",
+        ms(d.dead_lettered_at),
+    ]
 
 
 def member(sink: str, event_id: str) -> str:
@@ -207,8 +216,8 @@ class DeadLetterStore:
 
     def __init__(self, redis_client: Redis, config: Config) -> None:
         self._redis = redis_client
-        self._replay = redis_client.register_script(stored_event.LUA + _REPLAY)
-        self._purge = redis_client.register_script(stored_event.LUA + _PURGE)
+        self._replay = scripts.script("replay").bind(redis_client)
+        self._purge = scripts.script("purge").bind(redis_client)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -292,50 +301,52 @@ class DeadLetterStore:
 
     async def _replay_batch(self, batch: list[DeadLetter], out: Outcome, dry_run: bool) -> None:
         k = self._keys
-        prefix = self._config.redis.key_prefix
-        q = queue.queue_name(prefix)
         now = time.time()
+        now_ms = int(now * 1000)
         calls: list[DeadLetter] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for d in batch:
                 tenant = self._config.tenant(d.tenant)
-                sink = None if tenant is None else next(
-                    (s for s in tenant.sinks if s.name == d.sink), None
-                )  # fmt: skip
+                sink = None if tenant is None else tenant.sink(d.sink)
                 if sink is None:
                     out.skipped.append((d, "sink is no longer configured"))
                     continue
                 if dry_run:
                     out.done.append(d)
                     continue
-                job_id = queue.delivery_job_id(prefix, d.tenant, d.sink, d.event_id)
-                job = queue.serialize({
-                    "t": None, "f": queue.DELIVER_FUNCTION,
-                    "a": [d.tenant, d.sink, d.event_id], "k": {}, "et": int(now * 1000),
-                })  # fmt: skip
-                ttl_ms = int((sink.max_age + EXPIRY_MARGIN_S) * 1000)
-                keys = [
-                    k.dead_letter(d.tenant, d.sink, d.event_id), k.dead_letters(d.tenant),
-                    k.dead_letter_counts(d.tenant), k.event(d.tenant, d.event_id),
-                    queue.JOB_KEY_PREFIX + job_id, q, k.attempts(d.tenant, d.sink, d.event_id),
-                    retry_key_prefix + job_id, in_progress_key_prefix + job_id,
-                    k.sink_gone(d.tenant, d.sink),
-                ]  # fmt: skip
-                args: list[str | int | bytes] = [
-                    member(d.sink, d.event_id), int(now * 1000), job, ttl_ms,
-                    int((now + sink.max_age) * 1000), ttl_ms, job_id,
-                ]  # fmt: skip
+                job_id = k.job_id(d.tenant, d.sink, d.event_id)
+                ttl_ms = int((sink.max_age + jobs.EXPIRY_MARGIN_S) * 1000)
+                keys = {
+                    "entry": k.dead_letter(d.tenant, d.sink, d.event_id),
+                    "index": k.dead_letters(d.tenant),
+                    "counts": k.dead_letter_counts(d.tenant),
+                    "ev": k.event(d.tenant, d.event_id),
+                    "job": k.job(job_id),
+                    "queue": k.queue,
+                    "attempts": k.attempts(d.tenant, d.sink, d.event_id),
+                    "retry": k.job_retry(job_id),
+                    "in_progress": k.job_in_progress(job_id),
+                    "gone": k.sink_gone(d.tenant, d.sink),
+                }
+                args = {
+                    "member": member(d.sink, d.event_id),
+                    "now": now_ms,
+                    "job": jobs.delivery_job(d.tenant, d.sink, d.event_id, now_ms),
+                    "job_ttl_ms": ttl_ms,
+                    "deadline_ms": int((now + sink.max_age) * 1000),
+                    "attempts_ttl_ms": ttl_ms,
+                    "job_id": job_id,
+                }
                 await self._replay(keys=keys, args=args, client=pipe)
                 calls.append(d)
             results = await pipe.execute() if calls else []
         for d, r in zip(calls, results, strict=True):
-            reason = r.decode() if isinstance(r, bytes) else str(r)
-            if reason == "ok":
+            verdict = cast(ReplayVerdict, r.decode() if isinstance(r, bytes) else str(r))
+            why = SKIPPED.get(verdict)
+            if verdict == "ok":
                 out.done.append(d)
-            elif reason == "busy":
-                out.skipped.append((d, "its last delivery is still finishing; try again"))
-            elif reason == "no_payload":
-                out.skipped.append((d, "the event's payload is no longer stored"))
+            elif why is not None:
+                out.skipped.append((d, why))
             # "missing": replayed or purged meanwhile by someone else
 
     async def purge(self, flt: Filter, *, dry_run: bool = False) -> Outcome:
@@ -354,11 +365,15 @@ class DeadLetterStore:
         k = self._keys
         async with self._redis.pipeline(transaction=False) as pipe:
             for d in items:
-                keys = [
-                    k.dead_letter(d.tenant, d.sink, d.event_id), k.dead_letters(d.tenant),
-                    k.dead_letter_counts(d.tenant), k.event(d.tenant, d.event_id),
-                ]  # fmt: skip
-                await self._purge(keys=keys, args=[member(d.sink, d.event_id)], client=pipe)
+                keys = {
+                    "entry": k.dead_letter(d.tenant, d.sink, d.event_id),
+                    "index": k.dead_letters(d.tenant),
+                    "counts": k.dead_letter_counts(d.tenant),
+                    "ev": k.event(d.tenant, d.event_id),
+                }
+                await self._purge(
+                    keys=keys, args={"member": member(d.sink, d.event_id)}, client=pipe
+                )
             results = await pipe.execute()
         out.done += [d for d, r in zip(items, results, strict=True) if r]
 

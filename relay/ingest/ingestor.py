@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
@@ -26,8 +25,8 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.ingest.envelope import Event
-from relay.store import jobs as queue
-from relay.store import stored_event
+from relay.keys import JOB_KEY_PREFIX, Keys
+from relay.store import jobs, scripts, stored_event
 from relay.store.script_pipe import ScriptPipeline, bulk, bulks
 
 if TYPE_CHECKING:
@@ -35,12 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LUA = resources.files("relay.store").joinpath("lua/ingest.lua").read_text(encoding="utf-8")
 SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
-
-# How long past its deadline a job (and its payload) stays in Redis: arq must never
-# drop a job by expiry before the relay's own deadline turns it into a dead letter.
-EXPIRY_MARGIN_S = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +66,21 @@ class Ingestor:
         self._metrics = metrics
         self._sources = {s: s.encode() for s in SOURCES}
         self._pipe: ScriptPipeline[_Item] = ScriptPipeline(
-            redis_client, LUA, self._build,
+            redis_client,
+            scripts.script("ingest").source,
+            self._build,
             timeout=config.server.ingest_timeout if timeout is None else timeout,
-            flush_at=flush_at, max_batch=max_batch,
+            flush_at=flush_at,
+            max_batch=max_batch,
             observe=self._observe if metrics is not None else None,
-        )  # fmt: skip
+        )
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
         """Use a new configuration (on reload); routes are recomputed lazily."""
         self._config = config
         prefix = config.redis.key_prefix
-        self._head = bulks([prefix, queue.queue_name(prefix), queue.JOB_KEY_PREFIX])
+        self._head = bulks([prefix, Keys(prefix).queue, JOB_KEY_PREFIX])
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tenants = {t.slug: bulk(t.slug) for t in config.tenants}
 
@@ -95,21 +92,17 @@ class Ingestor:
             if t is None:
                 raise KeyError(f"unknown tenant {tenant!r}")
             sinks = [s for s in t.sinks if s.matches(event_type)]
-            longest = max([s.max_age for s in sinks], default=0.0) + EXPIRY_MARGIN_S
+            longest = max([s.max_age for s in sinks], default=0.0) + jobs.EXPIRY_MARGIN_S
             args: list[str | int] = [
                 int(max(longest, self._config.relay.dedupe_ttl) * 1000),
                 len(sinks),
             ]
             for s in sinks:
-                args += [s.name, int((s.max_age + EXPIRY_MARGIN_S) * 1000)]
+                args += [s.name, int((s.max_age + jobs.EXPIRY_MARGIN_S) * 1000)]
             route = _Route(sinks=tuple(s.name for s in sinks), packed=bulks(args), nargs=len(args))
             if len(self._routes) < 4096:
                 self._routes[key] = route
         return route
-
-    def sinks_for(self, tenant: str, event_type: str) -> tuple[str, ...]:
-        """The sinks an event of this type is delivered to."""
-        return self._route(tenant, event_type).sinks
 
     async def ingest(self, tenant: str, event: Event, source: str) -> bool:
         """Store and enqueue ``event``; ``True`` if new, ``False`` if already seen.
@@ -136,9 +129,15 @@ class Ingestor:
         ts = stored_event.timestamp_field(event.timestamp)
         head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
         packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n%s" % (
-            self._tenants[tenant], len(eid), eid, len(head) + len(etype) + len(body), head,
-            etype, body, route.packed,
-        )  # fmt: skip
+            self._tenants[tenant],
+            len(eid),
+            eid,
+            len(head) + len(etype) + len(body),
+            head,
+            etype,
+            body,
+            route.packed,
+        )
         return self._pipe.submit((tenant, source == "webhook", packed, 3 + route.nargs))
 
     def ingested(self, tenant: str, source: str, new: bool) -> Counter:

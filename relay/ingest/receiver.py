@@ -28,7 +28,8 @@ from relay.config import Config
 from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import envelope
 from relay.ingest.envelope import BadEventError
-from relay.ingest.http_server import HttpServer, Pending, Response
+from relay.ingest.http_server import HttpServer
+from relay.ingest.http_types import Pending, Response
 from relay.ingest.ingestor import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
@@ -133,9 +134,13 @@ class Receiver:
         if suppressed is not None:
             log.warning(
                 "webhook refused: tenant=%s status=%d reason=%s remote=%s: %s%s",
-                tenant, status, reason, req.remote, detail,
+                tenant,
+                status,
+                reason,
+                req.remote,
+                detail,
                 f" ({suppressed} more like it since the last line)" if suppressed else "",
-            )  # fmt: skip
+            )
         self._observe(time.perf_counter() - req.started)
         body = json.dumps({"error": reason, "message": detail}).encode()
         return Response(status, body, self._retry_after if status == 503 else ())

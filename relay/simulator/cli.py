@@ -211,8 +211,14 @@ def tenants_from_config(
         hook = t.webhook_secrets[0].get() if t.webhook_secrets else None
         api = t.api.signing_secret.get() if t.api.signing_secret else secrets.token_hex(16)
         target = url.replace("{tenant}", t.slug) if url and hook else None
-        out.append(SimTenant(slug=t.slug, api_secret=api, webhook_secret=hook or
-                             secrets.token_hex(32), webhook_url=target))  # fmt: skip
+        out.append(
+            SimTenant(
+                slug=t.slug,
+                api_secret=api,
+                webhook_secret=hook or secrets.token_hex(32),
+                webhook_url=target,
+            )
+        )
     missing = sorted(set(only) - {t.slug for t in out})
     if missing:
         raise ValueError(f"not in the configuration: {', '.join(missing)}")
@@ -288,14 +294,18 @@ class _Printer:
             return
         outcome = str(a.status) if a.status is not None else a.error
         extra = " replay" if a.replay else " copy" if a.copy else ""
-        _out(f"push  {a.tenant} {a.event_id} attempt {a.attempt}{extra} -> {outcome} "
-             f"({a.duration_ms} ms)")  # fmt: skip
+        _out(
+            f"push  {a.tenant} {a.event_id} attempt {a.attempt}{extra} -> {outcome} "
+            f"({a.duration_ms} ms)"
+        )
 
     def counts(self) -> None:
         stats = self._sim.stats()
         events = sum(t["events"] for t in stats["tenants"].values())
-        status = {s: sum(t[s] for t in stats["tenants"].values())
-                  for s in ("pending", "delivered", "failed", "dev_inbox")}  # fmt: skip
+        status = {
+            s: sum(t[s] for t in stats["tenants"].values())
+            for s in ("pending", "delivered", "failed", "dev_inbox")
+        }
         wh = stats["webhooks"]
         line = (
             f"counts: events {events} (delivered {status['delivered']}, failed "
@@ -305,8 +315,10 @@ class _Printer:
             f" · api requests {stats['api']['requests']} · streams {stats['streams']['open']}"
         )
         if self._sink is not None:
-            line += (f" · sink {self._sink.received} received, {self._sink.unique} distinct, "
-                     f"{self._sink.repeats} repeats")  # fmt: skip
+            line += (
+                f" · sink {self._sink.received} received, {self._sink.unique} distinct, "
+                f"{self._sink.repeats} repeats"
+            )
             if self._sink.bad_signatures:
                 line += f", {self._sink.bad_signatures} bad signatures"
         _out(line)
@@ -358,8 +370,10 @@ async def _run(
             await sink_runner.cleanup()
         return EXIT_FAILURE
 
-    _out(f"simulator ready: events API {sim.base_url} · control {sim.url}/_sim/faults, "
-         f"/_sim/emit, /_sim/stats")  # fmt: skip
+    _out(
+        f"simulator ready: events API {sim.base_url} · control {sim.url}/_sim/faults, "
+        f"/_sim/emit, /_sim/stats"
+    )
     for t in tenants:
         _out(f"tenant {t.slug}: webhooks -> {t.webhook_url or 'none (rows are dev_inbox)'}")
     if sink is not None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
+import redis.asyncio
 import redis.exceptions
 from redis.asyncio import Redis
 
@@ -45,6 +48,34 @@ def connect(url: str, *, timeout: float = 5.0, max_connections: int = 64) -> Red
     return client
 
 
+def _pool_kwargs(client: Redis) -> tuple[type[Any], dict[str, Any]]:
+    pool = client.connection_pool
+    return pool.connection_class, dict(pool.connection_kwargs)
+
+
+def blocking_pool(client: Redis, size: int) -> redis.asyncio.BlockingConnectionPool:
+    """A pool of ``size`` connections to the same server as ``client``; a caller waits
+    (up to 10 s) for a free one rather than failing (the worker's ``max_jobs``)."""
+    cls, kwargs = _pool_kwargs(client)
+    return redis.asyncio.BlockingConnectionPool(
+        connection_class=cls, max_connections=size, timeout=10, **kwargs
+    )
+
+
+def sync_client(client: Redis, timeout: float = 1.0) -> redis.Redis:
+    """A blocking client to the same server as ``client`` (for scrape-time collectors)."""
+    cls, kwargs = _pool_kwargs(client)
+    sync_cls: type[Any] = redis.connection.Connection
+    if cls.__name__ == "UnixDomainSocketConnection":
+        sync_cls = redis.connection.UnixDomainSocketConnection
+    elif cls.__name__ == "SSLConnection":
+        sync_cls = redis.connection.SSLConnection
+    kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    kwargs.pop("redis_connect_func", None)
+    pool = redis.ConnectionPool(connection_class=sync_cls, max_connections=2, **kwargs)
+    return redis.Redis(connection_pool=pool)
+
+
 async def _config_value(client: Redis, name: str) -> str | None:
     found = await client.config_get(name)
     for key, value in found.items():
@@ -69,16 +100,20 @@ async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]
         aof = await _config_value(client, "appendonly")
         fsync = await _config_value(client, "appendfsync")
     except redis.exceptions.ResponseError as e:
-        return [f"cannot read Redis settings (CONFIG GET refused: {e}); make sure it runs "
-                "with maxmemory-policy noeviction and appendonly yes"]  # fmt: skip
+        return [
+            f"cannot read Redis settings (CONFIG GET refused: {e}); make sure it runs "
+            "with maxmemory-policy noeviction and appendonly yes"
+        ]
     if policy is not None and policy != SAFE_POLICY:
         raise UnsafeRedisError(
             f"Redis maxmemory-policy is {policy!r}: it may evict queued events. "
             f"Set maxmemory-policy {SAFE_POLICY}."
         )
     if aof is not None and aof != "yes":
-        msg = ("Redis has AOF off (appendonly no): events acknowledged since its last "
-               "snapshot are lost if it crashes. Set appendonly yes.")  # fmt: skip
+        msg = (
+            "Redis has AOF off (appendonly no): events acknowledged since its last "
+            "snapshot are lost if it crashes. Set appendonly yes."
+        )
         if require_aof:
             raise UnsafeRedisError(msg)
         warnings.append(msg)

@@ -58,16 +58,25 @@ class EmbeddedRedis:
     def _argv(self, exe: str, sock: Path | None) -> list[str]:
         argv = [
             exe,
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--maxmemory-policy", "noeviction",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.directory / "redis.log"),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
-        ]  # fmt: skip
+            "--dir",
+            str(self.directory),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+        ]
         if sock is not None:
             argv += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
         else:

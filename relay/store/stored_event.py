@@ -1,7 +1,8 @@
 """The stored event: one Redis string per ``(tenant, event_id)``, shared by its deliveries.
 
-Ingest writes it once (``ingest.lua``), each delivery reads it (``relay.delivery``),
-and a dead letter keeps it until replayed or purged (``relay.deadletters``). It is a
+Ingest writes it once (``ingest.lua``), each delivery reads it (``claim.lua``), and a
+dead letter keeps it until replayed or purged (:mod:`relay.delivery.deadletters`); the
+scripts that read its ingest time or release it use ``lua/lib/stored_event.lua``. It is a
 short ASCII header, the event type and then the envelope byte for byte::
 
     UUUU AAAAAAAAAAAAA SOURCE TS TYPELEN\\n TYPE BODY
@@ -25,23 +26,6 @@ from dataclasses import dataclass
 
 MAX_USERS = 9999  # four digits; a tenant has at most 1,000 sinks, each at most 2 users
 # (a job and a dead letter)
-
-# Included by the scripts that read the ingest time or release the stored event; the
-# rest of it is parsed by the caller (:func:`parse`).
-LUA = r"""
-local function event_at(stored)  -- the ingest time, Unix ms
-  return tonumber(string.sub(stored, 6, 18))
-end
-local function event_release(key)
-  local n = tonumber(redis.call('GETRANGE', key, 0, 3))
-  if not n then return end
-  if n <= 1 then
-    redis.call('DEL', key)
-  else
-    redis.call('SETRANGE', key, 0, string.format('%04d', n - 1))
-  end
-end
-"""
 
 
 @dataclass(frozen=True, slots=True)

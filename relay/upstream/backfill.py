@@ -47,7 +47,7 @@ from relay.metrics import Metrics
 from relay.store.client import check_server, connect
 from relay.store.embedded import open_redis_url
 from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
-from relay.upstream.poller import RowsResult, ingest_rows
+from relay.upstream.rows import RowsResult, ingest_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ class BackfillSummary:
         self.skipped += result.skipped
 
     def line(self) -> str:
-        text = (f"{self.seen} rows seen, {self.new} new, {self.duplicates} duplicates, "
-                f"{self.skipped} skipped")  # fmt: skip
+        text = (
+            f"{self.seen} rows seen, {self.new} new, {self.duplicates} duplicates, "
+            f"{self.skipped} skipped"
+        )
         if self.after_until:
             text += f", {self.after_until} after --until"
         return text
@@ -170,9 +172,14 @@ async def run_backfill(
         api = ChertApi(tenant, session, metrics)
         try:
             await backfill(
-                api, ingestor, since=since, until=until, page_size=tenant.poll.page_size,
-                progress=progress, summary=summary,
-            )  # fmt: skip
+                api,
+                ingestor,
+                since=since,
+                until=until,
+                page_size=tenant.poll.page_size,
+                progress=progress,
+                summary=summary,
+            )
         finally:
             await ingestor.drain()
     return summary
@@ -191,27 +198,37 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     config = load_config(config_path(getattr(args, "config", None)))
     tenant = config.tenant(args.tenant)
     if tenant is None:
-        print(f"chert-relay backfill: no tenant {args.tenant!r} in the configuration",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"chert-relay backfill: no tenant {args.tenant!r} in the configuration", file=sys.stderr
+        )
         return EXIT_USAGE
     if tenant.api.signing_secret is None:
-        print(f"chert-relay backfill: tenant {tenant.slug} has no api.signing_secret",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"chert-relay backfill: tenant {tenant.slug} has no api.signing_secret", file=sys.stderr
+        )
         return EXIT_CONFIG
     label = f"backfill {tenant.slug}"
     progress = Progress(sys.stderr, label)
     summary = BackfillSummary()
     code = EXIT_OK
     try:
-        asyncio.run(run_backfill(config, tenant, since=since, until=until, progress=progress,
-                                 summary=summary))  # fmt: skip
+        asyncio.run(
+            run_backfill(
+                config, tenant, since=since, until=until, progress=progress, summary=summary
+            )
+        )
     except ChertApiError as e:
-        print(f"\nchert-relay backfill: Chert answered {e.status} code {e.code} ({e.message}), "
-              f"trace_id={e.trace_id or '-'}", file=sys.stderr)  # fmt: skip
+        print(
+            f"\nchert-relay backfill: Chert answered {e.status} code {e.code} ({e.message}), "
+            f"trace_id={e.trace_id or '-'}",
+            file=sys.stderr,
+        )
         code = EXIT_CONFIG if e.is_auth else EXIT_UNAVAILABLE
     except ChertPagingError as e:
-        print(f"\nchert-relay backfill: {e}; rows on the pages not read were not backfilled",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"\nchert-relay backfill: {e}; rows on the pages not read were not backfilled",
+            file=sys.stderr,
+        )
         code = EXIT_UNAVAILABLE
     except UpstreamError as e:
         print(f"\nchert-relay backfill: {e}", file=sys.stderr)

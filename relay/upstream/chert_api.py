@@ -219,9 +219,10 @@ class ChertApi:
         # A stream's body has no deadline (the SSE idle timeout covers silence); its
         # connect and response headers are bounded below, as every request's are.
         timeout = aiohttp.ClientTimeout(
-            total=None if stream else api.timeout, sock_connect=api.timeout,
+            total=None if stream else api.timeout,
+            sock_connect=api.timeout,
             sock_read=None if stream else api.timeout,
-        )  # fmt: skip
+        )
         attempt = 0
         reread = False
         while True:
@@ -233,9 +234,12 @@ class ChertApi:
             try:
                 async with asyncio.timeout(api.timeout):  # connect + response headers
                     resp = await self._session.get(
-                        url, params=query, headers=headers, timeout=timeout,
+                        url,
+                        params=query,
+                        headers=headers,
+                        timeout=timeout,
                         allow_redirects=False,  # signed headers go to Chert only
-                    )  # fmt: skip
+                    )
             except aiohttp.ClientError as e:  # aiohttp's own timeouts included
                 err = ChertUnreachableError(f"GET {path}: {type(e).__name__}: {e}")
             except TimeoutError:
@@ -280,10 +284,19 @@ class ChertApi:
         if isinstance(err, ChertApiError):
             level = logging.DEBUG if err.is_auth else logging.WARNING
             log.log(
-                level, "tenant %s: GET %s: Chert answered %d code %d (%s), retryable=%s, "
-                "trace_id=%s; attempt %d, %s", self.slug, path, err.status, err.code,
-                err.message, err.retryable, err.trace_id or "-", attempt, then,
-            )  # fmt: skip
+                level,
+                "tenant %s: GET %s: Chert answered %d code %d (%s), retryable=%s, "
+                "trace_id=%s; attempt %d, %s",
+                self.slug,
+                path,
+                err.status,
+                err.code,
+                err.message,
+                err.retryable,
+                err.trace_id or "-",
+                attempt,
+                then,
+            )
         else:
             log.warning("tenant %s: %s; attempt %d, %s", self.slug, err, attempt, then)
 
@@ -300,8 +313,12 @@ class ChertApi:
     ) -> Page:
         """One page of ``GET /events``."""
         params: dict[str, str | int | None] = {
-            "since": since, "cursor": cursor, "limit": limit, "status": status, "type": event_type,
-        }  # fmt: skip
+            "since": since,
+            "cursor": cursor,
+            "limit": limit,
+            "status": status,
+            "type": event_type,
+        }
         resp = await self._request("/events", params)
         try:
             body = await resp.read()
@@ -321,9 +338,12 @@ class ChertApi:
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ChertApiError(
-                resp.status, 0, "GET /events: unexpected response shape", retryable=True,
+                resp.status,
+                0,
+                "GET /events: unexpected response shape",
+                retryable=True,
                 trace_id=resp.headers.get("X-Trace-ID"),
-            ) from None  # fmt: skip
+            ) from None
         return Page(rows=[r for r in rows if isinstance(r, dict)], next_cursor=cursor_out or None)
 
     async def events(self, *, since: str | None, page_size: int) -> AsyncIterator[Page]:

@@ -1,9 +1,10 @@
 """A Redis lease: at most one holder of a name at a time, across every relay process.
 
 ``acquire`` is ``SET key token NX PX ttl`` with a random token per holder; the
-holder renews well within the ttl, and renewal and release are Lua scripts that
-act only if the key still holds *our* token — so a holder that stalled past its
-ttl can neither extend nor delete a lease another process has since taken. When a
+holder renews well within the ttl, and renewal and release are Lua scripts
+(``lease_renew.lua``, ``lease_release.lua``) that act only if the key still holds *our*
+token — so a holder that stalled past its ttl can neither extend nor delete a lease
+another process has since taken. When a
 holder dies, its key expires and the next ``acquire`` elsewhere succeeds: the
 takeover happens within one ttl (plus the contender's retry interval).
 """
@@ -14,18 +15,7 @@ import secrets
 
 from redis.asyncio import Redis
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from relay.store import scripts
 
 
 class Lease:
@@ -37,8 +27,8 @@ class Lease:
         self.token = secrets.token_hex(16)
         self.held = False
         self._redis = redis
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = scripts.script("lease_renew").bind(redis)
+        self._release = scripts.script("lease_release").bind(redis)
 
     @property
     def _ttl_ms(self) -> int:
@@ -54,13 +44,17 @@ class Lease:
 
     async def renew(self) -> bool:
         """Extend the lease if it is still ours; ``False`` (and not held) if it was lost."""
-        self.held = bool(await self._renew(keys=[self.key], args=[self.token, self._ttl_ms]))
+        self.held = bool(
+            await self._renew(
+                keys={"lease": self.key}, args={"token": self.token, "ttl_ms": self._ttl_ms}
+            )
+        )
         return self.held
 
     async def release(self) -> None:
         """Give the lease up at once (if still ours), so another process can take over."""
         self.held = False
-        await self._release(keys=[self.key], args=[self.token])
+        await self._release(keys={"lease": self.key}, args={"token": self.token})
 
     async def holder(self) -> str | None:
         """The token of whoever holds the lease now, if anyone."""

@@ -1,0 +1,62 @@
+"""The admin role: the admin app (:mod:`relay.admin.app`) on its listener, with the
+dead-letter and poller routes, run without aiohttp's own signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from relay.admin.app import Admin
+from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.poller_routes import PollerStatusApi
+from relay.config import Config
+from relay.runtime import Runtime
+from relay.upstream.poller import Poller
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class AdminRole:
+    name = "admin"
+
+    def __init__(self, rt: Runtime, poller: Callable[[], Poller | None]) -> None:
+        self.admin = Admin(rt.config, rt.redis, rt.metrics)
+        self.admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
+        self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
+        self._listen = rt.config.admin.listen
+        self._runner = web.AppRunner(
+            self.admin.app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
+        self._stopped = asyncio.Event()
+        self.addresses: list[object] = []
+
+    async def start(self) -> None:
+        listen = self._listen
+        assert listen is not None
+        await self._runner.setup()
+        site: web.BaseSite
+        if listen.path is not None:
+            site = web.UnixSite(self._runner, listen.path)
+        else:
+            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
+        await site.start()
+        self.addresses = list(self._runner.addresses)
+        log.info("admin listening on %s", ", ".join(map(str, self.addresses)))
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        self._stopped.set()
+
+    def reload(self, config: Config) -> None:
+        self.admin.set_config(config)

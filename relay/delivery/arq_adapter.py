@@ -1,0 +1,182 @@
+"""arq, behind one small module: the job function, its typed context, and the worker class.
+
+arq is the scheduler and executor only (``relay.delivery.deliverer`` is what a job
+does). :func:`new_worker` sets arq up for I/O-bound work and for the relay's
+guarantees:
+
+- ``handle_signals=False``: only ``relay.service`` handles signals; the worker role
+  stops arq itself (``relay.delivery.role``).
+- ``keep_result=0`` (no result keys), JSON job (de)serialization, ``max_tries``
+  unbounded — the relay's own ``max_attempts``/``max_age`` are the limits; arq counts
+  every pickup (deferrals too), and a long-deferred job must never hit that count.
+- the job timeout is the longest sink timeout plus :data:`JOB_MARGIN_S`, so the relay's
+  own timeouts always fire first (arq's timeout would end the job for good).
+- ``on_job_start``/``on_job_end`` hooks are wrapped by :class:`SafeHook`: a raising hook
+  kills arq's worker.
+- jobs are started by :class:`BatchStartWorker`: arq's checks (due, not in progress on
+  any worker), one Lua call per poll instead of four round trips per job. A due job
+  whose ``arq:job:`` key has expired (no worker ran for longer than the sink's
+  ``max_age`` + 1 day) is reported, where arq would drop it with a warning.
+
+The job's dependencies travel in arq's ``ctx`` as one typed object (:class:`JobContext`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.utils import timestamp_ms
+from arq.worker import Worker, func
+
+from relay.config import Config
+from relay.keys import Keys
+from relay.store import jobs, scripts
+
+if TYPE_CHECKING:
+    from relay.delivery.deliverer import Deliverer
+
+log = logging.getLogger(__name__)
+
+CTX_KEY = "relay"  # the one key of arq's ctx dict the relay uses
+JOB_MARGIN_S = 3.0  # arq's job timeout = longest sink timeout + this
+MAX_PICKUPS = sys.maxsize  # arq's max_tries: unbounded; the relay's own limits end a delivery
+
+
+@dataclass
+class JobContext:
+    """What the job function needs, kept in arq's ``ctx`` under :data:`CTX_KEY`."""
+
+    deliverer: Deliverer
+
+
+def job_context(ctx: dict[str, Any]) -> JobContext:
+    """The relay's typed context from arq's untyped ``ctx`` dict."""
+    found = ctx.get(CTX_KEY)
+    if not isinstance(found, JobContext):
+        raise RuntimeError("the worker did not set up the delivery context")
+    return found
+
+
+async def deliver(ctx: dict[str, Any], tenant: str, sink: str, event_id: str) -> None:
+    """The arq job function (registered as ``deliver``): one attempt, or a deferral."""
+    await job_context(ctx).deliverer.deliver(tenant, sink, event_id, str(ctx["job_id"]))
+
+
+def job_timeout(config: Config) -> float:
+    """arq's timeout for the delivery function: well past every sink's HTTP timeout."""
+    longest = max((s.timeout for t in config.tenants for s in t.sinks), default=10.0)
+    return longest + JOB_MARGIN_S
+
+
+class SafeHook:
+    """An arq hook that never raises (a raising hook would stop arq's worker)."""
+
+    def __init__(self, hook: Callable[[dict[Any, Any]], None]) -> None:
+        self._hook = hook
+        self.__qualname__ = hook.__name__
+
+    async def __call__(self, ctx: dict[Any, Any]) -> None:
+        try:
+            self._hook(ctx)
+        except Exception:
+            log.exception("worker hook %s failed (ignored)", self.__qualname__)
+
+
+class BatchStartWorker(Worker):
+    """arq's ``Worker``, starting the due jobs of one poll with one Redis call.
+
+    arq's own ``start_jobs`` makes four sequential round trips per job (WATCH, EXISTS,
+    ZSCORE, MULTI/EXEC) from the single polling loop, which caps how fast jobs start —
+    badly so with ``appendfsync always``, where each one waits for an fsync. This
+    does the same checks for the whole batch atomically in Lua (``start_jobs.lua``).
+    """
+
+    on_expired: Callable[[str], None] | None = None
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        free = self.max_jobs - self.job_counter
+        ids = [j for j in job_ids if j.decode() not in self.tasks]
+        if free <= 0 or not ids:
+            return
+        script = getattr(self, "_start_script", None)
+        if script is None:
+            script = self._start_script = scripts.script("start_jobs").bind(self.pool)
+        claimed, expired = await script(
+            keys={"queue": self.queue_name},
+            args={
+                "now": timestamp_ms(),
+                "in_progress_ms": int(self.in_progress_timeout_s * 1000),
+                "max": free,
+                "in_progress_prefix": in_progress_key_prefix,
+                "job_prefix": job_key_prefix,
+            },
+            rest=ids,
+        )
+        for job_id in expired:
+            if self.on_expired is not None:
+                self.on_expired(job_id.decode())
+        for i in range(0, len(claimed), 2):
+            await self.sem.acquire()
+            self.job_counter += 1
+            job_id = claimed[i].decode()
+            t = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
+            t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = t
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHooks:
+    """What the role hears from arq: a job started, ended, or expired unrun."""
+
+    started: Callable[[dict[Any, Any]], None]
+    ended: Callable[[dict[Any, Any]], None]
+    expired: Callable[[str], None]
+
+
+def new_worker(
+    config: Config,
+    pool: ArqRedis,
+    context: JobContext,
+    hooks: WorkerHooks,
+    *,
+    timeout: float,
+    burst: bool,
+) -> BatchStartWorker:
+    """arq's worker for the delivery queue, set up as the module docstring says."""
+    w = config.worker
+    worker = BatchStartWorker(
+        functions=[
+            func(
+                deliver,
+                name=jobs.DELIVER_FUNCTION,
+                timeout=timeout,
+                max_tries=MAX_PICKUPS,
+                keep_result=0,
+            )
+        ],
+        queue_name=Keys(config.redis.key_prefix).queue,
+        redis_pool=pool,
+        burst=burst,
+        handle_signals=False,
+        job_completion_wait=int(w.shutdown_grace),
+        max_jobs=w.max_jobs,
+        job_timeout=timeout,
+        keep_result=0,
+        poll_delay=w.poll_delay,
+        queue_read_limit=w.queue_read_limit,
+        max_tries=MAX_PICKUPS,
+        ctx={CTX_KEY: context},
+        on_job_start=SafeHook(hooks.started),
+        on_job_end=SafeHook(hooks.ended),
+        job_serializer=jobs.serialize,
+        job_deserializer=jobs.deserialize,
+        log_results=False,
+    )
+    worker.on_expired = hooks.expired
+    return worker

@@ -1,0 +1,105 @@
+"""Delivery state read from Redis at scrape time: queue depth and age, dead letters,
+breakers and gone sinks.
+
+Registered on the metrics registry by the worker role. Prometheus scrapes run in a
+thread (``relay.admin.app``), so this reads with a blocking client and a short timeout;
+a Redis that does not answer leaves these families out of that scrape (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import redis
+import redis.exceptions
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from relay.config import Config
+from relay.delivery import breaker
+from relay.delivery.deadletters import CLASSES
+from relay.keys import Keys
+from relay.metrics import PREFIX
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryCollector(Collector):
+    """Queue depth, stored dead letters and breaker states, read from Redis per scrape."""
+
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self._client = client
+        self.config = config
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        p = PREFIX
+        cfg = self.config
+        keys = Keys(cfg.redis.key_prefix)
+        q = keys.queue
+        pairs = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks]
+        now = time.time()
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.zcount(q, "-inf", int(now * 1000))
+                pipe.zcount(q, f"({int(now * 1000)}", "+inf")
+                pipe.zrange(q, 0, 0, withscores=True)
+                for t in cfg.tenants:
+                    pipe.hgetall(keys.dead_letter_counts(t.slug))
+                for tenant, sink in pairs:
+                    pipe.get(keys.sink_gone(tenant, sink))
+                found = pipe.execute()
+            states = breaker.states_sync(self._client, keys, pairs)
+        except (redis.exceptions.RedisError, OSError) as e:
+            log.warning("metrics: could not read delivery state from Redis: %s", e)
+            return
+        ready, scheduled, oldest = found[0], found[1], found[2]
+        yield GaugeMetricFamily(f"{p}_queue_ready_jobs", "Delivery jobs due now.", value=ready)
+        yield GaugeMetricFamily(
+            f"{p}_queue_scheduled_jobs",
+            "Delivery jobs waiting for a later time (retries, deferrals).",
+            value=scheduled,
+        )
+        age = 0.0
+        if oldest and oldest[0][1] <= now * 1000:
+            age = max(0.0, now - oldest[0][1] / 1000)
+        yield GaugeMetricFamily(
+            f"{p}_queue_oldest_ready_age_seconds",
+            "How long the longest-waiting due job has been due.",
+            value=age,
+        )
+        dl = GaugeMetricFamily(
+            f"{p}_dead_letters", "Stored dead letters by class.", labels=["tenant", "class"]
+        )
+        for i, t in enumerate(cfg.tenants):
+            counts = found[3 + i]
+            for cls in CLASSES:
+                dl.add_metric([t.slug, cls], int(counts.get(cls.encode(), 0)))
+        yield dl
+        gone_found = found[3 + len(cfg.tenants) :]
+        st = GaugeMetricFamily(
+            f"{p}_breaker_state",
+            "Each sink's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            labels=["tenant", "sink"],
+        )
+        gone = GaugeMetricFamily(
+            f"{p}_sink_gone",
+            "1 while a sink's URL is marked gone (it answered 410).",
+            labels=["tenant", "sink"],
+        )
+        url = {(t.slug, s.name): s.url for t in cfg.tenants for s in t.sinks}
+        for pair, marked in zip(pairs, gone_found, strict=True):
+            st.add_metric(list(pair), states[pair])
+            gone.add_metric(
+                list(pair), 1 if marked is not None and marked.decode() == url[pair] else 0
+            )
+        yield st
+        yield gone

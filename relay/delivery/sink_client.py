@@ -1,0 +1,171 @@
+"""One HTTP attempt at a sink: the request the relay sends, and what came back.
+
+The body is the stored envelope, byte for byte. Headers: Standard Webhooks
+(``webhook-id`` is Chert's ``event_id``, stable across attempts and replays;
+``webhook-timestamp``; ``webhook-signature`` when the sink has a secret), plus
+``X-Chert-Event-Type``, ``X-Chert-Tenant``, ``X-Relay-Attempt`` and ``X-Relay-Source``,
+and the sink's own static headers (which cannot replace the relay's). Redirects are
+not followed. An error answer's text is kept for the dead letter and the log only
+after :func:`scrub` has blanked every secret of the sink in it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+
+from relay import __version__
+from relay.config import SinkConfig
+from relay.delivery.retry import parse_retry_after, retryable
+from relay.signing import standard_webhooks_key, standard_webhooks_signature
+
+ERROR_MAX_CHARS = 300
+ERROR_BODY_READ = 1024  # bytes of an error answer read; scrub() blanks secrets, then cuts
+OK_BODY_READ = 65536  # read from a 2xx answer, so that its connection can be reused
+
+
+def header_value(text: str) -> str:
+    """``text`` as an HTTP header value: control characters (which would end the header
+    line) escaped, not sent. Event types come from Chert's body and are not checked."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+_WORDS = re.compile(r"[\s=,;:]+")
+
+
+def scrub(text: str, sink: SinkConfig) -> str:
+    """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
+    secrets = [v for v in sink.headers.values() if len(v) >= 4]
+    # A sink may echo only the credential part of a header (the token of "Bearer tok…").
+    secrets += [w for v in sink.headers.values() for w in _WORDS.split(v) if len(w) >= 8]
+    if sink.secret is not None:
+        secrets.append(sink.secret.get())
+    parts = urlsplit(sink.url)
+    # Webhook URLs often carry their credential in the path (…/hooks/T01/B02/XyZ…):
+    # the path goes too, whole and by segment, unless it is too short to be one.
+    segments = [seg for seg in parts.path.split("/") if len(seg) >= 8]
+    path = parts.path if len(parts.path) >= 8 else ""
+    values = [v for _, v in parse_qsl(parts.query, keep_blank_values=True) if len(v) >= 8]
+    secrets += [
+        p for p in (parts.password, parts.username, parts.query, path, *segments, *values) if p
+    ]
+    for s in sorted(secrets, key=len, reverse=True):
+        text = text.replace(s, "***")
+    return " ".join(text.split())[:ERROR_MAX_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """How one HTTP attempt went."""
+
+    status: int | None  # None: no HTTP answer
+    kind: str  # "http", "timeout" or "connection"
+    error: str  # "" for 2xx
+    retry_after: float | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def retryable(self) -> bool:
+        return retryable(self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the sink is told about the delivery besides the body."""
+
+    tenant: str
+    event_id: str
+    event_type: str
+    attempt: int
+    source: str
+
+
+class SinkClient:
+    """POSTs events to sinks over one shared HTTP session; signs with each sink's key."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._signing_keys: dict[str, bytes | None] = {}
+
+    def forget_keys(self) -> None:
+        """Decode sink secrets afresh (a reload may have changed them)."""
+        self._signing_keys = {}
+
+    def signing_key(self, sink: SinkConfig) -> bytes | None:
+        """The sink's HMAC key, decoded once per config; None without a usable secret."""
+        if sink.secret is None:
+            return None
+        secret = sink.secret.get()
+        if secret not in self._signing_keys:
+            try:
+                self._signing_keys[secret] = standard_webhooks_key(secret)
+            except ValueError:
+                self._signing_keys[secret] = None
+        return self._signing_keys[secret]
+
+    def headers(self, sink: SinkConfig, req: Request, body: bytes) -> dict[str, str]:
+        now = int(time.time())
+        ours = {
+            "Content-Type": "application/json",
+            "User-Agent": f"chert-relay/{__version__}",
+            "webhook-id": req.event_id,
+            "webhook-timestamp": str(now),
+            "X-Chert-Event-Type": header_value(req.event_type),
+            "X-Chert-Tenant": req.tenant,
+            "X-Relay-Attempt": str(req.attempt),
+            "X-Relay-Source": req.source,
+        }
+        key = self.signing_key(sink)
+        if key is not None:
+            ours["webhook-signature"] = standard_webhooks_signature(key, req.event_id, now, body)
+        taken = {k.lower() for k in ours} | {"webhook-signature"}
+        headers = {k: v for k, v in sink.headers.items() if k.lower() not in taken}
+        headers.update(ours)
+        return headers
+
+    async def post(
+        self, sink: SinkConfig, body: bytes, headers: dict[str, str], timeout: float
+    ) -> Answer:
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                sink.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                status = resp.status
+                if 200 <= status < 300:
+                    await resp.content.read(OK_BODY_READ)  # lets the connection be reused
+                    return Answer(status, "http", "", None, time.perf_counter() - started)
+                snippet = ""
+                if status not in (401, 403):  # where a sink would echo a credential back
+                    # More than is kept, so that scrub() sees any secret whole before
+                    # the text is cut to ERROR_MAX_CHARS.
+                    raw = await resp.content.read(ERROR_BODY_READ)
+                    snippet = raw.decode(errors="replace")
+                error = f"HTTP {status}" + (f": {snippet}" if snippet.strip() else "")
+                return Answer(
+                    status,
+                    "http",
+                    error,
+                    parse_retry_after(resp.headers.get("Retry-After")),
+                    time.perf_counter() - started,
+                )
+        except TimeoutError:
+            elapsed = time.perf_counter() - started
+            return Answer(None, "timeout", f"no answer within {timeout:g}s", None, elapsed)
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            elapsed = time.perf_counter() - started
+            return Answer(None, "connection", f"{type(e).__name__}: {e}", None, elapsed)

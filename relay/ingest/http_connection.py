@@ -1,0 +1,349 @@
+"""One client connection of the receiver's HTTP server (:mod:`relay.ingest.http_server`).
+
+aiohttp's C request parser reads the bytes; requests are handled one at a time, in
+the order they came, and their answers written in that order. A refused request is
+answered ``400`` only where that answer cannot be taken for another request's (see
+:meth:`Connection._bad_request`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientPayloadError
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
+
+from relay.ingest.http_types import Response, json_str, serialize
+
+if TYPE_CHECKING:
+    from relay.ingest.http_server import HttpServer
+
+log = logging.getLogger(__name__)
+
+READ_BUFSIZE = 2**16  # the parser's buffer per body before it pauses reading
+MAX_LINE = 8190  # request line and header line limits: aiohttp's
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+MAX_QUEUE = 32  # parsed requests waiting per connection before reading pauses
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Connection(BaseProtocol):
+    """One client connection."""
+
+    __slots__ = (
+        "_close_after",
+        "_close_after_queue",
+        "_closing",
+        "_eof",
+        "_head_only",
+        "_in_next",
+        "_prev",
+        "_queue",
+        "_reading",
+        "_refused",
+        "_remote",
+        "_srv",
+        "_task",
+        "busy",
+        "closing_since",
+        "head_since",
+        "last_active",
+    )
+
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        parser = HttpRequestParser(
+            self,
+            loop,
+            READ_BUFSIZE,
+            max_line_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            max_field_size=MAX_FIELD,
+            max_msg_queue_size=MAX_QUEUE,
+        )
+        super().__init__(loop, parser)
+        self._srv = server
+        self._queue: collections.deque[tuple[RawRequestMessage, StreamReader]] = collections.deque()
+        self.busy = False  # a request is being handled: its answer is not written yet
+        self._close_after = False  # close once the current answer is written
+        self._closing = False
+        self._eof = False  # the client has sent all it will send
+        self._close_after_queue = False  # close once what is queued has been answered
+        self._head_only = False  # the current request is a HEAD: no body in its answer
+        self._refused: Response | None = None  # the answer to a request the parser refused
+        self._prev = b""  # the end of the last read (a request head may span two reads)
+        self.head_since: float | None = None  # a request head began arriving then
+        self.closing_since: float | None = None
+        self._reading: StreamReader | None = None  # a body being read by a task
+        self._task: asyncio.Task[None] | None = None
+        self._remote: str | None = None
+        self.last_active = loop.time()
+        self._in_next = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # TCP_NODELAY on a TCP socket
+        peer = transport.get_extra_info("peername")
+        self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._srv._connections.add(self)
+        if self._srv.closing:
+            self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._srv._connections.discard(self)
+        super().connection_lost(exc)
+        self._closing = True
+        self._queue.clear()
+        if self._reading is not None:
+            # The body being read will never complete: its reader learns why.
+            self._reading.set_exception(ConnectionResetError("the client closed the connection"))
+        self._parser = None
+        if self.busy:
+            # An ingest still running finishes on its own; its answer has nowhere to go.
+            self.busy = False
+            self._srv.request_ended()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._parser is None or self._upgraded:
+            return
+        self.last_active = self._loop.time()
+        try:
+            messages, upgraded, _tail = self._parser.feed_data(data)
+        except HttpProcessingError as e:
+            self._bad_request(e, self._prev + data if data else None)
+            return
+        if data:  # an empty feed re-parses bytes the parser held back
+            self._prev = data[-2:]
+        if messages:
+            self.head_since = None
+            self._queue.extend(messages)
+            if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+        elif data and self.head_since is None and not self.busy and not self._queue:
+            self.head_since = self.last_active  # part of a request head, so far
+        if upgraded:
+            # A protocol switch (Upgrade, CONNECT) is not offered: the request is
+            # answered as any other and the connection closed after it; nothing after
+            # it is read.
+            self._upgraded = True
+        if not self.busy:
+            self._next()
+
+    def eof_received(self) -> bool:
+        """The client has sent all it will (it may still read): answer what it sent,
+        then close. A body still arriving never will."""
+        self._eof = True
+        if self._reading is not None and not self._reading.is_eof():
+            self._reading.set_exception(ConnectionResetError("the client stopped sending"))
+        if not self.busy and not self._queue and self._refused is None:
+            self.close()
+        return True  # keep the transport open to write the answers
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._next()
+
+    # --- requests, one at a time -----------------------------------------------------
+
+    def _next(self) -> None:
+        if self._in_next:
+            return
+        self._in_next = True
+        try:
+            # Not while the client is not reading its answers (the transport paused
+            # our writing): the queue then fills, and reading from it pauses too.
+            while self._queue and not self.busy and not self._closing and not self._paused:
+                msg, payload = self._queue.popleft()
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                if self._buffer_paused and len(self._queue) <= MAX_QUEUE // 2:
+                    self._resume_if_drained()
+                self._start(msg, payload)
+            if not self._queue and not self.busy:
+                if self._refused is not None:
+                    refused, self._refused = self._refused, None
+                    self._close_after, self._head_only = True, False
+                    self._answer(refused)
+                elif self._close_after_queue:
+                    self.close()
+        finally:
+            self._in_next = False
+
+    def _resume_if_drained(self) -> None:
+        """The parser stopped at ``MAX_QUEUE`` waiting requests and holds the bytes
+        after them: parse those now, and read from the socket again unless that filled
+        the queue once more."""
+        self.data_received(b"")  # its own call of _next does nothing: we are in it
+        if len(self._queue) < MAX_QUEUE and not self._closing:
+            self._resume_reading_for_buffer()
+
+    def _start(self, msg: RawRequestMessage, payload: StreamReader) -> None:
+        self.busy = True
+        self._srv.request_started()
+        self._close_after = msg.should_close or msg.upgrade
+        self._head_only = msg.method == "HEAD"
+        handler = self._srv.handler
+        try:
+            ctx = handler.head(msg, self._remote)
+        except Exception as e:
+            self._close_after = True
+            self._answer(handler.failed(None, e))
+            return
+        if isinstance(ctx, Response):
+            if not payload.is_eof():
+                self._close_after = True  # its body is not read
+            self._answer(ctx)
+            return
+        if payload.is_eof():
+            try:
+                body = payload.read_nowait()
+            except Exception as e:  # the body was cut short or garbled
+                self._close_after = True
+                self._answer(self._payload_failed(ctx, e))
+                return
+            if len(body) > self._srv.max_body:  # chunked, so no length was announced
+                self._close_after = True
+                self._answer(self._too_large(ctx))
+                return
+            self._dispatch(ctx, msg, body)
+        else:
+            if msg.headers.get("Expect", "").lower() == "100-continue" and msg.version >= (1, 1):
+                assert self.transport is not None
+                self.transport.write(_CONTINUE)
+            self._reading = payload
+            self._task = self._loop.create_task(self._read_body(ctx, msg, payload))
+
+    async def _read_body(self, ctx: Any, msg: RawRequestMessage, payload: StreamReader) -> None:
+        srv = self._srv
+        chunks: list[bytes] = []
+        size = 0
+        response: Response | None = None
+        try:
+            async with asyncio.timeout(srv.body_timeout):
+                while chunk := await payload.readany():
+                    size += len(chunk)
+                    if size > srv.max_body:
+                        response = self._too_large(ctx)
+                        break
+                    chunks.append(chunk)
+        except TimeoutError:
+            # Slow or stalled: the sender may well succeed on a retry.
+            detail = f"the body did not arrive within {srv.body_timeout:g}s"
+            response = srv.handler.body_failed(ctx, 503, "body_timeout", detail)
+        except Exception as e:
+            response = self._payload_failed(ctx, e)
+        finally:
+            self._reading = None
+            self._task = None
+        if response is not None:
+            self._close_after = True
+            self._answer(response)
+        else:
+            self._dispatch(ctx, msg, b"".join(chunks))
+        self._next()
+
+    def _too_large(self, ctx: Any) -> Response:
+        detail = f"body exceeds {self._srv.max_body} bytes"
+        return self._srv.handler.body_failed(ctx, 413, "body_too_large", detail)
+
+    def _payload_failed(self, ctx: Any, e: Exception) -> Response:
+        if isinstance(e, ConnectionError):  # the sender went away mid-body
+            detail = "the connection closed before the body was complete"
+            return self._srv.handler.body_failed(ctx, 400, "client_disconnected", detail)
+        if isinstance(e, (HttpProcessingError, ClientPayloadError, RequestPayloadError)):
+            # Garbled: bad chunked framing, or a Content-Encoding that does not decode.
+            detail = f"the body could not be read: {e}"[:300]
+            return self._srv.handler.body_failed(ctx, 400, "malformed_body", detail)
+        return self._srv.handler.failed(ctx, e)
+
+    def _dispatch(self, ctx: Any, msg: RawRequestMessage, body: bytes) -> None:
+        handler = self._srv.handler
+        try:
+            result = handler.handle(ctx, msg, body)
+        except Exception as e:
+            result = handler.failed(ctx, e)
+        if isinstance(result, Response):
+            self._answer(result)
+        else:
+            future, finish = result
+            future.add_done_callback(lambda f: self._finished(ctx, finish, f))
+
+    def _finished(
+        self,
+        ctx: Any,
+        finish: Callable[[asyncio.Future[Any]], Response],
+        future: asyncio.Future[Any],
+    ) -> None:
+        try:
+            response = finish(future)
+        except BaseException as e:  # a callback: nothing above it would see this
+            response = self._srv.handler.failed(ctx, e)
+        self._answer(response)
+        self._next()
+
+    def _answer(self, response: Response) -> None:
+        transport = self.transport
+        if transport is not None and not self._closing:
+            close = self._close_after or self._srv.closing or (self._eof and not self._queue)
+            data = serialize(response, self._srv.date.get(), close)
+            if self._head_only:  # the headers a GET would have had, no body
+                data = data[: len(data) - len(response.body)]
+            transport.write(data)
+            self.last_active = self._loop.time()
+            if close:
+                self.close()
+        if self.busy:  # not if the connection was lost meanwhile
+            self.busy = False
+            self._srv.request_ended()
+
+    def _bad_request(self, e: HttpProcessingError, data: bytes | None) -> None:
+        """A request the parser cannot read: nothing more is read from this connection;
+        the requests before it are answered, then this one (400), then it is closed.
+
+        When the parser fails it drops the requests it had already read from the same
+        read, unanswered. A 400 would then be taken, by a client that pipelines, as the
+        answer to one of them — a refusal its sender never retries. So the 400 is sent
+        only when that read (``data``, with the end of the one before) cannot have
+        finished a request head; otherwise, and when the parser failed on bytes it had
+        held back (``data`` is None), the connection is just closed after the answers
+        owed, and the client retries what got no answer. When the failure is in the
+        body being read (chunked framing, say), that body fails: ``400 malformed_body``."""
+        self._parser = None
+        if self._reading is not None and not self._reading.is_eof():
+            self._reading.set_exception(e)
+            self._close_after_queue = True
+        elif data is None or b"\n\n" in data or b"\n\r\n" in data:
+            log.debug("closing a connection on a request the parser refused: %s", e)
+            self._close_after_queue = True
+        else:
+            message = e.message if isinstance(e.message, str) else "bad request"
+            status = e.code if 400 <= e.code < 500 else 400
+            body = b'{"error": "bad_request", "message": %s}' % json_str(message)
+            self._refused = Response(status, body)
+        self._next()
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closing = True
+        if self.closing_since is None:
+            self.closing_since = self._loop.time()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        if self.transport is not None:
+            self.transport.abort()

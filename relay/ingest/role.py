@@ -1,0 +1,48 @@
+"""The receiver role: the webhook receiver on its listener (:mod:`relay.ingest.http_server`).
+
+Stopping it stops listening, closes idle connections and lets the webhooks in flight be
+answered (up to ``server.shutdown_timeout``) before their connections close; the
+service then waits for the ingests they started (``Ingestor.drain``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from relay.config import Config
+from relay.ingest.receiver import Receiver
+from relay.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class ReceiverRole:
+    name = "receiver"
+
+    def __init__(self, rt: Runtime) -> None:
+        cfg = rt.config
+        self.receiver = Receiver(cfg, rt.ingestor, rt.metrics)
+        self._server = self.receiver.server()
+        self._listen = cfg.server.listen
+        self._shutdown_timeout = cfg.server.shutdown_timeout
+        self._stopped = asyncio.Event()
+        self.addresses: list[object] = []
+
+    async def start(self) -> None:
+        await self._server.start(self._listen)
+        self.addresses = list(self._server.addresses)
+        log.info("receiver listening on %s", ", ".join(map(str, self.addresses)))
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self.receiver.draining = True
+        try:
+            await self._server.shutdown(self._shutdown_timeout)
+        finally:
+            self._stopped.set()
+
+    def reload(self, config: Config) -> None:
+        self.receiver.set_config(config)

@@ -1,0 +1,19 @@
+--[[ stored_event: reading and releasing the stored event (relay/store/stored_event.py).
+The rest of a stored event is parsed by the caller.
+]]
+
+-- The ingest time, Unix ms (the header's fixed-width second field).
+local function event_at(stored)
+  return tonumber(string.sub(stored, 6, 18))
+end
+
+-- One user (a job or a dead letter) lets go; the last one deletes the event.
+local function event_release(key)
+  local n = tonumber(redis.call('GETRANGE', key, 0, 3))
+  if not n then return end
+  if n <= 1 then
+    redis.call('DEL', key)
+  else
+    redis.call('SETRANGE', key, 0, string.format('%04d', n - 1))
+  end
+end

@@ -1,0 +1,46 @@
+--[[ replay: put one dead letter back through the queue (relay/delivery/deadletters.py):
+the same deterministic job id, a fresh attempt count and deadline. The entry leaves the
+store in the same step, so it goes only once its job is queued. If a job for this
+(event, sink) is already queued, it carries the delivery and the entry's hold on the
+stored event is let go.
+KEYS
+  1 entry       the dead letter
+  2 index       the tenant's dead letters by time
+  3 counts      the tenant's dead letters by class
+  4 ev          the stored event
+  5 job         arq's job key
+  6 queue       arq's queue
+  7 attempts    the delivery's record
+  8 retry       arq's retry counter for the job
+  9 in_progress arq's in-progress mark for the job
+  10 gone       the sink's gone mark (cleared: a replay asks to try the sink again)
+ARGV
+  1 member          the entry's member in the index
+  2 now             Unix ms
+  3 job             the arq job record (JSON)
+  4 job_ttl_ms
+  5 deadline_ms     the replayed delivery's deadline
+  6 attempts_ttl_ms
+  7 job_id
+uses: stored_event
+Returns 'ok' | 'missing' (replayed or purged meanwhile) | 'busy' (its last delivery is
+still finishing) | 'no_payload' (the event is no longer stored).
+]]
+local cls = redis.call('HGET', K.entry, 'class')
+if not cls then return 'missing' end
+if redis.call('EXISTS', K.in_progress) == 1 then return 'busy' end
+if redis.call('EXISTS', K.ev) == 0 then return 'no_payload' end
+if redis.call('EXISTS', K.job) == 0 then
+  redis.call('SET', K.job, A.job, 'PX', A.job_ttl_ms)
+  redis.call('DEL', K.retry, K.attempts)
+  redis.call('HSET', K.attempts, 'dl', A.deadline_ms, 'src', 'replay')
+  redis.call('PEXPIRE', K.attempts, A.attempts_ttl_ms)
+  redis.call('ZADD', K.queue, A.now, A.job_id)
+else
+  event_release(K.ev)
+end
+redis.call('DEL', K.gone)
+redis.call('HINCRBY', K.counts, cls, -1)
+redis.call('DEL', K.entry)
+redis.call('ZREM', K.index, A.member)
+return 'ok'
