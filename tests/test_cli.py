@@ -11,8 +11,8 @@ from pathlib import Path
 from multidict import CIMultiDict
 
 from relay.signing import verify_webhook
-from tests.conftest import WEBHOOK_SECRET, config_dict, envelope
-from tests.process import write_toml
+from tests.support.common import WEBHOOK_SECRET, config_dict, envelope
+from tests.support.process import write_toml
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.toml"
 

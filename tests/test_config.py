@@ -9,7 +9,7 @@ import pytest
 from relay.config import load_config, parse_config, parse_duration, resolve_secret
 from relay.errors import ConfigError
 from relay.store.client import redact_url
-from tests.conftest import config_dict
+from tests.support.common import config_dict
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 from relay.errors import EXIT_CONFIG, EXIT_OK
 from relay.keys import Keys
 from relay.store.embedded import EmbeddedRedis
-from tests.conftest import TENANT, config_dict, envelope, signed
-from tests.process import RelayProcess, listen_ports, write_toml
+from tests.support.common import TENANT, config_dict, envelope, signed
+from tests.support.process import RelayProcess, listen_ports, write_toml
 
 
 @pytest.fixture

@@ -1,0 +1,95 @@
+"""Body normalization: both shapes become the envelope; unknown types pass through."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from relay.ingest.envelope import BadEventError, from_body, from_object
+from relay.ingest.ingestor import Ingestor
+from tests.support.common import TENANT, envelope, log_row, make_config, stored_event
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+event_ids = st.text(min_size=1, max_size=80).filter(str.isprintable)
+
+
+@given(extra=st.dictionaries(st.text(max_size=10), json_values, max_size=5), event_id=event_ids)
+def test_any_object_with_an_event_id_is_kept_byte_for_byte(
+    extra: dict[str, object], event_id: str
+) -> None:
+    body = {**extra, "event_id": event_id}
+    body.pop("payload", None)
+    raw = json.dumps(body).encode()
+    event = from_body(raw)
+    assert event.event_id == event_id
+    assert event.body == raw
+
+
+@given(event_id=event_ids)
+def test_log_rows_become_their_payload(event_id: str) -> None:
+    row = log_row(event_id)
+    event = from_object(row)
+    assert event.event_id == event_id
+    assert json.loads(event.body) == row["payload"]
+    assert event.log_id == row["id"]
+    assert event.created_at == row["created_at"]
+
+
+def test_fields_are_read_from_the_envelope() -> None:
+    event = from_object(envelope("chert:msg:1"))
+    assert event.type == "message.received"
+    assert event.partner_id == "acme-7a3f"
+    assert event.timestamp == pytest.approx(1779586534.0)
+
+
+def test_unknown_types_pass_through_and_headers_fill_gaps() -> None:
+    event = from_body(b'{"event": "brand.new", "x": 1}', header_event_id="h1")
+    assert (event.event_id, event.type) == ("h1", "brand.new")
+    event = from_body(b'{"x": 1}', header_event_id="h2", header_type="lead_reply")
+    assert event.type == "lead_reply"
+    assert from_body(b'{"event_id": "e"}').type == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{", "malformed_json"),
+        (b"[]", "malformed_json"),
+        (b"\xff", "malformed_json"),
+        (b'{"a": 1}', "missing_event_id"),
+        (b'{"event_id": 5}', "malformed_event_id"),
+        (b'{"event_id": "a\\nb"}', "malformed_event_id"),
+        (json.dumps({"event_id": "x" * 600}).encode(), "malformed_event_id"),
+    ],
+)
+def test_bodies_that_can_never_be_events(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(raw)
+    assert e.value.reason == reason
+
+
+async def test_a_row_with_lone_surrogates_is_still_ingested(redis: Redis) -> None:
+    # json.loads (the events API's rows) accepts "\ud800", which UTF-8 cannot encode: such
+    # a row must not stall the poller, which would fetch it again forever.
+    row = json.loads(
+        '{"id": "evt_1", "type": "message.received", "event_id": "s1", "delivery": {},'
+        ' "created_at": "2026-11-27T10:00:00Z", "payload": {"event": "message.\\ud800",'
+        ' "event_id": "s1", "data": {"text": "x\\udc00y é"}}}'
+    )
+    event = from_object(row)
+    assert event.type == "message.\\ud800"
+    assert json.loads(event.body) == row["payload"]  # the same JSON, escaped
+    assert await Ingestor(redis, make_config()).ingest(TENANT, event, "poll")
+    stored = await stored_event(redis, "s1")
+    assert stored is not None
+    assert stored.type == "message.\\ud800"

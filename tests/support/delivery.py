@@ -1,0 +1,210 @@
+"""Shared pieces of the delivery tests (no tests here): real aiohttp sinks on 127.0.0.1,
+a runtime for the worker role, and a worker running in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from standardwebhooks.webhooks import Webhook
+
+from relay.config import Config
+from relay.delivery.role import WorkerRole
+from relay.ingest import envelope
+from relay.ingest.ingestor import Ingestor
+from relay.keys import Keys
+from relay.metrics import Metrics
+from relay.runtime import Runtime
+from relay.store.embedded import free_port
+from tests.support.common import SINK_SECRET, TENANT, make_config
+from tests.support.common import envelope as make_envelope
+
+# Small, fast settings: retries in tenths of a second, a breaker that trips quickly.
+FAST_WORKER = {
+    "max_jobs": 100,
+    "poll_delay": 0.01,
+    "shutdown_grace": 5,
+    "retry_backoff": 0.05,
+    "retry_backoff_max": 1.0,
+    "breaker_failures": 50,
+    "breaker_cooldown": 30,
+    "busy_defer": 0.02,
+}
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float  # monotonic
+
+    @property
+    def event_id(self) -> str:
+        return self.headers["webhook-id"]
+
+    @property
+    def attempt(self) -> int:
+        return int(self.headers["X-Relay-Attempt"])
+
+
+Reply = tuple[int, dict[str, str]]
+Behaviour = Callable[["Sink", Received], Awaitable[Reply] | Reply]
+
+
+@dataclass
+class Sink:
+    """A real HTTP endpoint recording what it gets; ``behaviour`` decides the answer."""
+
+    behaviour: Behaviour | None = None
+    secret: str | None = SINK_SECRET
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+    bad_signatures: int = 0
+    running: int = 0
+    max_running: int = 0
+    url: str = ""
+    body: str | None = None  # what a non-2xx answer says (default "nope")
+    _runner: web.AppRunner | None = None
+
+    def ids(self) -> list[str]:
+        return [r.event_id for r in self.received]
+
+    def for_event(self, event_id: str) -> list[Received]:
+        return [r for r in self.received if r.event_id == event_id]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        got = Received(dict(request.headers), body, time.monotonic())
+        if self.secret is not None:
+            try:
+                Webhook(self.secret).verify(body, got.headers)
+            except Exception:
+                self.bad_signatures += 1
+        self.received.append(got)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            status, headers = 200, {}
+            if self.behaviour is not None:
+                reply = self.behaviour(self, got)
+                if asyncio.iscoroutine(reply):
+                    reply = await reply
+                status, headers = reply
+        finally:
+            self.running -= 1
+        text = (self.body or "nope") if status >= 300 else ""
+        return web.Response(status=status, headers=headers, text=text)
+
+    async def start(self) -> Sink:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port or free_port())
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@contextlib.asynccontextmanager
+async def sinks(*items: Sink) -> AsyncIterator[tuple[Sink, ...]]:
+    for s in items:
+        await s.start()
+    try:
+        yield items
+    finally:
+        for s in items:
+            await s.stop()
+
+
+def sink_conf(name: str, url: str, **extra: Any) -> dict[str, Any]:
+    conf: dict[str, Any] = {"name": name, "url": url, "secret": SINK_SECRET, "timeout": 2}
+    conf.update(extra)
+    return conf
+
+
+def config_with(redis_url: str, sink_list: list[dict[str, Any]], **worker: Any) -> Config:
+    return make_config(
+        redis_url=redis_url,
+        tenants=[
+            {
+                "slug": TENANT,
+                "webhook_secrets": ["x" * 32],
+                "poll": {"mode": "off"},
+                "sinks": sink_list,
+            }
+        ],
+        worker={**FAST_WORKER, **worker},
+    )
+
+
+def runtime(redis: Redis, config: Config) -> Runtime:
+    metrics = Metrics()
+    return Runtime(
+        config=config,
+        redis=redis,
+        metrics=metrics,
+        ingestor=Ingestor(redis, config, metrics),
+        keys=Keys(config.redis.key_prefix),
+    )
+
+
+def event(event_id: str, etype: str = "message.received") -> envelope.Event:
+    return envelope.from_object(make_envelope(event_id, etype))
+
+
+async def ingest(rt: Runtime, ids: list[str], source: str = "webhook") -> None:
+    await asyncio.gather(*(rt.ingestor.ingest(TENANT, event(i), source) for i in ids))
+
+
+@contextlib.asynccontextmanager
+async def worker(rt: Runtime) -> AsyncIterator[WorkerRole]:
+    """A worker role running in the background; stopped (gracefully) on exit."""
+    role = WorkerRole(rt)
+    await role.start()
+    task = asyncio.create_task(role.run())
+    try:
+        yield role
+    finally:
+        await role.stop()
+        await task
+
+
+def write_config(path: Any, config: dict[str, Any]) -> None:
+    """A TOML file from a config dict (strings, numbers, lists, tables of them)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines: list[str] = []
+    for section, body in config.items():
+        if section == "tenants":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    for t in config["tenants"]:
+        lines.append("[[tenants]]")
+        lines += [f"{k} = {value(v)}" for k, v in t.items() if k != "sinks"]
+        for s in t["sinks"]:
+            lines.append("[[tenants.sinks]]")
+            lines += [f"{k} = {value(v)}" for k, v in s.items()]
+    path.write_text("\n".join(lines) + "\n")
