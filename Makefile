@@ -13,18 +13,33 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: deps venv
 
-# The relay's embedded default and the test suite both start a private redis-server.
+# The relay's embedded default and the test suite both start a private redis-server;
+# the suite also checks the systemd units (systemd-analyze, from Debian's systemd) and
+# the alert rules with promtool, which `make venv` takes out of Debian's prometheus
+# package into .venv/bin — installing the package would start a Prometheus server.
+DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd
+
 deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package)"; \
+	@missing=""; for pair in $(DEB_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+	@command -v promtool >/dev/null 2>&1 || [ -x $(BIN)/promtool ] || { \
+	  echo "taking promtool from Debian's prometheus package"; \
+	  tmp=$$(mktemp -d) && cd $$tmp && \
+	  { apt-get download prometheus >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+	  dpkg-deb -x prometheus_*.deb . && cp usr/bin/promtool $(CURDIR)/$(BIN)/ && \
+	  cd / && rm -rf $$tmp; }
 	@touch $@
 
 run: setup

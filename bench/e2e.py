@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -170,8 +169,8 @@ class Relay:
         else:
             self.procs.append(subprocess.Popen([*argv, "serve"], cwd=ROOT))
             self.worker_admin = free_port()
-            env = {**os.environ, "CHERT_RELAY__ADMIN__LISTEN": f'"127.0.0.1:{self.worker_admin}"'}
-            self.procs.append(subprocess.Popen([*argv, "worker"], cwd=ROOT, env=env))
+            worker = [*argv, "worker", "--admin-listen", f"127.0.0.1:{self.worker_admin}"]
+            self.procs.append(subprocess.Popen(worker, cwd=ROOT))
         wait_http(f"http://127.0.0.1:{self.admin}/readyz")
 
     def stop(self) -> None:

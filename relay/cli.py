@@ -1,8 +1,11 @@
 """The ``chert-relay`` command line.
 
-Exit codes: 0 ok · 1 unexpected failure · 2 usage · 69 Redis unreachable or the
-embedded redis-server would not start · 78 invalid configuration, or a Redis whose
-settings could lose events (systemd: ``RestartPreventExitStatus=78``).
+A failure to start prints one line naming its cause and exits with its own code
+(:mod:`relay.errors`, the README's table): 0 ok · 1 unexpected failure (a bug, with its
+traceback) · 2 usage · 69 Redis unreachable, or the embedded redis-server would not
+start · 71 a listen address unusable · 72 redis-server not installed · 73 state_dir
+not writable · 75 a listen address in use · 77 a listen address not permitted · 78 an
+invalid configuration, or a Redis whose settings could lose events.
 """
 
 from __future__ import annotations
@@ -16,21 +19,21 @@ import sys
 from pathlib import Path
 
 from relay import __version__, logs
-from relay.config import Config, config_path, load_config, resolve_secret
+from relay.config import Config, config_path, load_config
+from relay.config_values import Listen, parse_listen, resolve_secret
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
-    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ConfigError,
-    EmbeddedRedisError,
-    RedisUnavailableError,
+    RelayError,
     UnsafeRedisError,
 )
 from relay.ingest.envelope import BadEventError, from_body
 from relay.service import RoleFactory, Service, serve
 from relay.signing import webhook_headers
+from relay.systemd import Notifier
 
 log = logging.getLogger("relay")
 
@@ -56,9 +59,22 @@ def role_factories() -> dict[str, RoleFactory]:
 
 
 def _run_service(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
+    notifier = Notifier()  # before anything starts a child process
     config = _load(args)
+    admin: Listen | None
+    if args.admin_listen == "off":
+        admin = None
+    elif args.admin_listen is not None:
+        admin = args.admin_listen
+    else:
+        admin = config.admin.listen if "receiver" in roles else config.admin.worker_listen
     service = Service(
-        config, roles=roles, config_path=_config_path(args), extra_roles=role_factories()
+        config,
+        roles=roles,
+        config_path=_config_path(args),
+        extra_roles=role_factories(),
+        admin_listen=admin,
+        notifier=notifier,
     )
     serve(service)
     return EXIT_OK
@@ -74,6 +90,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     return _run_service(args, ("admin", "worker"))
+
+
+def _admin_listen(value: str) -> Listen | str:
+    if value == "off":
+        return value
+    try:
+        return parse_listen(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -157,12 +182,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run every role in one process (receiver, admin, worker…)")
-    s.set_defaults(func=cmd_run)
-    s = sub.add_parser("serve", help="run the receiver and the admin listener")
-    s.set_defaults(func=cmd_serve)
-    s = sub.add_parser("worker", help="deliver queued events to sinks (and the admin listener)")
-    s.set_defaults(func=cmd_worker)
+    for name, func, what, where in (
+        (
+            "run",
+            cmd_run,
+            "run every role in one process (receiver, poller, worker, admin)",
+            "admin.listen",
+        ),
+        ("serve", cmd_serve, "run the receiver, the poller and the admin listener", "admin.listen"),
+        (
+            "worker",
+            cmd_worker,
+            "deliver queued events to sinks (and its own admin listener)",
+            "admin.worker_listen",
+        ),
+    ):
+        s = sub.add_parser(name, help=what)
+        s.add_argument(
+            "--admin-listen",
+            type=_admin_listen,
+            metavar="HOST:PORT",
+            help=f"this process's admin listener (default: {where}; port 0: any free "
+            "port, logged; 'off': none) — e.g. one per worker on a host",
+        )
+        s.set_defaults(func=func)
     s = sub.add_parser("check-config", help="validate the configuration and list every problem")
     s.set_defaults(func=cmd_check_config)
 
@@ -216,15 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except ConfigError as e:
-        log.error("%s", e)
-        return EXIT_CONFIG
-    except UnsafeRedisError as e:
-        log.error("refusing to start: %s", e)
-        return EXIT_CONFIG
-    except (RedisUnavailableError, EmbeddedRedisError) as e:
-        log.error("cannot start: %s", e)
-        return EXIT_UNAVAILABLE
+    except RelayError as e:
+        if e.exit_code is None:
+            raise
+        # One line naming the cause: no traceback for a failure that is not a bug.
+        if isinstance(e, ConfigError):
+            log.error("cannot start: %s", e.one_line())
+        elif isinstance(e, UnsafeRedisError):
+            log.error("refusing to start: %s", e)
+        else:
+            log.error("cannot start: %s", e)
+        return e.exit_code
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 import os
-import re
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -23,7 +21,6 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,162 +29,19 @@ from pydantic import (
     model_validator,
 )
 
+from relay.config_values import (
+    Duration,
+    HttpUrl,
+    ListenField,
+    Secret,
+    SecretField,
+    parse_listen,
+)
 from relay.errors import ConfigError
 from relay.signing import standard_webhooks_key
 
 ENV_PREFIX = "CHERT_RELAY__"
 DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-MAX_DURATION_S = 10 * 365 * 86400.0  # anything longer is a typo, and Redis TTLs must fit
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``30``, ``2.5``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or ``"250ms"``."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '30s'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(
-                f"{value!r} is not a duration; use seconds or e.g. '30s', '5m', '2h', '7d'"
-            )
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError("a duration is a number of seconds or a string like '30s'")
-    if math.isnan(seconds):
-        raise ValueError("a duration must be a number")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    if seconds > MAX_DURATION_S:
-        raise ValueError("a duration cannot be longer than 10 years")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class Secret:
-    """A secret value with where it came from; never shows the value in repr or str."""
-
-    __slots__ = ("_value", "origin")
-
-    def __init__(self, value: str, origin: str) -> None:
-        self._value = value
-        self.origin = origin  # "env:NAME", "file:/path" or "literal"
-
-    def get(self) -> str:
-        return self._value
-
-    @property
-    def is_literal(self) -> bool:
-        return self.origin == "literal"
-
-    def __repr__(self) -> str:
-        return f"Secret({self.origin})"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-def resolve_secret(value: object, base_dir: Path | None = None) -> Secret:
-    """Resolve ``env:NAME``, ``file:/path`` (relative to ``base_dir``) or a literal."""
-    if isinstance(value, Secret):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("a secret is a string: 'env:NAME', 'file:/path' or the literal value")
-    if value.startswith("env:"):
-        name = value[4:]
-        if not name:
-            raise ValueError("'env:' needs a variable name")
-        found = os.environ.get(name)
-        if found is None or found == "":
-            raise ValueError(f"environment variable {name} is not set")
-        return Secret(found.strip(), value)
-    if value.startswith("file:"):
-        path = Path(value[5:]).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
-        if not text:
-            raise ValueError(f"secret file {path} is empty")
-        return Secret(text, f"file:{path}")
-    if not value:
-        raise ValueError("a secret cannot be empty")
-    return Secret(value, "literal")
-
-
-def _secret_validator(value: object, info: ValidationInfo) -> Secret:
-    base = (info.context or {}).get("base_dir")
-    return resolve_secret(value, base)
-
-
-SecretField = Annotated[Secret, BeforeValidator(_secret_validator)]
-
-
-class Listen(BaseModel):
-    """A TCP ``host:port`` or ``unix:/path`` to listen on."""
-
-    model_config = ConfigDict(frozen=True)
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_listen(value: object) -> Listen:
-    if isinstance(value, Listen):
-        return value
-    if not isinstance(value, str) or not value:
-        raise ValueError("listen is 'host:port' or 'unix:/path'")
-    if value.startswith("unix:"):
-        if not value[5:]:
-            raise ValueError("'unix:' needs a socket path: 'unix:/run/chert-relay.sock'")
-        return Listen(path=value[5:])
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{value!r} is not 'host:port' or 'unix:/path'")
-    p = int(port)
-    if not 0 <= p <= 65535:
-        raise ValueError(f"port {p} is out of range")
-    host = host.strip("[]") or "0.0.0.0"
-    return Listen(host=host, port=p)
-
-
-ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
-
-
-def _check_http_url(value: str) -> str:
-    # The errors never show the value: a mistyped URL may carry a credential.
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http:// or https:// URL (scheme://host/…)")
-    if any(c.isspace() for c in value):
-        raise ValueError("a URL cannot contain spaces")
-    try:
-        parts.port  # noqa: B018 - raises when out of range or not a number
-    except ValueError:
-        raise ValueError("the URL's port is not a number from 0 to 65535") from None
-    return value
-
-
-HttpUrl = Annotated[str, BeforeValidator(lambda v: _check_http_url(v) if isinstance(v, str) else v)]
 
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -209,7 +63,12 @@ class ServerConfig(_Section):
 
 
 class AdminConfig(_Section):
+    # `run` and `serve` listen here; `worker` on worker_listen, so that the roles can run
+    # side by side on one host from one file (`--admin-listen` overrides either).
     listen: ListenField | None = Field(default_factory=lambda: parse_listen("127.0.0.1:9090"))
+    worker_listen: ListenField | None = Field(
+        default_factory=lambda: parse_listen("127.0.0.1:9091")
+    )
     token: SecretField | None = None
 
 
@@ -218,6 +77,9 @@ class RedisConfig(_Section):
     key_prefix: str = Field("chert-relay", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     server_binary: str = "redis-server"
     connect_timeout: Duration = 5.0
+    # At start-up, wait this long for a Redis that does not answer yet (a slow boot)
+    # before giving up with exit code 69.
+    startup_wait: Duration = 30.0
     require_aof: bool = False  # refuse (rather than warn) when AOF is off
 
     @field_validator("url")
@@ -309,6 +171,25 @@ class SinkConfig(_Section):
         return any(p == event_type or fnmatch.fnmatchcase(event_type, p) for p in self.events)
 
 
+def tenant_problems(has_webhook_secrets: bool, mode: str, has_signing_secret: bool) -> list[str]:
+    """What is wrong with a tenant as a whole: whether it has a way for events to come in.
+
+    Checked by :class:`TenantConfig` and, when some of the tenant's fields are invalid
+    (so that the model never gets that far), on the raw values by :func:`parse_config`.
+    """
+    out: list[str] = []
+    if not has_webhook_secrets and mode in ("off", "fallback"):
+        out.append(
+            f"no webhook_secrets and poll.mode is {mode!r}: this tenant could receive nothing"
+        )
+    if mode != "off" and not has_signing_secret:
+        out.append(
+            f"poll.mode is {mode!r} but api.signing_secret is not set "
+            "(set it, or poll.mode = 'off')"
+        )
+    return out
+
+
 def _repeated(names: Iterable[str]) -> list[str]:
     counts = Counter(names)
     return sorted(n for n, c in counts.items() if c > 1)
@@ -332,16 +213,11 @@ class TenantConfig(_Section):
 
     @model_validator(mode="after")
     def _has_a_way_in(self) -> TenantConfig:
-        if not self.webhook_secrets and self.poll.mode in ("off", "fallback"):
-            raise ValueError(
-                "no webhook_secrets and poll.mode is "
-                f"{self.poll.mode!r}: this tenant could receive nothing"
-            )
-        if self.poll.mode != "off" and self.api.signing_secret is None:
-            raise ValueError(
-                f"poll.mode is {self.poll.mode!r} but api.signing_secret is not set "
-                "(set it, or poll.mode = 'off')"
-            )
+        problems = tenant_problems(
+            bool(self.webhook_secrets), self.poll.mode, self.api.signing_secret is not None
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def sink(self, name: str) -> SinkConfig | None:
@@ -367,10 +243,15 @@ class Config(_Section):
     @field_validator("admin")
     @classmethod
     def _distinct_listeners(cls, v: AdminConfig, info: ValidationInfo) -> AdminConfig:
-        server, listen = info.data.get("server"), v.listen
-        same = server is not None and listen is not None and listen == server.listen
-        if same and listen is not None and (listen.path or listen.port):  # port 0: free ports
-            raise ValueError(f"admin.listen is server.listen too ({listen})")
+        server = info.data.get("server")
+        taken = {"server.listen": server.listen} if server is not None else {}
+        for name, listen in (("admin.listen", v.listen), ("admin.worker_listen", v.worker_listen)):
+            if listen is None or not (listen.path or listen.port):  # port 0: free ports
+                continue
+            for other, address in taken.items():
+                if listen == address:
+                    raise ValueError(f"{name} is {other} too ({listen})")
+            taken[name] = listen
         return v
 
     def tenant(self, slug: str) -> TenantConfig | None:
@@ -493,4 +374,39 @@ def parse_config(
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
             problems.append((_loc_to_path(tuple(err["loc"])), msg))
+        for found in _tenant_checks_on_raw(data, problems):
+            if found not in problems:
+                problems.append(found)
         raise ConfigError(problems, source) from None
+
+
+def _tenant_checks_on_raw(
+    data: dict[str, Any], problems: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The tenant-level checks, for the tenants whose own fields failed (pydantic skips
+    a model's checks then), so that one run reports every problem."""
+    tenants = data.get("tenants")
+    if not isinstance(tenants, list):
+        return []
+    out: list[tuple[str, str]] = []
+    for i, raw in enumerate(tenants):
+        where = f"tenants[{i}]"
+        if not isinstance(raw, dict) or not any(p.startswith(where + ".") for p, _ in problems):
+            continue
+        poll, api = raw.get("poll", {}), raw.get("api", {})
+        mode = poll.get("mode", "fallback") if isinstance(poll, dict) else None
+        if mode not in ("off", "fallback", "always", "sse"):
+            continue  # reported as a field problem already
+        secrets = raw.get("webhook_secrets")
+        signing = isinstance(api, dict) and api.get("signing_secret") is not None
+        for msg in tenant_problems(bool(secrets), mode, signing):
+            out.append((where, msg))
+        sinks = raw.get("sinks")
+        if isinstance(sinks, list):
+            dupes = _repeated(
+                s["name"] for s in sinks if isinstance(s, dict) and isinstance(s.get("name"), str)
+            )
+            if dupes:
+                msg = f"sink names must be unique within a tenant: {', '.join(dupes)}"
+                out.append((f"{where}.sinks", msg))
+    return out

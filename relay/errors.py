@@ -2,25 +2,41 @@
 
 Every error the relay raises on purpose is a :class:`RelayError`; its children say
 what kind of fault it is, so callers branch on meaning rather than on message text.
+A failure that stops the daemon from starting carries its exit code
+(:attr:`RelayError.exit_code`); the CLI prints it as one line and exits with it.
 """
 
 from __future__ import annotations
 
-# Process exit codes (sysexits.h where one fits). systemd units use
-# ``RestartPreventExitStatus=78`` so a bad configuration does not restart-loop.
+import errno
+from typing import ClassVar
+
+# Process exit codes (sysexits.h). The systemd units list those a restart cannot fix in
+# ``RestartPreventExitStatus=`` (see RESTART_CANNOT_FIX), so they do not restart-loop.
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69  # Redis (or another dependency) could not be reached at start-up
+EXIT_FAILURE = 1  # an unexpected failure (a bug): logged with its traceback
+EXIT_USAGE = 2  # a bad command line
+EXIT_UNAVAILABLE = 69  # Redis unreachable, or the embedded redis-server would not start
+EXIT_OSERR = 71  # a listen address cannot be used for another reason (not on this host…)
+EXIT_OSFILE = 72  # the embedded default's redis-server is not installed
+EXIT_CANTCREAT = 73  # the state directory cannot be created or written
+EXIT_TEMPFAIL = 75  # a listen address (or the embedded Redis' socket) is in use
+EXIT_NOPERM = 77  # a listen address is not permitted (a port below 1024, a socket path)
 EXIT_CONFIG = 78  # the configuration, or the Redis it points at, is unsafe or invalid
+
+RESTART_CANNOT_FIX = (EXIT_USAGE, EXIT_OSFILE, EXIT_CANTCREAT, EXIT_NOPERM, EXIT_CONFIG)
 
 
 class RelayError(Exception):
     """Root of every error the relay raises deliberately."""
 
+    exit_code: ClassVar[int | None] = None  # set where the error stops the daemon starting
+
 
 class ConfigError(RelayError):
     """The configuration is invalid. ``problems`` lists ``(key path, message)`` pairs."""
+
+    exit_code = EXIT_CONFIG
 
     def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
         self.problems = problems
@@ -30,17 +46,69 @@ class ConfigError(RelayError):
         lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
 
+    def one_line(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        listed = "; ".join(f"{path or '<root>'}: {msg}" for path, msg in self.problems)
+        return f"{len(self.problems)} configuration problem(s){where}: {listed}"
+
 
 class UnsafeRedisError(RelayError):
     """The Redis server's settings could lose acknowledged events (e.g. key eviction)."""
+
+    exit_code = EXIT_CONFIG
 
 
 class RedisUnavailableError(RelayError):
     """Redis could not be reached or did not answer in time; the caller may retry."""
 
+    exit_code = EXIT_UNAVAILABLE
+
 
 class EmbeddedRedisError(RelayError):
     """The private redis-server could not be started."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class RedisServerMissingError(EmbeddedRedisError):
+    """The embedded default needs ``redis-server``, and it is not installed."""
+
+    exit_code = EXIT_OSFILE
+
+
+class EmbeddedRedisInUseError(EmbeddedRedisError):
+    """Another process already runs the embedded redis-server of this state directory."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class StateDirError(RelayError):
+    """The state directory (``relay.state_dir``) cannot be created or written."""
+
+    exit_code = EXIT_CANTCREAT
+
+
+class ListenError(RelayError):
+    """A listener could not be opened; the exit code says whether a restart may help."""
+
+    def __init__(self, what: str, address: str, error: OSError) -> None:
+        self.address = address
+        self.errno = error.errno
+        if error.errno == errno.EADDRINUSE:
+            why = "is in use (another chert-relay, or a stale process?)"
+        elif error.errno in (errno.EACCES, errno.EPERM):
+            why = "is not permitted (a port below 1024 needs CAP_NET_BIND_SERVICE)"
+        else:
+            why = f"cannot be used: {error.strerror or error}"
+        super().__init__(f"the {what} listen address {address} {why}")
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        if self.errno == errno.EADDRINUSE:
+            return EXIT_TEMPFAIL
+        if self.errno in (errno.EACCES, errno.EPERM):
+            return EXIT_NOPERM
+        return EXIT_OSERR
 
 
 class UpstreamError(RelayError):

@@ -204,3 +204,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def total(metric: Counter | Gauge, **labels: str) -> float:
+    """The sum of a metric's children whose labels match ``labels`` (for status lines)."""
+    out = 0.0
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name.endswith("_created"):
+                continue
+            if all(s.labels.get(k) == v for k, v in labels.items()):
+                out += s.value
+    return out

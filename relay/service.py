@@ -5,6 +5,12 @@ reload the configuration). Every resource's set-up is paired with its tear-down 
 one ``AsyncExitStack``, and the roles run under one ``TaskGroup`` so that a role
 that crashes stops the process instead of leaving a half-alive daemon.
 
+Start-up order: Redis (the embedded server, if no URL is set), waiting up to
+``redis.startup_wait`` for it to answer and checking that it cannot lose events →
+the roles, each listener bound → systemd is told ``READY=1`` (:mod:`relay.systemd`).
+A start-up failure raises an error that names its cause and carries its exit code
+(:mod:`relay.errors`); roles already started are stopped first.
+
 Shutdown order: stop taking webhooks (the receiver answers 503 and closes its
 listener) → let in-flight ingests finish → stop the poller → stop picking jobs and
 let running deliveries finish (bounded) → stop the admin listener → close Redis →
@@ -20,17 +26,20 @@ import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Literal
 
 from relay.admin.role import AdminRole
 from relay.config import Config, load_config
-from relay.errors import ConfigError
+from relay.config_values import Listen
+from relay.errors import ConfigError, ListenError
 from relay.ingest.ingestor import Ingestor
 from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime
-from relay.store.client import check_server, connect, redact_url
+from relay.store.client import connect, redact_url, wait_for_redis
 from relay.store.embedded import open_redis_url
+from relay.systemd import Notifier
 from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,7 @@ log = logging.getLogger(__name__)
 # The order roles are stopped in; they start in the reverse order.
 STOP_ORDER = ("receiver", "poller", "worker", "admin")
 RoleFactory = Callable[[Runtime], Role]
+STATUS_EVERY_S = 10.0  # how often systemd's STATUS= line is refreshed
 
 
 class Service:
@@ -50,11 +60,17 @@ class Service:
         roles: tuple[str, ...] = ("receiver", "admin"),
         config_path: Path | None = None,
         extra_roles: dict[str, RoleFactory] | None = None,
+        admin_listen: Listen | Literal["config"] | None = "config",
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.wanted = roles
         self.extra_roles = extra_roles or {}
+        # Where this process's admin listener goes (None: nowhere). The CLI picks
+        # admin.listen or admin.worker_listen by command, or --admin-listen.
+        self.admin_listen = config.admin.listen if admin_listen == "config" else admin_listen
+        self.notifier = notifier or Notifier({})
         self.roles: dict[str, Role] = {}
         self.runtime: Runtime | None = None
         self._stop = asyncio.Event()
@@ -63,6 +79,7 @@ class Service:
     def request_stop(self) -> None:
         if not self._stop.is_set():
             log.info("shutting down")
+            self.notifier.stopping()
             self._stop.set()
 
     def reload(self) -> None:
@@ -99,10 +116,14 @@ class Service:
         """Start, serve until asked to stop, shut down in order. Raises on start-up faults."""
         async with AsyncExitStack() as stack:
             self._install_signals(stack)
+            stack.callback(self.notifier.close)
             url = await open_redis_url(self.config, stack)
             client = connect(url, timeout=self.config.redis.connect_timeout)
             stack.push_async_callback(client.aclose)
-            for warning in await check_server(client, require_aof=self.config.redis.require_aof):
+            r = self.config.redis
+            for warning in await wait_for_redis(
+                client, url, within=r.startup_wait, require_aof=r.require_aof
+            ):
                 log.warning("%s", warning)
             log.info("using Redis at %s", redact_url(url))
             metrics = Metrics()
@@ -117,13 +138,22 @@ class Service:
             )
             for warning in self.config.warnings():
                 log.warning("config: %s", warning)
-            await self._start_roles(rt)
+            try:
+                await self._start_roles(rt)
+            except BaseException:
+                await self._stop_roles(rt)
+                raise
             self.started.set()
+            self.notifier.ready(self.status())
             try:
                 async with asyncio.TaskGroup() as tg:
                     for role in self.roles.values():
                         tg.create_task(role.run(), name=role.name)
-                    tg.create_task(self._stop_when_asked(rt))
+                    helpers = []
+                    if self.notifier.enabled:
+                        helpers.append(tg.create_task(self.notifier.watchdog(), name="watchdog"))
+                        helpers.append(tg.create_task(self._report_status(), name="status"))
+                    tg.create_task(self._stop_when_asked(rt, helpers))
             finally:
                 await self._stop_roles(rt)
                 await rt.ingestor.drain()  # and give its Redis connection back
@@ -133,7 +163,9 @@ class Service:
         if name == "receiver":
             return ReceiverRole(rt)
         if name == "admin":
-            return AdminRole(rt, self._poller) if rt.config.admin.listen is not None else None
+            if self.admin_listen is None:
+                return None
+            return AdminRole(rt, self._poller, self.admin_listen)
         factory = self.extra_roles.get(name)
         return None if factory is None else factory(rt)
 
@@ -144,22 +176,45 @@ class Service:
             role = self._make_role(name, rt)
             if role is None:
                 continue
+            self.roles[name] = role  # stopped again if a later role fails to start
             start = getattr(role, "start", None)
-            if start is not None:
+            if start is None:
+                continue
+            try:
                 await start()
-            self.roles[name] = role
+            except OSError as e:
+                listen = getattr(role, "listen", None)
+                if listen is None:
+                    raise
+                raise ListenError(name, str(listen), e) from None
+
+    def status(self) -> str:
+        """One line on what this process is doing, for systemd's ``STATUS=``."""
+        parts = []
+        for role in self.roles.values():
+            line = getattr(role, "status", None)
+            if line is not None:
+                parts.append(line())
+        return "; ".join(p for p in parts if p) or "starting"
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            self.notifier.status(self.status())
 
     def _poller(self) -> Poller | None:
         role = self.roles.get("poller")
         return role if isinstance(role, Poller) else None
 
-    async def _stop_when_asked(self, rt: Runtime) -> None:
+    async def _stop_when_asked(self, rt: Runtime, helpers: list[asyncio.Task[None]]) -> None:
         await self._stop.wait()
         rt.metrics.draining.set(1)
         admin = self.roles.get("admin")
         if isinstance(admin, AdminRole):
             admin.admin.draining = True
         await self._stop_roles(rt)
+        for task in helpers:  # the watchdog pings until the roles have stopped
+            task.cancel()
 
     async def _stop_roles(self, rt: Runtime) -> None:
         for name in STOP_ORDER:

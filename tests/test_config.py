@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import load_config, parse_config, parse_duration, resolve_secret
+from relay.config import load_config, parse_config
+from relay.config_values import parse_duration, resolve_secret
 from relay.errors import ConfigError
 from relay.store.client import redact_url
 from tests.support.common import config_dict

@@ -13,6 +13,7 @@ from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
 from relay.admin.poller_routes import PollerStatusApi
 from relay.config import Config
+from relay.config_values import Listen, address_text
 from relay.runtime import Runtime
 from relay.upstream.poller import Poller
 
@@ -24,11 +25,11 @@ SHUTDOWN_TIMEOUT_S = 5.0
 class AdminRole:
     name = "admin"
 
-    def __init__(self, rt: Runtime, poller: Callable[[], Poller | None]) -> None:
+    def __init__(self, rt: Runtime, poller: Callable[[], Poller | None], listen: Listen) -> None:
         self.admin = Admin(rt.config, rt.redis, rt.metrics)
         self.admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
-        self._listen = rt.config.admin.listen
+        self.listen = listen
         self._runner = web.AppRunner(
             self.admin.app(),
             handle_signals=False,
@@ -39,8 +40,7 @@ class AdminRole:
         self.addresses: list[object] = []
 
     async def start(self) -> None:
-        listen = self._listen
-        assert listen is not None
+        listen = self.listen
         await self._runner.setup()
         site: web.BaseSite
         if listen.path is not None:
@@ -49,7 +49,7 @@ class AdminRole:
             site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
         await site.start()
         self.addresses = list(self._runner.addresses)
-        log.info("admin listening on %s", ", ".join(map(str, self.addresses)))
+        log.info("admin listening on %s", ", ".join(map(address_text, self.addresses)))
 
     async def run(self) -> None:
         await self._stopped.wait()

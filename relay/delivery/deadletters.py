@@ -40,7 +40,8 @@ from typing import Any, Literal, TypeVar, cast
 import redis.exceptions
 from redis.asyncio import Redis
 
-from relay.config import Config, parse_duration
+from relay.config import Config
+from relay.config_values import parse_duration
 from relay.errors import DeadLetterError
 from relay.keys import Keys
 from relay.store import jobs, scripts, stored_event

@@ -36,7 +36,7 @@ from relay.config import Config
 from relay.delivery.arq_adapter import JobContext, WorkerHooks, job_timeout, new_worker
 from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
-from relay.metrics import Metrics
+from relay.metrics import Metrics, total
 from relay.runtime import Runtime
 from relay.store.client import blocking_pool, sync_client
 
@@ -235,6 +235,11 @@ class WorkerRole:
             return
         if not task.cancelled() and task.exception() is not None:
             log.warning("worker: %s ended with %r", what, task.exception())
+
+    def status(self) -> str:
+        delivered = total(self.metrics.deliveries, outcome="delivered")
+        running = total(self.metrics.deliveries_running)
+        return f"{delivered:.0f} deliveries made, {running:.0f} running"
 
     def reload(self, config: Config) -> None:
         if self.deliverer is not None:

@@ -41,7 +41,7 @@ import asyncio
 import logging
 from typing import Any
 
-from relay.config import Listen
+from relay.config_values import Listen
 from relay.ingest.http_connection import Connection
 from relay.ingest.http_types import Date, Handler
 

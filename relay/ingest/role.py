@@ -11,7 +11,9 @@ import asyncio
 import logging
 
 from relay.config import Config
+from relay.config_values import address_text
 from relay.ingest.receiver import Receiver
+from relay.metrics import total
 from relay.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -23,16 +25,17 @@ class ReceiverRole:
     def __init__(self, rt: Runtime) -> None:
         cfg = rt.config
         self.receiver = Receiver(cfg, rt.ingestor, rt.metrics)
+        self._metrics = rt.metrics
         self._server = self.receiver.server()
-        self._listen = cfg.server.listen
+        self.listen = cfg.server.listen
         self._shutdown_timeout = cfg.server.shutdown_timeout
         self._stopped = asyncio.Event()
         self.addresses: list[object] = []
 
     async def start(self) -> None:
-        await self._server.start(self._listen)
+        await self._server.start(self.listen)
         self.addresses = list(self._server.addresses)
-        log.info("receiver listening on %s", ", ".join(map(str, self.addresses)))
+        log.info("receiver listening on %s", ", ".join(map(address_text, self.addresses)))
 
     async def run(self) -> None:
         await self._stopped.wait()
@@ -46,3 +49,7 @@ class ReceiverRole:
 
     def reload(self, config: Config) -> None:
         self.receiver.set_config(config)
+
+    def status(self) -> str:
+        accepted = total(self._metrics.webhooks, outcome="accepted")
+        return f"{accepted:.0f} webhooks accepted"

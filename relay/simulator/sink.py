@@ -2,8 +2,9 @@
 
 It accepts any ``POST``, answers 200, and counts deliveries, distinct event ids
 (``webhook-id``) and repeats, so a user can watch every event arrive exactly
-where it should. When the relay configuration names a Standard Webhooks secret
-for a sink at this address, each delivery's ``webhook-signature`` is checked too.
+where it should; ``GET /_sink/stats`` gives the counts as JSON. When the relay
+configuration names a Standard Webhooks secret for a sink at this address, each
+delivery's ``webhook-signature`` is checked too.
 """
 
 from __future__ import annotations
@@ -40,8 +41,21 @@ class CountingSink:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_get("/_sink/stats", self.stats)
         app.router.add_post("/{tail:.*}", self.handle)
         return app
+
+    def counts(self) -> dict[str, object]:
+        return {
+            "received": self.received,
+            "distinct": self.unique,
+            "repeats": self.repeats,
+            "bad_signatures": self.bad_signatures,
+            "by_type": dict(self.by_type),
+        }
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.counts())
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()

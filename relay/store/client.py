@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,3 +125,36 @@ async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]
             "in the last second or so. appendfsync always makes every 202 durable."
         )
     return warnings
+
+
+async def wait_for_redis(
+    client: Redis, url: str, *, within: float, require_aof: bool = False
+) -> list[str]:
+    """:func:`check_server`, waiting (with backoff) up to ``within`` seconds for a Redis
+    that does not answer yet — a slow boot should not trip systemd's start limit.
+
+    Raises :class:`RedisUnavailableError` naming the URL (without credentials) once the
+    time is up, and :class:`UnsafeRedisError` at once.
+    """
+    deadline = time.monotonic() + within
+    wait, told = 0.1, False
+    while True:
+        try:
+            return await check_server(client, require_aof=require_aof)
+        except RedisUnavailableError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RedisUnavailableError(
+                    f"Redis at {redact_url(url)} did not answer within {within:g}s "
+                    f"(redis.startup_wait): {e}"
+                ) from None
+            if not told:
+                log.warning(
+                    "Redis at %s does not answer yet (%s); waiting up to %gs",
+                    redact_url(url),
+                    e,
+                    within,
+                )
+                told = True
+            await asyncio.sleep(min(wait, left))
+            wait = min(wait * 2, 2.0)

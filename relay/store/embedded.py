@@ -23,7 +23,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.errors import EmbeddedRedisError
+from relay.errors import (
+    EmbeddedRedisError,
+    EmbeddedRedisInUseError,
+    RedisServerMissingError,
+    StateDirError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +92,11 @@ class EmbeddedRedis:
         """Start the server, wait until it answers, and return its URL."""
         exe = shutil.which(self.binary)
         if exe is None:
-            raise EmbeddedRedisError(
-                f"{self.binary!r} was not found on PATH; install Redis (Debian: "
-                "apt-get install redis-server) or set [redis] url"
+            raise RedisServerMissingError(
+                f"{self.binary!r} was not found on PATH (the embedded default needs it); "
+                "install Redis (Debian: apt-get install redis-server) or set [redis] url"
             )
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._make_directory()
         sock: Path | None = self.directory / "redis.sock"
         if self.port is None and len(str(sock)) > _MAX_UNIX_PATH:
             self.port = free_port()
@@ -101,7 +106,7 @@ class EmbeddedRedis:
         else:
             assert sock is not None
             if sock.exists() and await self.answers(f"unix://{sock}"):
-                raise EmbeddedRedisError(
+                raise EmbeddedRedisInUseError(
                     f"a redis-server is already running on {sock}: is another relay "
                     "using this state_dir? Set [redis] url to share one Redis."
                 )
@@ -125,6 +130,20 @@ class EmbeddedRedis:
             await asyncio.sleep(0.02)
         await self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    def _make_directory(self) -> None:
+        """Create the data directory (and the state directory above it) and check that
+        it can be written, so that a read-only state_dir is named as such."""
+        probe = self.directory / ".write-test"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StateDirError(
+                f"the state directory {self.directory.parent} cannot be written "
+                f"({self.directory}: {e.strerror or e})"
+            ) from None
 
     def _log_tail(self) -> str:
         parts = []

@@ -75,6 +75,10 @@ class Poller:
             task.add_done_callback(_log_crash)
             self._tasks[slug] = task
 
+    def status(self) -> str:
+        modes = ", ".join(f"{slug} {tp.mode or 'starting'}" for slug, tp in self.tenants.items())
+        return f"polling {modes}" if modes else ""
+
     async def stop(self) -> None:
         """Cancel every tenant task (a window cut short repeats later) and release the leases."""
         self._stop.set()

@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
 from relay.cli import build_parser
-from relay.config import Config, resolve_secret
+from relay.config import Config
+from relay.config_values import resolve_secret
 from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
 from relay.keys import Keys

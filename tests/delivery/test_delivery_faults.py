@@ -10,7 +10,8 @@ import redis.exceptions
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 
-from relay.config import Config, Secret
+from relay.config import Config
+from relay.config_values import Secret
 from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.delivery.retry import backoff
 from relay.delivery.role import WorkerRole

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp.http_parser import RawRequestMessage
 
-from relay.config import Listen
+from relay.config_values import Listen
 from relay.ingest.http_connection import MAX_QUEUE
 from relay.ingest.http_server import HttpServer
 from relay.ingest.http_types import Pending, Response

@@ -59,7 +59,7 @@ def config_dict(
         ]
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0"},
-        "admin": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0", "worker_listen": "127.0.0.1:0"},
         "relay": {"dedupe_ttl": "1h"},
         "tenants": tenants,
     }

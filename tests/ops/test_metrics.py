@@ -23,11 +23,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.simulator import SimTenant, Simulator
-from tests.conftest import TENANT, WEBHOOK_SECRET, config_dict, envelope, signed, wait_for
-from tests.process import RelayProcess, listen_ports, write_toml
-from tests.test_ops_rules import alert_rules, promtool
+from tests.ops.test_rules import alert_rules, promtool
+from tests.support.common import TENANT, WEBHOOK_SECRET, config_dict, envelope, signed, wait_for
+from tests.support.process import RelayProcess, listen_ports, write_toml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 DASHBOARD = ROOT / "ops" / "grafana" / "chert-relay.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 API_SECRET = "3c5e7a9b1d2f40618293a4b5c6d7e8f9"

@@ -9,16 +9,16 @@ without it these tests fail rather than skip, so CI cannot pass them by accident
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
+import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.tools import tool
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 RULES = ROOT / "ops" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "ops" / "prometheus" / "alerts_test.yml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -26,144 +26,8 @@ RUNBOOK_BASE = "https://github.com/chert/chert-relay/blob/main/docs/runbook.md"
 SEVERITIES = {"critical", "warning"}
 
 
-# --- just enough YAML for the files in ops/prometheus (PyYAML is not a dependency) -------
-
-_KEY = re.compile(r"^([A-Za-z_][\w-]*):(?:\s+(.*))?$")
-
-
-def _is_item(text: str) -> bool:
-    return text == "-" or text.startswith("- ")
-
-
-def _strip_comment(text: str) -> str:
-    cut = re.search(r"(^|\s)#", text)
-    return (text[: cut.start()] if cut else text).strip()
-
-
-def _scalar(text: str, where: int) -> Any:
-    if text in ("[]", "{}"):
-        return [] if text == "[]" else {}
-    if text[0] in "\"'":
-        quote = text[0]
-        i = 1
-        while i < len(text):
-            if quote == '"' and text[i] == "\\":
-                i += 2
-                continue
-            if text[i] == quote:
-                if quote == "'" and text[i + 1 : i + 2] == "'":
-                    i += 2
-                    continue
-                break
-            i += 1
-        else:
-            raise ValueError(f"line {where}: unterminated string")
-        if _strip_comment(text[i + 1 :]):
-            raise ValueError(f"line {where}: text after a quoted string")
-        body = text[1:i]
-        return json.loads(f'"{body}"') if quote == '"' else body.replace("''", "'")
-    if text[0] in "[{&*!|>%@`":
-        raise ValueError(f"line {where}: unsupported YAML: {text!r}")
-    return _strip_comment(text)
-
-
-class _Parser:
-    """Block mappings and sequences, plain and quoted scalars, ``|``/``>`` block scalars
-    (with ``-`` chomping), and empty ``[]``/``{}``. Anything else is an error, not a guess."""
-
-    def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-        self.i = 0
-
-    def peek(self) -> tuple[int, str] | None:
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            text = line.strip()
-            if text and not text.startswith("#"):
-                return len(line) - len(line.lstrip(" ")), text
-            self.i += 1
-        return None
-
-    def node(self, indent: int) -> Any:
-        nxt = self.peek()
-        if nxt is None or nxt[0] < indent:
-            return None
-        if _is_item(nxt[1]):
-            return self.sequence(nxt[0])
-        if _KEY.match(nxt[1]):
-            return self.mapping(nxt[0])
-        self.i += 1
-        return _scalar(nxt[1], self.i)
-
-    def sequence(self, indent: int) -> list[Any]:
-        out: list[Any] = []
-        while (nxt := self.peek()) is not None and nxt[0] == indent and _is_item(nxt[1]):
-            rest = nxt[1][1:].lstrip()
-            if not rest:
-                self.i += 1
-                out.append(self.node(indent + 1))
-                continue
-            # The item starts on the dash line: read it as if it were indented there.
-            column = indent + len(nxt[1]) - len(rest)
-            self.lines[self.i] = " " * column + rest
-            out.append(self.node(column))
-        return out
-
-    def mapping(self, indent: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        while (nxt := self.peek()) is not None and nxt[0] == indent:
-            m = _KEY.match(nxt[1])
-            if m is None:
-                raise ValueError(f"line {self.i + 1}: expected 'key: value', got {nxt[1]!r}")
-            key, rest = m.group(1), _strip_comment(m.group(2) or "")
-            if key in out:
-                raise ValueError(f"line {self.i + 1}: duplicate key {key!r}")
-            self.i += 1
-            if rest in ("|", "|-", ">", ">-"):
-                out[key] = self.block(indent, rest)
-            elif rest:
-                out[key] = _scalar(rest, self.i)
-            else:
-                child = self.peek()
-                nested = child is not None and (
-                    child[0] > indent or (child[0] == indent and _is_item(child[1]))
-                )
-                out[key] = self.node(child[0]) if nested and child is not None else None
-        nxt = self.peek()
-        if nxt is not None and nxt[0] > indent:
-            raise ValueError(f"line {self.i + 1}: unexpected indentation")
-        return out
-
-    def block(self, indent: int, style: str) -> str:
-        raw: list[str] = []
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            if line.strip() and len(line) - len(line.lstrip(" ")) <= indent:
-                break
-            raw.append(line.rstrip())
-            self.i += 1
-        while raw and not raw[-1]:
-            raw.pop()
-        if not raw:
-            return ""
-        cut = min(len(x) - len(x.lstrip(" ")) for x in raw if x)
-        body = [x[cut:] for x in raw]
-        if style.startswith("|"):
-            text = "\n".join(body)
-        else:
-            if any(x.startswith(" ") for x in body):
-                raise ValueError(f"line {self.i}: more-indented lines in a folded scalar")
-            text = re.sub(r"(?<!\n)\n(?!\n)", " ", "\n".join(body))
-            text = re.sub(r"\n(\n*)", r"\1", text)
-        return text if style.endswith("-") else text + "\n"
-
-
 def load_yaml(path: Path) -> Any:
-    parser = _Parser(path.read_text())
-    data = parser.node(0)
-    if parser.peek() is not None:
-        raise ValueError(f"{path}: line {parser.i + 1}: unexpected text")
-    return data
+    return yaml.safe_load(path.read_text())
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -208,13 +72,7 @@ def runbook_anchors() -> set[str]:
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail(
-            "promtool is not installed: `apt-get install prometheus` (Debian's package; only "
-            "its promtool is needed)",
-            pytrace=False,
-        )
+    exe = tool("promtool")
     return subprocess.run(
         [exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
@@ -317,19 +175,3 @@ def test_every_alert_has_a_firing_and_a_quiet_promtool_case() -> None:
     quiet = {name for name, fires in cases if not fires}
     assert not sorted(names - firing), "alerts without a case where they fire"
     assert not sorted(names - quiet), "alerts without a case where they do not fire"
-
-
-def test_the_yaml_reader_folds_and_keeps_like_yaml() -> None:
-    parser = _Parser(
-        "a:\n  - x: 1\n    y: 'it''s'\n  - plain # comment\n"
-        'b: >-\n  one\n  two\n\n  three\nc: |\n  l1\n  l2\nd: []\ne: "q: \\"x\\""\n'
-    )
-    assert parser.node(0) == {
-        "a": [{"x": "1", "y": "it's"}, "plain"],
-        "b": "one two\nthree",
-        "c": "l1\nl2\n",
-        "d": [],
-        "e": 'q: "x"',
-    }
-    with pytest.raises(ValueError, match="unsupported"):
-        _Parser("a: {b: 1}\n").node(0)

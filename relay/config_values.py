@@ -1,0 +1,177 @@
+"""The value types the configuration is made of: durations, secrets, listen addresses
+and URLs, each parsed from what a TOML file (or the environment) gives.
+
+Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``.
+Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warning).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+MAX_DURATION_S = 10 * 365 * 86400.0  # anything longer is a typo, and Redis TTLs must fit
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``2.5``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"`` or ``"250ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"{value!r} is not a duration; use seconds or e.g. '30s', '5m', '2h', '7d'"
+            )
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '30s'")
+    if math.isnan(seconds):
+        raise ValueError("a duration must be a number")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError("a duration cannot be longer than 10 years")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Secret:
+    """A secret value with where it came from; never shows the value in repr or str."""
+
+    __slots__ = ("_value", "origin")
+
+    def __init__(self, value: str, origin: str) -> None:
+        self._value = value
+        self.origin = origin  # "env:NAME", "file:/path" or "literal"
+
+    def get(self) -> str:
+        return self._value
+
+    @property
+    def is_literal(self) -> bool:
+        return self.origin == "literal"
+
+    def __repr__(self) -> str:
+        return f"Secret({self.origin})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def resolve_secret(value: object, base_dir: Path | None = None) -> Secret:
+    """Resolve ``env:NAME``, ``file:/path`` (relative to ``base_dir``) or a literal."""
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a secret is a string: 'env:NAME', 'file:/path' or the literal value")
+    if value.startswith("env:"):
+        name = value[4:]
+        if not name:
+            raise ValueError("'env:' needs a variable name")
+        found = os.environ.get(name)
+        if found is None or found == "":
+            raise ValueError(f"environment variable {name} is not set")
+        return Secret(found.strip(), value)
+    if value.startswith("file:"):
+        path = Path(value[5:]).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+        if not text:
+            raise ValueError(f"secret file {path} is empty")
+        return Secret(text, f"file:{path}")
+    if not value:
+        raise ValueError("a secret cannot be empty")
+    return Secret(value, "literal")
+
+
+def _secret_validator(value: object, info: ValidationInfo) -> Secret:
+    base = (info.context or {}).get("base_dir")
+    return resolve_secret(value, base)
+
+
+SecretField = Annotated[Secret, BeforeValidator(_secret_validator)]
+
+
+class Listen(BaseModel):
+    """A TCP ``host:port`` or ``unix:/path`` to listen on."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def address_text(sockname: object) -> str:
+    """A bound socket's address as a listen setting would name it: ``host:port`` or
+    ``unix:/path`` (for logs: with port 0, this is where it really listens)."""
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host = f"[{sockname[0]}]" if ":" in str(sockname[0]) else sockname[0]
+        return f"{host}:{sockname[1]}"
+    return f"unix:{sockname}"
+
+
+def parse_listen(value: object) -> Listen:
+    if isinstance(value, Listen):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("listen is 'host:port' or 'unix:/path'")
+    if value.startswith("unix:"):
+        if not value[5:]:
+            raise ValueError("'unix:' needs a socket path: 'unix:/run/chert-relay.sock'")
+        return Listen(path=value[5:])
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not 'host:port' or 'unix:/path'")
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port {p} is out of range")
+    host = host.strip("[]") or "0.0.0.0"
+    return Listen(host=host, port=p)
+
+
+ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
+
+
+def _check_http_url(value: str) -> str:
+    # The errors never show the value: a mistyped URL may carry a credential.
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL (scheme://host/…)")
+    if any(c.isspace() for c in value):
+        raise ValueError("a URL cannot contain spaces")
+    try:
+        parts.port  # noqa: B018 - raises when out of range or not a number
+    except ValueError:
+        raise ValueError("the URL's port is not a number from 0 to 65535") from None
+    return value
+
+
+HttpUrl = Annotated[str, BeforeValidator(lambda v: _check_http_url(v) if isinstance(v, str) else v)]
