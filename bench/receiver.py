@@ -172,10 +172,15 @@ def start_bare(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_relay(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_relay(workdir: Path, redis: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """``chert-relay serve`` on the embedded default, or on ``redis`` (a ``[redis]``
+    section's lines)."""
     port, admin = free_port(), free_port()
     cfg = workdir / "relay.toml"
-    cfg.write_text(f"""
+    section = f"[redis]\n{redis}\n" if redis else ""
+    cfg.write_text(
+        section
+        + f"""
 [server]
 listen = "127.0.0.1:{port}"
 [admin]
@@ -193,7 +198,8 @@ events = ["message.received"]
 [[tenants.sinks]]
 name = "all"
 url = "http://127.0.0.1:9/all"
-""")
+"""
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "--log-level", "warning", "--config", str(cfg), "serve"],
         cwd=ROOT,

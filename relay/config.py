@@ -31,6 +31,7 @@ from pydantic import (
 
 from relay.config_values import (
     Duration,
+    HostPort,
     HttpUrl,
     ListenField,
     Secret,
@@ -73,7 +74,19 @@ class AdminConfig(_Section):
 
 
 class RedisConfig(_Section):
-    url: SecretField | None = None  # absent: a private redis-server under state_dir
+    # Where Redis is: a URL, or a Sentinel deployment (sentinels + service_name); neither:
+    # a private redis-server under state_dir (the embedded default).
+    url: SecretField | None = None
+    sentinels: list[HostPort] = Field(default_factory=list)
+    service_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    # With sentinels: the data nodes' credentials, database and TLS (a URL carries its own)
+    username: str | None = None
+    password: SecretField | None = None
+    db: int = Field(0, ge=0, le=15)
+    tls: bool = False
+    sentinel_username: str | None = None
+    sentinel_password: SecretField | None = None
+    sentinel_tls: bool = False
     key_prefix: str = Field("chert-relay", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     server_binary: str = "redis-server"
     connect_timeout: Duration = 5.0
@@ -81,6 +94,10 @@ class RedisConfig(_Section):
     # before giving up with exit code 69.
     startup_wait: Duration = 30.0
     require_aof: bool = False  # refuse (rather than warn) when AOF is off
+    # Answer a webhook 2xx only once this many replicas have its event (Redis WAIT after
+    # each ingest batch), else 503; 0: the primary's fsync is enough.
+    min_replica_acks: int = Field(0, ge=0, le=16)
+    replica_ack_timeout: Annotated[Duration, Field(gt=0, le=60)] = 0.5
 
     @field_validator("url")
     @classmethod
@@ -89,6 +106,20 @@ class RedisConfig(_Section):
             # Not the value itself: it may carry the password.
             raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
         return v
+
+    @model_validator(mode="after")
+    def _one_way_to_redis(self) -> RedisConfig:
+        if self.sentinels and self.url is not None:
+            raise ValueError("set either url or sentinels (with service_name), not both")
+        if self.sentinels and not self.service_name:
+            raise ValueError("sentinels need service_name: the name the sentinels monitor")
+        if self.service_name and not self.sentinels:
+            raise ValueError("service_name is for sentinels: list them in sentinels")
+        if not self.sentinels and (self.password or self.username or self.db or self.tls):
+            raise ValueError(
+                "username, password, db and tls are for sentinels; a url carries its own"
+            )
+        return self
 
 
 class RelaySection(_Section):

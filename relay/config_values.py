@@ -175,3 +175,19 @@ def _check_http_url(value: str) -> str:
 
 
 HttpUrl = Annotated[str, BeforeValidator(lambda v: _check_http_url(v) if isinstance(v, str) else v)]
+
+
+def parse_host_port(value: object) -> tuple[str, int]:
+    """``"host:port"`` (a Sentinel's address) as a pair."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return value[0], int(value[1])
+    if not isinstance(value, str):
+        raise ValueError("an address is 'host:port'")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{value!r} is not 'host:port'")
+    return host, int(port)
+
+
+HostPort = Annotated[tuple[str, int], BeforeValidator(parse_host_port)]

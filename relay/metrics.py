@@ -149,6 +149,17 @@ class Metrics:
             ["tenant", "code"],
             registry=r,
         )
+        self.ingest_unacked = Counter(
+            f"{p}_ingest_unacked_total",
+            "Events answered 503 because fewer replicas than redis.min_replica_acks "
+            "acknowledged them in time.",
+            registry=r,
+        )
+        self.redis_primary_changes = Counter(
+            f"{p}_redis_primary_changes_total",
+            "Times this process saw the sentinels name a new Redis primary (a failover).",
+            registry=r,
+        )
         # --- delivery (relay.delivery, relay.worker) ------------------------------------
         # Queue depth, stored dead letters and breaker states live in Redis: the worker
         # registers a collector that reads them at scrape time.

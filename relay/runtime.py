@@ -6,7 +6,7 @@ explicitly; nothing is looked up from globals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -15,6 +15,7 @@ from relay.config import Config
 from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
+from relay.store.endpoint import Endpoint
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Runtime:
     metrics: Metrics
     ingestor: Ingestor
     keys: Keys
+    endpoint: Endpoint = field(default_factory=Endpoint)
 
 
 class Role(Protocol):

@@ -37,8 +37,8 @@ from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime
-from relay.store.client import connect, redact_url, wait_for_redis
-from relay.store.embedded import open_redis_url
+from relay.store.client import wait_for_redis
+from relay.store.endpoint import open_client
 from relay.systemd import Notifier
 from relay.upstream.poller import Poller
 
@@ -117,15 +117,17 @@ class Service:
         async with AsyncExitStack() as stack:
             self._install_signals(stack)
             stack.callback(self.notifier.close)
-            url = await open_redis_url(self.config, stack)
-            client = connect(url, timeout=self.config.redis.connect_timeout)
-            stack.push_async_callback(client.aclose)
+            endpoint, client = await open_client(self.config, stack)
             r = self.config.redis
             for warning in await wait_for_redis(
-                client, url, within=r.startup_wait, require_aof=r.require_aof
+                client,
+                endpoint.describe(),
+                within=r.startup_wait,
+                require_aof=r.require_aof,
+                min_replica_acks=r.min_replica_acks,
             ):
                 log.warning("%s", warning)
-            log.info("using Redis at %s", redact_url(url))
+            log.info("using Redis at %s", endpoint.describe())
             metrics = Metrics()
             metrics.redis_up.set(1)
             ingestor = Ingestor(client, self.config, metrics)
@@ -135,6 +137,7 @@ class Service:
                 metrics=metrics,
                 ingestor=ingestor,
                 keys=Keys(self.config.redis.key_prefix),
+                endpoint=endpoint,
             )
             for warning in self.config.warnings():
                 log.warning("config: %s", warning)
@@ -149,7 +152,11 @@ class Service:
                 async with asyncio.TaskGroup() as tg:
                     for role in self.roles.values():
                         tg.create_task(role.run(), name=role.name)
-                    helpers = []
+                    helpers = [
+                        tg.create_task(
+                            endpoint.watch_primary(self._primary_changed), name="primary"
+                        )
+                    ]
                     if self.notifier.enabled:
                         helpers.append(tg.create_task(self.notifier.watchdog(), name="watchdog"))
                         helpers.append(tg.create_task(self._report_status(), name="status"))
@@ -187,6 +194,14 @@ class Service:
                 if listen is None:
                     raise
                 raise ListenError(name, str(listen), e) from None
+
+    def _primary_changed(self, old: str | None, new: str) -> None:
+        if old is None:
+            log.info("the Redis primary is %s", new)
+            return
+        log.warning("the Redis primary is now %s (was %s): a failover", new, old)
+        if self.runtime is not None:
+            self.runtime.metrics.redis_primary_changes.inc()
 
     def status(self) -> str:
         """One line on what this process is doing, for systemd's ``STATUS=``."""

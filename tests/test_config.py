@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,3 +205,23 @@ def test_sink_urls_that_could_never_be_reached(url: str, problem: str) -> None:
     data = config_dict()
     data["tenants"][0]["sinks"][0]["url"] = url
     assert problems(data)["tenants[0].sinks[0].url"] == problem
+
+
+def test_redis_is_a_url_or_a_sentinel_deployment_not_both() -> None:
+    def problems(redis: dict[str, Any]) -> dict[str, str]:
+        try:
+            parse_config(config_dict(redis=redis), env={})
+        except ConfigError as e:
+            return dict(e.problems)
+        return {}
+
+    ok = {"sentinels": ["10.0.0.1:26379", "10.0.0.2:26379"], "service_name": "relay"}
+    assert problems(ok) == {}
+    cfg = parse_config(config_dict(redis=ok), env={})
+    assert cfg.redis.sentinels == [("10.0.0.1", 26379), ("10.0.0.2", 26379)]
+    both = problems({**ok, "url": "redis://127.0.0.1:6379/0"})
+    assert "set either url or sentinels" in both["redis"]
+    assert "need service_name" in problems({"sentinels": ["h:1"]})["redis"]
+    assert "is not 'host:port'" in problems({**ok, "sentinels": ["h"]})["redis.sentinels[0]"]
+    assert "a url carries its own" in problems({"password": "x"})["redis"]
+    assert "redis.min_replica_acks" in problems({"min_replica_acks": -1})

@@ -31,8 +31,7 @@ from relay.delivery.deadletters import (
     parse_time,
 )
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
-from relay.store.client import connect
-from relay.store.embedded import open_redis_url
+from relay.store.endpoint import open_client
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -107,9 +106,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     async with AsyncExitStack() as stack:
-        url = await open_redis_url(config, stack, share_running=True)
-        client = connect(url, timeout=config.redis.connect_timeout)
-        stack.push_async_callback(client.aclose)
+        _, client = await open_client(config, stack, share_running=True)
         return await _act(args, config, client)
 
 

@@ -38,7 +38,7 @@ from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
 from relay.metrics import Metrics, total
 from relay.runtime import Runtime
-from relay.store.client import blocking_pool, sync_client
+from relay.store.client import blocking_pool
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class WorkerRole:
         )
         self._timeout = timeout
         self._worker = self._new_worker()
-        self._collector = DeliveryCollector(sync_client(self._rt.redis), cfg)
+        self._collector = DeliveryCollector(self._rt.endpoint.sync_client(), cfg)
         self.metrics.registry.register(self._collector)
         log.info(
             "worker started: up to %d deliveries at once, job timeout %.0fs%s",

@@ -65,6 +65,7 @@ class Ingestor:
         self._counted: dict[tuple[str, str, bool], Counter] = {}
         self._metrics = metrics
         self._sources = {s: s.encode() for s in SOURCES}
+        r = config.redis
         self._pipe: ScriptPipeline[_Item] = ScriptPipeline(
             redis_client,
             scripts.script("ingest").source,
@@ -73,6 +74,9 @@ class Ingestor:
             flush_at=flush_at,
             max_batch=max_batch,
             observe=self._observe if metrics is not None else None,
+            replicas=r.min_replica_acks,
+            replica_timeout=r.replica_ack_timeout,
+            unacked=metrics.ingest_unacked.inc if metrics is not None else None,
         )
         self.set_config(config)
 

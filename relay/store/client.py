@@ -64,20 +64,6 @@ def blocking_pool(client: Redis, size: int) -> redis.asyncio.BlockingConnectionP
     )
 
 
-def sync_client(client: Redis, timeout: float = 1.0) -> redis.Redis:
-    """A blocking client to the same server as ``client`` (for scrape-time collectors)."""
-    cls, kwargs = _pool_kwargs(client)
-    sync_cls: type[Any] = redis.connection.Connection
-    if cls.__name__ == "UnixDomainSocketConnection":
-        sync_cls = redis.connection.UnixDomainSocketConnection
-    elif cls.__name__ == "SSLConnection":
-        sync_cls = redis.connection.SSLConnection
-    kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
-    kwargs.pop("redis_connect_func", None)
-    pool = redis.ConnectionPool(connection_class=sync_cls, max_connections=2, **kwargs)
-    return redis.Redis(connection_pool=pool)
-
-
 async def _config_value(client: Redis, name: str) -> str | None:
     found = await client.config_get(name)
     for key, value in found.items():
@@ -86,7 +72,9 @@ async def _config_value(client: Redis, name: str) -> str | None:
     return None
 
 
-async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]:
+async def check_server(
+    client: Redis, *, require_aof: bool = False, min_replica_acks: int = 0
+) -> list[str]:
     """Refuse a Redis that can evict keys; return warnings for softer risks.
 
     Raises :class:`RedisUnavailableError` if it cannot be reached, and
@@ -124,34 +112,105 @@ async def check_server(client: Redis, *, require_aof: bool = False) -> list[str]
             f"Redis has appendfsync {fsync}: a machine crash can lose events acknowledged "
             "in the last second or so. appendfsync always makes every 202 durable."
         )
-    return warnings
+    return warnings + await replication_warnings(client, min_replica_acks)
+
+
+async def replication_warnings(client: Redis, min_replica_acks: int = 0) -> list[str]:
+    """Refuse a replica; warn about what replication still leaves to lose.
+
+    The relay writes, so it must reach the primary. With ``min_replica_acks`` a webhook
+    is answered 2xx only once that many replicas have its event: fewer connected now
+    means 503s until they are; a replica with AOF off loses what it has on a crash; and a
+    primary with ``min-replicas-to-write 0`` keeps taking writes when cut off from its
+    replicas (a partition), writes a failover will discard.
+    """
+    try:
+        info = await client.info("replication")
+    except redis.exceptions.ResponseError:
+        return []  # INFO refused (a managed Redis): nothing to check
+    role = str(info.get("role", "master"))
+    if role != "master":
+        raise UnsafeRedisError(
+            f"Redis is a replica (role {role}), which refuses writes: point [redis] url at "
+            "the primary, or list the sentinels ([redis] sentinels, service_name)"
+        )
+    out: list[str] = []
+    replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+    if min_replica_acks > len(replicas):
+        out.append(
+            f"redis.min_replica_acks is {min_replica_acks} but {len(replicas)} replica(s) "
+            "are connected: webhooks get 503 until enough are"
+        )
+    if min_replica_acks:
+        try:
+            to_write = await _config_value(client, "min-replicas-to-write")
+        except redis.exceptions.ResponseError:
+            to_write = None
+        if to_write == "0":
+            out.append(
+                "the Redis primary has min-replicas-to-write 0: cut off from its replicas it "
+                "keeps taking writes that a failover discards (the relay answers 503 for "
+                "them, but set min-replicas-to-write 1 and min-replicas-max-lag 10)"
+            )
+    for r in replicas:
+        where = f"{r.get('ip')}:{r.get('port')}"
+        try:
+            aof = await _replica_setting(client, str(r.get("ip")), int(r.get("port", 0)))
+        except (redis.exceptions.RedisError, OSError, ValueError) as e:
+            out.append(f"cannot check the replica at {where} ({e}); make sure its AOF is on")
+            continue
+        if aof is not None and aof != "yes":
+            out.append(
+                f"the replica at {where} has AOF off: events it holds are lost if it crashes "
+                "before it is promoted. Set appendonly yes on every replica."
+            )
+    return out
+
+
+async def _replica_setting(client: Redis, host: str, port: int) -> str | None:
+    """A replica's ``appendonly``, asked with the primary's credentials."""
+    _, kwargs = _pool_kwargs(client)
+    for drop in ("host", "port", "path", "connection_pool", "redis_connect_func"):
+        kwargs.pop(drop, None)
+    replica = Redis(host=host, port=port, **kwargs)
+    try:
+        return await _config_value(replica, "appendonly")
+    finally:
+        await replica.aclose()
 
 
 async def wait_for_redis(
-    client: Redis, url: str, *, within: float, require_aof: bool = False
+    client: Redis,
+    where: str,
+    *,
+    within: float,
+    require_aof: bool = False,
+    min_replica_acks: int = 0,
 ) -> list[str]:
     """:func:`check_server`, waiting (with backoff) up to ``within`` seconds for a Redis
     that does not answer yet — a slow boot should not trip systemd's start limit.
 
-    Raises :class:`RedisUnavailableError` naming the URL (without credentials) once the
-    time is up, and :class:`UnsafeRedisError` at once.
+    ``where`` names the Redis in messages (a URL without credentials). Raises
+    :class:`RedisUnavailableError` once the time is up, and :class:`UnsafeRedisError` at
+    once.
     """
     deadline = time.monotonic() + within
     wait, told = 0.1, False
     while True:
         try:
-            return await check_server(client, require_aof=require_aof)
+            return await check_server(
+                client, require_aof=require_aof, min_replica_acks=min_replica_acks
+            )
         except RedisUnavailableError as e:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RedisUnavailableError(
-                    f"Redis at {redact_url(url)} did not answer within {within:g}s "
-                    f"(redis.startup_wait): {e}"
+                    f"Redis at {where} did not answer within {within:g}s (redis.startup_wait): {e}"
                 ) from None
             if not told:
                 log.warning(
                     "Redis at %s does not answer yet (%s); waiting up to %gs",
-                    redact_url(url),
+                    where,
                     e,
                     within,
                 )

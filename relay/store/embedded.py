@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -52,11 +53,13 @@ class EmbeddedRedis:
         binary: str = "redis-server",
         port: int | None = None,
         appendfsync: str = "always",
+        extra: Sequence[str] = (),
     ) -> None:
         self.directory = directory.resolve()
         self.binary = binary
         self.port = port
         self.appendfsync = appendfsync
+        self.extra = tuple(extra)  # more redis-server options (tests: --replicaof …)
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -86,7 +89,7 @@ class EmbeddedRedis:
             argv += ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
         else:
             argv += ["--port", str(self.port)]
-        return argv
+        return argv + list(self.extra)
 
     async def start(self, timeout: float = 15.0) -> str:
         """Start the server, wait until it answers, and return its URL."""

@@ -29,6 +29,14 @@ missing (an operator ran ``SCRIPT FLUSH``), the batches that get ``NOSCRIPT`` fa
 
 A connection is taken from the client's pool when work arrives and given back once
 no batch has been waiting or in flight for ``linger`` seconds.
+
+With ``replicas`` (``[redis] min_replica_acks``), each batch is followed on the
+connection by ``WAIT replicas timeout``: its callers get their answers only once that
+many replicas have acknowledged everything the connection wrote, and otherwise fail as
+"Redis unavailable" (their events may be stored: a retry finds them as duplicates, once
+replicated). A ``READONLY`` answer means the primary this connection reached is a
+replica now (a failover): the connection is dropped, so that the next one finds the new
+primary.
 """
 
 from __future__ import annotations
@@ -84,6 +92,12 @@ class _Batch:
     deadline: float  # loop time by which Redis must have answered
     sent: float = field(default_factory=time.perf_counter)
     load: bool = False
+    wait: bool = False  # a WAIT follows: the script's reply is held until its answer
+    reply: Any = None  # the script's reply, while the WAIT's is awaited
+
+
+class ReplicasBehindError(RedisUnavailableError):
+    """Fewer replicas than ``[redis] min_replica_acks`` acknowledged a batch in time."""
 
 
 class ScriptPipeline(Generic[T]):
@@ -105,6 +119,9 @@ class ScriptPipeline(Generic[T]):
         max_inflight: int = 16,
         observe: Callable[[float, int], None] | None = None,
         linger: float = 1.0,
+        replicas: int = 0,
+        replica_timeout: float = 0.5,
+        unacked: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
         script = source.encode()
@@ -115,9 +132,18 @@ class ScriptPipeline(Generic[T]):
         self.timeout = timeout
         self._flush_at = flush_at
         self._max_batch = max_batch
-        self._max_inflight = max_inflight
+        # Redis holds a connection's later commands while its WAIT blocks, so batches
+        # queued behind one would each wait a replica round of their own: with replicas,
+        # one batch is in flight and what arrives meanwhile goes out together after it.
+        self._max_inflight = 1 if replicas else max_inflight
         self._observe = observe
         self.linger = linger
+        self._replicas = replicas
+        self._wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (
+            bulk(replicas),
+            bulk(max(1, int(replica_timeout * 1000))),
+        )
+        self._unacked = unacked
         # Waiting to be sent, in three parallel lists: the item, its caller's future and
         # when it arrived (loop time). ``timeout`` runs from arrival: getting a
         # connection and waiting for room in flight count against it.
@@ -204,8 +230,11 @@ class ScriptPipeline(Generic[T]):
                 _fail(futures, e)
                 raise
             head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
-            writer.writelines([head, *args])
-            self._sent(conn, _Batch(futures, deadline))
+            if self._replicas:
+                writer.writelines([head, *args, self._wait])
+            else:
+                writer.writelines([head, *args])
+            self._sent(conn, _Batch(futures, deadline, wait=self._replicas > 0))
 
     def _send_load(self, conn: AbstractConnection) -> None:
         writer = _writer(conn)
@@ -336,7 +365,16 @@ class ScriptPipeline(Generic[T]):
                 while (reply := parser.gets()) is not _MORE:
                     if not self._inflight:
                         raise redis.exceptions.InvalidResponse("a reply nothing was sent for")
+                    head = self._inflight[0]
+                    if head.wait and head.reply is None:
+                        head.reply = _HELD if reply is None else reply  # its WAIT is next
+                        continue
                     self._answer(conn, self._inflight.popleft(), reply)
+                    if isinstance(reply, redis.exceptions.ReadOnlyError) or isinstance(
+                        head.reply, redis.exceptions.ReadOnlyError
+                    ):
+                        # This "primary" is a replica now: find the new one.
+                        raise redis.exceptions.ConnectionError("the primary is now a replica")
                 if self._items and self._conn is conn:
                     self._send()  # room in flight again
             self._reader = None
@@ -368,7 +406,10 @@ class ScriptPipeline(Generic[T]):
             self._poke()
 
     def _answer(self, conn: AbstractConnection, batch: _Batch, reply: Any) -> None:
-        """Resolve ``batch``'s callers from its reply (a list, or an error reply)."""
+        """Resolve ``batch``'s callers from its reply (a list, or an error reply); for a
+        batch followed by a WAIT, ``reply`` is the WAIT's and the script's was held."""
+        if batch.wait:
+            reply = self._acked(batch, reply)
         if batch.load:
             self._loading = False
             if isinstance(reply, BaseException):
@@ -387,6 +428,19 @@ class ScriptPipeline(Generic[T]):
             for fut, value in zip(batch.futures, reply, strict=True):
                 if not fut.done():
                     fut.set_result(value)
+
+    def _acked(self, batch: _Batch, acks: Any) -> Any:
+        """The batch's reply if enough replicas acknowledged it, else the failure."""
+        reply = None if batch.reply is _HELD else batch.reply
+        if isinstance(reply, BaseException) or isinstance(acks, BaseException):
+            return reply if isinstance(reply, BaseException) else acks
+        if isinstance(acks, int) and acks >= self._replicas:
+            return reply
+        if self._unacked is not None:
+            self._unacked(len(batch.futures))
+        return ReplicasBehindError(
+            f"{acks} of {self._replicas} replica(s) acknowledged the batch in time"
+        )
 
     def _fail_inflight(self, e: BaseException) -> None:
         while self._inflight:
@@ -408,6 +462,7 @@ class ScriptPipeline(Generic[T]):
 
 
 _MORE = object()  # hiredis: no whole reply buffered yet
+_HELD = object()  # a script's reply of nil, held while its WAIT is answered
 _READ_SIZE = 65536
 
 

@@ -44,8 +44,8 @@ from relay.errors import (
 from relay.ingest.envelope import parse_timestamp
 from relay.ingest.ingestor import Ingestor
 from relay.metrics import Metrics
-from relay.store.client import check_server, connect
-from relay.store.embedded import open_redis_url
+from relay.store.client import check_server
+from relay.store.endpoint import open_client
 from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.upstream.rows import RowsResult, ingest_rows
 
@@ -158,11 +158,7 @@ async def run_backfill(
     """Open Redis and a session to Chert, as the daemon would, and backfill one tenant."""
     summary = summary if summary is not None else BackfillSummary()
     async with AsyncExitStack() as stack:
-        client = connect(
-            await open_redis_url(config, stack, share_running=True),
-            timeout=config.redis.connect_timeout,
-        )
-        stack.push_async_callback(client.aclose)
+        _, client = await open_client(config, stack, share_running=True)
         for warning in await check_server(client, require_aof=config.redis.require_aof):
             log.warning("%s", warning)
         metrics = Metrics()

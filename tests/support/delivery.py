@@ -23,6 +23,7 @@ from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Runtime
 from relay.store.embedded import free_port
+from relay.store.endpoint import Endpoint
 from tests.support.common import SINK_SECRET, TENANT, make_config
 from tests.support.common import envelope as make_envelope
 
@@ -159,6 +160,7 @@ def runtime(redis: Redis, config: Config) -> Runtime:
         metrics=metrics,
         ingestor=Ingestor(redis, config, metrics),
         keys=Keys(config.redis.key_prefix),
+        endpoint=Endpoint(url=config.redis.url.get() if config.redis.url else None),
     )
 
 
