@@ -27,11 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from relay.store.embedded import free_port  # noqa: E402
-from tests.support.common import TENANT, config_dict, envelope, signed  # noqa: E402
-from tests.support.delivery import FAST_WORKER, Sink, sink_conf, sinks  # noqa: E402
-from tests.support.process import RelayProcess, write_toml  # noqa: E402
-from tests.support.sentinel import SERVICE, deployment  # noqa: E402
+from tests.support.common import TENANT, envelope, signed  # noqa: E402
+from tests.support.delivery import Sink, sinks  # noqa: E402
+from tests.support.process import RelayProcess  # noqa: E402
+from tests.support.sentinel import deployment  # noqa: E402
 
 
 async def until(check: object, timeout: float) -> object:
@@ -50,17 +49,8 @@ async def one_run(
     work: Path, replicas: int, rate: float, before: float, after: float
 ) -> dict[str, float]:
     async with deployment(work / "ha", replicas=replicas) as d, sinks(Sink()) as (sink,):
-        port, admin = free_port(), free_port()
-        data = config_dict(sinks=[sink_conf("s", sink.url)], worker=FAST_WORKER)
-        data["server"]["listen"] = f"127.0.0.1:{port}"
-        data["admin"]["listen"] = f"127.0.0.1:{admin}"
-        data["redis"] = {
-            "sentinels": d.sentinel_addresses,
-            "service_name": SERVICE,
-            "min_replica_acks": 1,
-            "startup_wait": "20s",
-        }
-        relay = RelayProcess(write_toml(work / "relay.toml", data), "run").start()
+        path, port, admin = d.relay_config(work / "relay.toml", sink.url)
+        relay = RelayProcess(path, "run").start()
         try:
             await relay.wait_ready(f"http://127.0.0.1:{admin}")
             url = f"http://127.0.0.1:{port}/webhooks/chert/{TENANT}"

@@ -24,8 +24,8 @@ from relay.store.client import check_server
 from relay.store.embedded import EmbeddedRedis, free_port
 from relay.store.endpoint import Endpoint, close_client
 from tests.support.common import TENANT, config_dict, envelope, signed, wait_for
-from tests.support.delivery import FAST_WORKER, Sink, sink_conf, sinks
-from tests.support.process import RelayProcess, write_toml
+from tests.support.delivery import Sink, sinks
+from tests.support.process import RelayProcess
 from tests.support.sentinel import SERVICE, deployment
 
 
@@ -66,18 +66,8 @@ async def test_a_failover_loses_no_acknowledged_event(
     tmp_path: Path, procs: list[RelayProcess]
 ) -> None:
     async with deployment(tmp_path / "ha", replicas=1) as d, sinks(Sink()) as (sink,):
-        port, admin = free_port(), free_port()
-        data = config_dict(sinks=[sink_conf("s", sink.url)], worker=FAST_WORKER)
-        data["server"]["listen"] = f"127.0.0.1:{port}"
-        data["admin"]["listen"] = f"127.0.0.1:{admin}"
-        data["redis"] = {
-            "sentinels": d.sentinel_addresses,
-            "service_name": SERVICE,
-            "min_replica_acks": 1,
-            "replica_ack_timeout": "500ms",
-            "startup_wait": "20s",
-        }
-        relay = RelayProcess(write_toml(tmp_path / "relay.toml", data), "run").start()
+        path, port, admin = d.relay_config(tmp_path / "relay.toml", sink.url)
+        relay = RelayProcess(path, "run").start()
         procs.append(relay)
         await relay.wait_ready(f"http://127.0.0.1:{admin}")
         chert = Chert(f"http://127.0.0.1:{port}/webhooks/chert/{TENANT}")

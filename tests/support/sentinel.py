@@ -13,7 +13,9 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from relay.store.embedded import EmbeddedRedis, free_port
-from tests.support.common import wait_for
+from tests.support.common import config_dict, wait_for
+from tests.support.delivery import FAST_WORKER, sink_conf
+from tests.support.process import write_toml
 
 SERVICE = "relay-test"
 
@@ -59,6 +61,23 @@ class Deployment:
             if "s_down" not in flags and "o_down" not in flags:
                 up += 1
         return up
+
+    def relay_config(self, path: Path, sink_url: str) -> tuple[Path, int, int]:
+        """A relay configuration finding the primary through the sentinels, with
+        ``min_replica_acks = 1``, delivering to ``sink_url``: (file, webhook port,
+        admin port)."""
+        port, admin = free_port(), free_port()
+        data = config_dict(sinks=[sink_conf("s", sink_url)], worker=FAST_WORKER)
+        data["server"]["listen"] = f"127.0.0.1:{port}"
+        data["admin"]["listen"] = f"127.0.0.1:{admin}"
+        data["redis"] = {
+            "sentinels": self.sentinel_addresses,
+            "service_name": SERVICE,
+            "min_replica_acks": 1,
+            "replica_ack_timeout": "500ms",
+            "startup_wait": "20s",
+        }
+        return write_toml(path, data), port, admin
 
     def node(self, address: str) -> EmbeddedRedis:
         port = int(address.rsplit(":", 1)[1])
