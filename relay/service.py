@@ -37,9 +37,10 @@ from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime
-from relay.store.client import connect, redact_url, wait_for_redis
+from relay.store.client import connect, redact_url, sync_client, wait_for_redis
 from relay.store.embedded import open_redis_url
 from relay.systemd import Notifier
+from relay.upstream.collector import TenantStateCollector
 from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Service:
         self.notifier = notifier or Notifier({})
         self.roles: dict[str, Role] = {}
         self.runtime: Runtime | None = None
+        self._tenant_state: TenantStateCollector | None = None
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -100,6 +102,8 @@ class Service:
         if self.runtime is not None:
             self.runtime.config = config
             self.runtime.ingestor.set_config(config)
+        if self._tenant_state is not None:
+            self._tenant_state.config = config
         for role in self.roles.values():
             role.reload(config)
         log.info("configuration reloaded from %s", self.config_path)
@@ -136,6 +140,11 @@ class Service:
                 ingestor=ingestor,
                 keys=Keys(self.config.redis.key_prefix),
             )
+            if {"receiver", "poller"} & set(self.wanted):
+                # Last webhook and watermark, from Redis: the same in every such process.
+                self._tenant_state = TenantStateCollector(sync_client(client), self.config)
+                metrics.registry.register(self._tenant_state)
+                stack.callback(self._tenant_state.close)
             for warning in self.config.warnings():
                 log.warning("config: %s", warning)
             try:

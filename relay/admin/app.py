@@ -24,6 +24,7 @@ from relay.metrics import CONTENT_TYPE, Metrics
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SCRAPE_PING_TIMEOUT_S = 1.0  # the PING behind chert_relay_redis_up at each scrape
 
 
 class Admin:
@@ -75,9 +76,9 @@ class Admin:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    async def redis_ok(self) -> bool:
+    async def redis_ok(self, timeout: float = 2.0) -> bool:
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(timeout):
                 await self._redis.ping()
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             self._metrics.redis_up.set(0)
@@ -99,6 +100,8 @@ class Admin:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        # chert_relay_redis_up is as of this scrape, not of the last /readyz.
+        await self.redis_ok(timeout=SCRAPE_PING_TIMEOUT_S)
         # Off the event loop: some collectors read Redis synchronously (queue depth,
         # dead letters), and a slow Redis must not stall webhooks or deliveries.
         body = await asyncio.to_thread(self._metrics.render)
