@@ -44,6 +44,7 @@ ENV_PREFIX = "CHERT_RELAY__"
 DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
 
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+MIN_TOKEN_CHARS = 24  # shorter admin tokens are warned about
 
 
 class _Section(BaseModel):
@@ -62,6 +63,33 @@ class ServerConfig(_Section):
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
 
 
+class AdminTokenConfig(_Section):
+    """One ``[[admin.tokens]]`` entry: a named token with a scope over some tenants.
+
+    ``read`` shows (the operator page, ``GET /api/…``, and ``/metrics`` when it needs a
+    token); ``replay`` also changes the dead-letter store: replay and purge.
+    """
+
+    name: str = Field(pattern=_SLUG_RE)
+    token: SecretField
+    scope: Literal["read", "replay"]
+    tenants: list[str] = Field(min_length=1)  # slugs, or ["*"]: every tenant
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_list(cls, v: list[str]) -> list[str]:
+        if "*" in v and len(v) > 1:
+            raise ValueError('"*" means every tenant: list it alone')
+        dupes = _repeated(v)
+        if dupes:
+            raise ValueError(f"tenants listed twice: {', '.join(dupes)}")
+        return v
+
+    @property
+    def all_tenants(self) -> bool:
+        return self.tenants == ["*"]
+
+
 class AdminConfig(_Section):
     # `run` and `serve` listen here; `worker` on worker_listen, so that the roles can run
     # side by side on one host from one file (`--admin-listen` overrides either).
@@ -69,7 +97,45 @@ class AdminConfig(_Section):
     worker_listen: ListenField | None = Field(
         default_factory=lambda: parse_listen("127.0.0.1:9091")
     )
+    # Every tenant, scope "replay" (the token from before scoped tokens existed).
     token: SecretField | None = None
+    tokens: list[AdminTokenConfig] = Field(default_factory=list)
+    # /metrics answers 401 without a valid admin token (any scope, any tenants).
+    metrics_token_required: bool = False
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct_tokens(cls, v: list[AdminTokenConfig]) -> list[AdminTokenConfig]:
+        dupes = _repeated(t.name for t in v)
+        if dupes:
+            raise ValueError(f"admin token names must be unique: {', '.join(dupes)}")
+        if len({t.token.get() for t in v}) < len(v):
+            # Not which: the message must not help guess a secret.
+            raise ValueError("two admin tokens have the same value: each needs its own")
+        return v
+
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        if self.token is not None and self.token.is_literal:
+            out.append("admin.token is a literal secret; use 'env:NAME' or 'file:/path'")
+        named = [("admin.token", self.token)] + [
+            (f"admin.tokens[{i}] ({t.name})", t.token) for i, t in enumerate(self.tokens)
+        ]
+        for where, secret in named:
+            if secret is not None and len(secret.get()) < MIN_TOKEN_CHARS:
+                out.append(f"{where} is shorter than {MIN_TOKEN_CHARS} characters: easy to guess")
+        for i, t in enumerate(self.tokens):
+            if t.token.is_literal:
+                out.append(f"admin.tokens[{i}] ({t.name}) is a literal secret")
+        return out
+
+    @model_validator(mode="after")
+    def _token_not_reused(self) -> AdminConfig:
+        if self.token is not None and any(t.token == self.token for t in self.tokens):
+            raise ValueError("an [[admin.tokens]] entry has the same value as admin.token")
+        if self.metrics_token_required and self.token is None and not self.tokens:
+            raise ValueError("metrics_token_required needs admin.token or [[admin.tokens]]")
+        return self
 
 
 class RedisConfig(_Section):
@@ -254,6 +320,18 @@ class Config(_Section):
             taken[name] = listen
         return v
 
+    @model_validator(mode="after")
+    def _token_tenants_exist(self) -> Config:
+        known = {t.slug for t in self.tenants}
+        for i, token in enumerate(self.admin.tokens):
+            unknown = [s for s in token.tenants if s != "*" and s not in known]
+            if unknown:
+                raise ValueError(
+                    f"admin.tokens[{i}] ({token.name}) names unknown tenant(s): "
+                    f"{', '.join(unknown)}"
+                )
+        return self
+
     def tenant(self, slug: str) -> TenantConfig | None:
         for t in self.tenants:
             if t.slug == slug:
@@ -263,8 +341,7 @@ class Config(_Section):
     def warnings(self) -> list[str]:
         """Things that work but should not reach production (literal secrets...)."""
         out: list[str] = []
-        if self.admin.token is not None and self.admin.token.is_literal:
-            out.append("admin.token is a literal secret; use 'env:NAME' or 'file:/path'")
+        out += self.admin.warnings()
         for i, t in enumerate(self.tenants):
             for j, s in enumerate(t.webhook_secrets):
                 if s.is_literal:

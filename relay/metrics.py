@@ -225,6 +225,14 @@ class Metrics:
         self.deliveries_running = Gauge(
             f"{p}_deliveries_running", "Delivery jobs running in this process.", registry=r
         )
+        # --- admin listener -----------------------------------------------------------
+        self.admin_refusals = Counter(
+            f"{p}_admin_refusals_total",
+            "Admin requests refused, by reason (unauthorized, admin_api_disabled, "
+            "forbidden_scope, forbidden_tenant, csrf, login_failed, bad_request).",
+            ["reason"],
+            registry=r,
+        )
         # --- process ------------------------------------------------------------------
         self.redis_up = Gauge(f"{p}_redis_up", "1 when the last Redis check succeeded.", registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while the process is shutting down.", registry=r)

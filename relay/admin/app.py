@@ -3,13 +3,15 @@
 ``/healthz`` answers while the process is alive; ``/readyz`` only while Redis
 answers, the configuration is loaded and the process is not draining — the signal
 a load balancer uses to stop sending webhooks. Every ``/api/`` route needs
-``Authorization: Bearer <admin.token>``; with no token configured the API is off.
+``Authorization: Bearer <token>`` with an admin token (:mod:`relay.admin.auth`: what
+it may see and do is the route's to check); with no token configured the API is off.
+``/metrics`` needs one too when ``admin.metrics_token_required`` is set. The operator
+page (``/ui``, :mod:`relay.admin.ui`) has its own login and session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,6 +20,7 @@ import redis.exceptions
 from aiohttp import web
 from redis.asyncio import Redis
 
+from relay.admin.auth import PRINCIPAL, Refusals, TokenTable, bearer
 from relay.config import Config
 from relay.metrics import CONTENT_TYPE, Metrics
 
@@ -32,15 +35,21 @@ class Admin:
         self._redis = redis_client
         self._metrics = metrics
         self.draining = False
+        self.refusals = Refusals(lambda reason: metrics.admin_refusals.labels(reason).inc())
         self.set_config(config)
         self._api_routes: list[web.RouteDef] = []
+        self._subapps: list[tuple[str, web.Application]] = []
 
     def set_config(self, config: Config) -> None:
-        self._token = None if config.admin.token is None else config.admin.token.get().encode()
+        self.tokens = TokenTable(config)
 
     def add_api_routes(self, routes: list[web.RouteDef]) -> None:
         """Routes under ``/api/`` added by other roles (dead letters, status…)."""
         self._api_routes += routes
+
+    def add_subapp(self, prefix: str, subapp: web.Application) -> None:
+        """An application of its own under ``prefix`` (the operator page)."""
+        self._subapps.append((prefix, subapp))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -48,29 +57,29 @@ class Admin:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_routes(self._api_routes)
+        for prefix, subapp in self._subapps:
+            app.add_subapp(prefix, subapp)
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
+        path = request.path
+        if path == "/metrics":
+            if not self.tokens.metrics_token_required:
+                return await handler(request)
+        elif not path.startswith("/api/"):
             return await handler(request)
-        if self._token is None:
-            return web.json_response(
-                {"error": "admin_api_disabled", "message": "set admin.token to use the API"},
-                status=403,
+        if not self.tokens.enabled:
+            return self.refusals.refuse(
+                request, 403, "admin_api_disabled", "set admin.token or [[admin.tokens]]"
             )
-        given = request.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        given_token = token.encode(errors="surrogateescape")  # headers may carry any bytes
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self._token):
-            log.warning(
-                "admin API: refused a request without a valid token from %s", request.remote
+        token = bearer(request)
+        who = None if token is None else self.tokens.find(token)
+        if who is None:
+            return self.refusals.refuse(
+                request, 401, "unauthorized", "a valid bearer token is required"
             )
-            return web.json_response(
-                {"error": "unauthorized", "message": "a valid bearer token is required"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        request[PRINCIPAL] = who
         return await handler(request)
 
     async def healthz(self, request: web.Request) -> web.Response:

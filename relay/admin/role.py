@@ -27,7 +27,9 @@ class AdminRole:
 
     def __init__(self, rt: Runtime, poller: Callable[[], Poller | None], listen: Listen) -> None:
         self.admin = Admin(rt.config, rt.redis, rt.metrics)
-        self.admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
+        self.admin.add_api_routes(
+            DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
+        )
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
         self.listen = listen
         self._runner = web.AppRunner(

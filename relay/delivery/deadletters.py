@@ -124,6 +124,8 @@ class Filter:
     since: float | None = None  # dead-lettered at or after (unix seconds)
     until: float | None = None  # dead-lettered before
     limit: int | None = None
+    # Not a filter but a bound: only these tenants' entries (an admin token's tenants).
+    within: frozenset[str] | None = None
 
     def matches(self, d: DeadLetter) -> bool:
         return (
@@ -226,8 +228,11 @@ class DeadLetterStore:
         self._keys = Keys(config.redis.key_prefix)
 
     async def _tenants(self, flt: Filter) -> list[str]:
+        if flt.tenant is not None and flt.within is not None and flt.tenant not in flt.within:
+            return []
         if flt.tenant is None:
-            return [t.slug for t in self._config.tenants]
+            slugs = [t.slug for t in self._config.tenants]
+            return slugs if flt.within is None else [s for s in slugs if s in flt.within]
         # A tenant removed from the configuration may still have dead letters: named
         # explicitly, they can be listed and purged.
         if self._config.tenant(flt.tenant) is None and not await _aw(
