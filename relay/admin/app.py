@@ -38,7 +38,6 @@ class Admin:
         self.refusals = Refusals(lambda reason: metrics.admin_refusals.labels(reason).inc())
         self.set_config(config)
         self._api_routes: list[web.RouteDef] = []
-        self._subapps: list[tuple[str, web.Application]] = []
 
     def set_config(self, config: Config) -> None:
         self.tokens = TokenTable(config)
@@ -47,9 +46,9 @@ class Admin:
         """Routes under ``/api/`` added by other roles (dead letters, status…)."""
         self._api_routes += routes
 
-    def add_subapp(self, prefix: str, subapp: web.Application) -> None:
-        """An application of its own under ``prefix`` (the operator page)."""
-        self._subapps.append((prefix, subapp))
+    def add_routes(self, routes: list[web.RouteDef]) -> None:
+        """Routes outside ``/api/`` that check who asks themselves (the operator page)."""
+        self._api_routes += routes
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -57,8 +56,6 @@ class Admin:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_routes(self._api_routes)
-        for prefix, subapp in self._subapps:
-            app.add_subapp(prefix, subapp)
         return app
 
     @web.middleware

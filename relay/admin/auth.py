@@ -118,6 +118,14 @@ class Refusals:
     def refuse(
         self, request: web.Request, status: int, reason: str, message: str, *, who: str = "-"
     ) -> web.Response:
+        self.note(request, reason, who=who)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return web.json_response(
+            {"error": reason, "message": message}, status=status, headers=headers
+        )
+
+    def note(self, request: web.Request, reason: str, *, who: str = "-") -> None:
+        """Count and log (throttled) a refusal the caller answers itself."""
         self._count(reason)
         suppressed = self._throttle.allow((reason, request.remote))
         if suppressed is not None:
@@ -130,10 +138,6 @@ class Refusals:
                 reason,
                 f" ({suppressed} more since the last line)" if suppressed else "",
             )
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return web.json_response(
-            {"error": reason, "message": message}, status=status, headers=headers
-        )
 
     def forbidden_tenant(self, request: web.Request, who: Principal, tenant: str) -> web.Response:
         return self.refuse(
