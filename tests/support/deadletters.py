@@ -7,9 +7,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from relay.config import Config
+from relay.config import Config, parse_config
 from relay.delivery.deadletters import DeadLetterStore, Filter
-from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, make_config, wait_for
+from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 from tests.support.delivery import FAST_WORKER, event, runtime, sink_conf, worker
 
 OTHER = "other-1"
@@ -26,6 +26,11 @@ TOKENS = [
 
 def two_tenants(redis_url: str, sink_url: str, **admin: Any) -> Config:
     """acme-7a3f with sinks crm and all, other-1 with sink s, all at ``sink_url``."""
+    return parse_config(two_tenants_data(redis_url, sink_url, **admin), env={})
+
+
+def two_tenants_data(redis_url: str, sink_url: str, **admin: Any) -> dict[str, Any]:
+    """:func:`two_tenants` as the dict a TOML file is written from."""
     tenants = [
         {
             "slug": TENANT,
@@ -41,7 +46,7 @@ def two_tenants(redis_url: str, sink_url: str, **admin: Any) -> Config:
         },
     ]
     admin_section = {"token": ADMIN_TOKEN, "tokens": TOKENS, **admin}
-    return make_config(
+    return config_dict(
         redis_url=redis_url, tenants=tenants, worker=FAST_WORKER, admin=admin_section
     )
 
