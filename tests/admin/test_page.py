@@ -262,3 +262,19 @@ async def test_log_out_and_a_changed_token_end_the_session(page: Any, redis_url:
         changed.model_copy(update={"admin": changed.admin.model_copy(update={"tokens": tokens})})
     )  # what a reload does
     assert (await client.get("/ui", allow_redirects=False)).status == 303
+
+
+async def test_bad_filters_are_explained_not_failures(page: Any) -> None:
+    client, _, _ = page
+    await log_in(client, ADMIN_TOKEN)
+    for params, message in (
+        ({"until": "1e308"}, "out of range"),
+        ({"since": "yesterday"}, "is not a time"),
+        ({"class": "<b>nope</b>"}, "unknown class &#x27;&lt;b&gt;nope&lt;/b&gt;&#x27;"),
+        ({"limit": "0"}, "limit must be a number from 1 to 1000"),
+    ):
+        r = await client.get("/ui", params=params)
+        assert r.status == 400, params
+        text = await r.text()
+        assert message in text
+        assert "Tenants" in text  # the rest of the page is still there
