@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from redis.asyncio import Redis
 
 from relay.admin.app import Admin
+from relay.admin.ui import sessions
 from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
 from relay.delivery.deadletters import DeadLetterStore, Filter
@@ -278,3 +279,15 @@ async def test_bad_filters_are_explained_not_failures(page: Any) -> None:
         text = await r.text()
         assert message in text
         assert "Tenants" in text  # the rest of the page is still there
+
+
+def test_a_session_ends_when_idle_or_too_old() -> None:
+    s = sessions
+    store = s.Sessions()
+    for field, past in (("seen", s.IDLE_S), ("created", s.MAX_AGE_S)):
+        sid, session = store.create(b"digest")
+        request = make_mocked_request("GET", "/ui", headers={"Cookie": f"{s.SESSION_COOKIE}={sid}"})
+        assert store.get(request) is session
+        setattr(session, field, getattr(session, field) - past - 1)
+        assert store.get(request) is None
+        assert store.get(request) is None  # and it is gone

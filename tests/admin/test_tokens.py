@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -178,3 +179,20 @@ def test_token_configuration_is_checked() -> None:
     assert "metrics_token_required needs" in bad_config(metrics_token_required=True)
     short = make_config(admin={"tokens": [{**good, "token": "short-token"}]})
     assert any("admin.tokens[0] (ops) is shorter" in w for w in short.warnings())
+
+
+async def test_refusals_are_counted_and_logged_once_per_reason_and_client(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    c, admin = client
+    with caplog.at_level(logging.WARNING, logger="relay.admin.auth"):
+        for _ in range(5):
+            assert (await c.get("/api/deadletters", headers=auth("wrong"))).status == 401
+    lines = [r.getMessage() for r in caplog.records if "admin: refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "unauthorized" in lines[0]
+    assert "wrong" not in lines[0]  # never the token given
+    refused = admin._metrics.registry.get_sample_value(
+        "chert_relay_admin_refusals_total", {"reason": "unauthorized"}
+    )
+    assert refused == 5
