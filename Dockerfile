@@ -3,8 +3,12 @@
 # events survive the container. For several replicas, set [redis] url instead.
 #
 #   docker build -t chert-relay .
-#   docker run --rm -p 8080:8080 -p 9090:9090 -v chert-relay:/var/lib/chert-relay \
+#   docker run --rm -p 8080:8080 -p 127.0.0.1:9090:9090 -v chert-relay:/var/lib/chert-relay \
 #     -v $PWD/relay.toml:/etc/chert-relay/relay.toml:ro chert-relay
+#
+# The admin listener (metrics, API, operator page) listens on 0.0.0.0 inside the
+# container, or nothing outside it could reach it; publish its port on a private
+# interface only (127.0.0.1 above), never on a public one.
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \

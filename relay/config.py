@@ -3,27 +3,23 @@
 Unknown keys are errors (a misspelt setting must never be silently ignored).
 Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``.
 Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warning).
-Environment variables ``CHERT_RELAY__<SECTION>__<KEY>`` override single settings of
-the top-level sections (``CHERT_RELAY__REDIS__URL=redis://…``).
+The value types are in :mod:`relay.config_values`; reading a file (and the environment
+overrides) in :mod:`relay.config_load`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import os
-import tomllib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -38,13 +34,10 @@ from relay.config_values import (
     SecretField,
     parse_listen,
 )
-from relay.errors import ConfigError
 from relay.signing import standard_webhooks_key
 
-ENV_PREFIX = "CHERT_RELAY__"
-DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
-
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+MIN_TOKEN_CHARS = 24  # shorter admin tokens are warned about
 
 
 class _Section(BaseModel):
@@ -63,6 +56,33 @@ class ServerConfig(_Section):
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
 
 
+class AdminTokenConfig(_Section):
+    """One ``[[admin.tokens]]`` entry: a named token with a scope over some tenants.
+
+    ``read`` shows (the operator page, ``GET /api/…``, and ``/metrics`` when it needs a
+    token); ``replay`` also changes the dead-letter store: replay and purge.
+    """
+
+    name: str = Field(pattern=_SLUG_RE)
+    token: SecretField
+    scope: Literal["read", "replay"]
+    tenants: list[str] = Field(min_length=1)  # slugs, or ["*"]: every tenant
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_list(cls, v: list[str]) -> list[str]:
+        if "*" in v and len(v) > 1:
+            raise ValueError('"*" means every tenant: list it alone')
+        dupes = repeated(v)
+        if dupes:
+            raise ValueError(f"tenants listed twice: {', '.join(dupes)}")
+        return v
+
+    @property
+    def all_tenants(self) -> bool:
+        return self.tenants == ["*"]
+
+
 class AdminConfig(_Section):
     # `run` and `serve` listen here; `worker` on worker_listen, so that the roles can run
     # side by side on one host from one file (`--admin-listen` overrides either).
@@ -70,7 +90,45 @@ class AdminConfig(_Section):
     worker_listen: ListenField | None = Field(
         default_factory=lambda: parse_listen("127.0.0.1:9091")
     )
+    # Every tenant, scope "replay" (the token from before scoped tokens existed).
     token: SecretField | None = None
+    tokens: list[AdminTokenConfig] = Field(default_factory=list)
+    # /metrics answers 401 without a valid admin token (any scope, any tenants).
+    metrics_token_required: bool = False
+
+    @field_validator("tokens")
+    @classmethod
+    def _distinct_tokens(cls, v: list[AdminTokenConfig]) -> list[AdminTokenConfig]:
+        dupes = repeated(t.name for t in v)
+        if dupes:
+            raise ValueError(f"admin token names must be unique: {', '.join(dupes)}")
+        if len({t.token.get() for t in v}) < len(v):
+            # Not which: the message must not help guess a secret.
+            raise ValueError("two admin tokens have the same value: each needs its own")
+        return v
+
+    def warnings(self) -> list[str]:
+        out: list[str] = []
+        if self.token is not None and self.token.is_literal:
+            out.append("admin.token is a literal secret; use 'env:NAME' or 'file:/path'")
+        named = [("admin.token", self.token)] + [
+            (f"admin.tokens[{i}] ({t.name})", t.token) for i, t in enumerate(self.tokens)
+        ]
+        for where, secret in named:
+            if secret is not None and len(secret.get()) < MIN_TOKEN_CHARS:
+                out.append(f"{where} is shorter than {MIN_TOKEN_CHARS} characters: easy to guess")
+        for i, t in enumerate(self.tokens):
+            if t.token.is_literal:
+                out.append(f"admin.tokens[{i}] ({t.name}) is a literal secret")
+        return out
+
+    @model_validator(mode="after")
+    def _token_not_reused(self) -> AdminConfig:
+        if self.token is not None and any(t.token == self.token for t in self.tokens):
+            raise ValueError("an [[admin.tokens]] entry has the same value as admin.token")
+        if self.metrics_token_required and self.token is None and not self.tokens:
+            raise ValueError("metrics_token_required needs admin.token or [[admin.tokens]]")
+        return self
 
 
 class RedisConfig(_Section):
@@ -221,7 +279,7 @@ def tenant_problems(has_webhook_secrets: bool, mode: str, has_signing_secret: bo
     return out
 
 
-def _repeated(names: Iterable[str]) -> list[str]:
+def repeated(names: Iterable[str]) -> list[str]:
     counts = Counter(names)
     return sorted(n for n, c in counts.items() if c > 1)
 
@@ -237,7 +295,7 @@ class TenantConfig(_Section):
     @field_validator("sinks")
     @classmethod
     def _unique_sinks(cls, v: list[SinkConfig]) -> list[SinkConfig]:
-        dupes = _repeated(s.name for s in v)
+        dupes = repeated(s.name for s in v)
         if dupes:
             raise ValueError(f"sink names must be unique within a tenant: {', '.join(dupes)}")
         return v
@@ -266,7 +324,7 @@ class Config(_Section):
     @field_validator("tenants")
     @classmethod
     def _unique_tenants(cls, v: list[TenantConfig]) -> list[TenantConfig]:
-        dupes = _repeated(t.slug for t in v)
+        dupes = repeated(t.slug for t in v)
         if dupes:
             raise ValueError(f"tenant slugs must be unique: {', '.join(dupes)}")
         return v
@@ -285,6 +343,18 @@ class Config(_Section):
             taken[name] = listen
         return v
 
+    @model_validator(mode="after")
+    def _token_tenants_exist(self) -> Config:
+        known = {t.slug for t in self.tenants}
+        for i, token in enumerate(self.admin.tokens):
+            unknown = [s for s in token.tenants if s != "*" and s not in known]
+            if unknown:
+                raise ValueError(
+                    f"admin.tokens[{i}] ({token.name}) names unknown tenant(s): "
+                    f"{', '.join(unknown)}"
+                )
+        return self
+
     def tenant(self, slug: str) -> TenantConfig | None:
         for t in self.tenants:
             if t.slug == slug:
@@ -294,8 +364,7 @@ class Config(_Section):
     def warnings(self) -> list[str]:
         """Things that work but should not reach production (literal secrets...)."""
         out: list[str] = []
-        if self.admin.token is not None and self.admin.token.is_literal:
-            out.append("admin.token is a literal secret; use 'env:NAME' or 'file:/path'")
+        out += self.admin.warnings()
         for i, t in enumerate(self.tenants):
             for j, s in enumerate(t.webhook_secrets):
                 if s.is_literal:
@@ -314,130 +383,3 @@ class Config(_Section):
                         "deliveries to it are unsigned"
                     )
         return out
-
-
-def _loc_to_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif str(part).startswith("function-") or part in ("literal", "union"):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-_SECRET_KEYS = frozenset({("admin", "token"), ("redis", "url")})
-
-
-def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, str, object]]:
-    out: list[tuple[str, str, object]] = []
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        parts = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or not all(parts):
-            continue
-        value: object = raw
-        if (parts[0], parts[1]) not in _SECRET_KEYS:  # a token of digits stays a string
-            with contextlib.suppress(tomllib.TOMLDecodeError):  # not TOML: the text itself
-                value = tomllib.loads(f"v = {raw}")["v"]
-        out.append((parts[0], parts[1], value))
-    return out
-
-
-def config_path(given: str | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """The configuration file to read: ``given`` (``--config``), else
-    ``$CHERT_RELAY_CONFIG``, else the first of :data:`DEFAULT_CONFIG_PATHS` that exists
-    (or the first, for the error message)."""
-    if given:
-        return Path(given)
-    found = (os.environ if env is None else env).get("CHERT_RELAY_CONFIG")
-    if found:
-        return Path(found)
-    for candidate in DEFAULT_CONFIG_PATHS:
-        if Path(candidate).exists():
-            return Path(candidate)
-    return Path(DEFAULT_CONFIG_PATHS[0])
-
-
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read, override from the environment, and validate the whole configuration.
-
-    Raises :class:`ConfigError` listing every problem with its key path.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError([("", f"cannot read {path}: {e.strerror}")], str(path)) from None
-    try:
-        data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError([("", f"not valid TOML: {e}")], str(path)) from None
-    return parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
-
-
-def parse_config(
-    data: dict[str, Any],
-    *,
-    base_dir: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    source: str = "",
-) -> Config:
-    problems: list[tuple[str, str]] = []
-    for section, key, value in _env_overrides(os.environ if env is None else env):
-        target = data.setdefault(section, {})
-        if not isinstance(target, dict):
-            problems.append((f"{section}", f"cannot override {ENV_PREFIX}{section.upper()}__…"))
-            continue
-        target[key] = value
-    if problems:
-        raise ConfigError(problems, source)
-    try:
-        return Config.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as e:
-        for err in e.errors(include_url=False, include_input=False):
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif msg.startswith("Value error, "):
-                msg = msg[len("Value error, ") :]
-            problems.append((_loc_to_path(tuple(err["loc"])), msg))
-        for found in _tenant_checks_on_raw(data, problems):
-            if found not in problems:
-                problems.append(found)
-        raise ConfigError(problems, source) from None
-
-
-def _tenant_checks_on_raw(
-    data: dict[str, Any], problems: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The tenant-level checks, for the tenants whose own fields failed (pydantic skips
-    a model's checks then), so that one run reports every problem."""
-    tenants = data.get("tenants")
-    if not isinstance(tenants, list):
-        return []
-    out: list[tuple[str, str]] = []
-    for i, raw in enumerate(tenants):
-        where = f"tenants[{i}]"
-        if not isinstance(raw, dict) or not any(p.startswith(where + ".") for p, _ in problems):
-            continue
-        poll, api = raw.get("poll", {}), raw.get("api", {})
-        mode = poll.get("mode", "fallback") if isinstance(poll, dict) else None
-        if mode not in ("off", "fallback", "always", "sse"):
-            continue  # reported as a field problem already
-        secrets = raw.get("webhook_secrets")
-        signing = isinstance(api, dict) and api.get("signing_secret") is not None
-        for msg in tenant_problems(bool(secrets), mode, signing):
-            out.append((where, msg))
-        sinks = raw.get("sinks")
-        if isinstance(sinks, list):
-            dupes = _repeated(
-                s["name"] for s in sinks if isinstance(s, dict) and isinstance(s.get("name"), str)
-            )
-            if dupes:
-                msg = f"sink names must be unique within a tenant: {', '.join(dupes)}"
-                out.append((f"{where}.sinks", msg))
-    return out

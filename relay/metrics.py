@@ -19,6 +19,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import __version__
+from relay.config import Config
 
 PREFIX = "chert_relay"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -28,6 +29,27 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 SLOW_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+# Label values whose children are created at zero (see Metrics.prepare_*).
+WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected", "unavailable")
+WATCHED_REJECTIONS = (
+    "missing_signature",
+    "malformed_signature",
+    "stale_timestamp",
+    "future_timestamp",
+    "bad_signature",
+    "redis_unavailable",
+)
+POLL_CONFIG_MODES = ("off", "fallback", "always", "sse")
+POLL_WINDOW_OUTCOMES = (
+    "ok",
+    "api_error",
+    "auth_error",
+    "broken_chain",
+    "upstream_error",
+    "redis_unavailable",
+)
+DEAD_LETTER_CLASSES = ("rejected", "exhausted", "gone")
+
 
 class Metrics:
     """Every metric the relay exports, on its own registry."""
@@ -35,6 +57,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call] # the _created series only add noise here
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._poll_tenants: set[str] = set()
         p = PREFIX
         Info(f"{p}_build", "Version of the running relay.", registry=r).info(
             {"version": __version__}
@@ -58,12 +81,8 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
-        self.last_webhook = Gauge(
-            f"{p}_last_webhook_timestamp_seconds",
-            "Unix time of the last verified webhook, per tenant.",
-            ["tenant"],
-            registry=r,
-        )
+        # chert_relay_last_webhook_timestamp_seconds is read from Redis at scrape time
+        # (relay.upstream.collector): every relay process on the Redis shares it.
         # --- ingest ---------------------------------------------------------------
         self.events_ingested = Counter(
             f"{p}_events_ingested_total",
@@ -88,6 +107,13 @@ class Metrics:
             f"{p}_poll_mode",
             "1 for the poller's current mode per tenant (reconcile, fast, always, sse, "
             "standby while another relay holds the lease), 0 for the others.",
+            ["tenant", "mode"],
+            registry=r,
+        )
+        self.poll_configured = Gauge(
+            f"{p}_poll_configured",
+            "1 for each tenant's configured poll.mode (off, fallback, always, sse), 0 for the "
+            "others; exported by every process that runs the poller.",
             ["tenant", "mode"],
             registry=r,
         )
@@ -119,7 +145,8 @@ class Metrics:
         )
         self.poll_watermark_age = Gauge(
             f"{p}_poll_watermark_age_seconds",
-            "Age of the poller's watermark (newest created_at ingested) after each window.",
+            "Age of the poller's watermark (newest created_at ingested) after each window of "
+            "this process; chert_relay_poll_watermark_timestamp_seconds is the shared value.",
             ["tenant"],
             registry=r,
         )
@@ -209,9 +236,54 @@ class Metrics:
         self.deliveries_running = Gauge(
             f"{p}_deliveries_running", "Delivery jobs running in this process.", registry=r
         )
+        # --- admin listener -----------------------------------------------------------
+        self.admin_refusals = Counter(
+            f"{p}_admin_refusals_total",
+            "Admin requests refused, by reason (unauthorized, admin_api_disabled, "
+            "forbidden_scope, forbidden_tenant, csrf, login_failed, bad_request).",
+            ["reason"],
+            registry=r,
+        )
         # --- process ------------------------------------------------------------------
         self.redis_up = Gauge(f"{p}_redis_up", "1 when the last Redis check succeeded.", registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while the process is shutting down.", registry=r)
+
+    # --- children that exist before their first event --------------------------------
+    # increase() and rate() miss a counter's first increment when its series appears
+    # with it; the children alerts use are created at zero at start-up and on reload.
+
+    def prepare_receiver(self, config: Config) -> None:
+        for t in config.tenants:
+            for outcome in WEBHOOK_OUTCOMES:
+                self.webhooks.labels(t.slug, outcome)
+            for reason in WATCHED_REJECTIONS:
+                self.webhook_rejections.labels(t.slug, reason)
+            for outcome in ("new", "duplicate"):
+                self.events_ingested.labels(t.slug, "webhook", outcome)
+
+    def prepare_poller(self, config: Config) -> None:
+        for t in config.tenants:
+            for mode in POLL_CONFIG_MODES:
+                self.poll_configured.labels(t.slug, mode).set(1 if mode == t.poll.mode else 0)
+            if t.poll.mode == "off":
+                continue
+            for outcome in POLL_WINDOW_OUTCOMES:
+                self.poll_windows.labels(t.slug, outcome)
+            for outcome in ("new", "duplicate"):
+                self.events_ingested.labels(t.slug, "poll", outcome)
+        configured = {t.slug for t in config.tenants}
+        for slug in self._poll_tenants - configured:  # a tenant removed on reload
+            for mode in POLL_CONFIG_MODES:
+                self.poll_configured.remove(slug, mode)
+        self._poll_tenants = configured
+
+    def prepare_worker(self, config: Config) -> None:
+        for t in config.tenants:
+            for s in t.sinks:
+                for outcome in ("missing", "expired"):
+                    self.deliveries.labels(t.slug, s.name, outcome, "none")
+                for cls in DEAD_LETTER_CLASSES:
+                    self.dead_lettered.labels(t.slug, s.name, cls)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

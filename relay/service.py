@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 from relay.admin.role import AdminRole
-from relay.config import Config, load_config
+from relay.config import Config
+from relay.config_load import load_config
 from relay.config_values import Listen
 from relay.errors import ConfigError, ListenError
 from relay.ingest.ingestor import Ingestor
@@ -40,6 +41,7 @@ from relay.runtime import Role, Runtime
 from relay.store.client import wait_for_redis
 from relay.store.endpoint import open_client
 from relay.systemd import Notifier
+from relay.upstream.collector import TenantStateCollector
 from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class Service:
         self.notifier = notifier or Notifier({})
         self.roles: dict[str, Role] = {}
         self.runtime: Runtime | None = None
+        self._tenant_state: TenantStateCollector | None = None
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
@@ -100,6 +103,8 @@ class Service:
         if self.runtime is not None:
             self.runtime.config = config
             self.runtime.ingestor.set_config(config)
+        if self._tenant_state is not None:
+            self._tenant_state.config = config
         for role in self.roles.values():
             role.reload(config)
         log.info("configuration reloaded from %s", self.config_path)
@@ -139,6 +144,11 @@ class Service:
                 keys=Keys(self.config.redis.key_prefix),
                 endpoint=endpoint,
             )
+            if {"receiver", "poller"} & set(self.wanted):
+                # Last webhook and watermark, from Redis: the same in every such process.
+                self._tenant_state = TenantStateCollector(endpoint.sync_client(), self.config)
+                metrics.registry.register(self._tenant_state)
+                stack.callback(self._tenant_state.close)
             for warning in self.config.warnings():
                 log.warning("config: %s", warning)
             try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from relay.config import load_config, parse_config
+from relay.config_load import load_config, parse_config
 from relay.config_values import parse_duration, resolve_secret
 from relay.errors import ConfigError
 from relay.store.client import redact_url

@@ -3,13 +3,15 @@
 ``/healthz`` answers while the process is alive; ``/readyz`` only while Redis
 answers, the configuration is loaded and the process is not draining — the signal
 a load balancer uses to stop sending webhooks. Every ``/api/`` route needs
-``Authorization: Bearer <admin.token>``; with no token configured the API is off.
+``Authorization: Bearer <token>`` with an admin token (:mod:`relay.admin.auth`: what
+it may see and do is the route's to check); with no token configured the API is off.
+``/metrics`` needs one too when ``admin.metrics_token_required`` is set. The operator
+page (``/ui``, :mod:`relay.admin.ui`) has its own login and session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,12 +20,14 @@ import redis.exceptions
 from aiohttp import web
 from redis.asyncio import Redis
 
+from relay.admin.auth import PRINCIPAL, Refusals, TokenTable, bearer
 from relay.config import Config
 from relay.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SCRAPE_PING_TIMEOUT_S = 1.0  # the PING behind chert_relay_redis_up at each scrape
 
 
 class Admin:
@@ -31,14 +35,19 @@ class Admin:
         self._redis = redis_client
         self._metrics = metrics
         self.draining = False
+        self.refusals = Refusals(lambda reason: metrics.admin_refusals.labels(reason).inc())
         self.set_config(config)
         self._api_routes: list[web.RouteDef] = []
 
     def set_config(self, config: Config) -> None:
-        self._token = None if config.admin.token is None else config.admin.token.get().encode()
+        self.tokens = TokenTable(config)
 
     def add_api_routes(self, routes: list[web.RouteDef]) -> None:
         """Routes under ``/api/`` added by other roles (dead letters, status…)."""
+        self._api_routes += routes
+
+    def add_routes(self, routes: list[web.RouteDef]) -> None:
+        """Routes outside ``/api/`` that check who asks themselves (the operator page)."""
         self._api_routes += routes
 
     def app(self) -> web.Application:
@@ -51,33 +60,31 @@ class Admin:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
+        path = request.path
+        if path == "/metrics":
+            if not self.tokens.metrics_token_required:
+                return await handler(request)
+        elif not path.startswith("/api/"):
             return await handler(request)
-        if self._token is None:
-            return web.json_response(
-                {"error": "admin_api_disabled", "message": "set admin.token to use the API"},
-                status=403,
+        if not self.tokens.enabled:
+            return self.refusals.refuse(
+                request, 403, "admin_api_disabled", "set admin.token or [[admin.tokens]]"
             )
-        given = request.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        given_token = token.encode(errors="surrogateescape")  # headers may carry any bytes
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self._token):
-            log.warning(
-                "admin API: refused a request without a valid token from %s", request.remote
+        token = bearer(request)
+        who = None if token is None else self.tokens.find(token)
+        if who is None:
+            return self.refusals.refuse(
+                request, 401, "unauthorized", "a valid bearer token is required"
             )
-            return web.json_response(
-                {"error": "unauthorized", "message": "a valid bearer token is required"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        request[PRINCIPAL] = who
         return await handler(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    async def redis_ok(self) -> bool:
+    async def redis_ok(self, timeout: float = 2.0) -> bool:
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(timeout):
                 await self._redis.ping()
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             self._metrics.redis_up.set(0)
@@ -99,6 +106,8 @@ class Admin:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        # chert_relay_redis_up is as of this scrape, not of the last /readyz.
+        await self.redis_ok(timeout=SCRAPE_PING_TIMEOUT_S)
         # Off the event loop: some collectors read Redis synchronously (queue depth,
         # dead letters), and a slow Redis must not stall webhooks or deliveries.
         body = await asyncio.to_thread(self._metrics.render)

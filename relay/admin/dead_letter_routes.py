@@ -7,12 +7,18 @@
   with the same filters, plus ``"all": true`` (needed when no filter is given) and
   ``"dry_run": true``
 
-Register with ``admin.add_api_routes(DeadLetterApi(redis, lambda: config).routes())``
+What a request may do is its admin token's (:mod:`relay.admin.auth`): a token scoped
+to some tenants sees only theirs (a filter without ``tenant`` covers only them, and
+naming another, or showing one of its entries, is ``403``); replay and purge need scope
+``replay``.
+
+Register with ``admin.add_api_routes(DeadLetterApi(redis, lambda: config, refusals).routes())``
 before the admin app is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -21,6 +27,7 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
+from relay.admin.auth import Principal, Refusals, principal
 from relay.config import Config
 from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import DeadLetterError
@@ -61,10 +68,21 @@ def _filter(src: dict[str, Any], *, with_limit: bool) -> Filter:
     )
 
 
+def within(flt: Filter, who: Principal) -> Filter:
+    """``flt`` bounded to the tenants ``who`` may see."""
+    return flt if who.tenants is None else dataclasses.replace(flt, within=who.tenants)
+
+
 class DeadLetterApi:
-    def __init__(self, redis_client: Redis, config: Callable[[], Config]) -> None:
+    def __init__(
+        self,
+        redis_client: Redis,
+        config: Callable[[], Config],
+        refusals: Refusals | None = None,
+    ) -> None:
         self._config = config
         self._store = DeadLetterStore(redis_client, config())
+        self._refusals = refusals or Refusals(lambda reason: None)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -79,15 +97,21 @@ class DeadLetterApi:
         return self._store
 
     async def list(self, request: web.Request) -> web.Response:
+        who = principal(request)
         try:
             flt = _filter(dict(request.query), with_limit=True)
-            found = await self._store_now().find(flt)
+            if flt.tenant is not None and not who.sees(flt.tenant):
+                return self._refusals.forbidden_tenant(request, who, flt.tenant)
+            found = await self._store_now().find(within(flt, who))
         except (ValueError, DeadLetterError) as e:
             return _bad(str(e))
         return web.json_response({"count": len(found), "entries": [d.to_json() for d in found]})
 
     async def show(self, request: web.Request) -> web.Response:
         m = request.match_info
+        who = principal(request)
+        if not who.sees(m["tenant"]):
+            return self._refusals.forbidden_tenant(request, who, m["tenant"])
         store = self._store_now()
         d = await store.get(m["tenant"], m["sink"], m["event_id"])
         if d is None:
@@ -106,6 +130,9 @@ class DeadLetterApi:
         return await self._change(request, "purge")
 
     async def _change(self, request: web.Request, action: str) -> web.Response:
+        who = principal(request)
+        if not who.can("replay"):
+            return self._refusals.forbidden_scope(request, who, "replay")
         try:
             raw = await request.read()
             body = json.loads(raw) if raw.strip() else {}
@@ -118,6 +145,9 @@ class DeadLetterApi:
                 raise ValueError(
                     'give a filter (tenant, sink, class, type, since, until) or "all": true'
                 )
+            if flt.tenant is not None and not who.sees(flt.tenant):
+                return self._refusals.forbidden_tenant(request, who, flt.tenant)
+            flt = within(flt, who)
             store = self._store_now()
             if action == "replay":
                 out = await store.replay(flt, dry_run=dry_run)
@@ -126,7 +156,8 @@ class DeadLetterApi:
         except (ValueError, DeadLetterError) as e:  # json.JSONDecodeError is a ValueError
             return _bad(str(e))
         log.info(
-            "admin API: %s%s of %d dead letter(s), %d skipped",
+            "admin API: token %s: %s%s of %d dead letter(s), %d skipped",
+            who.name,
             action,
             " (dry run)" if dry_run else "",
             len(out.done),

@@ -5,7 +5,8 @@ server under ``relay.state_dir`` (the running relay's, or one started for the
 command). Filters: ``--tenant``,
 ``--sink``, ``--class``, ``--type``, ``--since`` and ``--until`` (dead-letter time:
 unix seconds, ISO 8601, or an age such as ``2h`` or ``7d``). ``replay`` and ``purge``
-need at least one filter or ``--all``, and show what they would do with ``--dry-run``.
+need at least one filter or ``--all``, and show what they would do with ``--dry-run``;
+they show their progress on stderr (a bar on a terminal, plain lines otherwise).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from relay.delivery.deadletters import (
     parse_time,
 )
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
+from relay.progress import Meter
 from relay.store.endpoint import open_client
 
 
@@ -134,10 +136,13 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    found = await store.find(flt)
+    meter = Meter(sys.stderr, f"dlq {action}", unit="dead letters", total=len(found))
     if action == "replay":
-        out = await store.replay(flt, dry_run=args.dry_run)
+        out = await store.replay_entries(found, dry_run=args.dry_run, progress=meter.update)
     else:
-        out = await store.purge(flt, dry_run=args.dry_run)
+        out = await store.purge_entries(found, dry_run=args.dry_run, progress=meter.update)
+    meter.close()
     _report(action, out, args)
     return EXIT_OK if not out.skipped else EXIT_FAILURE
 

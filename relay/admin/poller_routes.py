@@ -2,7 +2,8 @@
 
 One entry per tenant whose ``poll.mode`` is not ``off``. What lives in Redis is the
 same for every relay process on it: the watermark, the last webhook, whether some
-process holds the tenant's poll lease. What a tenant poller is doing right now (its
+process holds the tenant's poll lease. Only the tenants the request's admin token may see
+are listed. What a tenant poller is doing right now (its
 mode, its last window and last failure) is known only to the process running it:
 ``polled_here`` says whether this one does.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.admin.auth import principal
 from relay.runtime import Runtime
 from relay.store.script_pipe import REDIS_TRANSIENT
 from relay.upstream.poller import Poller
@@ -42,7 +44,8 @@ class PollerStatusApi:
 
     async def status(self, request: web.Request) -> web.Response:
         rt = self._rt
-        tenants = [t for t in rt.config.tenants if t.poll.mode != "off"]
+        who = principal(request)  # a token scoped to some tenants sees only theirs
+        tenants = [t for t in rt.config.tenants if t.poll.mode != "off" and who.sees(t.slug)]
         try:
             async with rt.redis.pipeline(transaction=False) as pipe:
                 for t in tenants:

@@ -1,5 +1,6 @@
 """The admin role: the admin app (:mod:`relay.admin.app`) on its listener, with the
-dead-letter and poller routes, run without aiohttp's own signal handling."""
+dead-letter and poller routes and the operator page (:mod:`relay.admin.ui`), run
+without aiohttp's own signal handling."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
 from relay.admin.poller_routes import PollerStatusApi
+from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
 from relay.config_values import Listen, address_text
 from relay.runtime import Runtime
@@ -27,8 +29,12 @@ class AdminRole:
 
     def __init__(self, rt: Runtime, poller: Callable[[], Poller | None], listen: Listen) -> None:
         self.admin = Admin(rt.config, rt.redis, rt.metrics)
-        self.admin.add_api_routes(DeadLetterApi(rt.redis, lambda: rt.config).routes())
+        self.admin.add_api_routes(
+            DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
+        )
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
+        self.page = OperatorPage(self.admin, rt, poller)
+        self.admin.add_routes(self.page.routes())
         self.listen = listen
         self._runner = web.AppRunner(
             self.admin.app(),

@@ -3,7 +3,9 @@ breakers and gone sinks.
 
 Registered on the metrics registry by the worker role. Prometheus scrapes run in a
 thread (``relay.admin.app``), so this reads with a blocking client and a short timeout;
-a Redis that does not answer leaves these families out of that scrape (logged).
+a Redis that does not answer leaves these families out of that scrape (logged), and
+``chert_relay_delivery_state_readable`` — always exported by a worker — says which:
+1 when the read worked, 0 when it did not. Its absence means no worker is scraped.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class DeliveryCollector(Collector):
             states = breaker.states_sync(self._client, keys, pairs)
         except (redis.exceptions.RedisError, OSError) as e:
             log.warning("metrics: could not read delivery state from Redis: %s", e)
+            yield _readable(0)
             return
+        yield _readable(1)
         ready, scheduled, oldest = found[0], found[1], found[2]
         yield GaugeMetricFamily(f"{p}_queue_ready_jobs", "Delivery jobs due now.", value=ready)
         yield GaugeMetricFamily(
@@ -103,3 +107,12 @@ class DeliveryCollector(Collector):
             )
         yield st
         yield gone
+
+
+def _readable(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        f"{PREFIX}_delivery_state_readable",
+        "1 when this worker read the delivery state (queue, dead letters, breakers) from "
+        "Redis for this scrape, 0 when it could not.",
+        value=value,
+    )

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar, cast
@@ -54,6 +54,7 @@ SKIPPED: dict[ReplayVerdict, str] = {
     "no_payload": "the event's payload is no longer stored",
 }
 T = TypeVar("T")
+Progress = Callable[[int, int], None]  # (entries done, entries in all)
 _CHUNK = 200
 
 
@@ -124,6 +125,8 @@ class Filter:
     since: float | None = None  # dead-lettered at or after (unix seconds)
     until: float | None = None  # dead-lettered before
     limit: int | None = None
+    # Not a filter but a bound: only these tenants' entries (an admin token's tenants).
+    within: frozenset[str] | None = None
 
     def matches(self, d: DeadLetter) -> bool:
         return (
@@ -226,8 +229,11 @@ class DeadLetterStore:
         self._keys = Keys(config.redis.key_prefix)
 
     async def _tenants(self, flt: Filter) -> list[str]:
+        if flt.tenant is not None and flt.within is not None and flt.tenant not in flt.within:
+            return []
         if flt.tenant is None:
-            return [t.slug for t in self._config.tenants]
+            slugs = [t.slug for t in self._config.tenants]
+            return slugs if flt.within is None else [s for s in slugs if s in flt.within]
         # A tenant removed from the configuration may still have dead letters: named
         # explicitly, they can be listed and purged.
         if self._config.tenant(flt.tenant) is None and not await _aw(
@@ -292,12 +298,25 @@ class DeadLetterStore:
                 out[(t.slug, cls)] = int(found.get(cls.encode(), 0))
         return out
 
-    async def replay(self, flt: Filter, *, dry_run: bool = False) -> Outcome:
+    async def replay(
+        self, flt: Filter, *, dry_run: bool = False, progress: Progress | None = None
+    ) -> Outcome:
         """Re-enqueue matching entries with fresh attempts; each leaves once it is queued."""
-        out = Outcome()
         found = await self.find(flt)  # first list, then change: the index moves under us
+        return await self.replay_entries(found, dry_run=dry_run, progress=progress)
+
+    async def replay_entries(
+        self, found: list[DeadLetter], *, dry_run: bool = False, progress: Progress | None = None
+    ) -> Outcome:
+        """:meth:`replay` for entries already listed (one the operator page names, say).
+
+        ``progress(done, total)`` is called after each batch.
+        """
+        out = Outcome()
         for i in range(0, len(found), _CHUNK):
             await self._replay_batch(found[i : i + _CHUNK], out, dry_run)
+            if progress is not None:
+                progress(min(i + _CHUNK, len(found)), len(found))
         return out
 
     async def _replay_batch(self, batch: list[DeadLetter], out: Outcome, dry_run: bool) -> None:
@@ -350,12 +369,22 @@ class DeadLetterStore:
                 out.skipped.append((d, why))
             # "missing": replayed or purged meanwhile by someone else
 
-    async def purge(self, flt: Filter, *, dry_run: bool = False) -> Outcome:
+    async def purge(
+        self, flt: Filter, *, dry_run: bool = False, progress: Progress | None = None
+    ) -> Outcome:
         """Delete matching entries (and the stored event once nothing else needs it)."""
-        out = Outcome()
         found = await self.find(flt)
+        return await self.purge_entries(found, dry_run=dry_run, progress=progress)
+
+    async def purge_entries(
+        self, found: list[DeadLetter], *, dry_run: bool = False, progress: Progress | None = None
+    ) -> Outcome:
+        """:meth:`purge` for entries already listed; ``progress`` as for replay."""
+        out = Outcome()
         for i in range(0, len(found), _CHUNK):
             await self._purge_batch(found[i : i + _CHUNK], out, dry_run)
+            if progress is not None:
+                progress(min(i + _CHUNK, len(found)), len(found))
         return out
 
     async def _purge_batch(self, batch: Iterable[DeadLetter], out: Outcome, dry_run: bool) -> None:

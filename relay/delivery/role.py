@@ -84,6 +84,7 @@ class WorkerRole:
         self._worker = self._new_worker()
         self._collector = DeliveryCollector(self._rt.endpoint.sync_client(), cfg)
         self.metrics.registry.register(self._collector)
+        self.metrics.prepare_worker(cfg)
         log.info(
             "worker started: up to %d deliveries at once, job timeout %.0fs%s",
             w.max_jobs,
@@ -246,6 +247,7 @@ class WorkerRole:
             self.deliverer.set_config(config)
         if self._collector is not None:
             self._collector.config = config
+        self.metrics.prepare_worker(config)
 
 
 def redis_fault(e: BaseException) -> str:

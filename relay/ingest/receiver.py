@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp.http_parser import RawRequestMessage
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from relay.config import Config
 from relay.errors import RedisUnavailableError, SignatureError
@@ -57,7 +57,6 @@ class _Tenant:
     tolerance: float
     accepted: Counter  # this tenant's metric children, looked up once
     duplicate: Counter
-    last_webhook: Gauge
     ingested_new: Counter
     ingested_duplicate: Counter
 
@@ -95,6 +94,7 @@ class Receiver:
     def set_config(self, config: Config) -> None:
         """Switch to a new configuration (new secrets take effect for the next request)."""
         self._config = config
+        self._metrics.prepare_receiver(config)
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout
         self._retry_after = (("Retry-After", str(config.server.retry_after)),)
@@ -105,7 +105,6 @@ class Receiver:
                 tolerance=t.signature_tolerance,
                 accepted=self._metrics.webhooks.labels(t.slug, "accepted"),
                 duplicate=self._metrics.webhooks.labels(t.slug, "duplicate"),
-                last_webhook=self._metrics.last_webhook.labels(t.slug),
                 ingested_new=self._metrics.events_ingested.labels(t.slug, "webhook", "new"),
                 ingested_duplicate=self._metrics.events_ingested.labels(
                     t.slug, "webhook", "duplicate"
@@ -206,7 +205,6 @@ class Receiver:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:
             return self._reject(403, "tenant_mismatch", "partner_id names another tenant", req)
-        tenant.last_webhook.set(time.time())
         return self._ingestor.submit(tenant.slug, event, "webhook"), functools.partial(
             self._ingested, req
         )

@@ -27,7 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.config import Config, load_config
+from relay.config import Config
+from relay.config_load import load_config
 from relay.config_values import Listen, parse_duration, parse_listen, resolve_secret
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from relay.signing import standard_webhooks_key

@@ -3,8 +3,8 @@
 Every row Chert returns for ``--since`` (exclusive, as Chert's ``since`` is) up to
 ``--until`` (inclusive; default: now and onwards) goes through the one ingest door
 with source ``backfill``, so what the relay already has is a duplicate and only what
-it never saw is enqueued for the sinks. Progress goes to stderr (one updating line
-on a terminal, a line per second otherwise); the closing summary — rows seen, new,
+it never saw is enqueued for the sinks. Progress goes to stderr (a tqdm counter on a
+terminal, a plain line per second otherwise); the closing summary — rows seen, new,
 duplicates — goes to stdout. The poller's watermark is not touched.
 
 The range is complete only when Chert's cursor chain ends (``next_cursor: null``).
@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +30,8 @@ from typing import TextIO
 
 import aiohttp
 
-from relay.config import Config, TenantConfig, config_path, load_config
+from relay.config import Config, TenantConfig
+from relay.config_load import config_path, load_config
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -44,6 +44,7 @@ from relay.errors import (
 from relay.ingest.envelope import parse_timestamp
 from relay.ingest.ingestor import Ingestor
 from relay.metrics import Metrics
+from relay.progress import Meter
 from relay.store.client import check_server
 from relay.store.endpoint import open_client
 from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
@@ -78,33 +79,21 @@ class BackfillSummary:
 
 
 class Progress:
-    """A counter on ``stream``: rewritten in place on a terminal, a line a second otherwise."""
+    """Backfill's progress on ``stream`` (:mod:`relay.progress`): a tqdm counter of rows
+    on a terminal, a plain line a second otherwise."""
 
     def __init__(self, stream: TextIO, label: str, *, interval: float = 1.0) -> None:
-        self._stream = stream
-        self._label = label
-        self._tty = stream.isatty()
-        self._interval = interval
-        self._last = 0.0
+        self._meter = Meter(stream, label, unit="rows", interval=interval)
 
     def update(self, summary: BackfillSummary) -> None:
-        now = time.monotonic()
-        if not self._tty and now - self._last < self._interval:
-            return
-        self._last = now
-        text = f"{self._label}: page {summary.pages}, {summary.line()}"
-        if self._tty:
-            self._stream.write(f"\r\x1b[K{text}")
-        else:
-            self._stream.write(text + "\n")
-        self._stream.flush()
+        detail = f"page {summary.pages}, {summary.new} new, {summary.duplicates} duplicates"
+        if summary.skipped:
+            detail += f", {summary.skipped} skipped"
+        self._meter.update(summary.seen, detail=detail)
 
     def finish(self, summary: BackfillSummary) -> None:
-        self._last = float("-inf")
         self.update(summary)
-        if self._tty:
-            self._stream.write("\n")
-            self._stream.flush()
+        self._meter.close()
 
 
 async def backfill(

@@ -35,6 +35,7 @@ class Poller:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        rt.metrics.prepare_poller(rt.config)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -49,6 +50,7 @@ class Poller:
 
     def reload(self, config: Config) -> None:
         self._config = config
+        self._rt.metrics.prepare_poller(config)
         if self._session is not None and not self._stop.is_set():
             self._sync()
 

@@ -12,6 +12,7 @@ import pytest
 HOW = {
     "promtool": "`make deps` (it takes promtool from Debian's prometheus package)",
     "systemd-analyze": "`apt-get install systemd`",
+    "chromium": "`make deps` (Debian's chromium package)",
 }
 
 

@@ -1,0 +1,118 @@
+"""Log-in sessions of the operator page, and its CSRF defences.
+
+Logging in takes an admin token once, in a form; the page then knows the browser by a
+session cookie — ``HttpOnly`` (no script can read it), ``SameSite=Strict`` (a browser
+sends it on no request another site starts), ``Path=/ui``, and ``Secure`` when the
+page is served over HTTPS. The token itself is never stored in the browser. A session
+remembers only the SHA-256 of the token it logged in with and is checked against the
+current configuration on every request, so a token removed or changed by a reload
+logs its sessions out.
+
+Every form that changes something carries the session's CSRF token (a random value
+only the page itself has shown), compared in constant time; requests with an
+``Origin`` header from another host are refused too. The log-in form is protected the
+same way with a one-time value set as a cookie when the form is shown (double
+submit), so another site cannot log a browser in with a token of its choosing.
+
+Sessions live in this process's memory: a restart, or another process's admin
+listener, asks for the token again. They end after :data:`IDLE_S` without a request,
+and :data:`MAX_AGE_S` after logging in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from aiohttp import web
+
+SESSION_COOKIE = "chert_relay_session"
+LOGIN_COOKIE = "chert_relay_login"
+COOKIE_PATH = "/ui"
+IDLE_S = 3600.0
+MAX_AGE_S = 12 * 3600.0
+MAX_SESSIONS = 1000  # the oldest go first past this
+
+
+@dataclass
+class Session:
+    token_digest: bytes  # which admin token logged in (its SHA-256)
+    csrf: str
+    created: float
+    seen: float
+
+
+def _key(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode(errors="surrogateescape")).digest()
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self._by_key: OrderedDict[bytes, Session] = OrderedDict()
+
+    def create(self, token_digest: bytes) -> tuple[str, Session]:
+        """A new session for the token with this digest: (cookie value, session)."""
+        session_id = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        session = Session(token_digest, secrets.token_urlsafe(32), now, now)
+        self._by_key[_key(session_id)] = session
+        while len(self._by_key) > MAX_SESSIONS:
+            self._by_key.popitem(last=False)
+        return session_id, session
+
+    def get(self, request: web.Request) -> Session | None:
+        """The request's live session, if its cookie names one."""
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if not session_id:
+            return None
+        key = _key(session_id)
+        session = self._by_key.get(key)
+        if session is None:
+            return None
+        now = time.monotonic()
+        if now - session.seen > IDLE_S or now - session.created > MAX_AGE_S:
+            del self._by_key[key]
+            return None
+        session.seen = now
+        return session
+
+    def drop(self, request: web.Request) -> None:
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if session_id:
+            self._by_key.pop(_key(session_id), None)
+
+
+def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str) -> None:
+    response.set_cookie(
+        name,
+        value,
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        max_age=int(MAX_AGE_S),
+    )
+
+
+def clear_cookie(response: web.StreamResponse, name: str) -> None:
+    response.del_cookie(name, path=COOKIE_PATH)
+
+
+def same(given: str | None, expected: str) -> bool:
+    """Constant-time equality of a form value and the value it must be."""
+    if not given:
+        return False
+    return hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode())
+
+
+def foreign_origin(request: web.Request) -> bool:
+    """Whether the request says it comes from a page of another host (``Origin``)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False  # not sent by every browser on every POST: the CSRF token decides
+    _, _, host = origin.partition("://")
+    return origin == "null" or host != request.host

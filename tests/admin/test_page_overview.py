@@ -1,0 +1,62 @@
+"""What the operator page reads about tenants, sinks and the queue: the poll lease seen
+from the process that holds it and from one that does not, and the per-sink split of
+the queue and of dead letters."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from relay.admin.ui.overview import read_overview
+from relay.delivery import breaker
+from relay.upstream.poller import Poller
+from tests.support.common import TENANT, wait_for
+from tests.support.deadletters import OTHER, make_dead_letters, two_tenants
+from tests.support.delivery import Sink, event, runtime, sinks
+from tests.support.upstream import relay_config, running_relay, simulator
+
+
+async def test_the_lease_is_held_here_elsewhere_or_by_nobody(redis: Redis, redis_url: str) -> None:
+    async with simulator() as sim:
+        config = relay_config(redis_url, sim.base_url, "always")
+        async with running_relay(config, ("poller",)) as service:
+            poller = service.roles["poller"]
+            assert isinstance(poller, Poller)
+            await wait_for(lambda: poller.tenants[TENANT].windows >= 1)
+            here = await read_overview(redis, config, poller, [TENANT, "other-1"])
+            there = await read_overview(redis, config, None, [TENANT])
+        after = await read_overview(redis, config, None, [TENANT])
+    polled = here.tenants[0]
+    assert (polled.slug, polled.lease, polled.mode, polled.configured_mode) == (
+        TENANT,
+        "here",
+        "always",
+        "always",
+    )
+    assert polled.watermark is not None
+    assert here.tenants[1].configured_mode == "off"
+    assert (there.tenants[0].lease, there.tenants[0].mode) == ("elsewhere", None)
+    assert after.tenants[0].lease == "nobody"  # released at shutdown
+
+
+async def test_queue_and_dead_letters_are_split_per_sink(redis: Redis, redis_url: str) -> None:
+    async with sinks(Sink(lambda s, r: (400, {}))) as (sink,):
+        config = two_tenants(redis_url, sink.url)
+        await make_dead_letters(redis, config, {TENANT: [("d1", "message.received")]})
+    rt = runtime(redis, config)
+    await rt.ingestor.ingest(OTHER, event("q1"), "webhook")  # queued, no worker
+    await rt.ingestor.ingest(OTHER, event("q2"), "webhook")
+    o = await read_overview(redis, config, None, [TENANT, OTHER])
+    assert o.queue is not None
+    assert (o.queue.ready, o.queue.scheduled, o.queue.split) == (2, 0, True)
+    by_sink = {(s.tenant, s.name): s for s in o.sinks}
+    assert (by_sink[(OTHER, "s")].ready, by_sink[(OTHER, "s")].scheduled) == (2, 0)
+    assert (by_sink[(TENANT, "crm")].ready, by_sink[(TENANT, "crm")].in_flight) == (0, 0)
+    assert by_sink[(TENANT, "crm")].dead_letters == {"rejected": 1, "exhausted": 0, "gone": 0}
+    assert by_sink[(TENANT, "all")].dead_letters == {"rejected": 1, "exhausted": 0, "gone": 0}
+    assert by_sink[(TENANT, "crm")].breaker == breaker.CLOSED
+    acme = next(t for t in o.tenants if t.slug == TENANT)
+    assert acme.dead_letters["rejected"] == 2
+    assert acme.last_webhook is not None
+    only_other = await read_overview(redis, config, None, [OTHER])
+    assert [t.slug for t in only_other.tenants] == [OTHER]
+    assert {s.tenant for s in only_other.sinks} == {OTHER}

@@ -1,0 +1,161 @@
+"""Metrics that must be right in every process, not only in the one that saw the event:
+values read from Redis at scrape time, children created before their first increment,
+and the signals that tell "a worker cannot read Redis" from "no worker"."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from relay.config import Config
+from relay.delivery.collector import DeliveryCollector
+from relay.keys import Keys
+from relay.metrics import Metrics
+from relay.service import Service
+from relay.store.client import connect
+from relay.store.embedded import EmbeddedRedis
+from relay.store.endpoint import Endpoint
+from tests.support.common import TENANT, config_dict, envelope, make_config, signed
+from tests.support.upstream import running_relay, webhook_url
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def admin_url(service: Service) -> str:
+    role: Any = service.roles["admin"]
+    host, port = role.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+async def scrape(url: str) -> Samples:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        assert r.status == 200
+        return parse(await r.text())
+
+
+def config_for(redis_url: str, **admin: Any) -> Config:
+    return make_config(redis_url=redis_url, admin=admin)
+
+
+async def test_last_webhook_and_watermark_come_from_redis_in_every_process(
+    redis_url: str, redis: Redis
+) -> None:
+    """A webhook taken by one process shows in another's metrics; so does a watermark
+    another process's poller wrote."""
+    config = config_for(redis_url)
+    async with (
+        running_relay(config, ("receiver", "admin")) as receiving,
+        running_relay(config, ("poller", "admin")) as polling,
+    ):
+        before = await scrape(admin_url(polling))
+        assert sample(before, "chert_relay_last_webhook_timestamp_seconds", tenant=TENANT) is None
+        body, headers = signed(envelope("metrics:scrape:1"))
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(webhook_url(receiving), data=body, headers=headers) as r,
+        ):
+            assert r.status == 202
+        stored = int(await redis.get(Keys("chert-relay").last_webhook(TENANT))) / 1000
+        await redis.set(Keys("chert-relay").watermark("other-1"), "1767225600.5")
+        for service in (receiving, polling):
+            found = await scrape(admin_url(service))
+            name = "chert_relay_last_webhook_timestamp_seconds"
+            assert sample(found, name, tenant=TENANT) == stored
+            assert sample(found, name, tenant="other-1") is None  # never had one
+            name = "chert_relay_poll_watermark_timestamp_seconds"
+            assert sample(found, name, tenant="other-1") == 1767225600.5
+
+
+async def test_redis_up_is_measured_at_each_scrape(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+) -> None:
+    server = await make_redis_server()
+    config = config_for(server.url)
+    async with running_relay(config, ("admin",)) as service:
+        url = admin_url(service)
+        assert sample(await scrape(url), "chert_relay_redis_up") == 1
+        await server.stop()
+        # No /readyz call in between: the scrape itself checks.
+        assert sample(await scrape(url), "chert_relay_redis_up") == 0
+        await server.start()
+        assert sample(await scrape(url), "chert_relay_redis_up") == 1
+
+
+async def test_a_worker_says_whether_it_could_read_the_delivery_state(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+) -> None:
+    server = await make_redis_server()
+    client = connect(server.url, timeout=1.0)
+    metrics = Metrics()
+    collector = DeliveryCollector(Endpoint(url=server.url).sync_client(), config_for(server.url))
+    metrics.registry.register(collector)
+    try:
+        found = parse(metrics.render().decode())
+        assert sample(found, "chert_relay_delivery_state_readable") == 1
+        assert sample(found, "chert_relay_queue_ready_jobs") == 0
+        await server.stop()
+        found = parse(metrics.render().decode())
+        assert sample(found, "chert_relay_delivery_state_readable") == 0
+        assert sample(found, "chert_relay_queue_ready_jobs") is None
+    finally:
+        collector.close()
+        await client.aclose()
+
+
+def test_the_children_alerts_watch_exist_at_zero_before_their_first_event() -> None:
+    metrics = Metrics()
+    tenants = config_dict()["tenants"]
+    tenants[0]["poll"] = {"mode": "always", "interval": 1}
+    tenants[0]["api"] = {"signing_secret": "x" * 32}
+    config = make_config(tenants=tenants)
+    metrics.prepare_receiver(config)
+    metrics.prepare_poller(config)
+    metrics.prepare_worker(config)
+    found = parse(metrics.render().decode())
+    for reason in ("bad_signature", "stale_timestamp", "redis_unavailable"):
+        name = "chert_relay_webhook_rejections_total"
+        assert sample(found, name, tenant=TENANT, reason=reason) == 0
+    name = "chert_relay_deliveries_total"
+    for outcome in ("missing", "expired"):
+        for tenant, sink in ((TENANT, "crm"), ("other-1", "s")):
+            labels = {"tenant": tenant, "sink": sink, "outcome": outcome, "class": "none"}
+            assert sample(found, name, **labels) == 0
+    for cls in ("rejected", "exhausted", "gone"):
+        name = "chert_relay_dead_lettered_total"
+        assert sample(found, name, tenant=TENANT, sink="all", **{"class": cls}) == 0
+    name = "chert_relay_poll_windows_total"
+    assert sample(found, name, tenant=TENANT, outcome="auth_error") == 0
+    assert sample(found, name, tenant="other-1", outcome="ok") is None  # not polled
+
+
+def test_poll_configured_names_each_tenants_mode_and_follows_a_reload() -> None:
+    metrics = Metrics()
+    tenants = config_dict()["tenants"]
+    tenants[0]["poll"] = {"mode": "sse"}
+    tenants[0]["api"] = {"signing_secret": "x" * 32}
+    metrics.prepare_poller(make_config(tenants=tenants))
+    found = parse(metrics.render().decode())
+    name = "chert_relay_poll_configured"
+    assert sample(found, name, tenant=TENANT, mode="sse") == 1
+    assert sample(found, name, tenant=TENANT, mode="fallback") == 0
+    assert sample(found, name, tenant="other-1", mode="off") == 1
+    metrics.prepare_poller(make_config(tenants=tenants[:1]))  # other-1 removed
+    found = parse(metrics.render().decode())
+    assert sample(found, name, tenant="other-1", mode="off") is None
+    assert sample(found, name, tenant=TENANT, mode="sse") == 1
