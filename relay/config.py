@@ -240,6 +240,14 @@ class SinkConfig(_Section):
     max_age: Duration = Field(86400.0, gt=0)
     concurrency: int = Field(16, ge=1, le=10_000)
     headers: dict[str, str] = Field(default_factory=dict)
+    # Ordered delivery: "chat" delivers the events of one conversation (data.chat.id)
+    # one at a time, in the order the relay took them in; other chats go on in parallel.
+    # Events without a chat id are delivered unordered. (The key is named so that
+    # another, such as a handle, can be added.)
+    ordering: Literal["none", "chat"] = "none"
+    # An ordered chat's event that becomes a dead letter: "skip" delivers the chat's
+    # later events; "hold" keeps them waiting until it is replayed or purged.
+    on_dead_letter: Literal["skip", "hold"] = "skip"
 
     @field_validator("secret")
     @classmethod

@@ -24,6 +24,8 @@ SEGMENTS: dict[str, str] = {
     "dead_letters": "dl",
     "dead_letter": "dle",
     "dead_letter_counts": "dlc",
+    "chat_order": "ord",
+    "held_chats": "ordheld",
     "queue": "queue",
 }
 JOB_KEY_PREFIX: str = job_key_prefix
@@ -111,3 +113,14 @@ class Keys:
     def dead_letter_counts(self, tenant: str) -> str:
         """Hash: the tenant's stored dead letters by class."""
         return f"{self._p['dead_letter_counts']}{tenant}"
+
+    # --- ordered delivery (sink.ordering = "chat") ---------------------------------------
+
+    def chat_order(self, tenant: str, sink: str, chat: str) -> str:
+        """List: the chat's events for an ordered sink, in ingest order; the head's job
+        is in the queue, the others wait (parked) until it is done."""
+        return f"{self._p['chat_order']}{tenant}:{sink}:{chat}"
+
+    def held_chats(self, tenant: str, sink: str) -> str:
+        """Sorted set: chats a dead letter holds (``on_dead_letter = "hold"``), by when."""
+        return f"{self._p['held_chats']}{tenant}:{sink}"

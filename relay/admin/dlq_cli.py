@@ -95,7 +95,7 @@ def _line(d: DeadLetter) -> str:
     return (
         f"{d.tenant}  {d.sink}  {d.event_id}  {d.event_type}  {d.cls}  {status}  "
         f"{d.attempts}  {_when(d.dead_lettered_at)}  {d.error}"
-    )
+    ) + (f"  [holds chat {d.chat}]" if d.holds_chat else "")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

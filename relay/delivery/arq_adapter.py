@@ -23,12 +23,14 @@ The job's dependencies travel in arq's ``ctx`` as one typed object (:class:`JobC
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import redis.exceptions
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
@@ -63,9 +65,13 @@ def job_context(ctx: dict[str, Any]) -> JobContext:
     return found
 
 
-async def deliver(ctx: dict[str, Any], tenant: str, sink: str, event_id: str) -> None:
-    """The arq job function (registered as ``deliver``): one attempt, or a deferral."""
-    await job_context(ctx).deliverer.deliver(tenant, sink, event_id, str(ctx["job_id"]))
+async def deliver(
+    ctx: dict[str, Any], tenant: str, sink: str, event_id: str, chat: str | None = None
+) -> None:
+    """The arq job function (registered as ``deliver``): one attempt, or a deferral.
+    ``chat`` is set for a delivery to a sink that delivers each chat in order."""
+    job_id = str(ctx["job_id"])
+    await job_context(ctx).deliverer.deliver(tenant, sink, event_id, job_id, chat)
 
 
 def job_timeout(config: Config) -> float:
@@ -98,6 +104,24 @@ class BatchStartWorker(Worker):
     """
 
     on_expired: Callable[[str], None] | None = None
+    _starting: set[asyncio.Task[None]]
+
+    def start_now(self, job_id: str) -> None:
+        """Start ``job_id`` (due now) at once, with the same checks as a poll's jobs,
+        instead of at the next poll. A job another worker took meanwhile is left alone."""
+        if not self.allow_pick_jobs:
+            return
+        starting = self.__dict__.setdefault("_starting", set())
+        task = asyncio.get_running_loop().create_task(self._start_one(job_id))
+        starting.add(task)
+        task.add_done_callback(starting.discard)
+
+    async def _start_one(self, job_id: str) -> None:
+        try:
+            await self.start_jobs([job_id.encode()])
+        except (redis.exceptions.RedisError, OSError) as e:
+            # The next poll starts it: it is in the queue, due.
+            log.debug("could not start %s at once (%s); the next poll will", job_id, e)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter

@@ -48,6 +48,7 @@ class DeliveryCollector(Collector):
         keys = Keys(cfg.redis.key_prefix)
         q = keys.queue
         pairs = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks]
+        ordered = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks if s.ordering != "none"]
         now = time.time()
         try:
             with self._client.pipeline(transaction=False) as pipe:
@@ -58,6 +59,9 @@ class DeliveryCollector(Collector):
                     pipe.hgetall(keys.dead_letter_counts(t.slug))
                 for tenant, sink in pairs:
                     pipe.get(keys.sink_gone(tenant, sink))
+                for tenant, sink in ordered:
+                    pipe.zcard(keys.held_chats(tenant, sink))
+                    pipe.zrange(keys.held_chats(tenant, sink), 0, 0, withscores=True)
                 found = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
         except (redis.exceptions.RedisError, OSError) as e:
@@ -88,7 +92,8 @@ class DeliveryCollector(Collector):
             for cls in CLASSES:
                 dl.add_metric([t.slug, cls], int(counts.get(cls.encode(), 0)))
         yield dl
-        gone_found = found[3 + len(cfg.tenants) :]
+        gone_found = found[3 + len(cfg.tenants) : 3 + len(cfg.tenants) + len(pairs)]
+        held_found = found[3 + len(cfg.tenants) + len(pairs) :]
         st = GaugeMetricFamily(
             f"{p}_breaker_state",
             "Each sink's circuit breaker: 0 closed, 1 half-open, 2 open.",
@@ -107,6 +112,30 @@ class DeliveryCollector(Collector):
             )
         yield st
         yield gone
+        yield from _held_chats(ordered, held_found, now)
+
+
+def _held_chats(
+    ordered: list[tuple[str, str]], found: list[object], now: float
+) -> Iterator[GaugeMetricFamily]:
+    """Chats a dead letter holds (``on_dead_letter = "hold"``), per ordered sink."""
+    held = GaugeMetricFamily(
+        f"{PREFIX}_ordered_chats_held",
+        "Chats of an ordered sink whose later events wait on a dead letter (hold).",
+        labels=["tenant", "sink"],
+    )
+    oldest = GaugeMetricFamily(
+        f"{PREFIX}_ordered_chat_held_oldest_seconds",
+        "How long the longest-held chat of an ordered sink has been waiting.",
+        labels=["tenant", "sink"],
+    )
+    for i, pair in enumerate(ordered):
+        count, first = found[2 * i], found[2 * i + 1]
+        held.add_metric(list(pair), int(count))  # type: ignore[call-overload]
+        since = first[0][1] / 1000 if first else now  # type: ignore[index]
+        oldest.add_metric(list(pair), max(0.0, now - since))
+    yield held
+    yield oldest
 
 
 def _readable(value: int) -> GaugeMetricFamily:

@@ -80,6 +80,8 @@ class DeadLetter:
     first_attempt: float | None  # unix seconds
     last_attempt: float | None
     dead_lettered_at: float
+    chat: str | None = None  # an ordered delivery's chat
+    holds_chat: bool = False  # it keeps its chat's later events waiting (on_dead_letter hold)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -184,6 +186,7 @@ def entry_fields(d: DeadLetter) -> list[str]:
         ms(d.last_attempt),
         "at",
         ms(d.dead_lettered_at),
+        *(["chat", d.chat] if d.chat else []),
     ]
 
 
@@ -212,6 +215,8 @@ def _from_hash(tenant: str, h: dict[bytes, bytes]) -> DeadLetter:
         first_attempt=secs("first"),
         last_attempt=secs("last"),
         dead_lettered_at=secs("at") or 0.0,
+        chat=text("chat") or None,
+        holds_chat=text("holds") == "1",
     )
 
 
@@ -347,15 +352,24 @@ class DeadLetterStore:
                     "retry": k.job_retry(job_id),
                     "in_progress": k.job_in_progress(job_id),
                     "gone": k.sink_gone(d.tenant, d.sink),
+                    "chat": k.chat_order(d.tenant, d.sink, d.chat) if d.chat else "",
+                    "held": k.held_chats(d.tenant, d.sink),
                 }
+                ordered = d.chat is not None and sink.ordering != "none"
+                job = jobs.delivery_job(
+                    d.tenant, d.sink, d.event_id, now_ms, d.chat if ordered else None
+                )
                 args = {
                     "member": member(d.sink, d.event_id),
                     "now": now_ms,
-                    "job": jobs.delivery_job(d.tenant, d.sink, d.event_id, now_ms),
+                    "job": job,
                     "job_ttl_ms": ttl_ms,
                     "deadline_ms": int((now + sink.max_age) * 1000),
                     "attempts_ttl_ms": ttl_ms,
                     "job_id": job_id,
+                    "event_id": d.event_id,
+                    "chat": d.chat or "",
+                    "ordered": "1" if ordered else "0",
                 }
                 await self._replay(keys=keys, args=args, client=pipe)
                 calls.append(d)
@@ -400,10 +414,18 @@ class DeadLetterStore:
                     "index": k.dead_letters(d.tenant),
                     "counts": k.dead_letter_counts(d.tenant),
                     "ev": k.event(d.tenant, d.event_id),
+                    "chat": k.chat_order(d.tenant, d.sink, d.chat) if d.chat else "",
+                    "held": k.held_chats(d.tenant, d.sink),
+                    "queue": k.queue,
                 }
-                await self._purge(
-                    keys=keys, args={"member": member(d.sink, d.event_id)}, client=pipe
-                )
+                args = {
+                    "member": member(d.sink, d.event_id),
+                    "event_id": d.event_id,
+                    "chat": d.chat or "",
+                    "job_base": k.job_id(d.tenant, d.sink, ""),
+                    "now": int(time.time() * 1000),
+                }
+                await self._purge(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
         out.done += [d for d, r in zip(items, results, strict=True) if r]
 

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -111,6 +112,7 @@ class Deliverer:
         self._client = SinkClient(session)
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
+        self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self._steps = Steps(redis_client, self._keys, config.worker)
@@ -132,12 +134,14 @@ class Deliverer:
         t = self._config.tenant(tenant)
         return None if t is None else t.sink(name)
 
-    async def deliver(self, tenant: str, sink: str, event_id: str, job_id: str) -> None:
+    async def deliver(
+        self, tenant: str, sink: str, event_id: str, job_id: str, chat: str | None = None
+    ) -> None:
         """One run of a job. Returns when the delivery is over (delivered or dead-lettered);
         raises ``Retry`` when the job must run again later."""
         if self.draining:
             raise Retry()  # back in the queue as it was, for the next worker
-        ref = Ref(tenant, sink, event_id, job_id)
+        ref = Ref(tenant, sink, event_id, job_id, chat)
         with logs.bind(tenant=tenant, sink=sink, event_id=event_id):
             try:
                 async with asyncio.timeout(self.job_timeout - 1.0):
@@ -206,7 +210,7 @@ class Deliverer:
                 gone = "gone" if what == "missing" else what
                 log.error("the stored event is %s; nothing to deliver (job %s)", gone, ref.job_id)
                 self._metrics.deliveries.labels(ref.tenant, ref.sink, "missing", "none").inc()
-                await self._steps.finish(ref, now, Finish("drop"))
+                self._ready(await self._steps.finish(ref, now, Finish("drop")))
             case Defer(reason, wait_ms):
                 self._metrics.delivery_deferrals.labels(ref.tenant, ref.sink, reason).inc()
                 log.debug("delivery put off %.2fs (%s)", wait_ms / 1000, reason)
@@ -267,7 +271,7 @@ class Deliverer:
 
     async def _delivered(self, a: _Attempt, answer: Answer, now: int) -> None:
         ref, stored, m = a.ref, a.go.stored, self._metrics
-        await self._steps.finish(ref, now, Finish("ok", effect="success"))
+        self._ready(await self._steps.finish(ref, now, Finish("ok", effect="success")))
         self._count(ref, "delivered", answer)
         done = time.time()
         m.delivery_relay_seconds.labels(ref.tenant, ref.sink).observe(
@@ -292,12 +296,18 @@ class Deliverer:
             go.attempt, now, go.deadline_ms, sink, self._config.worker, answer.retry_after
         )
         if nxt.give_up is None:
-            await self._steps.finish(
-                ref,
-                now,
-                Finish(
-                    "retry", due_ms=nxt.due_ms, status=answer.status, error=error, effect="failure"
-                ),
+            self._ready(
+                await self._steps.finish(
+                    ref,
+                    now,
+                    Finish(
+                        "retry",
+                        due_ms=nxt.due_ms,
+                        status=answer.status,
+                        error=error,
+                        effect="failure",
+                    ),
+                )
             )
             self._count(ref, "retried", answer)
             log.info(
@@ -334,6 +344,7 @@ class Deliverer:
             first_attempt=tried.first,
             last_attempt=tried.last,
             dead_lettered_at=_now_ms() / 1000,
+            chat=ref.chat,
         )
 
     async def _dead_letter(
@@ -346,17 +357,20 @@ class Deliverer:
         seconds: float | None = None,
     ) -> None:
         now = round(entry.dead_lettered_at * 1000)
-        await self._steps.finish(
-            ref,
-            now,
-            Finish(
-                "dead",
-                status=entry.status,
-                error=entry.error,
-                effect=effect,
-                gone_url=gone_url,
-                entry=entry,
-            ),
+        self._ready(
+            await self._steps.finish(
+                ref,
+                now,
+                Finish(
+                    "dead",
+                    status=entry.status,
+                    error=entry.error,
+                    effect=effect,
+                    gone_url=gone_url,
+                    entry=entry,
+                    hold=self._holds(ref),
+                ),
+            )
         )
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, entry.cls).inc()
         took = "" if seconds is None else f" in {seconds:.3f}s"
@@ -368,16 +382,33 @@ class Deliverer:
             entry.error,
         )
 
+    def _ready(self, next_job: str | None) -> None:
+        """An ordered chat's next event was queued: start it now rather than at the next
+        poll (a chat's events otherwise go one poll interval apart)."""
+        if next_job is not None and self.next_ready is not None:
+            self.next_ready(next_job)
+
+    def _holds(self, ref: Ref) -> bool:
+        """Whether a dead letter of ``ref`` holds its chat (``on_dead_letter = "hold"``)."""
+        sink = self._sink(ref.tenant, ref.sink)
+        return (
+            ref.chat is not None
+            and sink is not None
+            and sink.ordering != "none"
+            and sink.on_dead_letter == "hold"
+        )
+
     async def _dead_letter_unclaimed(self, ref: Ref, cls: str, error: str) -> None:
         """Dead-letter a delivery without claiming it (no attempt, slot or probe taken)."""
         found = await self._steps.peek(ref)
         if found is None:
             # Nothing (readable) left to deliver: no dead letter without its event.
-            await self._steps.finish(ref, _now_ms(), Finish("drop"))
+            self._ready(await self._steps.finish(ref, _now_ms(), Finish("drop")))
             return
         entry = self._entry(ref, found.stored.type, cls, found.tried, None, error)
         now = round(entry.dead_lettered_at * 1000)
-        await self._steps.finish(ref, now, Finish("dead", error=entry.error, entry=entry))
+        finish = Finish("dead", error=entry.error, entry=entry, hold=self._holds(ref))
+        self._ready(await self._steps.finish(ref, now, finish))
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
 

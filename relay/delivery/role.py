@@ -97,7 +97,7 @@ class WorkerRole:
         if self._pool is None or self.deliverer is None:
             raise RuntimeError("the worker role was not started")
         hooks = WorkerHooks(self._job_started, self._job_ended, self._job_expired)
-        return new_worker(
+        worker = new_worker(
             self._rt.config,
             self._pool,
             JobContext(self.deliverer),
@@ -105,6 +105,8 @@ class WorkerRole:
             timeout=self._timeout,
             burst=self._burst,
         )
+        self.deliverer.next_ready = worker.start_now  # an ordered chat's next event
+        return worker
 
     def _job_expired(self, job_id: str) -> None:
         """A job's key expired before any worker ran it: say so, loudly (never silently)."""

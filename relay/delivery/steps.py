@@ -37,6 +37,7 @@ class Ref:
     sink: str
     event_id: str
     job_id: str
+    chat: str | None = None  # an ordered delivery's chat
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class Finish:
     effect: BreakerEffect = "none"
     gone_url: str = ""  # dead: mark this URL gone (it answered 410)
     entry: DeadLetter | None = None  # dead: the dead letter to store
+    hold: bool = False  # dead, ordered: the dead letter holds its chat
 
 
 def _text(value: object) -> str:
@@ -203,7 +205,9 @@ class Steps:
         )
         return parse_claim(res)
 
-    async def finish(self, ref: Ref, now_ms: int, f: Finish) -> None:
+    async def finish(self, ref: Ref, now_ms: int, f: Finish) -> str | None:
+        """Record ``f``; for an ordered delivery, the job id of its chat's next event,
+        which is due now (None if there is none)."""
         k = self._keys
         w = self._worker
         entry = f.entry
@@ -217,8 +221,10 @@ class Steps:
             entry=k.dead_letter(tenant, sink, event_id),
             index=k.dead_letters(tenant),
             counts=k.dead_letter_counts(tenant),
+            chat=k.chat_order(ref.tenant, ref.sink, ref.chat) if ref.chat else "",
+            held=k.held_chats(ref.tenant, ref.sink),
         )
-        await self._finish(
+        nxt = await self._finish(
             keys=keys,
             args={
                 "now": now_ms,
@@ -234,9 +240,14 @@ class Steps:
                 "gone_url": f.gone_url,
                 "class": entry.cls if entry else "",
                 "member": deadletters.member(sink, event_id),
+                "event_id": ref.event_id,
+                "chat": ref.chat or "",
+                "on_dead": "hold" if f.hold else "skip",
             },
             rest=deadletters.entry_fields(entry) if entry is not None else (),
         )
+        text = nxt.decode() if isinstance(nxt, bytes) else str(nxt or "")
+        return text or None
 
     async def release(self, ref: Ref) -> None:
         """Give back the in-flight slot (and the breaker's probe turn) of a cancelled run."""

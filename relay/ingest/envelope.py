@@ -17,6 +17,7 @@ from typing_extensions import TypedDict
 from relay.errors import RelayError
 
 MAX_EVENT_ID_LENGTH = 512
+MAX_CHAT_ID_LENGTH = 256
 
 
 class BadEventError(RelayError):
@@ -38,6 +39,7 @@ class Event(NamedTuple):
     timestamp: float | None = None  # Chert's event time, unix seconds
     log_id: str | None = None  # the events-API row id (evt_…), when known
     created_at: str | None = None  # the events-API row's created_at, when known
+    chat_id: str | None = None  # data.chat.id: the conversation, for ordered sinks
 
 
 def parse_timestamp(value: object) -> float | None:
@@ -130,7 +132,26 @@ def from_object(
         parse_timestamp(envelope.get("timestamp")),
         log_id,
         created_at,
+        chat_id(envelope),
     )
+
+
+def chat_id(envelope: dict[str, Any]) -> str | None:
+    """``data.chat.id``, if it is a usable string (else the event is not ordered)."""
+    data = envelope.get("data")
+    chat = data.get("chat") if isinstance(data, dict) else None
+    found = chat.get("id") if isinstance(chat, dict) else None
+    if isinstance(found, str) and 0 < len(found) <= MAX_CHAT_ID_LENGTH and found.isprintable():
+        return found
+    return None
+
+
+class _Chat(TypedDict, total=False):
+    id: Any
+
+
+class _Data(TypedDict, total=False):
+    chat: _Chat
 
 
 class _Head(TypedDict, total=False):
@@ -148,6 +169,7 @@ class _Head(TypedDict, total=False):
     created_at: Any
     id: Any
     type: Any
+    data: _Data  # only data.chat.id is read (an ordered sink's key)
 
 
 _HEAD = TypeAdapter(_Head)
@@ -161,7 +183,7 @@ def from_body(
         head: object = _HEAD.validate_json(body)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
-        if err["type"] in ("dict_type", "model_type"):
+        if err["type"] in ("dict_type", "model_type") and not err["loc"]:
             raise BadEventError("malformed_json", "the body is not a JSON object") from None
         try:
             # pydantic refuses what JSON allows and Chert may send: a lone surrogate

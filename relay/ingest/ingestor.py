@@ -40,7 +40,8 @@ SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
 @dataclass(frozen=True, slots=True)
 class _Route:
     sinks: tuple[str, ...]
-    packed: bytes  # event_ttl_ms, n_jobs, then (sink, job_ttl_ms) pairs, as RESP
+    packed: bytes  # event_ttl_ms, n_jobs, then per job (sink, job_ttl_ms, ordering), as RESP
+    ordered: bool  # some sink delivers in order: the event's chat id goes along
     nargs: int
 
 
@@ -102,8 +103,14 @@ class Ingestor:
                 len(sinks),
             ]
             for s in sinks:
-                args += [s.name, int((s.max_age + jobs.EXPIRY_MARGIN_S) * 1000)]
-            route = _Route(sinks=tuple(s.name for s in sinks), packed=bulks(args), nargs=len(args))
+                ordering = "" if s.ordering == "none" else s.ordering
+                args += [s.name, int((s.max_age + jobs.EXPIRY_MARGIN_S) * 1000), ordering]
+            route = _Route(
+                sinks=tuple(s.name for s in sinks),
+                packed=bulks(args),
+                nargs=len(args),
+                ordered=any(s.ordering != "none" for s in sinks),
+            )
             if len(self._routes) < 4096:
                 self._routes[key] = route
         return route
@@ -132,7 +139,8 @@ class Ingestor:
         eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
         ts = stored_event.timestamp_field(event.timestamp)
         head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
-        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n%s" % (
+        chat = event.chat_id.encode() if route.ordered and event.chat_id else b""
+        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n$%d\r\n%s\r\n%s" % (
             self._tenants[tenant],
             len(eid),
             eid,
@@ -140,9 +148,11 @@ class Ingestor:
             head,
             etype,
             body,
+            len(chat),
+            chat,
             route.packed,
         )
-        return self._pipe.submit((tenant, source == "webhook", packed, 3 + route.nargs))
+        return self._pipe.submit((tenant, source == "webhook", packed, 4 + route.nargs))
 
     def ingested(self, tenant: str, source: str, new: bool) -> Counter:
         """The ``events_ingested_total`` child for these labels (looked up once)."""

@@ -34,14 +34,10 @@ def deserialize(data: bytes) -> dict[str, Any]:
     return out
 
 
-def delivery_job(tenant: str, sink: str, event_id: str, enqueued_ms: int) -> bytes:
-    """The record of one delivery job, as ``ingest.lua`` writes it."""
-    return serialize(
-        {
-            "t": None,
-            "f": DELIVER_FUNCTION,
-            "a": [tenant, sink, event_id],
-            "k": {},
-            "et": enqueued_ms,
-        }
-    )
+def delivery_job(
+    tenant: str, sink: str, event_id: str, enqueued_ms: int, chat: str | None = None
+) -> bytes:
+    """The record of one delivery job, as ``ingest.lua`` writes it; an ordered delivery's
+    job carries its chat id as a fourth argument."""
+    args = [tenant, sink, event_id] if chat is None else [tenant, sink, event_id, chat]
+    return serialize({"t": None, "f": DELIVER_FUNCTION, "a": args, "k": {}, "et": enqueued_ms})

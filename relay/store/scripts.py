@@ -15,7 +15,8 @@ shared functions it uses::
 
 The loader puts in front of the body, once each, the shared functions it uses
 (``lua/lib/<name>.lua``, or ``keys``: the key segments of :mod:`relay.keys` as the table
-``KEY`` and the job function's name as ``JOB_FUNCTION``), then two tables that name the
+``KEY``, the job function's name as ``JOB_FUNCTION`` and arq's job key prefix as
+``JOB_KEY_PREFIX``), then two tables that name the
 KEYS and ARGV by the header: ``K.ev`` is ``KEYS[1]``, ``A.now`` is ``ARGV[1]``. A
 ``2...`` entry names where a variable tail of ARGV starts; the body reads it from
 ``ARGV`` itself. Python calls a script with its keys and arguments by the same names
@@ -36,7 +37,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
-from relay.keys import SEGMENTS
+from relay.keys import JOB_KEY_PREFIX, SEGMENTS
 from relay.store.jobs import DELIVER_FUNCTION
 
 _ENTRY = re.compile(r"^\s+(\d+)(\.\.\.)?\s+(\w+)\b")
@@ -51,6 +52,7 @@ def library(name: str) -> str:
             "-- generated from relay/keys.py and relay/store/jobs.py\n"
             f"local KEY = {{{table}}}\n"
             f"local JOB_FUNCTION = '{DELIVER_FUNCTION}'\n"
+            f"local JOB_KEY_PREFIX = '{JOB_KEY_PREFIX}'\n"
         )
     return _read(f"lib/{name}.lua")
 

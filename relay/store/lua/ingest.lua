@@ -10,17 +10,22 @@ ARGV
   3 job_prefix    arq's job key prefix
   4 now           Unix ms
   5... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
-                  event: tenant, event_id, stored, event_ttl_ms, n_jobs, then per job:
-                  sink, job_ttl_ms
+                  event: tenant, event_id, stored, chat, event_ttl_ms, n_jobs, then per
+                  job: sink, job_ttl_ms, ordering
   stored: the stored event (relay/store/stored_event.py) counting n_jobs users.
+  chat: the event's data.chat.id, or '' (then it is unordered everywhere).
   event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
   outlives every job the event gets.
+  ordering: 'chat' for a sink that delivers a chat's events in order, else ''. Such a
+  job joins its chat's list; only the list's head is queued (lib/chat_order.lua).
 uses: keys
 Returns one integer per event: 1 new, 0 duplicate.
 ]]
 local prefix, queue, jobp, now = A.prefix, A.queue, A.job_prefix, A.now
 local seen_p, event_p = prefix .. ':' .. KEY.seen .. ':', prefix .. ':' .. KEY.event .. ':'
 local last_webhook_p = prefix .. ':' .. KEY.last_webhook .. ':'
+local chat_p = prefix .. ':' .. KEY.chat_order .. ':'
+local held_p = prefix .. ':' .. KEY.held_chats .. ':'
 local i = 5
 local nwh = tonumber(ARGV[i])
 for k = 1, nwh do
@@ -33,23 +38,40 @@ i = i + 1
 local out = {}
 local queued = {}  -- score, job id, score, job id, ...: one ZADD for the whole batch
 for e = 1, n do
-  local tenant, event_id, stored, ev_ttl = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local njobs = tonumber(ARGV[i + 4])
-  i = i + 5
+  local tenant, event_id, stored, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local ev_ttl, njobs = ARGV[i + 4], tonumber(ARGV[i + 5])
+  i = i + 6
   local tail = tenant .. ':' .. event_id
   if redis.call('SET', seen_p .. tail, now, 'NX', 'PX', ev_ttl) then
     local id_json = cjson.encode(event_id)
-    local created = 0
+    local chat_json = chat ~= '' and (',' .. cjson.encode(chat)) or ''
+    local created, held = 0, false
     for j = 1, njobs do
-      local sink, job_ttl = ARGV[i], ARGV[i + 1]
-      i = i + 2
+      local sink, job_ttl, ordering = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+      i = i + 3
+      local ordered = ordering ~= '' and chat ~= ''
       local job_id = prefix .. ':' .. tenant .. ':' .. sink .. ':' .. event_id
-      local job = '{"t":null,"f":"' .. JOB_FUNCTION .. '","a":["' .. tenant .. '","' .. sink .. '",' ..
-        id_json .. '],"k":{},"et":' .. now .. '}'
+      -- an ordered job carries its chat id (ids only, never the payload)
+      local job = '{"t":null,"f":"' .. JOB_FUNCTION .. '","a":["' .. tenant .. '","' .. sink ..
+        '",' .. id_json .. (ordered and chat_json or '') .. '],"k":{},"et":' .. now .. '}'
       if redis.call('SET', jobp .. job_id, job, 'NX', 'PX', job_ttl) then
-        queued[#queued + 1] = now
-        queued[#queued + 1] = job_id
         created = created + 1
+        local head = true
+        if ordered then
+          local chat_key = chat_p .. tenant .. ':' .. sink .. ':' .. chat
+          head = redis.call('RPUSH', chat_key, event_id) == 1
+          if not head and redis.call('ZSCORE', held_p .. tenant .. ':' .. sink, chat) then
+            -- a dead letter holds the chat: this one waits without expiry too
+            redis.call('PERSIST', jobp .. job_id)
+            held = true
+          else
+            redis.call('PEXPIRE', chat_key, job_ttl)
+          end
+        end
+        if head then
+          queued[#queued + 1] = now
+          queued[#queued + 1] = job_id
+        end
       end
     end
     local ev_key = event_p .. tail
@@ -74,9 +96,10 @@ for e = 1, n do
       local ttl = redis.call('PTTL', ev_key)
       if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end
     end
+    if held then redis.call('PERSIST', ev_key) end
     out[e] = 1
   else
-    i = i + 2 * njobs
+    i = i + 3 * njobs
     out[e] = 0
   end
 end

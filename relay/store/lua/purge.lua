@@ -5,9 +5,17 @@ KEYS
   2 index       the tenant's dead letters by time
   3 counts      the tenant's dead letters by class
   4 ev          the stored event
+  5 chat        the chat's list of events, if the delivery was ordered ('' if not)
+  6 held        the sink's held chats
+  7 queue       arq's queue
 ARGV
   1 member      the entry's member in the index
-uses: stored_event
+  2 event_id
+  3 chat        the chat id ('' if not ordered)
+  4 job_base    the job id without the event id ("prefix:tenant:sink:")
+  5 now         Unix ms
+A dead letter that held its chat lets it go: the chat's next event is queued.
+uses: stored_event chat_order
 Returns 1 if it was deleted, 0 if it was gone already.
 ]]
 local cls = redis.call('HGET', K.entry, 'class')
@@ -16,4 +24,8 @@ redis.call('HINCRBY', K.counts, cls, -1)
 redis.call('DEL', K.entry)
 redis.call('ZREM', K.index, A.member)
 event_release(K.ev)
+if K.chat ~= '' and redis.call('LINDEX', K.chat, 0) == A.event_id then
+  redis.call('ZREM', K.held, A.chat)
+  chat_release(K.chat, A.event_id, A.job_base, K.queue, A.now)
+end
 return 1

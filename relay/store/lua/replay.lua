@@ -14,6 +14,8 @@ KEYS
   8 retry       arq's retry counter for the job
   9 in_progress arq's in-progress mark for the job
   10 gone       the sink's gone mark (cleared: a replay asks to try the sink again)
+  11 chat       the chat's list of events, if the delivery was ordered ('' if not)
+  12 held       the sink's held chats
 ARGV
   1 member          the entry's member in the index
   2 now             Unix ms
@@ -22,7 +24,13 @@ ARGV
   5 deadline_ms     the replayed delivery's deadline
   6 attempts_ttl_ms
   7 job_id
-uses: stored_event
+  8 event_id
+  9 chat            the chat id ('' if the delivery was not ordered)
+  10 ordered        '1' if the sink delivers in order now, else '0'
+An ordered delivery that held its chat (the chat's head) runs first; one that did not
+joins the end of its chat, queued only if the chat has nothing else waiting. If the sink
+no longer delivers in order, a held chat is let go.
+uses: stored_event chat_order
 Returns 'ok' | 'missing' (replayed or purged meanwhile) | 'busy' (its last delivery is
 still finishing) | 'no_payload' (the event is no longer stored).
 ]]
@@ -35,7 +43,18 @@ if redis.call('EXISTS', K.job) == 0 then
   redis.call('DEL', K.retry, K.attempts)
   redis.call('HSET', K.attempts, 'dl', A.deadline_ms, 'src', 'replay')
   redis.call('PEXPIRE', K.attempts, A.attempts_ttl_ms)
-  redis.call('ZADD', K.queue, A.now, A.job_id)
+  local queue_it = true
+  if K.chat ~= '' then
+    local job_base = string.sub(A.job_id, 1, #A.job_id - #A.event_id)
+    if redis.call('LINDEX', K.chat, 0) == A.event_id then
+      redis.call('ZREM', K.held, A.chat)  -- it held its chat: first in line again
+      if A.ordered ~= '1' then chat_release(K.chat, A.event_id, job_base, K.queue, A.now) end
+    elseif A.ordered == '1' then
+      queue_it = redis.call('RPUSH', K.chat, A.event_id) == 1
+      redis.call('PEXPIRE', K.chat, A.job_ttl_ms)
+    end
+  end
+  if queue_it then redis.call('ZADD', K.queue, A.now, A.job_id) end
 else
   event_release(K.ev)
 end
