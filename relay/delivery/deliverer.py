@@ -222,9 +222,7 @@ class Deliverer:
         if end.reason == "gone":
             cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
         else:
-            cls = "exhausted"
-            why = "past max_age" if end.reason == "expired" else "out of attempts"
-            error = f"{why}; last error: {end.error}" if end.error else why
+            cls, error = "exhausted", _why_ended(end, sink)
         entry = self._entry(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
         await self._dead_letter(ref, entry, effect="none")
 
@@ -309,7 +307,11 @@ class Deliverer:
             )
             raise Retry()  # the finish script already rescheduled the job
         self._count(ref, "exhausted", answer)
-        error = scrub(f"{nxt.give_up}; last error: {error}", sink)
+        if nxt.give_up == "past max_age":
+            why = f"past max_age ({sink.max_age:g}s) after {go.attempt} attempt(s)"
+        else:
+            why = f"out of attempts ({go.attempt} of {sink.max_attempts})"
+        error = scrub(f"{why}; last error: {error}", sink)
         entry = self._entry(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
         await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
 
@@ -380,6 +382,26 @@ class Deliverer:
         await self._steps.finish(ref, now, Finish("dead", error=entry.error, entry=entry))
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
+
+
+def _why_ended(end: Ended, sink: SinkConfig) -> str:
+    """Why a delivery ended without an attempt, for its dead letter."""
+    if end.reason == "expired":
+        held = (
+            f"; {end.held_s:.1f}s waiting for the sink's concurrency cap not counted"
+            if end.held_s >= 0.1
+            else ""
+        )
+        if end.tried.attempts == 0:
+            why = (
+                f"past max_age ({sink.max_age:g}s) without an attempt: the sink's circuit "
+                f"breaker was open (the sink kept failing){held}"
+            )
+        else:
+            why = f"past max_age ({sink.max_age:g}s) after {end.tried.attempts} attempt(s){held}"
+    else:
+        why = f"out of attempts ({end.tried.attempts} of {sink.max_attempts})"
+    return f"{why}; last error: {end.error}" if end.error else why
 
 
 def _now_ms() -> int:
