@@ -24,8 +24,12 @@ watches the oldest batch in flight, instead of a timeout set and cancelled for e
 Batches call the script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
 for every batch, a cost that shows at this rate); each new connection first sends
 ``SCRIPT LOAD``, pipelined ahead of its first batch. Should the script still be
-missing (an operator ran ``SCRIPT FLUSH``), the batches that get ``NOSCRIPT`` fail as
-"Redis unavailable" and the script is loaded again for the batches after them.
+missing (Redis restarted, or an operator ran ``SCRIPT FLUSH``), a batch that gets
+``NOSCRIPT`` is sent once more behind a new ``SCRIPT LOAD``, in the same call; only a
+second ``NOSCRIPT`` fails it as "Redis unavailable".
+
+While Redis is down, its failures are logged once per kind every 10 s (with a count of
+those not logged), not once per batch.
 
 A connection is taken from the client's pool when work arrives and given back once
 no batch has been waiting or in flight for ``linger`` seconds.
@@ -49,6 +53,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from relay.errors import RedisUnavailableError
+from relay.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ class _Batch:
     deadline: float  # loop time by which Redis must have answered
     sent: float = field(default_factory=time.perf_counter)
     load: bool = False
+    written: list[bytes] | None = None  # the EVALSHA as written, kept for one resend
+    resent: bool = False
 
 
 class ScriptPipeline(Generic[T]):
@@ -134,6 +141,9 @@ class ScriptPipeline(Generic[T]):
         self._timed_out = False
         self._wake: asyncio.Future[None] | None = None
         self._release_now = False
+        # While Redis is down every batch fails: one line per kind of failure every
+        # 10 s, with how many were held back, rather than one per batch.
+        self._throttle = Throttle(10.0)
 
     async def call(self, item: T) -> Any:
         """Run the script for ``item`` (batched with concurrent calls); its reply element.
@@ -204,8 +214,9 @@ class ScriptPipeline(Generic[T]):
                 _fail(futures, e)
                 raise
             head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
-            writer.writelines([head, *args])
-            self._sent(conn, _Batch(futures, deadline))
+            written = [head, *args]
+            writer.writelines(written)
+            self._sent(conn, _Batch(futures, deadline, written=written))
 
     def _send_load(self, conn: AbstractConnection) -> None:
         writer = _writer(conn)
@@ -263,7 +274,13 @@ class ScriptPipeline(Generic[T]):
             except Exception as e:
                 # Transient or not (a server that is not Redis, say): whoever waits gets
                 # "unavailable" now; the next call tries again.
-                log.warning("Redis unavailable for %d ingest(s): %r", len(self._items), e)
+                _warn(
+                    self._throttle,
+                    "connect",
+                    "Redis unavailable for %d ingest(s): %r",
+                    len(self._items),
+                    e,
+                )
                 self._fail_waiting(e)
                 return
             saved_timeout = conn.socket_timeout
@@ -355,7 +372,13 @@ class ScriptPipeline(Generic[T]):
             self._disarm()
             if not isinstance(e, asyncio.CancelledError):
                 n = sum(len(b.futures) for b in self._inflight)
-                log.warning("ingest of %d event(s) failed: Redis unavailable: %r", n, e)
+                _warn(
+                    self._throttle,
+                    "lost",
+                    "ingest of %d event(s) failed: Redis unavailable: %r",
+                    n,
+                    e,
+                )
             self._fail_inflight(e)
             if isinstance(e, TimeoutError):
                 self._fail_waiting(e)  # Redis is too slow: do not pile more on it
@@ -375,11 +398,15 @@ class ScriptPipeline(Generic[T]):
                 log.warning("could not load the ingest script: %s", reply)
             return
         if isinstance(reply, redis.exceptions.NoScriptError):
-            self._send_load(conn)  # the batches after this one will find it
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and send the
+            # batch once more, in the same call; the batches after it find it loaded.
+            self._send_load(conn)
+            if self._resend(conn, batch):
+                return
         if self._observe is not None:
             self._observe(time.perf_counter() - batch.sent, len(batch.futures))
         if isinstance(reply, BaseException):
-            log.warning("Redis refused an ingest batch: %s", reply)
+            _warn(self._throttle, "refused", "Redis refused an ingest batch: %s", reply)
             _fail(batch.futures, reply)
         elif not isinstance(reply, list) or len(reply) != len(batch.futures):
             _fail(batch.futures, RuntimeError("the reply does not match the batch"))
@@ -387,6 +414,19 @@ class ScriptPipeline(Generic[T]):
             for fut, value in zip(batch.futures, reply, strict=True):
                 if not fut.done():
                     fut.set_result(value)
+
+    def _resend(self, conn: AbstractConnection, batch: _Batch) -> bool:
+        """Write ``batch`` again (once) on ``conn``, behind a ``SCRIPT LOAD``."""
+        writer = _writer(conn)
+        if batch.resent or batch.written is None or writer is None:
+            return False
+        if all(f.done() for f in batch.futures):
+            return True  # nobody waits for it any more
+        writer.writelines(batch.written)
+        again = _Batch(batch.futures, asyncio.get_running_loop().time() + self.timeout)
+        again.written, again.resent = batch.written, True
+        self._sent(conn, again)
+        return True
 
     def _fail_inflight(self, e: BaseException) -> None:
         while self._inflight:
@@ -405,6 +445,17 @@ class ScriptPipeline(Generic[T]):
         futures = self._futures
         self._items, self._futures, self._arrived = [], [], []
         _fail(futures, e)
+
+
+def _warn(throttle: Throttle, kind: str, msg: str, *args: object) -> None:
+    """Log ``msg`` unless ``throttle`` holds lines of this ``kind`` back for now."""
+    suppressed = throttle.allow(kind)
+    if suppressed is None:
+        return
+    if suppressed:
+        msg += " (and %d more like it not logged)"
+        args = (*args, suppressed)
+    log.warning(msg, *args)
 
 
 _MORE = object()  # hiredis: no whole reply buffered yet
