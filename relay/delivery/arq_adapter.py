@@ -13,6 +13,8 @@ guarantees:
   own timeouts always fire first (arq's timeout would end the job for good).
 - ``on_job_start``/``on_job_end`` hooks are wrapped by :class:`SafeHook`: a raising hook
   kills arq's worker.
+- a job is marked in progress for ``heartbeat.HOLD_S`` (10 s), renewed by the worker
+  while it runs (:mod:`relay.delivery.heartbeat`), rather than arq's job timeout + 10 s.
 - jobs are started by :class:`BatchStartWorker`: arq's checks (due, not in progress on
   any worker), one Lua call per poll instead of four round trips per job. A due job
   whose ``arq:job:`` key has expired (no worker ran for longer than the sink's
@@ -35,6 +37,7 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 
 from relay.config import Config
+from relay.delivery import heartbeat
 from relay.keys import Keys
 from relay.store import jobs, scripts
 
@@ -179,4 +182,7 @@ def new_worker(
         log_results=False,
     )
     worker.on_expired = hooks.expired
+    # arq would hold a job in progress for the job timeout + 10 s; a live worker renews
+    # the mark instead (relay.delivery.heartbeat), so a dead one's jobs run again sooner.
+    worker.in_progress_timeout_s = heartbeat.HOLD_S
     return worker

@@ -53,8 +53,10 @@ from redis.asyncio import Redis
 
 from relay import logs
 from relay.config import Config, SinkConfig
+from relay.delivery import heartbeat
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
+from relay.delivery.heartbeat import Running
 from relay.delivery.retry import next_attempt, status_class
 from relay.delivery.sink_client import Answer, Request, SinkClient, scrub
 from relay.delivery.steps import (
@@ -111,6 +113,7 @@ class Deliverer:
         self._client = SinkClient(session)
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
+        self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self._steps = Steps(redis_client, self._keys, config.worker)
@@ -138,6 +141,7 @@ class Deliverer:
         if self.draining:
             raise Retry()  # back in the queue as it was, for the next worker
         ref = Ref(tenant, sink, event_id, job_id)
+        self.running[job_id] = Running(job_id)
         with logs.bind(tenant=tenant, sink=sink, event_id=event_id):
             try:
                 async with asyncio.timeout(self.job_timeout - 1.0):
@@ -163,6 +167,8 @@ class Deliverer:
                     exc_info=not redis_fault,
                 )
                 raise Retry() from None
+            finally:
+                self.running.pop(job_id, None)
 
     async def _after_fault(self, ref: Ref, wait: float) -> bool:
         """Reschedule a job whose run failed on our side; False if it is already finished.
@@ -194,7 +200,9 @@ class Deliverer:
             max_age_ms=int(sink.max_age * 1000),
             max_attempts=sink.max_attempts,
             concurrency=sink.concurrency,
-            lease_ms=int((http_timeout + JOB_MARGIN_S) * 1000),
+            lease_ms=int(
+                heartbeat.HOLD_S * 1000
+            ),  # renewed by the heartbeat while the attempt runs
             url=sink.url,
             busy_ms=_jitter_ms(w.busy_defer),
             open_jitter_ms=int(random.random() * min(w.breaker_cooldown, 5.0) * 1000),
@@ -233,6 +241,10 @@ class Deliverer:
         log.info("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
         headers = self._client.headers(sink, req, stored.body)
+        k = self._keys
+        self.running[ref.job_id] = Running(
+            ref.job_id, k.inflight(ref.tenant, ref.sink), k.breaker(ref.tenant, ref.sink)
+        )
         try:
             answer = await self._client.post(sink, stored.body, headers, a.http_timeout)
         except asyncio.CancelledError:

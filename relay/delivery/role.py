@@ -36,6 +36,7 @@ from relay.config import Config
 from relay.delivery.arq_adapter import JobContext, WorkerHooks, job_timeout, new_worker
 from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
+from relay.delivery.heartbeat import Heartbeat, log_census
 from relay.metrics import Metrics, total
 from relay.runtime import Runtime
 from relay.store.client import blocking_pool, sync_client
@@ -62,6 +63,7 @@ class WorkerRole:
         self._pool: ArqRedis | None = None
         self._collector: DeliveryCollector | None = None
         self._timeout = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
         self.deliverer: Deliverer | None = None
 
     @property
@@ -81,6 +83,10 @@ class WorkerRole:
             self._pool, cfg, self.metrics, self._session, job_timeout=timeout
         )
         self._timeout = timeout
+        await log_census(self._pool, cfg)
+        self._heartbeat = asyncio.create_task(
+            Heartbeat(self._pool, self.deliverer.running).run(), name="worker-heartbeat"
+        )
         self._worker = self._new_worker()
         self._collector = DeliveryCollector(sync_client(self._rt.redis), cfg)
         self.metrics.registry.register(self._collector)
@@ -213,6 +219,9 @@ class WorkerRole:
         await asyncio.gather(*late, return_exceptions=True)
         worker.tasks.clear()
         await self._bounded(asyncio.ensure_future(worker.close()), "arq's close")
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self._collector is not None:
