@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -156,14 +156,14 @@ class Chert:
     ) -> None:
         """Start one send per id at ``rate`` per second; return when every one is done."""
         send = send or self.send
+        tasks: list[asyncio.Future[Any]] = []
         start = time.monotonic()
-        tasks = []
         for i, event_id in enumerate(ids):
             due = start + i / rate
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(event_id)))
+            tasks.append(asyncio.ensure_future(send(event_id)))
         await asyncio.gather(*tasks)
 
 
@@ -207,7 +207,8 @@ class RedisServer:
             self._server.process = None
 
     def client(self) -> Redis:
-        return Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+        client: Redis = Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+        return client
 
 
 async def backlog(client: Redis) -> int:
@@ -216,7 +217,10 @@ async def backlog(client: Redis) -> int:
 
 
 async def dead_letters(client: Redis) -> int:
-    counts = await client.hgetall(Keys(PREFIX).dead_letter_counts(TENANT))
+    counts = await cast(
+        Awaitable[dict[bytes, bytes]],
+        client.hgetall(Keys(PREFIX).dead_letter_counts(TENANT)),
+    )
     return sum(int(v) for v in counts.values())
 
 

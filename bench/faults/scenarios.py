@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import json
 import shutil
 import subprocess
 import sys
@@ -49,7 +49,9 @@ class Run:
 Scenario = Callable[[Run, Result], Awaitable[None]]
 
 
-async def _during(load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]):
+async def _during(
+    load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]
+) -> None:
     """Run ``load``; call ``act`` at each of ``times`` (seconds from now) meanwhile."""
     task = asyncio.ensure_future(load)
     start = time.monotonic()
@@ -60,6 +62,20 @@ async def _during(load: Awaitable[None], times: list[float], act: Callable[[], A
         if not task.done():
             await act()
     await task
+
+
+def _inherited(log: Path) -> str:
+    """The most a starting worker found held by others: "in progress/leases"."""
+    best = (0, 0)
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            if "deliveries in progress elsewhere" not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError):
+                words = json.loads(line)["msg"].split()
+                found = (int(words[2]), int(words[8]))
+                best = max(best, found)
+    return f"{best[0]}/{best[1]}"
 
 
 def _spread(total: float, every: float) -> list[float]:
@@ -82,6 +98,7 @@ async def worker_kills(run: Run, res: Result) -> None:
         await _during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
+        res.notes["inherited_max"] = _inherited(stack.worker.log)
     finally:
         await stack.close()
 
@@ -200,9 +217,10 @@ async def outage_then_replay(run: Run, res: Result) -> None:
         )
         res.notes["replay_exit"] = out.returncode
         res.notes["replay_said"] = (out.stderr.strip().splitlines() or [""])[-1][:160]
+        res.notes["replay_s"] = round(time.monotonic() - began, 1)
         settle = await stack.settle(acked, run.settle_timeout)
         res.notes["dead_letters_after"] = await dead_letters(stack.client)
-        stack.account(res, acked, settle + (began - began))
+        stack.account(res, acked, settle)
     finally:
         await stack.close()
 
@@ -406,4 +424,4 @@ async def run_one(key: str, run: Run) -> Result:
     return res
 
 
-__all__ = ["SCENARIOS", "Run", "random", "run_one"]
+__all__ = ["SCENARIOS", "Run", "run_one"]

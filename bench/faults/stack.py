@@ -20,10 +20,10 @@ from bench.faults.harness import (
     RedisServer,
     RelayProcess,
     backlog,
-    free_port,
     wait_http,
     write_config,
 )
+from relay.store.embedded import free_port
 
 
 @dataclass
