@@ -102,7 +102,7 @@ class Stack:
                 {
                     "name": "s",
                     "url": self.sink.url,
-                    "timeout": 2,
+                    "timeout": 10,  # a slow answer from a busy harness is no failure
                     "max_age": 3600,
                     "concurrency": 32,
                     **(sink or {}),

@@ -70,9 +70,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("reconcile", "fast", "always", "sse", "standby")
 # How far behind the watermark an incremental poll starts: Chert's created_at has whole
-# seconds and ``since`` is strictly greater, so rows of the watermark's own second (and
-# a row logged a moment late) are read again; a sweep's full overlap catches the rest.
-INCREMENTAL_OVERLAP_S = 5.0
+# seconds and ``since`` is strictly greater, so the rows of the watermark's own second
+# (and a row logged a moment late) are read again; a sweep's full overlap catches the
+# rest. Every second here is re-read on every poll: at 200 events/s, 400 rows.
+INCREMENTAL_OVERLAP_S = 2.0
 SSE_SHORT_S = 5.0  # a stream that ends sooner, having delivered nothing, counts as failed
 _TRANSIENT = (UpstreamError, RedisUnavailableError, *REDIS_TRANSIENT)
 
