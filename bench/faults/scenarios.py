@@ -295,9 +295,12 @@ async def disk_full(run: Run, res: Result) -> None:
     base.mkdir(parents=True, exist_ok=True)
     mnt = base / "tmpfs"
     mnt.mkdir(exist_ok=True)
+    # 8 MiB, plus room for the AOF of the half of the load that comes after the space
+    # returns (about 3 KiB an event, with its job and the delivery's record).
+    size_mib = 8 + (run.n * 3) // 1024
     mounted = await asyncio.to_thread(
         subprocess.run,
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mnt)],
         capture_output=True,
         text=True,
         check=False,
@@ -306,7 +309,7 @@ async def disk_full(run: Run, res: Result) -> None:
         res.notes["mount"] = f"not possible ({mounted.stderr.strip()[:80]}); maxmemory used"
         await _maxmemory_full(run, res)
         return
-    res.notes["mount"] = "tmpfs 8m"
+    res.notes["mount"] = f"tmpfs {size_mib}m"
     stack = Stack(base, redis_dir=mnt / "redis")
     try:
         await stack.start()
@@ -322,20 +325,31 @@ async def disk_full(run: Run, res: Result) -> None:
         statuses = dict(stack.chert.stats.statuses)
         refused_before = statuses.get("503", 0) + statuses.get("error", 0)
         res.notes["redis_died"] = not stack.redis.alive()
-        # Space returns.
+        # Space returns; Redis' supervisor starts it again whenever it has stopped.
         ballast.unlink()
-        if not stack.redis.alive():
-            stack.redis.reap()
-            await stack.redis.start()
-            res.restarts += 1
-        await stack.chert.run(ids[half:], run.rate)
-        settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
+        supervisor = asyncio.create_task(_supervise(stack, res))
+        try:
+            await stack.chert.run(ids[half:], run.rate)
+            settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
+        finally:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
         stack.account(res, stack.chert.stats.acked, settle)
         res.notes["refused_while_full"] = refused_before
         res.duplicates_allowed = bool(res.notes["redis_died"])
     finally:
         await stack.close()
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mnt)], check=False)
+
+
+async def _supervise(stack: Stack, res: Result) -> None:
+    """Start Redis again whenever it has exited, as systemd's ``Restart=`` would."""
+    while True:
+        if not stack.redis.alive():
+            stack.redis.reap()
+            await stack.redis.start()
+            res.restarts += 1
+        await asyncio.sleep(0.2)
 
 
 def _fill(path: Path, size: int) -> None:
