@@ -92,7 +92,7 @@ async def main_async(args: argparse.Namespace) -> int:
     began = time.monotonic()
     for key in keys:
         t0 = time.monotonic()
-        run = Run(n=args.events, rate=args.rate, workdir=base / f"s{key}")
+        run = Run(n=args.events, rate=args.rate, workdir=base / f"s{key}", mount=not args.no_mount)
         print(
             f"scenario {key}: {SCENARIOS[key][0]} ({args.events} events)…",
             file=sys.stderr,
@@ -131,6 +131,11 @@ def main() -> int:
     p.add_argument("--json", help="write the results as JSON to this file")
     p.add_argument("--workdir", help="where processes keep data and logs (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--no-mount",
+        action="store_true",
+        help="scenario 9 fills Redis' maxmemory instead of mounting a small tmpfs",
+    )
     return asyncio.run(main_async(p.parse_args()))
 
 

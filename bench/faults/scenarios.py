@@ -36,6 +36,7 @@ class Run:
     n: int
     rate: float
     workdir: Path
+    mount: bool = True  # scenario 9 may mount a tmpfs (else it fills maxmemory)
 
     @property
     def load_s(self) -> float:
@@ -298,6 +299,10 @@ async def disk_full(run: Run, res: Result) -> None:
     # 8 MiB, plus room for the AOF of the half of the load that comes after the space
     # returns (about 3 KiB an event, with its job and the delivery's record).
     size_mib = 8 + (run.n * 3) // 1024
+    if not run.mount:
+        res.notes["mount"] = "not asked for (--no-mount); maxmemory used"
+        await _maxmemory_full(run, res)
+        return
     mounted = await asyncio.to_thread(
         subprocess.run,
         ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(mnt)],
@@ -368,7 +373,7 @@ async def _maxmemory_full(run: Run, res: Result) -> None:
     try:
         await stack.start()
         info = await stack.client.info("memory")
-        await stack.client.config_set("maxmemory", int(info["used_memory"]) + 2 * 1024 * 1024)
+        await stack.client.config_set("maxmemory", int(info["used_memory"]) + 512 * 1024)
         ids = event_ids("mm", run.n)
         half = len(ids) // 2
         await stack.chert.run(ids[:half], run.rate)
