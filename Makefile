@@ -1,15 +1,18 @@
 # One task runner, used the same way on a laptop and in CI.
 #   make run    set up, then run the relay on the embedded Redis with the example config
 #   make test   set up, then run the test suite
-#   make ci     lint + typecheck + test (what .ci/run does)
+#   make faults the fault suite (EVENTS=1000 by default): crashes, outages, floods
+#   make ci     lint + typecheck + the fault suite, small + test (what .ci/run does)
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/relay.example.toml
+EVENTS ?= 1000
+FAULTS_CI_EVENTS ?= 1000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps venv run test lint typecheck ci bench clean
+.PHONY: setup deps venv run test lint typecheck ci bench faults faults-ci clean
 
 setup: deps venv
 
@@ -57,7 +60,18 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-ci: setup lint typecheck test
+# The fault suite before the tests, so that pytest's summary is the last line CI prints.
+ci: setup lint typecheck faults-ci test
+
+# Every scenario of bench/faults at EVENTS events: a table of acked, delivered, lost,
+# duplicates, time to settle and restarts (and var/faults.json). Exits 1 on any loss or
+# unexpected duplicate. Scenario 9 mounts a small tmpfs: run as root.
+faults: setup
+	@mkdir -p var
+	$(BIN)/python -m bench.faults --events $(EVENTS) --json var/faults.json
+
+faults-ci: setup
+	$(BIN)/python -m bench.faults --events $(FAULTS_CI_EVENTS)
 
 bench: setup
 	$(BIN)/python bench/receiver.py

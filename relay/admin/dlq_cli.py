@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import redis.exceptions
@@ -123,12 +124,7 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
         return await _show(store, args)
     flt = _filter(args)
     if action == "list":
-        found = await store.find(flt)
-        for d in found:
-            print(json.dumps(d.to_json()) if args.json else _line(d))
-        if not args.json:
-            print(f"{len(found)} dead letter(s)", file=sys.stderr)
-        return EXIT_OK
+        return await _list(store, flt, args)
     if flt.is_empty() and not args.all:
         print(
             f"chert-relay dlq {action}: give a filter (--tenant, --sink, --class, --type, "
@@ -145,6 +141,26 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
     meter.close()
     _report(action, out, args)
     return EXIT_OK if not out.skipped else EXIT_FAILURE
+
+
+async def _list(store: DeadLetterStore, flt: Filter, args: argparse.Namespace) -> int:
+    """Print up to ``--limit`` entries; and, when more match, say so and how many."""
+    limit = flt.limit
+    shown = total = 0
+    async for d in store.iter(replace(flt, limit=None)):
+        total += 1
+        if limit is None or shown < limit:
+            print(json.dumps(d.to_json()) if args.json else _line(d))
+            shown += 1
+    if shown < total:
+        print(
+            f"{shown} of {total} dead letter(s) shown: {total - shown} more match "
+            f"(--limit {limit}; raise it, or narrow the filters)",
+            file=sys.stderr,
+        )
+    elif not args.json:
+        print(f"{total} dead letter(s)", file=sys.stderr)
+    return EXIT_OK
 
 
 async def _show(store: DeadLetterStore, args: argparse.Namespace) -> int:

@@ -13,6 +13,11 @@ guarantees:
   own timeouts always fire first (arq's timeout would end the job for good).
 - ``on_job_start``/``on_job_end`` hooks are wrapped by :class:`SafeHook`: a raising hook
   kills arq's worker.
+- a job is marked in progress for ``heartbeat.HOLD_S`` (10 s), renewed by the worker
+  while it runs (:mod:`relay.delivery.heartbeat`), rather than arq's job timeout + 10 s.
+- a job run that arq itself fails (Redis gone around the job function) is logged
+  briefly (:meth:`BatchStartWorker.job_done`), never left to asyncio's
+  "Task exception was never retrieved".
 - jobs are started by :class:`BatchStartWorker`: arq's checks (due, not in progress on
   any worker), one Lua call per poll instead of four round trips per job. A due job
   whose ``arq:job:`` key has expired (no worker ran for longer than the sink's
@@ -37,7 +42,9 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 
 from relay.config import Config
+from relay.delivery import heartbeat
 from relay.keys import Keys
+from relay.logs import Throttle
 from relay.store import jobs, scripts
 
 if TYPE_CHECKING:
@@ -151,7 +158,30 @@ class BatchStartWorker(Worker):
             job_id = claimed[i].decode()
             t = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
             t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            t.add_done_callback(self.job_done)
             self.tasks[job_id] = t
+
+    def job_done(self, task: asyncio.Task[Any]) -> None:
+        """Read how a job's run ended, so that a failure of arq's own — Redis went away
+        before or after the job function ran — is logged briefly (once per kind every
+        10 s), not as "Task exception was never retrieved" with a traceback per job.
+        The job itself is safe: it runs again once its in-progress mark expires."""
+        if task.cancelled() or task.exception() is None:
+            return
+        e = task.exception()
+        throttle = getattr(self, "_failed_runs", None)
+        if throttle is None:
+            throttle = self._failed_runs = Throttle(10.0)
+        held_back = throttle.allow(type(e).__name__)
+        if held_back is None:
+            return
+        log.warning(
+            "a delivery job's run failed in the scheduler (%s: %s)%s; it runs again once "
+            "its in-progress mark expires",
+            type(e).__name__,
+            e,
+            f" (and {held_back} more like it)" if held_back else "",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,4 +233,7 @@ def new_worker(
         log_results=False,
     )
     worker.on_expired = hooks.expired
+    # arq would hold a job in progress for the job timeout + 10 s; a live worker renews
+    # the mark instead (relay.delivery.heartbeat), so a dead one's jobs run again sooner.
+    worker.in_progress_timeout_s = heartbeat.HOLD_S
     return worker

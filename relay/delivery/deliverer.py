@@ -54,8 +54,10 @@ from redis.asyncio import Redis
 
 from relay import logs
 from relay.config import Config, SinkConfig
+from relay.delivery import heartbeat
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
+from relay.delivery.heartbeat import Running
 from relay.delivery.retry import next_attempt, status_class
 from relay.delivery.sink_client import Answer, Request, SinkClient, scrub
 from relay.delivery.steps import (
@@ -113,6 +115,7 @@ class Deliverer:
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
+        self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self._steps = Steps(redis_client, self._keys, config.worker)
@@ -142,6 +145,7 @@ class Deliverer:
         if self.draining:
             raise Retry()  # back in the queue as it was, for the next worker
         ref = Ref(tenant, sink, event_id, job_id, chat)
+        self.running[job_id] = Running(job_id)
         with logs.bind(tenant=tenant, sink=sink, event_id=event_id):
             try:
                 async with asyncio.timeout(self.job_timeout - 1.0):
@@ -167,6 +171,8 @@ class Deliverer:
                     exc_info=not redis_fault,
                 )
                 raise Retry() from None
+            finally:
+                self.running.pop(job_id, None)
 
     async def _after_fault(self, ref: Ref, wait: float) -> bool:
         """Reschedule a job whose run failed on our side; False if it is already finished.
@@ -198,7 +204,9 @@ class Deliverer:
             max_age_ms=int(sink.max_age * 1000),
             max_attempts=sink.max_attempts,
             concurrency=sink.concurrency,
-            lease_ms=int((http_timeout + JOB_MARGIN_S) * 1000),
+            lease_ms=int(
+                heartbeat.HOLD_S * 1000
+            ),  # renewed by the heartbeat while the attempt runs
             url=sink.url,
             busy_ms=_jitter_ms(w.busy_defer),
             open_jitter_ms=int(random.random() * min(w.breaker_cooldown, 5.0) * 1000),
@@ -226,9 +234,7 @@ class Deliverer:
         if end.reason == "gone":
             cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
         else:
-            cls = "exhausted"
-            why = "past max_age" if end.reason == "expired" else "out of attempts"
-            error = f"{why}; last error: {end.error}" if end.error else why
+            cls, error = "exhausted", _why_ended(end, sink)
         entry = self._entry(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
         await self._dead_letter(ref, entry, effect="none")
 
@@ -239,6 +245,10 @@ class Deliverer:
         log.info("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
         headers = self._client.headers(sink, req, stored.body)
+        k = self._keys
+        self.running[ref.job_id] = Running(
+            ref.job_id, k.inflight(ref.tenant, ref.sink), k.breaker(ref.tenant, ref.sink)
+        )
         try:
             answer = await self._client.post(sink, stored.body, headers, a.http_timeout)
         except asyncio.CancelledError:
@@ -319,7 +329,11 @@ class Deliverer:
             )
             raise Retry()  # the finish script already rescheduled the job
         self._count(ref, "exhausted", answer)
-        error = scrub(f"{nxt.give_up}; last error: {error}", sink)
+        if nxt.give_up == "past max_age":
+            why = f"past max_age ({sink.max_age:g}s) after {go.attempt} attempt(s)"
+        else:
+            why = f"out of attempts ({go.attempt} of {sink.max_attempts})"
+        error = scrub(f"{why}; last error: {error}", sink)
         entry = self._entry(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
         await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
 
@@ -411,6 +425,26 @@ class Deliverer:
         self._ready(await self._steps.finish(ref, now, finish))
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
+
+
+def _why_ended(end: Ended, sink: SinkConfig) -> str:
+    """Why a delivery ended without an attempt, for its dead letter."""
+    if end.reason == "expired":
+        held = (
+            f"; {end.held_s:.1f}s waiting for the sink's concurrency cap not counted"
+            if end.held_s >= 0.1
+            else ""
+        )
+        if end.tried.attempts == 0:
+            why = (
+                f"past max_age ({sink.max_age:g}s) without an attempt: the sink's circuit "
+                f"breaker was open (the sink kept failing){held}"
+            )
+        else:
+            why = f"past max_age ({sink.max_age:g}s) after {end.tried.attempts} attempt(s){held}"
+    else:
+        why = f"out of attempts ({end.tried.attempts} of {sink.max_attempts})"
+    return f"{why}; last error: {end.error}" if end.error else why
 
 
 def _now_ms() -> int:

@@ -9,6 +9,10 @@ The role builds arq's worker (:mod:`relay.delivery.arq_adapter`) around one
   does what arq's own SIGTERM handler would with ``job_completion_wait``: stop picking
   jobs, let running deliveries finish for up to ``worker.shutdown_grace``, then cancel
   the rest (arq puts a cancelled job back in the queue; it runs again on any worker).
+- A heartbeat (:mod:`relay.delivery.heartbeat`) renews, every 2 s, the 10 s holds on
+  the deliveries this worker runs (arq's in-progress marks, the sinks' in-flight
+  leases): a killed worker's deliveries run again elsewhere within 10 s. On start the
+  role logs what it inherits: deliveries in progress elsewhere, in-flight leases.
 - A due job whose ``arq:job:`` key has expired (no worker ran for longer than the
   sink's ``max_age`` + 1 day) is logged as an error and counted.
 
@@ -30,12 +34,18 @@ from typing import Any
 import aiohttp
 import redis.exceptions
 from arq.connections import ArqRedis
-from arq.worker import Worker
 
 from relay.config import Config
-from relay.delivery.arq_adapter import JobContext, WorkerHooks, job_timeout, new_worker
+from relay.delivery.arq_adapter import (
+    BatchStartWorker,
+    JobContext,
+    WorkerHooks,
+    job_timeout,
+    new_worker,
+)
 from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
+from relay.delivery.heartbeat import Heartbeat, log_census
 from relay.metrics import Metrics, total
 from relay.runtime import Runtime
 from relay.store.client import blocking_pool
@@ -56,12 +66,14 @@ class WorkerRole:
         self._rt = rt
         self._burst = burst
         self._stopping = False
-        self._worker: Worker | None = None
+        self._worker: BatchStartWorker | None = None
         self._main: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pool: ArqRedis | None = None
         self._collector: DeliveryCollector | None = None
         self._timeout = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._census: asyncio.Task[object] | None = None
         self.deliverer: Deliverer | None = None
 
     @property
@@ -81,6 +93,11 @@ class WorkerRole:
             self._pool, cfg, self.metrics, self._session, job_timeout=timeout
         )
         self._timeout = timeout
+        # Counting what this worker inherits only logs: it must not hold up start-up.
+        self._census = asyncio.create_task(log_census(self._pool, cfg), name="worker-census")
+        self._heartbeat = asyncio.create_task(
+            Heartbeat(self._pool, self.deliverer.running).run(), name="worker-heartbeat"
+        )
         self._worker = self._new_worker()
         self._collector = DeliveryCollector(self._rt.endpoint.sync_client(), cfg)
         self.metrics.registry.register(self._collector)
@@ -92,7 +109,7 @@ class WorkerRole:
             " (burst)" if self._burst else "",
         )
 
-    def _new_worker(self) -> Worker:
+    def _new_worker(self) -> BatchStartWorker:
         """arq's worker; a fresh one after a Redis outage (arq's counters may be off)."""
         if self._pool is None or self.deliverer is None:
             raise RuntimeError("the worker role was not started")
@@ -129,7 +146,7 @@ class WorkerRole:
         self.metrics.deliveries_running.dec()
 
     @property
-    def arq(self) -> Worker:
+    def arq(self) -> BatchStartWorker:
         if self._worker is None:
             raise RuntimeError("the worker role was not started")
         return self._worker
@@ -161,7 +178,7 @@ class WorkerRole:
                 if not self._stopping:
                     self._worker = self._new_worker()
 
-    async def _abandon(self, worker: Worker) -> None:
+    async def _abandon(self, worker: BatchStartWorker) -> None:
         """Let a broken arq worker's running jobs end (bounded), without touching Redis.
 
         Their deliveries are recorded in Redis or not at all: a job whose outcome could
@@ -216,6 +233,10 @@ class WorkerRole:
         await asyncio.gather(*late, return_exceptions=True)
         worker.tasks.clear()
         await self._bounded(asyncio.ensure_future(worker.close()), "arq's close")
+        for task in (self._heartbeat, self._census):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self._collector is not None:

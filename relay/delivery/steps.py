@@ -68,6 +68,7 @@ class Ended:
     status: int | None  # the last attempt's HTTP status
     error: str  # the last attempt's error
     stored: StoredEvent
+    held_s: float = 0.0  # time spent waiting on the sink's in-flight cap (not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ def parse_claim(res: list[Any]) -> Claim:
             status=int(status) if status else None,
             error=_text(res[5]),
             stored=stored,
+            held_s=int(_text(res[7]) or 0) / 1000 if len(res) > 7 else 0.0,
         )
     return Unusable("unreadable" if verdict == "unreadable" else "missing")
 

@@ -24,8 +24,12 @@ watches the oldest batch in flight, instead of a timeout set and cancelled for e
 Batches call the script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
 for every batch, a cost that shows at this rate); each new connection first sends
 ``SCRIPT LOAD``, pipelined ahead of its first batch. Should the script still be
-missing (an operator ran ``SCRIPT FLUSH``), the batches that get ``NOSCRIPT`` fail as
-"Redis unavailable" and the script is loaded again for the batches after them.
+missing (Redis restarted, or an operator ran ``SCRIPT FLUSH``), a batch that gets
+``NOSCRIPT`` is sent once more behind a new ``SCRIPT LOAD``, in the same call; only a
+second ``NOSCRIPT`` fails it as "Redis unavailable".
+
+While Redis is down, its failures are logged once per kind every 10 s (with a count of
+those not logged), not once per batch.
 
 A connection is taken from the client's pool when work arrives and given back once
 no batch has been waiting or in flight for ``linger`` seconds.
@@ -37,6 +41,9 @@ many replicas have acknowledged everything the connection wrote, and otherwise f
 replicated). A ``READONLY`` answer means the primary this connection reached is a
 replica now (a failover): the connection is dropped, so that the next one finds the new
 primary.
+
+The module is a little over 500 lines and stays whole: it is one role, one connection's
+pipeline, whose sending, reading, timing out and resending share the batches in flight.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from relay.errors import RedisUnavailableError
+from relay.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,8 @@ class _Batch:
     load: bool = False
     wait: bool = False  # a WAIT follows: the script's reply is held until its answer
     reply: Any = None  # the script's reply, while the WAIT's is awaited
+    written: list[bytes] | None = None  # the EVALSHA (and WAIT) as written, for one resend
+    resent: bool = False
 
 
 class ReplicasBehindError(RedisUnavailableError):
@@ -160,6 +170,9 @@ class ScriptPipeline(Generic[T]):
         self._timed_out = False
         self._wake: asyncio.Future[None] | None = None
         self._release_now = False
+        # While Redis is down every batch fails: one line per kind of failure every
+        # 10 s, with how many were held back, rather than one per batch.
+        self._throttle = Throttle(10.0)
 
     async def call(self, item: T) -> Any:
         """Run the script for ``item`` (batched with concurrent calls); its reply element.
@@ -230,11 +243,9 @@ class ScriptPipeline(Generic[T]):
                 _fail(futures, e)
                 raise
             head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
-            if self._replicas:
-                writer.writelines([head, *args, self._wait])
-            else:
-                writer.writelines([head, *args])
-            self._sent(conn, _Batch(futures, deadline, wait=self._replicas > 0))
+            written = [head, *args, self._wait] if self._replicas else [head, *args]
+            writer.writelines(written)
+            self._sent(conn, _Batch(futures, deadline, wait=self._replicas > 0, written=written))
 
     def _send_load(self, conn: AbstractConnection) -> None:
         writer = _writer(conn)
@@ -292,7 +303,13 @@ class ScriptPipeline(Generic[T]):
             except Exception as e:
                 # Transient or not (a server that is not Redis, say): whoever waits gets
                 # "unavailable" now; the next call tries again.
-                log.warning("Redis unavailable for %d ingest(s): %r", len(self._items), e)
+                _warn(
+                    self._throttle,
+                    "connect",
+                    "Redis unavailable for %d ingest(s): %r",
+                    len(self._items),
+                    e,
+                )
                 self._fail_waiting(e)
                 return
             saved_timeout = conn.socket_timeout
@@ -393,7 +410,13 @@ class ScriptPipeline(Generic[T]):
             self._disarm()
             if not isinstance(e, asyncio.CancelledError):
                 n = sum(len(b.futures) for b in self._inflight)
-                log.warning("ingest of %d event(s) failed: Redis unavailable: %r", n, e)
+                _warn(
+                    self._throttle,
+                    "lost",
+                    "ingest of %d event(s) failed: Redis unavailable: %r",
+                    n,
+                    e,
+                )
             self._fail_inflight(e)
             if isinstance(e, TimeoutError):
                 self._fail_waiting(e)  # Redis is too slow: do not pile more on it
@@ -416,11 +439,15 @@ class ScriptPipeline(Generic[T]):
                 log.warning("could not load the ingest script: %s", reply)
             return
         if isinstance(reply, redis.exceptions.NoScriptError):
-            self._send_load(conn)  # the batches after this one will find it
+            # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and send the
+            # batch once more, in the same call; the batches after it find it loaded.
+            self._send_load(conn)
+            if self._resend(conn, batch):
+                return
         if self._observe is not None:
             self._observe(time.perf_counter() - batch.sent, len(batch.futures))
         if isinstance(reply, BaseException):
-            log.warning("Redis refused an ingest batch: %s", reply)
+            _warn(self._throttle, "refused", "Redis refused an ingest batch: %s", reply)
             _fail(batch.futures, reply)
         elif not isinstance(reply, list) or len(reply) != len(batch.futures):
             _fail(batch.futures, RuntimeError("the reply does not match the batch"))
@@ -442,6 +469,21 @@ class ScriptPipeline(Generic[T]):
             f"{acks} of {self._replicas} replica(s) acknowledged the batch in time"
         )
 
+    def _resend(self, conn: AbstractConnection, batch: _Batch) -> bool:
+        """Write ``batch`` again (once) on ``conn``, behind a ``SCRIPT LOAD``."""
+        writer = _writer(conn)
+        if batch.resent or batch.written is None or writer is None:
+            return False
+        if all(f.done() for f in batch.futures):
+            return True  # nobody waits for it any more
+        writer.writelines(batch.written)
+        again = _Batch(
+            batch.futures, asyncio.get_running_loop().time() + self.timeout, wait=batch.wait
+        )
+        again.written, again.resent = batch.written, True
+        self._sent(conn, again)
+        return True
+
     def _fail_inflight(self, e: BaseException) -> None:
         while self._inflight:
             _fail(self._inflight.popleft().futures, e)
@@ -459,6 +501,17 @@ class ScriptPipeline(Generic[T]):
         futures = self._futures
         self._items, self._futures, self._arrived = [], [], []
         _fail(futures, e)
+
+
+def _warn(throttle: Throttle, kind: str, msg: str, *args: object) -> None:
+    """Log ``msg`` unless ``throttle`` holds lines of this ``kind`` back for now."""
+    suppressed = throttle.allow(kind)
+    if suppressed is None:
+        return
+    if suppressed:
+        msg += " (and %d more like it not logged)"
+        args = (*args, suppressed)
+    log.warning(msg, *args)
 
 
 _MORE = object()  # hiredis: no whole reply buffered yet

@@ -25,7 +25,12 @@ watermark in Redis to the newest ``created_at`` seen (never backwards). Only a c
 that ended with ``next_cursor: null`` counts: Chert returns newest first, so a window
 cut short (a crash, an error, or a broken cursor chain — ``ChertPagingError``) must
 not move the watermark past rows on pages it never read. Such a window is logged as
-failed and repeats from the same watermark; dedupe absorbs the repeats. With no watermark yet,
+failed and repeats from the same watermark; dedupe absorbs the repeats. Fast and
+``always`` polls are incremental: after one full window, each asks only from the
+watermark less :data:`INCREMENTAL_OVERLAP_S`, so a poll costs what arrived since the
+last one rather than the whole overlap again; the full ``overlap`` (what a late row
+needs) is kept for the first window of a fast-polling spell and for every
+reconciliation sweep (``reconcile_every``). With no watermark yet,
 the first window starts at now - max(``overlap``, ``initial_lookback``); history
 older than that is what ``chert-relay backfill`` is for.
 
@@ -64,6 +69,11 @@ from relay.upstream.sse import SseIdleError, read_messages
 log = logging.getLogger(__name__)
 
 MODES = ("reconcile", "fast", "always", "sse", "standby")
+# How far behind the watermark an incremental poll starts: Chert's created_at has whole
+# seconds and ``since`` is strictly greater, so the rows of the watermark's own second
+# (and a row logged a moment late) are read again; a sweep's full overlap catches the
+# rest. Every second here is re-read on every poll: at 200 events/s, 400 rows.
+INCREMENTAL_OVERLAP_S = 2.0
 SSE_SHORT_S = 5.0  # a stream that ends sooner, having delivered nothing, counts as failed
 _TRANSIENT = (UpstreamError, RedisUnavailableError, *REDIS_TRANSIENT)
 
@@ -113,6 +123,7 @@ class TenantPoller:
         self.mode: str | None = None
         self.fast = False
         self._fast_since = 0.0
+        self._primed = False  # a full window has run in this fast-polling spell
         self._auth_error: tuple[int, int] | None = None
         self._redis_trouble = False
         self.windows = 0  # completed windows (for tests and status)
@@ -242,9 +253,14 @@ class TenantPoller:
     async def _work(self, mode: str) -> None:
         if mode == "always":
             self._set_mode("always")
+            next_sweep = 0.0  # monotonic: a full window at once, then every reconcile_every
             while True:
                 _raise_if_cancelled()
-                await self.window_guarded()
+                now = time.monotonic()
+                full = now >= next_sweep
+                result = await self.window_guarded(full=full)
+                if full and result is not None:
+                    next_sweep = now + self.tenant.poll.reconcile_every
                 await self._pause(self.tenant.poll.interval)
         elif mode == "sse":
             self._set_mode("sse")
@@ -272,9 +288,12 @@ class TenantPoller:
                 self._redis_down(e)
             now = time.monotonic()
             if self.fast or now >= next_sweep:
-                result = await self.window_guarded()
+                full = now >= next_sweep or not self._primed
+                result = await self.window_guarded(full=full)
                 if now >= next_sweep:
                     next_sweep = now + poll.reconcile_every
+                if full and result is not None and self.fast:
+                    self._primed = True
                 if result is not None and result.undelivered_new and not self.fast:
                     self._switch(
                         True,
@@ -313,6 +332,7 @@ class TenantPoller:
         poll = self.tenant.poll
         if fast:
             self._fast_since = time.time()
+            self._primed = False
             log.warning(
                 "tenant %s: webhooks have lapsed: %s; polling every %gs",
                 self.slug,
@@ -341,15 +361,20 @@ class TenantPoller:
             raw = await self._rt.redis.get(self._wm_key)
         return float(raw) if raw is not None else time.time()
 
-    async def window(self, source: str = "poll") -> RowsResult:
-        """One window: ``since = watermark - overlap`` to the end; then advance the watermark."""
+    async def window(self, source: str = "poll", *, full: bool = True) -> RowsResult:
+        """One window: ``since = watermark - overlap`` to the end; then advance the watermark.
+
+        ``full=False``: an incremental poll, from the watermark less
+        :data:`INCREMENTAL_OVERLAP_S` (never more than ``overlap``).
+        """
         poll = self.tenant.poll
+        overlap = poll.overlap if full else min(poll.overlap, INCREMENTAL_OVERLAP_S)
         wm = await self.watermark()
         total = RowsResult()
         stale_before = time.time() - poll.stale_after
         # ``events`` returns only at ``next_cursor: null``; any failure (a broken cursor
         # chain included) raises out of here before the watermark moves.
-        async for page in self.api.events(since=_since(wm, poll.overlap), page_size=poll.page_size):
+        async for page in self.api.events(since=_since(wm, overlap), page_size=poll.page_size):
             result = await ingest_rows(
                 self._rt.ingestor, self.slug, page.rows, source, stale_before=stale_before
             )
@@ -365,17 +390,18 @@ class TenantPoller:
         self.windows += 1
         if total.new:
             log.info(
-                "tenant %s: window found %d new event(s) of %d row(s)",
+                "tenant %s: %s window found %d new event(s) of %d row(s)",
                 self.slug,
+                "full" if full else "incremental",
                 total.new,
                 total.seen,
             )
         return total
 
-    async def window_guarded(self) -> RowsResult | None:
+    async def window_guarded(self, *, full: bool = True) -> RowsResult | None:
         """:meth:`window`, with every expected failure logged and waited out."""
         try:
-            result = await self.window()
+            result = await self.window(full=full)
         except ChertApiError as e:
             self._outcome("auth_error" if e.is_auth else "api_error", e)
             if e.is_auth:

@@ -184,6 +184,18 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(rows) == 5
     assert {r["class"] for r in rows} == {"rejected"}
 
+    # More than --limit match: the list says so, and how many there are in all.
+    assert _cli(path, "list", "--limit", "3") == EXIT_OK
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 3
+    assert "3 of 10 dead letter(s) shown: 7 more match (--limit 3" in out.err
+    assert _cli(path, "list", "--limit", "3", "--json") == EXIT_OK
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 3
+    assert "7 more match" in out.err
+    assert _cli(path, "list", "--limit", "10") == EXIT_OK
+    assert "10 dead letter(s)" in capsys.readouterr().err
+
     assert _cli(path, "show", "--tenant", TENANT, "--sink", "crm", "m1", "--json") == EXIT_OK
     shown = json.loads(capsys.readouterr().out)
     assert shown["status"] == 400

@@ -3,8 +3,13 @@ and not before it is due."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
+from typing import Any
 
+import pytest
+import redis.exceptions as redis_errors
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
@@ -57,3 +62,33 @@ async def test_a_job_whose_key_expired_is_reported_not_dropped_silently(
             await wait_for(lambda: s.ids() == ["x2"])
             await wait_for(lambda: 'outcome="expired",sink="s"' in rt.metrics.render().decode())
         assert await redis.zscore(q, job_id("x1")) is None
+
+
+async def test_a_job_run_arq_fails_is_logged_briefly_and_its_exception_retrieved(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis went away under arq's own calls around a job: the run's task ends with a
+    # ConnectionError. It is read and logged once, not "never retrieved" per job.
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+
+    async def fails() -> None:
+        raise redis_errors.ConnectionError("Connection closed by server.")
+
+    try:
+        async with sinks(Sink()) as (s,):
+            rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
+            async with worker(rt) as role:
+                for _ in range(20):
+                    t = loop.create_task(fails())
+                    t.add_done_callback(role.arq.job_done)
+                    await asyncio.wait({t})
+                    del t
+                gc.collect()
+        warned = [r for r in caplog.records if "failed in the scheduler" in r.getMessage()]
+        assert len(warned) == 1
+        assert "ConnectionError: Connection closed by server." in warned[0].getMessage()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)

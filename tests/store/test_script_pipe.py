@@ -135,14 +135,66 @@ async def test_a_batch_redis_refuses_fails_alone_and_the_connection_stays_usable
     assert await ran(redis) == ["ok", "ok-again"]
 
 
-async def test_a_flushed_script_cache_fails_one_batch_then_is_reloaded(redis: Redis) -> None:
+async def test_a_flushed_script_cache_is_reloaded_and_the_batch_sent_again(redis: Redis) -> None:
     pipe, _ = pipeline(redis, linger=3600.0)
     assert await pipe.call("first") == 1
     await redis.script_flush()
+    # Several batches in flight meet NOSCRIPT: each is sent once more, in the same call.
+    replies = await asyncio.gather(*(pipe.call(f"again{n}") for n in range(40)))
+    assert sorted(replies) == list(range(2, 42))
+    assert await pipe.call("reloaded") == 42
+    assert sorted(await ran(redis)) == sorted(
+        ["first", "reloaded", *(f"again{n}" for n in range(40))]
+    )
+
+
+async def test_the_first_batches_after_a_redis_restart_succeed(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+) -> None:
+    server = await make_redis_server()
+    client: Redis = Redis.from_url(server.url)
+    try:
+        pipe, _ = pipeline(client, linger=3600.0)
+        assert await pipe.call("before") == 1
+        await server.stop()
+        await server.start()  # from its AOF: the data is back, the script cache is not
+        results = await asyncio.gather(*(pipe.call(f"after{n}") for n in range(50)))
+        assert len(set(results)) == 50
+        assert await client.script_exists(pipe._sha.decode()) == [True]
+    finally:
+        await client.aclose()
+
+
+async def test_a_batch_that_meets_noscript_twice_fails(redis: Redis) -> None:
+    pipe, _ = pipeline(redis, linger=3600.0)
+    assert await pipe.call("first") == 1
+    # A script that flushes the cache each time it is loaded cannot be reached: the
+    # resend fails too, and the call gets "unavailable" rather than a loop.
+    await redis.script_flush()
+    pipe._load = b"*1\r\n$4\r\nPING\r\n"  # "loading" that loads nothing
     with pytest.raises(RedisUnavailableError):
-        await pipe.call("noscript")
-    assert await pipe.call("reloaded") == 2
-    assert await ran(redis) == ["first", "reloaded"]
+        await pipe.call("never")
+    assert await ran(redis) == ["first"]
+
+
+async def test_redis_down_is_logged_once_per_kind_not_once_per_batch(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await make_redis_server()
+    client: Redis = Redis.from_url(server.url, socket_connect_timeout=1)
+    try:
+        pipe, _ = pipeline(client)
+        assert await pipe.call("up") == 1
+        await server.stop()
+        caplog.clear()
+        for _ in range(30):  # 30 batches, one after another, all failing
+            with pytest.raises(RedisUnavailableError):
+                await pipe.call("down")
+        lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+    finally:
+        await client.aclose()
 
 
 async def test_redis_that_stops_answering_fails_the_calls_within_the_timeout(
