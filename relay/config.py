@@ -60,6 +60,10 @@ class ServerConfig(_Section):
     body_timeout: Annotated[Duration, Field(ge=0.1)] = 30.0
     shutdown_timeout: Duration = 10.0  # bound on in-flight requests at shutdown
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
+    # a connection with nothing to answer is closed after this long (checked every 5 s)
+    keepalive_timeout: Annotated[Duration, Field(ge=1)] = 75.0
+    # open connections at most; past it a new one replaces the longest-idle, or gets 503
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
 
 
 class AdminConfig(_Section):

@@ -58,6 +58,19 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.receiver_connections = Gauge(
+            f"{p}_receiver_connections",
+            "Connections open to the webhook receiver.",
+            registry=r,
+        )
+        self.receiver_connection_limit = Counter(
+            f"{p}_receiver_connection_limit_total",
+            "New connections to the webhook receiver at server.max_connections, by what "
+            "happened: refused (503, every open one busy) or idle_closed (the longest-idle "
+            "one was closed to make room).",
+            ["action"],
+            registry=r,
+        )
         self.last_webhook = Gauge(
             f"{p}_last_webhook_timestamp_seconds",
             "Unix time of the last verified webhook, per tenant.",

@@ -68,6 +68,13 @@ _NOT_FOUND = Response(404, b'{"error": "not_found", "message": "POST %s only"}' 
 _NOT_POST = Response(
     405, b'{"error": "method_not_allowed", "message": "POST only"}', (("Allow", "POST"),)
 )
+_TOO_MANY_CONNECTIONS = Response(
+    503, b'{"error": "too_many_connections", "message": "try again later"}'
+)
+_LIMIT_ACTIONS = {
+    "refused": "refused a new connection (503): every open one is busy",
+    "idle_closed": "closed the longest-idle connection to admit a new one",
+}
 
 
 @dataclass(slots=True)
@@ -114,15 +121,22 @@ class Receiver:
             for t in config.tenants
         }
         if self._server is not None:
-            self._server.max_body = self._max_body
-            self._server.body_timeout = self._body_timeout
+            self._configure(self._server)
+
+    def _configure(self, server: HttpServer) -> None:
+        cfg = self._config.server
+        server.max_body = self._max_body
+        server.body_timeout = self._body_timeout
+        server.keepalive_timeout = cfg.keepalive_timeout
+        server.max_connections = cfg.max_connections
 
     def server(self) -> HttpServer:
         """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""
         if self._server is None:
-            self._server = HttpServer(
-                self, max_body=self._max_body, body_timeout=self._body_timeout
-            )
+            server = HttpServer(self, max_body=self._max_body, body_timeout=self._body_timeout)
+            self._configure(server)
+            self._metrics.receiver_connections.set_function(lambda: server.open_connections)
+            self._server = server
         return self._server
 
     def _reject(self, status: int, reason: str, detail: str, req: _Request) -> Response:
@@ -186,6 +200,33 @@ class Receiver:
             return Response(500, b'{"error": "internal_error"}')
         detail = "the relay failed to handle the webhook"
         return self._reject(500, "internal_error", detail, req)
+
+    def refused(self, reason: str, detail: str, remote: str | None) -> Response:
+        """A request the HTTP parser refused (its tenant unread): 400, counted as
+        ``tenant="unknown"``."""
+        req = _Request("unknown", None, time.perf_counter(), remote)
+        return self._reject(400, reason, detail, req)
+
+    def connection_refused(self, remote: str | None) -> Response:
+        """A connection past ``server.max_connections`` while every open one is busy: 503,
+        which Chert retries."""
+        self._log_limit("refused", remote)
+        return _TOO_MANY_CONNECTIONS._replace(headers=self._retry_after)
+
+    def idle_connection_closed(self) -> None:
+        self._log_limit("idle_closed", None)
+
+    def _log_limit(self, action: str, remote: str | None) -> None:
+        self._metrics.receiver_connection_limit.labels(action).inc()
+        suppressed = self._throttle.allow(("max_connections", action))
+        if suppressed is not None:
+            log.warning(
+                "receiver at server.max_connections (%d): %s, remote=%s%s",
+                self._config.server.max_connections,
+                _LIMIT_ACTIONS[action],
+                remote,
+                f" ({suppressed} more like it since the last line)" if suppressed else "",
+            )
 
     def handle(self, req: _Request, msg: RawRequestMessage, body: bytes) -> Response | Pending:
         """The whole webhook: verify, parse, then ingest (the answer waits for it)."""
