@@ -19,6 +19,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from relay.config import Config
+from relay.logs import Throttle
 from relay.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Admin:
         self._redis = redis_client
         self._metrics = metrics
         self.draining = False
+        self._throttle = Throttle(interval=10.0)
         self.set_config(config)
         self._api_routes: list[web.RouteDef] = []
 
@@ -62,9 +64,13 @@ class Admin:
         scheme, _, token = given.partition(" ")
         given_token = token.encode(errors="surrogateescape")  # headers may carry any bytes
         if scheme.lower() != "bearer" or not hmac.compare_digest(given_token, self._token):
-            log.warning(
-                "admin API: refused a request without a valid token from %s", request.remote
-            )
+            suppressed = self._throttle.allow("unauthorized")
+            if suppressed is not None:  # a scan must not flood the log
+                log.warning(
+                    "admin API: refused a request without a valid token from %s%s",
+                    request.remote,
+                    f" ({suppressed} more like it since the last line)" if suppressed else "",
+                )
             return web.json_response(
                 {"error": "unauthorized", "message": "a valid bearer token is required"},
                 status=401,

@@ -164,6 +164,22 @@ async def test_a_time_out_of_range_is_a_bad_request(
     admin.add_api_routes(DeadLetterApi(redis, lambda: cfg).routes())
     client = await aiohttp_client(admin.app())
     auth = {"Authorization": "Bearer s3cret-token"}
-    for since in ("1e400", "nan", "-inf"):
-        r = await client.get(f"/api/deadletters?since={since}", headers=auth)
+    for since in ("1e400", "nan", "-inf", "1e308", "-1e308", "1e17"):
+        for name in ("since", "until"):
+            r = await client.get(f"/api/deadletters?{name}={since}", headers=auth)
+            assert r.status == 400, (name, since)
+        r = await client.post("/api/deadletters/purge", json={"until": since}, headers=auth)
         assert r.status == 400, since
+
+
+async def test_a_scan_of_the_api_without_a_token_logs_one_line(
+    aiohttp_client: ClientFactory, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = await make_admin(aiohttp_client, redis, admin={"token": "s3cret-token"})
+    with caplog.at_level(logging.WARNING, logger="relay.admin.app"):
+        for n in range(50):
+            auth = {"Authorization": f"Bearer guess-{n}"} if n % 2 else {}
+            assert (await client.get(f"/api/probe-{n}", headers=auth)).status == 401
+    lines = [r.getMessage() for r in caplog.records if "admin API: refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "guess" not in lines[0]
