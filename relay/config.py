@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import re
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,7 @@ ENV_PREFIX = "CHERT_RELAY__"
 DEFAULT_CONFIG_PATHS = ("/etc/chert-relay/relay.toml",)
 
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110)
 
 
 class _Section(BaseModel):
@@ -168,6 +170,27 @@ class SinkConfig(_Section):
                 ) from None
             if len(key) < 16:
                 raise ValueError("a sink secret's key is too short (at least 16 bytes)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        # What aiohttp would refuse to send fails every delivery: refused here instead.
+        # (The errors name headers, never their values: those may be credentials.)
+        for name, value in v.items():
+            if not name or not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not a header name")
+            if any(c in value for c in "\r\n\x00"):
+                raise ValueError(f"the value of header {name!r} holds a line break or NUL")
+        url = info.data.get("url")
+        named = {n.lower() for n in v}
+        if isinstance(url, str) and "authorization" in named:
+            parts = urlsplit(url)
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "an Authorization header and credentials in the URL: aiohttp sends "
+                    "neither (every delivery would fail); keep one"
+                )
         return v
 
     def matches(self, event_type: str) -> bool:
