@@ -11,6 +11,7 @@ from aiohttp import web
 
 from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.config import Config
 from relay.config_values import Listen, address_text
@@ -35,6 +36,7 @@ class AdminRole:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            logger=admin_server_logger(),
         )
         self._stopped = asyncio.Event()
         self.addresses: list[object] = []

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 from prometheus_client import Counter, Gauge
 
@@ -68,6 +69,7 @@ _NOT_FOUND = Response(404, b'{"error": "not_found", "message": "POST %s only"}' 
 _NOT_POST = Response(
     405, b'{"error": "method_not_allowed", "message": "POST only"}', (("Allow", "POST"),)
 )
+_VERSIONS = (HttpVersion11, HttpVersion10)
 _TOO_MANY_CONNECTIONS = Response(
     503, b'{"error": "too_many_connections", "message": "try again later"}'
 )
@@ -163,6 +165,11 @@ class Receiver:
 
     def head(self, msg: RawRequestMessage, remote: str | None) -> Response | _Request:
         """The request line and headers: a refusal now, or what the next steps need."""
+        if msg.version not in _VERSIONS:
+            # aiohttp's parser reads "POST /x" (no version) as HTTP/0.9, headers and
+            # body all the same, and takes "HTTP/2.0": neither is a webhook over HTTP/1.
+            req = _Request("unknown", None, time.perf_counter(), remote)
+            return self._reject(505, "bad_request_line", "HTTP/1.0 and HTTP/1.1 only", req)
         path = msg.url.path
         slug = path[len(PATH_PREFIX) :]
         if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
@@ -182,6 +189,11 @@ class Receiver:
         if length is not None and int(length) > self._max_body:
             detail = f"body exceeds {self._max_body} bytes"
             return self._reject(413, "body_too_large", detail, req)
+        coding = msg.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # The parser takes "gzip, chunked" and reads the chunks, undecoded.
+            detail = "only Transfer-Encoding: chunked is understood"
+            return self._reject(501, "bad_transfer_encoding", detail, req)
         expect = msg.headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
             detail = "only Expect: 100-continue is understood"

@@ -140,3 +140,34 @@ async def test_at_max_connections_an_idle_one_makes_room_and_a_busy_crowd_gets_5
     assert b"too_many_connections" in rest
     assert h.count("chert_relay_receiver_connection_limit_total", action="refused") == 1
     assert await queued(redis) != []  # only the webhook's jobs
+
+
+@pytest.mark.parametrize("line", [f"POST {URL}", f"POST {URL} HTTP/2.0"])
+async def test_a_request_line_that_is_not_http_1_is_505(
+    h: Harness, redis: Redis, line: str
+) -> None:
+    """aiohttp's parser reads a request line without a version as HTTP/0.9 — and still
+    reads its headers and body — and takes HTTP/2.0 in an HTTP/1 request."""
+    raw, headers = signed(envelope("v09"))
+    head = f"{line}\r\nHost: relay\r\nContent-Length: {len(raw)}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()
+    )
+    answer, rest = await _exchange(h, head.encode() + b"\r\n" + raw)
+    assert answer.startswith(b"HTTP/1.1 505 ")
+    assert b'"error": "bad_request_line"' in rest
+    assert h.rejected("bad_request_line", tenant="unknown") == 1
+    assert await queued(redis) == []
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501(h: Harness, redis: Redis) -> None:
+    """aiohttp's parser takes "gzip, chunked" and reads the chunks undecoded."""
+    raw, headers = signed(envelope("te1"))
+    head = f"POST {URL} HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: gzip, chunked\r\n"
+    head += "Connection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(raw), raw)
+    answer, rest = await _exchange(h, head.encode() + b"\r\n" + chunked)
+    assert answer.startswith(b"HTTP/1.1 501 ")
+    assert b'"error": "bad_transfer_encoding"' in rest
+    assert h.rejected("bad_transfer_encoding") == 1
+    assert await queued(redis) == []
