@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -82,7 +83,7 @@ async def test_a_sink_echoing_the_derived_basic_value_leaks_it_nowhere(
     assert not [v for v in stored if token.encode() in v]
 
 
-async def _values(redis: Redis, key: bytes) -> list[bytes]:
+async def _values(redis: Redis, key: Any) -> list[bytes]:
     kind = await redis.type(key)
     if kind == b"string":
         return [await redis.get(key)]
