@@ -65,10 +65,7 @@ class _Tenant:
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
 _DUPLICATE = Response(200, b'{"status": "duplicate"}')
-_NOT_FOUND = Response(404, b'{"error": "not_found", "message": "POST %s only"}' % ROUTE.encode())
-_NOT_POST = Response(
-    405, b'{"error": "method_not_allowed", "message": "POST only"}', (("Allow", "POST"),)
-)
+_ALLOW = (("Allow", "POST"),)
 _VERSIONS = (HttpVersion11, HttpVersion10)
 _TOO_MANY_CONNECTIONS = Response(
     503, b'{"error": "too_many_connections", "message": "try again later"}'
@@ -172,12 +169,15 @@ class Receiver:
             return self._reject(505, "bad_request_line", "HTTP/1.0 and HTTP/1.1 only", req)
         path = msg.url.path
         slug = path[len(PATH_PREFIX) :]
-        if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
-            return _NOT_FOUND
-        if msg.method != "POST":
-            return _NOT_POST
         started = time.perf_counter()
+        if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
+            req = _Request("unknown", None, started, remote)
+            return self._reject(404, "not_found", f"POST {ROUTE} only", req)
         tenant = self._tenants.get(slug)
+        if msg.method != "POST":
+            req = _Request("unknown" if tenant is None else slug, None, started, remote)
+            refused = self._reject(405, "method_not_allowed", "POST only", req)
+            return refused._replace(headers=_ALLOW)
         if tenant is None:
             # The label is fixed: a path segment chosen by the caller never becomes one.
             req = _Request("unknown", None, started, remote)

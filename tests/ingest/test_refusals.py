@@ -171,3 +171,19 @@ async def test_a_transfer_coding_other_than_chunked_is_501(h: Harness, redis: Re
     assert b'"error": "bad_transfer_encoding"' in rest
     assert h.rejected("bad_transfer_encoding") == 1
     assert await queued(redis) == []
+
+
+async def test_other_paths_and_methods_are_counted_and_logged_throttled(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+        for path in ("/", "/webhooks/chert/", "/wp-login.php", f"{URL}/x"):
+            assert (await h.client.post(path, data=b"{}")).status == 404
+        for path in (URL, "/webhooks/chert/nobody"):
+            resp = await h.client.get(path)
+            assert (resp.status, resp.headers["Allow"]) == (405, "POST")
+    assert h.rejected("not_found", tenant="unknown") == 4
+    assert h.rejected("method_not_allowed") == 1
+    assert h.rejected("method_not_allowed", tenant="unknown") == 1
+    lines = [r.getMessage() for r in caplog.records if "webhook refused" in r.getMessage()]
+    assert len(lines) == 3  # one per (tenant, reason)
