@@ -23,6 +23,7 @@ def test_no_hostile_request_is_accepted_and_the_relay_stays_up(tmp_path: Path) -
     assert total.valid_after_refused == 0, summary
     assert total.unexpected == 0, summary
     assert report.differences.unexplained() == [], summary
+    assert not report.anomalies, summary
     assert not report.failures, summary
     # Memory stays bounded (the crowds, pipelines and unread answers included).
     assert report.rss_peak_kib - report.rss_before_kib < 64 * 1024, summary

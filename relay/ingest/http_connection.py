@@ -288,7 +288,9 @@ class Connection(BaseProtocol):
             return self._srv.handler.body_failed(ctx, 400, "client_disconnected", detail)
         if isinstance(e, (HttpProcessingError, ClientPayloadError, RequestPayloadError)):
             # Garbled: bad chunked framing, or a Content-Encoding that does not decode.
-            detail = f"the body could not be read: {e}"[:300]
+            # aiohttp's text quotes the body's bytes: the description only, never them.
+            what = refusal(e)[1] if isinstance(e, HttpProcessingError) else type(e).__name__
+            detail = f"the body could not be read: {what}"
             return self._srv.handler.body_failed(ctx, 400, "malformed_body", detail)
         return self._srv.handler.failed(ctx, e)
 

@@ -187,3 +187,25 @@ async def test_other_paths_and_methods_are_counted_and_logged_throttled(
     assert h.rejected("method_not_allowed", tenant="unknown") == 1
     lines = [r.getMessage() for r in caplog.records if "webhook refused" in r.getMessage()]
     assert len(lines) == 3  # one per (tenant, reason)
+
+
+async def test_a_body_that_turns_bad_is_logged_without_its_bytes(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's parser quotes the bytes it choked on; those are the sender's payload."""
+    head = f"POST {URL} HTTP/1.1\r\nHost: relay\r\nTransfer-Encoding: chunked\r\n"
+    head += "Expect: 100-continue\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+            writer.write(head.encode())
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # 100 Continue
+            writer.write(b"5\r\nabcde\r\nzz-a-message-text-from-the-body\r\n")
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert h.rejected("malformed_body") == 1
+    assert "message-text-from-the-body" not in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records if "webhook refused" in r.getMessage()]
+    assert line.endswith("the body could not be read: Invalid character in chunk size")
