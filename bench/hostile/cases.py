@@ -59,7 +59,7 @@ class World:
     max_body: int
     tolerance: int
     rng: random.Random
-    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
     @property

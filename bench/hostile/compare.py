@@ -2,7 +2,7 @@
 
 Each answer is reduced to what it says at the HTTP level — the request reached the
 application (``app``: any 2xx, or a 4xx only an application gives), the server refused
-it (``refused``: 400, 431, 501, 505), ``unavailable`` (503) — and the end of the
+it (``refused``: 400, 431, 501; ``version``: 505), ``unavailable`` (503) — and the end of the
 connection: ``open`` (the sentinel after the case was answered) or ``closed``. Every
 difference found must have its reason in :data:`EXPLAINED` (and in
 ``docs/hostile-input.md``)."""
@@ -42,6 +42,9 @@ EXPLAINED: dict[str, str] = {
         "connection and serves the request smuggled after it; the relay offers no upgrade: "
         "it answers and closes, reading nothing after it"
     ),
+    "mutated_head: version closed | app closed": (
+        "a random edit took the version out of the request line (as in line_no_version)"
+    ),
     "line_no_version": (
         "aiohttp's parser reads a request line without a version as HTTP/0.9 and still "
         "reads headers and a body; aiohttp serves it, the relay answers 505"
@@ -60,7 +63,9 @@ def verdict_classes(got: Exchange) -> tuple[str, ...]:
     for status in got.statuses:
         if 200 <= status < 300 or status in APP:
             out.append("app")
-        elif status in (400, 431, 501, 505):
+        elif status == 505:
+            out.append("version")
+        elif status in (400, 431, 501):
             out.append("refused")
         elif status == 503:
             out.append("unavailable")
@@ -76,24 +81,34 @@ class Differences:
     # cases refused, but not with the status they expected: (family, kind, answers)
     unexpected: Counter[tuple[str, str, str]] = field(default_factory=Counter)
 
-    def add(self, kind: str, ours: tuple[str, ...], theirs: tuple[str, ...]) -> None:
+    # the first bytes that showed each difference
+    examples: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = field(
+        default_factory=dict
+    )
+
+    def add(self, kind: str, ours: tuple[str, ...], theirs: tuple[str, ...], raw: bytes) -> None:
         self.seen[(kind, ours, theirs)] += 1
+        self.examples.setdefault((kind, ours, theirs), raw[:400])
 
     @staticmethod
-    def reason(kind: str) -> str | None:
+    def reason(kind: str, ours: tuple[str, ...], theirs: tuple[str, ...]) -> str | None:
+        """Why: the entry for the kind, or for the kind with exactly these answers."""
+        exact = f"{kind}: {' '.join(ours)} | {' '.join(theirs)}"
         for pattern, why in EXPLAINED.items():
-            if fnmatch.fnmatchcase(kind, pattern):
+            if fnmatch.fnmatchcase(kind, pattern) or pattern == exact:
                 return why
         return None
 
     def unexplained(self) -> list[str]:
-        return sorted({k for k, _, _ in self.seen if self.reason(k) is None})
+        return sorted({k for k, o, t in self.seen if self.reason(k, o, t) is None})
 
     def text(self) -> str:
         lines = ["Differences from aiohttp's own server (case kind: relay | aiohttp x count):"]
         for (kind, ours, theirs), n in sorted(self.seen.items()):
-            why = self.reason(kind) or "UNEXPLAINED"
+            why = self.reason(kind, ours, theirs)
             lines.append(f"- {kind}: {' '.join(ours)} | {' '.join(theirs)} x {n} — {why}")
+            if why is None:
+                lines.append(f"  UNEXPLAINED, e.g. {self.examples[(kind, ours, theirs)]!r}")
         if self.unexpected:
             lines.append("\nRefused, but not as the case expected (family/kind: answers x count):")
             for (family, kind, answers), n in sorted(self.unexpected.items()):
@@ -102,6 +117,12 @@ class Differences:
 
     def to_json(self) -> list[dict[str, object]]:
         return [
-            {"kind": k, "relay": list(o), "aiohttp": list(t), "count": n, "why": self.reason(k)}
+            {
+                "kind": k,
+                "relay": list(o),
+                "aiohttp": list(t),
+                "count": n,
+                "why": self.reason(k, o, t),
+            }
             for (k, o, t), n in sorted(self.seen.items())
         ]

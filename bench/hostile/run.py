@@ -53,7 +53,6 @@ SHARES: list[tuple[str, float]] = [
     ("admin", 0.12),
     ("admin_drawn", 0.02),
 ]
-SCENARIO_SHARE = 0.08
 
 
 @dataclass
@@ -79,6 +78,7 @@ class Report:
     rss_after_kib: int = 0
     log_lines: int = 0
     log: Counter[str] = field(default_factory=Counter)
+    anomalies: Counter[str] = field(default_factory=Counter)  # wrong, but not acceptances
     seconds: float = 0.0
     differences: Differences = field(default_factory=Differences)
 
@@ -109,6 +109,7 @@ class Report:
             and self.crashes == 0
             and t.valid_after_refused == 0
             and not self.differences.unexplained()
+            and not self.anomalies
         )
 
 
@@ -137,6 +138,7 @@ class Checker:
         row = self.report.row(case.family)
         row.requests += 1
         address = self.target.admin if case.target == "admin" else self.target.receiver
+        seen_before = self._seen(case)
         try:
             got = exchange(
                 address, case.parts, expect=len(case.expect), pause=case.pause, timeout=case.timeout
@@ -146,7 +148,7 @@ class Checker:
             if not self.target.alive():
                 self._fail(case, f"the relay died: {e}")
         row.statuses.update(got.statuses or [0])
-        wrong = self._wrongly_accepted(case, got)
+        wrong = self._wrongly_accepted(case, got, seen_before)
         if wrong:
             row.wrongly_accepted += 1
             self._fail(case, f"wrongly accepted: {wrong}; answers {got.statuses}")
@@ -174,9 +176,22 @@ class Checker:
             ours, theirs = verdict_classes(got), verdict_classes(bare)
             if ours != theirs:
                 row.differing += 1
-                self.report.differences.add(case.kind, ours, theirs)
+                self.report.differences.add(case.kind, ours, theirs, b"".join(case.parts))
 
-    def _wrongly_accepted(self, case: Case, got: Exchange) -> str:
+    def _seen(self, case: Case) -> set[str]:
+        """Which of the case's signed events Redis has already seen."""
+        redis = self.target.redis
+        assert redis is not None
+        if not case.legit:
+            return set()
+        keys = [KEYS.seen(lg.tenant, lg.event_id) for lg in case.legit]
+        with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            found = pipe.execute()
+        return {lg.event_id for lg, n in zip(case.legit, found, strict=True) if n}
+
+    def _wrongly_accepted(self, case: Case, got: Exchange, seen_before: set[str]) -> str:
         """Why what happened is an acceptance that should not be, or ''."""
         now = self.target.dbsize()
         added, self.dbsize = now - self.dbsize, now
@@ -189,19 +204,21 @@ class Checker:
                     return f"answer {i + 1} is {a.status}"
                 if case.unauthorized and _api_data(a.body):
                     return f"API data without a valid token ({a.status})"
-        answered = sum(1 for a in got.answers if a.status == 202)
         if case.target == "admin":
             return f"Redis changed by {added} keys" if added else ""
-        if added != answered * self.per_event:
-            return f"Redis has {added} new keys for {answered} accepted events"
-        if not answered:
-            return ""
+        stored = [lg for lg in case.legit if lg.event_id not in seen_before]
+        stored = [lg for lg in stored if lg.event_id in self._seen(case)]
+        if added != len(stored) * self.per_event:
+            return f"Redis has {added} new keys for {len(stored)} new signed events"
+        answered = sum(1 for a in got.answers if a.status == 202)
+        if answered > len(stored):
+            self._fail(case, f"{answered} answered 202 but {len(stored)} events stored (lost)")
+            self.report.anomalies["accepted but not stored"] += 1
+        elif answered < len(stored):
+            # Not a wrong acceptance (the events are the signed ones), but not right.
+            self._fail(case, f"{len(stored)} new events stored, {answered} answered 202")
+            self.report.anomalies["new event not answered 202"] += 1
         assert self.target.redis is not None
-        stored = [
-            lg for lg in case.legit if self.target.redis.exists(KEYS.seen(lg.tenant, lg.event_id))
-        ]
-        if len(stored) != answered:
-            return f"{answered} accepted but {len(stored)} of the signed events stored"
         for lg in stored:
             raw: bytes | None = self.target.redis.get(KEYS.event(lg.tenant, lg.event_id))  # type: ignore[assignment]
             if raw is not None and parse(raw).body != lg.stored:
@@ -221,6 +238,10 @@ class Checker:
             self.report.failures.append(
                 f"{case.family}/{case.kind}: {why}: {case.parts[0][:300]!r}"
             )
+        # Whole, for a post-mortem (the run's directory, kept with --keep).
+        with (self.target.directory / "failures.jsonl").open("a") as f:
+            parts = [p.decode("latin-1") for p in case.parts]
+            f.write(json.dumps({"kind": case.kind, "why": why, "parts": parts}) + "\n")
 
     def _crash_text(self) -> str:
         return "the relay died:\n" + self.target.log_tail()
@@ -287,8 +308,8 @@ def plan(world: World, size: int, seed: int) -> Iterator[Case]:
             yield world.rng.choice(gens[name])(world)
 
 
-async def _scenarios(target: Target, world: World, size: int) -> list[scenarios.Outcome]:
-    budget = max(200, int(size * SCENARIO_SHARE))
+async def _scenarios(target: Target, world: World, budget: int) -> list[scenarios.Outcome]:
+    """The scenarios, sending ``budget`` hostile requests (connections) in all."""
     crowd = max(2 * target.limits.max_connections, min(2000, budget // 4))
     out = [
         await scenarios.idle_crowd(target, world, crowd),
@@ -298,9 +319,10 @@ async def _scenarios(target: Target, world: World, size: int) -> list[scenarios.
         scenarios.slow_heads(target, world, 20), scenarios.slow_bodies(target, world, 20)
     )
     out += slow
-    left = budget - crowd - target.limits.max_connections - 40
-    out.append(await scenarios.unread_answers(target, world, 5, max(100, left // 10)))
-    out.append(await scenarios.long_pipeline(target, world, max(100, left // 2)))
+    left = budget - sum(o.requests for o in out)
+    each = max(50, left // 2 // 5 // 50 * 50)  # five clients, in writes of 50 requests
+    out.append(await scenarios.unread_answers(target, world, 5, each))
+    out.append(await scenarios.long_pipeline(target, world, max(100, left - 5 * each)))
     return out
 
 
@@ -331,9 +353,9 @@ def run(
         checker.calibrate()
         report.rss_before_kib = report.rss_peak_kib = target.rss_kib()
         logs_before = target.log_size()
-        planned = int(size * (1 - SCENARIO_SHARE))
+        planned = sum(int(size * share) for _, share in SHARES)
         # Made as they are sent: a timestamp is signed just before it is checked.
-        for n, case in enumerate(plan(world, planned, seed), 1):
+        for n, case in enumerate(plan(world, size, seed), 1):
             checker.run(case)
             if n % 250 == 0:
                 report.rss_peak_kib = max(report.rss_peak_kib, target.rss_kib())
@@ -341,7 +363,8 @@ def run(
                     wrong = report.total.wrongly_accepted
                     progress(f"{n}/{planned} cases, {wrong} wrongly accepted")
         before = target.dbsize()
-        for outcome in asyncio.run(_scenarios(target, world, size)):
+        budget = max(400, size - planned)
+        for outcome in asyncio.run(_scenarios(target, world, budget)):
             row = report.row(outcome.family)
             row.requests += outcome.requests
             row.as_expected += outcome.as_expected
@@ -403,6 +426,8 @@ def table(report: Report) -> str:
         f"peak, {mib[2]:.1f} MiB after. Log lines written: {report.log_lines:,}. "
         f"Run time: {report.seconds:.0f} s.",
     ]
+    if report.anomalies:
+        lines.append("Anomalies: " + ", ".join(f"{k} x {n}" for k, n in report.anomalies.items()))
     return "\n".join(lines)
 
 
@@ -411,10 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep it (logs)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
+        directory = args.keep or Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
         report = run(
-            args.requests, args.seed, Path(tmp), progress=lambda s: print(s, file=sys.stderr)
+            args.requests, args.seed, directory, progress=lambda s: print(s, file=sys.stderr)
         )
     print(table(report))
     print()
@@ -435,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             "log_lines": report.log_lines,
             "log": dict(report.log),
             "failures": report.failures,
+            "anomalies": dict(report.anomalies),
             "differences": report.differences.to_json(),
         }
         args.json.write_text(json.dumps(out, indent=2))

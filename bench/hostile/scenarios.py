@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bench.hostile.cases import World
@@ -55,6 +56,26 @@ async def _closed(reader: asyncio.StreamReader, timeout: float) -> bool:
     except ConnectionError:
         pass
     return True
+
+
+async def _open_connections(target: Target) -> int:
+    """``chert_relay_receiver_connections``, scraped from the admin listener."""
+    reader, writer = await asyncio.open_connection(*target.admin)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+    text = (await reader.read()).decode()
+    writer.close()
+    for line in text.splitlines():
+        if line.startswith("chert_relay_receiver_connections "):
+            return int(float(line.split()[1]))
+    return -1
+
+
+async def _until(probe: Callable[[], Awaitable[int]], want: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await probe() < want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server never counted {want}")
+        await asyncio.sleep(0.05)
 
 
 def refused_request(world: World) -> bytes:
@@ -156,7 +177,8 @@ async def busy_crowd(target: Target, world: World) -> Outcome:
         reader, writer = await asyncio.open_connection(*target.receiver)
         writer.write(b"POST " + world.path.encode() + b" HTTP/1.1\r\nHost: relay\r\n")
         conns.append((reader, writer))
-    await asyncio.sleep(0.5)  # let the server read every head's first bytes
+    # Every one counted by the server (its reads come before the scrape's answer).
+    await _until(lambda: _open_connections(target), n)
     reader, writer = await asyncio.open_connection(*target.receiver)
     status = await _status_line(reader, 10)
     writer.close()
