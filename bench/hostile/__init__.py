@@ -11,7 +11,7 @@ and every difference between the two answers is named.
     python -m bench.hostile.run --requests 3000        # what CI runs (tests/test_hostile.py)
 
 Modules: :mod:`.wire` (raw HTTP over sockets), :mod:`.cases` (what a case is),
-:mod:`.receiver_cases`, :mod:`.http_cases`, :mod:`.admin_cases` (the families),
+:mod:`.signature_cases`, :mod:`.body_cases`, :mod:`.http_cases`, :mod:`.admin_cases` (the families),
 :mod:`.scenarios` (slow, idle and non-reading clients), :mod:`.target` (the relay,
 Redis and the bare server), :mod:`.run` (the run and its table).
 """

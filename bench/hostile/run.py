@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.hostile import admin_cases, drawn, http_cases, receiver_cases, scenarios
+from bench.hostile import admin_cases, body_cases, drawn, http_cases, scenarios, signature_cases
 from bench.hostile.cases import Case, Generator, World
 from bench.hostile.compare import Differences, verdict_classes
 from bench.hostile.target import (
@@ -275,8 +275,8 @@ def plan(world: World, size: int, seed: int) -> Iterator[Case]:
     """The cases of one run, families interleaved (so that nothing depends on order)."""
     counts = {name: int(size * share) for name, share in SHARES}
     gens: dict[str, list[Generator]] = {
-        "signature": receiver_cases.SIGNATURE,
-        "body": receiver_cases.BODY,
+        "signature": signature_cases.SIGNATURE,
+        "body": body_cases.BODY,
         "smuggling": http_cases.SMUGGLING,
         "framing": http_cases.FRAMING,
         "pipelining": http_cases.PIPELINING,
@@ -284,11 +284,11 @@ def plan(world: World, size: int, seed: int) -> Iterator[Case]:
     }
     drawn_cases: dict[str, list[Callable[[], Case]]] = {
         "signature_drawn": [
-            functools.partial(receiver_cases.signature_text, world, v)
+            functools.partial(signature_cases.signature_text, world, v)
             for v in drawn.draw(drawn.signature_headers(), counts["signature_drawn"], seed)
         ],
         "body_drawn": [
-            functools.partial(receiver_cases.drawn_body, world, b)
+            functools.partial(body_cases.drawn_body, world, b)
             for b in drawn.draw(drawn.json_bodies(world.tenant), counts["body_drawn"], seed)
         ],
         "admin_drawn": [
