@@ -131,6 +131,10 @@ class Connection(BaseProtocol):
             # The parser stops after each request and keeps what follows (its tail):
             # an empty feed parses the next one from there.
             messages, upgraded, _tail = parser.feed_data(data)
+            if not messages and data and not upgraded:
+                # It may have stopped at the end of a request handed over before (whose
+                # body ended in this read), with the next one in its tail.
+                messages, upgraded, _tail = parser.feed_data(b"")
             while messages:
                 got = True
                 self._queue.extend(messages)

@@ -553,3 +553,23 @@ async def test_past_max_connections_with_every_one_busy_a_new_one_gets_503() -> 
     finally:
         busy.close()
         await server.shutdown(1)
+
+
+async def test_a_request_behind_a_body_that_ends_in_a_later_read_is_answered() -> None:
+    """The parser stops at the end of each request; when that end (the rest of a body
+    handed over earlier) comes in the same read as the next request, the next one is in
+    the parser's tail and must still be parsed — nothing more may ever arrive."""
+    server, port = await start(Scripted())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    a, b = request("/a", b"x" * 100), request("/b", b"y")
+    split = a.index(b"\r\n\r\n") + 4 + 50
+    try:
+        writer.write(a[:split])
+        await writer.drain()
+        await wait_for(lambda: next(iter(server._connections)).busy, 10)
+        writer.write(a[split:] + b)
+        paths = [json.loads((await answer(reader))[2])["path"] for _ in range(2)]
+        assert paths == ["/a", "/b"]
+    finally:
+        writer.close()
+        await server.shutdown(1)
