@@ -52,6 +52,15 @@ class _Bare:
     def failed(self, ctx: Any, error: BaseException) -> Response:
         return Response(500, b"{}")
 
+    def refused(self, reason: str, detail: str, remote: str | None) -> Response:
+        return Response(400, b"{}")
+
+    def connection_refused(self, remote: str | None) -> Response:
+        return Response(503, b"{}")
+
+    def idle_connection_closed(self) -> None:
+        pass
+
 
 _ACCEPTED = Response(202, BODY)
 

@@ -10,6 +10,7 @@ overrides) in :mod:`relay.config_load`.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +39,7 @@ from relay.signing import standard_webhooks_key
 
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MIN_TOKEN_CHARS = 24  # shorter admin tokens are warned about
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110)
 
 
 class _Section(BaseModel):
@@ -54,6 +56,10 @@ class ServerConfig(_Section):
     body_timeout: Annotated[Duration, Field(ge=0.1)] = 30.0
     shutdown_timeout: Duration = 10.0  # bound on in-flight requests at shutdown
     retry_after: int = Field(5, ge=1, le=3600)  # Retry-After sent with 503
+    # a connection with nothing to answer is closed after this long (checked every 5 s)
+    keepalive_timeout: Annotated[Duration, Field(ge=1)] = 75.0
+    # open connections at most; past it a new one replaces the longest-idle, or gets 503
+    max_connections: int = Field(1000, ge=1, le=1_000_000)
 
 
 class AdminTokenConfig(_Section):
@@ -261,6 +267,27 @@ class SinkConfig(_Section):
                 ) from None
             if len(key) < 16:
                 raise ValueError("a sink secret's key is too short (at least 16 bytes)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        # What aiohttp would refuse to send fails every delivery: refused here instead.
+        # (The errors name headers, never their values: those may be credentials.)
+        for name, value in v.items():
+            if not name or not _TOKEN.fullmatch(name):
+                raise ValueError(f"{name[:40]!r} is not a header name")
+            if any(c in value for c in "\r\n\x00"):
+                raise ValueError(f"the value of header {name!r} holds a line break or NUL")
+        url = info.data.get("url")
+        named = {n.lower() for n in v}
+        if isinstance(url, str) and "authorization" in named:
+            parts = urlsplit(url)
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(
+                    "an Authorization header and credentials in the URL: aiohttp sends "
+                    "neither (every delivery would fail); keep one"
+                )
         return v
 
     def matches(self, event_type: str) -> bool:

@@ -83,6 +83,19 @@ class Metrics:
         )
         # chert_relay_last_webhook_timestamp_seconds is read from Redis at scrape time
         # (relay.upstream.collector): every relay process on the Redis shares it.
+        self.receiver_connections = Gauge(
+            f"{p}_receiver_connections",
+            "Connections open to the webhook receiver.",
+            registry=r,
+        )
+        self.receiver_connection_limit = Counter(
+            f"{p}_receiver_connection_limit_total",
+            "New connections to the webhook receiver at server.max_connections, by what "
+            "happened: refused (503, every open one busy) or idle_closed (the longest-idle "
+            "one was closed to make room).",
+            ["action"],
+            registry=r,
+        )
         # --- ingest ---------------------------------------------------------------
         self.events_ingested = Counter(
             f"{p}_events_ingested_total",

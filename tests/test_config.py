@@ -225,3 +225,33 @@ def test_redis_is_a_url_or_a_sentinel_deployment_not_both() -> None:
     assert "is not 'host:port'" in problems({**ok, "sentinels": ["h"]})["redis.sentinels[0]"]
     assert "a url carries its own" in problems({"password": "x"})["redis"]
     assert "redis.min_replica_acks" in problems({"min_replica_acks": -1})
+
+
+def test_a_sink_with_url_credentials_and_an_authorization_header_is_refused() -> None:
+    """aiohttp refuses to send a request with both: every delivery would fail."""
+    data = config_dict()
+    sink = data["tenants"][0]["sinks"][0]
+    sink.update(url="https://relay:pw-1234@hooks.example/x", headers={"authorization": "Bearer t"})
+    data["tenants"][1]["sinks"][0]["timeout"] = "soon"  # reported in the same run
+    found = problems(data)
+    assert "credentials in the URL" in found["tenants[0].sinks[0].headers"]
+    assert "pw-1234" not in found["tenants[0].sinks[0].headers"]
+    assert "tenants[1].sinks[0].timeout" in found
+    sink["headers"] = {"X-Api-Key": "k"}  # URL credentials alone, or another header: fine
+    parse_config(data | {"tenants": [data["tenants"][0]]}, env={})
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({"X-Key": "a\r\nX-Injected: 1"}, "the value of header 'X-Key' holds a line break or NUL"),
+        ({"Bad Name": "x"}, "'Bad Name' is not a header name"),
+        ({"": "x"}, "'' is not a header name"),
+    ],
+)
+def test_sink_headers_aiohttp_could_not_send_are_refused(
+    headers: dict[str, str], problem: str
+) -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][0]["headers"] = headers
+    assert problems(data)["tenants[0].sinks[0].headers"] == problem

@@ -155,6 +155,8 @@ class DeadLetterApi:
                 out = await store.purge(flt, dry_run=dry_run)
         except (ValueError, DeadLetterError) as e:  # json.JSONDecodeError is a ValueError
             return _bad(str(e))
+        except RecursionError:
+            return _bad("the body is nested too deeply")
         log.info(
             "admin API: token %s: %s%s of %d dead letter(s), %d skipped",
             who.name,

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from relay.admin.app import Admin
 from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
@@ -41,6 +42,7 @@ class AdminRole:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            logger=admin_server_logger(),
         )
         self._stopped = asyncio.Event()
         self.addresses: list[object] = []

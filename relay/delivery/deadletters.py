@@ -92,9 +92,19 @@ class DeadLetter:
 _AGE_RE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(ms|s|m|h|d)\s*$")
 
 
+# Times the store can hold (as milliseconds in a sorted set's scores): years 1 to 9999.
+_TIME_RANGE = (-62135596800.0, 253402300799.0)
+
+
 def parse_time(text: str, now: float | None = None) -> float:
     """Unix seconds from ``1767225600``, ``2026-05-24T01:35:34Z`` or an age like ``2h``."""
-    now = time.time() if now is None else now
+    seconds = _parse_time(text, time.time() if now is None else now)
+    if not _TIME_RANGE[0] <= seconds <= _TIME_RANGE[1]:
+        raise ValueError(f"{text[:40]!r} is out of range: a time between the years 1 and 9999")
+    return seconds
+
+
+def _parse_time(text: str, now: float) -> float:
     if _AGE_RE.match(text):
         return now - parse_duration(text)
     try:

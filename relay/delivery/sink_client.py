@@ -11,12 +11,15 @@ after :func:`scrub` has blanked every secret of the sink in it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from relay import __version__
 from relay.config import SinkConfig
@@ -39,13 +42,45 @@ def header_value(text: str) -> str:
 _WORDS = re.compile(r"[\s=,;:]+")
 
 
-def scrub(text: str, sink: SinkConfig) -> str:
-    """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
+def _basic_parts(value: str) -> list[str]:
+    """The user and password inside an ``Authorization: Basic <base64>`` value."""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return []
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("latin-1")
+    except (binascii.Error, ValueError):
+        return []
+    user, _, password = decoded.partition(":")
+    return [p for p in (decoded, user, password) if len(p) >= 4]
+
+
+def credentials(sink: SinkConfig) -> list[str]:
+    """Every credential the relay sends to ``sink``, as a sink might echo it back."""
     secrets = [v for v in sink.headers.values() if len(v) >= 4]
-    # A sink may echo only the credential part of a header (the token of "Bearer tok…").
+    # A sink may echo only the credential part of a header (the token of "Bearer tok…"),
+    # or what a Basic one decodes to.
     secrets += [w for v in sink.headers.values() for w in _WORDS.split(v) if len(w) >= 8]
+    secrets += [p for v in sink.headers.values() for p in _basic_parts(v)]
+    # Credentials in the URL go out as the "Authorization: Basic …" aiohttp derives from
+    # them (user and password percent-decoded first).
+    url = URL(sink.url)
+    derived = aiohttp.BasicAuth.from_url(url)
+    if derived is not None:
+        secrets += [p for p in (derived.login, derived.password) if p]
+        try:
+            basic = derived.encode()
+        except UnicodeEncodeError:  # aiohttp cannot send it either
+            basic = ""
+        secrets += [basic, basic.partition(" ")[2]] if basic else []
     if sink.secret is not None:
         secrets.append(sink.secret.get())
+    return secrets
+
+
+def scrub(text: str, sink: SinkConfig) -> str:
+    """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
+    secrets = credentials(sink)
     parts = urlsplit(sink.url)
     # Webhook URLs often carry their credential in the path (…/hooks/T01/B02/XyZ…):
     # the path goes too, whole and by segment, unless it is too short to be one.

@@ -101,7 +101,12 @@ def from_object(
         created_at = obj.get("created_at") if isinstance(obj.get("created_at"), str) else None
         row_type, row_event_id = obj.get("type"), obj.get("event_id")
 
-    event_id = envelope.get("event_id") or row_event_id or header_event_id
+    event_id = envelope.get("event_id")
+    if event_id is None:
+        event_id = row_event_id or header_event_id
+    elif not isinstance(event_id, str) or not event_id:
+        # Not the header's then: a sink reading the body would see another id.
+        raise BadEventError("malformed_event_id", "event_id is not a non-empty string")
     if not event_id:
         raise BadEventError("missing_event_id", "no event_id in the body or X-Webhook-Event-Id")
     if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
@@ -116,6 +121,8 @@ def from_object(
         # a lone surrogate ("\ud800" in the JSON): kept visible
         etype = etype.encode("utf-8", "backslashreplace").decode()
     partner = envelope.get("partner_id")
+    if partner is not None and not isinstance(partner, str):
+        raise BadEventError("malformed_partner_id", "partner_id is not a string")
     if raw is None:
         try:
             try:
@@ -128,7 +135,7 @@ def from_object(
         event_id,
         etype,
         raw,
-        partner if isinstance(partner, str) else None,
+        partner,
         parse_timestamp(envelope.get("timestamp")),
         log_id,
         created_at,
@@ -175,21 +182,77 @@ class _Head(TypedDict, total=False):
 _HEAD = TypeAdapter(_Head)
 
 
+# Fields the relay reads from a body it forwards as is: were one given twice, the relay
+# (which keeps the last) and a sink (which may keep the first) would disagree on it.
+_READ_KEYS = ("event_id", "partner_id", "event", "event_type", "timestamp")
+_QUOTED_KEYS = tuple(f'"{k}"'.encode() for k in _READ_KEYS)
+_BOM = b"\xef\xbb\xbf"
+
+
+def _needs_strict_parse(body: bytes) -> bool:
+    """Whether the fast parse could miss something: ``NaN``/``Infinity`` (which it
+    takes), a key read twice, or any ``\\u`` escape (which may spell such a key)."""
+    return (
+        b"NaN" in body
+        or b"Infinity" in body
+        or b"\\u" in body
+        or any(body.count(k) > 1 for k in _QUOTED_KEYS)
+    )
+
+
+class _Object(dict[str, Any]):
+    """A JSON object that knows which of the keys the relay reads it had twice."""
+
+    twice: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        obj.twice = tuple(k for k in _READ_KEYS if keys.count(k) > 1)
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise BadEventError("malformed_json", f"the body is not strict JSON: {name}")
+
+
+def _strict_loads(body: bytes) -> object:
+    """The body parsed as RFC 8259 asks: UTF-8 (``json.loads`` would guess UTF-16 or
+    UTF-32, and pass surrogates encoded as bytes), no ``NaN``/``Infinity``, and none of
+    the keys the relay reads given twice, at the top or in a log row's ``payload``."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise BadEventError("malformed_json", "the body is not UTF-8") from None
+    try:
+        head = json.loads(text, parse_constant=_constant, object_pairs_hook=_object)
+    except (ValueError, RecursionError) as e:  # a BadEventError is not a ValueError
+        raise BadEventError("malformed_json", f"the body is not valid JSON: {e}"[:200]) from None
+    for obj in (head, head.get("payload") if isinstance(head, dict) else None):
+        if isinstance(obj, _Object) and obj.twice:
+            detail = f"the body gives {', '.join(obj.twice)} more than once"
+            raise BadEventError("duplicate_key", detail)
+    return head
+
+
 def from_body(
     body: bytes, *, header_event_id: str | None = None, header_type: str | None = None
 ) -> Event:
-    """An :class:`Event` from a raw webhook body."""
-    try:
-        head: object = _HEAD.validate_json(body)
-    except ValidationError as e:
-        err = e.errors(include_url=False, include_input=False)[0]
-        if err["type"] in ("dict_type", "model_type") and not err["loc"]:
-            raise BadEventError("malformed_json", "the body is not a JSON object") from None
+    """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM."""
+    if body.startswith(_BOM):
+        raise BadEventError("malformed_json", "the body starts with a byte order mark")
+    if _needs_strict_parse(body):
+        head = _strict_loads(body)
+    else:
         try:
-            # pydantic refuses what JSON allows and Chert may send: a lone surrogate
-            # escape ("\ud83d", half an emoji) in a message's text, say.
-            head = json.loads(body)
-        except (ValueError, RecursionError):
-            msg = f"the body is not valid JSON: {err['msg']}"
-            raise BadEventError("malformed_json", msg) from None
+            head = _HEAD.validate_json(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False, include_input=False)[0]
+            if err["type"] in ("dict_type", "model_type") and not err["loc"]:
+                raise BadEventError("malformed_json", "the body is not a JSON object") from None
+            # pydantic refuses some of what JSON allows (nesting past its depth limit,
+            # say): the standard library's parser has the last word.
+            head = _strict_loads(body)
     return from_object(head, body, header_event_id=header_event_id, header_type=header_type)

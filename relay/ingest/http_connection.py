@@ -1,9 +1,10 @@
 """One client connection of the receiver's HTTP server (:mod:`relay.ingest.http_server`).
 
 aiohttp's C request parser reads the bytes; requests are handled one at a time, in
-the order they came, and their answers written in that order. A refused request is
-answered ``400`` only where that answer cannot be taken for another request's (see
-:meth:`Connection._bad_request`).
+the order they came, and their answers written in that order. The parser is made to
+stop after each request (``max_msg_queue_size=1``) and is fed again for the next, so a
+request it refuses never takes the requests before it down with it: they are answered,
+then the refused one gets its ``400`` (see :meth:`Connection._bad_request`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 
-from relay.ingest.http_types import Response, json_str, serialize
+from relay.ingest.http_types import Response, refusal, serialize
 
 if TYPE_CHECKING:
     from relay.ingest.http_server import HttpServer
@@ -47,7 +48,6 @@ class Connection(BaseProtocol):
         "_eof",
         "_head_only",
         "_in_next",
-        "_prev",
         "_queue",
         "_reading",
         "_refused",
@@ -68,7 +68,9 @@ class Connection(BaseProtocol):
             max_line_size=MAX_LINE,
             max_headers=MAX_HEADERS,
             max_field_size=MAX_FIELD,
-            max_msg_queue_size=MAX_QUEUE,
+            # One request per feed: when a feed fails, every request before the failure
+            # has already been handed over (aiohttp drops those parsed in a failing feed).
+            max_msg_queue_size=1,
         )
         super().__init__(loop, parser)
         self._srv = server
@@ -80,7 +82,6 @@ class Connection(BaseProtocol):
         self._close_after_queue = False  # close once what is queued has been answered
         self._head_only = False  # the current request is a HEAD: no body in its answer
         self._refused: Response | None = None  # the answer to a request the parser refused
-        self._prev = b""  # the end of the last read (a request head may span two reads)
         self.head_since: float | None = None  # a request head began arriving then
         self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
@@ -95,9 +96,15 @@ class Connection(BaseProtocol):
         super().connection_made(transport)  # TCP_NODELAY on a TCP socket
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        self._srv._connections.add(self)
         if self._srv.closing:
             self.close()
+        elif not self._srv.admit(self):
+            self._close_after = True
+            try:
+                self._answer(self._srv.handler.connection_refused(self._remote))
+            except Exception as e:  # a bug in the handler: the connection still goes
+                log.error("refusing a connection failed", exc_info=e)
+                self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._srv._connections.discard(self)
@@ -117,16 +124,29 @@ class Connection(BaseProtocol):
         if self._closing or self._parser is None or self._upgraded:
             return
         self.last_active = self._loop.time()
+        parser = self._parser
+        got = False
+        upgraded = False
         try:
-            messages, upgraded, _tail = self._parser.feed_data(data)
+            # The parser stops after each request and keeps what follows (its tail):
+            # an empty feed parses the next one from there.
+            messages, upgraded, _tail = parser.feed_data(data)
+            if not messages and data and not upgraded:
+                # It may have stopped at the end of a request handed over before (whose
+                # body ended in this read), with the next one in its tail.
+                messages, upgraded, _tail = parser.feed_data(b"")
+            while messages:
+                got = True
+                self._queue.extend(messages)
+                parser.message_consumed()
+                if upgraded or len(self._queue) >= MAX_QUEUE:
+                    break  # the rest waits in the tail (_resume_if_drained)
+                messages, upgraded, _tail = parser.feed_data(b"")
         except HttpProcessingError as e:
-            self._bad_request(e, self._prev + data if data else None)
+            self._bad_request(e)
             return
-        if data:  # an empty feed re-parses bytes the parser held back
-            self._prev = data[-2:]
-        if messages:
+        if got:
             self.head_since = None
-            self._queue.extend(messages)
             if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:
                 self._pause_reading_for_buffer()
         elif data and self.head_since is None and not self.busy and not self._queue:
@@ -149,6 +169,18 @@ class Connection(BaseProtocol):
             self.close()
         return True  # keep the transport open to write the answers
 
+    @property
+    def idle(self) -> bool:
+        """Nothing owed and nothing arriving: closing it loses nothing."""
+        return (
+            not self.busy
+            and not self._queue
+            and self._refused is None
+            and self.head_since is None
+            and self.closing_since is None
+            and self.transport is not None
+        )
+
     def resume_writing(self) -> None:
         super().resume_writing()
         self._next()
@@ -164,8 +196,6 @@ class Connection(BaseProtocol):
             # our writing): the queue then fills, and reading from it pauses too.
             while self._queue and not self.busy and not self._closing and not self._paused:
                 msg, payload = self._queue.popleft()
-                if self._parser is not None:
-                    self._parser.message_consumed()
                 if self._buffer_paused and len(self._queue) <= MAX_QUEUE // 2:
                     self._resume_if_drained()
                 self._start(msg, payload)
@@ -262,7 +292,9 @@ class Connection(BaseProtocol):
             return self._srv.handler.body_failed(ctx, 400, "client_disconnected", detail)
         if isinstance(e, (HttpProcessingError, ClientPayloadError, RequestPayloadError)):
             # Garbled: bad chunked framing, or a Content-Encoding that does not decode.
-            detail = f"the body could not be read: {e}"[:300]
+            # aiohttp's text quotes the body's bytes: the description only, never them.
+            what = refusal(e)[1] if isinstance(e, HttpProcessingError) else type(e).__name__
+            detail = f"the body could not be read: {what}"
             return self._srv.handler.body_failed(ctx, 400, "malformed_body", detail)
         return self._srv.handler.failed(ctx, e)
 
@@ -306,30 +338,27 @@ class Connection(BaseProtocol):
             self.busy = False
             self._srv.request_ended()
 
-    def _bad_request(self, e: HttpProcessingError, data: bytes | None) -> None:
-        """A request the parser cannot read: nothing more is read from this connection;
-        the requests before it are answered, then this one (400), then it is closed.
+    def _bad_request(self, e: HttpProcessingError) -> None:
+        """A request the parser cannot read: nothing more is read from this connection.
 
-        When the parser fails it drops the requests it had already read from the same
-        read, unanswered. A 400 would then be taken, by a client that pipelines, as the
-        answer to one of them — a refusal its sender never retries. So the 400 is sent
-        only when that read (``data``, with the end of the one before) cannot have
-        finished a request head; otherwise, and when the parser failed on bytes it had
-        held back (``data`` is None), the connection is just closed after the answers
-        owed, and the client retries what got no answer. When the failure is in the
-        body being read (chunked framing, say), that body fails: ``400 malformed_body``."""
+        Every request before it was handed over (the parser stops after each one), so
+        they are answered first, in turn; then this one gets its answer (``400``, with
+        ``Connection: close``) and the connection is closed. When the failure is in the
+        body of a request already handed over (chunked framing turning bad), that body
+        fails instead: ``400 malformed_body``, from the handler's ``body_failed``."""
         self._parser = None
-        if self._reading is not None and not self._reading.is_eof():
-            self._reading.set_exception(e)
-            self._close_after_queue = True
-        elif data is None or b"\n\n" in data or b"\n\r\n" in data:
-            log.debug("closing a connection on a request the parser refused: %s", e)
+        body = self._reading
+        if body is None and self._queue:
+            body = self._queue[-1][1]
+        if body is not None and not body.is_eof():
+            body.set_exception(e)
             self._close_after_queue = True
         else:
-            message = e.message if isinstance(e.message, str) else "bad request"
-            status = e.code if 400 <= e.code < 500 else 400
-            body = b'{"error": "bad_request", "message": %s}' % json_str(message)
-            self._refused = Response(status, body)
+            reason, detail = refusal(e)
+            try:
+                self._refused = self._srv.handler.refused(reason, detail, self._remote)
+            except Exception as err:
+                self._refused = self._srv.handler.failed(None, err)
         self._next()
 
     # --- closing ---------------------------------------------------------------------

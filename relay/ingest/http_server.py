@@ -26,9 +26,15 @@ receiver) sees a request in up to three steps:
 
 The connection is closed after an answer when the client asked for that (HTTP/1.0,
 ``Connection: close``, an ``Upgrade``), when a request's body was left unread or could
-not be read, after a request the parser could not read (answered 400, or not at all
-when other requests may have been lost with it: see ``_bad_request``), once a client
-that half-closed has its answers, and on shutdown. One
+not be read, after a request the parser could not read (answered 400 once the requests
+before it are answered: see ``Connection._bad_request``), once a client that
+half-closed has its answers, and on shutdown.
+
+At most ``max_connections`` are open at once. A connection beyond that first takes
+the place of the longest-idle one (closed, as the keep-alive timeout would close it: an
+idle connection has nothing owed to it), so that a crowd of idle connections cannot
+lock senders out; when every connection is busy or mid-request, the new one is
+answered ``503`` (the handler's ``connection_refused``) and closed. One
 sweep (a single timer for all connections, not one per request) closes connections
 idle for ``keepalive_timeout``, and those whose request head has been arriving for
 longer than ``body_timeout``; it aborts those still flushing answers to a client
@@ -60,12 +66,14 @@ class HttpServer:
         max_body: int,
         body_timeout: float,
         keepalive_timeout: float = 75.0,
+        max_connections: int = 1000,
         sweep_every: float = SWEEP_S,
     ) -> None:
         self.handler = handler
         self.max_body = max_body
         self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
         self.sweep_every = sweep_every
         self.closing = False
         self.date = Date()
@@ -95,6 +103,24 @@ class HttpServer:
 
     def _connection(self) -> Connection:
         return Connection(self, asyncio.get_running_loop())
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def admit(self, conn: Connection) -> bool:
+        """Whether a new connection may stay: under ``max_connections``, or once the
+        longest-idle connection has made room for it."""
+        if len(self._connections) < self.max_connections:
+            self._connections.add(conn)
+            return True
+        idle = [c for c in self._connections if c.idle]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_active).close()  # leaves _connections on its loss
+        self.handler.idle_connection_closed()
+        self._connections.add(conn)
+        return True
 
     def request_started(self) -> None:
         self._busy += 1

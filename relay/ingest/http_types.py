@@ -15,6 +15,13 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, NamedTuple, Protocol
 
+from aiohttp.http_exceptions import (
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.http_parser import RawRequestMessage
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -43,6 +50,17 @@ class Handler(Protocol):
     def failed(self, ctx: Any, error: BaseException) -> Response:
         """The answer when the handler itself failed (a bug); it logs ``error``.
         ``ctx`` is ``None`` when ``head`` failed."""
+
+    def refused(self, reason: str, detail: str, remote: str | None) -> Response:
+        """The answer to a request the parser could not read (see :func:`refusal`); it
+        counts and logs it. The connection is closed after it."""
+
+    def connection_refused(self, remote: str | None) -> Response:
+        """The answer written to a connection refused at ``max_connections`` (then
+        closed); it counts and logs it."""
+
+    def idle_connection_closed(self) -> None:
+        """An idle connection was closed to make room for a new one; it counts that."""
 
 
 class Date:
@@ -83,3 +101,35 @@ def serialize(response: Response, date: bytes, close: bool) -> bytes:
 
 def json_str(text: str) -> bytes:
     return json.dumps(text[:200]).encode()
+
+
+def refusal(error: HttpProcessingError) -> tuple[str, str]:
+    """``(reason, detail)`` for a request aiohttp's parser refused: a stable metric label
+    and a fixed description. Never the request's bytes (aiohttp puts some of them in its
+    messages: a header's value may be a credential)."""
+    if isinstance(error, LineTooLong):
+        return "header_too_large", "a request line or header field is too long"
+    if isinstance(error, InvalidURLError):
+        return "bad_request_line", "the request target is not a valid URL"
+    if isinstance(error, BadStatusLine):  # BadHttpMethod too
+        if "HTTPS" in str(error.message):
+            return "bad_request_line", "TLS on a plain HTTP port"
+        return "bad_request_line", "the request line is not HTTP/1.x"
+    if isinstance(error, InvalidHeader):
+        return "bad_header", "a header field is not allowed or holds a NUL"
+    # llhttp's messages are "<fixed description>:\n\n  <bytes>\n  ^": keep the first part.
+    message = error.message if isinstance(error.message, str) else ""
+    described = message.split(":\n", 1)[0][:100]
+    if not described.isprintable():
+        described = "the request could not be parsed"
+    if "Too many headers" in described:
+        return "header_too_large", described
+    if "Transfer-Encoding" in described:
+        return "bad_transfer_encoding", described
+    if "Content-Length" in described:
+        return "bad_content_length", described
+    if "chunk" in described.lower():
+        return "malformed_body", described
+    if "header" in described.lower() or "Host" in described:
+        return "bad_header", described
+    return "malformed_request", described

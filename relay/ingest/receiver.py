@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 from prometheus_client import Counter
 
@@ -63,10 +64,15 @@ class _Tenant:
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
 _DUPLICATE = Response(200, b'{"status": "duplicate"}')
-_NOT_FOUND = Response(404, b'{"error": "not_found", "message": "POST %s only"}' % ROUTE.encode())
-_NOT_POST = Response(
-    405, b'{"error": "method_not_allowed", "message": "POST only"}', (("Allow", "POST"),)
+_ALLOW = (("Allow", "POST"),)
+_VERSIONS = (HttpVersion11, HttpVersion10)
+_TOO_MANY_CONNECTIONS = Response(
+    503, b'{"error": "too_many_connections", "message": "try again later"}'
 )
+_LIMIT_ACTIONS = {
+    "refused": "refused a new connection (503): every open one is busy",
+    "idle_closed": "closed the longest-idle connection to admit a new one",
+}
 
 
 @dataclass(slots=True)
@@ -113,15 +119,22 @@ class Receiver:
             for t in config.tenants
         }
         if self._server is not None:
-            self._server.max_body = self._max_body
-            self._server.body_timeout = self._body_timeout
+            self._configure(self._server)
+
+    def _configure(self, server: HttpServer) -> None:
+        cfg = self._config.server
+        server.max_body = self._max_body
+        server.body_timeout = self._body_timeout
+        server.keepalive_timeout = cfg.keepalive_timeout
+        server.max_connections = cfg.max_connections
 
     def server(self) -> HttpServer:
         """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""
         if self._server is None:
-            self._server = HttpServer(
-                self, max_body=self._max_body, body_timeout=self._body_timeout
-            )
+            server = HttpServer(self, max_body=self._max_body, body_timeout=self._body_timeout)
+            self._configure(server)
+            self._metrics.receiver_connections.set_function(lambda: server.open_connections)
+            self._server = server
         return self._server
 
     def _reject(self, status: int, reason: str, detail: str, req: _Request) -> Response:
@@ -148,14 +161,22 @@ class Receiver:
 
     def head(self, msg: RawRequestMessage, remote: str | None) -> Response | _Request:
         """The request line and headers: a refusal now, or what the next steps need."""
+        if msg.version not in _VERSIONS:
+            # aiohttp's parser reads "POST /x" (no version) as HTTP/0.9, headers and
+            # body all the same, and takes "HTTP/2.0": neither is a webhook over HTTP/1.
+            req = _Request("unknown", None, time.perf_counter(), remote)
+            return self._reject(505, "bad_request_line", "HTTP/1.0 and HTTP/1.1 only", req)
         path = msg.url.path
         slug = path[len(PATH_PREFIX) :]
-        if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
-            return _NOT_FOUND
-        if msg.method != "POST":
-            return _NOT_POST
         started = time.perf_counter()
+        if not path.startswith(PATH_PREFIX) or not slug or "/" in slug:
+            req = _Request("unknown", None, started, remote)
+            return self._reject(404, "not_found", f"POST {ROUTE} only", req)
         tenant = self._tenants.get(slug)
+        if msg.method != "POST":
+            req = _Request("unknown" if tenant is None else slug, None, started, remote)
+            refused = self._reject(405, "method_not_allowed", "POST only", req)
+            return refused._replace(headers=_ALLOW)
         if tenant is None:
             # The label is fixed: a path segment chosen by the caller never becomes one.
             req = _Request("unknown", None, started, remote)
@@ -167,6 +188,11 @@ class Receiver:
         if length is not None and int(length) > self._max_body:
             detail = f"body exceeds {self._max_body} bytes"
             return self._reject(413, "body_too_large", detail, req)
+        coding = msg.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # The parser takes "gzip, chunked" and reads the chunks, undecoded.
+            detail = "only Transfer-Encoding: chunked is understood"
+            return self._reject(501, "bad_transfer_encoding", detail, req)
         expect = msg.headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
             detail = "only Expect: 100-continue is understood"
@@ -185,6 +211,33 @@ class Receiver:
             return Response(500, b'{"error": "internal_error"}')
         detail = "the relay failed to handle the webhook"
         return self._reject(500, "internal_error", detail, req)
+
+    def refused(self, reason: str, detail: str, remote: str | None) -> Response:
+        """A request the HTTP parser refused (its tenant unread): 400, counted as
+        ``tenant="unknown"``."""
+        req = _Request("unknown", None, time.perf_counter(), remote)
+        return self._reject(400, reason, detail, req)
+
+    def connection_refused(self, remote: str | None) -> Response:
+        """A connection past ``server.max_connections`` while every open one is busy: 503,
+        which Chert retries."""
+        self._log_limit("refused", remote)
+        return _TOO_MANY_CONNECTIONS._replace(headers=self._retry_after)
+
+    def idle_connection_closed(self) -> None:
+        self._log_limit("idle_closed", None)
+
+    def _log_limit(self, action: str, remote: str | None) -> None:
+        self._metrics.receiver_connection_limit.labels(action).inc()
+        suppressed = self._throttle.allow(("max_connections", action))
+        if suppressed is not None:
+            log.warning(
+                "receiver at server.max_connections (%d): %s, remote=%s%s",
+                self._config.server.max_connections,
+                _LIMIT_ACTIONS[action],
+                remote,
+                f" ({suppressed} more like it since the last line)" if suppressed else "",
+            )
 
     def handle(self, req: _Request, msg: RawRequestMessage, body: bytes) -> Response | Pending:
         """The whole webhook: verify, parse, then ingest (the answer waits for it)."""

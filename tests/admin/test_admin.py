@@ -164,6 +164,69 @@ async def test_a_time_out_of_range_is_a_bad_request(
     admin.add_api_routes(DeadLetterApi(redis, lambda: cfg).routes())
     client = await aiohttp_client(admin.app())
     auth = {"Authorization": "Bearer s3cret-token"}
-    for since in ("1e400", "nan", "-inf"):
-        r = await client.get(f"/api/deadletters?since={since}", headers=auth)
+    for since in ("1e400", "nan", "-inf", "1e308", "-1e308", "1e17"):
+        for name in ("since", "until"):
+            r = await client.get(f"/api/deadletters?{name}={since}", headers=auth)
+            assert r.status == 400, (name, since)
+        r = await client.post("/api/deadletters/purge", json={"until": since}, headers=auth)
         assert r.status == 400, since
+
+
+async def test_a_scan_of_the_api_without_a_token_logs_one_line(
+    aiohttp_client: ClientFactory, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = await make_admin(aiohttp_client, redis, admin={"token": "s3cret-token"})
+    with caplog.at_level(logging.WARNING, logger="relay.admin.auth"):
+        for n in range(50):
+            auth = {"Authorization": f"Bearer guess-{n}"} if n % 2 else {}
+            assert (await client.get(f"/api/probe-{n}", headers=auth)).status == 401
+    lines = [r.getMessage() for r in caplog.records if "admin: refused" in r.getMessage()]
+    assert len(lines) == 1
+    assert "guess" not in lines[0]
+
+
+async def test_a_change_body_nested_too_deeply_is_a_bad_request(
+    aiohttp_client: ClientFactory, redis: Redis
+) -> None:
+    cfg = make_config(admin={"token": "s3cret-token"})
+    admin = Admin(cfg, redis, Metrics())
+    admin.add_api_routes(DeadLetterApi(redis, lambda: cfg).routes())
+    client = await aiohttp_client(admin.app())
+    auth = {"Authorization": "Bearer s3cret-token"}
+    for action in ("replay", "purge"):
+        r = await client.post(f"/api/deadletters/{action}", data=b"[" * 5000, headers=auth)
+        assert r.status == 400, action
+
+
+async def test_requests_the_admin_parser_refuses_log_one_line_without_their_bytes(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logs each with its traceback, quoting the request — here, with bare LF
+    line ends, the whole head and its token."""
+    token = "adm-token-0123456789abcdef"
+    path = tmp_path / "relay.toml"
+    write_toml(path, config_dict(redis_url=redis_url, admin={"token": token}))
+    service = Service(load_config(path), roles=("admin",), config_path=path)
+    task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.started.wait(), 20)
+    try:
+        role: Any = service.roles["admin"]
+        host, port = role.addresses[0][:2]
+        with caplog.at_level(logging.DEBUG, logger="relay.admin.http"):
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(
+                    f"GET /api/pollers HTTP/1.1\nAuthorization: Bearer {token}\n\n".encode()
+                )
+                line = await asyncio.wait_for(reader.readline(), 10)
+                writer.close()
+                assert b" 400 " in line, line
+    finally:
+        service.request_stop()
+        await asyncio.wait_for(task, 20)
+    assert token not in caplog.text
+    lines = [r for r in caplog.records if r.name == "relay.admin.http"]
+    assert len(lines) == 1
+    assert lines[0].levelno == logging.WARNING
+    assert lines[0].exc_info is None
+    assert "bad_request_line" in lines[0].getMessage()

@@ -299,7 +299,7 @@ def test_errors_never_carry_secrets() -> None:
             sink_conf(
                 "s",
                 "https://user:pw123456@sink.example/hook?token=abcdef123",
-                headers={"Authorization": "Bearer tok-987654"},
+                headers={"X-Auth": "Bearer tok-987654"},  # not Authorization: see check-config
             ),
         ],
     )

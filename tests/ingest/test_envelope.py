@@ -29,6 +29,7 @@ def test_any_object_with_an_event_id_is_kept_byte_for_byte(
 ) -> None:
     body = {**extra, "event_id": event_id}
     body.pop("payload", None)
+    body.pop("partner_id", None)  # must be a string
     raw = json.dumps(body).encode()
     event = from_body(raw)
     assert event.event_id == event_id
@@ -93,3 +94,69 @@ async def test_a_row_with_lone_surrogates_is_still_ingested(redis: Redis) -> Non
     stored = await stored_event(redis, "s1")
     assert stored is not None
     assert stored.type == "message.\\ud800"
+
+
+NOT_STRICT_JSON = [
+    b'{"event_id": "a", "n": NaN}',
+    b'{"event_id": "a", "n": [Infinity]}',
+    b'{"event_id": "a", "n": -Infinity}',
+    b'\xef\xbb\xbf{"event_id": "a"}',  # a UTF-8 byte order mark
+    '{"event_id": "a"}'.encode("utf-16"),
+    '{"event_id": "a"}'.encode("utf-16-le"),
+    '{"event_id": "a"}'.encode("utf-32"),
+    b'{"event_id": "a", "x": "\xed\xa0\x80"}',  # a surrogate encoded as bytes
+    b'{"event_id": "a", "x": "\\ud800", "n": NaN}',  # the lone-surrogate path too
+]
+
+
+@pytest.mark.parametrize("body", NOT_STRICT_JSON)
+def test_a_body_that_is_not_strict_json_is_malformed(body: bytes) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(body)
+    assert e.value.reason == "malformed_json"
+
+
+def test_nan_and_infinity_inside_strings_are_only_text() -> None:
+    assert from_body(b'{"event_id": "NaN", "text": "Infinity"}').event_id == "NaN"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"event_id": "a", "partner_id": "other-1", "partner_id": "acme-7a3f"}',
+        b'{"event_id": "a", "event_id": "b"}',
+        b'{"event_id": "a", "partner\\u005fid": "x", "partner_id": "acme-7a3f"}',
+        b'{"event": "x", "event": "y", "event_id": "a"}',
+        b'{"id": "evt_1", "delivery": {}, "payload": {"event_id": "a", "event_id": "b"}}',
+    ],
+)
+def test_a_key_the_relay_reads_given_twice_is_refused(body: bytes) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(body)
+    assert e.value.reason == "duplicate_key"
+
+
+def test_keys_the_relay_does_not_read_may_repeat_deeper_down() -> None:
+    body = b'{"event_id": "a", "data": {"event_id": 1, "event_id": 2}}'
+    assert from_body(body).body == body
+
+
+@pytest.mark.parametrize("partner", ['["acme-7a3f"]', '{"id": "acme-7a3f"}', "7", "true"])
+def test_a_partner_id_that_is_not_a_string_is_refused(partner: str) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(b'{"event_id": "a", "partner_id": %s}' % partner.encode())
+    assert e.value.reason == "malformed_partner_id"
+
+
+@pytest.mark.parametrize("event_id", ["0", "false", '""', "[]", "{}"])
+def test_an_event_id_that_is_not_a_non_empty_string_is_not_replaced_by_the_header(
+    event_id: str,
+) -> None:
+    with pytest.raises(BadEventError) as e:
+        from_body(b'{"event_id": %s}' % event_id.encode(), header_event_id="h1")
+    assert e.value.reason == "malformed_event_id"
+
+
+def test_nesting_past_pydantics_depth_limit_is_still_json() -> None:
+    body = b'{"event_id": "a", "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    assert from_body(body).body == body

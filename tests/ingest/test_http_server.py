@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.http_parser import RawRequestMessage
 
 from relay.config_values import Listen
@@ -45,6 +46,17 @@ class Scripted:
 
     def failed(self, ctx: Any, error: BaseException) -> Response:
         return Response(500, b'{"error": "internal_error"}')
+
+    def refused(self, reason: str, detail: str, remote: str | None) -> Response:
+        self.failures.append(reason)
+        return Response(400, json.dumps({"error": "bad_request", "reason": reason}).encode())
+
+    def connection_refused(self, remote: str | None) -> Response:
+        self.failures.append("connection_refused")
+        return Response(503, b'{"error": "too_many_connections"}')
+
+    def idle_connection_closed(self) -> None:
+        self.failures.append("idle_closed")
 
 
 async def start(handler: Scripted, **options: Any) -> tuple[HttpServer, int]:
@@ -327,16 +339,47 @@ async def test_a_head_request_is_answered_without_a_body() -> None:
         await server.shutdown(1)
 
 
-async def test_a_refused_request_read_with_a_good_one_is_not_answered_400() -> None:
-    """The parser drops the good request it read along with the bad one. A 400 would be
-    taken as the good one's answer — a refusal its sender never retries — so the
-    connection is closed without one, and the sender retries."""
-    server, port = await start(Scripted())
+async def test_a_refused_request_read_with_a_good_one_is_answered_after_it() -> None:
+    """aiohttp's parser drops the requests it read in the same feed as a bad one; this
+    server's parser stops after each request, so the good one is answered, then the bad
+    one gets its 400 — never in the good one's place."""
+    handler = Scripted()
+    server, port = await start(handler)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     bad = b"POST /bad HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
     try:
         writer.write(request("/good", b"x") + bad)
-        assert await closed(reader)  # no answer at all, rather than a wrong one
+        status, _, body = await answer(reader)
+        assert (status, json.loads(body)["path"]) == (200, "/good")
+        status, headers, body = await answer(reader)
+        assert (status, headers["connection"]) == (400, "close")
+        assert json.loads(body)["reason"] == "bad_content_length"
+        assert await closed(reader)
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [
+        (b"Content-Length: abc\r\n", "bad_content_length"),
+        (b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", "bad_transfer_encoding"),
+        (b"Content-Length: 3\r\nContent-Length: 3\r\n", "bad_content_length"),
+    ],
+)
+async def test_a_refused_request_alone_is_answered_400_and_handed_to_the_handler(
+    shape: bytes, reason: str
+) -> None:
+    handler = Scripted()
+    server, port = await start(handler)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /a HTTP/1.1\r\nHost: r\r\n" + shape + b"\r\nabc")
+        status, headers, body = await answer(reader)
+        assert (status, headers["connection"]) == (400, "close")
+        assert (json.loads(body)["reason"], handler.failures) == (reason, [reason])
+        assert await closed(reader)
     finally:
         writer.close()
         await server.shutdown(1)
@@ -395,12 +438,10 @@ async def _answers_until_closed(reader: asyncio.StreamReader) -> list[int]:
         await asyncio.wait_for(reader.readexactly(length), 10)
 
 
-async def test_a_bad_request_held_in_the_parsers_tail_does_not_400_a_dropped_good_one() -> None:
-    """The parser stops at MAX_QUEUE requests and keeps the rest as its tail; when the
-    queue drains, ``_resume_if_drained`` feeds it b"" and it parses that tail. If the
-    tail holds a good request then a bad one, the good one is dropped with the error —
-    and ``_bad_request`` sees only ``self._prev + b""`` (no request head end in it), so it
-    sends the 400 that the client takes as the good request's answer."""
+async def test_a_bad_request_behind_more_good_ones_than_the_queue_holds_is_answered_last() -> None:
+    """The connection stops reading at MAX_QUEUE requests and the parser keeps the rest
+    as its tail; when the queue drains, ``_resume_if_drained`` parses that tail. Every
+    good request in it is answered, then the bad one gets its 400."""
     server, port = await start(Scripted())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     bad = b"POST /bad HTTP/1.1\r\nHost: r\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
@@ -408,20 +449,16 @@ async def test_a_bad_request_held_in_the_parsers_tail_does_not_400_a_dropped_goo
     try:
         writer.write(b"".join(good) + bad)
         statuses = await _answers_until_closed(reader)
-        # Every slot of a good request holds a 200 or nothing; never a 400.
-        assert 400 not in statuses[: len(good)], statuses
+        assert statuses == [200] * len(good) + [400]
     finally:
         writer.close()
         await server.shutdown(1)
 
 
-async def test_a_bad_request_after_a_head_split_across_reads_does_not_400_the_dropped_one() -> None:
-    """``_prev`` keeps the end of the last read so that a head end split across two
-    reads ("\\r\\n\\r" | "\\n") is seen. But reading a body (``read_nowait``/``readany``)
-    makes aiohttp's StreamReader call ``resume_reading`` → ``data_received(b"")``, which
-    sets ``_prev = b""``. So: read 1 = request A whole + request B's head up to "\\r\\n\\r";
-    read 2 = "\\n" + garbage. B completes in read 2 and is dropped with the error, yet
-    no head end is seen in ``b"" + read 2``, so the 400 goes out in B's slot."""
+async def test_a_bad_request_after_a_head_split_across_reads_is_answered_after_it() -> None:
+    """Read 1 = request A whole + request B's head up to "\\r\\n\\r"; read 2 = "\\n" +
+    garbage. B completes in read 2, before the garbage fails the parser: B is answered,
+    then the garbage gets its 400."""
     handler = Scripted()
     server, port = await start(handler)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -432,8 +469,7 @@ async def test_a_bad_request_after_a_head_split_across_reads_does_not_400_the_dr
         assert first == 200
         writer.write(b"\nNOT HTTP AT ALL\r\n")
         statuses = [first, *await _answers_until_closed(reader)]
-        # Slot 2 is B's: a 200 or nothing, never the refusal of the garbage.
-        assert statuses[1:2] in ([], [200]), statuses
+        assert statuses == [200, 200, 400]
     finally:
         writer.close()
         await server.shutdown(1)
@@ -471,6 +507,69 @@ async def test_garbled_chunk_framing_mid_body_is_400_not_left_to_the_body_timeou
         writer.write(b"3\r\nabc\r\nzz-not-a-chunk-size\r\n")
         status = await _answer(reader)
         assert (status, handler.failures) == (400, ["malformed_body"])
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
+# --- the connection cap ----------------------------------------------------------------
+
+
+async def test_past_max_connections_a_new_connection_replaces_the_longest_idle_one() -> None:
+    handler = Scripted()
+    server, port = await start(handler, max_connections=2)
+    oldest_reader, oldest = await asyncio.open_connection("127.0.0.1", port)
+    _, idle = await asyncio.open_connection("127.0.0.1", port)
+    await wait_for(lambda: server.open_connections == 2, 10)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("/new", b"x"))
+        status, _, body = await answer(reader)
+        assert (status, json.loads(body)["path"]) == (200, "/new")
+        assert await closed(oldest_reader)  # the longest idle made room
+        assert handler.failures == ["idle_closed"]
+        assert server.open_connections == 2
+    finally:
+        for w in (oldest, idle, writer):
+            w.close()
+        await server.shutdown(1)
+
+
+async def test_past_max_connections_with_every_one_busy_a_new_one_gets_503() -> None:
+    handler = Scripted()
+    server, port = await start(handler, max_connections=1)
+    busy_reader, busy = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        busy.write(request("/busy", b"wait:busy"))
+        await wait_for(lambda: b"wait:busy" in handler.waiting, 10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, headers, _ = await answer(reader)
+        assert (status, headers["connection"]) == (503, "close")
+        assert await closed(reader)
+        writer.close()
+        assert handler.failures == ["connection_refused"]
+        handler.waiting[b"wait:busy"].set_result(1)  # the busy one is unaffected
+        assert (await answer(busy_reader))[0] == 200
+    finally:
+        busy.close()
+        await server.shutdown(1)
+
+
+async def test_a_request_behind_a_body_that_ends_in_a_later_read_is_answered() -> None:
+    """The parser stops at the end of each request; when that end (the rest of a body
+    handed over earlier) comes in the same read as the next request, the next one is in
+    the parser's tail and must still be parsed — nothing more may ever arrive."""
+    server, port = await start(Scripted())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    a, b = request("/a", b"x" * 100), request("/b", b"y")
+    split = a.index(b"\r\n\r\n") + 4 + 50
+    try:
+        writer.write(a[:split])
+        await writer.drain()
+        await wait_for(lambda: next(iter(server._connections)).busy, 10)
+        writer.write(a[split:] + b)
+        paths = [json.loads((await answer(reader))[2])["path"] for _ in range(2)]
+        assert paths == ["/a", "/b"]
     finally:
         writer.close()
         await server.shutdown(1)
