@@ -156,6 +156,9 @@ class Service:
             except BaseException:
                 await self._stop_roles(rt)
                 raise
+            admin = self.roles.get("admin")
+            if isinstance(admin, AdminRole):
+                admin.admin.starting = False
             self.started.set()
             self.notifier.ready(self.status())
             try:

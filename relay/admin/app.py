@@ -1,8 +1,8 @@
 """The admin listener: ``/healthz``, ``/readyz``, ``/metrics``, and ``/api/…`` behind a token.
 
-``/healthz`` answers while the process is alive; ``/readyz`` only while Redis
-answers, the configuration is loaded and the process is not draining — the signal
-a load balancer uses to stop sending webhooks. Every ``/api/`` route needs
+``/healthz`` answers while the process is alive; ``/readyz`` only once every role of
+the process has started, while Redis answers and while the process is not draining —
+the signal a load balancer uses to start and stop sending webhooks. Every ``/api/`` route needs
 ``Authorization: Bearer <token>`` with an admin token (:mod:`relay.admin.auth`: what
 it may see and do is the route's to check); with no token configured the API is off.
 ``/metrics`` needs one too when ``admin.metrics_token_required`` is set. The operator
@@ -35,6 +35,7 @@ class Admin:
         self._redis = redis_client
         self._metrics = metrics
         self.draining = False
+        self.starting = False  # the process's other roles are not all started yet
         self.refusals = Refusals(lambda reason: metrics.admin_refusals.labels(reason).inc())
         self.set_config(config)
         self._api_routes: list[web.RouteDef] = []
@@ -94,6 +95,8 @@ class Admin:
 
     async def readyz(self, request: web.Request) -> web.Response:
         problems = []
+        if self.starting:
+            problems.append("starting")
         if self.draining:
             problems.append("draining")
         if not await self.redis_ok():

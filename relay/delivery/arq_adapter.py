@@ -1,8 +1,8 @@
 """arq, behind one small module: the job function, its typed context, and the worker class.
 
-arq is the scheduler and executor only (``relay.delivery.deliverer`` is what a job
-does). :func:`new_worker` sets arq up for I/O-bound work and for the relay's
-guarantees:
+arq is the scheduler (its queue, job records, in-progress marks and polling loop);
+the relay starts and runs the jobs (``relay.delivery.deliverer`` is what a job does).
+:func:`new_worker` sets arq up for I/O-bound work and for the relay's guarantees:
 
 - ``handle_signals=False``: only ``relay.service`` handles signals; the worker role
   stops arq itself (``relay.delivery.role``).
@@ -11,17 +11,18 @@ guarantees:
   every pickup (deferrals too), and a long-deferred job must never hit that count.
 - the job timeout is the longest sink timeout plus :data:`JOB_MARGIN_S`, so the relay's
   own timeouts always fire first (arq's timeout would end the job for good).
-- ``on_job_start``/``on_job_end`` hooks are wrapped by :class:`SafeHook`: a raising hook
-  kills arq's worker.
+- the role's hooks (a job started, ended, expired unrun) are called by the relay's
+  code, never by arq (a raising arq hook would kill arq's worker).
 - a job is marked in progress for ``heartbeat.HOLD_S`` (10 s), renewed by the worker
   while it runs (:mod:`relay.delivery.heartbeat`), rather than arq's job timeout + 10 s.
 - a job run that arq itself fails (Redis gone around the job function) is logged
   briefly (:meth:`BatchStartWorker.job_done`), never left to asyncio's
   "Task exception was never retrieved".
-- jobs are started by :class:`BatchStartWorker`: arq's checks (due, not in progress on
-  any worker), one Lua call per poll instead of four round trips per job. A due job
-  whose ``arq:job:`` key has expired (no worker ran for longer than the sink's
-  ``max_age`` + 1 day) is reported, where arq would drop it with a warning.
+- jobs are started and run by :class:`BatchStartWorker`: arq's checks (due, not in
+  progress on any worker) and the claims of a whole poll in one Lua call, instead of
+  six round trips per job. A due job whose ``arq:job:`` key has expired (no worker ran
+  for longer than the sink's ``max_age`` + 1 day) is reported, where arq would drop it
+  with a warning.
 
 The job's dependencies travel in arq's ``ctx`` as one typed object (:class:`JobContext`).
 """
@@ -37,18 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix
-from arq.utils import timestamp_ms
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 
 from relay.config import Config
 from relay.delivery import heartbeat
 from relay.keys import Keys
 from relay.logs import Throttle
-from relay.store import jobs, scripts
+from relay.store import jobs
 
 if TYPE_CHECKING:
     from relay.delivery.deliverer import Deliverer
+    from relay.delivery.steps import Taken
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,12 @@ def job_context(ctx: dict[str, Any]) -> JobContext:
     return found
 
 
-async def deliver(
-    ctx: dict[str, Any], tenant: str, sink: str, event_id: str, chat: str | None = None
-) -> None:
-    """The arq job function (registered as ``deliver``): one attempt, or a deferral.
-    ``chat`` is set for a delivery to a sink that delivers each chat in order."""
-    job_id = str(ctx["job_id"])
-    await job_context(ctx).deliverer.deliver(tenant, sink, event_id, job_id, chat)
+async def deliver(ctx: dict[str, Any], *args: Any) -> None:
+    """The job function arq knows as ``deliver``. The relay's worker never has arq run it:
+    :meth:`BatchStartWorker.start_jobs` starts and runs each job itself. Should arq
+    ever call it, the job goes back in the queue (a ``Retry``), never lost."""
+    log.error("arq ran delivery job %s itself; it goes back in the queue", ctx.get("job_id"))
+    raise Retry(defer=1)
 
 
 def job_timeout(config: Config) -> float:
@@ -87,30 +86,22 @@ def job_timeout(config: Config) -> float:
     return longest + JOB_MARGIN_S
 
 
-class SafeHook:
-    """An arq hook that never raises (a raising hook would stop arq's worker)."""
-
-    def __init__(self, hook: Callable[[dict[Any, Any]], None]) -> None:
-        self._hook = hook
-        self.__qualname__ = hook.__name__
-
-    async def __call__(self, ctx: dict[Any, Any]) -> None:
-        try:
-            self._hook(ctx)
-        except Exception:
-            log.exception("worker hook %s failed (ignored)", self.__qualname__)
-
-
 class BatchStartWorker(Worker):
-    """arq's ``Worker``, starting the due jobs of one poll with one Redis call.
+    """arq's ``Worker``, whose polling loop finds the due jobs, and which starts and runs
+    them the relay's way.
 
     arq's own ``start_jobs`` makes four sequential round trips per job (WATCH, EXISTS,
-    ZSCORE, MULTI/EXEC) from the single polling loop, which caps how fast jobs start —
-    badly so with ``appendfsync always``, where each one waits for an fsync. This
-    does the same checks for the whole batch atomically in Lua (``start_jobs.lua``).
+    ZSCORE, MULTI/EXEC) from the single polling loop, and its ``run_job`` two more around
+    the job function (the job read, the finish) — badly so with ``appendfsync always``,
+    where each waits for an fsync. Here one call per poll (``take.lua``) does arq's
+    checks and marks, reads the jobs and claims them; each job then runs as
+    :meth:`Deliverer.run <relay.delivery.deliverer.Deliverer.run>`, whose finish is
+    group-committed with its neighbours'. arq's job format, queue and in-progress marks
+    are kept: any arq worker could run these jobs.
     """
 
     on_expired: Callable[[str], None] | None = None
+    hooks: WorkerHooks | None = None
     _starting: set[asyncio.Task[None]]
 
     def start_now(self, job_id: str) -> None:
@@ -132,34 +123,39 @@ class BatchStartWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         free = self.max_jobs - self.job_counter
-        ids = [j for j in job_ids if j.decode() not in self.tasks]
+        ids = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
         if free <= 0 or not ids:
             return
-        script = getattr(self, "_start_script", None)
-        if script is None:
-            script = self._start_script = scripts.script("start_jobs").bind(self.pool)
-        claimed, expired = await script(
-            keys={"queue": self.queue_name},
-            args={
-                "now": timestamp_ms(),
-                "in_progress_ms": int(self.in_progress_timeout_s * 1000),
-                "max": free,
-                "in_progress_prefix": in_progress_key_prefix,
-                "job_prefix": job_key_prefix,
-            },
-            rest=ids,
-        )
+        deliverer = job_context(self.ctx).deliverer
+        taken, expired = await deliverer.take(ids, free)
         for job_id in expired:
             if self.on_expired is not None:
-                self.on_expired(job_id.decode())
-        for i in range(0, len(claimed), 2):
+                self.on_expired(job_id)
+        for job in taken:
             await self.sem.acquire()
             self.job_counter += 1
-            job_id = claimed[i].decode()
-            t = self.loop.create_task(self.run_job(job_id, int(float(claimed[i + 1]))))
+            t = self.loop.create_task(self._run(deliverer, job))
             t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             t.add_done_callback(self.job_done)
-            self.tasks[job_id] = t
+            self.tasks[job.ref.job_id] = t
+
+    async def _run(self, deliverer: Deliverer, job: Taken) -> None:
+        if self.hooks is not None:
+            self.hooks.started({})
+        try:
+            outcome = await deliverer.run(job)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self.jobs_failed += 1
+            raise
+        finally:
+            if self.hooks is not None:
+                self.hooks.ended({})
+        if outcome == "retried":
+            self.jobs_retried += 1
+        else:
+            self.jobs_complete += 1
 
     def job_done(self, task: asyncio.Task[Any]) -> None:
         """Read how a job's run ended, so that a failure of arq's own — Redis went away
@@ -226,13 +222,12 @@ def new_worker(
         queue_read_limit=w.queue_read_limit,
         max_tries=MAX_PICKUPS,
         ctx={CTX_KEY: context},
-        on_job_start=SafeHook(hooks.started),
-        on_job_end=SafeHook(hooks.ended),
         job_serializer=jobs.serialize,
         job_deserializer=jobs.deserialize,
         log_results=False,
     )
     worker.on_expired = hooks.expired
+    worker.hooks = hooks
     # arq would hold a job in progress for the job timeout + 10 s; a live worker renews
     # the mark instead (relay.delivery.heartbeat), so a dead one's jobs run again sooner.
     worker.in_progress_timeout_s = heartbeat.HOLD_S

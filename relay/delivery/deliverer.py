@@ -1,20 +1,18 @@
 """Delivery: the worker's job — one event to one sink, one HTTP attempt per run.
 
-arq runs ``deliver(ctx, tenant, sink, event_id)`` for each job ingest queued
-(:mod:`relay.delivery.arq_adapter`). The relay, not arq, keeps the delivery's record:
-an ``att`` hash per (event, sink) with the attempts made, the deadline (ingest time +
-the sink's ``max_age``, or the replay time), the time the next attempt is due and the
-last status and error. arq only schedules.
+arq's polling loop (:mod:`relay.delivery.arq_adapter`) hands each poll's due jobs to
+:meth:`Deliverer.take`, which starts and claims them all in one call; each then runs as
+:meth:`Deliverer.run`. The relay, not arq, keeps the delivery's record: an ``att`` hash
+per (event, sink) with the attempts made, the deadline (ingest time + ``max_age``, or
+the replay time), when the next attempt is due and the last status and error.
 
 One run is three steps (:mod:`relay.delivery.steps`):
 
-1. **Claim**: load the stored event; if the sink's URL is marked gone, the deadline has
-   passed or the attempts are used up, the delivery becomes a dead letter. If the next
-   attempt is not due yet, the sink's breaker is open (or half-open with someone else's
-   probe in flight) or the sink is at its in-flight cap (``sink.concurrency``), the job
-   is put back in the queue for later without an HTTP call, so a slow or dead sink
-   never holds the worker's slots. Otherwise the attempt is counted, an in-flight slot
-   is leased, and the payload comes back.
+1. **Claim**: URL marked gone, deadline passed or attempts used up — a dead letter. Not
+   due yet, breaker open (or someone else's probe in flight) or the sink at its
+   ``concurrency`` cap — the job goes back in the queue without an HTTP call, so a slow
+   sink never holds the worker's slots. Otherwise the attempt is counted, an in-flight
+   slot leased, and the stored payload comes back.
 2. **POST** the stored envelope (:mod:`relay.delivery.sink_client`).
 3. **Finish**: 2xx — done, the job and its record go, and the stored event is deleted
    once no job or dead letter needs it. Connection error, timeout, 408, 425, 429 or
@@ -26,15 +24,12 @@ One run is three steps (:mod:`relay.delivery.steps`):
 A sink whose secret is not a usable signing key is dead-lettered ``rejected`` before
 the claim, so it never uses an attempt, an in-flight slot or a breaker probe.
 
-Everything is caught inside the job: arq treats any exception but ``Retry`` (and its
-own job timeout) as final and would drop the job. A fault of our own (Redis away, a
-bug) re-runs the job a few seconds later: the reschedule step moves the job's queue
-entry (only while the job key still exists) and a plain ``Retry()`` hands it back.
-arq itself never re-adds the entry: if the finish script ran but its reply was lost,
-the job key is gone, and the run simply ends (the delivery is recorded). Every
-``Retry`` is plain — the scripts have already rescheduled the job. The HTTP timeout
-is the sink's ``timeout``, well inside the job's own budget, which is inside arq's
-job timeout (the longest sink timeout + ``JOB_MARGIN_S``).
+Finishes are group-committed: deliveries that end together go to Redis in one call
+and share one fsync. Everything is caught inside a run: a fault of our own (Redis away,
+a bug) re-runs the job a few seconds later (the reschedule step moves its queue entry
+only while the job key exists); if a finish ran but its reply was lost, the job key is
+gone and the run simply ends. The HTTP timeout is the sink's ``timeout``, well inside
+the run's budget (the longest sink timeout + ``JOB_MARGIN_S``).
 """
 
 from __future__ import annotations
@@ -46,10 +41,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 import redis.exceptions
-from arq.worker import Retry
 from redis.asyncio import Redis
 
 from relay import logs
@@ -67,8 +62,11 @@ from relay.delivery.steps import (
     Ended,
     Finish,
     Go,
+    Peek,
     Ref,
     Steps,
+    Taken,
+    ToTake,
     Unusable,
 )
 from relay.keys import Keys
@@ -78,10 +76,8 @@ log = logging.getLogger(__name__)
 
 FAULT_RETRY_S = 5.0  # a run that failed on our side tries again after 1-2x this
 FAULT_CHECK_S = 0.5  # bound on rescheduling after a fault (inside arq's job timeout)
-UNUSABLE_KEY_ERROR = (
-    "the sink's secret is not valid base64 (a Standard Webhooks key is 'whsec_' + base64); "
-    "not tried"
-)
+RunOutcome = Literal["done", "retried"]  # the job ended, or runs again later
+UNUSABLE_KEY_ERROR = "the sink's secret is not valid base64 ('whsec_' + base64); not tried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,22 +133,75 @@ class Deliverer:
         t = self._config.tenant(tenant)
         return None if t is None else t.sink(name)
 
-    async def deliver(
-        self, tenant: str, sink: str, event_id: str, job_id: str, chat: str | None = None
-    ) -> None:
-        """One run of a job. Returns when the delivery is over (delivered or dead-lettered);
-        raises ``Retry`` when the job must run again later."""
+    async def drain(self) -> None:
+        """Wait for the finishes already asked for (the worker stops)."""
+        await self._steps.drain()
+
+    def _limits(self, sink: SinkConfig) -> ClaimLimits:
+        w = self._config.worker
+        return ClaimLimits(
+            max_age_ms=int(sink.max_age * 1000),
+            max_attempts=sink.max_attempts,
+            concurrency=sink.concurrency,
+            # the in-flight lease, renewed by the heartbeat while the attempt runs
+            lease_ms=int(heartbeat.HOLD_S * 1000),
+            url=sink.url,
+            busy_ms=_jitter_ms(w.busy_defer),
+            open_jitter_ms=int(random.random() * min(w.breaker_cooldown, 5.0) * 1000),
+            half_open_ms=_jitter_ms(min(w.breaker_cooldown, 1.0)),
+        )
+
+    async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str]]:
+        """Start and claim the due jobs of one poll (``take.lua``): the jobs this worker
+        now runs (:meth:`run` each), and the ids of jobs whose key had expired. A job
+        put off (not due, its sink busy or its breaker open) is back in the queue."""
         if self.draining:
-            raise Retry()  # back in the queue as it was, for the next worker
-        ref = Ref(tenant, sink, event_id, job_id, chat)
-        self.running[job_id] = Running(job_id)
-        with logs.bind(tenant=tenant, sink=sink, event_id=event_id):
+            return [], []  # they stay in the queue, for the next worker
+        prefix = self._keys.prefix + ":"
+        jobs: list[ToTake] = []
+        for job_id in job_ids:
+            tenant, _, rest = job_id.removeprefix(prefix).partition(":")
+            sink_name, _, event_id = rest.partition(":")
+            sink = self._sink(tenant, sink_name)
+            usable = sink is not None and (
+                sink.secret is None or self._client.signing_key(sink) is not None
+            )
+            limits = self._limits(sink) if usable and sink is not None else None
+            jobs.append(ToTake(Ref(tenant, sink_name, event_id, job_id), limits))
+        taken, expired = await self._steps.take(jobs, free, int(heartbeat.HOLD_S * 1000))
+        started: list[Taken] = []
+        for job in taken:
+            if isinstance(job.claim, Defer):
+                ref, (reason, wait_ms) = job.ref, (job.claim.reason, job.claim.wait_ms)
+                self._metrics.delivery_deferrals.labels(ref.tenant, ref.sink, reason).inc()
+                log.debug("delivery put off %.2fs (%s): %s", wait_ms / 1000, reason, ref.job_id)
+                continue
+            started.append(job)
+            self.running[job.ref.job_id] = self._running(job)
+        return started, expired
+
+    def _running(self, job: Taken) -> Running:
+        """What the heartbeat holds for a started job: its in-progress mark, and its
+        sink's in-flight slot while an attempt is leased."""
+        ref = job.ref
+        if isinstance(job.claim, Go):
+            k = self._keys
+            return Running(
+                ref.job_id, k.inflight(ref.tenant, ref.sink), k.breaker(ref.tenant, ref.sink)
+            )
+        return Running(ref.job_id)
+
+    async def run(self, job: Taken) -> RunOutcome:
+        """Carry a started job to its end: an attempt and its finish, or a dead letter
+        (or, past a fault of the relay's own, a reschedule)."""
+        ref = job.ref
+        with logs.bind(tenant=ref.tenant, sink=ref.sink, event_id=ref.event_id):
             try:
                 async with asyncio.timeout(self.job_timeout - 1.0):
-                    await self._run(ref)
-            except Retry:
+                    return await self._run(job)
+            except asyncio.CancelledError:
                 raise
-            except Exception as e:  # never let arq see it: it would drop the job
+            except Exception as e:
                 wait = FAULT_RETRY_S * (1 + random.random())
                 redis_fault = isinstance(e, redis.exceptions.RedisError | OSError | TimeoutError)
                 if not await self._after_fault(ref, wait):
@@ -162,7 +211,7 @@ class Deliverer:
                         type(e).__name__,
                         e,
                     )
-                    return
+                    return "done"
                 log.error(
                     "delivery could not run (%s: %s); trying again in %.1fs",
                     type(e).__name__,
@@ -170,17 +219,14 @@ class Deliverer:
                     wait,
                     exc_info=not redis_fault,
                 )
-                raise Retry() from None
+                return "retried"
             finally:
-                self.running.pop(job_id, None)
+                self.running.pop(ref.job_id, None)
 
     async def _after_fault(self, ref: Ref, wait: float) -> bool:
         """Reschedule a job whose run failed on our side; False if it is already finished.
-
-        Never lets arq re-add the job (``Retry(defer=…)`` would ``ZINCRBY`` an entry the
-        finish script may already have removed). If Redis cannot be asked, the job stays
-        as it is: arq's in-progress key holds it back until it expires.
-        """
+        If Redis cannot be asked, its in-progress mark (no longer renewed) holds it back
+        until it expires."""
         try:
             async with asyncio.timeout(FAULT_CHECK_S):
                 return await self._steps.reschedule(ref, _now_ms() + int(wait * 1000))
@@ -188,46 +234,34 @@ class Deliverer:
             log.warning("could not reschedule job %s after the fault (%s)", ref.job_id, e)
             return True
 
-    async def _run(self, ref: Ref) -> None:
+    async def _run(self, job: Taken) -> RunOutcome:
+        ref, claim = job.ref, job.claim
         sink = self._sink(ref.tenant, ref.sink)
-        if sink is None:
-            await self._dead_letter_unclaimed(ref, "gone", "the sink is no longer configured")
-            return
-        if sink.secret is not None and self._client.signing_key(sink) is None:
+        if sink is None:  # not configured (or reloaded away since the take)
+            found = claim if isinstance(claim, Peek) else _peek_of(claim)
+            await self._dead_letter_unclaimed(
+                ref, found, "gone", "the sink is no longer configured"
+            )
+            return "done"
+        if isinstance(claim, Peek) or claim is None:  # its secret is not a usable key
             self._metrics.deliveries.labels(ref.tenant, ref.sink, "rejected", "none").inc()
-            await self._dead_letter_unclaimed(ref, "rejected", UNUSABLE_KEY_ERROR)
-            return
-        w = self._config.worker
+            await self._dead_letter_unclaimed(ref, claim, "rejected", UNUSABLE_KEY_ERROR)
+            return "done"
         http_timeout = min(sink.timeout, self.job_timeout - JOB_MARGIN_S)
-        now = _now_ms()
-        limits = ClaimLimits(
-            max_age_ms=int(sink.max_age * 1000),
-            max_attempts=sink.max_attempts,
-            concurrency=sink.concurrency,
-            lease_ms=int(
-                heartbeat.HOLD_S * 1000
-            ),  # renewed by the heartbeat while the attempt runs
-            url=sink.url,
-            busy_ms=_jitter_ms(w.busy_defer),
-            open_jitter_ms=int(random.random() * min(w.breaker_cooldown, 5.0) * 1000),
-            half_open_ms=_jitter_ms(min(w.breaker_cooldown, 1.0)),
-        )
-        claim = await self._steps.claim(ref, now, limits)
         match claim:
             case Unusable(what):
                 gone = "gone" if what == "missing" else what
                 log.error("the stored event is %s; nothing to deliver (job %s)", gone, ref.job_id)
                 self._metrics.deliveries.labels(ref.tenant, ref.sink, "missing", "none").inc()
-                self._ready(await self._steps.finish(ref, now, Finish("drop")))
-            case Defer(reason, wait_ms):
-                self._metrics.delivery_deferrals.labels(ref.tenant, ref.sink, reason).inc()
-                log.debug("delivery put off %.2fs (%s)", wait_ms / 1000, reason)
-                raise Retry()  # the claim script already rescheduled the job
+                self._ready(await self._steps.finish(ref, _now_ms(), Finish("drop")))
+                return "done"
             case Ended():
                 await self._ended(ref, sink, claim)
+                return "done"
             case Go():
                 with logs.bind(attempt=claim.attempt):
-                    await self._attempt(_Attempt(ref, sink, claim, http_timeout))
+                    return await self._attempt(_Attempt(ref, sink, claim, http_timeout))
+        raise AssertionError(f"a claim of another kind: {claim!r}")  # Defer never runs
 
     async def _ended(self, ref: Ref, sink: SinkConfig, end: Ended) -> None:
         """The claim found the delivery over: dead-letter it without an attempt."""
@@ -238,17 +272,13 @@ class Deliverer:
         entry = self._entry(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
         await self._dead_letter(ref, entry, effect="none")
 
-    async def _attempt(self, a: _Attempt) -> None:
+    async def _attempt(self, a: _Attempt) -> RunOutcome:
         ref, sink, go = a.ref, a.sink, a.go
         stored = go.stored
         m = self._metrics
-        log.info("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
+        log.debug("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
         headers = self._client.headers(sink, req, stored.body)
-        k = self._keys
-        self.running[ref.job_id] = Running(
-            ref.job_id, k.inflight(ref.tenant, ref.sink), k.breaker(ref.tenant, ref.sink)
-        )
         try:
             answer = await self._client.post(sink, stored.body, headers, a.http_timeout)
         except asyncio.CancelledError:
@@ -262,22 +292,23 @@ class Deliverer:
         m.delivery_attempt_seconds.labels(ref.tenant, sink.name).observe(answer.seconds)
         if answer.ok:
             await self._delivered(a, answer, now)
-        elif answer.retryable:
-            await self._failed(a, answer, now)
-        else:
-            # 410: the URL is gone. Any other 4xx or 3xx: the sink is alive, and said no.
-            gone = answer.status == 410
-            cls = "gone" if gone else "rejected"
-            self._count(ref, cls, answer)
-            error = scrub(answer.error, sink)
-            entry = self._entry(ref, stored.type, cls, a.tried(now), answer.status, error)
-            await self._dead_letter(
-                ref,
-                entry,
-                effect="none" if gone else "success",
-                gone_url=sink.url if gone else "",
-                seconds=answer.seconds,
-            )
+            return "done"
+        if answer.retryable:
+            return await self._failed(a, answer, now)
+        # 410: the URL is gone. Any other 4xx or 3xx: the sink is alive, and said no.
+        gone = answer.status == 410
+        cls = "gone" if gone else "rejected"
+        self._count(ref, cls, answer)
+        error = scrub(answer.error, sink)
+        entry = self._entry(ref, stored.type, cls, a.tried(now), answer.status, error)
+        await self._dead_letter(
+            ref,
+            entry,
+            effect="none" if gone else "success",
+            gone_url=sink.url if gone else "",
+            seconds=answer.seconds,
+        )
+        return "done"
 
     async def _delivered(self, a: _Attempt, answer: Answer, now: int) -> None:
         ref, stored, m = a.ref, a.go.stored, self._metrics
@@ -298,7 +329,7 @@ class Deliverer:
             answer.seconds,
         )
 
-    async def _failed(self, a: _Attempt, answer: Answer, now: int) -> None:
+    async def _failed(self, a: _Attempt, answer: Answer, now: int) -> RunOutcome:
         """A retryable failure: schedule the next attempt, or dead-letter if none is left."""
         ref, sink, go = a.ref, a.sink, a.go
         error = scrub(answer.error, sink)
@@ -327,7 +358,7 @@ class Deliverer:
                 error,
                 nxt.delay,
             )
-            raise Retry()  # the finish script already rescheduled the job
+            return "retried"  # the finish script rescheduled the job
         self._count(ref, "exhausted", answer)
         if nxt.give_up == "past max_age":
             why = f"past max_age ({sink.max_age:g}s) after {go.attempt} attempt(s)"
@@ -336,6 +367,7 @@ class Deliverer:
         error = scrub(f"{why}; last error: {error}", sink)
         entry = self._entry(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
         await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
+        return "done"
 
     def _count(self, ref: Ref, outcome: str, answer: Answer) -> None:
         label = status_class(answer.status, answer.kind)
@@ -412,9 +444,11 @@ class Deliverer:
             and sink.on_dead_letter == "hold"
         )
 
-    async def _dead_letter_unclaimed(self, ref: Ref, cls: str, error: str) -> None:
-        """Dead-letter a delivery without claiming it (no attempt, slot or probe taken)."""
-        found = await self._steps.peek(ref)
+    async def _dead_letter_unclaimed(
+        self, ref: Ref, found: Peek | None, cls: str, error: str
+    ) -> None:
+        """Dead-letter a delivery without claiming it (no attempt, slot or probe taken);
+        ``found`` is what ``take`` read of it (None: nothing readable)."""
         if found is None:
             # Nothing (readable) left to deliver: no dead letter without its event.
             self._ready(await self._steps.finish(ref, _now_ms(), Finish("drop")))
@@ -425,6 +459,15 @@ class Deliverer:
         self._ready(await self._steps.finish(ref, now, finish))
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
+
+
+def _peek_of(claim: Go | Defer | Ended | Unusable | None) -> Peek | None:
+    """What a claim read of a delivery, as a peek (to dead-letter it untried)."""
+    if isinstance(claim, Go):
+        return Peek(claim.stored, Tried(claim.attempt - 1, claim.first_ms / 1000, None))
+    if isinstance(claim, Ended):
+        return Peek(claim.stored, claim.tried)
+    return None
 
 
 def _why_ended(end: Ended, sink: SinkConfig) -> str:

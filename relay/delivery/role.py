@@ -232,6 +232,8 @@ class WorkerRole:
             t.cancel()
         await asyncio.gather(*late, return_exceptions=True)
         worker.tasks.clear()
+        if self.deliverer is not None:  # the last finishes, then the connection goes back
+            await self._bounded(asyncio.ensure_future(self.deliverer.drain()), "the finishes")
         await self._bounded(asyncio.ensure_future(worker.close()), "arq's close")
         for task in (self._heartbeat, self._census):
             if task is not None:

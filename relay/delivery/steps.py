@@ -1,14 +1,19 @@
-"""A delivery's steps in Redis: claim, finish, release and reschedule, each one script.
+"""A delivery's steps in Redis: take (start and claim), finish, release and reschedule.
 
-The scripts are ``lua/claim.lua``, ``finish.lua``, ``release.lua`` and
-``reschedule.lua`` (their headers say what each does). This module calls them with
-named keys and arguments and reads their replies into small typed records, so the
-deliverer (:mod:`relay.delivery.deliverer`) branches on a :data:`Claim` rather than on
-positions in a list.
+The scripts are ``lua/take.lua`` (a poll's jobs started and claimed in one call),
+``finish_batch.lua`` (the finishes of concurrent deliveries, group-committed through a
+:class:`~relay.store.script_pipe.ScriptPipeline`: one call per batch, fsynced together),
+``release.lua`` and ``reschedule.lua`` (their headers say what each does); the rules of
+a claim and a finish are ``lib/claim.lua`` and ``lib/finish.lua``. This module calls
+them with named keys and arguments and reads their replies into small typed records, so
+the deliverer (:mod:`relay.delivery.deliverer`) branches on a :data:`Claim` rather than
+on positions in a list.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -19,9 +24,11 @@ from relay.delivery import breaker, deadletters
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.keys import Keys
 from relay.store import jobs, scripts, stored_event
+from relay.store.script_pipe import ScriptPipeline, bulk, bulks
 from relay.store.stored_event import StoredEvent
 
 MARGIN_MS = int(jobs.EXPIRY_MARGIN_S * 1000)  # a delivery's job and event outlive its deadline
+FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
 
 DeferReason = Literal["not_due", "breaker_open", "half_open", "busy"]
 EndReason = Literal["gone", "expired", "exhausted"]
@@ -148,6 +155,23 @@ def parse_claim(res: list[Any]) -> Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Taken:
+    """A job this worker started: its delivery, and what the claim (or a peek) found."""
+
+    ref: Ref
+    claim: Claim | Peek | None  # None: a peek found nothing readable to dead-letter
+
+
+@dataclass(frozen=True, slots=True)
+class ToTake:
+    """A due job to start: its delivery, and its sink's limits (None: only peek at it,
+    to dead-letter it untried)."""
+
+    ref: Ref
+    limits: ClaimLimits | None
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimLimits:
     """What a claim checks against, from the sink's settings and the worker's."""
 
@@ -162,19 +186,80 @@ class ClaimLimits:
 
 
 class Steps:
-    """The four scripts, registered once on the worker's client."""
+    """The scripts, registered once on the worker's client; finishes group-committed."""
 
     def __init__(self, client: Redis, keys: Keys, worker: WorkerConfig) -> None:
         self._client = client
-        self._claim = scripts.script("claim").bind(client)
-        self._finish = scripts.script("finish").bind(client)
+        self._take = scripts.script("take").bind(client)
         self._release = scripts.script("release").bind(client)
         self._reschedule = scripts.script("reschedule").bind(client)
+        self._finishes: ScriptPipeline[tuple[bytes, int]] = ScriptPipeline(
+            client,
+            scripts.script("finish_batch").source,
+            self._build_finishes,
+            timeout=FINISH_TIMEOUT_S,
+            what="delivery finish",
+        )
+        self._finish = self._finishes.call  # one finish, batched with the others
         self.set_config(keys, worker)
 
     def set_config(self, keys: Keys, worker: WorkerConfig) -> None:
         self._keys = keys
         self._worker = worker
+        self._head = bulks(
+            [
+                keys.prefix,
+                keys.queue,
+                worker.breaker_failures,
+                int(worker.breaker_cooldown * 1000),
+                max(breaker.TTL_MS, int(worker.breaker_cooldown * 2000)),
+            ]
+        )
+
+    def _build_finishes(self, items: list[tuple[bytes, int]]) -> tuple[int, list[bytes]]:
+        return 6 + sum(n for _, n in items), [self._head, bulk(len(items)), *(p for p, _ in items)]
+
+    async def drain(self) -> None:
+        """Wait for the finishes already asked for (the worker stops)."""
+        await self._finishes.drain()
+
+    async def take(
+        self, jobs: Sequence[ToTake], free: int, in_progress_ms: int
+    ) -> tuple[list[Taken], list[str]]:
+        """Start and claim ``jobs`` (at most ``free`` of them that are not put off); the
+        jobs started, and the ids of those whose job key had expired."""
+        rest: list[str | int] = []
+        for j in jobs:
+            r, lim = j.ref, j.limits
+            rest += [r.job_id, r.tenant, r.sink, r.event_id, "claim" if lim else "peek"]
+            if lim is None:
+                rest += [0, 0, 0, 0, "", 0, 0, 0]
+            else:
+                rest += [lim.max_age_ms, lim.max_attempts, lim.concurrency, lim.lease_ms,
+                         lim.url, lim.busy_ms, lim.open_jitter_ms, lim.half_open_ms]  # fmt: skip
+        found, expired = await self._take(
+            keys={"queue": self._keys.queue},
+            args={
+                "prefix": self._keys.prefix,
+                "now": _now_ms(),
+                "in_progress_ms": in_progress_ms,
+                "max": free,
+                "margin_ms": MARGIN_MS,
+            },
+            rest=rest,
+        )
+        refs = {j.ref.job_id: j.ref for j in jobs}
+        taken: list[Taken] = []
+        for i in range(0, len(found), 3):
+            job_id, chat, reply = _text(found[i]), _text(found[i + 1]), found[i + 2]
+            ref = refs[job_id]
+            if chat:
+                ref = Ref(ref.tenant, ref.sink, ref.event_id, ref.job_id, chat)
+            if _text(reply[0]) == "peek":
+                taken.append(Taken(ref, _parse_peek(reply)))
+            else:
+                taken.append(Taken(ref, parse_claim(reply)))
+        return taken, [_text(e) for e in expired]
 
     def _delivery_keys(self, ref: Ref) -> dict[str, str]:
         k = self._keys
@@ -188,95 +273,53 @@ class Steps:
             "queue": k.queue,
         }
 
-    async def claim(self, ref: Ref, now_ms: int, limits: ClaimLimits) -> Claim:
-        res = await self._claim(
-            keys=self._delivery_keys(ref),
-            args={
-                "now": now_ms,
-                "job_id": ref.job_id,
-                "max_age_ms": limits.max_age_ms,
-                "max_attempts": limits.max_attempts,
-                "cap": limits.concurrency,
-                "lease_ms": limits.lease_ms,
-                "margin_ms": MARGIN_MS,
-                "url": limits.url,
-                "busy_ms": limits.busy_ms,
-                "open_jitter_ms": limits.open_jitter_ms,
-                "half_open_ms": limits.half_open_ms,
-            },
-        )
-        return parse_claim(res)
-
     async def finish(self, ref: Ref, now_ms: int, f: Finish) -> str | None:
-        """Record ``f``; for an ordered delivery, the job id of its chat's next event,
-        which is due now (None if there is none)."""
-        k = self._keys
-        w = self._worker
-        entry = f.entry
-        # A dead letter's keys are the tenant's; without one they are never touched.
-        tenant, sink, event_id = (
-            (entry.tenant, entry.sink, entry.event_id) if entry else ("", "", "")
-        )
-        keys = self._delivery_keys(ref)
-        keys.update(
-            retry=k.job_retry(ref.job_id),
-            entry=k.dead_letter(tenant, sink, event_id),
-            index=k.dead_letters(tenant),
-            counts=k.dead_letter_counts(tenant),
-            chat=k.chat_order(ref.tenant, ref.sink, ref.chat) if ref.chat else "",
-            held=k.held_chats(ref.tenant, ref.sink),
-        )
-        nxt = await self._finish(
-            keys=keys,
-            args={
-                "now": now_ms,
-                "job_id": ref.job_id,
-                "outcome": f.outcome,
-                "due_ms": f.due_ms,
-                "status": "" if f.status is None else f.status,
-                "error": f.error,
-                "effect": f.effect,
-                "threshold": w.breaker_failures,
-                "cooldown_ms": int(w.breaker_cooldown * 1000),
-                "breaker_ttl_ms": max(breaker.TTL_MS, int(w.breaker_cooldown * 2000)),
-                "gone_url": f.gone_url,
-                "class": entry.cls if entry else "",
-                "member": deadletters.member(sink, event_id),
-                "event_id": ref.event_id,
-                "chat": ref.chat or "",
-                "on_dead": "hold" if f.hold else "skip",
-            },
-            rest=deadletters.entry_fields(entry) if entry is not None else (),
-        )
-        text = nxt.decode() if isinstance(nxt, bytes) else str(nxt or "")
+        """Record ``f`` (batched with the finishes of concurrent deliveries); for an
+        ordered delivery, the job id of its chat's next event, which is due now (None if
+        there is none)."""
+        fields = deadletters.entry_fields(f.entry) if f.entry is not None else []
+        args: list[str | int] = [
+            ref.job_id, ref.tenant, ref.sink, ref.event_id, ref.chat or "", now_ms,
+            f.outcome, f.due_ms, "" if f.status is None else f.status, f.error, f.effect,
+            f.gone_url, f.entry.cls if f.entry else "", "hold" if f.hold else "skip",
+            len(fields), *fields,
+        ]  # fmt: skip
+        nxt = await self._finish((bulks(args), len(args)))
+        text = _text(nxt)
         return text or None
 
     async def release(self, ref: Ref) -> None:
-        """Give back the in-flight slot (and the breaker's probe turn) of a cancelled run."""
+        """Give back the in-flight slot (and the breaker's probe turn) and the job's
+        in-progress mark of a cancelled run: another worker may take it at once."""
         await self._release(
             keys={
                 "inflight": self._keys.inflight(ref.tenant, ref.sink),
                 "breaker": self._keys.breaker(ref.tenant, ref.sink),
+                "in_progress": self._keys.job_in_progress(ref.job_id),
             },
             args={"job_id": ref.job_id},
         )
 
-    async def peek(self, ref: Ref) -> Peek | None:
-        """The delivery's stored event and attempt record; None if nothing is readable."""
-        k = self._keys
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.get(k.event(ref.tenant, ref.event_id))
-            pipe.hmget(k.attempts(ref.tenant, ref.sink, ref.event_id), ["a", "first", "last"])
-            raw, att = await pipe.execute(raise_on_error=False)
-        stored = None if isinstance(raw, Exception | None) else _parse_stored(raw)
-        if stored is None or isinstance(att, Exception):
-            return None
-        return Peek(stored, Tried(int(att[0] or 0), _seconds(att[1]), _seconds(att[2])))
-
     async def reschedule(self, ref: Ref, due_ms: int) -> bool:
-        """Move the job's queue entry to ``due_ms``; False if the job is finished."""
+        """Move the job's queue entry to ``due_ms`` and let go of its in-progress mark;
+        False if the job is finished."""
         found = await self._reschedule(
-            keys={"job": self._keys.job(ref.job_id), "queue": self._keys.queue},
+            keys={
+                "job": self._keys.job(ref.job_id),
+                "queue": self._keys.queue,
+                "in_progress": self._keys.job_in_progress(ref.job_id),
+            },
             args={"due_ms": due_ms, "job_id": ref.job_id},
         )
         return bool(found)
+
+
+def _parse_peek(reply: list[Any]) -> Peek | None:
+    stored = _parse_stored(reply[1]) if reply[1] else None
+    if stored is None:
+        return None
+    return Peek(stored, Tried(int(reply[2] or 0), _seconds(reply[3]), _seconds(reply[4])))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

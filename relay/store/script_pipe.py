@@ -132,6 +132,7 @@ class ScriptPipeline(Generic[T]):
         replicas: int = 0,
         replica_timeout: float = 0.5,
         unacked: Callable[[int], None] | None = None,
+        what: str = "ingest",
     ) -> None:
         self._client = client
         script = source.encode()
@@ -154,6 +155,7 @@ class ScriptPipeline(Generic[T]):
             bulk(max(1, int(replica_timeout * 1000))),
         )
         self._unacked = unacked
+        self.what = what  # what a call is, in log lines: "ingest", "delivery finish"
         # Waiting to be sent, in three parallel lists: the item, its caller's future and
         # when it arrived (loop time). ``timeout`` runs from arrival: getting a
         # connection and waiting for room in flight count against it.
@@ -306,8 +308,9 @@ class ScriptPipeline(Generic[T]):
                 _warn(
                     self._throttle,
                     "connect",
-                    "Redis unavailable for %d ingest(s): %r",
+                    "Redis unavailable for %d %s(s): %r",
                     len(self._items),
+                    self.what,
                     e,
                 )
                 self._fail_waiting(e)
@@ -400,7 +403,7 @@ class ScriptPipeline(Generic[T]):
             if isinstance(e, asyncio.CancelledError) and self._timed_out:
                 # Stopped by the watchdog: the oldest batch is overdue.
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                e = TimeoutError("Redis did not answer an ingest batch in time")
+                e = TimeoutError(f"Redis did not answer a {self.what} batch in time")
             self._timed_out = False
             # Timed out, connection lost or cancelled: the replies still owed on this
             # connection can no longer be matched to their batches. Fail them all (their
@@ -413,8 +416,9 @@ class ScriptPipeline(Generic[T]):
                 _warn(
                     self._throttle,
                     "lost",
-                    "ingest of %d event(s) failed: Redis unavailable: %r",
+                    "%d %s(s) failed: Redis unavailable: %r",
                     n,
+                    self.what,
                     e,
                 )
             self._fail_inflight(e)
@@ -436,7 +440,7 @@ class ScriptPipeline(Generic[T]):
         if batch.load:
             self._loading = False
             if isinstance(reply, BaseException):
-                log.warning("could not load the ingest script: %s", reply)
+                log.warning("could not load the %s script: %s", self.what, reply)
             return
         if isinstance(reply, redis.exceptions.NoScriptError):
             # Redis lost its script cache (a restart, SCRIPT FLUSH): load it and send the
@@ -447,7 +451,7 @@ class ScriptPipeline(Generic[T]):
         if self._observe is not None:
             self._observe(time.perf_counter() - batch.sent, len(batch.futures))
         if isinstance(reply, BaseException):
-            _warn(self._throttle, "refused", "Redis refused an ingest batch: %s", reply)
+            _warn(self._throttle, "refused", f"Redis refused a {self.what} batch: %s", reply)
             _fail(batch.futures, reply)
         elif not isinstance(reply, list) or len(reply) != len(batch.futures):
             _fail(batch.futures, RuntimeError("the reply does not match the batch"))

@@ -15,8 +15,9 @@ shared functions it uses::
 
 The loader puts in front of the body, once each, the shared functions it uses
 (``lua/lib/<name>.lua``, or ``keys``: the key segments of :mod:`relay.keys` as the table
-``KEY``, the job function's name as ``JOB_FUNCTION`` and arq's job key prefix as
-``JOB_KEY_PREFIX``), then two tables that name the
+``KEY``, the job function's name as ``JOB_FUNCTION`` and arq's key prefixes as
+``JOB_KEY_PREFIX``, ``RETRY_KEY_PREFIX`` and ``IN_PROGRESS_KEY_PREFIX``), then two
+tables that name the
 KEYS and ARGV by the header: ``K.ev`` is ``KEYS[1]``, ``A.now`` is ``ARGV[1]``. A
 ``2...`` entry names where a variable tail of ARGV starts; the body reads it from
 ``ARGV`` itself. Python calls a script with its keys and arguments by the same names
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from arq.constants import in_progress_key_prefix, retry_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
@@ -53,6 +55,8 @@ def library(name: str) -> str:
             f"local KEY = {{{table}}}\n"
             f"local JOB_FUNCTION = '{DELIVER_FUNCTION}'\n"
             f"local JOB_KEY_PREFIX = '{JOB_KEY_PREFIX}'\n"
+            f"local RETRY_KEY_PREFIX = '{retry_key_prefix}'\n"
+            f"local IN_PROGRESS_KEY_PREFIX = '{in_progress_key_prefix}'\n"
         )
     return _read(f"lib/{name}.lua")
 

@@ -22,7 +22,7 @@ from relay.metrics import Metrics
 from relay.service import Service
 from relay.store.client import connect
 from relay.store.embedded import EmbeddedRedis
-from tests.support.common import ServeReceiver, config_dict, make_config
+from tests.support.common import ServeReceiver, config_dict, make_config, wait_for
 from tests.support.process import write_toml
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -230,3 +230,56 @@ async def test_requests_the_admin_parser_refuses_log_one_line_without_their_byte
     assert lines[0].levelno == logging.WARNING
     assert lines[0].exc_info is None
     assert "bad_request_line" in lines[0].getMessage()
+
+
+class GatedRole:
+    """A role whose start waits until the test lets it go (a slow listener's bind)."""
+
+    name = "poller"
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate = gate
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.gate.wait()
+
+    async def run(self) -> None:
+        await self.stopped.wait()
+
+    async def stop(self) -> None:
+        self.stopped.set()
+
+    def reload(self, config: Any) -> None:
+        pass
+
+
+async def test_readyz_says_starting_until_every_role_has_started(
+    tmp_path: Path, redis_url: str
+) -> None:
+    path = write_toml(tmp_path / "relay.toml", config_dict(redis_url=redis_url))
+    gate = asyncio.Event()
+    service = Service(
+        load_config(path),
+        roles=("admin", "poller"),
+        config_path=path,
+        extra_roles={"poller": lambda rt: GatedRole(gate)},
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        # The admin role starts first: it answers, but not ready, while the next starts.
+        await wait_for(lambda: getattr(service.roles.get("admin"), "addresses", None))
+        role: Any = service.roles["admin"]
+        host, port = role.addresses[0][:2]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{host}:{port}/readyz") as r:
+                assert (r.status, (await r.json())["problems"]) == (503, ["starting"])
+            assert not service.started.is_set()
+            gate.set()
+            await asyncio.wait_for(service.started.wait(), 20)
+            async with s.get(f"http://{host}:{port}/readyz") as r:
+                assert (r.status, await r.json()) == (200, {"ready": True, "problems": []})
+    finally:
+        gate.set()
+        service.request_stop()
+        await asyncio.wait_for(task, 20)

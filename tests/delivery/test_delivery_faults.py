@@ -51,15 +51,15 @@ def lose_finish_reply(role: WorkerRole, *, before: bool) -> dict[str, int]:
     real = deliverer._steps._finish
     state = {"lost": 0}
 
-    async def finish(**kwargs: Any) -> Any:
+    async def finish(*args: Any, **kwargs: Any) -> Any:
         if state["lost"]:
-            return await real(**kwargs)
+            return await real(*args, **kwargs)
         state["lost"] += 1
         if not before:
-            await real(**kwargs)
+            await real(*args, **kwargs)
         raise redis.exceptions.ConnectionError("connection lost while reading the reply")
 
-    deliverer._steps._finish = finish  # type: ignore[assignment]
+    deliverer._steps._finish = finish
     return state
 
 

@@ -1,0 +1,49 @@
+--[[ finish: record how one delivery attempt (or a run without one) went, for
+``finish_batch.lua`` (many at once, group-committed). The in-flight slot is given back
+and the breaker told. `retry` schedules the next attempt; `ok`, `dead` and `drop` end the delivery: the job and its record go, and
+`dead` stores a dead letter, which takes over the job's hold on the stored event. For
+an ordered sink the chat's next event is then queued — unless the dead letter holds the
+chat (`on_dead = hold`).
+arq's in-progress mark (``k.in_progress``) goes too: the job may be taken again (at
+once, or when it is due).
+``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now, job_id, outcome (ok |
+retry | dead | drop), due_ms, status, error, effect (on the breaker: success | failure |
+none), threshold, cooldown_ms, breaker_ttl_ms, gone_url, class, member, event_id, chat,
+on_dead (skip | hold); ``fields``: the dead letter's name/value pairs (a table).
+Returns the job id of the chat's next event, now queued ('' if none or unordered).
+uses: stored_event breaker deadletter_add chat_order
+]]
+
+local function finish(k, arg, fields)
+  redis.call('DEL', k.in_progress)
+  local now, job_id, outcome = tonumber(arg.now), arg.job_id, arg.outcome
+  local ordered = k.chat ~= ''
+  local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
+  redis.call('ZREM', k.inflight, job_id)
+  breaker_record(k.breaker, now, job_id, arg.effect, tonumber(arg.threshold), tonumber(arg.cooldown_ms),
+    tonumber(arg.breaker_ttl_ms))
+  if outcome == 'retry' then
+    redis.call('HSET', k.attempts, 'due', arg.due_ms, 'st', arg.status, 'err', arg.error)
+    redis.call('ZADD', k.queue, arg.due_ms, job_id)
+    return ''
+  end
+  redis.call('DEL', k.job, k.retry, k.attempts)
+  redis.call('ZREM', k.queue, job_id)
+  if outcome == 'dead' then
+    -- An earlier dead letter of this (event, sink) is replaced: its hold on the stored
+    -- event passes to the new one, and this job's is let go.
+    if redis.call('EXISTS', k.entry) == 1 then event_release(k.ev) end
+    deadletter_add(k.entry, k.index, k.counts, arg.member, now, arg.class, fields)
+    redis.call('PERSIST', k.ev)
+    if arg.gone_url ~= '' then redis.call('SET', k.gone, arg.gone_url) end
+    if ordered and arg.on_dead == 'hold' then
+      redis.call('HSET', k.entry, 'holds', '1')
+      chat_hold(k.chat, k.held, arg.chat, now, job_base, string.sub(k.ev, 1, #k.ev - #arg.event_id))
+      return ''
+    end
+  elseif outcome == 'ok' then
+    event_release(k.ev)
+  end
+  if ordered then return chat_release(k.chat, arg.event_id, job_base, k.queue, now) end
+  return ''
+end
