@@ -27,6 +27,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import get_json, wait_delivered  # noqa: E402
+from e2e import get_json, pct, wait_delivered  # noqa: E402
 from receiver import stop, wait_port  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
@@ -108,15 +111,23 @@ def baseline_main(url: str, n: int, concurrency: int) -> None:
     asyncio.run(run())
 
 
-def baseline(sink: str, n: int, concurrency: int) -> float:
+def baseline(sink: str, n: int, concurrency: int) -> dict[str, float]:
+    """The plain client's rate, and CPU ms per request of the client and of the sink."""
     get_json(f"{sink}/reset", "POST")
-    started = time.time()
+    sink_cpu = cpu_s(SINK_PID[0])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(
         [sys.executable, __file__, "--baseline", f"{sink}/hook", str(n), str(concurrency)],
         check=True,
     )
     stats = wait_delivered(sink, n)
-    return float(stats["unique"] / (stats["last"] - started))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "rate": float(stats["unique"] / (stats["last"] - stats["first"])),
+        "client_ms": client * 1000 / n,
+        "sink_ms": (cpu_s(SINK_PID[0]) - sink_cpu) * 1000 / n,
+    }
 
 
 # --- the relay ----------------------------------------------------------------------------
@@ -127,7 +138,7 @@ def config(
 ) -> dict[str, Any]:
     return {
         "redis": {"url": redis_url},
-        "admin": {"listen": "127.0.0.1:0", "worker_listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0", "worker_listen": f"127.0.0.1:{WORKER_ADMIN[0]}"},
         "worker": {"max_jobs": concurrency, "poll_delay": poll_delay},
         "tenants": [
             {
@@ -167,8 +178,15 @@ def toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def fill(data: dict[str, Any], n: int, run: str, at: float | None = None) -> int:
-    """Queue ``n`` events (at ``at`` events/s, or as fast as possible); Redis bytes used."""
+async def fill(
+    data: dict[str, Any],
+    n: int,
+    run: str,
+    at: float | None = None,
+    acked: dict[str, float] | None = None,
+) -> int:
+    """Queue ``n`` events (at ``at`` events/s, or as fast as possible); Redis bytes used.
+    Paced, each event's ingest (its 202, were it a webhook) is timed into ``acked``."""
     cfg = parse_config(data, env={})
     client: Redis = Redis.from_url(data["redis"]["url"])
     before = int((await client.info("memory"))["used_memory"])
@@ -178,16 +196,32 @@ async def fill(data: dict[str, Any], n: int, run: str, at: float | None = None) 
             events = [envelope.from_body(body(f"{run}:{j}")) for j in range(i, min(n, i + 1000))]
             await asyncio.gather(*(ingestor.ingest(TENANT, e, "webhook") for e in events))
     else:
+
+        async def one(event_id: str) -> None:
+            await ingestor.ingest(TENANT, envelope.from_body(body(event_id)), "webhook")
+            if acked is not None:
+                acked[event_id] = time.time()
+
         start = time.monotonic()
+        pending: set[asyncio.Task[None]] = set()
         for j in range(n):
-            await ingestor.ingest(TENANT, envelope.from_body(body(f"{run}:{j}")), "webhook")
+            task = asyncio.create_task(one(f"{run}:{j}"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
             ahead = start + (j + 1) / at - time.monotonic()
             if ahead > 0:
                 await asyncio.sleep(ahead)
+        await asyncio.gather(*pending)
     await ingestor.drain()
     used = int((await client.info("memory"))["used_memory"]) - before
     await client.aclose()
     return used
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -197,11 +231,18 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+SINK_PID: list[int] = []
+WORKER_ADMIN = [free_port()]  # the worker's admin listener: its metrics, read at the end
+PROFILE: list[str] = []  # --profile FILE: py-spy records the worker, raw stacks to FILE
+
+
 def worker(path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "--log-level", "warning", "-c", str(path), "worker"],
-        cwd=ROOT,
-    )
+    cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "-c", str(path), "worker"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    if PROFILE:
+        spy = ["py-spy", "record", "--format", "raw", "--idle", "--nonblocking"]
+        subprocess.Popen([*spy, "-o", PROFILE[0], "--pid", str(proc.pid)])
+    return proc
 
 
 def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
@@ -214,7 +255,8 @@ def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
         path = work / "relay.toml"
         path.write_text(toml(data))
         used = asyncio.run(fill(data, args.events, work.name))
-        started = time.time()
+        assert redis.process is not None
+        cpu = {"redis": cpu_s(redis.process.pid), "sink": cpu_s(SINK_PID[0])}
         proc = worker(path)
         rss = []
         try:
@@ -223,13 +265,17 @@ def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
                 stats = get_json(f"{sink}/stats")
                 rss.append(rss_kb(proc.pid))
                 if stats["requests"] >= expected and stats["unique"] >= args.events:
+                    cpu["worker"] = cpu_s(proc.pid)  # its start-up included
+                    deferred = deferrals()
+                    cpu["redis"] = cpu_s(redis.process.pid) - cpu["redis"]
+                    cpu["sink"] = cpu_s(SINK_PID[0]) - cpu["sink"]
                     break
                 time.sleep(0.5)
         finally:
             stop(proc)
     finally:
         asyncio.run(redis.stop())
-    span = stats["last"] - started
+    span = stats["last"] - stats["first"]  # the first 2xx to the last: start-up not counted
     return {
         "events_s": args.events / span,
         "deliveries_s": stats["requests"] / span,
@@ -237,30 +283,54 @@ def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
         "rss_first_mb": rss[1] / 1024 if len(rss) > 1 else 0.0,
         "rss_max_mb": max(rss) / 1024,
         "rss_last_mb": rss[-1] / 1024,
+        **{f"{k}_ms": v * 1000 / stats["requests"] for k, v in cpu.items()},
+        **{f"deferred_{k}": v for k, v in deferred.items()},
     }
 
 
-def steady(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
+def deferrals() -> dict[str, float]:
+    """The worker's deliveries put off, by reason (from its /metrics)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{WORKER_ADMIN[0]}/metrics"
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("chert_relay_delivery_deferrals_total{"):
+                reason = line.split('reason="')[1].split('"')[0]
+                out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def steady(work: Path, sink: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
+    """Events ingested at ``rate`` while one worker delivers: its rate, and each event's
+    time from its ingest to the sink's 2xx."""
     get_json(f"{sink}/reset", "POST")
     work.mkdir()
     redis = EmbeddedRedis(work / "redis", port=free_port())
     asyncio.run(redis.start())
-    n = int(args.steady_rate * args.steady_seconds)
+    n = int(rate * args.steady_seconds)
+    acked: dict[str, float] = {}
     try:
         data = config(redis.url, sink, 1, args.concurrency, args.poll_delay)
         path = work / "relay.toml"
         path.write_text(toml(data))
         proc = worker(path)
         try:
-            time.sleep(1.0)  # the worker's start-up, before the events
-            started = time.time()
-            asyncio.run(fill(data, n, work.name, at=args.steady_rate))
+            wait_port(WORKER_ADMIN[0])  # started: its admin listener is up
+            asyncio.run(fill(data, n, work.name, at=rate, acked=acked))
             stats = wait_delivered(sink, n)
+            arrived: dict[str, float] = get_json(f"{sink}/dump")
         finally:
             stop(proc)
     finally:
         asyncio.run(redis.stop())
-    return {"delivered_s": stats["unique"] / (stats["last"] - started)}
+    lat = [(arrived[k] - t) * 1000 for k, t in acked.items() if k in arrived]
+    return {
+        "delivered_s": stats["unique"] / (stats["last"] - stats["first"]),
+        "p50_ms": pct(lat, 50),
+        "p99_ms": pct(lat, 99),
+    }
 
 
 def main() -> None:
@@ -270,39 +340,61 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=1)
     ap.add_argument("--poll-delay", type=float, default=0.05)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steady-rate", type=float, default=0.0, help="0: no steady-flow run")
+    ap.add_argument(
+        "--steady", action="store_true", help="also steady flow, offered at the baseline's rate"
+    )
     ap.add_argument("--steady-seconds", type=float, default=20.0)
+    ap.add_argument("--profile", metavar="FILE", help="record the worker with py-spy")
     args = ap.parse_args()
+    if args.profile:
+        PROFILE.append(args.profile)
+    ratios: dict[str, list[float]] = {"drain": [], "cpu": [], "steady": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sink_port = free_port()
         sink_proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "e2e.py"), "--sink", str(sink_port)]
         )
+        SINK_PID.append(sink_proc.pid)
         sink = f"http://127.0.0.1:{sink_port}"
         try:
             wait_port(sink_port)
             for r in range(args.rounds):
-                base = baseline(sink, args.events, args.concurrency)
+                b = baseline(sink, args.events, args.concurrency)
+                base = b["rate"]
                 got = drain(work / f"drain{r}", sink, args)
+                ratios["drain"].append(got["deliveries_s"] / base)
+                ratios["cpu"].append(got["worker_ms"] / b["client_ms"])
+                deferred = [f"{k[9:]} {v:.0f}" for k, v in got.items() if k[:9] == "deferred_"]
                 print(
                     f"round {r + 1}: baseline {base:.0f} requests/s; drain of {args.events} "
                     f"events to {args.sinks} sink(s): {got['deliveries_s']:.0f} deliveries/s "
                     f"({got['events_s']:.0f} events/s): ratio {got['deliveries_s'] / base:.2f}; "
                     f"Redis {got['bytes_per_delivery']:.0f} B per queued delivery; worker RSS "
                     f"{got['rss_first_mb']:.0f} MB at start, {got['rss_max_mb']:.0f} MB at most, "
-                    f"{got['rss_last_mb']:.0f} MB at the end"
+                    f"{got['rss_last_mb']:.0f} MB at the end\n"
+                    f"round {r + 1}: CPU ms per request: baseline client {b['client_ms']:.3f}, "
+                    f"sink {b['sink_ms']:.3f}; per delivery: worker {got['worker_ms']:.3f}, "
+                    f"redis-server {got['redis_ms']:.3f}, sink {got['sink_ms']:.3f}; "
+                    f"put off: {', '.join(deferred) or 'none'}"
                 )
-                if args.steady_rate:
-                    s = steady(work / f"steady{r}", sink, args)
+                if args.steady:
+                    s = steady(work / f"steady{r}", sink, args, base)
+                    ratios["steady"].append(s["delivered_s"] / base)
                     print(
-                        f"round {r + 1}: steady flow at {args.steady_rate:.0f} events/s: "
-                        f"delivered {s['delivered_s']:.0f}/s (ratio to baseline "
-                        f"{s['delivered_s'] / base:.2f}, to the offered rate "
-                        f"{s['delivered_s'] / args.steady_rate:.2f})"
+                        f"round {r + 1}: steady flow offered at {base:.0f} events/s for "
+                        f"{args.steady_seconds:.0f}s: delivered {s['delivered_s']:.0f}/s, ratio "
+                        f"{s['delivered_s'] / base:.2f}; ingest to sink 2xx p50 "
+                        f"{s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms"
                     )
         finally:
             stop(sink_proc)
+    print(
+        "median: drain ratio "
+        f"{statistics.median(ratios['drain']):.2f}; worker CPU per delivery / baseline client "
+        f"CPU per request {statistics.median(ratios['cpu']):.2f}"
+        + (f"; steady ratio {statistics.median(ratios['steady']):.2f}" if ratios["steady"] else "")
+    )
 
 
 if __name__ == "__main__":

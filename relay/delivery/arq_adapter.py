@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from arq.connections import ArqRedis
+from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 
 from relay.config import Config
@@ -102,30 +103,76 @@ class BatchStartWorker(Worker):
 
     on_expired: Callable[[str], None] | None = None
     hooks: WorkerHooks | None = None
-    _starting: set[asyncio.Task[None]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._starting: set[asyncio.Task[None]] = set()
+        self._take_lock = asyncio.Lock()  # one take at a time: ``free`` stays true
+        self._backlog = False  # the last read of the queue found more due jobs than it took
+        self._refill: asyncio.Task[None] | None = None
+        self._refill_min = max(1, self.max_jobs // 8)
 
     def start_now(self, job_id: str) -> None:
         """Start ``job_id`` (due now) at once, with the same checks as a poll's jobs,
         instead of at the next poll. A job another worker took meanwhile is left alone."""
         if not self.allow_pick_jobs:
             return
-        starting = self.__dict__.setdefault("_starting", set())
         task = asyncio.get_running_loop().create_task(self._start_one(job_id))
-        starting.add(task)
-        task.add_done_callback(starting.discard)
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
 
     async def _start_one(self, job_id: str) -> None:
         try:
-            await self.start_jobs([job_id.encode()])
+            async with self._take_lock:
+                await self._take([job_id])
         except (redis.exceptions.RedisError, OSError) as e:
             # The next poll starts it: it is in the queue, due.
             log.debug("could not start %s at once (%s); the next poll will", job_id, e)
 
+    def _ended(self, _task: asyncio.Task[Any]) -> None:
+        """A job ended: while there is a backlog, refill the free slots now (once an
+        eighth of ``max_jobs`` is free) rather than at the next poll, ``poll_delay``
+        away. An idle worker still reads the queue only once per ``poll_delay``."""
+        if (
+            self._backlog
+            and self._refill is None
+            and self.allow_pick_jobs
+            and self.max_jobs - self.job_counter >= self._refill_min
+        ):
+            self._refill = self.loop.create_task(self._refill_slots())
+
+    async def _refill_slots(self) -> None:
+        try:
+            while self._backlog and self.allow_pick_jobs:
+                if self.max_jobs - self.job_counter < self._refill_min:
+                    break
+                # the queue's head holds the jobs running here too: read past them
+                ids = await self.pool.zrangebyscore(
+                    self.queue_name, min=float("-inf"), max=timestamp_ms(), start=0,
+                    num=self.max_jobs + self.max_jobs - self.job_counter,
+                )  # fmt: skip
+                await self.start_jobs(ids)
+        except (redis.exceptions.RedisError, OSError) as e:
+            log.debug("could not refill the free slots (%s); the next poll will", e)
+        finally:
+            self._refill = None
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the due jobs of one read of the queue (arq's poll, or a refill). A
+        backlog is when every free slot could be filled: more are likely waiting."""
+        async with self._take_lock:
+            free = self.max_jobs - self.job_counter
+            if free <= 0:
+                return
+            ids = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
+            # offer the take twice what can start (some may be put off), not all
+            self._backlog = await self._take(ids[: 2 * free]) >= free
+
+    async def _take(self, ids: list[str]) -> int:
+        """Take and start ``ids`` (as many as there are free slots); how many started."""
         free = self.max_jobs - self.job_counter
-        ids = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
         if free <= 0 or not ids:
-            return
+            return 0
         deliverer = job_context(self.ctx).deliverer
         taken, expired = await deliverer.take(ids, free)
         for job_id in expired:
@@ -137,7 +184,9 @@ class BatchStartWorker(Worker):
             t = self.loop.create_task(self._run(deliverer, job))
             t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             t.add_done_callback(self.job_done)
+            t.add_done_callback(self._ended)
             self.tasks[job.ref.job_id] = t
+        return len(taken)
 
     async def _run(self, deliverer: Deliverer, job: Taken) -> None:
         if self.hooks is not None:

@@ -53,11 +53,12 @@ from relay.delivery import heartbeat
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.heartbeat import Running
+from relay.delivery.limits import SinkTable
+from relay.delivery.metric_children import MetricChildren
 from relay.delivery.retry import next_attempt, status_class
 from relay.delivery.sink_client import Answer, Request, SinkClient, scrub
 from relay.delivery.steps import (
     BreakerEffect,
-    ClaimLimits,
     Defer,
     Ended,
     Finish,
@@ -119,6 +120,8 @@ class Deliverer:
 
     def set_config(self, config: Config) -> None:
         self._config = config
+        self._sinks = SinkTable(config)
+        self._children = MetricChildren()
         self._client.forget_keys()
         self._keys = Keys(config.redis.key_prefix)
         self._steps.set_config(self._keys, config.worker)
@@ -130,26 +133,11 @@ class Deliverer:
             )
 
     def _sink(self, tenant: str, name: str) -> SinkConfig | None:
-        t = self._config.tenant(tenant)
-        return None if t is None else t.sink(name)
+        return self._sinks.get(tenant, name)
 
     async def drain(self) -> None:
         """Wait for the finishes already asked for (the worker stops)."""
         await self._steps.drain()
-
-    def _limits(self, sink: SinkConfig) -> ClaimLimits:
-        w = self._config.worker
-        return ClaimLimits(
-            max_age_ms=int(sink.max_age * 1000),
-            max_attempts=sink.max_attempts,
-            concurrency=sink.concurrency,
-            # the in-flight lease, renewed by the heartbeat while the attempt runs
-            lease_ms=int(heartbeat.HOLD_S * 1000),
-            url=sink.url,
-            busy_ms=_jitter_ms(w.busy_defer),
-            open_jitter_ms=int(random.random() * min(w.breaker_cooldown, 5.0) * 1000),
-            half_open_ms=_jitter_ms(min(w.breaker_cooldown, 1.0)),
-        )
 
     async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str]]:
         """Start and claim the due jobs of one poll (``take.lua``): the jobs this worker
@@ -162,11 +150,11 @@ class Deliverer:
         for job_id in job_ids:
             tenant, _, rest = job_id.removeprefix(prefix).partition(":")
             sink_name, _, event_id = rest.partition(":")
-            sink = self._sink(tenant, sink_name)
+            sink = self._sinks.get(tenant, sink_name)
             usable = sink is not None and (
                 sink.secret is None or self._client.signing_key(sink) is not None
             )
-            limits = self._limits(sink) if usable and sink is not None else None
+            limits = self._sinks.limits(tenant, sink_name) if usable else None
             jobs.append(ToTake(Ref(tenant, sink_name, event_id, job_id), limits))
         taken, expired = await self._steps.take(jobs, free, int(heartbeat.HOLD_S * 1000))
         started: list[Taken] = []
@@ -289,7 +277,7 @@ class Deliverer:
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
-        m.delivery_attempt_seconds.labels(ref.tenant, sink.name).observe(answer.seconds)
+        self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name).observe(answer.seconds)
         if answer.ok:
             await self._delivered(a, answer, now)
             return "done"
@@ -315,11 +303,12 @@ class Deliverer:
         self._ready(await self._steps.finish(ref, now, Finish("ok", effect="success")))
         self._count(ref, "delivered", answer)
         done = time.time()
-        m.delivery_relay_seconds.labels(ref.tenant, ref.sink).observe(
+        of = self._children.of
+        of(m.delivery_relay_seconds, ref.tenant, ref.sink).observe(
             max(0.0, done - stored.at_ms / 1000)
         )
         if stored.timestamp is not None:
-            m.delivery_e2e_seconds.labels(ref.tenant, ref.sink).observe(
+            of(m.delivery_e2e_seconds, ref.tenant, ref.sink).observe(
                 max(0.0, done - stored.timestamp)
             )
         log.info(
@@ -371,7 +360,7 @@ class Deliverer:
 
     def _count(self, ref: Ref, outcome: str, answer: Answer) -> None:
         label = status_class(answer.status, answer.kind)
-        self._metrics.deliveries.labels(ref.tenant, ref.sink, outcome, label).inc()
+        self._children.of(self._metrics.deliveries, ref.tenant, ref.sink, outcome, label).inc()
 
     @staticmethod
     def _entry(
@@ -492,7 +481,3 @@ def _why_ended(end: Ended, sink: SinkConfig) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _jitter_ms(seconds: float) -> int:
-    return int(seconds * (1 + random.random()) * 1000)

@@ -125,16 +125,38 @@ class Request:
     source: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What every request to one sink shares, made once per configuration."""
+
+    url: URL
+    key: bytes | None  # the HMAC key; None: unsigned (no secret, or not usable)
+    headers: dict[str, str]  # the sink's own headers that the relay's do not replace
+    timeouts: dict[float, aiohttp.ClientTimeout]
+
+
+_OURS = frozenset(
+    h.lower()
+    for h in (
+        "Content-Type", "User-Agent", "webhook-id", "webhook-timestamp", "webhook-signature",
+        "X-Chert-Event-Type", "X-Chert-Tenant", "X-Relay-Attempt", "X-Relay-Source",
+    )
+)  # fmt: skip
+_USER_AGENT = f"chert-relay/{__version__}"
+
+
 class SinkClient:
     """POSTs events to sinks over one shared HTTP session; signs with each sink's key."""
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._signing_keys: dict[str, bytes | None] = {}
+        self._prepared: dict[int, tuple[SinkConfig, _Prepared]] = {}
 
     def forget_keys(self) -> None:
         """Decode sink secrets afresh (a reload may have changed them)."""
         self._signing_keys = {}
+        self._prepared = {}
 
     def signing_key(self, sink: SinkConfig) -> bytes | None:
         """The sink's HMAC key, decoded once per config; None without a usable secret."""
@@ -148,24 +170,35 @@ class SinkClient:
                 self._signing_keys[secret] = None
         return self._signing_keys[secret]
 
+    def _prepare(self, sink: SinkConfig) -> _Prepared:
+        found = self._prepared.get(id(sink))
+        if found is not None and found[0] is sink:
+            return found[1]
+        prepared = _Prepared(
+            URL(sink.url),
+            self.signing_key(sink),
+            {k: v for k, v in sink.headers.items() if k.lower() not in _OURS},
+            {},
+        )
+        self._prepared[id(sink)] = (sink, prepared)  # the sink is kept: its id stays its own
+        return prepared
+
     def headers(self, sink: SinkConfig, req: Request, body: bytes) -> dict[str, str]:
         now = int(time.time())
-        ours = {
-            "Content-Type": "application/json",
-            "User-Agent": f"chert-relay/{__version__}",
-            "webhook-id": req.event_id,
-            "webhook-timestamp": str(now),
-            "X-Chert-Event-Type": header_value(req.event_type),
-            "X-Chert-Tenant": req.tenant,
-            "X-Relay-Attempt": str(req.attempt),
-            "X-Relay-Source": req.source,
-        }
-        key = self.signing_key(sink)
-        if key is not None:
-            ours["webhook-signature"] = standard_webhooks_signature(key, req.event_id, now, body)
-        taken = {k.lower() for k in ours} | {"webhook-signature"}
-        headers = {k: v for k, v in sink.headers.items() if k.lower() not in taken}
-        headers.update(ours)
+        p = self._prepare(sink)
+        headers = p.headers.copy()
+        headers["Content-Type"] = "application/json"
+        headers["User-Agent"] = _USER_AGENT
+        headers["webhook-id"] = req.event_id
+        headers["webhook-timestamp"] = str(now)
+        headers["X-Chert-Event-Type"] = header_value(req.event_type)
+        headers["X-Chert-Tenant"] = req.tenant
+        headers["X-Relay-Attempt"] = str(req.attempt)
+        headers["X-Relay-Source"] = req.source
+        if p.key is not None:
+            headers["webhook-signature"] = standard_webhooks_signature(
+                p.key, req.event_id, now, body
+            )
         return headers
 
     async def post(
@@ -173,12 +206,12 @@ class SinkClient:
     ) -> Answer:
         started = time.perf_counter()
         try:
+            p = self._prepare(sink)
+            client_timeout = p.timeouts.get(timeout)
+            if client_timeout is None:
+                client_timeout = p.timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
             async with self._session.post(
-                sink.url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                p.url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:

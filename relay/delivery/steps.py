@@ -12,10 +12,11 @@ on positions in a list.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from redis.asyncio import Redis
 
@@ -36,8 +37,7 @@ FinishOutcome = Literal["ok", "retry", "dead", "drop"]
 BreakerEffect = Literal["success", "failure", "none"]
 
 
-@dataclass(frozen=True, slots=True)
-class Ref:
+class Ref(NamedTuple):
     """Which delivery: one (event, sink), and the arq job that carries it."""
 
     tenant: str
@@ -154,16 +154,14 @@ def parse_claim(res: list[Any]) -> Claim:
     return Unusable("unreadable" if verdict == "unreadable" else "missing")
 
 
-@dataclass(frozen=True, slots=True)
-class Taken:
+class Taken(NamedTuple):
     """A job this worker started: its delivery, and what the claim (or a peek) found."""
 
     ref: Ref
     claim: Claim | Peek | None  # None: a peek found nothing readable to dead-letter
 
 
-@dataclass(frozen=True, slots=True)
-class ToTake:
+class ToTake(NamedTuple):
     """A due job to start: its delivery, and its sink's limits (None: only peek at it,
     to dead-letter it untried)."""
 
@@ -171,8 +169,7 @@ class ToTake:
     limits: ClaimLimits | None
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimLimits:
+class ClaimLimits(NamedTuple):
     """What a claim checks against, from the sink's settings and the worker's."""
 
     max_age_ms: int
@@ -228,15 +225,11 @@ class Steps:
     ) -> tuple[list[Taken], list[str]]:
         """Start and claim ``jobs`` (at most ``free`` of them that are not put off); the
         jobs started, and the ids of those whose job key had expired."""
-        rest: list[str | int] = []
-        for j in jobs:
-            r, lim = j.ref, j.limits
-            rest += [r.job_id, r.tenant, r.sink, r.event_id, "claim" if lim else "peek"]
-            if lim is None:
-                rest += [0, 0, 0, 0, "", 0, 0, 0]
-            else:
-                rest += [lim.max_age_ms, lim.max_attempts, lim.concurrency, lim.lease_ms,
-                         lim.url, lim.busy_ms, lim.open_jitter_ms, lim.half_open_ms]  # fmt: skip
+        # one JSON argument (C-speed to build, cjson to read) rather than 13 per job
+        spec = [
+            [j.ref.job_id, j.ref.tenant, j.ref.sink, j.ref.event_id, *(j.limits or ())]
+            for j in jobs
+        ]
         found, expired = await self._take(
             keys={"queue": self._keys.queue},
             args={
@@ -245,8 +238,8 @@ class Steps:
                 "in_progress_ms": in_progress_ms,
                 "max": free,
                 "margin_ms": MARGIN_MS,
+                "jobs": json.dumps(spec, separators=(",", ":")),
             },
-            rest=rest,
         )
         refs = {j.ref.job_id: j.ref for j in jobs}
         taken: list[Taken] = []

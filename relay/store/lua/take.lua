@@ -14,9 +14,9 @@ ARGV
   3 in_progress_ms     how long the in-progress mark holds (the heartbeat renews it)
   4 max                how many jobs this worker can start (deferred ones do not count)
   5 margin_ms          how long past its deadline a delivery's job and event are kept
-  6... jobs            per job: job_id, tenant, sink, event_id, mode (claim | peek),
-                       max_age_ms, max_attempts, cap, lease_ms, url, busy_ms,
-                       open_jitter_ms, half_open_ms
+  6 jobs               JSON: per job [job_id, tenant, sink, event_id, max_age_ms,
+                       max_attempts, cap, lease_ms, url, busy_ms, open_jitter_ms,
+                       half_open_ms], or only the first four: peek at it
 uses: claim delivery_keys
 Returns {{job_id, chat, reply, job_id, chat, reply, ...}, {expired job id, ...}}:
 reply as lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is
@@ -24,10 +24,9 @@ the ordered delivery's chat id from the job record ('' if none).
 ]]
 local now, left = tonumber(A.now), tonumber(A.max)
 local out, expired = {}, {}
-for i = 6, #ARGV, 13 do
+for _, j in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
-  local id, tenant, sink, event_id, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-    ARGV[i + 4]
+  local id, tenant, sink, event_id = j[1], j[2], j[3], j[4]
   local score = redis.call('ZSCORE', K.queue, id)
   local in_progress = IN_PROGRESS_KEY_PREFIX .. id
   if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
@@ -42,7 +41,7 @@ for i = 6, #ARGV, 13 do
       if type(chat) ~= 'string' then chat = '' end
       local k = delivery_keys(A.prefix, K.queue, id, tenant, sink, event_id, chat)
       local reply
-      if mode == 'peek' then
+      if #j == 4 then
         local st = redis.call('HMGET', k.attempts, 'a', 'first', 'last')
         local stored = redis.pcall('GET', k.ev)
         if type(stored) ~= 'string' then stored = false end
@@ -50,10 +49,9 @@ for i = 6, #ARGV, 13 do
         left = left - 1
       else
         reply = claim(k, {
-          now = now, job_id = id, max_age_ms = ARGV[i + 5], max_attempts = ARGV[i + 6],
-          cap = ARGV[i + 7], lease_ms = ARGV[i + 8], margin_ms = A.margin_ms,
-          url = ARGV[i + 9], busy_ms = ARGV[i + 10], open_jitter_ms = ARGV[i + 11],
-          half_open_ms = ARGV[i + 12],
+          now = now, job_id = id, max_age_ms = j[5], max_attempts = j[6], cap = j[7],
+          lease_ms = j[8], margin_ms = A.margin_ms, url = j[9], busy_ms = j[10],
+          open_jitter_ms = j[11], half_open_ms = j[12],
         })
         if reply[1] == 'defer' then
           redis.call('DEL', in_progress)
