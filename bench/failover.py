@@ -55,9 +55,13 @@ async def one_run(
             await relay.wait_ready(f"http://127.0.0.1:{admin}")
             url = f"http://127.0.0.1:{port}/webhooks/chert/{TENANT}"
             acked: dict[str, float] = {}
+            sent: dict[
+                str, float
+            ] = {}  # first sent: "ready again" counts webhooks sent after the kill
             stop = asyncio.Event()
 
             async def send(session: aiohttp.ClientSession, event_id: str) -> None:
+                sent[event_id] = time.monotonic()
                 raw, headers = signed(envelope(event_id))
                 for attempt in range(3):
                     try:
@@ -96,8 +100,12 @@ async def one_run(
                 promoted_s = time.monotonic() - killed_at
                 if replicas == 1:
                     await d.node(old).start()
-                await until(lambda: any(t > killed_at for t in acked.values()), 120)
-                ready_s = min(t for t in acked.values() if t > killed_at) - killed_at
+
+                def after_kill() -> list[float]:
+                    return [t for e, t in acked.items() if sent[e] > killed_at]
+
+                await until(after_kill, 120)
+                ready_s = min(after_kill()) - killed_at
                 await asyncio.sleep(after)
                 stop.set()
                 await loader

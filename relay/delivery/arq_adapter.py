@@ -106,7 +106,8 @@ class BatchStartWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._starting: set[asyncio.Task[None]] = set()
+        self._now: list[str] = []  # jobs to start at once (start_now), in the next take
+        self._now_task: asyncio.Task[None] | None = None
         self._take_lock = asyncio.Lock()  # one take at a time: ``free`` stays true
         self._backlog = False  # the last read of the queue found more due jobs than it took
         self._refill: asyncio.Task[None] | None = None
@@ -114,20 +115,28 @@ class BatchStartWorker(Worker):
 
     def start_now(self, job_id: str) -> None:
         """Start ``job_id`` (due now) at once, with the same checks as a poll's jobs,
-        instead of at the next poll. A job another worker took meanwhile is left alone."""
+        instead of at the next poll. A job another worker took meanwhile is left alone.
+        The ids asked for while a take runs go together in the next one: a batch of
+        finishes queues many chats' next events at once."""
         if not self.allow_pick_jobs:
             return
-        task = asyncio.get_running_loop().create_task(self._start_one(job_id))
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
+        self._now.append(job_id)
+        if self._now_task is None:
+            self._now_task = self.loop.create_task(self._start_asked())
 
-    async def _start_one(self, job_id: str) -> None:
+    async def _start_asked(self) -> None:
+        ids: list[str] = []
         try:
             async with self._take_lock:
-                await self._take([job_id])
+                ids, self._now = self._now, []
+                await self._take(ids)
         except (redis.exceptions.RedisError, OSError) as e:
-            # The next poll starts it: it is in the queue, due.
-            log.debug("could not start %s at once (%s); the next poll will", job_id, e)
+            # The next poll starts them: they are in the queue, due.
+            log.debug("could not start %d job(s) at once (%s); the next poll will", len(ids), e)
+        finally:
+            self._now_task = None
+        if self._now and self.allow_pick_jobs:
+            self._now_task = self.loop.create_task(self._start_asked())
 
     def _ended(self, _task: asyncio.Task[Any]) -> None:
         """A job ended: while there is a backlog, refill the free slots now (once an
