@@ -272,6 +272,7 @@ def tune_gc() -> None:
     the collector took 15-20% of the worker's CPU (bench/README.md, "Delivery
     throughput"). Memory stays bounded: a young generation holds at most that many
     objects."""
+    gc.collect()  # start-up's garbage first: frozen, it would stay
     gc.freeze()
     gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
 

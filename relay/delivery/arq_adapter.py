@@ -113,6 +113,18 @@ class BatchStartWorker(Worker):
         self._refill: asyncio.Task[None] | None = None
         self._refill_min = max(1, self.max_jobs // 8)
 
+    def stop_picking(self) -> None:
+        """No job starts here any more: not by arq's poll, a refill or :meth:`start_now`
+        (a take waiting for its turn does nothing)."""
+        self.allow_pick_jobs = False
+        self._backlog = False
+        self._now.clear()
+
+    async def takes_done(self) -> None:
+        """Wait for a take in flight: its jobs are started and tracked once it returns."""
+        async with self._take_lock:
+            pass
+
     def start_now(self, job_id: str) -> None:
         """Start ``job_id`` (due now) at once, with the same checks as a poll's jobs,
         instead of at the next poll. A job another worker took meanwhile is left alone.
@@ -155,10 +167,13 @@ class BatchStartWorker(Worker):
             while self._backlog and self.allow_pick_jobs:
                 if self.max_jobs - self.job_counter < self._refill_min:
                     break
-                # the queue's head holds the jobs running here too: read past them
+                # The queue's head holds the jobs running here too: read past them. (Jobs
+                # running on other workers can fill the head too; if they leave nothing
+                # to start, the backlog ends and arq's poll, which reads further, goes on.)
+                free = self.max_jobs - self.job_counter
                 ids = await self.pool.zrangebyscore(
                     self.queue_name, min=float("-inf"), max=timestamp_ms(), start=0,
-                    num=self.max_jobs + self.max_jobs - self.job_counter,
+                    num=self.job_counter + 4 * free,
                 )  # fmt: skip
                 await self.start_jobs(ids)
         except (redis.exceptions.RedisError, OSError) as e:
@@ -174,13 +189,12 @@ class BatchStartWorker(Worker):
             if free <= 0:
                 return
             ids = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
-            # offer the take twice what can start (some may be put off), not all
-            self._backlog = await self._take(ids[: 2 * free]) >= free
+            self._backlog = await self._take(ids) >= free
 
     async def _take(self, ids: list[str]) -> int:
         """Take and start ``ids`` (as many as there are free slots); how many started."""
         free = self.max_jobs - self.job_counter
-        if free <= 0 or not ids:
+        if free <= 0 or not ids or not self.allow_pick_jobs:
             return 0
         deliverer = job_context(self.ctx).deliverer
         taken, expired = await deliverer.take(ids, free)

@@ -67,7 +67,6 @@ from relay.delivery.steps import (
     Ref,
     Steps,
     Taken,
-    ToTake,
     Unusable,
 )
 from relay.keys import Keys
@@ -120,7 +119,7 @@ class Deliverer:
 
     def set_config(self, config: Config) -> None:
         self._config = config
-        self._sinks = SinkTable(config)
+        self._sinks = SinkTable(config, self._usable)
         self._children = MetricChildren()
         self._client.forget_keys()
         self._keys = Keys(config.redis.key_prefix)
@@ -131,6 +130,10 @@ class Deliverer:
                 "use at most %.0fs until the worker restarts",
                 self.job_timeout - JOB_MARGIN_S,
             )
+
+    def _usable(self, sink: SinkConfig) -> bool:
+        """Whether ``sink`` can be tried: no secret, or one that decodes to a key."""
+        return sink.secret is None or self._client.signing_key(sink) is not None
 
     def _sink(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get(tenant, name)
@@ -145,18 +148,9 @@ class Deliverer:
         put off (not due, its sink busy or its breaker open) is back in the queue."""
         if self.draining:
             return [], []  # they stay in the queue, for the next worker
-        prefix = self._keys.prefix + ":"
-        jobs: list[ToTake] = []
-        for job_id in job_ids:
-            tenant, _, rest = job_id.removeprefix(prefix).partition(":")
-            sink_name, _, event_id = rest.partition(":")
-            sink = self._sinks.get(tenant, sink_name)
-            usable = sink is not None and (
-                sink.secret is None or self._client.signing_key(sink) is not None
-            )
-            limits = self._sinks.limits(tenant, sink_name) if usable else None
-            jobs.append(ToTake(Ref(tenant, sink_name, event_id, job_id), limits))
-        taken, expired = await self._steps.take(jobs, free, int(heartbeat.HOLD_S * 1000))
+        taken, expired = await self._steps.take(
+            job_ids, self._sinks.claim_limits, free, int(heartbeat.HOLD_S * 1000)
+        )
         started: list[Taken] = []
         for job in taken:
             if isinstance(job.claim, Defer):

@@ -184,6 +184,7 @@ class WorkerRole:
         Their deliveries are recorded in Redis or not at all: a job whose outcome could
         not be written runs again once arq's in-progress key expires.
         """
+        worker.stop_picking()  # should Redis come back meanwhile, nothing starts here
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=self._timeout)
@@ -200,9 +201,11 @@ class WorkerRole:
         worker = self._worker
         if worker is None:
             return
-        worker.allow_pick_jobs = False
+        worker.stop_picking()
         if self.deliverer is not None:
             self.deliverer.draining = True  # a job arq is starting right now goes back
+        # a take already in Redis: once it returns, its jobs are tracked
+        await self._bounded(asyncio.ensure_future(worker.takes_done()), "a take in flight")
         grace = self._rt.config.worker.shutdown_grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace

@@ -13,6 +13,7 @@ on positions in a list.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,27 +162,6 @@ class Taken(NamedTuple):
     claim: Claim | Peek | None  # None: a peek found nothing readable to dead-letter
 
 
-class ToTake(NamedTuple):
-    """A due job to start: its delivery, and its sink's limits (None: only peek at it,
-    to dead-letter it untried)."""
-
-    ref: Ref
-    limits: ClaimLimits | None
-
-
-class ClaimLimits(NamedTuple):
-    """What a claim checks against, from the sink's settings and the worker's."""
-
-    max_age_ms: int
-    max_attempts: int
-    concurrency: int
-    lease_ms: int
-    url: str
-    busy_ms: int
-    open_jitter_ms: int
-    half_open_ms: int
-
-
 class Steps:
     """The scripts, registered once on the worker's client; finishes group-committed."""
 
@@ -221,15 +201,12 @@ class Steps:
         await self._finishes.drain()
 
     async def take(
-        self, jobs: Sequence[ToTake], free: int, in_progress_ms: int
+        self, job_ids: Sequence[str], sinks: str, free: int, in_progress_ms: int
     ) -> tuple[list[Taken], list[str]]:
-        """Start and claim ``jobs`` (at most ``free`` of them that are not put off); the
-        jobs started, and the ids of those whose job key had expired."""
-        # one JSON argument (C-speed to build, cjson to read) rather than 13 per job
-        spec = [
-            [j.ref.job_id, j.ref.tenant, j.ref.sink, j.ref.event_id, *(j.limits or ())]
-            for j in jobs
-        ]
+        """Start and claim the due jobs among ``job_ids`` (at most ``free`` of them that
+        are not put off), with ``sinks`` the claim limits of every sink that can be
+        tried (:class:`~relay.delivery.limits.SinkTable`); the jobs started, and the ids
+        of those whose job key had expired."""
         found, expired = await self._take(
             keys={"queue": self._keys.queue},
             args={
@@ -238,16 +215,19 @@ class Steps:
                 "in_progress_ms": in_progress_ms,
                 "max": free,
                 "margin_ms": MARGIN_MS,
-                "jobs": json.dumps(spec, separators=(",", ":")),
+                "seed": random.getrandbits(31),
+                "sinks": sinks,
+                # one JSON argument (C-speed to build, cjson to read), not one per job
+                "jobs": json.dumps(job_ids, separators=(",", ":")),
             },
         )
-        refs = {j.ref.job_id: j.ref for j in jobs}
+        prefix = self._keys.prefix + ":"
         taken: list[Taken] = []
         for i in range(0, len(found), 3):
             job_id, chat, reply = _text(found[i]), _text(found[i + 1]), found[i + 2]
-            ref = refs[job_id]
-            if chat:
-                ref = Ref(ref.tenant, ref.sink, ref.event_id, ref.job_id, chat)
+            tenant, _, rest = job_id.removeprefix(prefix).partition(":")
+            sink, _, event_id = rest.partition(":")
+            ref = Ref(tenant, sink, event_id, job_id, chat or None)
             if _text(reply[0]) == "peek":
                 taken.append(Taken(ref, _parse_peek(reply)))
             else:
