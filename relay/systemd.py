@@ -45,6 +45,7 @@ class Notifier:
             self.watchdog_interval = int(usec) / 2_000_000
         self._sock: socket.socket | None = None
         self._warned = False
+        self._warned_full = False
 
     @property
     def enabled(self) -> bool:
@@ -58,7 +59,19 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the event loop: a listener that stopped reading (its queue
+                # full) costs this message, not the daemon.
+                self._sock.setblocking(False)
             self._sock.sendto(text.encode(), self.address)
+        except BlockingIOError:
+            if not self._warned_full:
+                log.warning(
+                    "systemd's notify socket %s is not being read; notifications are dropped "
+                    "while it is full",
+                    self.address.lstrip("\0"),
+                )
+                self._warned_full = True
+            return False
         except OSError as e:
             if not self._warned:
                 log.warning("cannot notify systemd at %s: %s", self.address.lstrip("\0"), e)

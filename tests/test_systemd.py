@@ -87,6 +87,23 @@ def test_the_notifier_speaks_sd_notify_and_leaves_the_environment_clean(
     n.close()
 
 
+def test_a_notify_socket_nobody_reads_never_blocks_the_sender(
+    notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kernel queues a few datagrams per socket (net.unix.max_dgram_qlen); past that,
+    # a blocking send would hang the relay's event loop until someone read.
+    n = Notifier({"NOTIFY_SOCKET": str(notify.path)})
+    sent = [n.send(watchdog=1) for _ in range(2000)]
+    assert sent[0]
+    assert not all(sent)  # the queue filled: those messages were dropped, not waited on
+    assert "is not being read" in caplog.text
+    assert len([r for r in caplog.records if "is not being read" in r.message]) == 1
+    notify.messages()  # read: the queue has room again
+    assert n.send(stopping=1)
+    assert notify.messages() == [{"STOPPING": "1"}]
+    n.close()
+
+
 def test_the_notifier_reaches_an_abstract_socket() -> None:
     name = f"chert-relay-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
