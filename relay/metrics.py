@@ -8,6 +8,9 @@ scrape time by collectors registered by the roles that own them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,10 +19,15 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.config import Config
+
+if TYPE_CHECKING:
+    import redis
 
 PREFIX = "chert_relay"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -312,3 +320,20 @@ def total(metric: Counter | Gauge, **labels: str) -> float:
             if all(s.labels.get(k) == v for k, v in labels.items()):
                 out += s.value
     return out
+
+
+class RedisStateCollector(Collector):
+    """Base of the collectors that read state from Redis at scrape time: Prometheus
+    scrapes run in a thread (``relay.admin.app``), so each has a blocking client of its
+    own (short timeouts), closed with it. Families are built per scrape, none declared."""
+
+    def __init__(self, client: redis.Redis, config: Config) -> None:
+        self._client = client
+        self.config = config
+
+    def close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -20,6 +20,7 @@ from relay.config_values import Listen
 from relay.ingest.http_server import HttpServer
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import ReceiverClient, ServeReceiver
+from tests.support.process import RelayProcess
 
 # Property tests check correctness, not speed: on a busy 2-core machine an example may
 # take longer than hypothesis' default 200 ms deadline.
@@ -101,3 +102,12 @@ async def serve_receiver() -> AsyncIterator[ServeReceiver]:
     for server, session in started:
         await session.close()
         await server.shutdown(1.0)
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[RelayProcess]]:
+    """Relay processes a test starts: each is killed when the test ends."""
+    started: list[RelayProcess] = []
+    yield started
+    for p in started:
+        p.kill()

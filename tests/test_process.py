@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from redis.asyncio import Redis
 
 from relay.errors import EXIT_CONFIG, EXIT_OK
@@ -17,14 +16,6 @@ from relay.keys import Keys
 from relay.store.embedded import EmbeddedRedis
 from tests.support.common import TENANT, config_dict, envelope, signed
 from tests.support.process import RelayProcess, listen_ports, write_toml
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def relay_config(tmp_path: Path, redis_url: str | None, **sections: Any) -> tuple[Path, str, str]:

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, config_dict, envelope, signed, wait_for
 from tests.support.delivery import FAST_WORKER, Received, Sink, sink_conf, sinks
 from tests.support.process import RelayProcess, write_toml
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 async def scraped(session: aiohttp.ClientSession, admin: str, name: str, **labels: str) -> float:

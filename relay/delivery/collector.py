@@ -17,30 +17,17 @@ from collections.abc import Iterator
 import redis
 import redis.exceptions
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from relay.config import Config
 from relay.delivery import breaker
 from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
-from relay.metrics import PREFIX
+from relay.metrics import PREFIX, RedisStateCollector
 
 log = logging.getLogger(__name__)
 
 
-class DeliveryCollector(Collector):
+class DeliveryCollector(RedisStateCollector):
     """Queue depth, stored dead letters and breaker states, read from Redis per scrape."""
-
-    def __init__(self, client: redis.Redis, config: Config) -> None:
-        self._client = client
-        self.config = config
-
-    def close(self) -> None:
-        self._client.close()
-        self._client.connection_pool.disconnect()
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         p = PREFIX

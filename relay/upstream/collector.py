@@ -17,28 +17,15 @@ from collections.abc import Iterator
 import redis
 import redis.exceptions
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from relay.config import Config
 from relay.keys import Keys
-from relay.metrics import PREFIX
+from relay.metrics import PREFIX, RedisStateCollector
 
 log = logging.getLogger(__name__)
 
 
-class TenantStateCollector(Collector):
+class TenantStateCollector(RedisStateCollector):
     """``last_webhook_timestamp_seconds`` and ``poll_watermark_timestamp_seconds``."""
-
-    def __init__(self, client: redis.Redis, config: Config) -> None:
-        self._client = client
-        self.config = config
-
-    def close(self) -> None:
-        self._client.close()
-        self._client.connection_pool.disconnect()
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         cfg = self.config
