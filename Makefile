@@ -19,10 +19,11 @@ setup: deps venv
 # The relay's embedded default and the test suite both start a private redis-server;
 # the suite also checks the systemd units (systemd-analyze, from Debian's systemd),
 # drives the operator page in Debian's chromium (through Playwright, never its own
-# browser downloads), and checks the alert rules with promtool, which `make venv` takes
+# browser downloads), runs workers with a skewed clock under libfaketime (faketime),
+# and checks the alert rules with promtool, which `make venv` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
 # start a Prometheus server.
-DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd chromium:chromium
+DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd chromium:chromium faketime:faketime
 
 deps:
 	@missing=""; for pair in $(DEB_TOOLS); do \

@@ -208,6 +208,10 @@ class WorkerConfig(_Section):
     breaker_cooldown: Duration = Field(30.0, gt=0)
     # A job whose sink is at its in-flight cap (sink.concurrency) waits about this long.
     busy_defer: Duration = Field(0.25, gt=0)
+    # A job of a sink this worker does not know — a reload that reached `serve` before
+    # this worker, or a sink removed — is put off this long before it is dead-lettered
+    # as gone.
+    unknown_sink_grace: Duration = Field(600.0, gt=0)
 
 
 class ApiConfig(_Section):

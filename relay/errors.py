@@ -163,6 +163,7 @@ class SignatureError(RelayError):
     (``missing``, ``malformed``, ``stale``, ``future``, ``mismatch``) used in logs and
     metrics; it never includes the secret or the expected digest."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, skew: float | None = None) -> None:
         self.reason = reason
+        self.skew = skew  # now minus the signed timestamp, when it was read
         super().__init__(detail)

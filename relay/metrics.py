@@ -83,6 +83,15 @@ class Metrics:
             ["tenant", "reason"],
             registry=r,
         )
+        self.webhook_timestamp_age = Gauge(
+            f"{p}_webhook_timestamp_age_seconds",
+            "How old the signed timestamp of the tenant's last signed webhook was on "
+            "arrival, by this machine's clock (accepted or refused as stale/future): a few "
+            "seconds normally; a steady drift toward signature_tolerance means the clocks "
+            "disagree, and past it every webhook is refused (401).",
+            ["tenant"],
+            registry=r,
+        )
         self.webhook_seconds = Histogram(
             f"{p}_webhook_ack_seconds",
             "Time from a webhook request's arrival to its answer.",
@@ -222,7 +231,8 @@ class Metrics:
         self.delivery_deferrals = Counter(
             f"{p}_delivery_deferrals_total",
             "Due deliveries put off without an HTTP call, by reason "
-            "(breaker_open, half_open, busy, not_due).",
+            "(breaker_open, half_open, busy, not_due, unknown_sink: a sink this worker does "
+            "not know yet).",
             ["tenant", "sink", "reason"],
             registry=r,
         )
@@ -247,6 +257,14 @@ class Metrics:
             buckets=SLOW_BUCKETS,
             registry=r,
         )
+        self.delivery_stale_finishes = Counter(
+            f"{p}_delivery_stale_finishes_total",
+            "Delivery outcomes not recorded because the run had lost its hold on the "
+            "delivery (its worker was paused or its loop blocked past the hold) and "
+            "another run had taken it over: the sink may have got the event twice.",
+            ["tenant", "sink"],
+            registry=r,
+        )
         self.dead_lettered = Counter(
             f"{p}_dead_lettered_total",
             "Deliveries turned into dead letters by this process, by class "
@@ -268,6 +286,12 @@ class Metrics:
         # --- process ------------------------------------------------------------------
         self.redis_up = Gauge(f"{p}_redis_up", "1 when the last Redis check succeeded.", registry=r)
         self.draining = Gauge(f"{p}_draining", "1 while the process is shutting down.", registry=r)
+        self.clock_offset = Gauge(
+            f"{p}_clock_offset_seconds",
+            "Redis' clock minus this machine's clock, as last measured (the relay takes "
+            "shared times from Redis; warned about past 1 s).",
+            registry=r,
+        )
 
     # --- children that exist before their first event --------------------------------
     # increase() and rate() miss a counter's first increment when its series appears
@@ -305,6 +329,7 @@ class Metrics:
                     self.deliveries.labels(t.slug, s.name, outcome, "none")
                 for cls in DEAD_LETTER_CLASSES:
                     self.dead_lettered.labels(t.slug, s.name, cls)
+                self.delivery_stale_finishes.labels(t.slug, s.name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

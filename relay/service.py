@@ -39,6 +39,7 @@ from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime
+from relay.store import clock
 from relay.store.client import wait_for_redis
 from relay.store.endpoint import open_client
 from relay.systemd import Notifier
@@ -137,6 +138,7 @@ class Service:
             log.info("using Redis at %s", endpoint.describe())
             metrics = Metrics()
             metrics.redis_up.set(1)
+            clock.CLOCK.on_change = metrics.clock_offset.set
             ingestor = Ingestor(client, self.config, metrics)
             self.runtime = rt = Runtime(
                 config=self.config,
@@ -172,7 +174,8 @@ class Service:
                     helpers = [
                         tg.create_task(
                             endpoint.watch_primary(self._primary_changed), name="primary"
-                        )
+                        ),
+                        tg.create_task(clock.watch(client), name="clock"),
                     ]
                     if self.notifier.enabled:
                         helpers.append(tg.create_task(self.notifier.watchdog(), name="watchdog"))

@@ -131,8 +131,9 @@ def verify_webhook(
     *,
     tolerance: float,
     now: float | None = None,
-) -> None:
-    """Verify a Chert webhook; return on success, raise ``SignatureError`` otherwise.
+) -> float:
+    """Verify a Chert webhook: on success, how old its signed timestamp is (seconds, by
+    this machine's clock; negative: in the future); raise ``SignatureError`` otherwise.
 
     ``headers`` must look names up case-insensitively (aiohttp's ``CIMultiDict`` does).
     ``secrets`` are raw secrets or, faster, keys from :func:`webhook_key`.
@@ -147,9 +148,9 @@ def verify_webhook(
         timestamp, candidates = parse_signature_header(value)
     skew = (time.time() if now is None else now) - timestamp
     if skew > tolerance:
-        raise SignatureError("stale", f"signature timestamp is {int(skew)} s old")
+        raise SignatureError("stale", f"signature timestamp is {int(skew)} s old", skew)
     if -skew > tolerance:
-        raise SignatureError("future", f"signature timestamp is {int(-skew)} s in the future")
+        raise SignatureError("future", f"signature timestamp is {int(-skew)} s in the future", skew)
     if not secrets:
         raise SignatureError("mismatch", "no webhook secret is configured for this tenant")
     ok = False
@@ -164,6 +165,7 @@ def verify_webhook(
             ok |= hmac.compare_digest(expected, candidate)
     if not ok:
         raise SignatureError("mismatch", "signature does not match any configured secret")
+    return skew
 
 
 # --- Standard Webhooks, for deliveries to sinks ----------------------------------------

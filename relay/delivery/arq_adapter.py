@@ -15,6 +15,9 @@ the relay starts and runs the jobs (``relay.delivery.deliverer`` is what a job d
   code, never by arq (a raising arq hook would kill arq's worker).
 - a job is marked in progress for ``heartbeat.HOLD_S`` (10 s), renewed by the worker
   while it runs (:mod:`relay.delivery.heartbeat`), rather than arq's job timeout + 10 s.
+- due times are Redis' clock (``take.lua`` checks them by it); a worker whose clock is
+  behind Redis' reads the queue again by Redis' clock (:mod:`relay.store.clock`), since
+  arq's own read, by this machine's clock, would miss the jobs just due.
 - a job run that arq itself fails (Redis gone around the job function) is logged
   briefly (:meth:`BatchStartWorker.job_done`), never left to asyncio's
   "Task exception was never retrieved".
@@ -38,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 from arq.connections import ArqRedis
-from arq.utils import timestamp_ms
 from arq.worker import Retry, Worker, func
 
 from relay.config import Config
@@ -46,6 +48,7 @@ from relay.delivery import heartbeat
 from relay.keys import Keys
 from relay.logs import Throttle
 from relay.store import jobs
+from relay.store.clock import CLOCK
 
 if TYPE_CHECKING:
     from relay.delivery.deliverer import Deliverer
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 CTX_KEY = "relay"  # the one key of arq's ctx dict the relay uses
 JOB_MARGIN_S = 3.0  # arq's job timeout = longest sink timeout + this
 MAX_PICKUPS = sys.maxsize  # arq's max_tries: unbounded; the relay's own limits end a delivery
+BEHIND_MS = 20  # a clock this far behind Redis' reads the queue again, by Redis' clock
 
 
 @dataclass
@@ -172,7 +176,7 @@ class BatchStartWorker(Worker):
                 # to start, the backlog ends and arq's poll, which reads further, goes on.)
                 free = self.max_jobs - self.job_counter
                 ids = await self.pool.zrangebyscore(
-                    self.queue_name, min=float("-inf"), max=timestamp_ms(), start=0,
+                    self.queue_name, min=float("-inf"), max=CLOCK.now_ms(), start=0,
                     num=self.job_counter + 4 * free,
                 )  # fmt: skip
                 await self.start_jobs(ids)
@@ -188,6 +192,13 @@ class BatchStartWorker(Worker):
             free = self.max_jobs - self.job_counter
             if free <= 0:
                 return
+            if CLOCK.offset_ms > BEHIND_MS and len(job_ids) < self.queue_read_limit:
+                # This machine's clock is behind Redis': arq read the queue by it, and
+                # missed the jobs due by Redis' clock, which every script goes by.
+                job_ids = await self.pool.zrangebyscore(
+                    self.queue_name, min=float("-inf"), max=CLOCK.now_ms(), start=0,
+                    num=self.queue_read_limit,
+                )  # fmt: skip
             ids = [i for i in (j.decode() for j in job_ids) if i not in self.tasks]
             self._backlog = await self._take(ids) >= free
 

@@ -11,7 +11,6 @@ a Redis that does not answer leaves these families out of that scrape (logged), 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 
 import redis
@@ -22,6 +21,7 @@ from relay.delivery import breaker
 from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
 from relay.metrics import PREFIX, RedisStateCollector
+from relay.store.clock import CLOCK
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class DeliveryCollector(RedisStateCollector):
         q = keys.queue
         pairs = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks]
         ordered = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks if s.ordering != "none"]
-        now = time.time()
+        now = CLOCK.now()  # the queue's due times are Redis' clock
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.zcount(q, "-inf", int(now * 1000))
@@ -49,6 +49,7 @@ class DeliveryCollector(RedisStateCollector):
                 for tenant, sink in ordered:
                     pipe.zcard(keys.held_chats(tenant, sink))
                     pipe.zrange(keys.held_chats(tenant, sink), 0, 0, withscores=True)
+                pipe.info("memory")
                 found = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
         except (redis.exceptions.RedisError, OSError) as e:
@@ -56,6 +57,18 @@ class DeliveryCollector(RedisStateCollector):
             yield _readable(0)
             return
         yield _readable(1)
+        memory = found[-1]
+        yield GaugeMetricFamily(
+            f"{p}_redis_memory_used_bytes",
+            "Memory Redis uses (INFO memory used_memory): at redis_maxmemory_bytes Redis "
+            "refuses new events (503) while deliveries drain.",
+            value=float(memory.get("used_memory", 0)),
+        )
+        yield GaugeMetricFamily(
+            f"{p}_redis_maxmemory_bytes",
+            "Redis' maxmemory (0: no limit set).",
+            value=float(memory.get("maxmemory", 0)),
+        )
         ready, scheduled, oldest = found[0], found[1], found[2]
         yield GaugeMetricFamily(f"{p}_queue_ready_jobs", "Delivery jobs due now.", value=ready)
         yield GaugeMetricFamily(

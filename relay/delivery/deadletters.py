@@ -336,8 +336,7 @@ class DeadLetterStore:
 
     async def _replay_batch(self, batch: list[DeadLetter], out: Outcome, dry_run: bool) -> None:
         k = self._keys
-        now = time.time()
-        now_ms = int(now * 1000)
+        now_ms = int(time.time() * 1000)  # the job record's enqueue time (arq's; shown only)
         calls: list[DeadLetter] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for d in batch:
@@ -371,10 +370,9 @@ class DeadLetterStore:
                 )
                 args = {
                     "member": member(d.sink, d.event_id),
-                    "now": now_ms,
                     "job": job,
                     "job_ttl_ms": ttl_ms,
-                    "deadline_ms": int((now + sink.max_age) * 1000),
+                    "max_age_ms": int(sink.max_age * 1000),
                     "attempts_ttl_ms": ttl_ms,
                     "job_id": job_id,
                     "event_id": d.event_id,
@@ -433,7 +431,6 @@ class DeadLetterStore:
                     "event_id": d.event_id,
                     "chat": d.chat or "",
                     "job_base": k.job_id(d.tenant, d.sink, ""),
-                    "now": int(time.time() * 1000),
                 }
                 await self._purge(keys=keys, args=args, client=pipe)
             results = await pipe.execute()

@@ -71,6 +71,7 @@ from relay.delivery.steps import (
 )
 from relay.keys import Keys
 from relay.metrics import Metrics
+from relay.store.clock import CLOCK
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,12 @@ class Deliverer:
         if isinstance(job.claim, Go):
             k = self._keys
             return Running(
-                ref.job_id, k.inflight(ref.tenant, ref.sink), k.breaker(ref.tenant, ref.sink)
+                ref.job_id,
+                ref.token,
+                k.inflight(ref.tenant, ref.sink),
+                k.breaker(ref.tenant, ref.sink),
             )
-        return Running(ref.job_id)
+        return Running(ref.job_id, ref.token)
 
     async def run(self, job: Taken) -> RunOutcome:
         """Carry a started job to its end: an attempt and its finish, or a dead letter
@@ -211,7 +215,7 @@ class Deliverer:
         until it expires."""
         try:
             async with asyncio.timeout(FAULT_CHECK_S):
-                return await self._steps.reschedule(ref, _now_ms() + int(wait * 1000))
+                return await self._steps.reschedule(ref, int(wait * 1000))
         except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
             log.warning("could not reschedule job %s after the fault (%s)", ref.job_id, e)
             return True
@@ -219,12 +223,21 @@ class Deliverer:
     async def _run(self, job: Taken) -> RunOutcome:
         ref, claim = job.ref, job.claim
         sink = self._sink(ref.tenant, ref.sink)
-        if sink is None:  # not configured (or reloaded away since the take)
-            found = claim if isinstance(claim, Peek) else _peek_of(claim)
-            await self._dead_letter_unclaimed(
-                ref, found, "gone", "the sink is no longer configured"
-            )
-            return "done"
+        if sink is None:
+            if isinstance(claim, Peek) or claim is None:
+                # take.lua found the sink unknown for longer than unknown_sink_grace
+                await self._dead_letter_unclaimed(
+                    ref,
+                    claim,
+                    "gone",
+                    "the sink is not configured (on this worker, for longer than "
+                    f"worker.unknown_sink_grace, {self._config.worker.unknown_sink_grace:g}s)",
+                )
+                return "done"
+            # Reloaded away since the take: give the run back; the next take puts the
+            # delivery off for the grace, in case the sink is only being moved.
+            await self._steps.release(ref)
+            return "retried"
         if isinstance(claim, Peek) or claim is None:  # its secret is not a usable key
             self._metrics.deliveries.labels(ref.tenant, ref.sink, "rejected", "none").inc()
             await self._dead_letter_unclaimed(ref, claim, "rejected", UNUSABLE_KEY_ERROR)
@@ -235,7 +248,7 @@ class Deliverer:
                 gone = "gone" if what == "missing" else what
                 log.error("the stored event is %s; nothing to deliver (job %s)", gone, ref.job_id)
                 self._metrics.deliveries.labels(ref.tenant, ref.sink, "missing", "none").inc()
-                self._ready(await self._steps.finish(ref, _now_ms(), Finish("drop")))
+                await self._finish(ref, Finish("drop"))
                 return "done"
             case Ended():
                 await self._ended(ref, sink, claim)
@@ -294,8 +307,10 @@ class Deliverer:
 
     async def _delivered(self, a: _Attempt, answer: Answer, now: int) -> None:
         ref, stored, m = a.ref, a.go.stored, self._metrics
-        self._ready(await self._steps.finish(ref, now, Finish("ok", effect="success")))
-        self._count(ref, "delivered", answer)
+        applied = await self._finish(ref, Finish("ok", effect="success"), answer)
+        self._count(ref, "delivered", answer)  # the sink has it, whichever run records it
+        if not applied:
+            return
         done = time.time()
         of = self._children.of
         of(m.delivery_relay_seconds, ref.tenant, ref.sink).observe(
@@ -320,20 +335,17 @@ class Deliverer:
             go.attempt, now, go.deadline_ms, sink, self._config.worker, answer.retry_after
         )
         if nxt.give_up is None:
-            self._ready(
-                await self._steps.finish(
-                    ref,
-                    now,
-                    Finish(
-                        "retry",
-                        due_ms=nxt.due_ms,
-                        status=answer.status,
-                        error=error,
-                        effect="failure",
-                    ),
-                )
+            retry = Finish(
+                "retry",
+                delay_ms=max(0, nxt.due_ms - now),
+                status=answer.status,
+                error=error,
+                effect="failure",
             )
+            applied = await self._finish(ref, retry, answer)
             self._count(ref, "retried", answer)
+            if not applied:
+                return "done"  # another run holds the delivery now
             log.info(
                 "delivery ended: attempt %d failed in %.3fs (%s); next in %.2fs",
                 go.attempt,
@@ -372,7 +384,7 @@ class Deliverer:
             attempts=tried.attempts,
             first_attempt=tried.first,
             last_attempt=tried.last,
-            dead_lettered_at=_now_ms() / 1000,
+            dead_lettered_at=CLOCK.now(),
             chat=ref.chat,
         )
 
@@ -385,22 +397,17 @@ class Deliverer:
         gone_url: str = "",
         seconds: float | None = None,
     ) -> None:
-        now = round(entry.dead_lettered_at * 1000)
-        self._ready(
-            await self._steps.finish(
-                ref,
-                now,
-                Finish(
-                    "dead",
-                    status=entry.status,
-                    error=entry.error,
-                    effect=effect,
-                    gone_url=gone_url,
-                    entry=entry,
-                    hold=self._holds(ref),
-                ),
-            )
+        dead = Finish(
+            "dead",
+            status=entry.status,
+            error=entry.error,
+            effect=effect,
+            gone_url=gone_url,
+            entry=entry,
+            hold=self._holds(ref),
         )
+        if not await self._finish(ref, dead):
+            return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, entry.cls).inc()
         took = "" if seconds is None else f" in {seconds:.3f}s"
         log.warning(
@@ -410,6 +417,29 @@ class Deliverer:
             took,
             entry.error,
         )
+
+    async def _finish(self, ref: Ref, f: Finish, answer: Answer | None = None) -> bool:
+        """Record ``f``; False if this run no longer held the delivery — its worker was
+        paused or its loop blocked past the hold (``heartbeat.HOLD_S``), and another run
+        took the delivery over or finished it: nothing was recorded, the sink may get
+        the event twice (never zero times)."""
+        done = await self._steps.finish(ref, f)
+        if not done.applied:
+            self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
+            answered = (
+                "" if answer is None else f" (the sink answered {answer.status or answer.error})"
+            )
+            log.warning(
+                "delivery outcome %r not recorded%s: this run lost its hold on the delivery "
+                "(the worker was paused or its loop blocked for more than %.0fs) and another "
+                "run has taken it over; the sink may receive this event more than once",
+                f.outcome,
+                answered,
+                heartbeat.HOLD_S,
+            )
+            return False
+        self._ready(done.next_job)
+        return True
 
     def _ready(self, next_job: str | None) -> None:
         """An ordered chat's next event was queued: start it now rather than at the next
@@ -434,23 +464,14 @@ class Deliverer:
         ``found`` is what ``take`` read of it (None: nothing readable)."""
         if found is None:
             # Nothing (readable) left to deliver: no dead letter without its event.
-            self._ready(await self._steps.finish(ref, _now_ms(), Finish("drop")))
+            await self._finish(ref, Finish("drop"))
             return
         entry = self._entry(ref, found.stored.type, cls, found.tried, None, error)
-        now = round(entry.dead_lettered_at * 1000)
         finish = Finish("dead", error=entry.error, entry=entry, hold=self._holds(ref))
-        self._ready(await self._steps.finish(ref, now, finish))
+        if not await self._finish(ref, finish):
+            return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
-
-
-def _peek_of(claim: Go | Defer | Ended | Unusable | None) -> Peek | None:
-    """What a claim read of a delivery, as a peek (to dead-letter it untried)."""
-    if isinstance(claim, Go):
-        return Peek(claim.stored, Tried(claim.attempt - 1, claim.first_ms / 1000, None))
-    if isinstance(claim, Ended):
-        return Peek(claim.stored, claim.tried)
-    return None
 
 
 def _why_ended(end: Ended, sink: SinkConfig) -> str:
@@ -474,4 +495,4 @@ def _why_ended(end: Ended, sink: SinkConfig) -> str:
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return CLOCK.now_ms()

@@ -8,7 +8,11 @@ last :data:`HOLD_S` and a live worker renews those of every job it is running ev
 :data:`BEAT_S` (``renew.lua``): a dead worker's deliveries run again, and its slots come
 free, within :data:`HOLD_S`, while a live worker's are never taken from it unless its
 event loop (or Redis) stalls for ``HOLD_S - BEAT_S`` — then a delivery may run twice
-(at least once is kept; that is all that is risked).
+(at least once is kept; that is all that is risked). The holds are fenced: a run's
+in-progress mark holds its token, and a worker that comes back from such a stall finds
+another token (or none), renews nothing of it and drops the job from its list; its
+finish then changes nothing either (``lib/finish.lua``) — a stall costs a duplicate
+delivery, never an event.
 
 :func:`census` tells a starting worker what it inherits: deliveries marked in progress
 by other workers (alive, or dead and about to expire) and in-flight leases held.
@@ -29,6 +33,7 @@ from redis.asyncio import Redis
 from relay.config import Config
 from relay.keys import Keys
 from relay.store import scripts
+from relay.store.clock import CLOCK
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class Running:
     """A job this worker runs: its in-flight and breaker keys while it is attempting."""
 
     job_id: str
+    token: str  # the run's fencing token (take.lua)
     inflight: str = ""
     breaker: str = ""
 
@@ -53,21 +59,43 @@ class Heartbeat:
         self._renew = scripts.script("renew").bind(client)
         self._running = running
         self._trouble = False
+        self._absent: set[str] = set()  # jobs found without a mark at the last beat
 
     async def beat(self) -> int:
-        """Renew once; how many in-progress marks were renewed."""
+        """Renew once; how many in-progress marks were renewed. A job whose mark no
+        longer holds its run's token is dropped from the running list (and logged)."""
         jobs = list(self._running.values())
         renewed = 0
+        taken: list[str] = []
+        absent: set[str] = set()
         for i in range(0, len(jobs), _CHUNK):
             rest: list[str] = []
             for r in jobs[i : i + _CHUNK]:
-                rest += [r.job_id, in_progress_key_prefix + r.job_id, r.inflight, r.breaker]
-            renewed += int(
-                await self._renew(
-                    keys={},
-                    args={"now": int(time.time() * 1000), "hold_ms": int(HOLD_S * 1000)},
-                    rest=rest,
-                )
+                mark = in_progress_key_prefix + r.job_id
+                rest += [r.job_id, r.token, mark, r.inflight, r.breaker]
+            sent = time.time()
+            n, other, none, redis_ms = await self._renew(
+                keys={}, args={"hold_ms": int(HOLD_S * 1000)}, rest=rest
+            )
+            CLOCK.observe(int(redis_ms), sent, time.time())
+            renewed += int(n)
+            taken += [_text(j) for j in other]
+            absent.update(_text(j) for j in none)
+        # A run that has just finished deleted its own mark: a missing mark means a lost
+        # hold only if the run is still listed at the next beat too.
+        lost = taken + [j for j in absent & self._absent if j in self._running]
+        self._absent = absent
+        for job_id in lost:
+            self._running.pop(job_id, None)
+        if lost:
+            log.warning(
+                "worker heartbeat: %d running deliver%s lost %s hold (this worker was paused "
+                "or its loop blocked for more than %.0fs); another worker may run them "
+                "again, and their outcome here will not be recorded",
+                len(lost),
+                "y" if len(lost) == 1 else "ies",
+                "its" if len(lost) == 1 else "their",
+                HOLD_S,
             )
         return renewed
 
@@ -137,3 +165,7 @@ async def log_census(client: Redis, config: Config) -> Inherited | None:
             log.info("worker: no deliveries in progress elsewhere, no in-flight leases")
         return found
     return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -16,7 +16,7 @@ from relay.delivery import heartbeat
 
 
 class SinkTable:
-    """Every configured sink, and the claim limits of those that can be tried."""
+    """Every configured sink, and the claim limits of each (whether it can be tried)."""
 
     def __init__(self, config: Config, usable: Callable[[SinkConfig], bool]) -> None:
         w = config.worker
@@ -37,12 +37,13 @@ class SinkTable:
                     lease_ms,
                     s.url,
                     *waits,
+                    1 if usable(s) else 0,
                 ]
                 for (tenant, name), s in self._sinks.items()
-                if usable(s)
             },
             separators=(",", ":"),
-        )  # take.lua's `sinks`: a job of a sink not in it is only peeked at
+        )  # take.lua's `sinks`: a job of an unusable sink is only peeked at, one of a
+        # sink not in it put off (this worker's reload may be on the way)
 
     def get(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get((tenant, name))

@@ -4,7 +4,11 @@ The scripts are ``lua/take.lua`` (a poll's jobs started and claimed in one call)
 ``finish_batch.lua`` (the finishes of concurrent deliveries, group-committed through a
 :class:`~relay.store.script_pipe.ScriptPipeline`: one call per batch, fsynced together),
 ``release.lua`` and ``reschedule.lua`` (their headers say what each does); the rules of
-a claim and a finish are ``lib/claim.lua`` and ``lib/finish.lua``. This module calls
+a claim and a finish are ``lib/claim.lua`` and ``lib/finish.lua``. A take gives each
+run a fencing token (kept in arq's in-progress mark); the finish, release, reschedule
+and the heartbeat's renewal apply only while the mark still holds it, so a run whose
+worker was paused past its hold can change nothing another run now owns. Times are
+Redis' clock (:mod:`relay.store.clock`). This module calls
 them with named keys and arguments and reads their replies into small typed records, so
 the deliverer (:mod:`relay.delivery.deliverer`) branches on a :data:`Claim` rather than
 on positions in a list.
@@ -12,7 +16,9 @@ on positions in a list.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -26,13 +32,14 @@ from relay.delivery import breaker, deadletters
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.keys import Keys
 from relay.store import jobs, scripts, stored_event
+from relay.store.clock import CLOCK
 from relay.store.script_pipe import ScriptPipeline, bulk, bulks
 from relay.store.stored_event import StoredEvent
 
 MARGIN_MS = int(jobs.EXPIRY_MARGIN_S * 1000)  # a delivery's job and event outlive its deadline
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
 
-DeferReason = Literal["not_due", "breaker_open", "half_open", "busy"]
+DeferReason = Literal["not_due", "breaker_open", "half_open", "busy", "unknown_sink"]
 EndReason = Literal["gone", "expired", "exhausted"]
 FinishOutcome = Literal["ok", "retry", "dead", "drop"]
 BreakerEffect = Literal["success", "failure", "none"]
@@ -46,6 +53,7 @@ class Ref(NamedTuple):
     event_id: str
     job_id: str
     chat: str | None = None  # an ordered delivery's chat
+    token: str = ""  # the run's fencing token (take.lua): only its holder may finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +110,7 @@ class Finish:
     """How an attempt (or a run without one) ends, for :meth:`Steps.finish`."""
 
     outcome: FinishOutcome
-    due_ms: int = 0  # retry: when the next attempt is due
+    delay_ms: int = 0  # retry: the next attempt is due this long from now (Redis' clock)
     status: int | None = None
     error: str = ""
     effect: BreakerEffect = "none"
@@ -162,6 +170,17 @@ class Taken(NamedTuple):
     claim: Claim | Peek | None  # None: a peek found nothing readable to dead-letter
 
 
+class Finished(NamedTuple):
+    """How a finish went: applied, or refused as stale (the run no longer held the
+    delivery: nothing changed); for an ordered delivery, its chat's next job, now due."""
+
+    applied: bool
+    next_job: str | None = None
+
+
+STALE = Finished(False)
+
+
 class Steps:
     """The scripts, registered once on the worker's client; finishes group-committed."""
 
@@ -178,6 +197,8 @@ class Steps:
             what="delivery finish",
         )
         self._finish = self._finishes.call  # one finish, batched with the others
+        self._tag = os.urandom(6).hex()  # this worker's part of every fencing token
+        self._takes = itertools.count(1)
         self.set_config(keys, worker)
 
     def set_config(self, keys: Keys, worker: WorkerConfig) -> None:
@@ -204,30 +225,34 @@ class Steps:
         self, job_ids: Sequence[str], sinks: str, free: int, in_progress_ms: int
     ) -> tuple[list[Taken], list[str]]:
         """Start and claim the due jobs among ``job_ids`` (at most ``free`` of them that
-        are not put off), with ``sinks`` the claim limits of every sink that can be
-        tried (:class:`~relay.delivery.limits.SinkTable`); the jobs started, and the ids
-        of those whose job key had expired."""
-        found, expired = await self._take(
+        are not put off), with ``sinks`` the claim limits of every sink this worker knows
+        (:class:`~relay.delivery.limits.SinkTable`); the jobs started, and the ids of
+        those whose job key had expired."""
+        sent = time.time()
+        found, expired, redis_ms = await self._take(
             keys={"queue": self._keys.queue},
             args={
                 "prefix": self._keys.prefix,
-                "now": _now_ms(),
+                "tag": f"{self._tag}.{next(self._takes)}",
                 "in_progress_ms": in_progress_ms,
                 "max": free,
                 "margin_ms": MARGIN_MS,
                 "seed": random.getrandbits(31),
                 "sinks": sinks,
+                "unknown_grace_ms": int(self._worker.unknown_sink_grace * 1000),
                 # one JSON argument (C-speed to build, cjson to read), not one per job
                 "jobs": json.dumps(job_ids, separators=(",", ":")),
             },
         )
+        CLOCK.observe(int(redis_ms), sent, time.time())
         prefix = self._keys.prefix + ":"
         taken: list[Taken] = []
-        for i in range(0, len(found), 3):
-            job_id, chat, reply = _text(found[i]), _text(found[i + 1]), found[i + 2]
+        for i in range(0, len(found), 4):
+            job_id, chat, token = _text(found[i]), _text(found[i + 1]), _text(found[i + 2])
+            reply = found[i + 3]
             tenant, _, rest = job_id.removeprefix(prefix).partition(":")
             sink, _, event_id = rest.partition(":")
-            ref = Ref(tenant, sink, event_id, job_id, chat or None)
+            ref = Ref(tenant, sink, event_id, job_id, chat or None, token)
             if _text(reply[0]) == "peek":
                 taken.append(Taken(ref, _parse_peek(reply)))
             else:
@@ -246,45 +271,48 @@ class Steps:
             "queue": k.queue,
         }
 
-    async def finish(self, ref: Ref, now_ms: int, f: Finish) -> str | None:
-        """Record ``f`` (batched with the finishes of concurrent deliveries); for an
-        ordered delivery, the job id of its chat's next event, which is due now (None if
-        there is none)."""
+    async def finish(self, ref: Ref, f: Finish) -> Finished:
+        """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
+        still holds the delivery; :data:`STALE` if it does not (nothing was changed)."""
         fields = deadletters.entry_fields(f.entry) if f.entry is not None else []
         args: list[str | int] = [
-            ref.job_id, ref.tenant, ref.sink, ref.event_id, ref.chat or "", now_ms,
-            f.outcome, f.due_ms, "" if f.status is None else f.status, f.error, f.effect,
+            ref.job_id, ref.tenant, ref.sink, ref.event_id, ref.chat or "", ref.token,
+            f.outcome, f.delay_ms, "" if f.status is None else f.status, f.error, f.effect,
             f.gone_url, f.entry.cls if f.entry else "", "hold" if f.hold else "skip",
             len(fields), *fields,
         ]  # fmt: skip
         nxt = await self._finish((bulks(args), len(args)))
-        text = _text(nxt)
-        return text or None
+        if isinstance(nxt, int):
+            return STALE
+        return Finished(True, _text(nxt) or None)
 
-    async def release(self, ref: Ref) -> None:
+    async def release(self, ref: Ref) -> bool:
         """Give back the in-flight slot (and the breaker's probe turn) and the job's
-        in-progress mark of a cancelled run: another worker may take it at once."""
-        await self._release(
+        in-progress mark of a cancelled run: another worker may take it at once. False if
+        this run no longer held the delivery (nothing was changed)."""
+        done = await self._release(
             keys={
                 "inflight": self._keys.inflight(ref.tenant, ref.sink),
                 "breaker": self._keys.breaker(ref.tenant, ref.sink),
                 "in_progress": self._keys.job_in_progress(ref.job_id),
             },
-            args={"job_id": ref.job_id},
+            args={"job_id": ref.job_id, "token": ref.token},
         )
+        return bool(done)
 
-    async def reschedule(self, ref: Ref, due_ms: int) -> bool:
-        """Move the job's queue entry to ``due_ms`` and let go of its in-progress mark;
-        False if the job is finished."""
+    async def reschedule(self, ref: Ref, delay_ms: int) -> bool:
+        """Move the job's queue entry to ``delay_ms`` from now and let go of its
+        in-progress mark; False if the job is finished, or this run no longer holds it
+        (then another run does, and nothing was changed)."""
         found = await self._reschedule(
             keys={
                 "job": self._keys.job(ref.job_id),
                 "queue": self._keys.queue,
                 "in_progress": self._keys.job_in_progress(ref.job_id),
             },
-            args={"due_ms": due_ms, "job_id": ref.job_id},
+            args={"delay_ms": delay_ms, "job_id": ref.job_id, "token": ref.token},
         )
-        return bool(found)
+        return int(found) == 1
 
 
 def _parse_peek(reply: list[Any]) -> Peek | None:
@@ -292,7 +320,3 @@ def _parse_peek(reply: list[Any]) -> Peek | None:
     if stored is None:
         return None
     return Peek(stored, Tried(int(reply[2] or 0), _seconds(reply[3]), _seconds(reply[4])))
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

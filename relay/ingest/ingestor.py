@@ -138,6 +138,7 @@ class Ingestor:
         route = self._route(tenant, event.type)
         eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
         ts = stored_event.timestamp_field(event.timestamp)
+        # the ingest time here is a placeholder: ingest.lua writes Redis' clock over it
         head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
         chat = event.chat_id.encode() if route.ordered and event.chat_id else b""
         packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n$%d\r\n%s\r\n%s" % (
@@ -169,13 +170,12 @@ class Ingestor:
         webhook_tenants = sorted({item[0] for item in batch if item[1]})
         parts = [
             self._head,
-            bulk(int(time.time() * 1000)),
             bulk(len(webhook_tenants)),
             *(bulk(t) for t in webhook_tenants),
             bulk(len(batch)),
             *(item[2] for item in batch),
         ]
-        return 6 + len(webhook_tenants) + sum(item[3] for item in batch), parts
+        return 5 + len(webhook_tenants) + sum(item[3] for item in batch), parts
 
     def _observe(self, seconds: float, size: int) -> None:
         assert self._metrics is not None

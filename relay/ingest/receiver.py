@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from relay.config import Config
 from relay.errors import RedisUnavailableError, SignatureError
@@ -60,6 +60,7 @@ class _Tenant:
     duplicate: Counter
     ingested_new: Counter
     ingested_duplicate: Counter
+    skew: Gauge  # how old Chert's signed timestamps are as they arrive
 
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
@@ -115,6 +116,7 @@ class Receiver:
                 ingested_duplicate=self._metrics.events_ingested.labels(
                     t.slug, "webhook", "duplicate"
                 ),
+                skew=self._metrics.webhook_timestamp_age.labels(t.slug),
             )
             for t in config.tenants
         }
@@ -245,8 +247,12 @@ class Receiver:
         assert tenant is not None
         headers = msg.headers
         try:
-            verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
+            tenant.skew.set(
+                verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
+            )
         except SignatureError as e:
+            if e.skew is not None:
+                tenant.skew.set(e.skew)
             return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
         try:
             event = envelope.from_body(

@@ -11,7 +11,13 @@ shared functions it uses::
       1 now         Unix ms
       2... ids      the rest of ARGV
     uses: stored_event breaker
+    flags: allow-oom
     ]]
+
+A ``flags:`` line gives the script Redis' script flags (``#!lua flags=…``): the
+scripts that let a backlog drain — take, finish, renew, release, reschedule, purge —
+are ``allow-oom``, so that a Redis at ``maxmemory`` (which refuses ingest) still
+delivers, and so frees memory; ingest has no flag and is refused there.
 
 The loader puts in front of the body, once each, the shared functions it uses
 (``lua/lib/<name>.lua``, or ``keys``: the key segments of :mod:`relay.keys` as the table
@@ -44,6 +50,7 @@ from relay.store.jobs import DELIVER_FUNCTION
 
 _ENTRY = re.compile(r"^\s+(\d+)(\.\.\.)?\s+(\w+)\b")
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_FLAGS = {"allow-oom", "no-writes", "allow-stale"}
 
 
 def library(name: str) -> str:
@@ -74,6 +81,7 @@ class Header:
     argv: tuple[str, ...]
     rest: int | None  # where a variable tail of ARGV starts (1-based), if it has one
     uses: tuple[str, ...]
+    flags: tuple[str, ...] = ()  # Redis script flags (``#!lua flags=…``), e.g. allow-oom
 
 
 def parse_header(name: str, text: str) -> Header:
@@ -86,6 +94,7 @@ def parse_header(name: str, text: str) -> Header:
     found: dict[str, list[str]] = {"KEYS": [], "ARGV": []}
     rest: int | None = None
     uses: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
     section: str | None = None
     for line in lines[1:]:
         word = line.split()[0] if line.split() else ""
@@ -94,6 +103,13 @@ def parse_header(name: str, text: str) -> Header:
             continue
         if line.startswith("uses:"):
             uses = tuple(line.removeprefix("uses:").split())
+            section = None
+            continue
+        if line.startswith("flags:"):
+            flags = tuple(line.removeprefix("flags:").split())
+            unknown = set(flags) - _FLAGS
+            if unknown:
+                raise ValueError(f"{name}.lua: unknown script flag(s) {sorted(unknown)}")
             section = None
             continue
         m = _ENTRY.match(line)
@@ -111,7 +127,7 @@ def parse_header(name: str, text: str) -> Header:
             raise ValueError(f"{name}.lua: {entry!r} is not a usable name")
         names.append(entry)
     argv = found["ARGV"][:-1] if rest is not None else found["ARGV"]
-    return Header(summary, tuple(found["KEYS"]), tuple(argv), rest, uses)
+    return Header(summary, tuple(found["KEYS"]), tuple(argv), rest, uses, flags)
 
 
 @dataclass(frozen=True)
@@ -165,7 +181,11 @@ def _compose(name: str, header: Header, body: str) -> str:
     a = ", ".join(f"{n} = ARGV[{i}]" for i, n in enumerate(header.argv, 1))
     parts.append(f"local K = {{{k}}}\nlocal A = {{{a}}}\n")
     parts.append(body)
-    return "\n".join(parts)
+    source = "\n".join(parts)
+    if header.flags:
+        # A shebang declares the script's flags; it must be the source's first line.
+        return f"#!lua flags={','.join(header.flags)}\n{source}"
+    return source
 
 
 @functools.cache

@@ -257,7 +257,10 @@ async def test_a_removed_tenants_dead_letters_can_still_be_reached(
     async with sinks(Sink()) as (s,):
         rt = runtime(redis, one_tenant(redis_url, TENANT, s.url))
         await ingest(rt, ["e1", "e2"])
-        rt.config = one_tenant(redis_url, "acme-renamed", s.url)  # renamed by a reload
+        renamed = one_tenant(redis_url, "acme-renamed", s.url)  # renamed by a reload
+        rt.config = renamed.model_copy(
+            update={"worker": renamed.worker.model_copy(update={"unknown_sink_grace": 0.3})}
+        )
         async with worker(rt):
             await wait_for(lambda: redis.exists(rt.keys.dead_letter(TENANT, "s", "e2")), 10)
         store = DeadLetterStore(redis, rt.config)

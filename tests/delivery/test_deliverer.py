@@ -259,18 +259,26 @@ async def test_in_flight_cap_defers_instead_of_waiting(redis: Redis, redis_url: 
         assert 'reason="busy"' in rt.metrics.render().decode()
 
 
-async def test_a_removed_sink_dead_letters_as_gone(redis: Redis, redis_url: str) -> None:
+async def test_a_removed_sink_dead_letters_as_gone_after_the_grace(
+    redis: Redis, redis_url: str
+) -> None:
     async with sinks(Sink()) as (s,):
         cfg = config_with(redis_url, [sink_conf("s", s.url), sink_conf("old", s.url)])
         rt = runtime(redis, cfg)
         await ingest(rt, ["o1"])
-        rt.config = config_with(redis_url, [sink_conf("s", s.url)])  # "old" was removed
+        # "old" was removed
+        rt.config = config_with(redis_url, [sink_conf("s", s.url)], unknown_sink_grace=0.3)
         store = DeadLetterStore(redis, rt.config)
         async with worker(rt):
             await wait_for(lambda: queue_empty(redis), 10)
         assert s.ids() == ["o1"]
         [d] = await store.find(Filter())
-        assert (d.sink, d.cls, d.error) == ("old", "gone", "the sink is no longer configured")
+        assert (d.sink, d.cls) == ("old", "gone")
+        assert d.error == (
+            "the sink is not configured (on this worker, for longer than "
+            "worker.unknown_sink_grace, 0.3s)"
+        )
+        assert 'reason="unknown_sink"' in rt.metrics.render().decode()
         out = await store.replay(Filter())
         assert out.done == []
         assert [r for _, r in out.skipped] == ["sink is no longer configured"]
@@ -547,3 +555,26 @@ async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(
         [d] = await store.find(Filter())
         assert d.cls == "exhausted"
         assert d.error.startswith("past max_age")
+
+
+async def test_a_sink_added_by_a_reload_that_reached_serve_first_waits_for_the_worker(
+    redis: Redis, redis_url: str
+) -> None:
+    # serve is reloaded first: it queues deliveries to "new", a sink the worker does not
+    # know yet. They wait (put off, no attempt, no dead letter) until the worker's own
+    # reload, then go.
+    async with sinks(Sink(), Sink()) as (s, new):
+        both = config_with(redis_url, [sink_conf("s", s.url), sink_conf("new", new.url)])
+        served = runtime(redis, both)
+        rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
+        async with worker(rt) as role:
+            await ingest(served, ["n1", "n2"])
+            await wait_for(lambda: sorted(s.ids()) == ["n1", "n2"], 10)
+            deferred = 'reason="unknown_sink",sink="new"'
+            await wait_for(lambda: deferred in rt.metrics.render().decode(), 10)
+            assert new.ids() == []
+            assert await redis.zcard(rt.keys.dead_letters(TENANT)) == 0
+            role.reload(both)
+            await wait_for(lambda: sorted(new.ids()) == ["n1", "n2"], 10)
+            await wait_for(lambda: queue_empty(redis), 10)
+        assert await redis.zcard(rt.keys.dead_letters(TENANT)) == 0

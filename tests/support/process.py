@@ -52,8 +52,15 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
 class RelayProcess:
     """``python -m relay --config FILE <command>`` with its log in a file."""
 
-    def __init__(self, config_path: Path, command: str = "serve", *extra: str) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        command: str = "serve",
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.env = env or {}  # added to this process's environment
         self.log_path = config_path.with_suffix(f".{command}.log")
         self.argv = [
             sys.executable,
@@ -70,7 +77,7 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env)
         log.close()
         return self

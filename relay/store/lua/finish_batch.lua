@@ -1,6 +1,6 @@
 --[[ finish_batch: record how many deliveries went, in one call — the finishes of a
 worker's concurrent deliveries, group-committed (relay/delivery/steps.py). Each is
-lib/finish.lua: the rules are in finish.lua's header.
+lib/finish.lua: the rules are in finish.lua's header. Times are Redis' clock.
 KEYS none
 ARGV
   1 prefix             the relay's key prefix
@@ -8,14 +8,18 @@ ARGV
   3 threshold          failures that open a breaker
   4 cooldown_ms        how long it stays open
   5 breaker_ttl_ms
-  6... items           n, then per item: job_id, tenant, sink, event_id, chat, now,
-                       outcome, due_ms, status, error, effect, gone_url, class, on_dead,
-                       n_fields, then that many dead-letter fields (name, value, ...)
-uses: finish delivery_keys
-Returns per item the job id of its chat's next event, now queued ('' if none).
+  6... items           n, then per item: job_id, tenant, sink, event_id, chat, token,
+                       outcome, delay_ms, status, error, effect, gone_url, class,
+                       on_dead, n_fields, then that many dead-letter fields (name,
+                       value, ...)
+uses: clock finish delivery_keys
+flags: allow-oom
+Returns per item 0 if its run no longer held the delivery (a stale finish: nothing was
+changed), else the job id of its chat's next event, now queued ('' if none).
 ]]
 local out = {}
 local i = 7
+local now = redis_now_ms()
 for n = 1, tonumber(ARGV[6]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
@@ -24,8 +28,8 @@ for n = 1, tonumber(ARGV[6]) do
   for f = 1, nfields do fields[f] = ARGV[i + 14 + f] end
   local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
   out[n] = finish(k, {
-    now = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6], due_ms = ARGV[i + 7],
-    status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
+    now = now, token = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6],
+    delay_ms = ARGV[i + 7], status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
     threshold = A.threshold, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13],

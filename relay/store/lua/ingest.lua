@@ -8,8 +8,7 @@ ARGV
   1 prefix        the relay's key prefix
   2 queue         arq's queue
   3 job_prefix    arq's job key prefix
-  4 now           Unix ms
-  5... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
+  4... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
                   event: tenant, event_id, stored, chat, event_ttl_ms, n_jobs, then per
                   job: sink, job_ttl_ms, ordering
   stored: the stored event (relay/store/stored_event.py) counting n_jobs users.
@@ -18,15 +17,18 @@ ARGV
   outlives every job the event gets.
   ordering: 'chat' for a sink that delivers a chat's events in order, else ''. Such a
   job joins its chat's list; only the list's head is queued (lib/chat_order.lua).
-uses: keys
+Times — the seen mark, the job's enqueue time and due time, the stored event's ingest
+time (its header's second field, which a delivery's deadline counts from) — are Redis'
+clock, whatever the calling process's clock says.
+uses: keys clock
 Returns one integer per event: 1 new, 0 duplicate.
 ]]
-local prefix, queue, jobp, now = A.prefix, A.queue, A.job_prefix, A.now
+local prefix, queue, jobp, now = A.prefix, A.queue, A.job_prefix, redis_now_ms()
 local seen_p, event_p = prefix .. ':' .. KEY.seen .. ':', prefix .. ':' .. KEY.event .. ':'
 local last_webhook_p = prefix .. ':' .. KEY.last_webhook .. ':'
 local chat_p = prefix .. ':' .. KEY.chat_order .. ':'
 local held_p = prefix .. ':' .. KEY.held_chats .. ':'
-local i = 5
+local i = 4
 local nwh = tonumber(ARGV[i])
 for k = 1, nwh do
   -- webhooks are getting through: the poller reads this to tell a lapse
@@ -78,9 +80,7 @@ for e = 1, n do
     if created == 0 then
       -- no delivery needs it
     elseif redis.call('SET', ev_key, stored, 'NX', 'PX', ev_ttl) then
-      if created < njobs then
-        redis.call('SETRANGE', ev_key, 0, string.format('%04d', created))
-      end
+      redis.call('SETRANGE', ev_key, 0, string.format('%04d %013d', created, now))
     else
       -- Still stored past its seen mark: a dead letter keeps it (no expiry) until
       -- replayed or purged. Add the new jobs to its users, from now.

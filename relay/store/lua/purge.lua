@@ -13,9 +13,10 @@ ARGV
   2 event_id
   3 chat        the chat id ('' if not ordered)
   4 job_base    the job id without the event id ("prefix:tenant:sink:")
-  5 now         Unix ms
-A dead letter that held its chat lets it go: the chat's next event is queued.
-uses: stored_event chat_order
+A dead letter that held its chat lets it go: the chat's next event is queued (due now,
+by Redis' clock). It runs at maxmemory too: a purge frees memory.
+uses: clock stored_event chat_order
+flags: allow-oom
 Returns 1 if it was deleted, 0 if it was gone already.
 ]]
 local cls = redis.call('HGET', K.entry, 'class')
@@ -26,6 +27,6 @@ redis.call('ZREM', K.index, A.member)
 event_release(K.ev)
 if K.chat ~= '' and redis.call('LINDEX', K.chat, 0) == A.event_id then
   redis.call('ZREM', K.held, A.chat)
-  chat_release(K.chat, A.event_id, A.job_base, K.queue, A.now)
+  chat_release(K.chat, A.event_id, A.job_base, K.queue, redis_now_ms())
 end
 return 1

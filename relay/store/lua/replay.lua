@@ -18,22 +18,23 @@ KEYS
   12 held       the sink's held chats
 ARGV
   1 member          the entry's member in the index
-  2 now             Unix ms
-  3 job             the arq job record (JSON)
-  4 job_ttl_ms
-  5 deadline_ms     the replayed delivery's deadline
-  6 attempts_ttl_ms
-  7 job_id
-  8 event_id
-  9 chat            the chat id ('' if the delivery was not ordered)
-  10 ordered        '1' if the sink delivers in order now, else '0'
+  2 job             the arq job record (JSON)
+  3 job_ttl_ms
+  4 max_age_ms      the replayed delivery's deadline is this long from now
+  5 attempts_ttl_ms
+  6 job_id
+  7 event_id
+  8 chat            the chat id ('' if the delivery was not ordered)
+  9 ordered         '1' if the sink delivers in order now, else '0'
 An ordered delivery that held its chat (the chat's head) runs first; one that did not
 joins the end of its chat, queued only if the chat has nothing else waiting. If the sink
 no longer delivers in order, a held chat is let go.
-uses: stored_event chat_order
+Times are Redis' clock.
+uses: clock stored_event chat_order
 Returns 'ok' | 'missing' (replayed or purged meanwhile) | 'busy' (its last delivery is
 still finishing) | 'no_payload' (the event is no longer stored).
 ]]
+local now = redis_now_ms()
 local cls = redis.call('HGET', K.entry, 'class')
 if not cls then return 'missing' end
 if redis.call('EXISTS', K.in_progress) == 1 then return 'busy' end
@@ -41,20 +42,20 @@ if redis.call('EXISTS', K.ev) == 0 then return 'no_payload' end
 if redis.call('EXISTS', K.job) == 0 then
   redis.call('SET', K.job, A.job, 'PX', A.job_ttl_ms)
   redis.call('DEL', K.retry, K.attempts)
-  redis.call('HSET', K.attempts, 'dl', A.deadline_ms, 'src', 'replay')
+  redis.call('HSET', K.attempts, 'dl', now + tonumber(A.max_age_ms), 'src', 'replay')
   redis.call('PEXPIRE', K.attempts, A.attempts_ttl_ms)
   local queue_it = true
   if K.chat ~= '' then
     local job_base = string.sub(A.job_id, 1, #A.job_id - #A.event_id)
     if redis.call('LINDEX', K.chat, 0) == A.event_id then
       redis.call('ZREM', K.held, A.chat)  -- it held its chat: first in line again
-      if A.ordered ~= '1' then chat_release(K.chat, A.event_id, job_base, K.queue, A.now) end
+      if A.ordered ~= '1' then chat_release(K.chat, A.event_id, job_base, K.queue, now) end
     elseif A.ordered == '1' then
       queue_it = redis.call('RPUSH', K.chat, A.event_id) == 1
       redis.call('PEXPIRE', K.chat, A.job_ttl_ms)
     end
   end
-  if queue_it then redis.call('ZADD', K.queue, A.now, A.job_id) end
+  if queue_it then redis.call('ZADD', K.queue, now, A.job_id) end
 else
   event_release(K.ev)
 end

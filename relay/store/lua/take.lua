@@ -1,37 +1,45 @@
 --[[ take: start the due deliveries of one poll and claim each, in one call
 (relay/delivery/steps.py; the worker's ``BatchStartWorker.start_jobs``). Per job, arq's
-checks — due, not in progress on any worker — then its in-progress mark, then the claim
-(lib/claim.lua: an attempt, a deferral or the end of the delivery). A deferred job's
-mark goes at once: it runs later, on any worker. A job whose job key has expired is
-taken out of the queue and reported. A job in `peek` mode (its sink is no longer
-configured, or its secret is unusable) is only marked, and its stored event and
-attempts come back for the caller to dead-letter it without an attempt.
+checks — due by Redis' clock, not in progress on any worker — then its in-progress
+mark, then the claim (lib/claim.lua: an attempt, a deferral or the end of the
+delivery). The in-progress mark holds the run's fencing token: only a run whose token
+is still there may finish, renew, release or reschedule the delivery (a worker paused
+past its hold finds another's token and changes nothing). A deferred job's mark goes at
+once: it runs later, on any worker. A job whose job key has expired is taken out of the
+queue and reported. A job of a sink this worker knows but cannot use (its secret is
+unusable) is in `peek` mode: only marked, and its stored event and attempts come back
+for the caller to dead-letter it without an attempt. A job of a sink this worker does
+not know (a reload that reached ``serve`` first, or a sink removed) is put off, for up
+to `unknown_grace_ms` from the first time it was met; after that it is peeked at (and
+dead-lettered as gone).
 KEYS
   1 queue              arq's queue
 ARGV
   1 prefix             the relay's key prefix
-  2 now                Unix ms
+  2 tag                this take's unique tag: job n's token is tag .. '.' .. n
   3 in_progress_ms     how long the in-progress mark holds (the heartbeat renews it)
   4 max                how many jobs this worker can start (deferred ones do not count)
   5 margin_ms          how long past its deadline a delivery's job and event are kept
   6 seed               seeds the jitters drawn per job
   7 sinks              JSON: tenant .. "\n" .. sink -> [max_age_ms, max_attempts, cap,
-                       lease_ms, url, busy_ms, open_jitter_ms, half_open_ms] for every
-                       sink that can be tried (the three waits before jitter: a claim
-                       puts off a busy or half-open delivery 1-2x its wait, an open
-                       breaker's up to its wait later); a job of any other sink is
-                       only peeked at
-  8 jobs               JSON: the due job ids read from the queue, in its order
-uses: claim delivery_keys
-Returns {{job_id, chat, reply, job_id, chat, reply, ...}, {expired job id, ...}}:
-reply as lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is
-the ordered delivery's chat id from the job record ('' if none).
+                       lease_ms, url, busy_ms, open_jitter_ms, half_open_ms, usable]
+                       for every sink this worker knows (the three waits before jitter:
+                       a claim puts off a busy or half-open delivery 1-2x its wait, an
+                       open breaker's up to its wait later; usable 0: only peeked at)
+  8 unknown_grace_ms   how long a job of an unknown sink is put off before it ends
+  9 jobs               JSON: the due job ids read from the queue, in its order
+uses: clock claim delivery_keys
+flags: allow-oom
+Returns {{job_id, chat, token, reply, ...}, {expired job id, ...}, now_ms}: reply as
+lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is the
+ordered delivery's chat id from the job record ('' if none); now_ms is Redis' clock.
 ]]
-local now, left = tonumber(A.now), tonumber(A.max)
+local now, left = redis_now_ms(), tonumber(A.max)
 local sinks = cjson.decode(A.sinks)
 local skip = #A.prefix + 2  -- a job id is prefix:tenant:sink:event_id
 math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
+local n = 0
 for _, id in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
   local score = redis.call('ZSCORE', K.queue, id)
@@ -42,7 +50,9 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       redis.call('ZREM', K.queue, id)
       expired[#expired + 1] = id
     else
-      redis.call('SET', in_progress, '1', 'PX', A.in_progress_ms)
+      n = n + 1
+      local token = A.tag .. '.' .. n
+      redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
       local ok, job = pcall(cjson.decode, record)
       local chat = ok and type(job) == 'table' and type(job.a) == 'table' and job.a[4] or ''
       if type(chat) ~= 'string' then chat = '' end
@@ -56,12 +66,35 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       local k = delivery_keys(A.prefix, K.queue, id, tenant, sink, event_id, chat)
       local lim = sinks[tenant .. '\n' .. sink]
       local reply
-      if not lim then
+      local function peek()
         local st = redis.call('HMGET', k.attempts, 'a', 'first', 'last')
         local stored = redis.pcall('GET', k.ev)
         if type(stored) ~= 'string' then stored = false end
-        reply = {'peek', stored, st[1] or '0', st[2] or '', st[3] or ''}
         left = left - 1
+        return {'peek', stored, st[1] or '0', st[2] or '', st[3] or ''}
+      end
+      if not lim then
+        -- A sink this worker does not know: put off (its own reload may be on the
+        -- way), unless it has been unknown for longer than the grace.
+        local grace = tonumber(A.unknown_grace_ms)
+        local since = tonumber(redis.call('HGET', k.attempts, 'unk'))
+        if not since then
+          since = now
+          redis.call('HSET', k.attempts, 'unk', now)
+          if redis.call('PTTL', k.attempts) < 0 then
+            redis.call('PEXPIRE', k.attempts, grace + tonumber(A.margin_ms))
+          end
+        end
+        if now - since >= grace then
+          reply = peek()
+        else
+          local wait = math.min(grace - (now - since), math.floor(2000 * (1 + math.random())))
+          redis.call('ZADD', K.queue, now + wait, id)
+          redis.call('DEL', in_progress)
+          reply = {'defer', 'unknown_sink', wait}
+        end
+      elseif lim[9] == 0 then
+        reply = peek()
       else
         reply = claim(k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
@@ -78,8 +111,9 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       end
       out[#out + 1] = id
       out[#out + 1] = chat
+      out[#out + 1] = token
       out[#out + 1] = reply
     end
   end
 end
-return {out, expired}
+return {out, expired, now}

@@ -1,20 +1,27 @@
 --[[ finish: record how one delivery attempt (or a run without one) went, for
-``finish_batch.lua`` (many at once, group-committed). The in-flight slot is given back
-and the breaker told. `retry` schedules the next attempt; `ok`, `dead` and `drop` end the delivery: the job and its record go, and
-`dead` stores a dead letter, which takes over the job's hold on the stored event. For
-an ordered sink the chat's next event is then queued — unless the dead letter holds the
-chat (`on_dead = hold`).
-arq's in-progress mark (``k.in_progress``) goes too: the job may be taken again (at
-once, or when it is due).
-``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now, job_id, outcome (ok |
-retry | dead | drop), due_ms, status, error, effect (on the breaker: success | failure |
-none), threshold, cooldown_ms, breaker_ttl_ms, gone_url, class, member, event_id, chat,
+``finish_batch.lua`` (many at once, group-committed). Only the run that holds the
+delivery applies its finish: arq's in-progress mark (``k.in_progress``) must still hold
+the run's fencing token (``arg.token``, from take.lua). A stale run — its worker was
+paused past its hold, and another run took the delivery over, or finished it — changes
+nothing: it never releases the stored event a second time, re-queues a finished job or
+re-creates its record. Otherwise the in-flight slot is given back and the breaker told.
+`retry` schedules the next attempt; `ok`, `dead` and `drop` end the delivery: the job
+and its record go, and `dead` stores a dead letter, which takes over the job's hold on
+the stored event. For an ordered sink the chat's next event is then queued — unless the
+dead letter holds the chat (`on_dead = hold`).
+The in-progress mark goes too: the job may be taken again (at once, or when it is due).
+``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now (Redis' clock), token,
+job_id, outcome (ok | retry | dead | drop), delay_ms (retry: the next attempt is due
+``now + delay_ms``), status, error, effect (on the breaker: success | failure | none),
+threshold, cooldown_ms, breaker_ttl_ms, gone_url, class, member, event_id, chat,
 on_dead (skip | hold); ``fields``: the dead letter's name/value pairs (a table).
-Returns the job id of the chat's next event, now queued ('' if none or unordered).
+Returns 0 if the run no longer holds the delivery (nothing was changed), else the job id
+of the chat's next event, now queued ('' if none or unordered).
 uses: stored_event breaker deadletter_add chat_order
 ]]
 
 local function finish(k, arg, fields)
+  if redis.call('GET', k.in_progress) ~= arg.token then return 0 end
   redis.call('DEL', k.in_progress)
   local now, job_id, outcome = tonumber(arg.now), arg.job_id, arg.outcome
   local ordered = k.chat ~= ''
@@ -23,8 +30,9 @@ local function finish(k, arg, fields)
   breaker_record(k.breaker, now, job_id, arg.effect, tonumber(arg.threshold), tonumber(arg.cooldown_ms),
     tonumber(arg.breaker_ttl_ms))
   if outcome == 'retry' then
-    redis.call('HSET', k.attempts, 'due', arg.due_ms, 'st', arg.status, 'err', arg.error)
-    redis.call('ZADD', k.queue, arg.due_ms, job_id)
+    local due = now + tonumber(arg.delay_ms)
+    redis.call('HSET', k.attempts, 'due', due, 'st', arg.status, 'err', arg.error)
+    redis.call('ZADD', k.queue, due, job_id)
     return ''
   end
   redis.call('DEL', k.job, k.retry, k.attempts)
