@@ -13,9 +13,11 @@ from redis.asyncio import Redis
 
 from relay.delivery import breaker
 from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.limits import SinkTable
 from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
 from relay.delivery.sink_client import scrub
+from relay.delivery.steps import Defer, Steps
 from relay.keys import JOB_KEY_PREFIX, Keys
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, wait_for
@@ -525,6 +527,34 @@ async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
 
 async def _put_off(caplog: pytest.LogCaptureFixture, n: int) -> bool:
     return sum("put off" in r.msg for r in caplog.records) >= n
+
+
+async def test_deliveries_waiting_on_a_busy_sink_come_back_spread_out(
+    redis: Redis, redis_url: str
+) -> None:
+    # Forty deliveries have been put off by a busy sink often enough for their wait to
+    # reach its cap (10 s). They must not all come back at once, in step, to find the
+    # sink's slots taken again: each capped wait is drawn between half and all of it.
+    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook", concurrency=1)])
+    rt = runtime(redis, cfg)
+    keys = rt.keys
+    await redis.zadd(keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
+    ids = [f"b{i:02d}" for i in range(40)]
+    await ingest(rt, ids)
+    for i in ids:
+        await redis.hset(keys.attempts(TENANT, "s", i), "w", "20")  # put off 20 times so far
+    jobs = [keys.job_id(TENANT, "s", i) for i in ids]
+    steps = Steps(redis, keys, cfg.worker)
+    limits = SinkTable(cfg, lambda s: True).claim_limits
+    taken, _ = await steps.take(jobs, limits, len(jobs), 10_000)
+    assert {t.claim.reason for t in taken if isinstance(t.claim, Defer)} == {"busy"}
+    assert len(taken) == len(jobs)
+    # One take, one `now`: the queue scores differ only by the waits drawn.
+    scores = [float(await redis.zscore(keys.queue, j) or 0) for j in jobs]
+    assert min(scores) > 0  # every one is back in the queue
+    spread = max(scores) - min(scores)
+    assert 2_000 < spread <= 5_000, scores
+    assert len(set(scores)) > 30, scores
 
 
 async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(

@@ -14,7 +14,7 @@ ends untried (attempts 0), and the caller's dead letter says so.
 job_id, max_age_ms, max_attempts, cap (the sink's concurrency), lease_ms (an in-flight
 slot's lease), margin_ms (how long past the deadline the job and the event are kept),
 url (compared with the gone mark), busy_ms (the first wait when the sink is at its
-cap), open_jitter_ms, half_open_ms.
+cap; the longest is drawn between half and all of 10 s), open_jitter_ms, half_open_ms.
 uses: stored_event breaker
 Returns {'missing'} | {'unreadable'} | {'defer', reason, wait_ms}
   | {'go', attempt, first_ms, deadline_ms, stored, source}
@@ -58,11 +58,17 @@ local function claim(k, arg)
     return {'defer', reason, wait}
   end
   -- A delivery put off again and again because its sink is busy (or probing) waits
-  -- longer each time, up to 10 s: a slow sink's backlog must not crowd out the jobs of
-  -- other sinks by cycling through the queue.
+  -- longer each time, up to about 10 s: a slow sink's backlog must not crowd out the
+  -- jobs of other sinks by cycling through the queue. A capped wait is drawn between
+  -- half and all of the cap (math.random, seeded by the caller): with one fixed cap,
+  -- the waiting deliveries would come back in step, in groups, and leave the sink's
+  -- slots empty between them.
   local function longer(wait)
     local n = redis.call('HINCRBY', k.attempts, 'w', 1)
-    return math.min(wait * 2 ^ math.min(n - 1, 16), math.max(wait, 10000))
+    local cap = math.max(wait, 10000)
+    local grown = wait * 2 ^ math.min(n - 1, 16)
+    if grown < cap then return grown end
+    return math.floor(cap * (1 + math.random()) / 2)
   end
   local due = tonumber(st[3])
   if due and due > now then return defer('not_due', due - now) end
