@@ -49,7 +49,7 @@ from redis.asyncio import Redis
 
 from relay import logs
 from relay.config import Config, SinkConfig
-from relay.delivery import heartbeat
+from relay.delivery import breaker, heartbeat
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.heartbeat import Running
@@ -259,6 +259,8 @@ class Deliverer:
         stored = go.stored
         m = self._metrics
         log.debug("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
+        if go.probe:
+            breaker.log_probe(ref.tenant, ref.sink, go.attempt)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
         headers = self._client.headers(sink, req, stored.body)
         try:

@@ -393,7 +393,10 @@ async def test_metrics_read_queue_and_breakers_at_scrape_time(redis: Redis, redi
     assert "chert_relay_queue_ready_jobs" not in rt.metrics.render().decode()
 
 
-async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redis_url: str) -> None:
+async def test_breaker_opens_then_a_half_open_probe_closes_it(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery.breaker")
     down = [True]
 
     def flaky(sink: Sink, got: Received) -> tuple[int, dict[str, str]]:
@@ -428,7 +431,15 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redi
         # after the cooldown one probe went alone; its 2xx closed the breaker
         assert s.received[tried].headers["webhook-id"] in ids
         assert 'reason="breaker_open"' in rt.metrics.render().decode()
-        assert await redis.exists(rt.keys.breaker(TENANT, "s")) == 0
+        # closed, its window started afresh by the probe's success
+        assert await redis.hget(rt.keys.breaker(TENANT, "s"), "s") is None
+        assert await redis.hget(rt.keys.breaker(TENANT, "s"), "cf") == b"0"
+        lines = [r.getMessage() for r in caplog.records if r.name == "relay.delivery.breaker"]
+        opened = [m for m in lines if " opened" in m]
+        assert len(opened) == 1, lines
+        assert "3 of 3 attempts failed in the last 30s, last error: HTTP 503: nope" in opened[0]
+        assert any("half-open: one delivery goes as a probe" in m for m in lines), lines
+        assert sum("closed: the probe succeeded" in m for m in lines) == 1, lines
 
 
 async def test_an_unreadable_stored_event_is_dropped_not_retried_forever(

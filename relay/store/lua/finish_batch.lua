@@ -5,16 +5,18 @@ KEYS none
 ARGV
   1 prefix             the relay's key prefix
   2 queue              arq's queue
-  3 threshold          failures that open a breaker
+  3 breaker_rule       JSON [min_failures, failure_rate, window_ms]: when failures open
+                       a breaker (lib/breaker.lua)
   4 cooldown_ms        how long it stays open
   5 breaker_ttl_ms
   6... items           n, then per item: job_id, tenant, sink, event_id, chat, now,
                        outcome, due_ms, status, error, effect, gone_url, class, on_dead,
                        n_fields, then that many dead-letter fields (name, value, ...)
 uses: finish delivery_keys
-Returns per item the job id of its chat's next event, now queued ('' if none).
+Returns per item {next_job, breaker_change} (lib/finish.lua).
 ]]
 local out = {}
+local rule = cjson.decode(A.breaker_rule)
 local i = 7
 for n = 1, tonumber(ARGV[6]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
@@ -26,7 +28,7 @@ for n = 1, tonumber(ARGV[6]) do
   out[n] = finish(k, {
     now = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6], due_ms = ARGV[i + 7],
     status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
-    threshold = A.threshold, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
+    rule = rule, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13],
   }, fields)

@@ -17,9 +17,10 @@ url (compared with the gone mark), busy_ms (the first wait when the sink is at i
 cap; the longest is drawn between half and all of 10 s), open_jitter_ms, half_open_ms.
 uses: stored_event breaker
 Returns {'missing'} | {'unreadable'} | {'defer', reason, wait_ms}
-  | {'go', attempt, first_ms, deadline_ms, stored, source}
+  | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
   held_ms: how long the delivery has waited on the sink's in-flight cap, all told
+  probe: '1' if the attempt is the sink's half-open breaker probe, else ''
 ]]
 
 local function claim(k, arg)
@@ -90,12 +91,16 @@ local function claim(k, arg)
     hold()
     return defer('busy', wait)
   end
-  if verdict == 'probe' then breaker_take_probe(k.breaker, now, job_id, lease) end
+  local probe = ''
+  if verdict == 'probe' then
+    breaker_take_probe(k.breaker, now, job_id, lease)
+    probe = '1'
+  end
   redis.call('ZADD', k.inflight, now + lease, job_id)
   redis.call('PEXPIRE', k.inflight, lease + margin)
   a = a + 1
   redis.call('HSET', k.attempts, 'a', a, 'last', now, 'w', 0)
   redis.call('HSETNX', k.attempts, 'first', now)
   hold()
-  return {'go', a, st[4] or now, dl, stored, st[8] or ''}
+  return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}
 end
