@@ -50,6 +50,7 @@ from redis.asyncio import Redis
 from relay import logs
 from relay.config import Config, SinkConfig
 from relay.delivery import breaker, heartbeat
+from relay.delivery.activity import SinkActivity
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.heartbeat import Running
@@ -112,6 +113,7 @@ class Deliverer:
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
         self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
+        self.activity = SinkActivity(config.worker.sink_silence_warn)  # summaries, silences
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self._steps = Steps(redis_client, self._keys, config.worker)
@@ -119,6 +121,7 @@ class Deliverer:
 
     def set_config(self, config: Config) -> None:
         self._config = config
+        self.activity.silence_warn = config.worker.sink_silence_warn
         self._sinks = SinkTable(config, self._usable)
         self._children = MetricChildren()
         self._client.forget_keys()
@@ -273,6 +276,7 @@ class Deliverer:
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
+        self.activity.attempt_ended(ref.tenant, ref.sink, answer)
         self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name).observe(answer.seconds)
         if answer.ok:
             await self._delivered(a, answer, now)
@@ -307,7 +311,7 @@ class Deliverer:
             of(m.delivery_e2e_seconds, ref.tenant, ref.sink).observe(
                 max(0.0, done - stored.timestamp)
             )
-        log.info(
+        log.debug(
             "delivery ended: delivered (HTTP %d) on attempt %d in %.3fs",
             answer.status,
             a.go.attempt,
@@ -336,7 +340,7 @@ class Deliverer:
                 )
             )
             self._count(ref, "retried", answer)
-            log.info(
+            log.debug(
                 "delivery ended: attempt %d failed in %.3fs (%s); next in %.2fs",
                 go.attempt,
                 answer.seconds,
@@ -357,6 +361,7 @@ class Deliverer:
     def _count(self, ref: Ref, outcome: str, answer: Answer) -> None:
         label = status_class(answer.status, answer.kind)
         self._children.of(self._metrics.deliveries, ref.tenant, ref.sink, outcome, label).inc()
+        self.activity.count(ref.tenant, ref.sink, outcome)
 
     @staticmethod
     def _entry(
@@ -404,6 +409,7 @@ class Deliverer:
             )
         )
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, entry.cls).inc()
+        self.activity.count(ref.tenant, ref.sink, "dead-lettered")
         took = "" if seconds is None else f" in {seconds:.3f}s"
         log.warning(
             "delivery ended: dead-lettered as %s after %d attempt(s)%s: %s",
@@ -443,6 +449,7 @@ class Deliverer:
         finish = Finish("dead", error=entry.error, entry=entry, hold=self._holds(ref))
         self._ready(await self._steps.finish(ref, now, finish))
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
+        self.activity.count(ref.tenant, ref.sink, "dead-lettered")
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
 
 
