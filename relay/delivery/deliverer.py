@@ -113,6 +113,8 @@ class Deliverer:
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
         self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
+        # while the worker's start-up census runs: the jobs started, its own, not inherited
+        self.started_in_census: set[str] | None = None
         self.activity = SinkActivity(config.worker.sink_silence_warn)  # summaries, silences
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
@@ -163,6 +165,8 @@ class Deliverer:
                 continue
             started.append(job)
             self.running[job.ref.job_id] = self._running(job)
+            if self.started_in_census is not None:
+                self.started_in_census.add(job.ref.job_id)
         return started, expired
 
     def _running(self, job: Taken) -> Running:

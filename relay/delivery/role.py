@@ -98,7 +98,8 @@ class WorkerRole:
         )
         self._timeout = timeout
         # Counting what this worker inherits only logs: it must not hold up start-up.
-        self._census = asyncio.create_task(log_census(self._pool, cfg), name="worker-census")
+        self.deliverer.started_in_census = set()
+        self._census = asyncio.create_task(self._log_census(), name="worker-census")
         self._heartbeat = asyncio.create_task(
             Heartbeat(self._pool, self.deliverer.running).run(), name="worker-heartbeat"
         )
@@ -115,6 +116,22 @@ class WorkerRole:
             timeout,
             " (burst)" if self._burst else "",
         )
+
+    async def _log_census(self) -> None:
+        """Log what this worker inherits, leaving out the jobs it has taken meanwhile."""
+        if self._pool is None or self.deliverer is None:
+            return
+        mine = self.deliverer.started_in_census  # filled as the worker starts jobs
+        try:
+            await log_census(
+                self._pool, self._rt.config, () if mine is None else mine, self._takes_done
+            )
+        finally:
+            self.deliverer.started_in_census = None  # done: stop noting them
+
+    async def _takes_done(self) -> None:
+        if self._worker is not None:
+            await self._worker.takes_done()
 
     def _new_worker(self) -> BatchStartWorker:
         """arq's worker; a fresh one after a Redis outage (arq's counters may be off)."""

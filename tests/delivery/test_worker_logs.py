@@ -1,18 +1,27 @@
 """What the worker's log says at INFO and above: no line per delivery, a summary per
-sink, a warning when a sink answers nothing (and a line when it answers again)."""
+sink, a warning when a sink answers nothing (and a line when it answers again); and
+the lines that misled: a starting worker's census, the heartbeat's recovery, a timeout's
+duration."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import pytest
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from relay.delivery import activity
+from relay.config import SinkConfig
+from relay.delivery import activity, heartbeat
 from relay.delivery.activity import SinkActivity
-from relay.delivery.sink_client import Answer
+from relay.delivery.sink_client import Answer, SinkClient
 from relay.keys import Keys
-from relay.store.embedded import free_port
+from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
@@ -124,3 +133,121 @@ def test_silence_is_judged_between_attempts_too(caplog: pytest.LogCaptureFixture
             "out or failed to connect)",
         ),
     ]
+
+
+async def test_the_census_leaves_out_the_jobs_the_worker_started_itself(
+    redis: Redis, redis_url: str
+) -> None:
+    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
+    k = Keys("chert-relay")
+    mine, theirs = k.job_id(TENANT, "s", "e1"), k.job_id(TENANT, "s", "e2")
+    for job in (mine, theirs):
+        await redis.set(in_progress_key_prefix + job, b"1", px=60_000)
+        await redis.zadd(k.inflight(TENANT, "s"), {job: time.time() * 1000 + 60_000})
+    settled = []
+
+    async def settle() -> None:  # the worker's take in flight has returned
+        settled.append(True)
+
+    found = await heartbeat.census(redis, cfg, {mine}, settle)
+    assert found == heartbeat.Inherited(in_progress=1, leases=1, sinks=1)
+    assert settled == [True]
+
+
+async def test_a_starting_worker_does_not_count_its_own_deliveries_as_inherited(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its deliveries start beside the census (they hang: their marks and leases stay),
+    # which has many keys to scan: it finds their marks and leases.
+    caplog.set_level(logging.INFO, logger="relay.delivery.heartbeat")
+    fill = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'filler:' .. i, 'x') end"
+    await redis.eval(fill, 0, "200000")
+    release = asyncio.Event()
+
+    async def hang(sink: Sink, got: Received) -> tuple[int, dict[str, str]]:
+        await release.wait()
+        return 200, {}
+
+    async with sinks(Sink(hang)) as (s,):
+        conf = sink_conf("s", s.url, timeout=30, concurrency=20)
+        rt = runtime(redis, config_with(redis_url, [conf]))
+        await ingest(rt, [f"e{i}" for i in range(20)])
+        try:
+            async with worker(rt) as role:
+                await wait_for(lambda: len(s.received) == 20, 15)
+                assert role.deliverer is not None
+                await wait_for(lambda: role.deliverer.started_in_census is None)
+                # Counted now, with its 20 running, the worker finds none elsewhere.
+                mine = set(role.deliverer.running)
+                assert len(mine) == 20
+                assert await heartbeat.census(redis, rt.config, mine) == heartbeat.Inherited(
+                    0, 0, 0
+                )
+                assert (await heartbeat.census(redis, rt.config)).in_progress == 20
+                release.set()
+                await wait_for(lambda: not role.deliverer.running, 15)
+        finally:
+            release.set()
+    census = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker: ")]
+    assert census == ["worker: no deliveries in progress elsewhere, no in-flight leases"]
+
+
+async def test_the_heartbeat_calls_it_trouble_only_with_holds_at_stake(
+    make_redis_server: Callable[[], Awaitable[EmbeddedRedis]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery.heartbeat")
+    server = await make_redis_server()
+    client: Redis = Redis.from_url(server.url)
+    running: dict[str, heartbeat.Running] = {}
+    beat = heartbeat.Heartbeat(client, running)
+
+    def lines() -> list[tuple[str, str]]:
+        return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+    try:
+        await server.stop()
+        await beat.step()  # Redis is away, but nothing was held: nothing at stake
+        assert lines() == []
+        running["j1"] = heartbeat.Running("j1")
+        await beat.step()
+        await beat.step()  # still away: said once
+        assert [level for level, _ in lines()] == ["WARNING"]
+        assert lines()[0][1].startswith(
+            "worker heartbeat: could not renew the holds on 1 running deliveries"
+        )
+        await server.start()
+        running.clear()
+        await beat.step()  # back, but nothing renewed: no recovery to tell
+        assert len(lines()) == 1
+        running["j2"] = heartbeat.Running("j2")
+        await beat.step()
+        assert lines()[1][0] == "INFO"
+        assert lines()[1][1].startswith(
+            "worker heartbeat: renewed the holds on 1 running deliveries again"
+        )
+        await beat.step()
+        assert len(lines()) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_a_timeout_says_its_limit_and_the_time_it_took() -> None:
+    release = asyncio.Event()
+
+    async def hang(sink: Sink, got: Received) -> tuple[int, dict[str, str]]:
+        await release.wait()
+        return 200, {}
+
+    async with sinks(Sink(hang)) as (s,), aiohttp.ClientSession() as session:
+        conf = SinkConfig.model_validate(sink_conf("s", s.url))
+        try:
+            answer = await SinkClient(session).post(conf, b"{}", {}, 0.2)
+        finally:
+            release.set()
+    assert answer.kind == "timeout"
+    m = re.fullmatch(
+        r"no answer within the 0\.2s timeout \(gave up after (\d+\.\d\d)s\)", answer.error
+    )
+    assert m is not None, answer.error
+    assert float(m.group(1)) == round(answer.seconds, 2)
+    assert answer.seconds >= 0.2
