@@ -202,10 +202,16 @@ class WorkerConfig(_Section):
     retry_backoff: Duration = Field(1.0, gt=0)
     retry_backoff_max: Duration = Field(3600.0, gt=0)
     retry_after_max: Duration = Field(3600.0, gt=0)
-    # Per-sink circuit breaker: opens after this many consecutive failed attempts, and
-    # lets one probe through after breaker_cooldown.
+    # Per-sink circuit breaker: opens when, over the last breaker_window, at least
+    # breaker_failures attempts failed and they were at least breaker_failure_rate of the
+    # attempts; lets one probe through after breaker_cooldown.
     breaker_failures: int = Field(5, ge=1, le=10_000)
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_window: Duration = Field(30.0, ge=1)
     breaker_cooldown: Duration = Field(30.0, gt=0)
+    # A sink that has given no answer at all (only timeouts and connection errors) for
+    # this long gets a warning, once, and a line when it answers again.
+    sink_silence_warn: Duration = Field(60.0, gt=0)
     # A job whose sink is at its in-flight cap (sink.concurrency) waits about this long.
     busy_defer: Duration = Field(0.25, gt=0)
     # A job of a sink this worker does not know — a reload that reached `serve` before

@@ -1,39 +1,56 @@
 """Per-sink circuit breakers, kept in Redis so every worker process shares them.
 
-A breaker is one hash per (tenant, sink) — absent while the sink is healthy:
+A breaker is one hash per (tenant, sink):
 
 - ``s``: ``o`` open, ``h`` half-open (absent or ``c``: closed)
-- ``f``: consecutive failed attempts (connection errors, timeouts, 408/425/429/5xx)
 - ``u``: while open, the time (unix ms) it may let a probe through
 - ``p``, ``pu``: the half-open probe's job id and the end of its lease (unix ms)
+- ``w``, ``cf``, ``cs``, ``pf``, ``ps``: the judgement's window — the number of the
+  current bucket (``breaker_window`` long), the failed and the successful attempts
+  counted in it, and those of the bucket before
 
-Closed, every due delivery goes ahead; ``breaker_failures`` consecutive failures open
-it. Open, due deliveries are put off until ``u`` (plus a little jitter, so they do not
-all return at once) without an HTTP call. After that the first one through becomes the
-probe (half-open) while the others keep waiting; the probe's success closes the
-breaker, its failure opens it for another cooldown. Any 2xx — or any answer that shows
-the sink is alive, such as a 400 — closes it. A probe that never reports (its worker
+Closed, every attempt that ends counts in the window: a failure (connection error,
+timeout, 408/425/429/5xx) or a success (any 2xx — or any answer that shows the sink is
+alive, such as a 400). A failure opens the breaker once, over the last
+``breaker_window`` (the current bucket plus the share of the previous one it still
+covers), at least ``breaker_failures`` attempts failed and they were at least
+``breaker_failure_rate`` of the attempts. A rate, not a run of consecutive failures: a
+sink where a minority of requests time out — and their timeouts end together, in a
+run — keeps its breaker closed, while one that answers nothing opens it after
+``breaker_failures`` failures.
+
+Open, due deliveries are put off until ``u`` (plus a little jitter, so they do not all
+return at once) without an HTTP call. After that the first one through becomes the
+probe (half-open) while the others keep waiting; the probe's success closes the breaker
+with a fresh window, its failure opens it for another cooldown. Attempts that were
+already in flight when it opened change nothing. A probe that never reports (its worker
 died) loses its lease after the sink's timeout and another job probes.
 
 The checks and updates are Lua functions (``relay/store/lua/lib/breaker.lua``) that
 the delivery's scripts use, so admitting a delivery, taking its in-flight slot and
-counting its attempt happen in one atomic step.
+counting its attempt happen in one atomic step. The finish that changes a breaker says
+so, and the worker logs it: opened (WARNING, with the counts and the last error),
+half-open (INFO, when the probe goes), opened again (WARNING), closed (INFO).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from relay.config import WorkerConfig
 from relay.keys import Keys
+
+log = logging.getLogger(__name__)
 
 # Numeric values of the ``chert_relay_breaker_state`` gauge.
 CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
-TTL_MS = 86_400_000  # an idle breaker's record goes away a day after its last failure
+TTL_MS = 86_400_000  # an idle breaker's record goes away a day after its last attempt
 
 
 def _state(fields: list[bytes | None], now_ms: float) -> int:
@@ -70,3 +87,42 @@ def states_sync(
         found = pipe.execute()
     now = time.time() * 1000
     return {pair: _state(f, now) for pair, f in zip(pairs, found, strict=True)}
+
+
+def log_change(tenant: str, sink: str, change: str, error: str, worker: WorkerConfig) -> None:
+    """Log what a finish did to the breaker of ``tenant``/``sink``: ``change`` is
+    ``finish.lua``'s (``open <failed> <attempts>``, ``reopen`` or ``close``) and ``error``
+    the attempt's, the last error."""
+    what, *counts = change.split()
+    if what == "open" and len(counts) == 2:
+        log.warning(
+            "breaker of sink %s/%s opened: %s of %s attempts failed in the last %gs, last "
+            "error: %s; its deliveries wait %gs, then one goes as a probe",
+            tenant,
+            sink,
+            counts[0],
+            counts[1],
+            worker.breaker_window,
+            error or "none",
+            worker.breaker_cooldown,
+        )
+    elif what == "reopen":
+        log.warning(
+            "breaker of sink %s/%s opened again: the probe failed (%s); the next one in %gs",
+            tenant,
+            sink,
+            error or "no error text",
+            worker.breaker_cooldown,
+        )
+    elif what == "close":
+        log.info("breaker of sink %s/%s closed: the probe succeeded", tenant, sink)
+
+
+def log_probe(tenant: str, sink: str, attempt: int) -> None:
+    """The breaker of ``tenant``/``sink`` is half-open: this worker sends its probe."""
+    log.info(
+        "breaker of sink %s/%s half-open: one delivery goes as a probe (its attempt %d)",
+        tenant,
+        sink,
+        attempt,
+    )

@@ -49,7 +49,8 @@ from redis.asyncio import Redis
 
 from relay import logs
 from relay.config import Config, SinkConfig
-from relay.delivery import heartbeat
+from relay.delivery import breaker, heartbeat
+from relay.delivery.activity import SinkActivity
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.heartbeat import Running
@@ -113,6 +114,9 @@ class Deliverer:
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
         self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
+        # while the worker's start-up census runs: the jobs started, its own, not inherited
+        self.started_in_census: set[str] | None = None
+        self.activity = SinkActivity(config.worker.sink_silence_warn)  # summaries, silences
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self._steps = Steps(redis_client, self._keys, config.worker)
@@ -120,6 +124,7 @@ class Deliverer:
 
     def set_config(self, config: Config) -> None:
         self._config = config
+        self.activity.silence_warn = config.worker.sink_silence_warn
         self._sinks = SinkTable(config, self._usable)
         self._children = MetricChildren()
         self._client.forget_keys()
@@ -161,6 +166,8 @@ class Deliverer:
                 continue
             started.append(job)
             self.running[job.ref.job_id] = self._running(job)
+            if self.started_in_census is not None:
+                self.started_in_census.add(job.ref.job_id)
         return started, expired
 
     def _running(self, job: Taken) -> Running:
@@ -272,6 +279,8 @@ class Deliverer:
         stored = go.stored
         m = self._metrics
         log.debug("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
+        if go.probe:
+            breaker.log_probe(ref.tenant, ref.sink, go.attempt)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
         headers = self._client.headers(sink, req, stored.body)
         try:
@@ -284,6 +293,7 @@ class Deliverer:
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
+        self.activity.attempt_ended(ref.tenant, ref.sink, answer)
         self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name).observe(answer.seconds)
         if answer.ok:
             await self._delivered(a, answer, now)
@@ -320,7 +330,7 @@ class Deliverer:
             of(m.delivery_e2e_seconds, ref.tenant, ref.sink).observe(
                 max(0.0, done - stored.timestamp)
             )
-        log.info(
+        log.debug(
             "delivery ended: delivered (HTTP %d) on attempt %d in %.3fs",
             answer.status,
             a.go.attempt,
@@ -346,7 +356,7 @@ class Deliverer:
             self._count(ref, "retried", answer)
             if not applied:
                 return "done"  # another run holds the delivery now
-            log.info(
+            log.debug(
                 "delivery ended: attempt %d failed in %.3fs (%s); next in %.2fs",
                 go.attempt,
                 answer.seconds,
@@ -367,6 +377,7 @@ class Deliverer:
     def _count(self, ref: Ref, outcome: str, answer: Answer) -> None:
         label = status_class(answer.status, answer.kind)
         self._children.of(self._metrics.deliveries, ref.tenant, ref.sink, outcome, label).inc()
+        self.activity.count(ref.tenant, ref.sink, outcome)
 
     @staticmethod
     def _entry(
@@ -409,6 +420,7 @@ class Deliverer:
         if not await self._finish(ref, dead):
             return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, entry.cls).inc()
+        self.activity.count(ref.tenant, ref.sink, "dead-lettered")
         took = "" if seconds is None else f" in {seconds:.3f}s"
         log.warning(
             "delivery ended: dead-lettered as %s after %d attempt(s)%s: %s",
@@ -471,6 +483,7 @@ class Deliverer:
         if not await self._finish(ref, finish):
             return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
+        self.activity.count(ref.tenant, ref.sink, "dead-lettered")
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
 
 

@@ -15,7 +15,8 @@ finish then changes nothing either (``lib/finish.lua``) — a stall costs a dupl
 delivery, never an event.
 
 :func:`census` tells a starting worker what it inherits: deliveries marked in progress
-by other workers (alive, or dead and about to expire) and in-flight leases held.
+by other workers (alive, or dead and about to expire) and in-flight leases held — not
+those of the jobs the worker itself has started meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 
 import redis.exceptions
@@ -58,7 +60,7 @@ class Heartbeat:
     def __init__(self, client: Redis, running: dict[str, Running]) -> None:
         self._renew = scripts.script("renew").bind(client)
         self._running = running
-        self._trouble = False
+        self._trouble: float | None = None  # since when renewals have failed (monotonic)
         self._absent: set[str] = set()  # jobs found without a mark at the last beat
 
     async def beat(self) -> int:
@@ -102,23 +104,37 @@ class Heartbeat:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(BEAT_S)
-            try:
-                async with asyncio.timeout(BEAT_S):
-                    await self.beat()
-                if self._trouble:
-                    log.info("worker heartbeat: renewing holds again")
-                self._trouble = False
-            except Exception as e:  # the heartbeat must outlive any one failure
-                if not self._trouble:
-                    log.warning(
-                        "worker heartbeat: could not renew the holds on running deliveries "
-                        "(%s: %s); after %.0fs another worker may run them too",
-                        type(e).__name__,
-                        e,
-                        HOLD_S,
-                        exc_info=not isinstance(e, redis.exceptions.RedisError | OSError),
-                    )
-                self._trouble = True
+            await self.step()
+
+    async def step(self) -> None:
+        """One beat, and what it means for the log: a warning when holds on running
+        deliveries could not be renewed, a line when renewing them works again. With
+        nothing to renew, nothing was at stake: neither trouble nor a recovery."""
+        holding = len(self._running)
+        try:
+            async with asyncio.timeout(BEAT_S):
+                await self.beat()
+        except Exception as e:  # the heartbeat must outlive any one failure
+            if self._trouble is None and holding:
+                log.warning(
+                    "worker heartbeat: could not renew the holds on %d running deliveries "
+                    "(%s: %s); after %.0fs another worker may run them too",
+                    holding,
+                    type(e).__name__,
+                    e,
+                    HOLD_S,
+                    exc_info=not isinstance(e, redis.exceptions.RedisError | OSError),
+                )
+                self._trouble = time.monotonic()
+            return
+        if self._trouble is not None and holding:
+            log.info(
+                "worker heartbeat: renewed the holds on %d running deliveries again, %.0fs "
+                "after renewing first failed",
+                holding,
+                time.monotonic() - self._trouble,
+            )
+            self._trouble = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,27 +146,47 @@ class Inherited:
     sinks: int  # sinks with at least one lease
 
 
-async def census(client: Redis, config: Config) -> Inherited:
-    """Count the in-progress marks of this relay's jobs and the live in-flight leases."""
+async def census(
+    client: Redis,
+    config: Config,
+    mine: Container[str] = (),
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> Inherited:
+    """Count the in-progress marks of this relay's jobs and the live in-flight leases,
+    but for those of the jobs in ``mine``: the census runs beside the worker's start, and
+    the jobs the worker starts meanwhile are its own, not inherited. ``settle`` waits for
+    the worker's take in flight, if any, so that a mark or lease it made, found here,
+    is in ``mine`` before the jobs are told apart."""
     keys = Keys(config.redis.key_prefix)
-    in_progress = 0
+    skip = len(in_progress_key_prefix)
     match = f"{in_progress_key_prefix}{config.redis.key_prefix}:*"
-    async for _ in client.scan_iter(match=match, count=1000):
-        in_progress += 1
+    marked = [_text(key)[skip:] async for key in client.scan_iter(match=match, count=1000)]
     now = int(time.time() * 1000)
-    leases = sinks = 0
-    for t in config.tenants:
-        for s in t.sinks:
-            n = int(await client.zcount(keys.inflight(t.slug, s.name), now, "+inf"))
-            leases += n
-            sinks += 1 if n else 0
-    return Inherited(in_progress, leases, sinks)
+    held = [
+        [_text(m) for m in await client.zrangebyscore(keys.inflight(t.slug, s.name), now, "+inf")]
+        for t in config.tenants
+        for s in t.sinks
+    ]
+    if settle is not None:
+        await settle()
+    leases = [sum(m not in mine for m in members) for members in held]
+    return Inherited(sum(j not in mine for j in marked), sum(leases), sum(n > 0 for n in leases))
 
 
-async def log_census(client: Redis, config: Config) -> Inherited | None:
-    """Log what a starting worker inherits (nothing if Redis cannot say)."""
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+async def log_census(
+    client: Redis,
+    config: Config,
+    mine: Container[str] = (),
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> Inherited | None:
+    """Log what a starting worker inherits (nothing if Redis cannot say); ``mine`` and
+    ``settle``: the jobs it has started meanwhile (see :func:`census`)."""
     with contextlib.suppress(redis.exceptions.RedisError, OSError):
-        found = await census(client, config)
+        found = await census(client, config, mine, settle)
         if found.in_progress or found.leases:
             log.info(
                 "worker: found %d deliveries in progress elsewhere and %d in-flight lease(s) "
@@ -165,7 +201,3 @@ async def log_census(client: Redis, config: Config) -> Inherited | None:
             log.info("worker: no deliveries in progress elsewhere, no in-flight leases")
         return found
     return None
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,6 +13,9 @@ The role builds arq's worker (:mod:`relay.delivery.arq_adapter`) around one
   the deliveries this worker runs (arq's in-progress marks, the sinks' in-flight
   leases): a killed worker's deliveries run again elsewhere within 10 s. On start the
   role logs what it inherits: deliveries in progress elsewhere, in-flight leases.
+- Per-delivery log lines are DEBUG; at INFO the role logs a summary per sink every
+  60 s while it has activity (and when it stops), and a warning when a sink has answered
+  nothing for ``worker.sink_silence_warn`` (:mod:`relay.delivery.activity`).
 - A due job whose ``arq:job:`` key has expired (no worker ran for longer than the
   sink's ``max_age`` + 1 day) is logged as an error and counted.
 
@@ -73,6 +76,7 @@ class WorkerRole:
         self._collector: DeliveryCollector | None = None
         self._timeout = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
+        self._activity: asyncio.Task[None] | None = None
         self._census: asyncio.Task[object] | None = None
         self.deliverer: Deliverer | None = None
 
@@ -94,9 +98,13 @@ class WorkerRole:
         )
         self._timeout = timeout
         # Counting what this worker inherits only logs: it must not hold up start-up.
-        self._census = asyncio.create_task(log_census(self._pool, cfg), name="worker-census")
+        self.deliverer.started_in_census = set()
+        self._census = asyncio.create_task(self._log_census(), name="worker-census")
         self._heartbeat = asyncio.create_task(
             Heartbeat(self._pool, self.deliverer.running).run(), name="worker-heartbeat"
+        )
+        self._activity = asyncio.create_task(
+            self.deliverer.activity.run(), name="worker-sink-activity"
         )
         self._worker = self._new_worker()
         self._collector = DeliveryCollector(self._rt.endpoint.sync_client(), cfg)
@@ -108,6 +116,22 @@ class WorkerRole:
             timeout,
             " (burst)" if self._burst else "",
         )
+
+    async def _log_census(self) -> None:
+        """Log what this worker inherits, leaving out the jobs it has taken meanwhile."""
+        if self._pool is None or self.deliverer is None:
+            return
+        mine = self.deliverer.started_in_census  # filled as the worker starts jobs
+        try:
+            await log_census(
+                self._pool, self._rt.config, () if mine is None else mine, self._takes_done
+            )
+        finally:
+            self.deliverer.started_in_census = None  # done: stop noting them
+
+    async def _takes_done(self) -> None:
+        if self._worker is not None:
+            await self._worker.takes_done()
 
     def _new_worker(self) -> BatchStartWorker:
         """arq's worker; a fresh one after a Redis outage (arq's counters may be off)."""
@@ -238,10 +262,7 @@ class WorkerRole:
         if self.deliverer is not None:  # the last finishes, then the connection goes back
             await self._bounded(asyncio.ensure_future(self.deliverer.drain()), "the finishes")
         await self._bounded(asyncio.ensure_future(worker.close()), "arq's close")
-        for task in (self._heartbeat, self._census):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._stop_background()
         if self._session is not None:
             await self._session.close()
         if self._collector is not None:
@@ -254,6 +275,15 @@ class WorkerRole:
             worker.jobs_retried,
             worker.jobs_failed,
         )
+
+    async def _stop_background(self) -> None:
+        """End the heartbeat, the census and the sink summaries (with a last one)."""
+        for task in (self._heartbeat, self._census, self._activity):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.deliverer is not None:
+            self.deliverer.activity.report()  # what ended since the last summary
 
     async def _bounded(self, task: asyncio.Future[Any], what: str) -> None:
         """Wait (bounded) for a shutdown step; log what went wrong rather than hang."""

@@ -233,7 +233,9 @@ class SinkClient:
                 )
         except TimeoutError:
             elapsed = time.perf_counter() - started
-            return Answer(None, "timeout", f"no answer within {timeout:g}s", None, elapsed)
+            # A busy event loop wakes up late: say both the limit and the time it took.
+            error = f"no answer within the {timeout:g}s timeout (gave up after {elapsed:.2f}s)"
+            return Answer(None, "timeout", error, None, elapsed)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             elapsed = time.perf_counter() - started
             return Answer(None, "connection", f"{type(e).__name__}: {e}", None, elapsed)

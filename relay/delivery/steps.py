@@ -65,6 +65,7 @@ class Go:
     deadline_ms: int
     stored: StoredEvent
     source: str  # the source the sink is told: "replay" for a replayed delivery
+    probe: bool = False  # the attempt is the sink's half-open breaker probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,10 @@ def parse_claim(res: list[Any]) -> Claim:
         stored = _parse_stored(res[4])
         if stored is None:
             return Unusable("unreadable")
-        return Go(int(res[1]), int(res[2]), int(res[3]), stored, _text(res[5]) or stored.source)
+        probe = len(res) > 6 and _text(res[6]) == "1"
+        return Go(
+            int(res[1]), int(res[2]), int(res[3]), stored, _text(res[5]) or stored.source, probe
+        )
     if verdict in ("gone", "expired", "exhausted"):
         stored = _parse_stored(res[6])
         if stored is None:
@@ -204,13 +208,20 @@ class Steps:
     def set_config(self, keys: Keys, worker: WorkerConfig) -> None:
         self._keys = keys
         self._worker = worker
+        rule = [
+            worker.breaker_failures,
+            worker.breaker_failure_rate,
+            int(worker.breaker_window * 1000),
+        ]
         self._head = bulks(
             [
                 keys.prefix,
                 keys.queue,
-                worker.breaker_failures,
+                json.dumps(rule),
                 int(worker.breaker_cooldown * 1000),
-                max(breaker.TTL_MS, int(worker.breaker_cooldown * 2000)),
+                max(
+                    breaker.TTL_MS, int(max(worker.breaker_cooldown, worker.breaker_window) * 2000)
+                ),
             ]
         )
 
@@ -273,7 +284,8 @@ class Steps:
 
     async def finish(self, ref: Ref, f: Finish) -> Finished:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
-        still holds the delivery; :data:`STALE` if it does not (nothing was changed)."""
+        still holds the delivery; :data:`STALE` if it does not (nothing was changed). What it
+        did to the sink's breaker, if anything, is logged."""
         fields = deadletters.entry_fields(f.entry) if f.entry is not None else []
         args: list[str | int] = [
             ref.job_id, ref.tenant, ref.sink, ref.event_id, ref.chat or "", ref.token,
@@ -281,9 +293,12 @@ class Steps:
             f.gone_url, f.entry.cls if f.entry else "", "hold" if f.hold else "skip",
             len(fields), *fields,
         ]  # fmt: skip
-        nxt = await self._finish((bulks(args), len(args)))
-        if isinstance(nxt, int):
+        found = await self._finish((bulks(args), len(args)))
+        if isinstance(found, int):
             return STALE
+        nxt, change = found
+        if change:
+            breaker.log_change(ref.tenant, ref.sink, _text(change), f.error, self._worker)
         return Finished(True, _text(nxt) or None)
 
     async def release(self, ref: Ref) -> bool:

@@ -13,9 +13,11 @@ from redis.asyncio import Redis
 
 from relay.delivery import breaker
 from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.delivery.limits import SinkTable
 from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
 from relay.delivery.sink_client import scrub
+from relay.delivery.steps import Defer, Steps
 from relay.keys import JOB_KEY_PREFIX, Keys
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, wait_for
@@ -399,7 +401,10 @@ async def test_metrics_read_queue_and_breakers_at_scrape_time(redis: Redis, redi
     assert "chert_relay_queue_ready_jobs" not in rt.metrics.render().decode()
 
 
-async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redis_url: str) -> None:
+async def test_breaker_opens_then_a_half_open_probe_closes_it(
+    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.delivery.breaker")
     down = [True]
 
     def flaky(sink: Sink, got: Received) -> tuple[int, dict[str, str]]:
@@ -434,7 +439,15 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(redis: Redis, redi
         # after the cooldown one probe went alone; its 2xx closed the breaker
         assert s.received[tried].headers["webhook-id"] in ids
         assert 'reason="breaker_open"' in rt.metrics.render().decode()
-        assert await redis.exists(rt.keys.breaker(TENANT, "s")) == 0
+        # closed, its window started afresh by the probe's success
+        assert await redis.hget(rt.keys.breaker(TENANT, "s"), "s") is None
+        assert await redis.hget(rt.keys.breaker(TENANT, "s"), "cf") == b"0"
+        lines = [r.getMessage() for r in caplog.records if r.name == "relay.delivery.breaker"]
+        opened = [m for m in lines if " opened" in m]
+        assert len(opened) == 1, lines
+        assert "3 of 3 attempts failed in the last 30s, last error: HTTP 503: nope" in opened[0]
+        assert any("half-open: one delivery goes as a probe" in m for m in lines), lines
+        assert sum("closed: the probe succeeded" in m for m in lines) == 1, lines
 
 
 async def test_an_unreadable_stored_event_is_dropped_not_retried_forever(
@@ -533,6 +546,34 @@ async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
 
 async def _put_off(caplog: pytest.LogCaptureFixture, n: int) -> bool:
     return sum("put off" in r.msg for r in caplog.records) >= n
+
+
+async def test_deliveries_waiting_on_a_busy_sink_come_back_spread_out(
+    redis: Redis, redis_url: str
+) -> None:
+    # Forty deliveries have been put off by a busy sink often enough for their wait to
+    # reach its cap (10 s). They must not all come back at once, in step, to find the
+    # sink's slots taken again: each capped wait is drawn between half and all of it.
+    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook", concurrency=1)])
+    rt = runtime(redis, cfg)
+    keys = rt.keys
+    await redis.zadd(keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
+    ids = [f"b{i:02d}" for i in range(40)]
+    await ingest(rt, ids)
+    for i in ids:
+        await redis.hset(keys.attempts(TENANT, "s", i), "w", "20")  # put off 20 times so far
+    jobs = [keys.job_id(TENANT, "s", i) for i in ids]
+    steps = Steps(redis, keys, cfg.worker)
+    limits = SinkTable(cfg, lambda s: True).claim_limits
+    taken, _ = await steps.take(jobs, limits, len(jobs), 10_000)
+    assert {t.claim.reason for t in taken if isinstance(t.claim, Defer)} == {"busy"}
+    assert len(taken) == len(jobs)
+    # One take, one `now`: the queue scores differ only by the waits drawn.
+    scores = [float(await redis.zscore(keys.queue, j) or 0) for j in jobs]
+    assert min(scores) > 0  # every one is back in the queue
+    spread = max(scores) - min(scores)
+    assert 2_000 < spread <= 5_000, scores
+    assert len(set(scores)) > 30, scores
 
 
 async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(

@@ -107,7 +107,8 @@ async def test_a_stale_retry_resurrects_nothing(redis: Redis, redis_url: str) ->
     assert await redis.exists(KEYS.attempts(TENANT, "a", "e")) == 0
     assert await redis.exists(KEYS.job(job_a)) == 0
     assert await redis.exists(in_progress_key_prefix + job_a) == 0
-    assert await redis.exists(KEYS.breaker(TENANT, "a")) == 0  # the breaker heard nothing
+    # the breaker heard only the current run's success, nothing of the stale retry
+    assert await redis.hmget(KEYS.breaker(TENANT, "a"), ["cf", "cs"]) == [b"0", b"1"]
 
 
 async def test_a_stale_run_renews_nothing_and_learns_it_lost_the_hold(

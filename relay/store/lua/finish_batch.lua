@@ -5,7 +5,8 @@ KEYS none
 ARGV
   1 prefix             the relay's key prefix
   2 queue              arq's queue
-  3 threshold          failures that open a breaker
+  3 breaker_rule       JSON [min_failures, failure_rate, window_ms]: when failures open
+                       a breaker (lib/breaker.lua)
   4 cooldown_ms        how long it stays open
   5 breaker_ttl_ms
   6... items           n, then per item: job_id, tenant, sink, event_id, chat, token,
@@ -15,9 +16,10 @@ ARGV
 uses: clock finish delivery_keys
 flags: allow-oom
 Returns per item 0 if its run no longer held the delivery (a stale finish: nothing was
-changed), else the job id of its chat's next event, now queued ('' if none).
+changed), else {next_job, breaker_change} (lib/finish.lua).
 ]]
 local out = {}
+local rule = cjson.decode(A.breaker_rule)
 local i = 7
 local now = redis_now_ms()
 for n = 1, tonumber(ARGV[6]) do
@@ -30,7 +32,7 @@ for n = 1, tonumber(ARGV[6]) do
   out[n] = finish(k, {
     now = now, token = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6],
     delay_ms = ARGV[i + 7], status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
-    threshold = A.threshold, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
+    rule = rule, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13],
   }, fields)

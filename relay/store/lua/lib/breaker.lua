@@ -1,6 +1,8 @@
 --[[ breaker: a sink's circuit breaker, one hash per (tenant, sink) (relay/delivery/breaker.py).
-Fields: s (o open, h half-open, absent or c closed), f (consecutive failures),
-u (while open: when a probe may go, Unix ms), p and pu (the probe's job id and lease end).
+Fields: s (o open, h half-open, absent or c closed), u (while open: when a probe may go,
+Unix ms), p and pu (the probe's job id and lease end); the judgement's window: w (the
+current bucket's number: Unix ms // window), cf and cs (the failed and the successful
+attempts counted in it), pf and ps (those of the bucket before).
 ]]
 
 -- 'ok' | 'probe' (go ahead as the half-open probe) | 'open' | 'half', then the wait (ms)
@@ -21,20 +23,62 @@ local function breaker_take_probe(key, now, job_id, lease)
   redis.call('HSET', key, 's', 'h', 'p', job_id, 'pu', now + lease)
 end
 
--- effect: 'success' closes; 'failure' counts and may open; anything else leaves it be
-local function breaker_record(key, now, job_id, effect, threshold, cooldown, ttl)
-  if effect == 'success' then
-    redis.call('DEL', key)
-  elseif effect == 'failure' then
-    local b = redis.call('HMGET', key, 's', 'p')
-    local f = redis.call('HINCRBY', key, 'f', 1)
-    local closed = (b[1] == false or b[1] == 'c')
-    if (b[1] == 'h' and b[2] == job_id) or (closed and f >= threshold) then
+-- Count one attempt in the window; the failed attempts and all attempts of the last
+-- `window` ms, estimated as the current bucket's plus the share of the previous bucket
+-- the window still covers, rounded to the nearest whole attempt.
+local function breaker_count(key, now, window, failed)
+  local b = redis.call('HMGET', key, 'w', 'cf', 'cs', 'pf', 'ps')
+  local n, w = math.floor(now / window), tonumber(b[1])
+  local cf, cs = tonumber(b[2]) or 0, tonumber(b[3]) or 0
+  local pf, ps = tonumber(b[4]) or 0, tonumber(b[5]) or 0
+  if w and n < w then
+    n = w  -- a worker whose clock is behind counts in the newest bucket
+  elseif w ~= n then
+    if w == n - 1 then pf, ps = cf, cs else pf, ps = 0, 0 end
+    cf, cs = 0, 0
+  end
+  if failed then cf = cf + 1 else cs = cs + 1 end
+  redis.call('HSET', key, 'w', n, 'cf', cf, 'cs', cs, 'pf', pf, 'ps', ps)
+  local share = math.max(0, math.min(1, 1 - (now - n * window) / window))
+  return math.floor(cf + pf * share + 0.5), math.floor(cf + cs + (pf + ps) * share + 0.5)
+end
+
+-- Record how an attempt went. effect: 'success' (the sink answered: a 2xx, or a 4xx that
+-- shows it alive), 'failure' (no answer, 408/425/429/5xx); anything else leaves it be.
+-- rule: {min_failures, failure_rate, window_ms}. Closed, every attempt counts in the
+-- window, and a failure opens the breaker once the window holds at least min_failures
+-- failed attempts that are at least failure_rate of its attempts. Open or half-open, only
+-- the probe's answer decides: its failure opens the breaker for another cooldown, its
+-- success closes it with a fresh window; the other attempts still in flight change nothing.
+-- Returns the change, for the worker's log: '' | 'open <failed> <attempts>' | 'reopen'
+-- | 'close'.
+local function breaker_record(key, now, job_id, effect, rule, cooldown, ttl)
+  local failed = effect == 'failure'
+  if not failed and effect ~= 'success' then return '' end
+  local b = redis.call('HMGET', key, 's', 'p')
+  if b[1] == 'o' or b[1] == 'h' then
+    if b[1] ~= 'h' or b[2] ~= job_id then
+      if failed then redis.call('PEXPIRE', key, ttl) end
+      return ''
+    end
+    if failed then
       redis.call('HSET', key, 's', 'o', 'u', now + cooldown)
       redis.call('HDEL', key, 'p', 'pu')
+      redis.call('PEXPIRE', key, ttl)
+      return 'reopen'
     end
+    redis.call('DEL', key)
+    breaker_count(key, now, tonumber(rule[3]), false)
     redis.call('PEXPIRE', key, ttl)
+    return 'close'
   end
+  local failures, attempts = breaker_count(key, now, tonumber(rule[3]), failed)
+  redis.call('PEXPIRE', key, ttl)
+  if failed and failures >= tonumber(rule[1]) and failures >= tonumber(rule[2]) * attempts then
+    redis.call('HSET', key, 's', 'o', 'u', now + cooldown)
+    return 'open ' .. failures .. ' ' .. attempts
+  end
+  return ''
 end
 
 -- a probe that ends without an answer (cancelled) gives its turn to the next job

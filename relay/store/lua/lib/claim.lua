@@ -14,12 +14,13 @@ ends untried (attempts 0), and the caller's dead letter says so.
 job_id, max_age_ms, max_attempts, cap (the sink's concurrency), lease_ms (an in-flight
 slot's lease), margin_ms (how long past the deadline the job and the event are kept),
 url (compared with the gone mark), busy_ms (the first wait when the sink is at its
-cap), open_jitter_ms, half_open_ms.
+cap; the longest is drawn between half and all of 10 s), open_jitter_ms, half_open_ms.
 uses: stored_event breaker
 Returns {'missing'} | {'unreadable'} | {'defer', reason, wait_ms}
-  | {'go', attempt, first_ms, deadline_ms, stored, source}
+  | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
   held_ms: how long the delivery has waited on the sink's in-flight cap, all told
+  probe: '1' if the attempt is the sink's half-open breaker probe, else ''
 ]]
 
 local function claim(k, arg)
@@ -58,11 +59,17 @@ local function claim(k, arg)
     return {'defer', reason, wait}
   end
   -- A delivery put off again and again because its sink is busy (or probing) waits
-  -- longer each time, up to 10 s: a slow sink's backlog must not crowd out the jobs of
-  -- other sinks by cycling through the queue.
+  -- longer each time, up to about 10 s: a slow sink's backlog must not crowd out the
+  -- jobs of other sinks by cycling through the queue. A capped wait is drawn between
+  -- half and all of the cap (math.random, seeded by the caller): with one fixed cap,
+  -- the waiting deliveries would come back in step, in groups, and leave the sink's
+  -- slots empty between them.
   local function longer(wait)
     local n = redis.call('HINCRBY', k.attempts, 'w', 1)
-    return math.min(wait * 2 ^ math.min(n - 1, 16), math.max(wait, 10000))
+    local cap = math.max(wait, 10000)
+    local grown = wait * 2 ^ math.min(n - 1, 16)
+    if grown < cap then return grown end
+    return math.floor(cap * (1 + math.random()) / 2)
   end
   local due = tonumber(st[3])
   if due and due > now then return defer('not_due', due - now) end
@@ -84,12 +91,16 @@ local function claim(k, arg)
     hold()
     return defer('busy', wait)
   end
-  if verdict == 'probe' then breaker_take_probe(k.breaker, now, job_id, lease) end
+  local probe = ''
+  if verdict == 'probe' then
+    breaker_take_probe(k.breaker, now, job_id, lease)
+    probe = '1'
+  end
   redis.call('ZADD', k.inflight, now + lease, job_id)
   redis.call('PEXPIRE', k.inflight, lease + margin)
   a = a + 1
   redis.call('HSET', k.attempts, 'a', a, 'last', now, 'w', 0)
   redis.call('HSETNX', k.attempts, 'first', now)
   hold()
-  return {'go', a, st[4] or now, dl, stored, st[8] or ''}
+  return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}
 end

@@ -13,10 +13,13 @@ The in-progress mark goes too: the job may be taken again (at once, or when it i
 ``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now (Redis' clock), token,
 job_id, outcome (ok | retry | dead | drop), delay_ms (retry: the next attempt is due
 ``now + delay_ms``), status, error, effect (on the breaker: success | failure | none),
-threshold, cooldown_ms, breaker_ttl_ms, gone_url, class, member, event_id, chat,
-on_dead (skip | hold); ``fields``: the dead letter's name/value pairs (a table).
-Returns 0 if the run no longer holds the delivery (nothing was changed), else the job id
-of the chat's next event, now queued ('' if none or unordered).
+rule (the breaker's: {min_failures, failure_rate, window_ms}), cooldown_ms,
+breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold);
+``fields``: the dead letter's name/value pairs (a table).
+Returns 0 if the run no longer holds the delivery (nothing was changed), else
+{next_job, breaker_change}: the job id of the chat's next event, now queued ('' if none
+or unordered), and what the attempt did to the sink's breaker (lib/breaker.lua's
+breaker_record: '' | 'open <failed> <attempts>' | 'reopen' | 'close').
 uses: stored_event breaker deadletter_add chat_order
 ]]
 
@@ -27,13 +30,13 @@ local function finish(k, arg, fields)
   local ordered = k.chat ~= ''
   local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
   redis.call('ZREM', k.inflight, job_id)
-  breaker_record(k.breaker, now, job_id, arg.effect, tonumber(arg.threshold), tonumber(arg.cooldown_ms),
-    tonumber(arg.breaker_ttl_ms))
+  local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
+    tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms))
   if outcome == 'retry' then
     local due = now + tonumber(arg.delay_ms)
     redis.call('HSET', k.attempts, 'due', due, 'st', arg.status, 'err', arg.error)
     redis.call('ZADD', k.queue, due, job_id)
-    return ''
+    return {'', change}
   end
   redis.call('DEL', k.job, k.retry, k.attempts)
   redis.call('ZREM', k.queue, job_id)
@@ -47,11 +50,11 @@ local function finish(k, arg, fields)
     if ordered and arg.on_dead == 'hold' then
       redis.call('HSET', k.entry, 'holds', '1')
       chat_hold(k.chat, k.held, arg.chat, now, job_base, string.sub(k.ev, 1, #k.ev - #arg.event_id))
-      return ''
+      return {'', change}
     end
   elseif outcome == 'ok' then
     event_release(k.ev)
   end
-  if ordered then return chat_release(k.chat, arg.event_id, job_base, k.queue, now) end
-  return ''
+  if ordered then return {chat_release(k.chat, arg.event_id, job_base, k.queue, now), change} end
+  return {'', change}
 end
