@@ -17,7 +17,6 @@ Chert's signature timestamps, which only a synchronized clock (NTP) fixes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +88,14 @@ CLOCK = RedisClock()
 async def watch(client: Redis, every: float = CHECK_S) -> None:
     """Measure this process's offset every ``every`` seconds, until cancelled."""
     while True:
-        with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+        try:
             async with asyncio.timeout(5.0):
                 await CLOCK.measure(client)
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
+            pass
+        # redis-py may swallow a cancellation that comes while it connects (or turn it
+        # into a connection error): a stop must not wait out the sleep
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(every)

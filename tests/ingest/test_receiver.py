@@ -536,3 +536,18 @@ async def test_a_sender_gone_mid_body_is_not_a_relay_failure(
 
 async def _rejected(h: Harness, reason: str) -> bool:
     return h.rejected(reason) > 0
+
+
+async def test_the_age_of_chert_timestamps_is_exported_accepted_or_refused(h: Harness) -> None:
+    # How old Chert's signed timestamps are on arrival: a clock drifting toward
+    # signature_tolerance shows before every webhook is refused, and after.
+    def age() -> float:
+        value = h.count("chert_relay_webhook_timestamp_age_seconds", tenant=TENANT)
+        return value
+
+    raw, headers = signed(envelope("age-1"), timestamp=int(time.time()) - 120)
+    assert (await h.post(raw, headers))[0] == 202
+    assert 119 <= age() <= 125
+    raw, headers = signed(envelope("age-2"), timestamp=int(time.time()) + 400)
+    assert (await h.post(raw, headers))[0] == 401
+    assert -401 <= age() <= -395
