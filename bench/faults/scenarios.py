@@ -26,6 +26,7 @@ from bench.faults.harness import (
     WEBHOOK_SECRET,
     backlog,
     dead_letters,
+    during,
     envelope,
 )
 from bench.faults.stack import Result, Stack, event_ids
@@ -48,21 +49,6 @@ class Run:
 
 
 Scenario = Callable[[Run, Result], Awaitable[None]]
-
-
-async def _during(
-    load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]
-) -> None:
-    """Run ``load``; call ``act`` at each of ``times`` (seconds from now) meanwhile."""
-    task = asyncio.ensure_future(load)
-    start = time.monotonic()
-    for t in times:
-        delay = start + t - time.monotonic()
-        if delay > 0:
-            await asyncio.wait({task}, timeout=delay)
-        if not task.done():
-            await act()
-    await task
 
 
 def _inherited(log: Path) -> str:
@@ -96,7 +82,7 @@ async def worker_kills(run: Run, res: Result) -> None:
             await stack.restart_worker()
             res.restarts += 1
 
-        await _during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
+        await during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
         res.notes["inherited_max"] = _inherited(stack.worker.log)
@@ -116,7 +102,7 @@ async def serve_kills(run: Run, res: Result) -> None:
             res.restarts += 1
 
         times = [run.load_s / 3, 2 * run.load_s / 3]
-        await _during(stack.chert.run(ids, run.rate), times, kill)
+        await during(stack.chert.run(ids, run.rate), times, kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
     finally:
@@ -138,7 +124,7 @@ async def _redis_outage(run: Run, res: Result, *, kill: bool) -> None:
             await stack.redis.start()
             res.restarts += 1
 
-        await _during(stack.chert.run(ids, run.rate), [run.load_s / 3], outage)
+        await during(stack.chert.run(ids, run.rate), [run.load_s / 3], outage)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
     finally:
