@@ -20,6 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.faults import pauses
 from bench.faults.harness import (
     API_SECRET,
     TENANT,
@@ -405,7 +406,8 @@ async def sink_down_backlog(run: Run, res: Result) -> None:
 
 
 SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
-    # key: (title, run, duplicates allowed: a relay process or Redis crashed)
+    # key: (title, run, duplicates allowed: a relay process or Redis crashed or stalled,
+    # or the sink answered after its timeout)
     "1": ("worker SIGKILL every 3 s under load", worker_kills, True),
     "2": ("serve SIGKILL mid-burst, restarted", serve_kills, True),
     "3": ("Redis SIGTERM + restart under load", redis_sigterm, True),
@@ -416,6 +418,16 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "8": ("webhooks stopped mid-run, polling fallback", webhooks_stop, False),
     "9": ("Redis disk full, then space returns", disk_full, False),
     "10": ("sink down n/200 s at 200 events/s", sink_down_backlog, False),
+    "11": ("worker paused 15 s (of 2), sink timeout 30 s", pauses.worker_pause_long, True),
+    "12": (
+        "worker paused 9.5 s, 12 s (of 2), sink timeout 10 s",
+        pauses.worker_pause_default_timeout,
+        True,
+    ),
+    "13": ("serve paused 15 s under load", pauses.serve_pause, False),
+    "14": ("Redis paused 10 s under load", pauses.redis_pause, True),
+    "20": ("ordered sinks, worker paused 15 s", pauses.ordered_worker_pause, True),
+    "21": ("ordered sinks, worker SIGKILL every 3 s", pauses.ordered_worker_kills, True),
 }
 
 
