@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.faults import pauses
+from bench.faults import conditions, pauses
 from bench.faults.harness import (
     API_SECRET,
     TENANT,
@@ -426,6 +426,11 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     ),
     "13": ("serve paused 15 s under load", pauses.serve_pause, False),
     "14": ("Redis paused 10 s under load", pauses.redis_pause, True),
+    "15": ("Redis full, sink back while full", conditions.full_memory_recovery, False),
+    "16": ("sink added, serve reloaded 10 s first", conditions.reload_serve_first, False),
+    "17": ("worker clock 10 min behind (of 2)", conditions.worker_clock_behind, False),
+    "18": ("worker clock 10 min ahead (of 2)", conditions.worker_clock_ahead, False),
+    "19": ("20% of answers after the sink timeout", conditions.late_answers, True),
     "20": ("ordered sinks, worker paused 15 s", pauses.ordered_worker_pause, True),
     "21": ("ordered sinks, worker SIGKILL every 3 s", pauses.ordered_worker_kills, True),
 }
