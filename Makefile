@@ -21,8 +21,9 @@ setup: deps venv
 # drives the operator page in Debian's chromium (through Playwright, never its own
 # browser downloads), and checks the alert rules with promtool, which `make venv` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
-# start a Prometheus server.
-DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd chromium:chromium
+# start a Prometheus server. The fault suite starts a worker with a skewed clock through
+# libfaketime (Debian's faketime).
+DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd chromium:chromium faketime:faketime
 
 deps:
 	@missing=""; for pair in $(DEB_TOOLS); do \
@@ -64,8 +65,9 @@ typecheck: venv
 ci: setup lint typecheck faults-ci test
 
 # Every scenario of bench/faults at EVENTS events: a table of acked, delivered, lost,
-# duplicates, time to settle and restarts (and var/faults.json). Exits 1 on any loss or
-# unexpected duplicate. Scenario 9 mounts a small tmpfs: run as root.
+# duplicates, time to settle and restarts (and var/faults.json). Exits 1 on any loss,
+# unexpected duplicate or other broken expectation. Scenario 9 mounts a small tmpfs: run
+# as root. One scenario: .venv/bin/python -m bench.faults --events 300 --only 11
 faults: setup
 	@mkdir -p var
 	$(BIN)/python -m bench.faults --events $(EVENTS) --json var/faults.json
