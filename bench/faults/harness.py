@@ -357,7 +357,8 @@ async def pause(pid: int | None, seconds: float) -> None:
     try:
         await asyncio.sleep(seconds)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # killed meanwhile
+            os.kill(pid, signal.SIGCONT)
 
 
 def tcp_ports(pid: int | None) -> set[int]:
