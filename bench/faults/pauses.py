@@ -127,8 +127,8 @@ async def _pauses(
         await pause(proc.pid, length)
     if held:
         res.notes["in_flight_at_pause"] = caught
-        if not all(caught):
-            res.broken.append("a pause found no delivery in flight on the paused worker")
+        if not any(caught):
+            res.broken.append("no pause found a delivery in flight on the paused worker")
 
 
 async def _worker_pause(
