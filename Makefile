@@ -19,7 +19,8 @@ setup: deps venv
 # The relay's embedded default and the test suite both start a private redis-server;
 # the suite also checks the systemd units (systemd-analyze, from Debian's systemd),
 # drives the operator page in Debian's chromium (through Playwright, never its own
-# browser downloads), runs workers with a skewed clock under libfaketime (faketime),
+# browser downloads), runs workers (tests and fault suite) with a skewed clock under
+# libfaketime (Debian's faketime),
 # and checks the alert rules with promtool, which `make venv` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
 # start a Prometheus server.
@@ -65,8 +66,9 @@ typecheck: venv
 ci: setup lint typecheck faults-ci test
 
 # Every scenario of bench/faults at EVENTS events: a table of acked, delivered, lost,
-# duplicates, time to settle and restarts (and var/faults.json). Exits 1 on any loss or
-# unexpected duplicate. Scenario 9 mounts a small tmpfs: run as root.
+# duplicates, time to settle and restarts (and var/faults.json). Exits 1 on any loss,
+# unexpected duplicate or other broken expectation. Scenario 9 mounts a small tmpfs: run
+# as root. One scenario: .venv/bin/python -m bench.faults --events 300 --only 11
 faults: setup
 	@mkdir -p var
 	$(BIN)/python -m bench.faults --events $(EVENTS) --json var/faults.json

@@ -68,7 +68,10 @@ def table(results: list[Result]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("* a relay process or Redis crashed in this scenario: duplicates are allowed")
+    lines.append(
+        "* a relay process or Redis crashed or stalled, or the sink answered after its "
+        "timeout, in this scenario: duplicates are allowed"
+    )
     return "\n".join(lines)
 
 
@@ -78,6 +81,7 @@ def notes(results: list[Result]) -> str:
         extra = {k: v for k, v in r.notes.items() if k != "status_counts"}
         if extra:
             out.append(f"{r.scenario}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        out += [f"{r.scenario}: FAILED: {why}" for why in r.broken]
     return "\n".join(out)
 
 
@@ -102,6 +106,8 @@ async def main_async(args: argparse.Namespace) -> int:
         res.notes["wall_s"] = round(time.monotonic() - t0, 1)
         results.append(res)
         print(table([res]).splitlines()[2], file=sys.stderr, flush=True)
+        for why in res.broken:
+            print(f"  failed: {why}", file=sys.stderr, flush=True)
     print(table(results))
     print(notes(results))
     print(f"total {time.monotonic() - began:.0f}s; logs under {base}")

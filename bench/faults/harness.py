@@ -45,13 +45,26 @@ CHERT_BACKOFF_S = 1.0
 
 
 class CountingSink:
-    """An HTTP endpoint that answers as ``status()`` says and counts every ``webhook-id``
-    it answered 2xx (a delivery) and every request it got."""
+    """An HTTP endpoint that answers as ``status()`` says, ``delay()`` seconds after the
+    request came in, and counts every ``webhook-id`` it answered 2xx (a delivery) and
+    every request it got.
 
-    def __init__(self) -> None:
+    It also keeps what the fault scenarios check beyond counts: the order in which
+    each event first came in with a 2xx to give (``first``: event id -> rank), the
+    most requests it was answering at once (``max_active``, against the sink's
+    ``concurrency``), and the client ports of the requests it is answering now
+    (``peers``), so that a scenario can tell which process holds them."""
+
+    def __init__(self, name: str = "s") -> None:
+        self.name = name
         self.delivered: Counter[str] = Counter()
         self.requests = 0
         self.status: Callable[[], int] = lambda: 200
+        self.delay: Callable[[], float] = lambda: 0.0
+        self.first: dict[str, int] = {}
+        self.active = 0
+        self.max_active = 0
+        self.peers: Counter[int] = Counter()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self._runner: web.AppRunner | None = None
@@ -59,10 +72,31 @@ class CountingSink:
     async def _handle(self, request: web.Request) -> web.Response:
         await request.read()
         self.requests += 1
-        status = self.status()
-        if 200 <= status < 300:
-            self.delivered[request.headers.get("webhook-id", "")] += 1
-        return web.Response(status=status)
+        event_id = request.headers.get("webhook-id", "")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        port = int(peer[1]) if peer else 0
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        self.peers[port] += 1
+        try:
+            status = self.status()
+            if 200 <= status < 300:
+                self.first.setdefault(event_id, len(self.first))
+            delay = self.delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if 200 <= status < 300:
+                self.delivered[event_id] += 1
+            return web.Response(status=status)
+        finally:
+            self.active -= 1
+            self.peers[port] -= 1
+            if self.peers[port] <= 0:
+                del self.peers[port]
+
+    def answering(self, ports: set[int]) -> int:
+        """Requests this sink is answering now that came from one of ``ports``."""
+        return sum(n for port, n in self.peers.items() if port in ports)
 
     async def start(self) -> None:
         app = web.Application()
@@ -83,14 +117,14 @@ class CountingSink:
 # --- the load generator ----------------------------------------------------------------
 
 
-def envelope(event_id: str) -> bytes:
+def envelope(event_id: str, chat: str = "c-1") -> bytes:
     return json.dumps(
         {
             "event": "message.received",
             "event_id": event_id,
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
             "partner_id": TENANT,
-            "data": {"chat": {"id": "c-1"}, "message": {"id": event_id, "parts": []}},
+            "data": {"chat": {"id": chat}, "message": {"id": event_id, "parts": []}},
         },
         separators=(",", ":"),
     ).encode()
@@ -146,6 +180,16 @@ class Chert:
                 break  # never retried
         if event_id not in self.stats.acked:
             self.stats.refused.add(event_id)
+        return False
+
+    async def probe(self, event_id: str) -> bool:
+        """One attempt only, no retry (a probe of whether webhooks are accepted); True
+        if acked."""
+        status = await self._attempt(envelope(event_id), None)
+        self.stats.statuses["error" if status is None else str(status)] += 1
+        if status is not None and 200 <= status < 300:
+            self.stats.acked.add(event_id)
+            return True
         return False
 
     async def run(
@@ -228,20 +272,33 @@ async def dead_letters(client: Redis) -> int:
 
 
 class RelayProcess:
-    """``python -m relay --config FILE <command>``, its log appended to a file."""
+    """``python -m relay --config FILE <command>``, its log appended to a file; ``env``
+    adds to the environment it starts with (a fake clock, for one)."""
 
-    def __init__(self, config: Path, command: str, log: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        command: str,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = [sys.executable, "-m", "relay", "--log-format", "json", "--config"]
         self.argv += [str(config), command, *extra]
         self.log = log
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=out, env=env)
         self.starts += 1
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
 
     @property
     def pid(self) -> int | None:
@@ -270,6 +327,118 @@ class RelayProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         return None
+
+
+async def during(
+    load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``load``; call ``act`` at each of ``times`` (seconds from now) meanwhile."""
+    task = asyncio.ensure_future(load)
+    start = time.monotonic()
+    for t in times:
+        delay = start + t - time.monotonic()
+        if delay > 0:
+            await asyncio.wait({task}, timeout=delay)
+        if not task.done():
+            await act()
+    await task
+
+
+# --- pauses, sockets, logs and metrics of the processes --------------------------------
+
+
+async def pause(pid: int | None, seconds: float) -> None:
+    """Freeze process ``pid`` (SIGSTOP) for ``seconds`` — a VM stun, ``docker pause`` or
+    a swap storm as the process sees it — then let it go on (SIGCONT), whatever
+    happens meanwhile."""
+    if pid is None:
+        raise RuntimeError("no process to pause")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed meanwhile
+            os.kill(pid, signal.SIGCONT)
+
+
+def tcp_ports(pid: int | None) -> set[int]:
+    """The local ports of process ``pid``'s TCP sockets (from /proc)."""
+    if pid is None:
+        return set()
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def log_count(log: Path, text: str) -> int:
+    """How many lines of ``log`` hold ``text``."""
+    with contextlib.suppress(OSError):
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if text in line)
+    return 0
+
+
+async def wait_log(log: Path, text: str, count: int, timeout: float = 30.0) -> None:
+    """Wait until ``log`` holds ``text`` on at least ``count`` lines."""
+    deadline = time.monotonic() + timeout
+    while log_count(log, text) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log.name} did not say {text!r} within {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+async def deliveries_by_outcome(admin: str) -> Counter[str]:
+    """``chert_relay_deliveries_total`` of the process whose admin listener is ``admin``
+    (host:port), summed by outcome (empty if it cannot be read)."""
+    found: Counter[str] = Counter()
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(f"http://{admin}/metrics") as resp,
+        ):
+            text = await resp.text()
+        for line in text.splitlines():
+            if not line.startswith("chert_relay_deliveries_total{"):
+                continue
+            labels, _, value = line.rpartition(" ")
+            for part in labels[labels.index("{") + 1 : labels.rindex("}")].split(","):
+                key, _, v = part.partition("=")
+                if key == "outcome":
+                    found[v.strip('"')] += int(float(value))
+    return found
+
+
+def libfaketime() -> str | None:
+    """Debian's libfaketime (package ``faketime``), if installed."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1"):
+        for found in sorted(Path("/").glob(pattern.lstrip("/"))):
+            return str(found)
+    return None
+
+
+def skewed_clock(offset_s: int) -> dict[str, str]:
+    """The environment that starts a process with its wall clock ``offset_s`` seconds
+    off (libfaketime: ``time.time`` shifted). Its monotonic clock is left alone, so
+    asyncio's timers keep their pace."""
+    lib = libfaketime()
+    if lib is None:
+        raise RuntimeError("libfaketime not found: install Debian's faketime package")
+    return {
+        "LD_PRELOAD": lib,
+        "FAKETIME": f"{offset_s:+d}s",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 async def wait_http(url: str, timeout: float = 60.0, ok: tuple[int, ...] = (200,)) -> None:

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.faults import conditions, pauses
 from bench.faults.harness import (
     API_SECRET,
     TENANT,
     WEBHOOK_SECRET,
     backlog,
     dead_letters,
+    during,
     envelope,
 )
 from bench.faults.stack import Result, Stack, event_ids
@@ -48,21 +50,6 @@ class Run:
 
 
 Scenario = Callable[[Run, Result], Awaitable[None]]
-
-
-async def _during(
-    load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]
-) -> None:
-    """Run ``load``; call ``act`` at each of ``times`` (seconds from now) meanwhile."""
-    task = asyncio.ensure_future(load)
-    start = time.monotonic()
-    for t in times:
-        delay = start + t - time.monotonic()
-        if delay > 0:
-            await asyncio.wait({task}, timeout=delay)
-        if not task.done():
-            await act()
-    await task
 
 
 def _inherited(log: Path) -> str:
@@ -96,7 +83,7 @@ async def worker_kills(run: Run, res: Result) -> None:
             await stack.restart_worker()
             res.restarts += 1
 
-        await _during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
+        await during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
         res.notes["inherited_max"] = _inherited(stack.worker.log)
@@ -116,7 +103,7 @@ async def serve_kills(run: Run, res: Result) -> None:
             res.restarts += 1
 
         times = [run.load_s / 3, 2 * run.load_s / 3]
-        await _during(stack.chert.run(ids, run.rate), times, kill)
+        await during(stack.chert.run(ids, run.rate), times, kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
     finally:
@@ -138,7 +125,7 @@ async def _redis_outage(run: Run, res: Result, *, kill: bool) -> None:
             await stack.redis.start()
             res.restarts += 1
 
-        await _during(stack.chert.run(ids, run.rate), [run.load_s / 3], outage)
+        await during(stack.chert.run(ids, run.rate), [run.load_s / 3], outage)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
     finally:
@@ -419,7 +406,8 @@ async def sink_down_backlog(run: Run, res: Result) -> None:
 
 
 SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
-    # key: (title, run, duplicates allowed: a relay process or Redis crashed)
+    # key: (title, run, duplicates allowed: a relay process or Redis crashed or stalled,
+    # or the sink answered after its timeout)
     "1": ("worker SIGKILL every 3 s under load", worker_kills, True),
     "2": ("serve SIGKILL mid-burst, restarted", serve_kills, True),
     "3": ("Redis SIGTERM + restart under load", redis_sigterm, True),
@@ -430,6 +418,21 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "8": ("webhooks stopped mid-run, polling fallback", webhooks_stop, False),
     "9": ("Redis disk full, then space returns", disk_full, False),
     "10": ("sink down n/200 s at 200 events/s", sink_down_backlog, False),
+    "11": ("worker paused 15 s (of 2), sink timeout 30 s", pauses.worker_pause_long, True),
+    "12": (
+        "worker paused 9.5 s, 12 s (of 2), sink timeout 10 s",
+        pauses.worker_pause_default_timeout,
+        True,
+    ),
+    "13": ("serve paused 15 s under load", pauses.serve_pause, False),
+    "14": ("Redis paused 10 s under load", pauses.redis_pause, True),
+    "15": ("Redis full, sink back while full", conditions.full_memory_recovery, False),
+    "16": ("sink added, serve reloaded 10 s first", conditions.reload_serve_first, False),
+    "17": ("worker clock 10 min behind (of 2)", conditions.worker_clock_behind, False),
+    "18": ("worker clock 10 min ahead (of 2)", conditions.worker_clock_ahead, False),
+    "19": ("20% of answers after the sink timeout", conditions.late_answers, True),
+    "20": ("ordered sinks, worker paused 15 s", pauses.ordered_worker_pause, True),
+    "21": ("ordered sinks, worker SIGKILL every 3 s", pauses.ordered_worker_kills, True),
 }
 
 

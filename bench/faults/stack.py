@@ -1,6 +1,6 @@
-"""One scenario's relay: Redis, a counting sink, ``serve`` and ``worker`` from one config
-file, and the bookkeeping every scenario reports (acked, delivered, lost, duplicates,
-time to settle, restarts)."""
+"""One scenario's relay: Redis, counting sinks, ``serve`` and one or more ``worker``
+processes from one config file, and the bookkeeping every scenario reports (acked,
+delivered, lost, duplicates, time to settle, restarts)."""
 
 from __future__ import annotations
 
@@ -32,19 +32,21 @@ class Result:
     title: str
     sent: int = 0
     acked: int = 0
-    delivered: int = 0  # acked events the sink got at least once
-    lost: int = 0  # acked and never delivered once the system settled
-    duplicates: int = 0  # deliveries past the first, per event, at the sink
+    delivered: int = 0  # acked events every sink meant to get them got at least once
+    lost: int = 0  # acked and, at some sink, never delivered once the system settled
+    duplicates: int = 0  # deliveries past the first, per event and sink
     settle_s: float = 0.0  # from the end of load and faults to the last delivery
     restarts: int = 0
-    duplicates_allowed: bool = False  # a relay process (or Redis) crashed
+    duplicates_allowed: bool = False  # a relay process (or Redis) crashed or stalled
     notes: dict[str, Any] = field(default_factory=dict)
+    broken: list[str] = field(default_factory=list)  # the scenario's other expectations
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return (
             not self.error
+            and not self.broken
             and self.lost == 0
             and (self.duplicates_allowed or self.duplicates == 0)
             and self.acked > 0
@@ -63,28 +65,49 @@ WORKER = {
 
 
 class Stack:
-    """The relay under test, in ``workdir``."""
+    """The relay under test, in ``workdir``: ``sinks`` counting sinks (named s, s2, …,
+    all in the tenant's configuration unless ``configured`` says fewer) and ``workers``
+    worker processes on the one queue; ``skewed`` starts every worker past the first
+    with that environment (a fake clock)."""
 
-    def __init__(self, workdir: Path, *, redis_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        redis_dir: Path | None = None,
+        sinks: int = 1,
+        workers: int = 1,
+        skewed: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(redis_dir or workdir / "redis")
-        self.sink = CountingSink()
+        self.sinks = [CountingSink("s" if i == 0 else f"s{i + 1}") for i in range(sinks)]
+        self.sink = self.sinks[0]
         self.listen = free_port()
         self.admin = free_port()
-        self.worker_admin = free_port()
         self.config = workdir / "relay.toml"
         self.serve = RelayProcess(self.config, "serve", workdir / "serve.log")
-        self.worker = RelayProcess(
-            self.config,
-            "worker",
-            workdir / "worker.log",
-            "--admin-listen",
-            f"127.0.0.1:{self.worker_admin}",
-        )
+        self.worker_admins: list[str] = []
+        self.workers: list[RelayProcess] = []
+        for i in range(workers):
+            admin = f"127.0.0.1:{free_port()}"
+            self.worker_admins.append(admin)
+            self.workers.append(
+                RelayProcess(
+                    self.config,
+                    "worker",
+                    workdir / ("worker.log" if i == 0 else f"worker{i + 1}.log"),
+                    "--admin-listen",
+                    admin,
+                    env=skewed if i else None,
+                )
+            )
+        self.worker = self.workers[0]
         self.webhook_url = f"http://127.0.0.1:{self.listen}/webhooks/chert/{TENANT}"
         self.chert = Chert(self.webhook_url)
         self.client = self.redis.client()
+        self._config: dict[str, Any] = {}
 
     def write_config(
         self,
@@ -93,20 +116,34 @@ class Stack:
         poll: dict[str, Any] | None = None,
         api_url: str | None = None,
         worker: dict[str, Any] | None = None,
+        configured: int | None = None,
+        per_sink: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """Write the config file: ``sink`` adds to every sink's settings, ``per_sink``
+        to the named sink's; ``configured``: how many of the sinks it names."""
+        self._config = {
+            "sink": sink,
+            "per_sink": per_sink,
+            "poll": poll,
+            "api_url": api_url,
+            "worker": worker,
+            "configured": configured,
+        }
         tenant: dict[str, Any] = {
             "slug": TENANT,
             "webhook_secrets": [WEBHOOK_SECRET],
             "poll": poll or {"mode": "off"},
             "sinks": [
                 {
-                    "name": "s",
-                    "url": self.sink.url,
+                    "name": s.name,
+                    "url": s.url,
                     "timeout": 10,  # a slow answer from a busy harness is no failure
                     "max_age": 3600,
                     "concurrency": 32,
                     **(sink or {}),
+                    **(per_sink or {}).get(s.name, {}),
                 }
+                for s in self.sinks[: len(self.sinks) if configured is None else configured]
             ],
         }
         if api_url is not None:
@@ -123,17 +160,24 @@ class Stack:
             },
         )
 
+    def rewrite_config(self, **changes: Any) -> None:
+        """Write the config file again with ``changes`` to what it was written with."""
+        self.write_config(**{**self._config, **changes})
+
     async def start(self, **config: Any) -> None:
         await self.redis.start()
-        await self.sink.start()
+        for sink in self.sinks:
+            await sink.start()
         self.write_config(**config)
         self.serve.start()
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
         await self.ready()
 
     async def ready(self) -> None:
         await wait_http(f"http://127.0.0.1:{self.admin}/readyz")
-        await wait_http(f"http://127.0.0.1:{self.worker_admin}/healthz")
+        for admin in self.worker_admins:
+            await wait_http(f"http://{admin}/healthz")
 
     async def restart_worker(self) -> None:
         self.worker.kill()
@@ -146,36 +190,84 @@ class Stack:
     async def close(self) -> None:
         await self.chert.close()
         await self.serve.stop()
-        await self.worker.stop()
-        await self.sink.stop()
+        for worker in self.workers:
+            await worker.stop()
+        for sink in self.sinks:
+            await sink.stop()
         await self.client.aclose()
         if self.redis.alive():
             await self.redis.stop()
 
-    async def settle(self, acked: set[str], timeout: float) -> float:
-        """Wait until every acked event has reached the sink and the queue is empty (so no
-        further delivery can come); seconds it took. Returns at ``timeout`` regardless."""
+    def expected(
+        self, acked: set[str], expect: dict[str, set[str]] | None = None
+    ) -> list[tuple[CountingSink, set[str]]]:
+        """Each sink with the events it must get: ``acked``, or ``expect[name]``."""
+        return [(s, (expect or {}).get(s.name, acked)) for s in self.sinks]
+
+    def missing(self, acked: set[str], expect: dict[str, set[str]] | None = None) -> set[str]:
+        """Acked events some sink has not got (yet)."""
+        return {e for s, want in self.expected(acked, expect) for e in want if e not in s.delivered}
+
+    async def settle(
+        self,
+        acked: set[str],
+        timeout: float,
+        *,
+        expect: dict[str, set[str]] | None = None,
+        quiet: float | None = None,
+    ) -> float:
+        """Wait until every acked event has reached every sink meant to get it and the
+        queue is empty (so no further delivery can come); seconds it took. Returns at
+        ``timeout`` regardless, or, with ``quiet``, once the queue has been empty that
+        long with events still missing (nothing is left that could deliver them)."""
         start = time.monotonic()
         deadline = start + timeout
         last = start
+        empty_since: float | None = None
         while time.monotonic() < deadline:
-            missing = sum(1 for e in acked if e not in self.sink.delivered)
+            missing = len(self.missing(acked, expect))
+            queued: int | None = None
+            with contextlib.suppress(Exception):  # Redis may be restarting
+                queued = await backlog(self.client)
+            now = time.monotonic()
             if missing == 0:
-                last = time.monotonic()
-                with contextlib.suppress(Exception):  # Redis may be restarting
-                    if await backlog(self.client) == 0:
-                        break
+                last = now
+                if queued == 0:
+                    break
+            if quiet is not None and missing and queued == 0:
+                empty_since = empty_since or now
+                if now - empty_since >= quiet:
+                    break
+            else:
+                empty_since = None
             await asyncio.sleep(0.1)
-        if any(e not in self.sink.delivered for e in acked):
+        if self.missing(acked, expect):
             last = time.monotonic()
         return last - start
 
-    def account(self, result: Result, acked: set[str], settle_s: float) -> Result:
+    def account(
+        self,
+        result: Result,
+        acked: set[str],
+        settle_s: float,
+        *,
+        expect: dict[str, set[str]] | None = None,
+    ) -> Result:
         result.acked = len(acked)
-        result.delivered = sum(1 for e in acked if e in self.sink.delivered)
-        result.lost = result.acked - result.delivered
-        result.duplicates = self.sink.duplicates()
+        missing = self.missing(acked, expect) & acked
+        result.delivered = result.acked - len(missing)
+        result.lost = len(missing)
+        result.duplicates = sum(s.duplicates() for s in self.sinks)
         result.settle_s = round(settle_s, 1)
+        if len(self.sinks) > 1:
+            result.notes.setdefault(
+                "lost_per_sink",
+                {
+                    s.name: sum(1 for e in want & acked if e not in s.delivered)
+                    for s, want in self.expected(acked, expect)
+                },
+            )
+            result.notes.setdefault("dups_per_sink", {s.name: s.duplicates() for s in self.sinks})
         result.notes.setdefault("status_counts", dict(self.chert.stats.statuses))
         result.notes.setdefault("refused", len(self.chert.stats.refused))
         return result
