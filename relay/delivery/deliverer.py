@@ -53,6 +53,7 @@ from relay.delivery import breaker, heartbeat
 from relay.delivery.activity import SinkActivity
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.deadletters import DeadLetter, Tried
+from relay.delivery.endings import dead_letter_of, why_ended
 from relay.delivery.heartbeat import Running
 from relay.delivery.limits import SinkTable
 from relay.delivery.metric_children import MetricChildren
@@ -270,8 +271,8 @@ class Deliverer:
         if end.reason == "gone":
             cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
         else:
-            cls, error = "exhausted", _why_ended(end, sink)
-        entry = self._entry(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
+            cls, error = "exhausted", why_ended(end, sink)
+        entry = dead_letter_of(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
         await self._dead_letter(ref, entry, effect="none")
 
     async def _attempt(self, a: _Attempt) -> RunOutcome:
@@ -305,7 +306,7 @@ class Deliverer:
         cls = "gone" if gone else "rejected"
         self._count(ref, cls, answer)
         error = scrub(answer.error, sink)
-        entry = self._entry(ref, stored.type, cls, a.tried(now), answer.status, error)
+        entry = dead_letter_of(ref, stored.type, cls, a.tried(now), answer.status, error)
         await self._dead_letter(
             ref,
             entry,
@@ -370,7 +371,7 @@ class Deliverer:
         else:
             why = f"out of attempts ({go.attempt} of {sink.max_attempts})"
         error = scrub(f"{why}; last error: {error}", sink)
-        entry = self._entry(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
+        entry = dead_letter_of(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
         await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
         return "done"
 
@@ -378,26 +379,6 @@ class Deliverer:
         label = status_class(answer.status, answer.kind)
         self._children.of(self._metrics.deliveries, ref.tenant, ref.sink, outcome, label).inc()
         self.activity.count(ref.tenant, ref.sink, outcome)
-
-    @staticmethod
-    def _entry(
-        ref: Ref, etype: str, cls: str, tried: Tried, status: int | None, error: str
-    ) -> DeadLetter:
-        """The dead letter of ``ref``'s delivery, dead-lettered now."""
-        return DeadLetter(
-            tenant=ref.tenant,
-            sink=ref.sink,
-            event_id=ref.event_id,
-            event_type=etype,
-            cls=cls,
-            status=status,
-            error=error,
-            attempts=tried.attempts,
-            first_attempt=tried.first,
-            last_attempt=tried.last,
-            dead_lettered_at=CLOCK.now(),
-            chat=ref.chat,
-        )
 
     async def _dead_letter(
         self,
@@ -478,33 +459,13 @@ class Deliverer:
             # Nothing (readable) left to deliver: no dead letter without its event.
             await self._finish(ref, Finish("drop"))
             return
-        entry = self._entry(ref, found.stored.type, cls, found.tried, None, error)
+        entry = dead_letter_of(ref, found.stored.type, cls, found.tried, None, error)
         finish = Finish("dead", error=entry.error, entry=entry, hold=self._holds(ref))
         if not await self._finish(ref, finish):
             return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, cls).inc()
         self.activity.count(ref.tenant, ref.sink, "dead-lettered")
         log.warning("delivery ended: dead-lettered as %s: %s", cls, error)
-
-
-def _why_ended(end: Ended, sink: SinkConfig) -> str:
-    """Why a delivery ended without an attempt, for its dead letter."""
-    if end.reason == "expired":
-        held = (
-            f"; {end.held_s:.1f}s waiting for the sink's concurrency cap not counted"
-            if end.held_s >= 0.1
-            else ""
-        )
-        if end.tried.attempts == 0:
-            why = (
-                f"past max_age ({sink.max_age:g}s) without an attempt: the sink's circuit "
-                f"breaker was open (the sink kept failing){held}"
-            )
-        else:
-            why = f"past max_age ({sink.max_age:g}s) after {end.tried.attempts} attempt(s){held}"
-    else:
-        why = f"out of attempts ({end.tried.attempts} of {sink.max_attempts})"
-    return f"{why}; last error: {end.error}" if end.error else why
 
 
 def _now_ms() -> int:
