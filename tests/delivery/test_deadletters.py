@@ -230,6 +230,20 @@ async def test_admin_api(redis: Redis, redis_url: str) -> None:
             assert (await r.json())["count"] == 4
             r = await client.get("/api/deadletters?class=nope", headers=auth)
             assert r.status == 400
+            # A filter the relay does not know is refused, not ignored (it would list
+            # everything); a change with one changes nothing.
+            r = await client.get("/api/deadletters?event_id=m0", headers=auth)
+            assert r.status == 400
+            assert "'event_id'" in (await r.json())["message"]
+            r = await client.get("/api/deadletters?sink=crm&klass=gone", headers=auth)
+            assert r.status == 400
+            for action in ("replay", "purge"):
+                r = await client.post(
+                    f"/api/deadletters/{action}",
+                    json={"sink": "crm", "event_id": "m0"},
+                    headers=auth,
+                )
+                assert r.status == 400, action
             r = await client.get(f"/api/deadletters/{TENANT}/crm/m0", headers=auth)
             body = await r.json()
             assert body["class"] == "rejected"
