@@ -320,7 +320,15 @@ def tenant_problems(has_webhook_secrets: bool, mode: str, has_signing_secret: bo
         out.append(
             f"no webhook_secrets and poll.mode is {mode!r}: this tenant could receive nothing"
         )
-    if mode != "off" and not has_signing_secret:
+    if mode == "fallback" and not has_signing_secret:
+        # The default stays fallback even without API credentials: falling back to
+        # webhooks only would lose, silently, the events missed while webhooks lapse.
+        out.append(
+            "poll.mode is 'fallback' (the default: poll Chert's events API when webhooks "
+            "lapse) but api.signing_secret is not set (set it, or poll.mode = 'off' for "
+            "webhooks only)"
+        )
+    elif mode != "off" and not has_signing_secret:
         out.append(
             f"poll.mode is {mode!r} but api.signing_secret is not set "
             "(set it, or poll.mode = 'off')"

@@ -122,6 +122,17 @@ def test_a_tenant_must_have_a_way_in() -> None:
     assert "api.signing_secret is not set" in problems(data)["tenants[0]"]
 
 
+def test_a_minimal_tenant_is_told_that_the_default_poll_mode_needs_api_credentials() -> None:
+    data = config_dict()
+    data["tenants"][0].pop("poll", None)
+    data["tenants"][0].pop("api", None)
+    said = problems(data)["tenants[0]"]
+    assert "poll.mode is 'fallback' (the default" in said
+    assert "poll.mode = 'off' for webhooks only" in said
+    data["tenants"][0]["poll"] = {"mode": "off"}
+    assert parse_config(data, env={}).tenants[0].poll.mode == "off"
+
+
 def test_the_example_configuration_is_valid() -> None:
     example = Path(__file__).parent.parent / "config" / "relay.example.toml"
     config = load_config(example, env={})
