@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,3 +123,25 @@ def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
         said = out.stdout + out.stderr
         assert b"admin.token: environment variable CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN" in said
         assert b"admin.tokens[0].token: cannot read secret file" in said
+
+
+def test_the_log_format_comes_from_the_environment(tmp_path: Path) -> None:
+    """``CHERT_RELAY_LOG_FORMAT`` (the README's command line section) stands in for
+    ``--log-format``, as the Dockerfile and compose.yaml use it."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nlisten = 'nowhere'\n")
+
+    def run(**env: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "relay", "-c", str(bad), "dlq", "list"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **env},
+        )
+        assert out.returncode == 78
+        return out.stderr.decode().splitlines()
+
+    (line,) = run(CHERT_RELAY_LOG_FORMAT="json")
+    assert json.loads(line)["level"] == "error"
+    assert not run(CHERT_RELAY_LOG_FORMAT="text")[0].startswith("{")
