@@ -1,6 +1,7 @@
 # One task runner, used the same way on a laptop and in CI.
-#   make run    set up, then run the relay on the embedded Redis with the example config
-#   make test   set up, then run the test suite
+#   make run    set up what running needs, then run the relay on the embedded Redis with
+#               the example config
+#   make test   set up everything the tests need, then run the test suite
 #   make faults the fault suite (EVENTS=1000 by default): crashes, outages, floods
 #   make ci     lint + typecheck + the fault suite, small + test (what .ci/run does)
 
@@ -12,34 +13,61 @@ EVENTS ?= 1000
 FAULTS_CI_EVENTS ?= 1000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup deps venv run test lint typecheck ci bench faults faults-ci clean
+.PHONY: setup setup-run deps deps-run venv venv-dev run test lint typecheck ci bench faults faults-ci clean
 
-setup: deps venv
+# Two set-ups. `make run` takes only what running needs: Debian's redis-server (for the
+# embedded default) and the package with its runtime dependencies. Everything else —
+# the test and dev extras (pytest, Playwright, mypy, ruff…), the Debian tools below and
+# promtool — is for `make test`, `make ci` and the benchmarks, through `make setup`.
+setup-run: deps-run venv
+setup: deps venv-dev
 
 # The relay's embedded default and the test suite both start a private redis-server;
 # the suite also checks the systemd units (systemd-analyze, from Debian's systemd),
 # drives the operator page in Debian's chromium (through Playwright, never its own
 # browser downloads), runs workers (tests and fault suite) with a skewed clock under
 # libfaketime (Debian's faketime),
-# and checks the alert rules with promtool, which `make venv` takes
+# and checks the alert rules with promtool, which `make venv-dev` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
 # start a Prometheus server.
-DEB_TOOLS := redis-server:redis-server systemd-analyze:systemd chromium:chromium faketime:faketime
+RUN_DEB_TOOLS := redis-server:redis-server
+DEB_TOOLS := $(RUN_DEB_TOOLS) systemd-analyze:systemd chromium:chromium faketime:faketime
 
-deps:
-	@missing=""; for pair in $(DEB_TOOLS); do \
+# $(call apt_missing,COMMAND:PACKAGE …): apt-get install the packages whose command is
+# not on PATH.
+define apt_missing
+@missing=""; for pair in $(1); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
 
-venv: $(VENV)/.installed
+deps-run:
+	$(call apt_missing,$(RUN_DEB_TOOLS))
 
-$(VENV)/.installed: pyproject.toml
+deps:
+	$(call apt_missing,$(DEB_TOOLS))
+
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+# The package and its runtime dependencies only.
+venv: $(VENV)/.installed-run
+
+$(VENV)/.installed-run: pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+	$(PIP) -e .
+	@touch $@
+
+# Plus the test and dev extras, and promtool. It includes the runtime set-up, so it
+# stamps that one too.
+venv-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[test,dev]'
 	@command -v promtool >/dev/null 2>&1 || [ -x $(BIN)/promtool ] || { \
 	  echo "taking promtool from Debian's prometheus package"; \
 	  tmp=$$(mktemp -d) && cd $$tmp && \
@@ -47,19 +75,19 @@ $(VENV)/.installed: pyproject.toml
 	    { $(SUDO) apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
 	  dpkg-deb -x prometheus_*.deb . && cp usr/bin/promtool $(CURDIR)/$(BIN)/ && \
 	  cd / && rm -rf $$tmp; }
-	@touch $@
+	@touch $@ $(VENV)/.installed-run
 
-run: setup
+run: setup-run
 	$(BIN)/chert-relay --config $(CONFIG) run
 
 test: setup
 	$(BIN)/pytest -q
 
-lint: venv
+lint: venv-dev
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
 
-typecheck: venv
+typecheck: venv-dev
 	$(BIN)/mypy
 
 # The fault suite before the tests, so that pytest's summary is the last line CI prints.

@@ -43,8 +43,10 @@ def _config_path(args: argparse.Namespace) -> Path:
     return config_path(getattr(args, "config", None))
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(_config_path(args))
+def _load(args: argparse.Namespace, *, admin_tokens: bool = False) -> Config:
+    # Only the processes that serve the admin listener use the admin tokens: the other
+    # commands must not need them in the operator's shell (load_config).
+    return load_config(_config_path(args), admin_tokens=admin_tokens)
 
 
 def role_factories() -> dict[str, RoleFactory]:
@@ -61,7 +63,7 @@ def role_factories() -> dict[str, RoleFactory]:
 
 def _run_service(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     notifier = Notifier()  # before anything starts a child process
-    config = _load(args)
+    config = _load(args, admin_tokens=True)
     admin: Listen | None
     if args.admin_listen == "off":
         admin = None

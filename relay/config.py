@@ -30,6 +30,7 @@ from relay.config_values import (
     Duration,
     HostPort,
     HttpUrl,
+    LenientSecretField,
     ListenField,
     Secret,
     SecretField,
@@ -70,7 +71,7 @@ class AdminTokenConfig(_Section):
     """
 
     name: str = Field(pattern=_SLUG_RE)
-    token: SecretField
+    token: LenientSecretField
     scope: Literal["read", "replay"]
     tenants: list[str] = Field(min_length=1)  # slugs, or ["*"]: every tenant
 
@@ -97,7 +98,7 @@ class AdminConfig(_Section):
         default_factory=lambda: parse_listen("127.0.0.1:9091")
     )
     # Every tenant, scope "replay" (the token from before scoped tokens existed).
-    token: SecretField | None = None
+    token: LenientSecretField | None = None
     tokens: list[AdminTokenConfig] = Field(default_factory=list)
     # /metrics answers 401 without a valid admin token (any scope, any tenants).
     metrics_token_required: bool = False
@@ -108,7 +109,8 @@ class AdminConfig(_Section):
         dupes = repeated(t.name for t in v)
         if dupes:
             raise ValueError(f"admin token names must be unique: {', '.join(dupes)}")
-        if len({t.token.get() for t in v}) < len(v):
+        values = [t.token.get() for t in v if t.token.resolved]
+        if len(set(values)) < len(values):
             # Not which: the message must not help guess a secret.
             raise ValueError("two admin tokens have the same value: each needs its own")
         return v
@@ -121,7 +123,9 @@ class AdminConfig(_Section):
             (f"admin.tokens[{i}] ({t.name})", t.token) for i, t in enumerate(self.tokens)
         ]
         for where, secret in named:
-            if secret is not None and len(secret.get()) < MIN_TOKEN_CHARS:
+            if secret is None or not secret.resolved:
+                continue
+            if len(secret.get()) < MIN_TOKEN_CHARS:
                 out.append(f"{where} is shorter than {MIN_TOKEN_CHARS} characters: easy to guess")
         for i, t in enumerate(self.tokens):
             if t.token.is_literal:
@@ -316,7 +320,15 @@ def tenant_problems(has_webhook_secrets: bool, mode: str, has_signing_secret: bo
         out.append(
             f"no webhook_secrets and poll.mode is {mode!r}: this tenant could receive nothing"
         )
-    if mode != "off" and not has_signing_secret:
+    if mode == "fallback" and not has_signing_secret:
+        # The default stays fallback even without API credentials: falling back to
+        # webhooks only would lose, silently, the events missed while webhooks lapse.
+        out.append(
+            "poll.mode is 'fallback' (the default: poll Chert's events API when webhooks "
+            "lapse) but api.signing_secret is not set (set it, or poll.mode = 'off' for "
+            "webhooks only)"
+        )
+    elif mode != "off" and not has_signing_secret:
         out.append(
             f"poll.mode is {mode!r} but api.signing_secret is not set "
             "(set it, or poll.mode = 'off')"

@@ -71,8 +71,15 @@ def config_path(given: str | None = None, env: Mapping[str, str] | None = None) 
     return Path(DEFAULT_CONFIG_PATHS[0])
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, *, env: Mapping[str, str] | None = None, admin_tokens: bool = True
+) -> Config:
     """Read, override from the environment, and validate the whole configuration.
+
+    ``admin_tokens=False`` is for the commands that do not serve the admin listener
+    (``dlq``, ``backfill``, ``sign``, ``simulate``): an admin token whose ``env:``
+    variable is unset (or ``file:`` unreadable) in this shell is left unresolved
+    instead of being a problem. The service and ``check-config`` keep the default.
 
     Raises :class:`ConfigError` listing every problem with its key path.
     """
@@ -85,7 +92,9 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
         data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([("", f"not valid TOML: {e}")], str(path)) from None
-    return parse_config(data, base_dir=path.resolve().parent, env=env, source=str(path))
+    return parse_config(
+        data, base_dir=path.resolve().parent, env=env, source=str(path), admin_tokens=admin_tokens
+    )
 
 
 def parse_config(
@@ -94,6 +103,7 @@ def parse_config(
     base_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
     source: str = "",
+    admin_tokens: bool = True,
 ) -> Config:
     problems: list[tuple[str, str]] = []
     for section, key, value in _env_overrides(os.environ if env is None else env):
@@ -105,7 +115,8 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     try:
-        return Config.model_validate(data, context={"base_dir": base_dir})
+        context = {"base_dir": base_dir, "admin_tokens": admin_tokens}
+        return Config.model_validate(data, context=context)
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):
             msg = err["msg"]

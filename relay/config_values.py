@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
+from relay.errors import ConfigError
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 MAX_DURATION_S = 10 * 365 * 86400.0  # anything longer is a typo, and Redis TTLs must fit
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -49,15 +51,32 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class Secret:
-    """A secret value with where it came from; never shows the value in repr or str."""
+    """A secret value with where it came from; never shows the value in repr or str.
 
-    __slots__ = ("_value", "origin")
+    A secret a command was told it does not need (:func:`lenient_secret`) may be
+    *unresolved*: its ``env:`` variable unset or its file unreadable in this shell. It
+    equals no other secret, and :meth:`get` raises :class:`~relay.errors.ConfigError`
+    with the reason — so a command that turns out to need it fails with exit code 78.
+    """
 
-    def __init__(self, value: str, origin: str) -> None:
+    __slots__ = ("_value", "origin", "problem")
+
+    def __init__(self, value: str, origin: str, problem: str | None = None) -> None:
         self._value = value
         self.origin = origin  # "env:NAME", "file:/path" or "literal"
+        self.problem = problem  # why it is unresolved; None: it is resolved
+
+    @classmethod
+    def unresolved(cls, origin: str, problem: str) -> Secret:
+        return cls("", origin, problem)
+
+    @property
+    def resolved(self) -> bool:
+        return self.problem is None
 
     def get(self) -> str:
+        if self.problem is not None:
+            raise ConfigError([("", f"{self.origin}: {self.problem}")])
         return self._value
 
     @property
@@ -65,15 +84,20 @@ class Secret:
         return self.origin == "literal"
 
     def __repr__(self) -> str:
-        return f"Secret({self.origin})"
+        return f"Secret({self.origin})" if self.resolved else f"Secret({self.origin}, unresolved)"
 
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return (
+            isinstance(other, Secret)
+            and self.resolved
+            and other.resolved
+            and other._value == self._value
+        )
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(self._value) if self.resolved else id(self)
 
 
 def resolve_secret(value: object, base_dir: Path | None = None) -> Secret:
@@ -111,7 +135,25 @@ def _secret_validator(value: object, info: ValidationInfo) -> Secret:
     return resolve_secret(value, base)
 
 
+def lenient_secret(value: object, info: ValidationInfo) -> Secret:
+    """:func:`_secret_validator` for a secret that only some commands use (the admin
+    tokens: only the admin listener reads them). When the validation context has
+    ``admin_tokens`` false, an ``env:``/``file:`` secret that cannot be read here is
+    kept unresolved instead of failing the whole configuration: an operator's shell
+    need not hold the service's secrets to list dead letters."""
+    context = info.context or {}
+    try:
+        return resolve_secret(value, context.get("base_dir"))
+    except ValueError as e:
+        lenient = context.get("admin_tokens", True) is False
+        if lenient and isinstance(value, str) and value.startswith(("env:", "file:")):
+            return Secret.unresolved(value, str(e))
+        raise
+
+
 SecretField = Annotated[Secret, BeforeValidator(_secret_validator)]
+# A secret the commands that do not use it may leave unresolved (see lenient_secret).
+LenientSecretField = Annotated[Secret, BeforeValidator(lenient_secret)]
 
 
 class Listen(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -91,3 +92,56 @@ def test_dlq_list_on_the_embedded_default_with_no_relay_running(tmp_path: Path) 
     assert out.returncode == 0, out.stderr
     assert b"0 dead letter(s)" in out.stderr
     assert not (tmp_path / "state" / "redis" / "redis.sock").exists()  # stopped again
+
+
+def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
+    tmp_path: Path,
+) -> None:
+    """An operator's shell lacks the service's admin-token variables: ``dlq list``
+    does not use them, so it must not fail on them; the service and ``check-config``
+    still refuse a configuration whose tokens cannot be read."""
+    data = config_dict()
+    data["relay"]["state_dir"] = str(tmp_path / "state")
+    data["admin"] = {
+        "token": "env:CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN",
+        "tokens": [
+            {
+                "name": "support",
+                "token": "file:support.token",  # not there
+                "scope": "read",
+                "tenants": ["*"],
+            }
+        ],
+    }
+    path = write_toml(tmp_path / "relay.toml", data)
+    out = cli("--config", str(path), "dlq", "list")
+    assert out.returncode == 0, out.stderr
+    assert b"0 dead letter(s)" in out.stderr
+    for strict in (["check-config"], ["run"]):
+        out = cli("--config", str(path), *strict)
+        assert out.returncode == 78, (strict, out.stderr)
+        said = out.stdout + out.stderr
+        assert b"admin.token: environment variable CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN" in said
+        assert b"admin.tokens[0].token: cannot read secret file" in said
+
+
+def test_the_log_format_comes_from_the_environment(tmp_path: Path) -> None:
+    """``CHERT_RELAY_LOG_FORMAT`` (the README's command line section) stands in for
+    ``--log-format``, as the Dockerfile and compose.yaml use it."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nlisten = 'nowhere'\n")
+
+    def run(**env: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "relay", "-c", str(bad), "dlq", "list"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **env},
+        )
+        assert out.returncode == 78
+        return out.stderr.decode().splitlines()
+
+    (line,) = run(CHERT_RELAY_LOG_FORMAT="json")
+    assert json.loads(line)["level"] == "error"
+    assert not run(CHERT_RELAY_LOG_FORMAT="text")[0].startswith("{")

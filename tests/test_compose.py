@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,41 @@ def test_compose_names_every_service_and_builds_the_relay_from_the_dockerfile() 
     for flag, value in needed.items():
         assert redis[redis.index(flag) + 1] == value
     assert any(v.endswith(":/data") for v in s["redis"]["volumes"])
+
+
+def published(name: str) -> set[int]:
+    """The container ports a service publishes: those it serves."""
+    return {int(str(p).split(":")[-1]) for p in services()[name].get("ports", [])}
+
+
+def healthcheck(name: str) -> list[str] | None:
+    """The check a service's container runs (its own, or the one its image declares),
+    as argv; None when it has none."""
+    svc = services()[name]
+    check = svc.get("healthcheck")
+    if check is not None:
+        if check.get("disable") or check["test"] == ["NONE"]:
+            return None
+        kind, *rest = check["test"]
+        return list(rest) if kind == "CMD" else ["/bin/sh", "-c", rest[0]]
+    if svc.get("build") != ".":
+        return None
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    found = re.search(r"^HEALTHCHECK .*? CMD (.+)$", dockerfile, re.MULTILINE)
+    return None if found is None else ["/bin/sh", "-c", found.group(1)]
+
+
+def test_each_service_from_the_relay_image_checks_a_port_it_serves() -> None:
+    # The relay image's HEALTHCHECK asks for the admin port, 9090: a service that reuses
+    # the image for something else (the simulator, the sink) needs a check of its own.
+    for name, svc in services().items():
+        if svc.get("build") != ".":
+            continue
+        argv = healthcheck(name)
+        assert argv is not None, name
+        ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", " ".join(argv))}
+        assert ports, (name, argv)
+        assert ports <= published(name), (name, argv)
 
 
 def test_environment_overrides_name_real_settings() -> None:
@@ -174,3 +210,27 @@ async def test_every_service_runs_as_composed_and_events_flow(
         return counts["distinct"] >= 3 and counts["bad_signatures"] == 0
 
     await wait_for(flowing, 60, interval=0.2)
+
+    # Each container's health check, as it runs inside that container: its own ports are
+    # served there, any other port of 127.0.0.1 is not.
+    closed = free_port()
+    for name, svc in s.items():
+        argv = healthcheck(name) if svc.get("build") == "." else None
+        if argv is None:
+            continue
+        own = published(name)
+
+        def inside(text: str, own: set[int] = own) -> str:
+            return re.sub(
+                r"\b127\.0\.0\.1:(\d+)",
+                lambda m: f"127.0.0.1:{local.port(int(m[1])) if int(m[1]) in own else closed}",
+                text,
+            )
+
+        argv = [inside(a) for a in argv]
+        if argv[0] == "python":
+            argv[0] = sys.executable
+        elif argv[-1].startswith("python "):
+            argv[-1] = shlex.quote(sys.executable) + argv[-1].removeprefix("python")
+        check = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        assert check.returncode == 0, (name, argv, check.stdout + check.stderr)

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 
+from relay.admin.auth import TokenTable
 from relay.config_load import load_config, parse_config
 from relay.config_values import parse_duration, resolve_secret
 from relay.errors import ConfigError
 from relay.store.client import redact_url
 from tests.support.common import config_dict
+from tests.support.process import write_toml
 
 
 @pytest.mark.parametrize(
@@ -118,6 +120,17 @@ def test_a_tenant_must_have_a_way_in() -> None:
     assert "could receive nothing" in problems(data)["tenants[0]"]
     data["tenants"][0]["poll"] = {"mode": "always"}
     assert "api.signing_secret is not set" in problems(data)["tenants[0]"]
+
+
+def test_a_minimal_tenant_is_told_that_the_default_poll_mode_needs_api_credentials() -> None:
+    data = config_dict()
+    data["tenants"][0].pop("poll", None)
+    data["tenants"][0].pop("api", None)
+    said = problems(data)["tenants[0]"]
+    assert "poll.mode is 'fallback' (the default" in said
+    assert "poll.mode = 'off' for webhooks only" in said
+    data["tenants"][0]["poll"] = {"mode": "off"}
+    assert parse_config(data, env={}).tenants[0].poll.mode == "off"
 
 
 def test_the_example_configuration_is_valid() -> None:
@@ -255,3 +268,23 @@ def test_sink_headers_aiohttp_could_not_send_are_refused(
     data = config_dict()
     data["tenants"][0]["sinks"][0]["headers"] = headers
     assert problems(data)["tenants[0].sinks[0].headers"] == problem
+
+
+def test_an_unresolved_admin_token_fails_where_it_is_used(tmp_path: Path) -> None:
+    data = config_dict()
+    data["admin"] = {"token": "env:CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN"}
+    path = write_toml(tmp_path / "relay.toml", data)
+    with pytest.raises(ConfigError, match=r"admin\.token"):
+        load_config(path)
+    config = load_config(path, admin_tokens=False)
+    token = config.admin.token
+    assert token is not None
+    assert not token.resolved
+    assert "unresolved" in repr(token)
+    assert token != load_config(path, admin_tokens=False).admin.token  # equals no secret
+    assert not any("admin.token" in w for w in config.warnings())
+    with pytest.raises(ConfigError, match="CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN is not set"):
+        token.get()
+    # The admin listener would read it: it fails closed, as a configuration problem.
+    with pytest.raises(ConfigError):
+        TokenTable(config)

@@ -4,7 +4,9 @@ and the signals that tell "a worker cannot read Redis" from "no worker"."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +24,7 @@ from relay.store.endpoint import Endpoint
 from tests.support.common import TENANT, config_dict, envelope, make_config, signed
 from tests.support.upstream import running_relay, webhook_url
 
+ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -159,3 +162,34 @@ def test_poll_configured_names_each_tenants_mode_and_follows_a_reload() -> None:
     found = parse(metrics.render().decode())
     assert sample(found, name, tenant="other-1", mode="off") is None
     assert sample(found, name, tenant=TENANT, mode="sse") == 1
+
+
+def test_the_readme_lists_exactly_the_children_that_exist_at_zero() -> None:
+    """The README's table of counter children at 0 is what a relay serves: no child it
+    lists is missing (``webhooks_total{outcome="error"}`` was), and none is left out."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| counter | children at `0`") :].split("\n\n")[0]
+    claimed: dict[str, tuple[str, set[str]]] = {}
+    for row in table.splitlines()[2:]:
+        counter, cell = (c.strip() for c in row.strip("|").split("|"))
+        said = cell.split(" — ")[0]  # what follows is a note, not a child
+        label, _, listed = said.partition(":")
+        claimed[counter.strip("`")] = (label.strip("`"), set(re.findall(r"`([^`]+)`", listed)))
+    metrics = Metrics()
+    tenants = config_dict()["tenants"]
+    tenants[0]["poll"] = {"mode": "always", "interval": 1}
+    tenants[0]["api"] = {"signing_secret": "x" * 32}
+    config = make_config(tenants=tenants)
+    metrics.prepare_receiver(config)
+    metrics.prepare_poller(config)
+    metrics.prepare_worker(config)
+    served: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels.get("tenant") == TENANT and s.value == 0:
+                served.setdefault(s.name.removeprefix("chert_relay_"), []).append(s.labels)
+    assert set(served) == set(claimed)
+    for counter, (label, values) in claimed.items():
+        if values:
+            assert {labels[label] for labels in served[counter]} == values, counter
+    assert "error" not in {labels["outcome"] for labels in served["webhooks_total"]}

@@ -237,3 +237,33 @@ def test_every_unit_is_type_notify_with_a_watchdog() -> None:
         assert "Type=notify" in text, unit
         assert re.search(r"^WatchdogSec=\d+", text, re.M), unit
         assert "NotifyAccess=main" in text, unit
+
+
+def test_the_binary_every_unit_runs_is_the_one_the_readme_installs() -> None:
+    """The units run /opt/chert-relay/bin/chert-relay: the README (and each unit's
+    header) says how to make it — a virtualenv there with the package — and how to lay
+    out /etc/chert-relay so that the units' dynamic user can read its configuration."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### systemd") : readme.index("### Containers")]
+    venv = re.search(r"^\s+python3 -m venv (\S+) && \1/bin/pip install \.$", section, re.M)
+    assert venv is not None, "the README's systemd section does not say how to install"
+    binary = f"{venv.group(1)}/bin/chert-relay"
+    # The configuration is read by a dynamic user: directory and file readable by others.
+    assert readable_by_others(section) == 2  # the directory and relay.toml
+    for unit in UNITS:
+        text = unit.read_text()
+        execs = re.findall(r"^ExecStart=(\S+)", text, re.M)
+        assert execs == [binary], unit
+        header = text[: text.index("[Unit]")]
+        assert f"python3 -m venv {venv.group(1)} && {venv.group(1)}/bin/pip install ." in header
+        readable_by_others(header)
+
+
+def readable_by_others(text: str) -> int:
+    """Each ``install`` into /etc/chert-relay in ``text`` leaves it readable by any
+    user (a directory: listable too); how many there are."""
+    made = re.findall(r"install (-d )?-m (0\d+) (?:\S+ )?/etc/chert-relay", text)
+    for directory, mode in made:
+        needed = 0o005 if directory else 0o004
+        assert int(mode, 8) & needed == needed, mode
+    return len(made)

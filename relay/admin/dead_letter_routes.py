@@ -7,6 +7,8 @@
   with the same filters, plus ``"all": true`` (needed when no filter is given) and
   ``"dry_run": true``
 
+A parameter or body key none of these know is ``400``, as a bad value is.
+
 What a request may do is its admin token's (:mod:`relay.admin.auth`): a token scoped
 to some tenants sees only theirs (a filter without ``tenant`` covers only them, and
 naming another, or showing one of its entries, is ``403``); replay and purge need scope
@@ -35,13 +37,33 @@ from relay.errors import DeadLetterError
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 10_000
+FILTERS = ("tenant", "sink", "class", "type", "since", "until")
+# What each route takes: anything else is refused, not ignored — a filter the relay
+# does not know (``?event_id=…``) would otherwise widen a list, or a replay or purge, to
+# every dead letter.
+LIST_KEYS = (*FILTERS, "limit")
+CHANGE_KEYS = (*FILTERS, "all", "dry_run")
 
 
 def _bad(message: str) -> web.Response:
     return web.json_response({"error": "bad_request", "message": message}, status=400)
 
 
+def _refuse_unknown(src: dict[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(k for k in src if k not in known)
+    if unknown:
+        hint = ""
+        if "event_id" in unknown:
+            hint = "; one dead letter is GET /api/deadletters/{tenant}/{sink}/{event_id}"
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(known)}){hint}"
+        )
+
+
 def _filter(src: dict[str, Any], *, with_limit: bool) -> Filter:
+    _refuse_unknown(src, LIST_KEYS if with_limit else CHANGE_KEYS)
+
     def text(name: str) -> str | None:
         v = src.get(name)
         if v is None or v == "":

@@ -6,7 +6,12 @@ command). Filters: ``--tenant``,
 ``--sink``, ``--class``, ``--type``, ``--since`` and ``--until`` (dead-letter time:
 unix seconds, ISO 8601, or an age such as ``2h`` or ``7d``). ``replay`` and ``purge``
 need at least one filter or ``--all``, and show what they would do with ``--dry-run``;
-they show their progress on stderr (a bar on a terminal, plain lines otherwise).
+they show their progress on stderr (a bar on a terminal, plain lines otherwise) and end
+with a count per tenant and sink (``--verbose``: every entry, as ``list`` prints it).
+
+``list`` prints a header row naming its columns — the keys of ``--json`` — whether or
+not stdout is a terminal: the plain form is for people (on a terminal, in a pager, pasted
+into a ticket), and ``--json`` (one object a line, no header) for programs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -70,6 +76,9 @@ def add_parser(
         _filters(s)
         s.add_argument("--all", action="store_true", help="every dead letter (no filter needed)")
         s.add_argument("--dry-run", action="store_true", help="only show what would be done")
+        s.add_argument(
+            "-v", "--verbose", action="store_true", help="list every entry, not only the counts"
+        )
     d.set_defaults(func=lambda args: run(args, load(args)))
 
 
@@ -91,12 +100,47 @@ def _when(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _line(d: DeadLetter) -> str:
+# The columns of the plain list, named as in --json.
+COLUMNS = (
+    "tenant",
+    "sink",
+    "event_id",
+    "event_type",
+    "class",
+    "status",
+    "attempts",
+    "dead_lettered_at",
+    "error",
+)
+SHOWN_SKIPS = 10  # skipped entries listed one by one without --verbose
+
+
+def _cells(d: DeadLetter) -> list[str]:
+    error = " ".join(d.error.split())  # one line, whatever the sink answered
+    if d.holds_chat:
+        error += f"  [holds chat {d.chat}]"
     status = "-" if d.status is None else str(d.status)
-    return (
-        f"{d.tenant}  {d.sink}  {d.event_id}  {d.event_type}  {d.cls}  {status}  "
-        f"{d.attempts}  {_when(d.dead_lettered_at)}  {d.error}"
-    ) + (f"  [holds chat {d.chat}]" if d.holds_chat else "")
+    return [
+        d.tenant,
+        d.sink,
+        d.event_id,
+        d.event_type,
+        d.cls,
+        status,
+        str(d.attempts),
+        _when(d.dead_lettered_at),
+        error,
+    ]
+
+
+def _table(entries: Iterable[DeadLetter]) -> list[str]:
+    """A header row and one row per entry, in columns (the last, the error, unpadded)."""
+    rows = [list(COLUMNS), *(_cells(d) for d in entries)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    return [
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+        for r in rows
+    ]
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -146,15 +190,20 @@ async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
 async def _list(store: DeadLetterStore, flt: Filter, args: argparse.Namespace) -> int:
     """Print up to ``--limit`` entries; and, when more match, say so and how many."""
     limit = flt.limit
-    shown = total = 0
+    shown: list[DeadLetter] = []  # at most --limit, for the columns' widths
+    total = 0
     async for d in store.iter(replace(flt, limit=None)):
         total += 1
-        if limit is None or shown < limit:
-            print(json.dumps(d.to_json()) if args.json else _line(d))
-            shown += 1
-    if shown < total:
+        if limit is None or len(shown) < limit:
+            if args.json:
+                print(json.dumps(d.to_json()))
+            shown.append(d)
+    if shown and not args.json:
+        print("\n".join(_table(shown)))
+    if len(shown) < total:
+        shown_n = len(shown)
         print(
-            f"{shown} of {total} dead letter(s) shown: {total - shown} more match "
+            f"{shown_n} of {total} dead letter(s) shown: {total - shown_n} more match "
             f"(--limit {limit}; raise it, or narrow the filters)",
             file=sys.stderr,
         )
@@ -178,12 +227,41 @@ async def _show(store: DeadLetterStore, args: argparse.Namespace) -> int:
         out["event"] = None if body is None else json.loads(body)
         print(json.dumps(out, indent=2))
         return EXIT_OK
-    for name, value in d.to_json().items():
-        print(f"{name}: {value}")
-    print(f"first_attempt_at: {_when(d.first_attempt)}")
-    print(f"last_attempt_at: {_when(d.last_attempt)}")
-    print("event:", "(not stored)" if body is None else body.decode(errors="replace"))
+    for name, value in _fields(d):
+        print(f"{name + ':':<18}{value}")
+    print("event:", "(not stored)" if body is None else "")
+    if body is not None:
+        print(_indented(body))
     return EXIT_OK
+
+
+def _fields(d: DeadLetter) -> list[tuple[str, str]]:
+    """One dead letter as text: times in ISO 8601 (UTC), no Python values."""
+    out = [
+        ("tenant", d.tenant),
+        ("sink", d.sink),
+        ("event_id", d.event_id),
+        ("event_type", d.event_type),
+        ("class", d.cls),
+        ("status", "- (no answer)" if d.status is None else str(d.status)),
+        ("attempts", str(d.attempts)),
+        ("first_attempt", _when(d.first_attempt)),
+        ("last_attempt", _when(d.last_attempt)),
+        ("dead_lettered_at", _when(d.dead_lettered_at)),
+    ]
+    if d.chat is not None:
+        out.append(("chat", d.chat + ("  (holds its later events)" if d.holds_chat else "")))
+    out.append(("error", d.error))
+    return out
+
+
+def _indented(body: bytes) -> str:
+    """The stored event, pretty-printed when it is JSON (it always should be)."""
+    try:
+        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = body.decode(errors="replace")
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 def _report(action: str, out: Outcome, args: argparse.Namespace) -> None:
@@ -193,8 +271,18 @@ def _report(action: str, out: Outcome, args: argparse.Namespace) -> None:
     verb = {"replay": "replayed", "purge": "purged"}[action]
     if args.dry_run:
         verb = f"would be {verb}"
-    for d in out.done:
-        print(_line(d))
-    for d, reason in out.skipped:
+    if args.verbose and out.done:
+        print("\n".join(_table(out.done)))
+    else:  # a count per tenant and sink, not thousands of lines
+        per_sink = Counter((d.tenant, d.sink) for d in out.done)
+        for (tenant, sink), n in sorted(per_sink.items()):
+            print(f"{tenant}/{sink}: {n} {verb}")
+    skipped = out.skipped if args.verbose else out.skipped[:SHOWN_SKIPS]
+    for d, reason in skipped:
         print(f"skipped {d.tenant}/{d.sink}/{d.event_id}: {reason}", file=sys.stderr)
+    if len(skipped) < len(out.skipped):
+        print(
+            f"… {len(out.skipped) - len(skipped)} more skipped (--verbose lists them)",
+            file=sys.stderr,
+        )
     print(f"{len(out.done)} dead letter(s) {verb}, {len(out.skipped)} skipped", file=sys.stderr)

@@ -260,7 +260,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config: Config | None = None
     config_path = getattr(args, "config", None)
     if config_path:
-        config = load_config(Path(config_path))  # ConfigError: handled by the main CLI
+        # ConfigError: handled by the main CLI. The admin tokens are the relay's business.
+        config = load_config(Path(config_path), admin_tokens=False)
     if args.webhook_url is not None and args.webhook_url.lower() == "none":
         args.webhook_url = ""
     try:

@@ -180,7 +180,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if until is not None and until <= since:
         print("chert-relay backfill: --until must be later than --since", file=sys.stderr)
         return EXIT_USAGE
-    config = load_config(config_path(getattr(args, "config", None)))
+    config = load_config(config_path(getattr(args, "config", None)), admin_tokens=False)
     tenant = config.tenant(args.tenant)
     if tenant is None:
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from redis.asyncio import Redis
 
 from relay.admin.app import Admin
 from relay.admin.ui import sessions
-from relay.admin.ui.routes import OperatorPage
+from relay.admin.ui.routes import SECURITY_HEADERS, OperatorPage
 from relay.config import Config
 from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.keys import Keys
@@ -137,6 +138,18 @@ async def test_every_answer_forbids_scripts_framing_and_sniffing(page: Any) -> N
         assert "unsafe-inline" not in csp
         assert r.headers["X-Content-Type-Options"] == "nosniff"
         assert r.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_the_readme_quotes_the_security_headers_the_page_sends(page: Any) -> None:
+    client, _, _ = page
+    await log_in(client, ADMIN_TOKEN)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Event content is text.**") :].split("\n\n")[0]
+    quoted = dict(re.findall(r"`([A-Z][A-Za-z-]+): ([^`]+)`", section))
+    r = await client.get("/ui")
+    assert set(quoted) == set(SECURITY_HEADERS)
+    for name, value in quoted.items():
+        assert r.headers[name] == " ".join(value.split()), name
 
 
 async def test_hostile_event_types_ids_and_errors_render_as_text(page: Any) -> None:

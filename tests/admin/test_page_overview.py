@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from relay.admin.ui import views
 from relay.admin.ui.overview import read_overview
 from relay.delivery import breaker
 from relay.upstream.poller import Poller
@@ -60,3 +61,27 @@ async def test_queue_and_dead_letters_are_split_per_sink(redis: Redis, redis_url
     only_other = await read_overview(redis, config, None, [OTHER])
     assert [t.slug for t in only_other.tenants] == [OTHER]
     assert {s.tenant for s in only_other.sinks} == {OTHER}
+
+
+async def test_a_sink_marked_gone_shows_gone_not_a_closed_breaker(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(lambda s, r: (410, {}))) as (sink,):
+        config = two_tenants(redis_url, sink.url)
+        await make_dead_letters(redis, config, {TENANT: [("d1", "message.received")]})
+    o = await read_overview(redis, config, None, [TENANT, OTHER])
+    by_sink = {(s.tenant, s.name): s for s in o.sinks}
+    assert by_sink[(TENANT, "crm")].gone
+    assert by_sink[(TENANT, "crm")].breaker == breaker.CLOSED  # 410 is not a failure
+    assert not by_sink[(OTHER, "s")].gone  # same URL, but it never answered 410
+    html = str(views.overview(o))
+    crm_row = next(row for row in html.split("<tr>") if "<code>crm</code>" in row)
+    assert '<td class="bad"' in crm_row
+    assert "gone (410)" in crm_row
+    assert "closed" not in crm_row
+    other_row = next(row for row in html.split("<tr>") if "<code>s</code>" in row)
+    assert '<td class="ok">breaker closed</td>' in other_row
+    # A new URL for the sink is not gone: the mark names the URL that answered 410.
+    moved = two_tenants(redis_url, sink.url + "/v2")
+    o = await read_overview(redis, moved, None, [TENANT])
+    assert not any(s.gone for s in o.sinks)

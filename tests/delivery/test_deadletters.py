@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -184,10 +185,26 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(rows) == 5
     assert {r["class"] for r in rows} == {"rejected"}
 
-    # More than --limit match: the list says so, and how many there are in all.
+    # More than --limit match: the list says so, and how many there are in all. The
+    # plain list has a header row naming its columns as --json does, and lines them up.
     assert _cli(path, "list", "--limit", "3") == EXIT_OK
     out = capsys.readouterr()
-    assert len(out.out.splitlines()) == 3
+    header, *lines = out.out.splitlines()
+    assert header.split() == [
+        "tenant",
+        "sink",
+        "event_id",
+        "event_type",
+        "class",
+        "status",
+        "attempts",
+        "dead_lettered_at",
+        "error",
+    ]
+    assert set(header.split()) <= set(rows[0])  # the same names as --json's keys
+    assert len(lines) == 3
+    assert {line.index(" rejected ") + 1 for line in lines} == {header.index("class")}
+    assert all(line.split()[5] == "400" for line in lines)
     assert "3 of 10 dead letter(s) shown: 7 more match (--limit 3" in out.err
     assert _cli(path, "list", "--limit", "3", "--json") == EXIT_OK
     out = capsys.readouterr()
@@ -195,6 +212,25 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "7 more match" in out.err
     assert _cli(path, "list", "--limit", "10") == EXIT_OK
     assert "10 dead letter(s)" in capsys.readouterr().err
+    assert _cli(path, "list", "--tenant", TENANT, "--class", "gone") == EXIT_OK
+    out = capsys.readouterr()
+    assert (out.out, out.err.strip()) == ("", "0 dead letter(s)")
+
+    # show: clean values — ISO times, no Python None/False, no unix floats.
+    assert _cli(path, "show", "--tenant", TENANT, "--sink", "crm", "m1") == EXIT_OK
+    text = capsys.readouterr().out
+    fields = dict(
+        line.split(":", 1) for line in text.split("\nevent:")[0].splitlines() if ":" in line
+    )
+    fields = {k: v.strip() for k, v in fields.items()}
+    assert fields["status"] == "400"
+    assert fields["class"] == "rejected"
+    for name in ("first_attempt", "last_attempt", "dead_lettered_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fields[name]), name
+    assert "chat" not in fields  # not an ordered delivery: nothing to say
+    assert not re.search(r"\b(None|True|False)\b", text)
+    assert not re.search(r"\b1\d{9}\.\d", text)  # a unix time as a float
+    assert '"event_id": "m1"' in text.split("\nevent:")[1]  # the event, pretty-printed
 
     assert _cli(path, "show", "--tenant", TENANT, "--sink", "crm", "m1", "--json") == EXIT_OK
     shown = json.loads(capsys.readouterr().out)
@@ -205,10 +241,26 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--all" in capsys.readouterr().err
     assert _cli(path, "replay", "--all", "--dry-run", "--json") == EXIT_OK
     assert json.loads(capsys.readouterr().out)["count"] == 10
+    # replay and purge end with counts per tenant and sink; --verbose lists the entries.
+    assert _cli(path, "replay", "--all", "--dry-run") == EXIT_OK
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [
+        f"{TENANT}/all: 5 would be replayed",
+        f"{TENANT}/crm: 5 would be replayed",
+    ]
+    assert "10 dead letter(s) would be replayed, 0 skipped" in out.err
+    assert _cli(path, "replay", "--sink", "all", "--dry-run", "--verbose") == EXIT_OK
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.startswith("tenant")
+    assert len(lines) == 5
     assert _cli(path, "replay", "--sink", "all", "--type", "reaction.added") == EXIT_OK
-    assert "1 dead letter(s) replayed" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [f"{TENANT}/all: 1 replayed"]
+    assert "1 dead letter(s) replayed" in out.err
     assert _cli(path, "purge", "--all", "--since", "1h") == EXIT_OK
-    assert "9 dead letter(s) purged" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 2
+    assert "9 dead letter(s) purged" in out.err
     assert _cli(path, "list") == EXIT_OK
     assert "0 dead letter(s)" in capsys.readouterr().err
 
@@ -230,6 +282,20 @@ async def test_admin_api(redis: Redis, redis_url: str) -> None:
             assert (await r.json())["count"] == 4
             r = await client.get("/api/deadletters?class=nope", headers=auth)
             assert r.status == 400
+            # A filter the relay does not know is refused, not ignored (it would list
+            # everything); a change with one changes nothing.
+            r = await client.get("/api/deadletters?event_id=m0", headers=auth)
+            assert r.status == 400
+            assert "'event_id'" in (await r.json())["message"]
+            r = await client.get("/api/deadletters?sink=crm&klass=gone", headers=auth)
+            assert r.status == 400
+            for action in ("replay", "purge"):
+                r = await client.post(
+                    f"/api/deadletters/{action}",
+                    json={"sink": "crm", "event_id": "m0"},
+                    headers=auth,
+                )
+                assert r.status == 400, action
             r = await client.get(f"/api/deadletters/{TENANT}/crm/m0", headers=auth)
             body = await r.json()
             assert body["class"] == "rejected"

@@ -1,5 +1,5 @@
 """External tools some tests drive: found on PATH or beside the test run's Python (where
-``make deps`` puts promtool), and a clear failure — not a skip — when missing."""
+``make venv-dev`` puts promtool), and a clear failure — not a skip — when missing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 HOW = {
-    "promtool": "`make deps` (it takes promtool from Debian's prometheus package)",
+    "promtool": "`make setup` (it takes promtool from Debian's prometheus package)",
     "systemd-analyze": "`apt-get install systemd`",
     "chromium": "`make deps` (Debian's chromium package)",
 }

@@ -2,11 +2,12 @@
 
 Per tenant: the last webhook, the configured poll mode (and, where this process polls
 it, the current one), who holds the poll lease — this process, another, or nobody —
-and the watermark. Per sink: its breaker, deliveries in flight, its jobs in the queue
-(ready and scheduled) and its dead letters by class. The queue is one sorted set for
-every sink, and a tenant's dead letters one index: splitting them per sink means
-reading every entry, so that is done only while they hold at most :data:`SPLIT_LIMIT`
-entries; past that the page shows the totals.
+and the watermark. Per sink: its breaker, or that its URL is marked gone (it answered
+410), deliveries in flight, its jobs in the queue (ready and scheduled) and its dead
+letters by class. The queue is one sorted set for every sink, and a tenant's dead
+letters one index: splitting them per sink means reading every entry, so that is done
+only while they hold at most :data:`SPLIT_LIMIT` entries; past that the page shows the
+totals.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class SinkState:
     tenant: str
     name: str
     breaker: int  # breaker.CLOSED, HALF_OPEN or OPEN
+    gone: bool  # its URL answered 410: deliveries dead-letter without a request
     in_flight: int
     ready: int | None  # None: not split (the queue is too long)
     scheduled: int | None
@@ -92,6 +94,8 @@ async def read_overview(
             pipe.zcard(keys.dead_letters(t.slug))
         for tenant, sink in pairs:
             pipe.zcount(keys.inflight(tenant, sink), now_ms, "+inf")
+        for tenant, sink in pairs:
+            pipe.get(keys.sink_gone(tenant, sink))
         pipe.zcount(keys.queue, "-inf", now_ms)
         pipe.zcount(keys.queue, f"({now_ms}", "+inf")
         pipe.zrange(keys.queue, 0, 0, withscores=True)
@@ -100,7 +104,10 @@ async def read_overview(
     out = Overview(now=now)
     per_tenant = found[: 5 * len(chosen)]
     in_flight = found[5 * len(chosen) : 5 * len(chosen) + len(pairs)]
-    ready, scheduled, oldest = found[5 * len(chosen) + len(pairs) :]
+    gone_urls = found[5 * len(chosen) + len(pairs) : 5 * len(chosen) + 2 * len(pairs)]
+    ready, scheduled, oldest = found[5 * len(chosen) + 2 * len(pairs) :]
+    # The mark names the URL that answered 410: a sink given a new URL is not gone.
+    urls = {(t.slug, s.name): s.url for t in chosen for s in t.sinks}
     split_dead: dict[str, Counter[tuple[str, str]] | None] = {}
     for i, t in enumerate(chosen):
         raw_wh, raw_wm, holder, counts, indexed = per_tenant[5 * i : 5 * i + 5]
@@ -124,7 +131,7 @@ async def read_overview(
             await _dead_by_sink(redis, keys, t.slug) if indexed <= SPLIT_LIMIT else None
         )
     by_sink = await _queue_by_sink(redis, keys, now_ms, ready + scheduled)
-    for (tenant, sink), flying in zip(pairs, in_flight, strict=True):
+    for (tenant, sink), flying, gone_url in zip(pairs, in_flight, gone_urls, strict=True):
         dead = split_dead[tenant]
         queued = None if by_sink is None else by_sink.get((tenant, sink), (0, 0))
         out.sinks.append(
@@ -132,6 +139,7 @@ async def read_overview(
                 tenant=tenant,
                 name=sink,
                 breaker=states[(tenant, sink)],
+                gone=gone_url is not None and gone_url.decode() == urls[(tenant, sink)],
                 in_flight=int(flying),
                 ready=None if queued is None else queued[0],
                 scheduled=None if queued is None else queued[1],

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from relay.admin.ui.html import Markup, fmt, hidden, join, url, when
-from relay.admin.ui.overview import Overview
+from relay.admin.ui.overview import Overview, SinkState
 from relay.delivery import breaker
 from relay.delivery.deadletters import CLASSES, DeadLetter, Outcome
 
@@ -77,12 +77,11 @@ def _sinks(o: Overview) -> Markup:
         dead = s.dead_letters or {}
         rows.append(
             fmt(
-                '<tr><td><code>{}</code></td><td><code>{}</code></td><td class="{}">{}</td>'
+                "<tr><td><code>{}</code></td><td><code>{}</code></td>{}"
                 '<td class="num">{}</td>{}{}{}</tr>',
                 s.tenant,
                 s.name,
-                BREAKER_CLASS[s.breaker],
-                breaker.STATE_NAMES[s.breaker].replace("_", "-"),
+                _state_cell(s),
                 s.in_flight,
                 _plain_cell(s.ready),
                 _plain_cell(s.scheduled),
@@ -90,10 +89,26 @@ def _sinks(o: Overview) -> Markup:
             )
         )
     return fmt(
-        "<h2>Sinks</h2><table><tr><th>tenant</th><th>sink</th><th>breaker</th>"
+        "<h2>Sinks</h2><table><tr><th>tenant</th><th>sink</th><th>state</th>"
         "<th>in flight</th><th>ready jobs</th><th>scheduled jobs</th>{}</tr>{}</table>",
         join(fmt("<th>{} dead letters</th>", c) for c in CLASSES),
         join(rows),
+    )
+
+
+def _state_cell(s: SinkState) -> Markup:
+    """The sink's breaker; or, once its URL answered 410, *gone* — whatever the breaker
+    says, its deliveries then dead-letter without a request."""
+    if s.gone:
+        return Markup(
+            '<td class="bad" title="its URL answered 410 Gone: deliveries become gone dead '
+            'letters without a request until a replay for this sink or a new URL">'
+            "gone (410)</td>"
+        )
+    return fmt(
+        '<td class="{}">breaker {}</td>',
+        BREAKER_CLASS[s.breaker],
+        breaker.STATE_NAMES[s.breaker].replace("_", "-"),
     )
 
 
