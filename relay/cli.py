@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
 
+    from relay.listen.command import add_listen_parser
+
+    add_listen_parser(sub)
+
     from relay.admin import dlq_cli
 
     dlq_cli.add_parser(sub, _load)
