@@ -24,6 +24,7 @@ from relay.listen.forwarder import ListenAuthError, Listener
 from relay.listen.state import ListenState, default_state_dir
 from relay.signing import standard_webhooks_key, standard_webhooks_signature
 from relay.simulator import SimTenant, Simulator
+from relay.store.embedded import free_port
 from tests.support.common import wait_for
 
 API_SECRET = "5f2b8c1d9e4a7f3b6c0d2e8f1a9b4c7d"
@@ -91,7 +92,9 @@ def _args(sim: Simulator, app: LocalApp, **more: Any) -> argparse.Namespace:
 class Running:
     """A listener running as a task, its printed lines kept."""
 
-    def __init__(self, sim: Simulator, app: LocalApp, state_dir: Path, **args: Any) -> None:
+    def __init__(
+        self, sim: Simulator, app: LocalApp, state_dir: Path, attempts: int = 5, **args: Any
+    ) -> None:
         self.state = ListenState.open(state_dir)
         if self.state.watermark is None:
             self.state.watermark = time.time()
@@ -101,6 +104,7 @@ class Running:
             listen_tenant(ns, listen_api(ns, {}), self.state.secret),
             self.state,
             out=self.out,
+            max_attempts=attempts,
             retry_backoff=0.05,
             poll_interval=0.1,
         )
@@ -166,6 +170,23 @@ async def test_a_local_500_is_retried(sim: Simulator, app: LocalApp, tmp_path: P
     assert "-> 200 in " in second
     assert "[attempt 2]" in second
     assert app.requests[1][0]["X-Relay-Attempt"] == "2"
+
+
+async def test_a_local_app_that_is_down_is_given_up_on_after_the_attempts(
+    sim: Simulator, app: LocalApp, tmp_path: Path
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}/hooks"
+    running = Running(sim, app, tmp_path / "state", attempts=2, forward_to=down)
+    try:
+        await _started(sim, running)
+        [row] = sim.emit(TENANT)
+        await wait_for(lambda: row["event_id"] in running.state.forwarded)
+    finally:
+        await running.stop()
+    first, second = running.lines()
+    assert "-> no answer (connection) in " in first
+    assert "retrying in" in first
+    assert second.endswith("gave up after 2 attempt(s)")
 
 
 async def test_a_restart_resumes_without_forwarding_twice(

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 2.0  # while the stream is unavailable
 SSE_RETRY_S = 30.0  # how long to poll before trying the stream again
 SSE_IDLE_S = 30.0  # a stream silent this long (not even a heartbeat) is dead
+SSE_SHORT_S = 5.0  # a stream that ends sooner, having sent nothing, counts as failed
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 1.0
 RETRY_BACKOFF_MAX_S = 30.0
@@ -73,7 +74,7 @@ class Listener:
         self.sse_retry = sse_retry
         self.mode = "starting"  # "sse" or "poll"
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(QUEUE_SIZE)
-        self._queued: set[str] = set()  # ids read this run (handled or waiting)
+        self._queued: dict[str, float] = {}  # ids read this run -> created (pruned)
         self._newest = state.watermark if state.watermark is not None else time.time()
 
     def _print(self, line: str) -> None:
@@ -110,14 +111,18 @@ class Listener:
         self._newest = max(self._newest, created)
         if event.event_id in self._queued or event.event_id in self.state.forwarded:
             return
-        self._queued.add(event.event_id)
+        self._queued[event.event_id] = created
+        if len(self._queued) > 2 * QUEUE_SIZE:  # what a re-read could still bring back
+            floor = self._newest - 2 * OVERLAP_S
+            self._queued = {k: v for k, v in self._queued.items() if v >= floor}
         await self._queue.put(Incoming(event, created, source))
 
     async def _read(self, api: ChertApi) -> None:
         while True:
             try:
-                await self._stream(api)
-                continue  # `event: close` or end of stream: reconnect, signed afresh
+                if await self._stream(api):
+                    continue  # `event: close` or end of stream: reconnect, signed afresh
+                why = f"it ended within {SSE_SHORT_S:g}s having sent nothing"
             except ChertApiError as e:
                 if e.is_auth:
                     raise ListenAuthError(f"Chert refused the API credentials: {e}") from None
@@ -129,20 +134,26 @@ class Listener:
             self.mode = "poll"
             await self._poll_for(api, self.sse_retry)
 
-    async def _stream(self, api: ChertApi) -> None:
+    async def _stream(self, api: ChertApi) -> bool:
+        """Read one connection to its end; False if it ended at once having sent nothing
+        (a server that closes every stream must not make a reconnect loop)."""
+        started = time.monotonic()
+        lines = 0
         async with api.stream(since=self._since()) as resp:
             if self.mode != "sse":
                 log.info("tailing Chert's event stream")
             self.mode = "sse"
             async for msg in read_messages(resp.content, idle_timeout=SSE_IDLE_S):
+                lines += 1
                 if msg.event == "close":
-                    return
+                    break
                 try:
                     row = json.loads(msg.data)
                 except ValueError:
                     log.warning("skipping a stream message that is not JSON")
                     continue
                 await self._take(row, "sse")
+        return lines > 0 or time.monotonic() - started >= SSE_SHORT_S
 
     async def _poll_for(self, api: ChertApi, seconds: float) -> None:
         """Poll ``GET /events`` every ``poll_interval`` for ``seconds``."""
@@ -200,7 +211,7 @@ class Listener:
 
     def _line(self, event: Event, answer: Answer, attempt: int) -> str:
         now = datetime.now(UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        got = str(answer.status) if answer.status is not None else answer.kind
+        got = str(answer.status) if answer.status is not None else f"no answer ({answer.kind})"
         ms = round(answer.seconds * 1000)
         tail = f" [attempt {attempt}]" if attempt > 1 else ""
         error = f"  ({answer.error})" if answer.status is None else ""
