@@ -21,7 +21,7 @@ from relay.cli import main
 from relay.errors import EXIT_CONFIG, ChertApiError
 from relay.listen.command import listen_api, listen_tenant
 from relay.listen.forwarder import ListenAuthError, Listener
-from relay.listen.state import ListenState, default_state_dir
+from relay.listen.state import ListenState, StateDirInUseError, default_state_dir
 from relay.signing import standard_webhooks_key, standard_webhooks_signature
 from relay.simulator import SimTenant, Simulator
 from relay.store.embedded import free_port
@@ -346,3 +346,11 @@ async def test_the_command_prints_the_secret_then_a_line_per_event(
     finally:
         proc.terminate()
         await proc.wait()
+
+
+def test_a_second_listen_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    held = ListenState.open(tmp_path / "s").locked()
+    second = ListenState.open(tmp_path / "s").locked()
+    with held, pytest.raises(StateDirInUseError) as caught, second:
+        pass
+    assert caught.value.exit_code == 75

@@ -13,11 +13,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.errors import StateDirError
+from relay.errors import EXIT_TEMPFAIL, StateDirError
 
 log = logging.getLogger(__name__)
 
 OVERLAP_S = 60.0  # a restart or reconnect re-reads this much before the watermark
+
+
+class StateDirInUseError(StateDirError):
+    """Another ``listen`` holds this state directory's lock."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 def default_state_dir(tenant: str, environ: Mapping[str, str] = os.environ) -> Path:
@@ -114,7 +120,7 @@ class ListenState:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StateDirError(
+                raise StateDirInUseError(
                     f"another chert-relay listen is using {self.directory} "
                     "(stop it, or pass --state-dir)"
                 ) from None
