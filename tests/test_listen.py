@@ -8,7 +8,6 @@ import io
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +96,7 @@ class Running:
     ) -> None:
         self.state = ListenState.open(state_dir)
         if self.state.watermark is None:
-            self.state.watermark = time.time()
+            self.state.start_now()
         ns = _args(sim, app, **args)
         self.out = io.StringIO()
         self.listener = Listener(
@@ -151,6 +150,20 @@ async def test_events_arrive_signed_with_one_line_each(
     for line, row in zip(running.lines(), rows, strict=True):
         assert f"message.received  {row['event_id']}  -> 200 in " in line
         assert line.endswith(" ms")
+
+
+async def test_the_first_run_starts_from_now(sim: Simulator, app: LocalApp, tmp_path: Path) -> None:
+    sim.emit(TENANT, count=2)  # before: within the overlap a stream re-reads
+    await asyncio.sleep(0.01)  # the simulator's times are in milliseconds
+    running = Running(sim, app, tmp_path / "state")
+    try:
+        await _started(sim, running)
+        [row] = sim.emit(TENANT)
+        await wait_for(lambda: len(app.requests) == 1)
+        await wait_for(lambda: len(running.lines()) == 1)
+    finally:
+        await running.stop()
+    assert app.ids() == [row["event_id"]]
 
 
 async def test_a_local_500_is_retried(sim: Simulator, app: LocalApp, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -186,9 +185,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         if state.watermark is not None:
             print(f"Resuming after {isoformat(state.watermark)} (state: {directory})", file=out)
         else:
-            # Kept at once: a restart before the first event still resumes from here.
-            state.watermark = time.time()
-            state.save()
+            state.start_now()  # kept at once: a restart before any event resumes from here
             print(f"Starting with events from now on (state: {directory})", file=out)
         print("Ctrl-C to stop.", file=out, flush=True)
         try:

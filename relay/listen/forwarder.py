@@ -109,6 +109,8 @@ class Listener:
             created = event.timestamp if event.timestamp is not None else time.time()
         created = min(created, time.time() + 300.0)  # a date far ahead cannot carry the cursor
         self._newest = max(self._newest, created)
+        if self.state.started is not None and created < self.state.started:
+            return  # the re-read overlap of the first run: from before it started
         if event.event_id in self._queued or event.event_id in self.state.forwarded:
             return
         self._queued[event.event_id] = created

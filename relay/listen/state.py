@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class ListenState:
 
     directory: Path
     watermark: float | None = None
+    started: float | None = None  # the first run's start: older events are not forwarded
     forwarded: dict[str, float] = field(default_factory=dict)  # event id -> created_at
     secret: str = ""
 
@@ -88,6 +90,9 @@ class ListenState:
         wm = obj.get("watermark")
         if isinstance(wm, int | float) and not isinstance(wm, bool):
             self.watermark = float(wm)
+        first = obj.get("started")
+        if isinstance(first, int | float) and not isinstance(first, bool):
+            self.started = float(first)
         seen = obj.get("forwarded")
         if isinstance(seen, dict):
             self.forwarded = {
@@ -95,6 +100,11 @@ class ListenState:
                 for k, v in seen.items()
                 if isinstance(v, int | float) and not isinstance(v, bool)
             }
+
+    def start_now(self) -> None:
+        """The first run: events from now on (a restart resumes from the watermark)."""
+        self.started = self.watermark = time.time()
+        self.save()
 
     def handled(self, event_id: str, created: float) -> None:
         """Record an event as done with, and rewrite the file."""
@@ -108,7 +118,9 @@ class ListenState:
     def save(self) -> None:
         tmp = self._file.with_suffix(".tmp")
         tmp.write_text(
-            json.dumps({"watermark": self.watermark, "forwarded": self.forwarded}),
+            json.dumps(
+                {"started": self.started, "watermark": self.watermark, "forwarded": self.forwarded}
+            ),
             encoding="utf-8",
         )
         os.replace(tmp, self._file)
