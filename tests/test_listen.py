@@ -320,7 +320,7 @@ def test_a_config_file_without_the_tenant_or_its_api_secret_exits_78(
     assert "not both" in capsys.readouterr().err
 
 
-async def test_the_command_prints_the_secret_then_a_line_per_event(
+async def test_the_command_prints_the_secret_a_line_per_event_and_exits_0_on_sigterm(
     sim: Simulator, app: LocalApp, tmp_path: Path
 ) -> None:
     env = {
@@ -358,7 +358,9 @@ async def test_the_command_prints_the_secret_then_a_line_per_event(
         _verify(secret, headers, body)
     finally:
         proc.terminate()
-        await proc.wait()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    rest = (await proc.stdout.read()).decode()
+    assert rest.startswith("Stopped: 1 event(s) forwarded, 0 given up on.")
 
 
 def test_a_second_listen_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
@@ -367,3 +369,32 @@ def test_a_second_listen_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
     with held, pytest.raises(StateDirInUseError) as caught, second:
         pass
     assert caught.value.exit_code == 75
+
+
+async def test_the_command_exits_78_when_chert_refuses_the_credentials(
+    sim: Simulator, app: LocalApp, tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "--log-format",
+        "text",
+        "listen",
+        "--tenant",
+        TENANT,
+        "--forward-to",
+        app.url,
+        "--api-url",
+        sim.base_url,
+        "--api-secret",
+        "0" * 32,
+        "--state-dir",
+        str(tmp_path / "state"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == EXIT_CONFIG
+    assert "Chert refused the API credentials" in err.decode()
+    assert "Traceback" not in err.decode()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,36 @@ def cmd_listen(args: argparse.Namespace) -> int:
             print(f"Starting with events from now on (state: {directory})", file=out)
         print("Ctrl-C to stop.", file=out, flush=True)
         try:
-            asyncio.run(listener.run())
+            asyncio.run(_run_until_signalled(listener))
         except* ListenAuthError as group:
             raise group.exceptions[0] from None
+        print(
+            f"Stopped: {listener.delivered} event(s) forwarded, {listener.failed} given up on.",
+            file=out,
+            flush=True,
+        )
     return EXIT_OK
+
+
+async def _run_until_signalled(listener: Listener) -> None:
+    """Run until SIGTERM or SIGINT (then exit 0), or until the listener fails.
+
+    The state file is rewritten after each event, so stopping anywhere loses nothing.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    task = asyncio.create_task(listener.run(), name="listen")
+    waiter = asyncio.create_task(stop.wait(), name="listen:signal")
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if not task.cancelled():
+        task.result()  # the listener's failure, if it stopped on its own

@@ -73,6 +73,8 @@ class Listener:
         self.poll_interval = poll_interval
         self.sse_retry = sse_retry
         self.mode = "starting"  # "sse" or "poll"
+        self.delivered = 0  # events the local app took (2xx), this run
+        self.failed = 0  # events given up on, this run
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(QUEUE_SIZE)
         self._queued: dict[str, float] = {}  # ids read this run -> created (pruned)
         self._newest = state.watermark if state.watermark is not None else time.time()
@@ -185,7 +187,11 @@ class Listener:
         while True:
             item = await self._queue.get()
             if self.sink.matches(item.event.type):
-                await self._deliver(client, item)
+                answer = await self._deliver(client, item)
+                if answer.ok:
+                    self.delivered += 1
+                else:
+                    self.failed += 1
             self.state.handled(item.event.event_id, item.created)
 
     async def _deliver(self, client: SinkClient, item: Incoming) -> Answer:
