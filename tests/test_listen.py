@@ -286,6 +286,13 @@ def test_the_state_dir_is_per_user_and_tenant(tmp_path: Path) -> None:
     assert default_state_dir("t1", {}) == Path.home() / ".local/state/chert-relay/listen/t1"
 
 
+def test_a_tenant_that_is_not_a_slug_is_a_usage_error(tmp_path: Path) -> None:
+    argv = ["listen", "--tenant", "../x", "--forward-to", "http://127.0.0.1:3000/hooks"]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, "--state-dir", str(tmp_path / "state")])
+    assert caught.value.code == 2
+
+
 def test_missing_credentials_exit_78_and_write_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,6 +17,8 @@ restart fits in a small JSON file in the state directory
   and skips the ids it already handled, so it resumes where it stopped and forwards
   nothing twice — except the one event whose answer came back just before the
   process died and before the file was rewritten (at-least-once, as for a sink);
+- ``started``: the first run's start, before which nothing is forwarded (the first
+  run starts from now, overlap or not);
 - ``secret``: the ``whsec_`` secret, made on the first run and kept, so the local
   app's configuration survives restarts.
 

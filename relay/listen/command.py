@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +29,16 @@ FORWARD_TIMEOUT_S = 10.0
 # --- the command -------------------------------------------------------------------------
 
 
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a tenant slug, as the configuration has it
+
+
+def _slug(value: str) -> str:
+    # Checked before it names a directory under the state directory.
+    if not _SLUG.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a tenant slug")
+    return value
+
+
 def _forward_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -47,7 +58,7 @@ def add_listen_parser(sub: Any) -> None:
             "or CHERT_API_URL, CHERT_API_AUTH and CHERT_API_SECRET."
         ),
     )
-    s.add_argument("--tenant", required=True, help="tenant slug")
+    s.add_argument("--tenant", required=True, type=_slug, help="tenant slug")
     s.add_argument(
         "--forward-to", required=True, type=_forward_url, metavar="URL", help="local URL"
     )
