@@ -15,7 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
-from relay.store.script_pipe import ScriptPipeline, bulk
+from relay.store import wire
+from relay.store.script_pipe import ScriptPipeline
 
 SCRIPT = """
 local out = {}
@@ -25,8 +26,8 @@ return out
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest().encode()  # noqa: S324
 
 
-def build(items: list[str]) -> tuple[int, list[bytes]]:
-    return len(items), [bulk(i) for i in items]
+def build(items: list[str]) -> wire.Packed:
+    return wire.pack(items)
 
 
 def evalsha_reply(cmd: list[bytes]) -> bytes:
@@ -121,7 +122,7 @@ async def test_redis_closing_mid_reply_fails_every_call_in_flight_and_recovers()
             assert all(isinstance(r, RedisUnavailableError) for r in results), results
             assert await asyncio.wait_for(pipe.call("7"), 30) == 7
             await pipe.drain()
-            assert len(client.connection_pool._in_use_connections) == 0
+            assert not pipe.connected
         finally:
             await client.aclose()
 
