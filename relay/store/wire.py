@@ -169,26 +169,26 @@ class IngestBatch:
     def __call__(self, items: Sequence[IngestItem]) -> Packed:
         webhook = sorted({item.tenant for item in items if item.webhook})
         parts = [self._head, bulk(len(webhook)), *(bulk(t) for t in webhook), bulk(len(items))]
-        nargs = 5 + len(webhook)
-        for item in items:
-            eid, chat, route = item.event_id.encode(), item.chat.encode(), item.route
-            head, etype, body = item.header, item.event_type, item.body
+        nargs = 5 + len(webhook) + 4 * len(items)
+        tenants = self._tenants
+        for tenant, event_id, head, etype, body, chat, route, _ in items:
+            eid, chat_b = event_id.encode(), chat.encode()
             parts.append(
                 b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n$%d\r\n%s\r\n%s"
                 % (
-                    self._tenant(item.tenant),
+                    tenants.get(tenant) or self._tenant(tenant),
                     len(eid),
                     eid,
                     len(head) + len(etype) + len(body),
                     head,
                     etype,
                     body,
-                    len(chat),
-                    chat,
+                    len(chat_b),
+                    chat_b,
                     route.resp,
                 )
             )
-            nargs += 4 + route.nargs
+            nargs += route.nargs
         return Packed(nargs, parts)
 
 
