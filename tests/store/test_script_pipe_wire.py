@@ -1,6 +1,6 @@
 """The ingest pipeline's reply reader against odd wire shapes — a scripted RESP server,
-since real Redis never splits, cuts or adds replies on demand — and the pool state it
-leaves behind (real Redis)."""
+since real Redis never splits, cuts or adds replies on demand — and the client whose
+settings it connects with, left working (real Redis)."""
 
 from __future__ import annotations
 
@@ -130,9 +130,10 @@ async def test_redis_closing_mid_reply_fails_every_call_in_flight_and_recovers()
 async def test_after_a_timeout_the_shared_pool_serves_other_users_correctly(
     redis_url: str,
 ) -> None:
-    """CLIENT PAUSE past the timeout: the pipeline's connection must not go back to the
-    pool with a reply still owed on it (another user would read that reply)."""
-    client: Redis = Redis.from_url(redis_url, max_connections=1)  # one connection: shared
+    """CLIENT PAUSE past the timeout: a reply still owed on the pipeline's connection
+    must never reach another user of the client (the pipeline's connection is its own,
+    not one of the client's pool, whose single connection must stay correct)."""
+    client: Redis = Redis.from_url(redis_url, max_connections=1)  # one pooled connection
     admin: Redis = Redis.from_url(redis_url)
     try:
         pipe: ScriptPipeline[str] = ScriptPipeline(client, SCRIPT, build, timeout=0.3, linger=0.05)
