@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from relay import __version__, logs
+from relay.commands import Commands
 from relay.config import Config
 from relay.config_load import config_path, load_config
 from relay.config_values import Listen, parse_listen, resolve_secret
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "text", "json"],
         help="text for terminals, json lines for machines (auto: by tty)",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = Commands(p, dest="command", metavar="COMMAND")
 
     for name, func, what, where in (
         (
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
             "admin.worker_listen",
         ),
     ):
-        s = sub.add_parser(name, help=what)
+        s = commands.add(name, help=what)
         s.add_argument(
             "--admin-listen",
             type=_admin_listen,
@@ -209,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
             "port, logged; 'off': none) — e.g. one per worker on a host",
         )
         s.set_defaults(func=func)
-    s = sub.add_parser("check-config", help="validate the configuration and list every problem")
+    s = commands.add("check-config", help="validate the configuration and list every problem")
     s.set_defaults(func=cmd_check_config)
 
-    s = sub.add_parser("sign", help="sign a body (stdin) the way Chert signs webhooks")
+    s = commands.add("sign", help="sign a body (stdin) the way Chert signs webhooks")
     s.add_argument("--tenant", required=True, help="tenant slug (picks its secret from the config)")
     s.add_argument("--secret", help="webhook secret: the value, env:NAME or file:/path")
     s.add_argument("--timestamp", type=int, help="unix seconds to sign with (default: now)")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from relay.upstream.backfill import cmd_backfill
 
-    s = sub.add_parser("backfill", help="pull a time range from Chert's events API through ingest")
+    s = commands.add("backfill", help="pull a time range from Chert's events API through ingest")
     s.add_argument("--tenant", required=True, help="tenant slug")
     s.add_argument("--since", required=True, help="start, ISO-8601 (e.g. 2026-05-01T00:00:00Z)")
     s.add_argument("--until", help="end, ISO-8601 (default: up to now)")
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from relay.simulator.cli import add_simulate_parser
 
-    add_simulate_parser(sub)
+    add_simulate_parser(commands)
 
     from relay.listen.command import add_listen_parser
 
@@ -240,24 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from relay.admin import dlq_cli
 
-    dlq_cli.add_parser(sub, _load)
-    _config_after_command(p)
+    dlq_cli.add_parser(commands, _load)
     return p
-
-
-def _config_after_command(parser: argparse.ArgumentParser) -> None:
-    """Let ``--config`` also follow the command: ``chert-relay check-config -c FILE``."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                if "--config" not in command._option_string_actions:
-                    command.add_argument(
-                        "-c",
-                        "--config",
-                        default=argparse.SUPPRESS,
-                        help="configuration file (also accepted before the command)",
-                    )
-                _config_after_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The command line: check-config and sign, as a user runs them."""
+"""The command line: check-config and sign, as a user runs them; every command's options."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from multidict import CIMultiDict
 
+from relay.cli import build_parser
 from relay.signing import verify_webhook
 from tests.support.common import WEBHOOK_SECRET, config_dict, envelope
 from tests.support.process import write_toml
@@ -45,6 +47,35 @@ def test_the_config_option_may_follow_the_command(tmp_path: Path) -> None:
     assert b"server.listen" in out.stdout + out.stderr
     out = cli("dlq", "list", "--config", str(bad))
     assert out.returncode == 78
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["serve"],
+        ["worker"],
+        ["check-config"],
+        ["sign", "--tenant", "t"],
+        ["backfill", "--tenant", "t", "--since", "2026-05-01T00:00:00Z"],
+        ["simulate"],
+        ["dlq", "list"],
+        ["dlq", "show", "--tenant", "t", "--sink", "s", "evt_1"],
+        ["dlq", "replay"],
+        ["dlq", "purge"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_takes_the_config_option_before_or_after_its_name(
+    command: list[str],
+) -> None:
+    parser = build_parser()
+    assert parser.parse_args(command).config is None
+    assert parser.parse_args(["-c", "a.toml", *command]).config == "a.toml"
+    assert parser.parse_args([*command, "-c", "b.toml"]).config == "b.toml"
+    assert parser.parse_args(["-c", "a.toml", *command, "--config", "b.toml"]).config == "b.toml"
+    if len(command) > 1 and command[0] == "dlq":  # and between a command and its action
+        assert parser.parse_args(["dlq", "-c", "d.toml", *command[1:]]).config == "d.toml"
 
 
 def test_sign_prints_headers_the_receiver_accepts(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import redis.exceptions
 from redis.asyncio import Redis
 
+from relay.commands import Commands
 from relay.config import Config
 from relay.delivery.deadletters import (
     CLASSES,
@@ -53,17 +54,14 @@ def _filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def add_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    load: Callable[[argparse.Namespace], Config],
-) -> None:
-    """Add ``dlq`` and its actions to the ``chert-relay`` parser."""
-    d = sub.add_parser("dlq", help="list, show, replay or purge dead letters")
-    actions = d.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
-    s = actions.add_parser("list", help="list dead letters (oldest first)")
+def add_parser(commands: Commands, load: Callable[[argparse.Namespace], Config]) -> None:
+    """Add ``dlq`` and its actions to the ``chert-relay`` commands."""
+    d = commands.add("dlq", help="list, show, replay or purge dead letters")
+    actions = Commands(d, dest="dlq_action", metavar="ACTION")
+    s = actions.add("list", help="list dead letters (oldest first)")
     _filters(s)
     s.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
-    s = actions.add_parser("show", help="one dead letter, with the event it holds")
+    s = actions.add("show", help="one dead letter, with the event it holds")
     s.add_argument("--tenant", required=True)
     s.add_argument("--sink", required=True)
     s.add_argument("event_id")
@@ -72,7 +70,7 @@ def add_parser(
         ("replay", "queue the matching dead letters again, with fresh attempts"),
         ("purge", "delete the matching dead letters for good"),
     ):
-        s = actions.add_parser(name, help=what)
+        s = actions.add(name, help=what)
         _filters(s)
         s.add_argument("--all", action="store_true", help="every dead letter (no filter needed)")
         s.add_argument("--dry-run", action="store_true", help="only show what would be done")

@@ -2,7 +2,9 @@
 
 The scripts are ``lua/take.lua`` (a poll's jobs started and claimed in one call),
 ``finish_batch.lua`` (the finishes of concurrent deliveries, group-committed through a
-:class:`~relay.store.script_pipe.ScriptPipeline`: one call per batch, fsynced together),
+:class:`~relay.store.script_pipe.ScriptPipeline`: one call per batch, fsynced together;
+each finish goes in as a :class:`~relay.store.wire.FinishItem`, which the wire module
+encodes),
 ``release.lua`` and ``reschedule.lua`` (their headers say what each does); the rules of
 a claim and a finish are ``lib/claim.lua`` and ``lib/finish.lua``. A take gives each
 run a fencing token (kept in arq's in-progress mark); the finish, release, reschedule
@@ -33,8 +35,9 @@ from relay.delivery.deadletters import DeadLetter, Tried
 from relay.keys import Keys
 from relay.store import jobs, scripts, stored_event
 from relay.store.clock import CLOCK
-from relay.store.script_pipe import ScriptPipeline, bulk, bulks
+from relay.store.script_pipe import ScriptPipeline
 from relay.store.stored_event import StoredEvent
+from relay.store.wire import FinishBatch, FinishItem, Packed
 
 MARGIN_MS = int(jobs.EXPIRY_MARGIN_S * 1000)  # a delivery's job and event outlive its deadline
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
@@ -193,10 +196,10 @@ class Steps:
         self._take = scripts.script("take").bind(client)
         self._release = scripts.script("release").bind(client)
         self._reschedule = scripts.script("reschedule").bind(client)
-        self._finishes: ScriptPipeline[tuple[bytes, int]] = ScriptPipeline(
+        self._finishes: ScriptPipeline[FinishItem] = ScriptPipeline(
             client,
             scripts.script("finish_batch").source,
-            self._build_finishes,
+            self._encode_finishes,
             timeout=FINISH_TIMEOUT_S,
             what="delivery finish",
         )
@@ -213,20 +216,18 @@ class Steps:
             worker.breaker_failure_rate,
             int(worker.breaker_window * 1000),
         ]
-        self._head = bulks(
-            [
-                keys.prefix,
-                keys.queue,
-                json.dumps(rule),
-                int(worker.breaker_cooldown * 1000),
-                max(
-                    breaker.TTL_MS, int(max(worker.breaker_cooldown, worker.breaker_window) * 2000)
-                ),
-            ]
+        self._batch = FinishBatch(
+            prefix=keys.prefix,
+            queue=keys.queue,
+            breaker_rule=json.dumps(rule),
+            cooldown_ms=int(worker.breaker_cooldown * 1000),
+            breaker_ttl_ms=max(
+                breaker.TTL_MS, int(max(worker.breaker_cooldown, worker.breaker_window) * 2000)
+            ),
         )
 
-    def _build_finishes(self, items: list[tuple[bytes, int]]) -> tuple[int, list[bytes]]:
-        return 6 + sum(n for _, n in items), [self._head, bulk(len(items)), *(p for p, _ in items)]
+    def _encode_finishes(self, items: list[FinishItem]) -> Packed:
+        return self._batch(items)  # the encoder of the configuration now in force
 
     async def drain(self) -> None:
         """Wait for the finishes already asked for (the worker stops)."""
@@ -286,14 +287,24 @@ class Steps:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
         still holds the delivery; :data:`STALE` if it does not (nothing was changed). What it
         did to the sink's breaker, if anything, is logged."""
-        fields = deadletters.entry_fields(f.entry) if f.entry is not None else []
-        args: list[str | int] = [
-            ref.job_id, ref.tenant, ref.sink, ref.event_id, ref.chat or "", ref.token,
-            f.outcome, f.delay_ms, "" if f.status is None else f.status, f.error, f.effect,
-            f.gone_url, f.entry.cls if f.entry else "", "hold" if f.hold else "skip",
-            len(fields), *fields,
-        ]  # fmt: skip
-        found = await self._finish((bulks(args), len(args)))
+        item = FinishItem(
+            job_id=ref.job_id,
+            tenant=ref.tenant,
+            sink=ref.sink,
+            event_id=ref.event_id,
+            chat=ref.chat or "",
+            token=ref.token,
+            outcome=f.outcome,
+            delay_ms=f.delay_ms,
+            status=f.status,
+            error=f.error,
+            effect=f.effect,
+            gone_url=f.gone_url,
+            dead_class=f.entry.cls if f.entry is not None else "",
+            hold=f.hold,
+            fields=deadletters.entry_fields(f.entry) if f.entry is not None else (),
+        )
+        found = await self._finish(item)
         if isinstance(found, int):
             return STALE
         nxt, change = found

@@ -6,10 +6,13 @@ arq job per matching sink. An event already seen writes nothing, and nothing is
 marked seen unless its jobs are enqueued in the same step.
 
 Concurrent ingests are group-committed into batches, one ``EVALSHA`` each, and the
-batches are pipelined on one Redis connection (:mod:`relay.script_pipe`): a batch
-goes out once 16 events wait, or at the next turn of the event loop with whatever
-arrived, so a lone event is not held back. Under load this turns hundreds of Redis
-round trips into a few, and with ``appendfsync always`` events share fsyncs.
+batches are pipelined on one Redis connection (:mod:`relay.store.script_pipe`): a
+batch goes out once 16 events wait, or at the next turn of the event loop with
+whatever arrived, so a lone event is not held back. Under load this turns hundreds of
+Redis round trips into a few, and with ``appendfsync always`` events share fsyncs.
+Each event goes in as an :class:`~relay.store.wire.IngestItem`, with its tenant's
+route for its type worked out once (:class:`~relay.store.wire.IngestRoute`); the wire
+module encodes the batch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from relay.config import Config
 from relay.ingest.envelope import Event
 from relay.keys import JOB_KEY_PREFIX, Keys
 from relay.store import jobs, scripts, stored_event
-from relay.store.script_pipe import ScriptPipeline, bulk, bulks
+from relay.store.script_pipe import ScriptPipeline
+from relay.store.wire import IngestBatch, IngestItem, IngestJob, IngestRoute, Packed
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
@@ -40,14 +44,8 @@ SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
 @dataclass(frozen=True, slots=True)
 class _Route:
     sinks: tuple[str, ...]
-    packed: bytes  # event_ttl_ms, n_jobs, then per job (sink, job_ttl_ms, ordering), as RESP
+    jobs: IngestRoute  # what ingest.lua is told: the seen mark's lifetime, the jobs
     ordered: bool  # some sink delivers in order: the event's chat id goes along
-    nargs: int
-
-
-# An event on its way into a batch: tenant, whether it came by webhook, its packed
-# arguments and how many there are.
-_Item = tuple[str, bool, bytes, int]
 
 
 class Ingestor:
@@ -67,10 +65,10 @@ class Ingestor:
         self._metrics = metrics
         self._sources = {s: s.encode() for s in SOURCES}
         r = config.redis
-        self._pipe: ScriptPipeline[_Item] = ScriptPipeline(
+        self._pipe: ScriptPipeline[IngestItem] = ScriptPipeline(
             redis_client,
             scripts.script("ingest").source,
-            self._build,
+            self._encode,
             timeout=config.server.ingest_timeout if timeout is None else timeout,
             flush_at=flush_at,
             max_batch=max_batch,
@@ -85,9 +83,8 @@ class Ingestor:
         """Use a new configuration (on reload); routes are recomputed lazily."""
         self._config = config
         prefix = config.redis.key_prefix
-        self._head = bulks([prefix, Keys(prefix).queue, JOB_KEY_PREFIX])
+        self._batch = IngestBatch(prefix, Keys(prefix).queue, JOB_KEY_PREFIX)
         self._routes: dict[tuple[str, str], _Route] = {}
-        self._tenants = {t.slug: bulk(t.slug) for t in config.tenants}
 
     def _route(self, tenant: str, event_type: str) -> _Route:
         key = (tenant, event_type)
@@ -98,17 +95,19 @@ class Ingestor:
                 raise KeyError(f"unknown tenant {tenant!r}")
             sinks = [s for s in t.sinks if s.matches(event_type)]
             longest = max([s.max_age for s in sinks], default=0.0) + jobs.EXPIRY_MARGIN_S
-            args: list[str | int] = [
-                int(max(longest, self._config.relay.dedupe_ttl) * 1000),
-                len(sinks),
-            ]
-            for s in sinks:
-                ordering = "" if s.ordering == "none" else s.ordering
-                args += [s.name, int((s.max_age + jobs.EXPIRY_MARGIN_S) * 1000), ordering]
             route = _Route(
                 sinks=tuple(s.name for s in sinks),
-                packed=bulks(args),
-                nargs=len(args),
+                jobs=IngestRoute(
+                    event_ttl_ms=int(max(longest, self._config.relay.dedupe_ttl) * 1000),
+                    jobs=[
+                        IngestJob(
+                            sink=s.name,
+                            ttl_ms=int((s.max_age + jobs.EXPIRY_MARGIN_S) * 1000),
+                            ordering="" if s.ordering == "none" else s.ordering,
+                        )
+                        for s in sinks
+                    ],
+                ),
                 ordered=any(s.ordering != "none" for s in sinks),
             )
             if len(self._routes) < 4096:
@@ -136,24 +135,21 @@ class Ingestor:
         if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
-        eid, etype, body = event.event_id.encode(), event.type.encode(), event.body
+        etype = event.type.encode()
         ts = stored_event.timestamp_field(event.timestamp)
         # the ingest time here is a placeholder: ingest.lua writes Redis' clock over it
         head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
-        chat = event.chat_id.encode() if route.ordered and event.chat_id else b""
-        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s%s%s\r\n$%d\r\n%s\r\n%s" % (
-            self._tenants[tenant],
-            len(eid),
-            eid,
-            len(head) + len(etype) + len(body),
-            head,
-            etype,
-            body,
-            len(chat),
-            chat,
-            route.packed,
+        item = IngestItem(
+            tenant=tenant,
+            event_id=event.event_id,
+            header=head,
+            event_type=etype,
+            body=event.body,
+            chat=event.chat_id if route.ordered and event.chat_id else "",
+            route=route.jobs,
+            webhook=source == "webhook",
         )
-        return self._pipe.submit((tenant, source == "webhook", packed, 4 + route.nargs))
+        return self._pipe.submit(item)
 
     def ingested(self, tenant: str, source: str, new: bool) -> Counter:
         """The ``events_ingested_total`` child for these labels (looked up once)."""
@@ -166,16 +162,8 @@ class Ingestor:
             self._counted[(tenant, source, new)] = counter
         return counter
 
-    def _build(self, batch: list[_Item]) -> tuple[int, list[bytes]]:
-        webhook_tenants = sorted({item[0] for item in batch if item[1]})
-        parts = [
-            self._head,
-            bulk(len(webhook_tenants)),
-            *(bulk(t) for t in webhook_tenants),
-            bulk(len(batch)),
-            *(item[2] for item in batch),
-        ]
-        return 5 + len(webhook_tenants) + sum(item[3] for item in batch), parts
+    def _encode(self, batch: list[IngestItem]) -> Packed:
+        return self._batch(batch)  # the encoder of the configuration now in force
 
     def _observe(self, seconds: float, size: int) -> None:
         assert self._metrics is not None

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.commands import Commands
 from relay.config import Config
 from relay.config_load import load_config
 from relay.config_values import Listen, parse_duration, parse_listen, resolve_secret
@@ -80,20 +81,15 @@ def _listen(value: str) -> Listen:
     return listen
 
 
-def add_simulate_parser(sub: Any) -> None:
-    """Register ``simulate`` on the main parser's subcommands."""
-    s = sub.add_parser(
+def add_simulate_parser(commands: Commands) -> None:
+    """Register ``simulate`` on the main parser's commands."""
+    s = commands.add(
         "simulate",
+        config_help="relay configuration: simulate its tenants and push to its receiver",
         help="run a local Chert stand-in (signed webhooks, events API, SSE, faults)",
         description="A local Chert stand-in: emits events, pushes signed webhooks with "
         "Chert's retry rule, serves /api/v1/events, /events/{id}, /events/{id}/replay and "
         "/events/stream, and takes faults from PATCH /_sim/faults.",
-    )
-    s.add_argument(
-        "-c",
-        "--config",
-        default=argparse.SUPPRESS,
-        help="relay configuration: simulate its tenants and push to its receiver",
     )
     s.add_argument(
         "--listen",

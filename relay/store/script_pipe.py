@@ -1,7 +1,7 @@
-"""Group-committed, pipelined calls of one Lua script on one redis-py connection.
+"""Group-committed, pipelined calls of one Lua script on one connection of its own.
 
 The ingest hot path runs one script for many concurrent callers. Each caller hands
-in an item; items are packed into batches, one ``EVAL`` each, and the batches are
+in an item; items are packed into batches, one ``EVALSHA`` each, and the batches are
 pipelined on a single connection: written as soon as they are formed and their
 replies read in order by one reader task.
 
@@ -13,12 +13,12 @@ as one large batch only after all of them were parsed, and the relay would sit i
 while Redis ran it. With ``appendfsync always``, batches that reach Redis in the same
 turn of its event loop also share one fsync.
 
-Arguments are pre-packed RESP bulk strings (see :func:`bulk`): the caller packs each
-item once, reusing cached fragments for the parts every item shares. Connecting and
-set-up (auth, TLS, database) are redis-py's, and so is the mapping of error replies
-to exceptions; batches are written straight to the connection's stream, so that a
-batch can be sent without waiting for the next turn of the loop, and replies are
-parsed with hiredis straight off it, as many per read as have arrived. One timer
+Callers hand in records, and ``encode(items)`` turns a batch of them into the script's
+arguments: an encoder of :mod:`relay.store.wire`, the module that owns every RESP byte
+the relay writes and the connection they go on (opened to the server the client is set
+up for; for a Sentinel client, to the primary the sentinels name at the time). Batches
+are written to that connection without waiting, so that one can go out in the middle
+of a turn of the loop, and replies are read as many per read as have arrived. One timer
 watches the oldest batch in flight, instead of a timeout set and cancelled for each.
 
 Batches call the script by its digest (``EVALSHA``: ``EVAL`` would make Redis hash the whole script
@@ -31,8 +31,9 @@ second ``NOSCRIPT`` fails it as "Redis unavailable".
 While Redis is down, its failures are logged once per kind every 10 s (with a count of
 those not logged), not once per batch.
 
-A connection is taken from the client's pool when work arrives and given back once
-no batch has been waiting or in flight for ``linger`` seconds.
+A connection is opened when work arrives and closed once no batch has been waiting or
+in flight for ``linger`` seconds. It is the pipeline's own, not one of the client's
+pool: every byte Redis sends on it is a reply to a batch in flight.
 
 With ``replicas`` (``[redis] min_replica_acks``), each batch is followed on the
 connection by ``WAIT replicas timeout``: its callers get their answers only once that
@@ -42,7 +43,7 @@ replicated). A ``READONLY`` answer means the primary this connection reached is 
 replica now (a failover): the connection is dropped, so that the next one finds the new
 primary.
 
-The module is a little over 500 lines and stays whole: it is one role, one connection's
+The module is about 500 lines and stays whole: it is one role, one connection's
 pipeline, whose sending, reading, timing out and resending share the batches in flight.
 """
 
@@ -50,21 +51,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import hiredis
 import redis.exceptions
-from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
 
 from relay.errors import RedisUnavailableError
 from relay.logs import Throttle
+from relay.store import wire
+from relay.store.wire import Packed, Wire
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +80,6 @@ REDIS_TRANSIENT = (
 )
 
 
-def bulk(value: bytes | str | int) -> bytes:
-    """One RESP bulk string."""
-    if isinstance(value, str):
-        value = value.encode()
-    elif isinstance(value, int):
-        value = b"%d" % value
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-def bulks(values: Sequence[bytes | str | int]) -> bytes:
-    return b"".join(bulk(v) for v in values)
-
-
 @dataclass(slots=True)
 class _Batch:
     futures: list[asyncio.Future[Any]]  # none for a SCRIPT LOAD
@@ -102,7 +88,7 @@ class _Batch:
     load: bool = False
     wait: bool = False  # a WAIT follows: the script's reply is held until its answer
     reply: Any = None  # the script's reply, while the WAIT's is awaited
-    written: list[bytes] | None = None  # the EVALSHA (and WAIT) as written, for one resend
+    written: Sequence[bytes] | None = None  # the EVALSHA (and WAIT) as written, for one resend
     resent: bool = False
 
 
@@ -113,15 +99,17 @@ class ReplicasBehindError(RedisUnavailableError):
 class ScriptPipeline(Generic[T]):
     """Runs one script for many callers: ``await call(item)`` → this item's reply element.
 
-    ``build(items)`` returns the script's argument count and its arguments as packed
-    bulk strings; the script must return one reply element per item, in order.
+    ``client`` says which Redis (its settings; the pipeline opens its own connection),
+    and ``encode(items)`` gives the script's arguments for a batch (an encoder of
+    :mod:`relay.store.wire`); the script must return one reply element per item, in
+    order (an element may itself be an array).
     """
 
     def __init__(
         self,
         client: Redis,
         source: str,
-        build: Callable[[list[T]], tuple[int, Sequence[bytes]]],
+        encode: Callable[[list[T]], Packed],
         *,
         timeout: float,
         flush_at: int = 16,
@@ -135,11 +123,9 @@ class ScriptPipeline(Generic[T]):
         what: str = "ingest",
     ) -> None:
         self._client = client
-        script = source.encode()
-        self._load = b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n" + bulk(script)
-        self._sha = hashlib.sha1(script).hexdigest().encode()  # noqa: S324 - Redis' id
+        self._script = wire.Script(source)
         self._loading = False
-        self._build = build
+        self._encode = encode
         self.timeout = timeout
         self._flush_at = flush_at
         self._max_batch = max_batch
@@ -150,10 +136,7 @@ class ScriptPipeline(Generic[T]):
         self._observe = observe
         self.linger = linger
         self._replicas = replicas
-        self._wait = b"*3\r\n$4\r\nWAIT\r\n%s%s" % (
-            bulk(replicas),
-            bulk(max(1, int(replica_timeout * 1000))),
-        )
+        self._wait = wire.wait(replicas, max(1, int(replica_timeout * 1000)))
         self._unacked = unacked
         self.what = what  # what a call is, in log lines: "ingest", "delivery finish"
         # Waiting to be sent, in three parallel lists: the item, its caller's future and
@@ -164,7 +147,7 @@ class ScriptPipeline(Generic[T]):
         self._arrived: list[float] = []
         self._inflight: collections.deque[_Batch] = collections.deque()
         self._flush_scheduled = False
-        self._conn: AbstractConnection | None = None  # held by the session, usable
+        self._conn: Wire | None = None  # held by the session, usable
         self._session: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         # One timer for every batch in flight: due when the oldest is (see _watch).
@@ -175,6 +158,12 @@ class ScriptPipeline(Generic[T]):
         # While Redis is down every batch fails: one line per kind of failure every
         # 10 s, with how many were held back, rather than one per batch.
         self._throttle = Throttle(10.0)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the pipeline holds a connection now (while working, and for the
+        linger after)."""
+        return self._conn is not None
 
     async def call(self, item: T) -> Any:
         """Run the script for ``item`` (batched with concurrent calls); its reply element.
@@ -231,8 +220,7 @@ class ScriptPipeline(Generic[T]):
         conn = self._conn
         assert conn is not None
         while self._items and len(self._inflight) < self._max_inflight:
-            writer = _writer(conn)
-            if writer is None:
+            if not conn.usable:
                 self._poke()  # the connection is gone: the session ends, the next reconnects
                 return
             n = self._max_batch
@@ -240,24 +228,23 @@ class ScriptPipeline(Generic[T]):
             del self._items[:n], self._futures[:n], self._arrived[:n]
             deadline += self.timeout
             try:
-                nargs, args = self._build(items)
+                written = self._script.call(self._encode(items))
             except BaseException as e:
                 _fail(futures, e)
                 raise
-            head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n0\r\n" % (nargs + 3, self._sha)
-            written = [head, *args, self._wait] if self._replicas else [head, *args]
-            writer.writelines(written)
+            if self._replicas:
+                written.append(self._wait)
+            conn.write(written)
             self._sent(conn, _Batch(futures, deadline, wait=self._replicas > 0, written=written))
 
-    def _send_load(self, conn: AbstractConnection) -> None:
-        writer = _writer(conn)
-        if writer is None or self._loading:
+    def _send_load(self, conn: Wire) -> None:
+        if not conn.usable or self._loading:
             return
-        writer.write(self._load)
+        conn.write([self._script.load])
         self._loading = True
         self._sent(conn, _Batch([], asyncio.get_running_loop().time() + self.timeout, load=True))
 
-    def _sent(self, conn: AbstractConnection, batch: _Batch) -> None:
+    def _sent(self, conn: Wire, batch: _Batch) -> None:
         self._inflight.append(batch)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
@@ -294,14 +281,13 @@ class ScriptPipeline(Generic[T]):
             wake.set_result(None)
 
     async def _run_session(self) -> None:
-        """Hold a connection while there is work; give it back when there is none."""
+        """Hold a connection while there is work; close it when there is none."""
         loop = asyncio.get_running_loop()
-        pool = self._client.connection_pool
         try:
             try:
                 oldest = self._arrived[0] if self._arrived else loop.time()
                 async with asyncio.timeout_at(oldest + self.timeout):
-                    conn: AbstractConnection = await pool.get_connection()
+                    conn = await wire.connect(self._client)
             except Exception as e:
                 # Transient or not (a server that is not Redis, say): whoever waits gets
                 # "unavailable" now; the next call tries again.
@@ -315,8 +301,6 @@ class ScriptPipeline(Generic[T]):
                 )
                 self._fail_waiting(e)
                 return
-            saved_timeout = conn.socket_timeout
-            conn.socket_timeout = None  # each batch has its own deadline
             try:
                 self._conn = conn
                 self._loading = False
@@ -324,10 +308,9 @@ class ScriptPipeline(Generic[T]):
                 while True:
                     if self._items:
                         self._send()
-                    if _writer(conn) is None:
+                    if not conn.usable:
                         # Lost (Redis restarted, say, while this was idle): what is still
                         # waiting goes out on a new connection.
-                        await conn.disconnect(nowait=True)
                         break
                     idle = not self._items and not self._inflight
                     if idle and self._release_now:
@@ -349,8 +332,7 @@ class ScriptPipeline(Generic[T]):
                 if self._reader is not None:
                     self._reader.cancel()
                     await asyncio.wait({self._reader})
-                conn.socket_timeout = saved_timeout
-                await pool.release(conn)
+                await conn.close()
         except asyncio.CancelledError as e:
             # The loop is being torn down: nobody may be left waiting, nothing restarted.
             self._fail_waiting(e)
@@ -361,28 +343,16 @@ class ScriptPipeline(Generic[T]):
                 self._flush_scheduled = True
                 loop.call_soon(self._flush)
 
-    async def _read_loop(self, conn: AbstractConnection) -> None:
+    async def _read_loop(self, conn: Wire) -> None:
         """Read replies in the order batches were sent; each resolves its batch.
 
-        Replies are parsed here with hiredis straight off the connection's stream, as
-        many as have arrived per read, rather than through redis-py's per-command
-        reply path: this connection is the pipeline's alone while the session holds
-        it, and every byte Redis sends on it is a reply to a batch in flight.
+        Replies come as many as have arrived per read: the connection is the
+        pipeline's alone, and every byte Redis sends on it is a reply to a batch in
+        flight.
         """
-        stream = conn._reader
-        parser = hiredis.Reader(
-            protocolError=redis.exceptions.InvalidResponse,
-            replyError=BaseParser.parse_error,
-            notEnoughData=_MORE,
-        )
         try:
-            assert stream is not None
             while self._inflight:
-                data = await stream.read(_READ_SIZE)
-                if not data:
-                    raise redis.exceptions.ConnectionError("Redis closed the connection")
-                parser.feed(data)
-                while (reply := parser.gets()) is not _MORE:
+                for reply in await conn.read():
                     if not self._inflight:
                         raise redis.exceptions.InvalidResponse("a reply nothing was sent for")
                     head = self._inflight[0]
@@ -408,7 +378,7 @@ class ScriptPipeline(Generic[T]):
             # Timed out, connection lost or cancelled: the replies still owed on this
             # connection can no longer be matched to their batches. Fail them all (their
             # events may or may not be stored; the senders retry) and start afresh.
-            await conn.disconnect(nowait=True)
+            conn.abort()
             self._reader = None
             self._disarm()
             if not isinstance(e, asyncio.CancelledError):
@@ -432,7 +402,7 @@ class ScriptPipeline(Generic[T]):
         finally:
             self._poke()
 
-    def _answer(self, conn: AbstractConnection, batch: _Batch, reply: Any) -> None:
+    def _answer(self, conn: Wire, batch: _Batch, reply: Any) -> None:
         """Resolve ``batch``'s callers from its reply (a list, or an error reply); for a
         batch followed by a WAIT, ``reply`` is the WAIT's and the script's was held."""
         if batch.wait:
@@ -473,14 +443,13 @@ class ScriptPipeline(Generic[T]):
             f"{acks} of {self._replicas} replica(s) acknowledged the batch in time"
         )
 
-    def _resend(self, conn: AbstractConnection, batch: _Batch) -> bool:
+    def _resend(self, conn: Wire, batch: _Batch) -> bool:
         """Write ``batch`` again (once) on ``conn``, behind a ``SCRIPT LOAD``."""
-        writer = _writer(conn)
-        if batch.resent or batch.written is None or writer is None:
+        if batch.resent or batch.written is None or not conn.usable:
             return False
         if all(f.done() for f in batch.futures):
             return True  # nobody waits for it any more
-        writer.writelines(batch.written)
+        conn.write(batch.written)
         again = _Batch(
             batch.futures, asyncio.get_running_loop().time() + self.timeout, wait=batch.wait
         )
@@ -518,19 +487,7 @@ def _warn(throttle: Throttle, kind: str, msg: str, *args: object) -> None:
     log.warning(msg, *args)
 
 
-_MORE = object()  # hiredis: no whole reply buffered yet
 _HELD = object()  # a script's reply of nil, held while its WAIT is answered
-_READ_SIZE = 65536
-
-
-def _writer(conn: AbstractConnection) -> asyncio.StreamWriter | None:
-    """The connection's stream, if it is still open (redis-py 5.3, pinned: see the
-    module docstring). A server that closed the connection shows at once as the end of
-    the stream, with or without a reader waiting on it."""
-    writer, reader = conn._writer, conn._reader
-    if writer is None or reader is None or writer.is_closing() or reader.at_eof():
-        return None
-    return writer
 
 
 def _fail(futures: list[asyncio.Future[Any]], e: BaseException) -> None:

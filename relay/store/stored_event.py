@@ -51,7 +51,8 @@ def timestamp_field(timestamp: float | None) -> bytes:
 def pack(
     users: int, at_ms: int, source: str, timestamp: float | None, etype: str, body: bytes
 ) -> bytes:
-    """A whole stored event (the ingest path builds it in one go, with its RESP framing)."""
+    """A whole stored event (the ingest path hands the wire its parts instead:
+    :class:`~relay.store.wire.IngestItem`)."""
     t = etype.encode()
     return header(users, at_ms, source.encode(), timestamp_field(timestamp), len(t)) + t + body
 

@@ -12,9 +12,10 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
+from relay.store import wire
 from relay.store.client import connect
 from relay.store.embedded import EmbeddedRedis
-from relay.store.script_pipe import ScriptPipeline, bulk
+from relay.store.script_pipe import ScriptPipeline
 
 # Appends each item to a list and answers with its new length: the order Redis ran
 # the items in is visible, and a batch's reply is one element per item.
@@ -25,8 +26,8 @@ return out
 """
 
 
-def build(items: list[str]) -> tuple[int, list[bytes]]:
-    return len(items), [bulk(i) for i in items]
+def build(items: list[str]) -> wire.Packed:
+    return wire.pack(items)
 
 
 def pipeline(client: Redis, **kwargs: float) -> tuple[ScriptPipeline[str], list[int]]:
@@ -42,8 +43,9 @@ async def ran(client: Redis) -> list[str]:
     return [x.decode() for x in await client.lrange("ran", 0, -1)]
 
 
-def in_use(client: Redis) -> int:
-    return len(client.connection_pool._in_use_connections)
+def in_use(pipe: ScriptPipeline[str]) -> int:
+    """How many connections the pipeline holds (its own, not the client's pool's)."""
+    return int(pipe.connected)
 
 
 async def test_each_call_gets_its_own_reply_in_order(redis: Redis) -> None:
@@ -78,7 +80,7 @@ async def test_drain_gives_the_connection_back_without_waiting_out_the_linger(
     calls = [asyncio.ensure_future(pipe.call(f"d{n}")) for n in range(10)]
     await asyncio.wait_for(pipe.drain(), 10)
     assert all(c.done() and not c.exception() for c in calls)
-    assert in_use(redis) == 0
+    assert in_use(pipe) == 0
     # And it is usable afterwards.
     assert await pipe.call("again") == 11
 
@@ -113,7 +115,7 @@ async def test_redis_down_fails_calls_fast_and_they_succeed_once_it_is_back(
             *(pipe.call(f"x{n}") for n in range(5)), return_exceptions=True
         )
         assert all(isinstance(r, RedisUnavailableError) for r in results)
-        assert in_use(client) == 0
+        assert in_use(pipe) == 0
         await server.start()
         assert await pipe.call("back") >= 1
     finally:
@@ -160,7 +162,7 @@ async def test_the_first_batches_after_a_redis_restart_succeed(
         await server.start()  # from its AOF: the data is back, the script cache is not
         results = await asyncio.gather(*(pipe.call(f"after{n}") for n in range(50)))
         assert len(set(results)) == 50
-        assert await client.script_exists(pipe._sha.decode()) == [True]
+        assert await client.script_exists(pipe._script.sha) == [True]
     finally:
         await client.aclose()
 
@@ -171,7 +173,7 @@ async def test_a_batch_that_meets_noscript_twice_fails(redis: Redis) -> None:
     # A script that flushes the cache each time it is loaded cannot be reached: the
     # resend fails too, and the call gets "unavailable" rather than a loop.
     await redis.script_flush()
-    pipe._load = b"*1\r\n$4\r\nPING\r\n"  # "loading" that loads nothing
+    pipe._script.load = wire.command("PING")  # "loading" that loads nothing
     with pytest.raises(RedisUnavailableError):
         await pipe.call("never")
     assert await ran(redis) == ["first"]
@@ -338,9 +340,9 @@ async def test_draining_an_idle_pipeline_does_not_cut_the_next_linger(redis: Red
     # No "give it back now" order may be left over for the next session.
     assert not pipe._release_now
     assert await pipe.call("a") == 1
-    assert in_use(redis) == 1  # held for the linger
+    assert in_use(pipe) == 1  # held for the linger
     await pipe.drain()
-    assert in_use(redis) == 0
+    assert in_use(pipe) == 0
 
 
 async def test_a_drained_pipeline_opens_nothing_for_callers_that_went_away(
@@ -354,5 +356,5 @@ async def test_a_drained_pipeline_opens_nothing_for_callers_that_went_away(
     for _ in range(3):  # let the scheduled flush run
         await asyncio.sleep(0)
     assert pipe._session is None  # no connection taken for nobody
-    assert in_use(redis) == 0
+    assert in_use(pipe) == 0
     assert await ran(redis) == []

@@ -1,6 +1,6 @@
 """The ingest pipeline's reply reader against odd wire shapes — a scripted RESP server,
-since real Redis never splits, cuts or adds replies on demand — and the pool state it
-leaves behind (real Redis)."""
+since real Redis never splits, cuts or adds replies on demand — and the client whose
+settings it connects with, left working (real Redis)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.errors import RedisUnavailableError
-from relay.store.script_pipe import ScriptPipeline, bulk
+from relay.store import wire
+from relay.store.script_pipe import ScriptPipeline
 
 SCRIPT = """
 local out = {}
@@ -25,8 +26,8 @@ return out
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest().encode()  # noqa: S324
 
 
-def build(items: list[str]) -> tuple[int, list[bytes]]:
-    return len(items), [bulk(i) for i in items]
+def build(items: list[str]) -> wire.Packed:
+    return wire.pack(items)
 
 
 def evalsha_reply(cmd: list[bytes]) -> bytes:
@@ -121,7 +122,7 @@ async def test_redis_closing_mid_reply_fails_every_call_in_flight_and_recovers()
             assert all(isinstance(r, RedisUnavailableError) for r in results), results
             assert await asyncio.wait_for(pipe.call("7"), 30) == 7
             await pipe.drain()
-            assert len(client.connection_pool._in_use_connections) == 0
+            assert not pipe.connected
         finally:
             await client.aclose()
 
@@ -129,9 +130,10 @@ async def test_redis_closing_mid_reply_fails_every_call_in_flight_and_recovers()
 async def test_after_a_timeout_the_shared_pool_serves_other_users_correctly(
     redis_url: str,
 ) -> None:
-    """CLIENT PAUSE past the timeout: the pipeline's connection must not go back to the
-    pool with a reply still owed on it (another user would read that reply)."""
-    client: Redis = Redis.from_url(redis_url, max_connections=1)  # one connection: shared
+    """CLIENT PAUSE past the timeout: a reply still owed on the pipeline's connection
+    must never reach another user of the client (the pipeline's connection is its own,
+    not one of the client's pool, whose single connection must stay correct)."""
+    client: Redis = Redis.from_url(redis_url, max_connections=1)  # one pooled connection
     admin: Redis = Redis.from_url(redis_url)
     try:
         pipe: ScriptPipeline[str] = ScriptPipeline(client, SCRIPT, build, timeout=0.3, linger=0.05)
