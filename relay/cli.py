@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from relay.listen.command import add_listen_parser
 
-    add_listen_parser(sub)
+    add_listen_parser(commands)
 
     from relay.admin import dlq_cli
 

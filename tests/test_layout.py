@@ -133,8 +133,8 @@ GUARDED_LIBRARIES = ("redis", "arq", "argparse")
 PRIVATE_ALLOWED = {
     ("relay/delivery/arq_adapter.py", "_release_sem_dec_counter_on_complete"): (
         "BatchStartWorker starts arq's jobs itself and gives back arq's job slot the way "
-        "arq's own start_jobs does; issue 23 ('own the loop, keep arq's queue') replaces "
-        "arq's Worker loop with the project's own on arq's public surface, and removes it"
+        "arq's own start_jobs does; a delivery loop of the project's own on arq's public "
+        "surface (own the loop, keep arq's queue) replaces arq's Worker loop and removes it"
     ),
 }
 

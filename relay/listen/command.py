@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from relay.commands import Commands
 from relay.config import ApiConfig, PollConfig, SinkConfig, TenantConfig
 from relay.config_load import load_config
 from relay.config_values import Secret, resolve_secret
@@ -46,10 +47,11 @@ def _forward_url(value: str) -> str:
     return value
 
 
-def add_listen_parser(sub: Any) -> None:
-    """``chert-relay listen`` on the command line's subparsers."""
-    s = sub.add_parser(
+def add_listen_parser(commands: Commands) -> None:
+    """``chert-relay listen`` on the command line's commands."""
+    s = commands.add(
         "listen",
+        config_help="relay configuration: take the tenant's [tenants.api] credentials from it",
         help="forward a tenant's events to a local URL (no public URL needed)",
         description=(
             "Tail Chert's event stream for one tenant and forward each event to a local "
