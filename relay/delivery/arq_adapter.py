@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 CTX_KEY = "relay"  # the one key of arq's ctx dict the relay uses
 JOB_MARGIN_S = 3.0  # arq's job timeout = longest sink timeout + this
 MAX_PICKUPS = sys.maxsize  # arq's max_tries: unbounded; the relay's own limits end a delivery
-BEHIND_MS = 20  # a clock this far behind Redis' reads the queue again, by Redis' clock
+BEHIND_MS = 50  # a clock this far behind Redis' reads the queue again, by Redis' clock
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import cast
 
 import redis
 import redis.exceptions
@@ -21,7 +22,6 @@ from relay.delivery import breaker
 from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
 from relay.metrics import PREFIX, RedisStateCollector
-from relay.store.clock import CLOCK
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class DeliveryCollector(RedisStateCollector):
         q = keys.queue
         pairs = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks]
         ordered = [(t.slug, s.name) for t in cfg.tenants for s in t.sinks if s.ordering != "none"]
-        now = CLOCK.now()  # the queue's due times are Redis' clock
         try:
+            seconds, micros = cast(tuple[int, int], self._client.time())  # Redis' clock
+            now = int(seconds) + int(micros) / 1e6
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.zcount(q, "-inf", int(now * 1000))
                 pipe.zcount(q, f"({int(now * 1000)}", "+inf")

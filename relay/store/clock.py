@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 WARN_S = 1.0  # an offset past this is logged (and alerted on)
 CHECK_S = 30.0  # how often every process measures its offset
+MAX_RTT_S = 0.1  # a slower round trip leaves the offset as it was (error: half of it)
 _REWARN_S = 600.0  # a persisting offset is logged again this often
 
 
@@ -51,7 +52,11 @@ class RedisClock:
 
     def observe(self, redis_ms: int, sent: float, received: float) -> None:
         """Redis said ``redis_ms`` in a reply to a call sent at ``sent`` and answered at
-        ``received`` (this process's ``time.time()``)."""
+        ``received`` (this process's ``time.time()``). Redis read its clock somewhere in
+        between: a reply that took longer than :data:`MAX_RTT_S` (a busy loop, a full
+        pipeline) says too little and is ignored once the offset is known."""
+        if received - sent > MAX_RTT_S and self.known:
+            return
         self.offset_ms = redis_ms - (sent + received) * 500
         self.known = True
         off = self.offset_ms / 1000
