@@ -396,10 +396,10 @@ async def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
     _, writer = await asyncio.open_connection(sock=sock)  # its answers are never read
     try:
         writer.write(b"".join(request(f"/{i}", b"y" * 4000) for i in range(2000)))
-        await wait_for(lambda: len(server._connections) == 1, 10)
-        conn = next(iter(server._connections))
+        await wait_for(lambda: len(server.state.connections) == 1, 10)
+        conn = next(iter(server.state.connections))
         await wait_for(lambda: conn.closing_since is not None, 10)
-        await wait_for(lambda: not server._connections, 10)
+        await wait_for(lambda: not server.state.connections, 10)
     finally:
         writer.close()
         await server.shutdown(1)
@@ -566,7 +566,7 @@ async def test_a_request_behind_a_body_that_ends_in_a_later_read_is_answered() -
     try:
         writer.write(a[:split])
         await writer.drain()
-        await wait_for(lambda: next(iter(server._connections)).busy, 10)
+        await wait_for(lambda: next(iter(server.state.connections)).busy, 10)
         writer.write(a[split:] + b)
         paths = [json.loads((await answer(reader))[2])["path"] for _ in range(2)]
         assert paths == ["/a", "/b"]
