@@ -5,9 +5,10 @@ object, a task, a response object, keep-alive bookkeeping. This server keeps wha
 matters of it — the C request parser aiohttp exports (``aiohttp.http``: llhttp, with
 its limits and its defences against malformed and smuggled requests) — under its own
 ``asyncio.Protocol`` with its own flow control, and answers from pre-built bytes, in
-the way uvicorn builds its HTTP protocol on httptools. A bare handler on it answers
-twice as many requests per second as the same handler on aiohttp's low-level server
-(``bench/receiver.py``, ``bench/README.md``).
+the way uvicorn builds its HTTP protocol on httptools. It takes from aiohttp only
+what aiohttp exports (``tests/test_layout.py`` holds all of ``relay/`` to that). A bare
+handler on it answers twice as many requests per second as the same handler on
+aiohttp's low-level server (``bench/receiver.py``, ``bench/README.md``).
 
 This module is the listener: it accepts connections (:mod:`relay.ingest.http_connection`),
 hands each the :class:`ServerState` they share, sweeps idle ones and shuts down; the
