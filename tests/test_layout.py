@@ -317,7 +317,7 @@ def test_every_aiohttp_exception_allowed_is_still_used_and_still_there() -> None
         "from aiohttp.http import HttpRequestParser\nclass P(HttpRequestParser): pass",
         "import aiohttp\nclass P(aiohttp.StreamReader): pass",
         "def f(conn):\n    conn._srv._connections.discard(conn)",
-        "def f(p):\n    if p._buffer_paused:\n        p._pause_reading_for_buffer()",
+        "def f(p):\n    if not p._reading_paused:\n        p._parser.pause_reading()",
         "def f(p):\n    return getattr(p, '_upgraded')",
     ],
 )
