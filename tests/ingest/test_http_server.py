@@ -214,6 +214,33 @@ async def test_a_body_sent_in_pieces_is_read_whole() -> None:
         await server.shutdown(1)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_larger_than_the_read_buffer_is_read_whole_behind_flow_control(
+    chunked: bool,
+) -> None:
+    """A body past twice the parser's buffer (READ_BUFSIZE) arriving faster than it is
+    read: its reader asks the connection to stop reading, and to read again once it has
+    caught up — then the request after it is answered too."""
+    server, port = await start(Scripted(), max_body=4 * 2**20)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b"z" * (2**20 + 7)
+    if chunked:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:99], body[99:]))
+        head = b"POST /big HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+        raw = head + framed + b"0\r\n\r\n"
+    else:
+        raw = request("/big", body)
+    try:
+        writer.write(raw + request("/after", b"x"))
+        status, _, answer_body = await answer(reader)
+        assert (status, len(json.loads(answer_body)["body"])) == (200, len(body))
+        status, _, answer_body = await answer(reader)
+        assert (status, json.loads(answer_body)["path"]) == (200, "/after")
+    finally:
+        writer.close()
+        await server.shutdown(1)
+
+
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout() -> None:
     server, port = await start(Scripted(), keepalive_timeout=0.2, sweep_every=0.05)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
