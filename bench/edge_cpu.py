@@ -10,7 +10,9 @@ requests/s — so two trees can be compared on a shared machine by alternating t
 
 ``--tree`` is the checkout whose ``relay`` and ``bench/bare.py`` are measured (a
 ``git worktree`` of the code before a change, say); ``--pipeline N`` feeds N
-requests per read. Prints microseconds of CPU per request.
+requests per read; ``--pending`` has the handler answer through a future resolved on
+the next turn of the loop, as the receiver answers once its ingest is done (one request
+per read). Prints microseconds of CPU per request.
 """
 
 from __future__ import annotations
@@ -62,26 +64,40 @@ class _Transport(asyncio.Transport):
         pass
 
 
-async def measure(tree: Path, requests: int, pipeline: int) -> float:
+async def measure(tree: Path, requests: int, pipeline: int, pending: bool) -> float:
     sys.path[:0] = [str(tree), str(tree / "bench")]
-    from bare import _Bare  # the tree's own bench/bare.py
+    from bare import _ACCEPTED, _Bare  # the tree's own bench/bare.py
 
     from relay.ingest.http_server import HttpServer
 
-    server = HttpServer(_Bare(), max_body=1_048_576, body_timeout=30.0)
+    class _Pending(_Bare):
+        def handle(self, ctx: Any, msg: Any, body: bytes) -> Any:
+            future = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_result, True)
+            return future, lambda f: _ACCEPTED
+
+    server = HttpServer(_Pending() if pending else _Bare(), max_body=2**20, body_timeout=30.0)
     conn = server._connection()
     transport = _Transport()
     conn.connection_made(transport)
+    if pending:
+        pipeline = 1
     chunk = REQUEST * pipeline
     rounds = max(1, requests // pipeline)
-    for _ in range(max(1, 2000 // pipeline)):  # warm up
-        conn.data_received(chunk)
+
+    async def feed(times: int) -> None:
+        for _ in range(times):
+            conn.data_received(chunk)
+            if pending:  # the future resolves, then its answer is written
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+
+    await feed(max(1, 2000 // pipeline))  # warm up
     transport.written = 0
     start = time.process_time()
-    for _ in range(rounds):
-        conn.data_received(chunk)
+    await feed(rounds)
     spent = time.process_time() - start
-    assert transport.written > 0, "nothing was answered"
+    assert transport.written >= len(b"HTTP/1.1 202") * rounds, "not every request was answered"
     return spent / (rounds * pipeline)
 
 
@@ -90,8 +106,11 @@ def main() -> None:
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--pipeline", type=int, default=1)
+    ap.add_argument("--pending", action="store_true")
     args = ap.parse_args()
-    per_request = asyncio.run(measure(args.tree.resolve(), args.requests, args.pipeline))
+    per_request = asyncio.run(
+        measure(args.tree.resolve(), args.requests, args.pipeline, args.pending)
+    )
     print(f"{per_request * 1e6:.2f}")
 
 
