@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpProcessingError
 
 from relay.ingest.http_types import refusal
 from relay.logs import Throttle

@@ -1,10 +1,23 @@
 """One client connection of the receiver's HTTP server (:mod:`relay.ingest.http_server`).
 
-aiohttp's C request parser reads the bytes; requests are handled one at a time, in
-the order they came, and their answers written in that order. The parser is made to
-stop after each request (``max_msg_queue_size=1``) and is fed again for the next, so a
-request it refuses never takes the requests before it down with it: they are answered,
-then the refused one gets its ``400`` (see :meth:`Connection._bad_request`).
+A plain :class:`asyncio.Protocol`, in the way uvicorn builds its HTTP protocol on
+httptools: the request parser is the one aiohttp exports (``aiohttp.http``: its C
+parser, llhttp, with its limits and its defences against malformed and smuggled
+requests); the flow control is this module's own (:class:`FlowControl`, over the
+transport's ``pause_reading``/``resume_reading`` and its ``pause_writing``/
+``resume_writing`` calls); what the connections share comes in a
+:class:`~relay.ingest.http_server.ServerState`.
+
+Requests are handled one at a time, in the order they came, and their answers written
+in that order. The parser is made to stop after each request (``max_msg_queue_size=1``)
+and is fed again for the next, so a request it refuses never takes the requests before
+it down with it: they are answered, then the refused one gets its ``400`` (see
+:meth:`Connection._bad_request`).
+
+The parser hands each request over with its body's reader (an ``aiohttp.StreamReader``)
+and calls back into the connection for that reader's flow control: ``pause_reading()``
+when a body's buffer is full, ``resume_reading()`` when its reader has caught up, and
+``connected``. Those three are the whole of what it asks of the connection.
 """
 
 from __future__ import annotations
@@ -15,17 +28,14 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientPayloadError
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp import ClientPayloadError, StreamReader
+from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
+from aiohttp.web import RequestPayloadError
 
 from relay.ingest.http_types import Response, refusal, serialize
 
 if TYPE_CHECKING:
-    from relay.ingest.http_server import HttpServer
+    from relay.ingest.http_server import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,39 @@ MAX_QUEUE = 32  # parsed requests waiting per connection before reading pauses
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class Connection(BaseProtocol):
+class FlowControl:
+    """Back-pressure on one connection, over its transport's own switches (uvicorn's
+    ``FlowControl``).
+
+    Reading from the socket stops while either of two things holds it — a request
+    body's buffer is full (its reader is behind), or ``MAX_QUEUE`` parsed requests are
+    waiting — and resumes once neither does. Writing: the transport says when its buffer
+    has passed its high-water mark (the client is not reading its answers) and when it
+    has drained.
+    """
+
+    __slots__ = ("_reading", "_transport", "body_full", "queue_full", "writing_paused")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reading = True  # what the transport was last told
+        self.body_full = False
+        self.queue_full = False
+        self.writing_paused = False
+
+    def update(self) -> None:
+        """Tell the transport whether to read, when that has changed. (A transport
+        that is closing ignores both calls.)"""
+        reading = not (self.body_full or self.queue_full)
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+
+
+class Connection(asyncio.Protocol):
     """One client connection."""
 
     __slots__ = (
@@ -46,23 +88,33 @@ class Connection(BaseProtocol):
         "_close_after_queue",
         "_closing",
         "_eof",
+        "_flow",
         "_head_only",
         "_in_next",
+        "_loop",
+        "_parser",
         "_queue",
         "_reading",
         "_refused",
         "_remote",
-        "_srv",
+        "_state",
+        "_switching",
         "_task",
         "busy",
         "closing_since",
         "head_since",
         "last_active",
+        "transport",
     )
 
-    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
-        parser = HttpRequestParser(
-            self,
+    def __init__(self, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+        self._state = state
+        self._loop = loop
+        # The parser calls back only pause_reading(), resume_reading() and connected
+        # (its body readers' flow control): this class has them; aiohttp's annotation
+        # names its own protocol class.
+        self._parser: HttpRequestParser | None = HttpRequestParser(
+            self,  # type: ignore[arg-type]
             loop,
             READ_BUFSIZE,
             max_line_size=MAX_LINE,
@@ -72,8 +124,8 @@ class Connection(BaseProtocol):
             # has already been handed over (aiohttp drops those parsed in a failing feed).
             max_msg_queue_size=1,
         )
-        super().__init__(loop, parser)
-        self._srv = server
+        self.transport: asyncio.Transport | None = None
+        self._flow: FlowControl  # from connection_made on
         self._queue: collections.deque[tuple[RawRequestMessage, StreamReader]] = collections.deque()
         self.busy = False  # a request is being handled: its answer is not written yet
         self._close_after = False  # close once the current answer is written
@@ -81,6 +133,7 @@ class Connection(BaseProtocol):
         self._eof = False  # the client has sent all it will send
         self._close_after_queue = False  # close once what is queued has been answered
         self._head_only = False  # the current request is a HEAD: no body in its answer
+        self._switching = False  # a request asked to switch protocols: read no more
         self._refused: Response | None = None  # the answer to a request the parser refused
         self.head_since: float | None = None  # a request head began arriving then
         self.closing_since: float | None = None
@@ -93,22 +146,26 @@ class Connection(BaseProtocol):
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # TCP_NODELAY on a TCP socket
+        # asyncio sets TCP_NODELAY on TCP sockets itself.
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._flow = FlowControl(transport)
         peer = transport.get_extra_info("peername")
         self._remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        if self._srv.closing:
+        state = self._state
+        if state.closing:
             self.close()
-        elif not self._srv.admit(self):
+        elif not state.admit(self):
             self._close_after = True
             try:
-                self._answer(self._srv.handler.connection_refused(self._remote))
+                self._answer(state.handler.connection_refused(self._remote))
             except Exception as e:  # a bug in the handler: the connection still goes
                 log.error("refusing a connection failed", exc_info=e)
                 self.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._srv._connections.discard(self)
-        super().connection_lost(exc)
+        self._state.connections.discard(self)
+        self.transport = None
         self._closing = True
         self._queue.clear()
         if self._reading is not None:
@@ -118,10 +175,10 @@ class Connection(BaseProtocol):
         if self.busy:
             # An ingest still running finishes on its own; its answer has nowhere to go.
             self.busy = False
-            self._srv.request_ended()
+            self._state.request_ended()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing or self._parser is None or self._upgraded:
+        if self._closing or self._parser is None or self._switching:
             return
         self.last_active = self._loop.time()
         parser = self._parser
@@ -147,15 +204,16 @@ class Connection(BaseProtocol):
             return
         if got:
             self.head_since = None
-            if len(self._queue) >= MAX_QUEUE and not self._buffer_paused:
-                self._pause_reading_for_buffer()
+            if len(self._queue) >= MAX_QUEUE and not self._flow.queue_full:
+                self._flow.queue_full = True
+                self._flow.update()
         elif data and self.head_since is None and not self.busy and not self._queue:
             self.head_since = self.last_active  # part of a request head, so far
         if upgraded:
             # A protocol switch (Upgrade, CONNECT) is not offered: the request is
             # answered as any other and the connection closed after it; nothing after
             # it is read.
-            self._upgraded = True
+            self._switching = True
         if not self.busy:
             self._next()
 
@@ -169,6 +227,36 @@ class Connection(BaseProtocol):
             self.close()
         return True  # keep the transport open to write the answers
 
+    def pause_writing(self) -> None:
+        self._flow.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._flow.writing_paused = False
+        self._next()
+
+    # --- what the parser's body readers call -----------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None
+
+    def pause_reading(self) -> None:
+        """A body's buffer is full: the parser stops where it is (keeping the rest as
+        its tail) and the socket is not read until the body's reader catches up."""
+        if self._parser is not None and not self._switching:
+            self._parser.pause_reading()
+        self._flow.body_full = True
+        self._flow.update()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """The body's reader has caught up (or the body ended: ``resume_parser`` is
+        then false, the parser having nothing of it left): parse what the parser kept,
+        and read from the socket again unless that filled a buffer once more."""
+        self._flow.body_full = False
+        if resume_parser and not self._switching:
+            self.data_received(b"")
+        self._flow.update()
+
     @property
     def idle(self) -> bool:
         """Nothing owed and nothing arriving: closing it loses nothing."""
@@ -181,10 +269,6 @@ class Connection(BaseProtocol):
             and self.transport is not None
         )
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._next()
-
     # --- requests, one at a time -----------------------------------------------------
 
     def _next(self) -> None:
@@ -194,9 +278,10 @@ class Connection(BaseProtocol):
         try:
             # Not while the client is not reading its answers (the transport paused
             # our writing): the queue then fills, and reading from it pauses too.
-            while self._queue and not self.busy and not self._closing and not self._paused:
+            flow = self._flow
+            while self._queue and not self.busy and not self._closing and not flow.writing_paused:
                 msg, payload = self._queue.popleft()
-                if self._buffer_paused and len(self._queue) <= MAX_QUEUE // 2:
+                if flow.queue_full and len(self._queue) <= MAX_QUEUE // 2:
                     self._resume_if_drained()
                 self._start(msg, payload)
             if not self._queue and not self.busy:
@@ -215,14 +300,15 @@ class Connection(BaseProtocol):
         the queue once more."""
         self.data_received(b"")  # its own call of _next does nothing: we are in it
         if len(self._queue) < MAX_QUEUE and not self._closing:
-            self._resume_reading_for_buffer()
+            self._flow.queue_full = False
+            self._flow.update()
 
     def _start(self, msg: RawRequestMessage, payload: StreamReader) -> None:
         self.busy = True
-        self._srv.request_started()
+        self._state.request_started()
         self._close_after = msg.should_close or msg.upgrade
         self._head_only = msg.method == "HEAD"
-        handler = self._srv.handler
+        handler = self._state.handler
         try:
             ctx = handler.head(msg, self._remote)
         except Exception as e:
@@ -241,7 +327,7 @@ class Connection(BaseProtocol):
                 self._close_after = True
                 self._answer(self._payload_failed(ctx, e))
                 return
-            if len(body) > self._srv.max_body:  # chunked, so no length was announced
+            if len(body) > self._state.max_body:  # chunked, so no length was announced
                 self._close_after = True
                 self._answer(self._too_large(ctx))
                 return
@@ -254,7 +340,7 @@ class Connection(BaseProtocol):
             self._task = self._loop.create_task(self._read_body(ctx, msg, payload))
 
     async def _read_body(self, ctx: Any, msg: RawRequestMessage, payload: StreamReader) -> None:
-        srv = self._srv
+        srv = self._state
         chunks: list[bytes] = []
         size = 0
         response: Response | None = None
@@ -283,23 +369,23 @@ class Connection(BaseProtocol):
         self._next()
 
     def _too_large(self, ctx: Any) -> Response:
-        detail = f"body exceeds {self._srv.max_body} bytes"
-        return self._srv.handler.body_failed(ctx, 413, "body_too_large", detail)
+        detail = f"body exceeds {self._state.max_body} bytes"
+        return self._state.handler.body_failed(ctx, 413, "body_too_large", detail)
 
     def _payload_failed(self, ctx: Any, e: Exception) -> Response:
         if isinstance(e, ConnectionError):  # the sender went away mid-body
             detail = "the connection closed before the body was complete"
-            return self._srv.handler.body_failed(ctx, 400, "client_disconnected", detail)
+            return self._state.handler.body_failed(ctx, 400, "client_disconnected", detail)
         if isinstance(e, (HttpProcessingError, ClientPayloadError, RequestPayloadError)):
             # Garbled: bad chunked framing, or a Content-Encoding that does not decode.
             # aiohttp's text quotes the body's bytes: the description only, never them.
             what = refusal(e)[1] if isinstance(e, HttpProcessingError) else type(e).__name__
             detail = f"the body could not be read: {what}"
-            return self._srv.handler.body_failed(ctx, 400, "malformed_body", detail)
-        return self._srv.handler.failed(ctx, e)
+            return self._state.handler.body_failed(ctx, 400, "malformed_body", detail)
+        return self._state.handler.failed(ctx, e)
 
     def _dispatch(self, ctx: Any, msg: RawRequestMessage, body: bytes) -> None:
-        handler = self._srv.handler
+        handler = self._state.handler
         try:
             result = handler.handle(ctx, msg, body)
         except Exception as e:
@@ -319,15 +405,15 @@ class Connection(BaseProtocol):
         try:
             response = finish(future)
         except BaseException as e:  # a callback: nothing above it would see this
-            response = self._srv.handler.failed(ctx, e)
+            response = self._state.handler.failed(ctx, e)
         self._answer(response)
         self._next()
 
     def _answer(self, response: Response) -> None:
         transport = self.transport
         if transport is not None and not self._closing:
-            close = self._close_after or self._srv.closing or (self._eof and not self._queue)
-            data = serialize(response, self._srv.date.get(), close)
+            close = self._close_after or self._state.closing or (self._eof and not self._queue)
+            data = serialize(response, self._state.date.get(), close)
             if self._head_only:  # the headers a GET would have had, no body
                 data = data[: len(data) - len(response.body)]
             transport.write(data)
@@ -336,7 +422,7 @@ class Connection(BaseProtocol):
                 self.close()
         if self.busy:  # not if the connection was lost meanwhile
             self.busy = False
-            self._srv.request_ended()
+            self._state.request_ended()
 
     def _bad_request(self, e: HttpProcessingError) -> None:
         """A request the parser cannot read: nothing more is read from this connection.
@@ -356,9 +442,9 @@ class Connection(BaseProtocol):
         else:
             reason, detail = refusal(e)
             try:
-                self._refused = self._srv.handler.refused(reason, detail, self._remote)
+                self._refused = self._state.handler.refused(reason, detail, self._remote)
             except Exception as err:
-                self._refused = self._srv.handler.failed(None, err)
+                self._refused = self._state.handler.failed(None, err)
         self._next()
 
     # --- closing ---------------------------------------------------------------------

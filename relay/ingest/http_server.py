@@ -2,14 +2,17 @@
 
 aiohttp's web server spends most of a webhook's CPU on its own machinery: a request
 object, a task, a response object, keep-alive bookkeeping. This server keeps what
-matters of it — aiohttp's C request parser (llhttp), with its limits and its
-defences against malformed and smuggled requests, and its flow control — and answers
-from pre-built bytes, in the way uvicorn builds its HTTP protocol on httptools. A
-bare handler on it answers twice as many requests per second as the same handler on
+matters of it — the C request parser aiohttp exports (``aiohttp.http``: llhttp, with
+its limits and its defences against malformed and smuggled requests) — under its own
+``asyncio.Protocol`` with its own flow control, and answers from pre-built bytes, in
+the way uvicorn builds its HTTP protocol on httptools. It takes from aiohttp only
+what aiohttp exports (``tests/test_layout.py`` holds all of ``relay/`` to that). A bare
+handler on it answers twice as many requests per second as the same handler on
 aiohttp's low-level server (``bench/receiver.py``, ``bench/README.md``).
 
 This module is the listener: it accepts connections (:mod:`relay.ingest.http_connection`),
-sweeps idle ones and shuts down; the answers are built by :mod:`relay.ingest.http_types`.
+hands each the :class:`ServerState` they share, sweeps idle ones and shuts down; the
+answers are built by :mod:`relay.ingest.http_types`.
 
 Per connection, requests are handled one at a time, in the order they came, so
 pipelined requests are answered in order. The handler (:class:`Handler`, the
@@ -56,6 +59,69 @@ log = logging.getLogger(__name__)
 SWEEP_S = 5.0  # how often idle connections are looked for
 
 
+class ServerState:
+    """What the server shares with each of its connections, passed to each one (as
+    uvicorn passes its ``ServerState``): the handler, the limits (changed in place when
+    the configuration is reloaded), the open connections and how many are busy."""
+
+    __slots__ = (
+        "_busy",
+        "body_timeout",
+        "closing",
+        "connections",
+        "date",
+        "handler",
+        "idle",
+        "keepalive_timeout",
+        "max_body",
+        "max_connections",
+    )
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body: int,
+        body_timeout: float,
+        keepalive_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.closing = False  # shutting down: new connections are closed at once
+        self.date = Date()
+        self.connections: set[Connection] = set()
+        self._busy = 0  # connections handling a request
+        self.idle = asyncio.Event()  # set while that is none
+        self.idle.set()
+
+    def admit(self, conn: Connection) -> bool:
+        """Whether a new connection may stay: under ``max_connections``, or once the
+        longest-idle connection has made room for it."""
+        if len(self.connections) < self.max_connections:
+            self.connections.add(conn)
+            return True
+        idle = [c for c in self.connections if c.idle]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.last_active).close()  # leaves connections on its loss
+        self.handler.idle_connection_closed()
+        self.connections.add(conn)
+        return True
+
+    def request_started(self) -> None:
+        self._busy += 1
+        self.idle.clear()
+
+    def request_ended(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self.idle.set()
+
+
 class HttpServer:
     """Serves one :class:`Handler` on one listener."""
 
@@ -69,20 +135,16 @@ class HttpServer:
         max_connections: int = 1000,
         sweep_every: float = SWEEP_S,
     ) -> None:
-        self.handler = handler
-        self.max_body = max_body
-        self.body_timeout = body_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.max_connections = max_connections
+        self.state = ServerState(
+            handler,
+            max_body=max_body,
+            body_timeout=body_timeout,
+            keepalive_timeout=keepalive_timeout,
+            max_connections=max_connections,
+        )
         self.sweep_every = sweep_every
-        self.closing = False
-        self.date = Date()
-        self._connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._busy = 0  # connections handling a request
-        self._idle = asyncio.Event()  # set while that is none
-        self._idle.set()
 
     @property
     def addresses(self) -> list[Any]:
@@ -102,40 +164,18 @@ class HttpServer:
         self._sweeper = loop.call_later(self.sweep_every, self._sweep)
 
     def _connection(self) -> Connection:
-        return Connection(self, asyncio.get_running_loop())
+        return Connection(self.state, asyncio.get_running_loop())
 
     @property
     def open_connections(self) -> int:
-        return len(self._connections)
-
-    def admit(self, conn: Connection) -> bool:
-        """Whether a new connection may stay: under ``max_connections``, or once the
-        longest-idle connection has made room for it."""
-        if len(self._connections) < self.max_connections:
-            self._connections.add(conn)
-            return True
-        idle = [c for c in self._connections if c.idle]
-        if not idle:
-            return False
-        min(idle, key=lambda c: c.last_active).close()  # leaves _connections on its loss
-        self.handler.idle_connection_closed()
-        self._connections.add(conn)
-        return True
-
-    def request_started(self) -> None:
-        self._busy += 1
-        self._idle.clear()
-
-    def request_ended(self) -> None:
-        self._busy -= 1
-        if not self._busy:
-            self._idle.set()
+        return len(self.state.connections)
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.keepalive_timeout
-        slow = loop.time() - self.body_timeout
-        for conn in list(self._connections):
+        state = self.state
+        cutoff = loop.time() - state.keepalive_timeout
+        slow = loop.time() - state.body_timeout
+        for conn in list(state.connections):
             if conn.closing_since is not None:
                 if conn.closing_since < cutoff:
                     conn.abort()  # still flushing to a client that does not read
@@ -150,20 +190,21 @@ class HttpServer:
     async def shutdown(self, timeout: float) -> None:
         """Stop listening; close idle connections at once and busy ones once they have
         answered, waiting up to ``timeout`` for them; then close whatever is left."""
-        self.closing = True
+        state = self.state
+        state.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
-        for conn in list(self._connections):
+        for conn in list(state.connections):
             if not conn.busy:
                 conn.close()
         try:
             async with asyncio.timeout(timeout):
-                await self._idle.wait()
+                await state.idle.wait()
         except TimeoutError:
-            log.warning("%d webhook connection(s) still busy at shutdown", len(self._connections))
-        for conn in list(self._connections):
+            log.warning("%d webhook connection(s) still busy at shutdown", len(state.connections))
+        for conn in list(state.connections):
             conn.abort()
         if self._server is not None:
             await self._server.wait_closed()

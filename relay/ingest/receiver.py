@@ -6,9 +6,9 @@ faults no retry can fix; anything transient (Redis down, shutting down) is a 503
 with ``Retry-After``. 2xx is sent only once ingest has durably stored the event:
 202 for a new event, 200 for one already seen.
 
-The HTTP side is :mod:`relay.http_server`; this module is what the receiver decides,
-in the three steps that server calls: the head, a body that could not be read, and
-the whole request.
+The HTTP side is :mod:`relay.ingest.http_server`; this module is what the receiver
+decides, in the three steps that server calls: the head, a body that could not be
+read, and the whole request.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from prometheus_client import Counter, Gauge
 
 from relay.config import Config
@@ -124,11 +123,11 @@ class Receiver:
             self._configure(self._server)
 
     def _configure(self, server: HttpServer) -> None:
-        cfg = self._config.server
-        server.max_body = self._max_body
-        server.body_timeout = self._body_timeout
-        server.keepalive_timeout = cfg.keepalive_timeout
-        server.max_connections = cfg.max_connections
+        cfg, state = self._config.server, server.state
+        state.max_body = self._max_body
+        state.body_timeout = self._body_timeout
+        state.keepalive_timeout = cfg.keepalive_timeout
+        state.max_connections = cfg.max_connections
 
     def server(self) -> HttpServer:
         """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""
@@ -159,7 +158,7 @@ class Receiver:
         body = json.dumps({"error": reason, "message": detail}).encode()
         return Response(status, body, self._retry_after if status == 503 else ())
 
-    # --- the three steps relay.http_server calls ---------------------------------------
+    # --- the three steps relay.ingest.http_server calls --------------------------------
 
     def head(self, msg: RawRequestMessage, remote: str | None) -> Response | _Request:
         """The request line and headers: a refusal now, or what the next steps need."""

@@ -53,7 +53,7 @@ import random
 import time
 
 import aiohttp
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpProcessingError
 
 from relay.config import TenantConfig
 from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError

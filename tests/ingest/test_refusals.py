@@ -102,9 +102,9 @@ async def test_connection_settings_come_from_the_config_and_its_reloads(
         serve_receiver, redis, server={"max_connections": 3, "keepalive_timeout": "20s"}
     )
     server = h.receiver.server()
-    assert (server.max_connections, server.keepalive_timeout) == (3, 20.0)
+    assert (server.state.max_connections, server.state.keepalive_timeout) == (3, 20.0)
     h.receiver.set_config(make_config(server={"max_connections": 5}))
-    assert (server.max_connections, server.keepalive_timeout) == (5, 75.0)
+    assert (server.state.max_connections, server.state.keepalive_timeout) == (5, 75.0)
 
 
 async def test_at_max_connections_an_idle_one_makes_room_and_a_busy_crowd_gets_503(
@@ -129,7 +129,7 @@ async def test_at_max_connections_an_idle_one_makes_room_and_a_busy_crowd_gets_5
     assert h.count("chert_relay_receiver_connection_limit_total", action="idle_closed") == 1
     # That one is now mid-request (a head half sent): nothing can make room for another.
     writer.write(b"POST " + URL.encode() + b" HTTP/1.1\r\nHost: relay\r\n")
-    await wait_for(lambda: all(c.head_since for c in server._connections), 10)
+    await wait_for(lambda: all(c.head_since for c in server.state.connections), 10)
     refused_reader, refused = await asyncio.open_connection("127.0.0.1", port)
     answer = await asyncio.wait_for(refused_reader.readuntil(b"\r\n\r\n"), 10)
     rest = await asyncio.wait_for(refused_reader.read(), 10)
