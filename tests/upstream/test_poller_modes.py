@@ -99,6 +99,20 @@ async def test_fallback_switches_to_fast_polling_when_webhooks_stop_and_back(
             await wait_for(lambda: mode_gauge(service, "fast") == 1)
             assert mode_gauge(service, "reconcile") == 0
             assert any("webhooks have lapsed" in t for t in messages(caplog, level=logging.WARNING))
+            # the poller counts an event once its ingest has answered: just after the
+            # jobs show in Redis
+            await wait_for(
+                lambda: (
+                    sample(
+                        m,
+                        "chert_relay_events_ingested_total",
+                        tenant=TENANT,
+                        source="poll",
+                        outcome="new",
+                    )
+                    >= 5
+                )
+            )
             assert (
                 sample(
                     m,
