@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from tests.support.common import TENANT, config_dict, wait_for
+from tests.support.common import wait_for
 from tests.support.delivery import (
-    FAST_WORKER,
     Received,
     Sink,
     config_with,
@@ -25,8 +24,9 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
+    worker_config_file,
 )
-from tests.support.process import RelayProcess, write_toml
+from tests.support.process import RelayProcess
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
@@ -46,30 +46,13 @@ def skewed(offset: str) -> dict[str, str]:
     }
 
 
-def worker_config(tmp_path: Path, redis_url: str, sink_list: list[dict[str, object]]) -> Path:
-    data = config_dict(
-        redis_url=redis_url,
-        tenants=[
-            {
-                "slug": TENANT,
-                "webhook_secrets": ["x" * 32],
-                "poll": {"mode": "off"},
-                "sinks": sink_list,
-            }
-        ],
-        worker=FAST_WORKER,
-    )
-    data["admin"] = {"listen": "127.0.0.1:0"}
-    return write_toml(tmp_path / "relay.toml", data)
-
-
 @pytest.mark.parametrize("offset", ["-600s", "+600s"])
 async def test_a_worker_with_a_skewed_clock_delivers(
     redis: Redis, redis_url: str, tmp_path: Path, offset: str
 ) -> None:
     async with sinks(Sink()) as (s,):
         sink_list = [sink_conf("s", s.url)]
-        path = worker_config(tmp_path, redis_url, sink_list)
+        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
         proc = RelayProcess(path, "worker", env=skewed(offset)).start()
         try:
@@ -99,7 +82,7 @@ async def test_a_worker_ahead_never_takes_slots_still_held(
     ids = [f"c{i}" for i in range(30)]
     async with sinks(Sink(slow)) as (s,):
         sink_list = [sink_conf("s", s.url, concurrency=2)]
-        path = worker_config(tmp_path, redis_url, sink_list)
+        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
         proc = RelayProcess(path, "worker", env=skewed("+600s")).start()
         try:

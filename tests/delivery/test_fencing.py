@@ -16,9 +16,8 @@ from relay.config import Config
 from relay.delivery.limits import SinkTable
 from relay.delivery.steps import STALE, Finish, Go, Steps, Taken
 from relay.keys import Keys
-from tests.support.common import TENANT, config_dict, wait_for
+from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
-    FAST_WORKER,
     Received,
     Sink,
     config_with,
@@ -27,8 +26,9 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
+    worker_config_file,
 )
-from tests.support.process import RelayProcess, write_toml
+from tests.support.process import RelayProcess
 
 KEYS = Keys("chert-relay")
 URL = "http://127.0.0.1:9/"
@@ -52,6 +52,23 @@ async def gone(redis: Redis, key: str) -> bool:
 async def expire_hold(redis: Redis, job_id: str) -> None:
     """What a pause past the hold does: the run's in-progress mark expires."""
     await redis.delete(in_progress_key_prefix + job_id)
+
+
+async def stale_and_current(
+    redis: Redis, redis_url: str, sink_list: list[dict[str, object]]
+) -> tuple[Steps, Taken, Steps, Taken, str]:
+    """Event "e" ingested; a first run of its delivery to sink "a" taken, its hold
+    expired (a pause) and the delivery taken over by a second run: (the stale run's
+    steps and job, the current run's, its job id)."""
+    cfg = config_with(redis_url, sink_list)
+    await ingest(runtime(redis, cfg), ["e"])
+    job_a = KEYS.job_id(TENANT, "a", "e")
+    first, limits = steps_for(redis, cfg)
+    second, _ = steps_for(redis, cfg)
+    stale = await take_one(first, limits, job_a)
+    await expire_hold(redis, job_a)
+    current = await take_one(second, limits, job_a)
+    return first, stale, second, current, job_a
 
 
 async def test_a_stale_ok_finish_releases_nothing(redis: Redis, redis_url: str) -> None:
@@ -87,15 +104,9 @@ async def test_a_stale_ok_finish_releases_nothing(redis: Redis, redis_url: str) 
 
 
 async def test_a_stale_retry_resurrects_nothing(redis: Redis, redis_url: str) -> None:
-    cfg = config_with(redis_url, [sink_conf("a", URL)])
-    rt = runtime(redis, cfg)
-    await ingest(rt, ["e"])
-    job_a = KEYS.job_id(TENANT, "a", "e")
-    first, limits = steps_for(redis, cfg)
-    second, _ = steps_for(redis, cfg)
-    stale = await take_one(first, limits, job_a)
-    await expire_hold(redis, job_a)
-    current = await take_one(second, limits, job_a)
+    first, stale, second, current, job_a = await stale_and_current(
+        redis, redis_url, [sink_conf("a", URL)]
+    )
     assert (await second.finish(current.ref, Finish("ok", effect="success"))).applied
 
     retry = Finish("retry", delay_ms=1000, status=503, error="HTTP 503", effect="failure")
@@ -178,20 +189,7 @@ async def test_a_paused_worker_loses_no_event(redis: Redis, redis_url: str, tmp_
             sink_conf("a", a.url, timeout=60),
             sink_conf("b", b.url, timeout=60, max_attempts=1000, max_age=3600),
         ]
-        data = config_dict(
-            redis_url=redis_url,
-            tenants=[
-                {
-                    "slug": TENANT,
-                    "webhook_secrets": ["x" * 32],
-                    "poll": {"mode": "off"},
-                    "sinks": sink_list,
-                }
-            ],
-            worker=FAST_WORKER,
-        )
-        data["admin"] = {"listen": "127.0.0.1:0"}
-        path = write_toml(tmp_path / "relay.toml", data)
+        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
         await ingest(rt, ["e"])
         proc = RelayProcess(path, "worker").start()
@@ -224,14 +222,6 @@ async def test_a_paused_worker_loses_no_event(redis: Redis, redis_url: str, tmp_
 
 
 async def test_a_stale_drop_changes_nothing(redis: Redis, redis_url: str) -> None:
-    cfg = config_with(redis_url, [sink_conf("a", URL)])
-    rt = runtime(redis, cfg)
-    await ingest(rt, ["e"])
-    job_a = KEYS.job_id(TENANT, "a", "e")
-    first, limits = steps_for(redis, cfg)
-    second, _ = steps_for(redis, cfg)
-    stale = await take_one(first, limits, job_a)
-    await expire_hold(redis, job_a)
-    await take_one(second, limits, job_a)
+    first, stale, _, _, job_a = await stale_and_current(redis, redis_url, [sink_conf("a", URL)])
     assert await first.finish(stale.ref, Finish("drop")) == STALE
     assert await redis.exists(KEYS.job(job_a), KEYS.event(TENANT, "e")) == 2

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -24,8 +25,9 @@ from relay.metrics import Metrics
 from relay.runtime import Runtime
 from relay.store.embedded import free_port
 from relay.store.endpoint import Endpoint
-from tests.support.common import SINK_SECRET, TENANT, make_config
+from tests.support.common import SINK_SECRET, TENANT, config_dict, make_config
 from tests.support.common import envelope as make_envelope
+from tests.support.process import write_toml
 
 # Small, fast settings: retries in tenths of a second, a breaker that trips quickly.
 FAST_WORKER = {
@@ -210,3 +212,22 @@ def write_config(path: Any, config: dict[str, Any]) -> None:
             lines.append("[[tenants.sinks]]")
             lines += [f"{k} = {value(v)}" for k, v in s.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def worker_config_file(path: Path, redis_url: str, sink_list: list[dict[str, Any]]) -> Path:
+    """A config file for a worker process: the test tenant with ``sink_list``, the fast
+    worker settings, its admin listener on any free port."""
+    data = config_dict(
+        redis_url=redis_url,
+        tenants=[
+            {
+                "slug": TENANT,
+                "webhook_secrets": ["x" * 32],
+                "poll": {"mode": "off"},
+                "sinks": sink_list,
+            }
+        ],
+        worker=FAST_WORKER,
+    )
+    data["admin"] = {"listen": "127.0.0.1:0"}
+    return write_toml(path / "relay.toml", data)
