@@ -271,18 +271,6 @@ class Steps:
                 taken.append(Taken(ref, parse_claim(reply)))
         return taken, [_text(e) for e in expired]
 
-    def _delivery_keys(self, ref: Ref) -> dict[str, str]:
-        k = self._keys
-        return {
-            "ev": k.event(ref.tenant, ref.event_id),
-            "attempts": k.attempts(ref.tenant, ref.sink, ref.event_id),
-            "breaker": k.breaker(ref.tenant, ref.sink),
-            "inflight": k.inflight(ref.tenant, ref.sink),
-            "gone": k.sink_gone(ref.tenant, ref.sink),
-            "job": k.job(ref.job_id),
-            "queue": k.queue,
-        }
-
     async def finish(self, ref: Ref, f: Finish) -> Finished:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
         still holds the delivery; :data:`STALE` if it does not (nothing was changed). What it
