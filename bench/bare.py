@@ -19,8 +19,8 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from relay.config_values import Listen
-from relay.ingest.http_server import HttpServer
-from relay.ingest.http_types import Response
+from relay.edge.http_server import HttpServer
+from relay.edge.http_types import Response
 
 BODY = b'{"status": "accepted"}'
 

@@ -68,7 +68,10 @@ async def measure(tree: Path, requests: int, pipeline: int, pending: bool) -> fl
     sys.path[:0] = [str(tree), str(tree / "bench")]
     from bare import _ACCEPTED, _Bare  # the tree's own bench/bare.py
 
-    from relay.ingest.http_server import HttpServer
+    try:
+        from relay.edge.http_server import HttpServer
+    except ImportError:  # a tree from before the edge moved out of relay/ingest/
+        from relay.ingest.http_server import HttpServer
 
     class _Pending(_Bare):
         def handle(self, ctx: Any, msg: Any, body: bytes) -> Any:

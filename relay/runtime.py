@@ -7,15 +7,20 @@ explicitly; nothing is looked up from globals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.store.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    # The service builds the ingestor; the roles that use it (edge, upstream) import
+    # relay.ingest themselves. Imported at run time, every role that takes a Runtime
+    # (the worker's too) would load the ingest stage.
+    from relay.ingest.ingestor import Ingestor
 
 
 @dataclass

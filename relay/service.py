@@ -33,9 +33,9 @@ from relay.admin.role import AdminRole
 from relay.config import Config
 from relay.config_load import load_config
 from relay.config_values import Listen
+from relay.edge.role import ReceiverRole
 from relay.errors import ConfigError, ListenError
 from relay.ingest.ingestor import Ingestor
-from relay.ingest.role import ReceiverRole
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Role, Runtime

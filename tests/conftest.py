@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
 from relay.config_values import Listen
-from relay.ingest.http_server import HttpServer
+from relay.edge.http_server import HttpServer
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import ReceiverClient, ServeReceiver
 from tests.support.process import RelayProcess

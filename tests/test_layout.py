@@ -1,5 +1,5 @@
-"""The package's shape: stages as sub-packages, no import cycles, Lua only in files, and
-nothing taken from aiohttp that it does not export."""
+"""The package's shape: stages as sub-packages that import only the stages below them, no
+import cycles, Lua only in files, and nothing taken from aiohttp that it does not export."""
 
 from __future__ import annotations
 
@@ -16,7 +16,22 @@ import pytest
 from relay.store import scripts
 
 ROOT = Path(__file__).resolve().parent.parent / "relay"
-STAGES = ("store", "ingest", "delivery", "upstream", "admin", "simulator")
+STAGES = ("store", "ingest", "edge", "delivery", "upstream", "admin", "simulator", "listen")
+
+# The stages each stage may load, directly or through the shared modules around them
+# (runtime.py, config.py, metrics.py…): the data's way, edge -> ingest -> store <-
+# delivery, upstream -> ingest, the admin on top. The simulator stands apart (a Chert
+# stand-in), and `chert-relay listen` forwards as the worker does, from Chert's API.
+STAGE_MAY_LOAD: dict[str, frozenset[str]] = {
+    "store": frozenset(),
+    "ingest": frozenset({"store"}),
+    "edge": frozenset({"ingest", "store"}),
+    "delivery": frozenset({"store"}),
+    "upstream": frozenset({"ingest", "store"}),
+    "admin": frozenset({"edge", "ingest", "store", "delivery", "upstream"}),
+    "simulator": frozenset(),
+    "listen": frozenset({"ingest", "store", "delivery", "upstream"}),
+}
 MAX_LINES = 500
 
 
@@ -47,6 +62,37 @@ def _imports(path: Path, known: set[str]) -> set[str]:
 def test_every_stage_is_a_sub_package() -> None:
     for stage in STAGES:
         assert (ROOT / stage / "__init__.py").is_file(), stage
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in STAGES else None
+
+
+def test_every_stage_has_its_place_in_the_order() -> None:
+    assert set(STAGE_MAY_LOAD) == set(STAGES)
+
+
+def test_no_stage_loads_a_stage_above_it() -> None:
+    modules = _modules()
+    known = set(modules)
+    graph = {m: _imports(p, known) - {m} for m, p in modules.items()}
+    wrong: list[str] = []
+    for module in sorted(graph):
+        stage = _stage(module)
+        if stage is None:
+            continue
+        seen = {module}
+        todo = [(module, [module])]
+        while todo:  # every module it loads, with the chain that loads it
+            current, chain = todo.pop()
+            for n in sorted(graph[current] - seen):
+                seen.add(n)
+                todo.append((n, [*chain, n]))
+                other = _stage(n)
+                if other not in (None, stage) and other not in STAGE_MAY_LOAD[stage]:
+                    wrong.append(" -> ".join([*chain, n]))
+    assert not wrong, "a stage loads one above it:\n" + "\n".join(wrong)
 
 
 def test_there_is_no_import_cycle() -> None:
@@ -440,7 +486,7 @@ AIOHTTP_PUBLIC_MODULES = frozenset(
 _PARSER_ERRORS = (
     "raised by the parser aiohttp exports (aiohttp.http.HttpRequestParser), which exports "
     "only their base (HttpProcessingError); they tell why a request was refused "
-    "(http_types.refusal: the reason label), and tests/ingest/test_http_server.py pins "
+    "(http_types.refusal: the reason label), and tests/edge/test_http_server.py pins "
     "each to a request that raises it"
 )
 

@@ -15,7 +15,7 @@ import logging
 
 from aiohttp.http import HttpProcessingError
 
-from relay.ingest.http_types import refusal
+from relay.edge.http_types import refusal
 from relay.logs import Throttle
 
 LOGGER = "relay.admin.http"

@@ -97,14 +97,14 @@ def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> No
 async def test_refusals_are_logged_without_flooding(
     serve_receiver: ServeReceiver, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from relay.edge.receiver import Receiver
     from relay.ingest.ingestor import Ingestor
-    from relay.ingest.receiver import Receiver
 
     config = make_config()
     metrics = Metrics()
     receiver = Receiver(config, Ingestor(redis, config), metrics)
     client = await serve_receiver(receiver.server())
-    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+    with caplog.at_level(logging.WARNING, logger="relay.edge.receiver"):
         for _ in range(20):
             assert (await client.post("/webhooks/chert/acme-7a3f", data=b"{}")).status == 401
     lines = [r for r in caplog.records if "webhook refused" in r.getMessage()]

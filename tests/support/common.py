@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.config_load import parse_config
-from relay.ingest.http_server import HttpServer
+from relay.edge.http_server import HttpServer
 from relay.keys import Keys
 from relay.signing import webhook_headers
 from relay.store.stored_event import StoredEvent, parse

@@ -9,7 +9,7 @@ import logging
 import pytest
 from redis.asyncio import Redis
 
-from tests.ingest.test_receiver import URL, Harness, make_harness, queued
+from tests.edge.test_receiver import URL, Harness, make_harness, queued
 from tests.support.common import ServeReceiver, envelope, make_config, signed, wait_for
 
 
@@ -45,7 +45,7 @@ async def test_a_request_the_parser_refuses_is_400_counted_and_logged(
     head = f"POST {URL} HTTP/1.1\r\nHost: relay\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers.items()
     )
-    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+    with caplog.at_level(logging.WARNING, logger="relay.edge.receiver"):
         answer, rest = await _exchange(h, (head + shape + "\r\n").encode() + b"{}" + raw)
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert b"\r\nConnection: close\r\n" in answer
@@ -63,7 +63,7 @@ async def test_a_flood_of_parser_refusals_logs_one_line_and_counts_them_all(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: abc\r\n\r\n".encode()
-    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+    with caplog.at_level(logging.WARNING, logger="relay.edge.receiver"):
         for _ in range(20):
             answer, _ = await _exchange(h, bad)
             assert answer.startswith(b"HTTP/1.1 400 ")
@@ -176,7 +176,7 @@ async def test_a_transfer_coding_other_than_chunked_is_501(h: Harness, redis: Re
 async def test_other_paths_and_methods_are_counted_and_logged_throttled(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+    with caplog.at_level(logging.WARNING, logger="relay.edge.receiver"):
         for path in ("/", "/webhooks/chert/", "/wp-login.php", f"{URL}/x"):
             assert (await h.client.post(path, data=b"{}")).status == 404
         for path in (URL, "/webhooks/chert/nobody"):
@@ -197,7 +197,7 @@ async def test_a_body_that_turns_bad_is_logged_without_its_bytes(
     head += "Expect: 100-continue\r\n\r\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", h.client.port)
     try:
-        with caplog.at_level(logging.WARNING, logger="relay.ingest.receiver"):
+        with caplog.at_level(logging.WARNING, logger="relay.edge.receiver"):
             writer.write(head.encode())
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # 100 Continue
             writer.write(b"5\r\nabcde\r\nzz-a-message-text-from-the-body\r\n")

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from relay.edge.receiver import Receiver
 from relay.ingest.ingestor import Ingestor
-from relay.ingest.receiver import Receiver
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.store.client import connect

@@ -1,4 +1,4 @@
-"""One client connection of the receiver's HTTP server (:mod:`relay.ingest.http_server`).
+"""One client connection of the receiver's HTTP server (:mod:`relay.edge.http_server`).
 
 A plain :class:`asyncio.Protocol`, in the way uvicorn builds its HTTP protocol on
 httptools: the request parser is the one aiohttp exports (``aiohttp.http``: its C
@@ -6,7 +6,7 @@ parser, llhttp, with its limits and its defences against malformed and smuggled
 requests); the flow control is this module's own (:class:`FlowControl`, over the
 transport's ``pause_reading``/``resume_reading`` and its ``pause_writing``/
 ``resume_writing`` calls); what the connections share comes in a
-:class:`~relay.ingest.http_server.ServerState`.
+:class:`~relay.edge.http_server.ServerState`.
 
 Requests are handled one at a time, in the order they came, and their answers written
 in that order. The parser is made to stop after each request (``max_msg_queue_size=1``)
@@ -32,10 +32,10 @@ from aiohttp import ClientPayloadError, StreamReader
 from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
 from aiohttp.web import RequestPayloadError
 
-from relay.ingest.http_types import Response, refusal, serialize
+from relay.edge.http_types import Response, refusal, serialize
 
 if TYPE_CHECKING:
-    from relay.ingest.http_server import ServerState
+    from relay.edge.http_server import ServerState
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import pytest
 from aiohttp.http import RawRequestMessage
 
 from relay.config_values import Listen
-from relay.ingest.http_connection import MAX_QUEUE
-from relay.ingest.http_server import HttpServer
-from relay.ingest.http_types import Pending, Response
+from relay.edge.http_connection import MAX_QUEUE
+from relay.edge.http_server import HttpServer
+from relay.edge.http_types import Pending, Response
 from tests.support.common import wait_for
 
 

@@ -1,4 +1,4 @@
-"""The receiver role: the webhook receiver on its listener (:mod:`relay.ingest.http_server`).
+"""The receiver role: the webhook receiver on its listener (:mod:`relay.edge.http_server`).
 
 Stopping it stops listening, closes idle connections and lets the webhooks in flight be
 answered (up to ``server.shutdown_timeout``) before their connections close; the
@@ -12,7 +12,7 @@ import logging
 
 from relay.config import Config
 from relay.config_values import address_text
-from relay.ingest.receiver import Receiver
+from relay.edge.receiver import Receiver
 from relay.metrics import total
 from relay.runtime import Runtime
 

@@ -10,9 +10,9 @@ what aiohttp exports (``tests/test_layout.py`` holds all of ``relay/`` to that).
 handler on it answers twice as many requests per second as the same handler on
 aiohttp's low-level server (``bench/receiver.py``, ``bench/README.md``).
 
-This module is the listener: it accepts connections (:mod:`relay.ingest.http_connection`),
+This module is the listener: it accepts connections (:mod:`relay.edge.http_connection`),
 hands each the :class:`ServerState` they share, sweeps idle ones and shuts down; the
-answers are built by :mod:`relay.ingest.http_types`.
+answers are built by :mod:`relay.edge.http_types`.
 
 Per connection, requests are handled one at a time, in the order they came, so
 pipelined requests are answered in order. The handler (:class:`Handler`, the
@@ -51,8 +51,8 @@ import logging
 from typing import Any
 
 from relay.config_values import Listen
-from relay.ingest.http_connection import Connection
-from relay.ingest.http_types import Date, Handler
+from relay.edge.http_connection import Connection
+from relay.edge.http_types import Date, Handler
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from aiohttp.http import HttpProcessingError, RawRequestMessage
 
 # The parser's errors, by kind: aiohttp exports only their base, HttpProcessingError.
 # They give a refusal its reason label (tests/test_layout.py names them as allowed;
-# tests/ingest/test_http_server.py pins each to a request that raises it).
+# tests/edge/test_http_server.py pins each to a request that raises it).
 from aiohttp.http_exceptions import BadStatusLine, InvalidHeader, InvalidURLError, LineTooLong
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}

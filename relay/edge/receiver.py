@@ -6,7 +6,7 @@ faults no retry can fix; anything transient (Redis down, shutting down) is a 503
 with ``Retry-After``. 2xx is sent only once ingest has durably stored the event:
 202 for a new event, 200 for one already seen.
 
-The HTTP side is :mod:`relay.ingest.http_server`; this module is what the receiver
+The HTTP side is :mod:`relay.edge.http_server`; this module is what the receiver
 decides, in the three steps that server calls: the head, a body that could not be
 read, and the whole request.
 """
@@ -25,11 +25,11 @@ from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from prometheus_client import Counter, Gauge
 
 from relay.config import Config
+from relay.edge.http_server import HttpServer
+from relay.edge.http_types import Pending, Response
 from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import envelope
 from relay.ingest.envelope import BadEventError
-from relay.ingest.http_server import HttpServer
-from relay.ingest.http_types import Pending, Response
 from relay.ingest.ingestor import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
@@ -158,7 +158,7 @@ class Receiver:
         body = json.dumps({"error": reason, "message": detail}).encode()
         return Response(status, body, self._retry_after if status == 503 else ())
 
-    # --- the three steps relay.ingest.http_server calls --------------------------------
+    # --- the three steps relay.edge.http_server calls ----------------------------------
 
     def head(self, msg: RawRequestMessage, remote: str | None) -> Response | _Request:
         """The request line and headers: a refusal now, or what the next steps need."""
