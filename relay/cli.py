@@ -239,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_listen_parser(commands)
 
-    from relay.admin import dlq_cli
+    from relay.admin import deadletter_cli
 
-    dlq_cli.add_parser(commands, _load)
+    deadletter_cli.add_parser(commands, _load)
     return p
 
 

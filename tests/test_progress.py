@@ -16,8 +16,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.progress import Meter
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import TENANT
 from tests.support.deadletters import OTHER, make_dead_letters, two_tenants, two_tenants_data
 from tests.support.delivery import Sink, sinks

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from relay.admin.app import Admin
-from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.deadletter_routes import DeadLetterApi
 from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.admin.ui.routes import OperatorPage

@@ -19,9 +19,9 @@ import redis.exceptions
 from prometheus_client.core import GaugeMetricFamily
 
 from relay.delivery import breaker
-from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
 from relay.metrics import PREFIX, RedisStateCollector
+from relay.store.deadletters import CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from relay.config import Config, SinkConfig
 from relay.delivery import breaker, heartbeat
 from relay.delivery.activity import SinkActivity
 from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
-from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.endings import dead_letter_of, why_ended
 from relay.delivery.heartbeat import Running
 from relay.delivery.limits import SinkTable
@@ -74,6 +73,7 @@ from relay.delivery.steps import (
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.store.clock import CLOCK
+from relay.store.deadletters import DeadLetter, Tried
 
 log = logging.getLogger(__name__)
 

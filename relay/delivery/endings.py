@@ -4,9 +4,9 @@ without an attempt (for the deliverer, :mod:`relay.delivery.deliverer`)."""
 from __future__ import annotations
 
 from relay.config import SinkConfig
-from relay.delivery.deadletters import DeadLetter, Tried
 from relay.delivery.steps import Ended, Ref
 from relay.store.clock import CLOCK
+from relay.store.deadletters import DeadLetter, Tried
 
 
 def dead_letter_of(

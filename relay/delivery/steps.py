@@ -30,11 +30,11 @@ from typing import Any, Literal, NamedTuple, cast
 from redis.asyncio import Redis
 
 from relay.config import WorkerConfig
-from relay.delivery import breaker, deadletters
-from relay.delivery.deadletters import DeadLetter, Tried
+from relay.delivery import breaker
 from relay.keys import Keys
-from relay.store import jobs, scripts, stored_event
+from relay.store import deadletters, jobs, scripts, stored_event
 from relay.store.clock import CLOCK
+from relay.store.deadletters import DeadLetter, Tried
 from relay.store.script_pipe import ScriptPipeline
 from relay.store.stored_event import StoredEvent
 from relay.store.wire import FinishBatch, FinishItem, Packed

@@ -1,7 +1,7 @@
 """The stored event: one Redis string per ``(tenant, event_id)``, shared by its deliveries.
 
 Ingest writes it once (``ingest.lua``), each delivery reads it (``take.lua``), and a
-dead letter keeps it until replayed or purged (:mod:`relay.delivery.deadletters`); the
+dead letter keeps it until replayed or purged (:mod:`relay.store.deadletters`); the
 scripts that read its ingest time or release it use ``lua/lib/stored_event.lua``. It is a
 short ASCII header, the event type and then the envelope byte for byte::
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from relay.admin.app import Admin
-from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.deadletter_routes import DeadLetterApi
 from relay.config_load import load_config
 from relay.logs import Throttle
 from relay.metrics import Metrics

@@ -16,8 +16,8 @@ from relay.admin.app import Admin
 from relay.admin.ui import sessions
 from relay.admin.ui.routes import SECURITY_HEADERS, OperatorPage
 from relay.config import Config
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.keys import Keys
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import TENANT
 from tests.support.deadletters import (
     ADMIN_TOKEN,

@@ -20,7 +20,7 @@ import aiohttp
 from playwright.async_api import async_playwright
 from redis.asyncio import Redis
 
-from relay.delivery.deadletters import DeadLetterStore
+from relay.store.deadletters import DeadLetterStore
 from tests.support.common import TENANT, envelope, signed, wait_for
 from tests.support.deadletters import ADMIN_TOKEN, two_tenants
 from tests.support.delivery import Received, Sink, sinks

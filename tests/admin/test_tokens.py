@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from relay.admin.app import Admin
 from relay.admin.auth import TokenTable
-from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.deadletter_routes import DeadLetterApi
 from relay.admin.poller_routes import PollerStatusApi
 from relay.config import Config
 from relay.errors import ConfigError

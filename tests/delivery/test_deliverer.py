@@ -12,13 +12,13 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.delivery import breaker
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.delivery.limits import SinkTable
 from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
 from relay.delivery.sink_client import scrub
 from relay.delivery.steps import Defer, Steps
 from relay.keys import JOB_KEY_PREFIX, Keys
+from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (

@@ -10,8 +10,8 @@ import time
 
 from redis.asyncio import Redis
 
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.keys import Keys
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import wait_for
 from tests.support.delivery import (
     Received,

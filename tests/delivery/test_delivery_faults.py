@@ -12,10 +12,10 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.config_values import Secret
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.delivery.retry import backoff
 from relay.delivery.role import WorkerRole
 from relay.keys import Keys
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from relay.delivery.deadletters import DeadLetter, DeadLetterStore, Filter
 from relay.ingest import envelope
 from relay.keys import Keys
 from relay.runtime import Runtime
+from relay.store.deadletters import DeadLetter, DeadLetterStore, Filter
 from tests.support.common import TENANT, config_dict, wait_for
 from tests.support.common import envelope as make_envelope
 from tests.support.delivery import (

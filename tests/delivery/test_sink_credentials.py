@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from relay.delivery.deadletters import DeadLetterStore, Filter
 from relay.delivery.sink_client import scrub
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import wait_for
 from tests.support.delivery import (
     Received,

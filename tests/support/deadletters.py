@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.config_load import parse_config
-from relay.delivery.deadletters import DeadLetterStore, Filter
+from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 from tests.support.delivery import FAST_WORKER, event, runtime, sink_conf, worker
 

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.delivery import breaker
-from relay.delivery.deadletters import CLASSES
 from relay.keys import Keys
+from relay.store.deadletters import CLASSES
 from relay.upstream.poller import Poller
 
 SPLIT_LIMIT = 5000

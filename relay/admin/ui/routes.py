@@ -45,9 +45,9 @@ from relay.admin.ui.sessions import (
     same,
     set_cookie,
 )
-from relay.delivery.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, parse_time
 from relay.errors import DeadLetterError
 from relay.runtime import Runtime
+from relay.store.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter, parse_time
 from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from relay.admin.ui.html import Markup, fmt, hidden, join, url, when
 from relay.admin.ui.overview import Overview, SinkState
 from relay.delivery import breaker
-from relay.delivery.deadletters import CLASSES, DeadLetter, Outcome
+from relay.store.deadletters import CLASSES, DeadLetter, Outcome
 
 ERROR_CHARS = 300  # of a dead letter's error text in the list (the detail shows it all)
 BREAKER_CLASS = {breaker.CLOSED: "ok", breaker.HALF_OPEN: "warn", breaker.OPEN: "bad"}

@@ -31,8 +31,8 @@ from redis.asyncio import Redis
 
 from relay.admin.auth import Principal, Refusals, principal
 from relay.config import Config
-from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import DeadLetterError
+from relay.store.deadletters import DeadLetterStore, Filter, parse_time
 
 log = logging.getLogger(__name__)
 

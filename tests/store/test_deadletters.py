@@ -15,13 +15,13 @@ from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from relay.admin.app import Admin
-from relay.admin.dead_letter_routes import DeadLetterApi
+from relay.admin.deadletter_routes import DeadLetterApi
 from relay.cli import build_parser
 from relay.config import Config
 from relay.config_values import resolve_secret
-from relay.delivery.deadletters import DeadLetterStore, Filter, parse_time
 from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
 from relay.keys import Keys
+from relay.store.deadletters import DeadLetterStore, Filter, parse_time
 from tests.support.common import TENANT, config_dict, make_config, wait_for
 from tests.support.delivery import (
     FAST_WORKER,

@@ -31,7 +31,9 @@ from redis.asyncio import Redis
 
 from relay.commands import Commands
 from relay.config import Config
-from relay.delivery.deadletters import (
+from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
+from relay.progress import Meter
+from relay.store.deadletters import (
     CLASSES,
     DeadLetter,
     DeadLetterStore,
@@ -39,8 +41,6 @@ from relay.delivery.deadletters import (
     Outcome,
     parse_time,
 )
-from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
-from relay.progress import Meter
 from relay.store.endpoint import open_client
 
 
