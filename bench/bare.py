@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from relay.config_values import Listen
+from relay.config.values import Listen
 from relay.edge.http_server import HttpServer
 from relay.edge.http_types import Response
 

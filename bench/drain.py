@@ -45,7 +45,7 @@ from e2e import get_json, pct, wait_delivered  # noqa: E402
 from receiver import stop, wait_port  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from relay.config_load import parse_config  # noqa: E402
+from relay.config import parse_config  # noqa: E402
 from relay.ingest import envelope  # noqa: E402
 from relay.ingest.ingestor import Ingestor  # noqa: E402
 from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402

@@ -35,7 +35,7 @@ os.chdir(ARGS.tree)
 
 from redis.asyncio import Redis  # noqa: E402
 
-from relay.config_load import parse_config  # noqa: E402
+from relay.config import parse_config  # noqa: E402
 from relay.delivery.steps import Finish, Ref, Steps  # noqa: E402
 from relay.ingest.envelope import from_body  # noqa: E402
 from relay.ingest.ingestor import Ingestor  # noqa: E402

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from relay import __version__, logs
 from relay.commands import Commands
-from relay.config import Config
-from relay.config_load import config_path, load_config
-from relay.config_values import Listen, parse_listen, resolve_secret
+from relay.config import Config, config_path, load_config
+from relay.config.values import Listen, parse_listen, resolve_secret
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,

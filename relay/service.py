@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 from relay.admin.role import AdminRole
-from relay.config import Config
-from relay.config_load import load_config
-from relay.config_values import Listen
+from relay.config import Config, load_config
+from relay.config.values import Listen
 from relay.edge.role import ReceiverRole
 from relay.errors import ConfigError, ListenError
 from relay.ingest.ingestor import Ingestor

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from redis.asyncio import Redis
 
-from relay.config_values import Listen
+from relay.config.values import Listen
 from relay.edge.http_server import HttpServer
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import ReceiverClient, ServeReceiver

@@ -19,8 +19,7 @@ import aiohttp
 import pytest
 import yaml
 
-from relay.config import Config
-from relay.config_load import load_config
+from relay.config import Config, load_config
 from relay.store.embedded import free_port
 from tests.support.common import wait_for
 from tests.support.tools import tool

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from relay.admin.auth import TokenTable
-from relay.config_load import load_config, parse_config
-from relay.config_values import parse_duration, resolve_secret
+from relay.config import load_config, parse_config
+from relay.config.values import parse_duration, resolve_secret
 from relay.errors import ConfigError
 from relay.store.client import redact_url
 from tests.support.common import config_dict
@@ -101,6 +101,17 @@ def test_environment_overrides_top_level_settings() -> None:
     assert config.relay.dedupe_ttl == 3 * 86400
     found = problems(config_dict(), env={"CHERT_RELAY__SERVER__NOPE": "1"})
     assert found["server.nope"] == "unknown key"
+
+
+def test_an_override_names_a_setting_of_a_top_level_section() -> None:
+    # A misspelt section is refused as a misspelt key is, not ignored.
+    found = problems(config_dict(), env={"CHERT_RELAY__NOPE__X": "1"})
+    assert found == {"nope": "unknown key"}
+    # The tenants are a list, not a section: the environment cannot reach into them.
+    found = problems(config_dict(), env={"CHERT_RELAY__TENANTS__SLUG": "x"})
+    assert found == {"tenants": "cannot override CHERT_RELAY__TENANTS__…"}
+    # Nor replace them whole: a name without a key is no override.
+    assert parse_config(config_dict(), env={"CHERT_RELAY__TENANTS": "[]"}).tenants
 
 
 def test_sink_filters_and_unique_names() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from relay.config_load import parse_config
+from relay.config import parse_config
 from relay.service import GC_GEN0, Service
 from tests.support.common import config_dict
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay.config_load import parse_config
+from relay.config import parse_config
 from relay.service import Service
 from relay.store.embedded import free_port
 from relay.systemd import Notifier

@@ -16,7 +16,7 @@ from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
-from relay.config_values import Listen, address_text
+from relay.config.values import Listen, address_text
 from relay.runtime import Runtime
 from relay.upstream.poller import Poller
 

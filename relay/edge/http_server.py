@@ -50,7 +50,7 @@ import asyncio
 import logging
 from typing import Any
 
-from relay.config_values import Listen
+from relay.config.values import Listen
 from relay.edge.http_connection import Connection
 from relay.edge.http_types import Date, Handler
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from relay.config import Config
-from relay.config_values import address_text
+from relay.config.values import address_text
 from relay.edge.receiver import Receiver
 from relay.metrics import total
 from relay.runtime import Runtime

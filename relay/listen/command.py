@@ -16,9 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from relay.commands import Commands
-from relay.config import ApiConfig, PollConfig, SinkConfig, TenantConfig
-from relay.config_load import load_config
-from relay.config_values import Secret, resolve_secret
+from relay.config import ApiConfig, PollConfig, SinkConfig, TenantConfig, load_config
+from relay.config.values import Secret, resolve_secret
 from relay.errors import EXIT_OK, ConfigError
 from relay.listen.forwarder import ListenAuthError, Listener
 from relay.listen.state import ListenState, default_state_dir

@@ -28,9 +28,8 @@ from typing import Any
 from aiohttp import web
 
 from relay.commands import Commands
-from relay.config import Config
-from relay.config_load import load_config
-from relay.config_values import Listen, parse_duration, parse_listen, resolve_secret
+from relay.config import Config, load_config
+from relay.config.values import Listen, parse_duration, parse_listen, resolve_secret
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from relay.signing import standard_webhooks_key
 from relay.simulator.generator import EVENT_TYPES

@@ -41,7 +41,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.config_values import parse_duration
+from relay.config.values import parse_duration
 from relay.errors import DeadLetterError
 from relay.keys import Keys
 from relay.store import jobs, scripts, stored_event

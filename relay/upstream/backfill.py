@@ -30,8 +30,7 @@ from typing import TextIO
 
 import aiohttp
 
-from relay.config import Config, TenantConfig
-from relay.config_load import config_path, load_config
+from relay.config import Config, TenantConfig, config_path, load_config
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,

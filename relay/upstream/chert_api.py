@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from relay.config import TenantConfig
-from relay.config_values import Secret, resolve_secret
+from relay.config.values import Secret, resolve_secret
 from relay.errors import ChertApiError, ChertUnreachableError, UpstreamError
 from relay.signing import api_request_headers
 

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from relay.admin.app import Admin
 from relay.admin.deadletter_routes import DeadLetterApi
-from relay.config_load import load_config
+from relay.config import load_config
 from relay.logs import Throttle
 from relay.metrics import Metrics
 from relay.service import Service

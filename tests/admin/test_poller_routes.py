@@ -8,7 +8,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.config_values import resolve_secret
+from relay.config.values import resolve_secret
 from relay.service import Service
 from relay.upstream.poller import Poller
 from tests.support.common import TENANT, wait_for

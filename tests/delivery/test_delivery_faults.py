@@ -11,7 +11,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.config_values import Secret
+from relay.config.values import Secret
 from relay.delivery.retry import backoff
 from relay.delivery.role import WorkerRole
 from relay.keys import Keys

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.http import RawRequestMessage
 
-from relay.config_values import Listen
+from relay.config.values import Listen
 from relay.edge.http_connection import MAX_QUEUE
 from relay.edge.http_server import HttpServer
 from relay.edge.http_types import Pending, Response

@@ -18,7 +18,7 @@ from relay.admin.app import Admin
 from relay.admin.deadletter_routes import DeadLetterApi
 from relay.cli import build_parser
 from relay.config import Config
-from relay.config_values import resolve_secret
+from relay.config.values import resolve_secret
 from relay.errors import EXIT_OK, EXIT_USAGE, DeadLetterError
 from relay.keys import Keys
 from relay.store.deadletters import DeadLetterStore, Filter, parse_time

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from relay.config_load import parse_config
+from relay.config import parse_config
 from relay.errors import UnsafeRedisError
 from relay.service import Service
 from relay.store.client import check_server

@@ -12,8 +12,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from relay.config import Config
-from relay.config_load import parse_config
+from relay.config import Config, parse_config
 from relay.edge.http_server import HttpServer
 from relay.keys import Keys
 from relay.signing import webhook_headers

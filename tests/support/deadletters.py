@@ -7,8 +7,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from relay.config import Config
-from relay.config_load import parse_config
+from relay.config import Config, parse_config
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 from tests.support.delivery import FAST_WORKER, event, runtime, sink_conf, worker

@@ -19,8 +19,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from relay.cli import role_factories
-from relay.config import Config
-from relay.config_load import parse_config
+from relay.config import Config, parse_config
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.service import Service

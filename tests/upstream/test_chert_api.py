@@ -15,8 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from relay.config import TenantConfig
-from relay.config_load import parse_config
+from relay.config import TenantConfig, parse_config
 from relay.errors import ChertApiError, ChertUnreachableError
 from relay.simulator import Simulator
 from relay.store.embedded import free_port

@@ -14,8 +14,7 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 
-from relay.config import Config
-from relay.config_load import parse_config
+from relay.config import Config, parse_config
 from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
 from tests.support.upstream import (
     API_SECRET,

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from relay.config import Config, repeated, tenant_problems
+from relay.config.models import Config, repeated, tenant_problems
 from relay.errors import ConfigError
 
 ENV_PREFIX = "CHERT_RELAY__"

@@ -1,10 +1,10 @@
-"""The relay's configuration: one TOML file, validated once into frozen models.
+"""The configuration's models: one TOML file, validated once into frozen sections.
 
 Unknown keys are errors (a misspelt setting must never be silently ignored).
 Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``.
 Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warning).
-The value types are in :mod:`relay.config_values`; reading a file (and the environment
-overrides) in :mod:`relay.config_load`.
+The value types are in :mod:`relay.config.values`; reading a file (and the environment
+overrides) in :mod:`relay.config.load`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from relay.config_values import (
+from relay.config.values import (
     Duration,
     HostPort,
     HttpUrl,
