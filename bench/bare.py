@@ -4,7 +4,7 @@
 measured against). ``bare.py PORT --low-level`` serves the same handler on aiohttp's
 low-level ``web.Server``, to show how much of the figure is aiohttp's application
 layer. ``bare.py PORT --own-server`` serves it on the relay's own HTTP server
-(``relay.http_server``), to show how much is the HTTP server rather than anything the
+(``relay.edge.http_server``), to show how much is the HTTP server rather than anything the
 relay does per webhook.
 """
 
@@ -38,7 +38,7 @@ async def serve_low_level(port: int) -> None:
 
 
 class _Bare:
-    """The same handler for ``relay.http_server``: every request answered 202."""
+    """The same handler for ``relay.edge.http_server``: every request answered 202."""
 
     def head(self, msg: Any, remote: str | None) -> Any:
         return msg

@@ -217,7 +217,7 @@ class Metrics:
             "Times this process saw the sentinels name a new Redis primary (a failover).",
             registry=r,
         )
-        # --- delivery (relay.delivery, relay.worker) ------------------------------------
+        # --- delivery (relay.delivery: the worker) ------------------------------------
         # Queue depth, stored dead letters and breaker states live in Redis: the worker
         # registers a collector that reads them at scrape time.
         self.deliveries = Counter(

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "relay"
 STAGES = ("store", "ingest", "edge", "delivery", "upstream", "admin", "simulator", "listen")
 
 # The stages each stage may load, directly or through the shared modules around them
-# (runtime.py, config.py, metrics.py…): the data's way, edge -> ingest -> store <-
+# (runtime.py, config/, metrics.py…): the data's way, edge -> ingest -> store <-
 # delivery, upstream -> ingest, the admin on top. The simulator stands apart (a Chert
 # stand-in), and `chert-relay listen` forwards as the worker does, from Chert's API.
 STAGE_MAY_LOAD: dict[str, frozenset[str]] = {
@@ -119,6 +119,81 @@ def test_there_is_no_import_cycle() -> None:
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+# What names modules in prose: the package's docstrings and comments, the Lua scripts'
+# headers, the README, docs/ and bench/ (not CHANGELOG.md: it is history).
+_PROSE = (
+    "relay/**/*.py",
+    "relay/store/lua/**/*.lua",
+    "README.md",
+    "docs/*.md",
+    "bench/**/*.py",
+    "bench/README.md",
+)
+_PATH_RE = re.compile(r"(?<![\w/.-])(relay/[\w/]+\.(?:py|lua))\b")
+_SPHINX_RE = re.compile(r":(?:mod|class|func|meth|data|attr):`~?(relay(?:\.\w+)+)`")
+
+# Known stale names, by (file, name), with why they stand.
+_STALE_ALLOWED = dict.fromkeys(
+    [
+        ("relay/store/lua/lib/deadletter_add.lua", "relay/delivery/deadletters.py"),
+        ("relay/store/lua/purge.lua", "relay/delivery/deadletters.py"),
+        ("relay/store/lua/replay.lua", "relay/delivery/deadletters.py"),
+        ("relay/store/lua/release.lua", "relay/delivery/scripts.py"),
+        ("relay/store/lua/reschedule.lua", "relay/delivery/scripts.py"),
+    ],
+    "the scripts are being rewritten with delivery scheduling, their headers with them "
+    "(they mean relay/store/deadletters.py and relay/delivery/steps.py)",
+)
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for name in parts[k:]:
+            if not hasattr(found, name):
+                return False
+            found = getattr(found, name)
+        return True
+    return False
+
+
+def test_prose_names_only_modules_and_files_that_exist() -> None:
+    repo = ROOT.parent
+    stale: list[str] = []
+    allowed_seen: set[tuple[str, str]] = set()
+    for pattern in _PROSE:
+        for path in sorted(repo.glob(pattern)):
+            file = str(path.relative_to(repo))
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                paths = [m for m in _PATH_RE.findall(line) if not (repo / m).exists()]
+                names = [m for m in _SPHINX_RE.findall(line) if not _resolves(m)]
+                for name in paths + names:
+                    if (file, name) in _STALE_ALLOWED:
+                        allowed_seen.add((file, name))
+                    else:
+                        stale.append(f"{file}:{n}: {name}")
+    assert not stale, "names of modules or files that do not exist:\n" + "\n".join(stale)
+    corrected = set(_STALE_ALLOWED) - allowed_seen
+    assert not corrected, f"corrected (take them off _STALE_ALLOWED): {corrected}"
+
+
+def test_the_readme_and_docs_name_only_lua_scripts_that_exist() -> None:
+    repo = ROOT.parent
+    lua = ROOT / "store" / "lua"
+    scripts_there = {str(p.relative_to(lua)) for p in lua.rglob("*.lua")}
+    stale = [
+        f"{path.relative_to(repo)}: {name}"
+        for path in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+        for name in re.findall(r"`(?:relay/)?(?:store/)?(?:lua/)?([\w/]+\.lua)`", path.read_text())
+        if name not in scripts_there
+    ]
+    assert not stale, "Lua scripts that do not exist:\n" + "\n".join(stale)
 
 
 def test_no_lua_lives_in_a_python_string() -> None:

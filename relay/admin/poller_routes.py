@@ -32,7 +32,7 @@ def _age(ts: float | None, now: float) -> float | None:
 
 
 class PollerStatusApi:
-    """``routes()`` for :meth:`relay.admin.Admin.add_api_routes`; ``poller()`` returns
+    """``routes()`` for :meth:`relay.admin.app.Admin.add_api_routes`; ``poller()`` returns
     this process's poller role, if it runs one (looked up per request)."""
 
     def __init__(self, rt: Runtime, poller: Callable[[], Poller | None]) -> None:

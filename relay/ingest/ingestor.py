@@ -1,7 +1,7 @@
 """Ingest: the one door into the pipeline, for every source (webhook, poll, SSE, backfill).
 
 One Lua script does, atomically and per event: mark ``(tenant, event_id)`` seen for
-the dedupe window, store the event once (:mod:`relay.stored_event`), and enqueue one
+the dedupe window, store the event once (:mod:`relay.store.stored_event`), and enqueue one
 arq job per matching sink. An event already seen writes nothing, and nothing is
 marked seen unless its jobs are enqueued in the same step.
 

@@ -15,7 +15,7 @@ answered 410 Gone, or is no longer configured; while a sink's URL is marked gone
 deliveries dead-letter at once, without an HTTP call, until a replay for that sink or
 a new URL clears the mark).
 
-The event itself stays stored (:mod:`relay.stored_event`): a dead letter holds it
+The event itself stays stored (:mod:`relay.store.stored_event`): a dead letter holds it
 (it has no expiry while dead letters need it, and its users count the jobs and dead
 letters still holding it — at most a job and a dead letter per sink; the last one to
 let go deletes it).

@@ -1,4 +1,4 @@
-"""The SSE line parser and stream reader (relay.sse), on real asyncio byte streams."""
+"""The SSE line parser and stream reader (relay.upstream.sse), on real asyncio byte streams."""
 
 from __future__ import annotations
 
