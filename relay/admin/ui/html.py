@@ -3,10 +3,16 @@
 Everything the page shows that comes from events or sinks — event types and ids, error
 texts, sink names — is attacker-influenced. So no value reaches the page as text:
 :func:`fmt` fills a template whose every argument is escaped (quotes included: values
-may land in attributes, always double-quoted) unless it is :class:`Markup` this module
-built, and :func:`page` wraps a body in the one layout. No script is ever served; the
-style sheet is a file of its own (``style.css``), so the Content-Security-Policy can
-forbid inline code altogether.
+may land in attributes, always double-quoted) unless it is already markup, and
+:func:`page` wraps a body in the one layout. No script is ever served; the style sheet
+is a file of its own (``style.css``), so the Content-Security-Policy can forbid inline
+code altogether.
+
+Markup is markupsafe's :class:`~markupsafe.Markup` (what Jinja uses): text that is
+already HTML, which escapes whatever is added to it (``+``, ``%``, ``join``,
+``format``). A value is escaped here by the standard library's ``html.escape`` (quotes
+spelt ``&quot;`` and ``&#x27;``, as the page has always served them), before markupsafe
+sees it, so the page reads the same whichever way a value came in.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import html
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from urllib.parse import urlencode
+
+from markupsafe import Markup
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0; color: #1d2330; background: #f6f7f9; }
@@ -56,30 +64,31 @@ button.primary { background: #1d4ed8; border-color: #1d4ed8; color: #fff; }
 """
 
 
-class Markup(str):
-    """Text that is already HTML (built by this module): inserted as it is."""
-
-    __slots__ = ()
+__all__ = ["Markup", "age", "escape", "fmt", "hidden", "join", "page", "url", "when"]
 
 
 def escape(value: object) -> Markup:
+    """``value`` as HTML text: markup (anything with ``__html__``) as it is, ``None`` as
+    nothing, anything else escaped, quotes included."""
     if isinstance(value, Markup):
         return value
+    if hasattr(value, "__html__"):
+        return Markup(value)
     return Markup(html.escape("" if value is None else str(value), quote=True))
 
 
 def fmt(template: str, *args: object, **kwargs: object) -> Markup:
-    """``template.format`` with every argument escaped (``Markup`` stays as it is).
+    """``template.format`` with every argument escaped (markup stays as it is).
 
     Only this module's literal templates are templates: a value is never one.
     """
-    return Markup(
-        template.format(*(escape(a) for a in args), **{k: escape(v) for k, v in kwargs.items()})
+    return Markup(template).format(
+        *(escape(a) for a in args), **{k: escape(v) for k, v in kwargs.items()}
     )
 
 
 def join(parts: Iterable[Markup], sep: str = "") -> Markup:
-    return Markup(sep.join(escape(p) for p in parts))
+    return Markup(sep).join(escape(p) for p in parts)
 
 
 def url(path: str, **query: object) -> str:
