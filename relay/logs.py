@@ -82,6 +82,10 @@ class Throttle:
         self._next[key] = (now + self.interval, 0)
         return suppressed
 
+    def forget(self, key: object) -> None:
+        """Let the next line for ``key`` through at once (what it stands for changed)."""
+        self._next.pop(key, None)
+
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     """Set up the root logger once: ``fmt`` is ``text``, ``json`` or ``auto`` (tty → text)."""

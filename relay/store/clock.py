@@ -24,6 +24,8 @@ from collections.abc import Callable
 import redis.exceptions
 from redis.asyncio import Redis
 
+from relay.logs import Throttle
+
 log = logging.getLogger(__name__)
 
 WARN_S = 1.0  # an offset past this is logged (and alerted on)
@@ -38,7 +40,8 @@ class RedisClock:
     def __init__(self) -> None:
         self.offset_ms = 0.0  # Redis' clock minus this process's clock
         self.known = False
-        self._warned_at = float("-inf")
+        self._warnings = Throttle(_REWARN_S)  # one key: the offset
+        self._warned = False
         self._warned_off = 0.0
         self.on_change: Callable[[float], None] | None = None  # the offset's metric
 
@@ -62,11 +65,12 @@ class RedisClock:
         off = self.offset_ms / 1000
         if self.on_change is not None:
             self.on_change(off)
-        mono = time.monotonic()
-        if abs(off) > WARN_S and (
-            mono - self._warned_at > _REWARN_S or abs(off - self._warned_off) > WARN_S
-        ):
-            self._warned_at, self._warned_off = mono, off
+        if abs(off) > WARN_S:
+            if abs(off - self._warned_off) > WARN_S:
+                self._warnings.forget("offset")  # a new offset is told at once
+            if self._warnings.allow("offset") is None:
+                return
+            self._warned, self._warned_off = True, off
             log.warning(
                 "this machine's clock is %.1fs %s Redis' clock: the relay takes its times "
                 "from Redis, but this process's logs and metrics are off by as much, and so "
@@ -75,8 +79,9 @@ class RedisClock:
                 abs(off),
                 "behind" if off > 0 else "ahead of",
             )
-        elif abs(off) <= WARN_S and self._warned_at > float("-inf"):
-            self._warned_at = float("-inf")
+        elif self._warned:
+            self._warned = False
+            self._warnings.forget("offset")
             log.info("this machine's clock agrees with Redis' clock again (%.3fs)", off)
 
     async def measure(self, client: Redis) -> float:

@@ -94,6 +94,15 @@ def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> No
     assert throttle.allow("k") == 2
 
 
+def test_a_throttle_lets_a_forgotten_key_through_at_once() -> None:
+    throttle = Throttle(interval=3600)
+    assert throttle.allow("k") == 0
+    assert throttle.allow("k") is None
+    throttle.forget("k")
+    assert throttle.allow("k") == 0
+    assert throttle.allow("k") is None
+
+
 async def test_refusals_are_logged_without_flooding(
     serve_receiver: ServeReceiver, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
