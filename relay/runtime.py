@@ -7,7 +7,7 @@ explicitly; nothing is looked up from globals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from redis.asyncio import Redis
 
@@ -36,15 +36,32 @@ class Runtime:
 class Role(Protocol):
     """One part of the daemon (receiver, admin, worker, poller).
 
-    ``run`` does the role's work until ``stop`` is called, then returns; raising
-    from ``run`` stops the whole process. ``stop`` is graceful and bounded.
+    ``start`` makes it ready to work (binds its listener, say); raising from it stops
+    the start-up. ``run`` does the role's work until ``stop`` is called, then returns;
+    raising from ``run`` stops the whole process. ``stop`` is graceful and bounded.
     ``reload`` takes a new configuration without a restart (SIGHUP).
     """
 
     name: str
+
+    async def start(self) -> None: ...
 
     async def run(self) -> None: ...
 
     async def stop(self) -> None: ...
 
     def reload(self, config: Config) -> None: ...
+
+
+@runtime_checkable
+class Staged(Protocol):
+    """A role that is told how the whole process stands, beyond its own start and stop.
+
+    ``ready``: every role has started (the admin's ``/readyz`` stops saying
+    ``starting``). ``drain``: the process is shutting down, before any role stops (it
+    says ``draining``). The service calls them on the roles that have them.
+    """
+
+    def ready(self) -> None: ...
+
+    def drain(self) -> None: ...

@@ -37,7 +37,7 @@ from relay.errors import ConfigError, ListenError
 from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.runtime import Role, Runtime
+from relay.runtime import Role, Runtime, Staged
 from relay.store import clock
 from relay.store.client import wait_for_redis
 from relay.store.endpoint import open_client
@@ -47,7 +47,8 @@ from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
 
-# The order roles are stopped in; they start in the reverse order.
+# The roles, in the order they are stopped in; they start in the reverse order. The
+# admin listener stops last, so that /readyz says "draining" until the end.
 STOP_ORDER = ("receiver", "poller", "worker", "admin")
 RoleFactory = Callable[[Runtime], Role]
 STATUS_EVERY_S = 10.0  # how often systemd's STATUS= line is refreshed
@@ -157,11 +158,10 @@ class Service:
             try:
                 await self._start_roles(rt)
             except BaseException:
-                await self._stop_roles(rt)
+                await self._stop_roles()
                 raise
-            admin = self.roles.get("admin")
-            if isinstance(admin, AdminRole):
-                admin.admin.starting = False
+            for staged in self._staged():
+                staged.ready()
             if self.tune_gc:
                 tune_gc()
             self.started.set()
@@ -181,33 +181,32 @@ class Service:
                         helpers.append(tg.create_task(self._report_status(), name="status"))
                     tg.create_task(self._stop_when_asked(rt, helpers))
             finally:
-                await self._stop_roles(rt)
+                await self._stop_roles()
                 await rt.ingestor.drain()  # and give its Redis connection back
             log.info("stopped")
 
-    def _make_role(self, name: str, rt: Runtime) -> Role | None:
-        if name == "receiver":
-            return ReceiverRole(rt)
-        if name == "admin":
-            if self.admin_listen is None:
-                return None
-            return AdminRole(rt, self._poller, self.admin_listen)
-        factory = self.extra_roles.get(name)
-        return None if factory is None else factory(rt)
+    def _factories(self) -> dict[str, RoleFactory]:
+        """What builds each role this process may run, by name: the receiver and the
+        admin listener here (none without an admin address), the others as the CLI
+        passes them (so their stages load only in the processes that run them)."""
+        factories: dict[str, RoleFactory] = {"receiver": ReceiverRole, **self.extra_roles}
+        listen = self.admin_listen
+        if listen is not None:
+            factories["admin"] = lambda rt: AdminRole(rt, self._poller, listen)
+        return factories
+
+    def _staged(self) -> list[Staged]:
+        return [role for role in self.roles.values() if isinstance(role, Staged)]
 
     async def _start_roles(self, rt: Runtime) -> None:
+        factories = self._factories()
         for name in reversed(STOP_ORDER):
-            if name not in self.wanted:
+            factory = factories.get(name)
+            if name not in self.wanted or factory is None:
                 continue
-            role = self._make_role(name, rt)
-            if role is None:
-                continue
-            self.roles[name] = role  # stopped again if a later role fails to start
-            start = getattr(role, "start", None)
-            if start is None:
-                continue
+            role = self.roles[name] = factory(rt)  # stopped again if a later one fails
             try:
-                await start()
+                await role.start()
             except OSError as e:
                 listen = getattr(role, "listen", None)
                 if listen is None:
@@ -243,14 +242,13 @@ class Service:
     async def _stop_when_asked(self, rt: Runtime, helpers: list[asyncio.Task[None]]) -> None:
         await self._stop.wait()
         rt.metrics.draining.set(1)
-        admin = self.roles.get("admin")
-        if isinstance(admin, AdminRole):
-            admin.admin.draining = True
-        await self._stop_roles(rt)
+        for staged in self._staged():
+            staged.drain()
+        await self._stop_roles()
         for task in helpers:  # the watchdog pings until the roles have stopped
             task.cancel()
 
-    async def _stop_roles(self, rt: Runtime) -> None:
+    async def _stop_roles(self) -> None:
         for name in STOP_ORDER:
             role = self.roles.pop(name, None)
             if role is None:
@@ -259,8 +257,6 @@ class Service:
                 await role.stop()
             except Exception:
                 log.exception("error while stopping %s", name)
-            if name == "receiver":
-                await rt.ingestor.drain()
 
 
 GC_GEN0 = 20_000  # allocations between young collections (CPython's default: 700)

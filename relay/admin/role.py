@@ -60,6 +60,12 @@ class AdminRole:
         self.addresses = list(self._runner.addresses)
         log.info("admin listening on %s", ", ".join(map(address_text, self.addresses)))
 
+    def ready(self) -> None:
+        self.admin.starting = False
+
+    def drain(self) -> None:
+        self.admin.draining = True
+
     async def run(self) -> None:
         await self._stopped.wait()
 

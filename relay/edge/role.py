@@ -1,8 +1,8 @@
 """The receiver role: the webhook receiver on its listener (:mod:`relay.edge.http_server`).
 
 Stopping it stops listening, closes idle connections and lets the webhooks in flight be
-answered (up to ``server.shutdown_timeout``) before their connections close; the
-service then waits for the ingests they started (``Ingestor.drain``).
+answered (up to ``server.shutdown_timeout``) before their connections close, then waits
+for the ingests they started (``Ingestor.drain``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ReceiverRole:
     def __init__(self, rt: Runtime) -> None:
         cfg = rt.config
         self.receiver = Receiver(cfg, rt.ingestor, rt.metrics)
+        self._ingestor = rt.ingestor
         self._metrics = rt.metrics
         self._server = self.receiver.server()
         self.listen = cfg.server.listen
@@ -46,6 +47,7 @@ class ReceiverRole:
             await self._server.shutdown(self._shutdown_timeout)
         finally:
             self._stopped.set()
+            await self._ingestor.drain()
 
     def reload(self, config: Config) -> None:
         self.receiver.set_config(config)
