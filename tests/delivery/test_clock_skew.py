@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,8 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
-    worker_config_file,
+    worker_process,
 )
-from tests.support.process import RelayProcess
 
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
@@ -52,17 +50,11 @@ async def test_a_worker_with_a_skewed_clock_delivers(
 ) -> None:
     async with sinks(Sink()) as (s,):
         sink_list = [sink_conf("s", s.url)]
-        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
-        proc = RelayProcess(path, "worker", env=skewed(offset)).start()
-        try:
+        async with worker_process(tmp_path, redis_url, sink_list, env=skewed(offset)) as proc:
             await ingest(rt, ["k1", "k2", "k3"])
             await wait_for(lambda: sorted(s.ids()) == ["k1", "k2", "k3"], 30)
             await wait_for(lambda: "Redis' clock" in proc.log, 30)  # and it says so
-        finally:
-            proc.signal(signal.SIGTERM)
-            await proc.wait()
-            proc.kill()
     word = "behind" if offset.startswith("-") else "ahead of"
     said = re.search(rf"clock is (\d+\.\d)s {word} Redis' clock", proc.log)
     assert said is not None
@@ -82,15 +74,11 @@ async def test_a_worker_ahead_never_takes_slots_still_held(
     ids = [f"c{i}" for i in range(30)]
     async with sinks(Sink(slow)) as (s,):
         sink_list = [sink_conf("s", s.url, concurrency=2)]
-        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
-        proc = RelayProcess(path, "worker", env=skewed("+600s")).start()
-        try:
-            async with worker(rt):
-                await ingest(rt, ids)
-                await wait_for(lambda: set(s.ids()) == set(ids), 60)
-        finally:
-            proc.signal(signal.SIGTERM)
-            await proc.wait()
-            proc.kill()
+        async with (
+            worker_process(tmp_path, redis_url, sink_list, env=skewed("+600s")),
+            worker(rt),
+        ):
+            await ingest(rt, ids)
+            await wait_for(lambda: set(s.ids()) == set(ids), 60)
     assert s.max_running <= 2

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, WEBHOOK_SECRET, config_dict, envelope, signed, wait_for
-from tests.support.delivery import FAST_WORKER, Sink, sink_conf, sinks, write_config
+from tests.support.delivery import FAST_WORKER, Sink, sink_conf, sinks
+from tests.support.process import RelayProcess, write_toml
 
 
 async def test_run_delivers_signed_webhooks_and_exits_0_on_sigterm(
@@ -35,25 +34,10 @@ async def test_run_delivers_signed_webhooks_and_exits_0_on_sigterm(
             admin={"listen": f"127.0.0.1:{admin}"},
             worker=FAST_WORKER,
         )
-        path = tmp_path / "relay.toml"
-        write_config(path, data)
-        with (tmp_path / "relay.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "-c", str(path), "--log-format", "text", "run"],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
+        relay = RelayProcess(write_toml(tmp_path / "relay.toml", data), "run").start()
         try:
+            await relay.wait_ready(f"http://127.0.0.1:{admin}", 20)
             async with aiohttp.ClientSession() as http:
-
-                async def ready() -> bool:
-                    try:
-                        async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                            return r.status == 200
-                    except aiohttp.ClientError:
-                        return False
-
-                await wait_for(ready, 20)
                 ids = [f"w{i}" for i in range(20)]
                 for event_id in ids:
                     body, headers = signed(envelope(event_id))
@@ -64,12 +48,9 @@ async def test_run_delivers_signed_webhooks_and_exits_0_on_sigterm(
                 async with http.get(f"http://127.0.0.1:{admin}/metrics") as r:
                     text = await r.text()
                 assert "chert_relay_delivery_relay_seconds_count" in text
-            proc.send_signal(signal.SIGTERM)
-            await wait_for(lambda: proc.poll() is not None, 20)
+            relay.signal(signal.SIGTERM)
+            assert await relay.wait(20) == 0, relay.log
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, (tmp_path / "relay.log").read_text()
+            relay.kill()
         assert json.loads(s.for_event("w3")[0].body)["event_id"] == "w3"
         assert s.bad_signatures == 0

@@ -26,9 +26,8 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
-    worker_config_file,
+    worker_process,
 )
-from tests.support.process import RelayProcess
 
 KEYS = Keys("chert-relay")
 URL = "http://127.0.0.1:9/"
@@ -189,33 +188,28 @@ async def test_a_paused_worker_loses_no_event(redis: Redis, redis_url: str, tmp_
             sink_conf("a", a.url, timeout=60),
             sink_conf("b", b.url, timeout=60, max_attempts=1000, max_age=3600),
         ]
-        path = worker_config_file(tmp_path, redis_url, sink_list)
         rt = runtime(redis, config_with(redis_url, sink_list))
         await ingest(rt, ["e"])
-        proc = RelayProcess(path, "worker").start()
-        try:
-            await asyncio.wait_for(held.wait(), 30)
-            proc.signal(signal.SIGSTOP)
-            job_a = KEYS.job_id(TENANT, "a", "e")
-            async with worker(rt):
-                # B runs the delivery to a again once A's hold has expired, and ends it.
-                await wait_for(lambda: [r.attempt for r in a.received] == [1, 2], 30)
-                await wait_for(lambda: gone(redis, KEYS.job(job_a)), 10)
-                answer_a.set()  # A's POST is answered 200 while A is still frozen
-                proc.signal(signal.SIGCONT)
-                # A's finish: refused as stale (logged) — or, unfenced, applied
-                event_key = KEYS.event(TENANT, "e")
-                await wait_for(lambda: "not recorded" in proc.log or gone(redis, event_key), 30)
-                open_b.set()
-                await wait_for(lambda: delivered_b == ["e"], 30)
-                # let go once both sinks have it, and only then
-                await wait_for(lambda: gone(redis, KEYS.event(TENANT, "e")), 10)
-        finally:
-            answer_a.set()
-            proc.signal(signal.SIGCONT)
-            proc.signal(signal.SIGTERM)
-            await proc.wait()
-            proc.kill()
+        async with worker_process(tmp_path, redis_url, sink_list) as proc:
+            try:
+                await asyncio.wait_for(held.wait(), 30)
+                proc.signal(signal.SIGSTOP)
+                job_a = KEYS.job_id(TENANT, "a", "e")
+                async with worker(rt):
+                    # B runs the delivery to a again once A's hold has expired, and ends it.
+                    await wait_for(lambda: [r.attempt for r in a.received] == [1, 2], 30)
+                    await wait_for(lambda: gone(redis, KEYS.job(job_a)), 10)
+                    answer_a.set()  # A's POST is answered 200 while A is still frozen
+                    proc.signal(signal.SIGCONT)
+                    # A's finish: refused as stale (logged) — or, unfenced, applied
+                    event_key = KEYS.event(TENANT, "e")
+                    await wait_for(lambda: "not recorded" in proc.log or gone(redis, event_key), 30)
+                    open_b.set()
+                    await wait_for(lambda: delivered_b == ["e"], 30)
+                    # let go once both sinks have it, and only then
+                    await wait_for(lambda: gone(redis, KEYS.event(TENANT, "e")), 10)
+            finally:
+                answer_a.set()  # before the process is told to stop: its POST may hang
     assert "the stored event is gone" not in proc.log
     assert await redis.zcard(KEYS.dead_letters(TENANT)) == 0
     assert await redis.exists(KEYS.attempts(TENANT, "a", "e")) == 0

@@ -9,8 +9,6 @@ import asyncio
 import json
 import random
 import signal
-import subprocess
-import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +22,9 @@ from relay.ingest import envelope
 from relay.keys import Keys
 from relay.runtime import Runtime
 from relay.store.deadletters import DeadLetter, DeadLetterStore, Filter
-from tests.support.common import TENANT, config_dict, wait_for
+from tests.support.common import TENANT, wait_for
 from tests.support.common import envelope as make_envelope
 from tests.support.delivery import (
-    FAST_WORKER,
     Received,
     Sink,
     config_with,
@@ -35,8 +32,9 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
-    write_config,
+    worker_config_file,
 )
+from tests.support.process import RelayProcess
 
 KEYS = Keys("chert-relay")
 
@@ -284,33 +282,21 @@ async def test_order_holds_when_workers_are_killed_again_and_again(
     chats = [f"k{i:02d}" for i in range(20)]
     async with sinks(Sink(flaky(ledger, rng, fail=0.3))) as (s,):
         sink = sink_conf("s", s.url, ordering="chat", max_attempts=1000, timeout=2)
-        data = config_dict(
-            redis_url=redis_url,
-            tenants=[
-                {
-                    "slug": TENANT,
-                    "webhook_secrets": ["x" * 32],
-                    "poll": {"mode": "off"},
-                    "sinks": [sink],
-                }
-            ],
-            worker={**FAST_WORKER, "max_jobs": 20, "retry_backoff": 0.02, "retry_backoff_max": 0.1},
+        path = worker_config_file(
+            tmp_path, redis_url, [sink], max_jobs=20, retry_backoff=0.02, retry_backoff_max=0.1
         )
-        path = tmp_path / "relay.toml"
-        write_config(path, data)
         rt = runtime(redis, config_with(redis_url, [sink]))
         await ingest_chats(rt, chats, 20)
         kills = 0
-        for proc in _workers(path, tmp_path):
+        for proc in _workers(path):
             if _all_ok(ledger, chats, 20) or kills >= 5:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+                proc.signal(signal.SIGTERM)
+                await proc.wait(30)
                 break
             # let it deliver a little, then kill it mid-flight
             start = ledger.count()
             await wait_for(lambda start=start: ledger.count() > start + 40, 60)
             proc.kill()
-            proc.wait()
             kills += 1
         async with worker(rt):
             await wait_for(lambda: _all_ok(ledger, chats, 20), 180)
@@ -318,27 +304,10 @@ async def test_order_holds_when_workers_are_killed_again_and_again(
     ledger.check(chats, 20)
 
 
-def _workers(path: Path, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    n = 0
+def _workers(path: Path) -> Iterator[RelayProcess]:
+    """Worker processes on ``path``, one after the other (no admin listener)."""
     while True:
-        with (tmp_path / f"worker{n}.log").open("wb") as log:
-            yield subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "relay",
-                    "-c",
-                    str(path),
-                    "--log-format",
-                    "text",
-                    "worker",
-                    "--admin-listen",
-                    "off",
-                ],
-                stdout=log,
-                stderr=log,
-            )
-        n += 1
+        yield RelayProcess(path, "worker", "--admin-listen", "off").start()
 
 
 def test_the_dead_letter_says_which_chat_it_holds() -> None:

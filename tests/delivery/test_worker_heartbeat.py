@@ -17,9 +17,8 @@ from redis.asyncio import Redis
 from relay.delivery import heartbeat
 from relay.delivery.role import WorkerRole
 from relay.keys import Keys
-from tests.support.common import TENANT, config_dict, wait_for
+from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
-    FAST_WORKER,
     Received,
     Sink,
     config_with,
@@ -28,8 +27,8 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
+    worker_process,
 )
-from tests.support.process import RelayProcess, write_toml
 
 
 def job_id(event_id: str) -> str:
@@ -87,29 +86,13 @@ async def test_a_killed_workers_delivery_runs_again_within_the_hold(
         return 200, {}
 
     async with sinks(Sink(hanging)) as (s,):
-        data = config_dict(
-            redis_url=redis_url,
-            tenants=[
-                {
-                    "slug": TENANT,
-                    "webhook_secrets": ["x" * 32],
-                    "poll": {"mode": "off"},
-                    "sinks": [sink_conf("s", s.url, timeout=30, concurrency=1)],
-                }
-            ],
-            worker=FAST_WORKER,
-        )
-        data["admin"] = {"listen": "127.0.0.1:0"}
-        path = write_toml(tmp_path / "relay.toml", data)
-        rt = runtime(redis, config_with(redis_url, data["tenants"][0]["sinks"]))
+        sink_list = [sink_conf("s", s.url, timeout=30, concurrency=1)]
+        rt = runtime(redis, config_with(redis_url, sink_list))
         await ingest(rt, ["orphan"])
-        proc = RelayProcess(path, "worker").start()
-        try:
+        async with worker_process(tmp_path, redis_url, sink_list) as proc:
             await wait_for(lambda: s.ids() == ["orphan"], 30)
             proc.signal(signal.SIGKILL)
             await proc.wait()
-        finally:
-            proc.kill()
         # Held for at most HOLD_S (not the job timeout + 10 s = 43 s here).
         assert 0 < await redis.pttl(in_progress_key_prefix + job_id("orphan")) <= 10_000
         caplog.set_level(logging.INFO, logger="relay.delivery.heartbeat")

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
 from relay.delivery.role import WorkerRole
 from relay.keys import Keys
-from tests.support.common import TENANT, config_dict, wait_for
+from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
-    FAST_WORKER,
     Received,
     Sink,
     config_with,
@@ -24,7 +22,7 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
-    write_config,
+    worker_process,
 )
 
 Q = Keys("chert-relay").queue
@@ -99,35 +97,8 @@ async def test_past_the_grace_period_a_delivery_is_cancelled_and_runs_again(
         assert {r.event_id for r in s.received} == {"b1"}
 
 
-def start_worker(path: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "relay", "-c", str(path), "--log-format", "text", "worker"],
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
-
-
-def config_file(tmp_path: Path, redis_url: str, sink_url: str, **sink: object) -> Path:
-    data = config_dict(
-        redis_url=redis_url,
-        tenants=[
-            {
-                "slug": TENANT,
-                "webhook_secrets": ["x" * 32],
-                "poll": {"mode": "off"},
-                "sinks": [sink_conf("s", sink_url, **sink)],
-            }
-        ],
-        worker={**FAST_WORKER, "max_jobs": 20, "shutdown_grace": 15},
-    )
-    path = tmp_path / "relay.toml"
-    write_config(path, data)
-    return path
-
-
-async def exited(proc: subprocess.Popen[bytes]) -> bool:
-    return proc.poll() is not None
+# A worker process with room for 20 deliveries at once, and time to finish them on SIGTERM.
+SHUTDOWN_WORKER: dict[str, Any] = {"max_jobs": 20, "shutdown_grace": 15}
 
 
 async def test_sigterm_mid_burst_finishes_running_deliveries_and_exits_0(
@@ -138,20 +109,14 @@ async def test_sigterm_mid_burst_finishes_running_deliveries_and_exits_0(
         return 200, {}
 
     async with sinks(Sink(slow)) as (s,):
-        path = config_file(tmp_path, redis_url, s.url, concurrency=20, timeout=5)
+        sink_list = [sink_conf("s", s.url, concurrency=20, timeout=5)]
         rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
         ids = [f"t{i:03d}" for i in range(200)]
         await ingest(rt, ids)
-        proc = start_worker(path, tmp_path / "worker.log")
-        try:
+        async with worker_process(tmp_path, redis_url, sink_list, **SHUTDOWN_WORKER) as proc:
             await wait_for(lambda: s.running >= 5, 20)
-            proc.send_signal(signal.SIGTERM)
-            await wait_for(lambda: exited(proc), 40)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait(40) == 0, proc.log
         got = set(s.ids())
         assert 0 < len(got) < 200
         for event_id in got:  # every delivery running at SIGTERM finished and was recorded
@@ -171,28 +136,21 @@ async def test_sigkill_mid_burst_then_restart_loses_nothing(
         return 200, {}
 
     async with sinks(Sink(steady)) as (s,):
-        path = config_file(tmp_path, redis_url, s.url, concurrency=20, timeout=0.5)
+        sink_list = [sink_conf("s", s.url, concurrency=20, timeout=0.5)]
         rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
         ids = [f"k{i:03d}" for i in range(300)]
         await ingest(rt, ids)
-        log = tmp_path / "worker.log"
-        proc = start_worker(path, log)
-        try:
+        async with worker_process(tmp_path, redis_url, sink_list, **SHUTDOWN_WORKER) as proc:
             await wait_for(lambda: len(s.received) >= 50, 20)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert len(s.received) < 300
-            proc = start_worker(path, log)
+            proc.signal(signal.SIGKILL)
+            await proc.wait()
+        assert len(s.received) < 300
+        async with worker_process(tmp_path, redis_url, sink_list, **SHUTDOWN_WORKER) as proc:
             # jobs the killed worker held run again once arq's in-progress keys expire
             await wait_for(lambda: set(s.ids()) == set(ids), 60)
             await wait_for(lambda: queue_empty(redis), 60)
-            proc.send_signal(signal.SIGTERM)
-            await wait_for(lambda: exited(proc), 40)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, log.read_text()
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait(40) == 0, proc.log
         assert await redis.zcard(Q) == 0
         extra = len(s.received) - len(ids)
         assert extra <= 20  # only deliveries in flight at the crash were repeated

@@ -33,8 +33,8 @@ from tests.support.delivery import (
     sink_conf,
     sinks,
     worker,
-    write_config,
 )
+from tests.support.process import write_toml
 
 TOKEN = "admin-token-for-tests-0123456789"
 
@@ -176,8 +176,7 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
         return data, a, b
 
     data, _, _ = asyncio.run(setup())
-    path = tmp_path / "relay.toml"
-    write_config(path, data)
+    path = write_toml(tmp_path / "relay.toml", data)
     capsys.readouterr()
 
     assert _cli(path, "list", "--json", "--sink", "crm") == EXIT_OK

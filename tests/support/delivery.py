@@ -1,11 +1,12 @@
 """Shared pieces of the delivery tests (no tests here): real aiohttp sinks on 127.0.0.1,
-a runtime for the worker role, and a worker running in the background."""
+a runtime for the worker role, a worker running in the background, and a worker
+process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
-from relay.config import Config
+from relay.config import Config, parse_config
 from relay.delivery.role import WorkerRole
 from relay.ingest import envelope
 from relay.ingest.ingestor import Ingestor
@@ -25,9 +26,9 @@ from relay.metrics import Metrics
 from relay.runtime import Runtime
 from relay.store.embedded import free_port
 from relay.store.endpoint import Endpoint
-from tests.support.common import SINK_SECRET, TENANT, config_dict, make_config
+from tests.support.common import SINK_SECRET, TENANT, config_dict
 from tests.support.common import envelope as make_envelope
-from tests.support.process import write_toml
+from tests.support.process import RelayProcess, write_toml
 
 # Small, fast settings: retries in tenths of a second, a breaker that trips quickly.
 FAST_WORKER = {
@@ -139,8 +140,13 @@ def sink_conf(name: str, url: str, **extra: Any) -> dict[str, Any]:
     return conf
 
 
-def config_with(redis_url: str, sink_list: list[dict[str, Any]], **worker: Any) -> Config:
-    return make_config(
+def delivery_config(
+    redis_url: str, sink_list: list[dict[str, Any]], **worker: Any
+) -> dict[str, Any]:
+    """The delivery tests' configuration, as a dict: the test tenant (no polling) with
+    ``sink_list``, the fast worker settings with ``worker`` over them, every listener
+    on a free port."""
+    return config_dict(
         redis_url=redis_url,
         tenants=[
             {
@@ -152,6 +158,11 @@ def config_with(redis_url: str, sink_list: list[dict[str, Any]], **worker: Any) 
         ],
         worker={**FAST_WORKER, **worker},
     )
+
+
+def config_with(redis_url: str, sink_list: list[dict[str, Any]], **worker: Any) -> Config:
+    """:func:`delivery_config`, validated: what a worker in the test's process runs on."""
+    return parse_config(delivery_config(redis_url, sink_list, **worker), env={})
 
 
 def runtime(redis: Redis, config: Config) -> Runtime:
@@ -187,47 +198,35 @@ async def worker(rt: Runtime) -> AsyncIterator[WorkerRole]:
         await task
 
 
-def write_config(path: Any, config: dict[str, Any]) -> None:
-    """A TOML file from a config dict (strings, numbers, lists, tables of them)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v)
-
-    lines: list[str] = []
-    for section, body in config.items():
-        if section == "tenants":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in body.items()]
-    for t in config["tenants"]:
-        lines.append("[[tenants]]")
-        lines += [f"{k} = {value(v)}" for k, v in t.items() if k != "sinks"]
-        for s in t["sinks"]:
-            lines.append("[[tenants.sinks]]")
-            lines += [f"{k} = {value(v)}" for k, v in s.items()]
-    path.write_text("\n".join(lines) + "\n")
+def worker_config_file(
+    path: Path, redis_url: str, sink_list: list[dict[str, Any]], **worker: Any
+) -> Path:
+    """``path``/relay.toml: :func:`delivery_config` for a worker process (its admin
+    listener on a free port)."""
+    return write_toml(path / "relay.toml", delivery_config(redis_url, sink_list, **worker))
 
 
-def worker_config_file(path: Path, redis_url: str, sink_list: list[dict[str, Any]]) -> Path:
-    """A config file for a worker process: the test tenant with ``sink_list``, the fast
-    worker settings, its admin listener on any free port."""
-    data = config_dict(
-        redis_url=redis_url,
-        tenants=[
-            {
-                "slug": TENANT,
-                "webhook_secrets": ["x" * 32],
-                "poll": {"mode": "off"},
-                "sinks": sink_list,
-            }
-        ],
-        worker=FAST_WORKER,
-    )
-    data["admin"] = {"listen": "127.0.0.1:0"}
-    return write_toml(path / "relay.toml", data)
+@contextlib.asynccontextmanager
+async def worker_process(
+    path: Path,
+    redis_url: str,
+    sink_list: list[dict[str, Any]],
+    *,
+    env: dict[str, str] | None = None,
+    **worker: Any,
+) -> AsyncIterator[RelayProcess]:
+    """A ``chert-relay worker`` process on :func:`worker_config_file` (``path`` is the
+    test's directory; its log is ``relay.worker.log`` there), started; on exit it is
+    let go on (SIGCONT: a test may have stopped it), sent SIGTERM, waited for and, if
+    still running, killed."""
+    proc = RelayProcess(worker_config_file(path, redis_url, sink_list, **worker), "worker", env=env)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.signal(signal.SIGCONT)
+        proc.signal(signal.SIGTERM)
+        try:
+            await proc.wait()
+        finally:
+            proc.kill()
