@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_context", default={})  # noqa: B039
@@ -65,14 +65,20 @@ class Throttle:
     """Lets one log line per key through every ``interval`` seconds and counts the rest,
     so a flood of identical refusals cannot drown the log (or the disk)."""
 
-    def __init__(self, interval: float = 10.0, max_keys: int = 1024) -> None:
+    def __init__(
+        self,
+        interval: float = 10.0,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interval = interval
         self.max_keys = max_keys
+        self._clock = clock
         self._next: dict[object, tuple[float, int]] = {}
 
     def allow(self, key: object) -> int | None:
         """``None``: stay quiet. Otherwise log now; the int is how many were suppressed."""
-        now = time.monotonic()
+        now = self._clock()
         due, suppressed = self._next.get(key, (0.0, 0))
         if now < due:
             self._next[key] = (due, suppressed + 1)

@@ -9,10 +9,9 @@ import re
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from relay.store.embedded import free_port
-from tests.support.common import TENANT, config_dict, envelope, signed, wait_for
+from tests.support.common import TENANT, config_dict, envelope, metric_sample, signed, wait_for
 from tests.support.delivery import FAST_WORKER, Received, Sink, sink_conf, sinks
 from tests.support.process import RelayProcess, write_toml
 
@@ -20,13 +19,7 @@ from tests.support.process import RelayProcess, write_toml
 async def scraped(session: aiohttp.ClientSession, admin: str, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples with ``labels`` in a process's /metrics."""
     async with session.get(f"{admin}/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
+        return metric_sample(await resp.text(), name, **labels)
 
 
 async def delivered(session: aiohttp.ClientSession, admin: str) -> float:

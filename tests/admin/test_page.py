@@ -26,6 +26,7 @@ from tests.support.deadletters import (
     READ_ALL,
     REPLAY_ACME,
     make_dead_letters,
+    refusals,
     two_tenants,
 )
 from tests.support.delivery import Sink, runtime, sinks
@@ -79,7 +80,7 @@ def no_markup_from_events(text: str) -> None:
 
 
 async def test_the_page_needs_a_log_in_and_sets_a_strict_session_cookie(page: Any) -> None:
-    client, admin, _ = page
+    client, _, _ = page
     r = await client.get("/ui", allow_redirects=False)
     assert (r.status, r.headers["Location"]) == (303, "/ui/login")
     r = await client.get("/ui/login")
@@ -94,12 +95,7 @@ async def test_the_page_needs_a_log_in_and_sets_a_strict_session_cookie(page: An
     r = await client.post("/ui/login", data={"nonce": nonce.group(1), "token": "wrong"})
     assert r.status == 401
     assert "not a valid admin token" in await r.text()
-    assert (
-        admin._metrics.registry.get_sample_value(
-            "chert_relay_admin_refusals_total", {"reason": "login_failed"}
-        )
-        == 1
-    )
+    assert await refusals(client, "login_failed") == 1
     await log_in(client, ADMIN_TOKEN)
     session = next(c for c in client.session.cookie_jar if c.key == "chert_relay_session")
     assert session["httponly"] is True
@@ -185,7 +181,7 @@ async def test_hostile_event_types_ids_and_errors_render_as_text(page: Any) -> N
 async def test_replay_and_purge_need_a_confirmation_and_the_csrf_token(
     page: Any, redis: Redis
 ) -> None:
-    client, admin, config = page
+    client, _, config = page
     await log_in(client, ADMIN_TOKEN)
     csrf = csrf_of(await (await client.get("/ui")).text())
     one = {"tenant": TENANT, "sink": "crm", "event_id": "plain-1"}
@@ -199,12 +195,7 @@ async def test_replay_and_purge_need_a_confirmation_and_the_csrf_token(
         assert r.status == 403
         assert "did not come from this page" in await r.text()
     assert await store.get(TENANT, "crm", "plain-1") is not None
-    assert (
-        admin._metrics.registry.get_sample_value(
-            "chert_relay_admin_refusals_total", {"reason": "csrf"}
-        )
-        == 3
-    )
+    assert await refusals(client, "csrf") == 3
     # The first POST only asks; the dead letter stays.
     r = await client.post("/ui/deadletters/replay", data={**one, "csrf": csrf})
     assert "Confirm: replay 1" in await r.text()

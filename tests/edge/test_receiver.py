@@ -49,9 +49,12 @@ QUEUE = Keys("chert-relay").queue
 
 
 class Harness:
-    def __init__(self, client: ReceiverClient, receiver: Receiver, metrics: Metrics) -> None:
+    def __init__(
+        self, client: ReceiverClient, receiver: Receiver, ingestor: Ingestor, metrics: Metrics
+    ) -> None:
         self.client = client
         self.receiver = receiver
+        self.ingestor = ingestor  # the receiver's
         self.metrics = metrics
 
     async def post(self, body: bytes, headers: dict[str, str], url: str = URL) -> tuple[int, Any]:
@@ -68,8 +71,9 @@ class Harness:
 async def make_harness(serve: ServeReceiver, redis_client: Redis, **cfg: Any) -> Harness:
     config = make_config(sinks=SINKS, **cfg)
     metrics = Metrics()
-    receiver = Receiver(config, Ingestor(redis_client, config, metrics), metrics)
-    return Harness(await serve(receiver.server()), receiver, metrics)
+    ingestor = Ingestor(redis_client, config, metrics)
+    receiver = Receiver(config, ingestor, metrics)
+    return Harness(await serve(receiver.server()), receiver, ingestor, metrics)
 
 
 @pytest.fixture
@@ -380,7 +384,7 @@ async def test_a_failure_inside_the_relay_answers_500_and_counts(
     # The ingestor no longer knows the tenant the receiver still serves: a bug, if it
     # ever happened. Chert retries a 5xx, so the answer must not be a 4xx.
     other = make_config().tenants[1].model_dump()
-    h.receiver._ingestor.set_config(make_config(tenants=[other]))
+    h.ingestor.set_config(make_config(tenants=[other]))
     status, body = await h.post(*signed(envelope("chert:msg:bug")))
     assert (status, body["error"]) == (500, "internal_error")
     assert h.rejected("internal_error") == 1

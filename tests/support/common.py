@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from relay.config import Config, parse_config
@@ -127,6 +128,16 @@ def signed(
         webhook_headers(secret, raw, timestamp=timestamp or int(time.time()), legacy=legacy)
     )
     return raw, headers
+
+
+def metric_sample(exposition: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels`` in a ``/metrics`` answer."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def wait_for(

@@ -1,15 +1,24 @@
 """Real dead letters for the admin tests: two tenants whose sinks refuse with 400, a
-worker that turns every delivery into a ``rejected`` dead letter, and tokens."""
+worker that turns every delivery into a ``rejected`` dead letter, tokens, and the
+admin's count of what it refused."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from relay.config import Config, parse_config
 from relay.store.deadletters import DeadLetterStore, Filter
-from tests.support.common import OTHER_SECRET, TENANT, WEBHOOK_SECRET, config_dict, wait_for
+from tests.support.common import (
+    OTHER_SECRET,
+    TENANT,
+    WEBHOOK_SECRET,
+    config_dict,
+    metric_sample,
+    wait_for,
+)
 from tests.support.delivery import FAST_WORKER, event, runtime, sink_conf, worker
 
 OTHER = "other-1"
@@ -71,3 +80,9 @@ async def make_dead_letters(
 
     async with worker(rt):
         await wait_for(all_dead, 20)
+
+
+async def refusals(client: TestClient[Any, Any], reason: str) -> float:
+    """How many requests the admin refused for ``reason``, as its ``/metrics`` says."""
+    r = await client.get("/metrics")
+    return metric_sample(await r.text(), "chert_relay_admin_refusals_total", reason=reason)
