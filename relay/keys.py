@@ -27,6 +27,9 @@ SEGMENTS: dict[str, str] = {
     "chat_order": "ord",
     "held_chats": "ordheld",
     "queue": "queue",
+    "waiting": "wait",
+    "waiting_sinks": "waiting",
+    "wake": "wake",
 }
 JOB_KEY_PREFIX: str = job_key_prefix
 
@@ -97,6 +100,21 @@ class Keys:
     def inflight(self, tenant: str, sink: str) -> str:
         """Sorted set: job ids delivering to a sink now, scored by lease expiry (ms)."""
         return f"{self._p['inflight']}{tenant}:{sink}"
+
+    def waiting(self, tenant: str, sink: str) -> str:
+        """Sorted set: the sink's deliveries set aside until it has a free in-flight slot
+        (or its breaker lets one through), by queue order (:file:`lua/lib/wait.lua`)."""
+        return f"{self._p['waiting']}{tenant}:{sink}"
+
+    @property
+    def waiting_sinks(self) -> str:
+        """Set: ``tenant:sink`` of every sink with deliveries set aside."""
+        return f"{self.prefix}:{SEGMENTS['waiting_sinks']}"
+
+    @property
+    def wake(self) -> str:
+        """Pub/sub channel: new work is due in the queue (a hint; workers also poll)."""
+        return f"{self.prefix}:{SEGMENTS['wake']}"
 
     def sink_gone(self, tenant: str, sink: str) -> str:
         """The sink URL that answered 410 Gone (deliveries to it dead-letter at once)."""

@@ -230,9 +230,15 @@ class Metrics:
         )
         self.delivery_deferrals = Counter(
             f"{p}_delivery_deferrals_total",
-            "Due deliveries put off without an HTTP call, by reason "
-            "(breaker_open, half_open, busy, not_due, unknown_sink: a sink this worker does "
-            "not know yet).",
+            "Due deliveries put back in the queue for later without an HTTP call, by reason "
+            "(not_due, unknown_sink: a sink this worker does not know yet).",
+            ["tenant", "sink", "reason"],
+            registry=r,
+        )
+        self.delivery_waits = Counter(
+            f"{p}_delivery_waits_total",
+            "Deliveries set aside until their sink can take them, once per wait, by reason "
+            "(busy: the sink's concurrency cap; breaker_open, half_open: its breaker).",
             ["tenant", "sink", "reason"],
             registry=r,
         )
@@ -330,6 +336,10 @@ class Metrics:
                 for cls in DEAD_LETTER_CLASSES:
                     self.dead_lettered.labels(t.slug, s.name, cls)
                 self.delivery_stale_finishes.labels(t.slug, s.name)
+                for reason in ("not_due", "unknown_sink"):
+                    self.delivery_deferrals.labels(t.slug, s.name, reason)
+                for reason in ("busy", "breaker_open", "half_open"):
+                    self.delivery_waits.labels(t.slug, s.name, reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

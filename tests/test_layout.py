@@ -135,17 +135,7 @@ _PATH_RE = re.compile(r"(?<![\w/.-])(relay/[\w/]+\.(?:py|lua))\b")
 _SPHINX_RE = re.compile(r":(?:mod|class|func|meth|data|attr):`~?(relay(?:\.\w+)+)`")
 
 # Known stale names, by (file, name), with why they stand.
-_STALE_ALLOWED = dict.fromkeys(
-    [
-        ("relay/store/lua/lib/deadletter_add.lua", "relay/delivery/deadletters.py"),
-        ("relay/store/lua/purge.lua", "relay/delivery/deadletters.py"),
-        ("relay/store/lua/replay.lua", "relay/delivery/deadletters.py"),
-        ("relay/store/lua/release.lua", "relay/delivery/scripts.py"),
-        ("relay/store/lua/reschedule.lua", "relay/delivery/scripts.py"),
-    ],
-    "the scripts are being rewritten with delivery scheduling, their headers with them "
-    "(they mean relay/store/deadletters.py and relay/delivery/steps.py)",
-)
+_STALE_ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def _resolves(dotted: str) -> bool:
@@ -254,13 +244,7 @@ async def test_every_script_compiles_in_redis(redis_url: str) -> None:
 GUARDED_LIBRARIES = ("redis", "arq", "argparse")
 
 # Each exception, by (module, name), with why it stands and what removes it.
-PRIVATE_ALLOWED = {
-    ("relay/delivery/arq_adapter.py", "_release_sem_dec_counter_on_complete"): (
-        "BatchStartWorker starts arq's jobs itself and gives back arq's job slot the way "
-        "arq's own start_jobs does; a delivery loop of the project's own on arq's public "
-        "surface (own the loop, keep arq's queue) replaces arq's Worker loop and removes it"
-    ),
-}
+PRIVATE_ALLOWED: dict[tuple[str, str], str] = {}
 
 # Underscored, but public: namedtuple's API.
 _PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_field_defaults", "_make"}

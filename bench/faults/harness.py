@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from relay.keys import Keys
 from relay.signing import webhook_headers
+from relay.store import backlog as store_backlog
 from relay.store.embedded import EmbeddedRedis, free_port
 
 TENANT = "acme-7a3f"
@@ -256,8 +257,8 @@ class RedisServer:
 
 
 async def backlog(client: Redis) -> int:
-    """Deliveries waiting or scheduled in arq's queue."""
-    return int(await client.zcard(Keys(PREFIX).queue))
+    """Deliveries not done: queued (due or scheduled) or set aside for their sinks."""
+    return await store_backlog.backlog(client, Keys(PREFIX))
 
 
 async def dead_letters(client: Redis) -> int:

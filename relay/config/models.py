@@ -197,7 +197,9 @@ class RelaySection(_Section):
 
 class WorkerConfig(_Section):
     max_jobs: int = Field(200, ge=1, le=10_000)
-    poll_delay: Duration = 0.05
+    # Workers are woken when work is queued; this is how long one goes without reading
+    # the queue when nothing wakes it (a lost wake-up, a retry coming due).
+    poll_delay: Duration = Field(0.5, gt=0)
     shutdown_grace: Duration = 30.0  # running deliveries get this long after SIGTERM
     queue_read_limit: int | None = Field(None, ge=1)
     # Delivery retries: the wait before attempt n+1 is retry_backoff * 2**(n-1), capped at
@@ -208,16 +210,18 @@ class WorkerConfig(_Section):
     retry_after_max: Duration = Field(3600.0, gt=0)
     # Per-sink circuit breaker: opens when, over the last breaker_window, at least
     # breaker_failures attempts failed and they were at least breaker_failure_rate of the
-    # attempts; lets one probe through after breaker_cooldown.
+    # attempts; lets one probe through every breaker_cooldown while it is open (the
+    # sink's other deliveries wait, at no cost), and closes on the probe's success.
     breaker_failures: int = Field(5, ge=1, le=10_000)
     breaker_failure_rate: float = Field(0.5, gt=0, le=1)
     breaker_window: Duration = Field(30.0, ge=1)
-    breaker_cooldown: Duration = Field(30.0, gt=0)
+    breaker_cooldown: Duration = Field(2.0, gt=0)
     # A sink that has given no answer at all (only timeouts and connection errors) for
     # this long gets a warning, once, and a line when it answers again.
     sink_silence_warn: Duration = Field(60.0, gt=0)
-    # A job whose sink is at its in-flight cap (sink.concurrency) waits about this long.
-    busy_defer: Duration = Field(0.25, gt=0)
+    # No longer used (accepted so that older files still load): a delivery whose sink is
+    # at its in-flight cap now waits, set aside, until a slot frees.
+    busy_defer: Duration | None = Field(None, gt=0)
     # A job of a sink this worker does not know — a reload that reached `serve` before
     # this worker, or a sink removed — is put off this long before it is dead-lettered
     # as gone.

@@ -50,6 +50,8 @@ class DeliveryCollector(RedisStateCollector):
                 for tenant, sink in ordered:
                     pipe.zcard(keys.held_chats(tenant, sink))
                     pipe.zrange(keys.held_chats(tenant, sink), 0, 0, withscores=True)
+                for tenant, sink in pairs:
+                    pipe.zcard(keys.waiting(tenant, sink))
                 pipe.info("memory")
                 found = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
@@ -74,7 +76,7 @@ class DeliveryCollector(RedisStateCollector):
         yield GaugeMetricFamily(f"{p}_queue_ready_jobs", "Delivery jobs due now.", value=ready)
         yield GaugeMetricFamily(
             f"{p}_queue_scheduled_jobs",
-            "Delivery jobs waiting for a later time (retries, deferrals).",
+            "Delivery jobs due at a later time (retries).",
             value=scheduled,
         )
         age = 0.0
@@ -94,7 +96,18 @@ class DeliveryCollector(RedisStateCollector):
                 dl.add_metric([t.slug, cls], int(counts.get(cls.encode(), 0)))
         yield dl
         gone_found = found[3 + len(cfg.tenants) : 3 + len(cfg.tenants) + len(pairs)]
-        held_found = found[3 + len(cfg.tenants) + len(pairs) :]
+        held_at = 3 + len(cfg.tenants) + len(pairs)
+        held_found = found[held_at : held_at + 2 * len(ordered)]
+        waiting_found = found[held_at + 2 * len(ordered) : -1]
+        waiting = GaugeMetricFamily(
+            f"{p}_deliveries_waiting",
+            "Deliveries set aside until their sink can take them (a free slot of its "
+            "concurrency, or its breaker letting them through); not in the queue.",
+            labels=["tenant", "sink"],
+        )
+        for pair, n in zip(pairs, waiting_found, strict=True):
+            waiting.add_metric(list(pair), int(n))
+        yield waiting
         st = GaugeMetricFamily(
             f"{p}_breaker_state",
             "Each sink's circuit breaker: 0 closed, 1 half-open, 2 open.",

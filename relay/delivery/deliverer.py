@@ -1,6 +1,6 @@
 """Delivery: the worker's job — one event to one sink, one HTTP attempt per run.
 
-arq's polling loop (:mod:`relay.delivery.arq_adapter`) hands each poll's due jobs to
+The delivery loop (:mod:`relay.delivery.loop`) hands each read's due jobs to
 :meth:`Deliverer.take`, which starts and claims them all in one call; each then runs as
 :meth:`Deliverer.run`. The relay, not arq, keeps the delivery's record: an ``att`` hash
 per (event, sink) with the attempts made, the deadline (ingest time + ``max_age``, or
@@ -9,10 +9,12 @@ the replay time), when the next attempt is due and the last status and error.
 One run is three steps (:mod:`relay.delivery.steps`):
 
 1. **Claim**: URL marked gone, deadline passed or attempts used up — a dead letter. Not
-   due yet, breaker open (or someone else's probe in flight) or the sink at its
-   ``concurrency`` cap — the job goes back in the queue without an HTTP call, so a slow
-   sink never holds the worker's slots. Otherwise the attempt is counted, an in-flight
-   slot leased, and the stored payload comes back.
+   due yet — the job goes back in the queue for then. Breaker open (or someone else's
+   probe in flight) or the sink at its ``concurrency`` cap — the job waits, set aside in
+   the sink's waiting set, until a slot frees (``lib/wait.lua``): a slow sink never
+   holds the worker's slots, and its backlog never crowds other sinks' jobs out.
+   Otherwise the attempt is counted, an in-flight slot leased, and the stored payload
+   comes back.
 2. **POST** the stored envelope (:mod:`relay.delivery.sink_client`).
 3. **Finish**: 2xx — done, the job and its record go, and the stored event is deleted
    once no job or dead letter needs it. Connection error, timeout, 408, 425, 429 or
@@ -51,10 +53,10 @@ from relay import logs
 from relay.config import Config, SinkConfig
 from relay.delivery import breaker, heartbeat
 from relay.delivery.activity import SinkActivity
-from relay.delivery.arq_adapter import JOB_MARGIN_S, job_timeout
 from relay.delivery.endings import dead_letter_of, why_ended
 from relay.delivery.heartbeat import Running
 from relay.delivery.limits import SinkTable
+from relay.delivery.loop import JOB_MARGIN_S, job_timeout
 from relay.delivery.metric_children import MetricChildren
 from relay.delivery.retry import next_attempt, status_class
 from relay.delivery.sink_client import Answer, Request, SinkClient, scrub
@@ -64,6 +66,7 @@ from relay.delivery.steps import (
     Ended,
     Finish,
     Go,
+    Parked,
     Peek,
     Ref,
     Steps,
@@ -164,6 +167,11 @@ class Deliverer:
                 ref, (reason, wait_ms) = job.ref, (job.claim.reason, job.claim.wait_ms)
                 self._metrics.delivery_deferrals.labels(ref.tenant, ref.sink, reason).inc()
                 log.debug("delivery put off %.2fs (%s): %s", wait_ms / 1000, reason, ref.job_id)
+                continue
+            if isinstance(job.claim, Parked):
+                ref, why = job.ref, job.claim.reason
+                self._metrics.delivery_waits.labels(ref.tenant, ref.sink, why).inc()
+                log.debug("delivery waits for its sink (%s): %s", why, ref.job_id)
                 continue
             started.append(job)
             self.running[job.ref.job_id] = self._running(job)
@@ -416,7 +424,7 @@ class Deliverer:
         paused or its loop blocked past the hold (``heartbeat.HOLD_S``), and another run
         took the delivery over or finished it: nothing was recorded, the sink may get
         the event twice (never zero times)."""
-        done = await self._steps.finish(ref, f)
+        done = await self._steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink))
         if not done.applied:
             self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
             answered = (
@@ -431,14 +439,27 @@ class Deliverer:
                 heartbeat.HOLD_S,
             )
             return False
-        self._ready(done.next_job)
+        self._ready(done.started)
         return True
 
-    def _ready(self, next_job: str | None) -> None:
-        """An ordered chat's next event was queued: start it now rather than at the next
-        poll (a chat's events otherwise go one poll interval apart)."""
-        if next_job is not None and self.next_ready is not None:
-            self.next_ready(next_job)
+    def _ready(self, started: tuple[str, ...] | list[str]) -> None:
+        """A finish (or a sweep) queued jobs due now — an ordered chat's next event, the
+        sink's waiting deliveries given its free slots: start them now rather than at the
+        next poll."""
+        if self.next_ready is not None:
+            for job_id in started:
+                self.next_ready(job_id)
+
+    async def sweep(self, release: list[str]) -> list[str]:
+        """Give the free slots of the sinks with waiting deliveries to them (slots freed
+        without a finish: a lapsed lease, a reload, a breaker's wait over) and start
+        them; the waiting sinks this worker does not know. ``release``: sinks whose
+        waiting deliveries all go back in the queue (unknown for long enough)."""
+        if self.draining:
+            return []
+        started, unknown = await self._steps.sweep(self._sinks.caps, release)
+        self._ready(started)
+        return unknown
 
     def _holds(self, ref: Ref) -> bool:
         """Whether a dead letter of ``ref`` holds its chat (``on_dead_letter = "hold"``)."""

@@ -19,14 +19,8 @@ class SinkTable:
     """Every configured sink, and the claim limits of each (whether it can be tried)."""
 
     def __init__(self, config: Config, usable: Callable[[SinkConfig], bool]) -> None:
-        w = config.worker
         # the in-flight lease, renewed by the heartbeat while the attempt runs
         lease_ms = int(heartbeat.HOLD_S * 1000)
-        waits = (
-            int(w.busy_defer * 1000),  # a busy sink's deferral: 1-2x this
-            int(min(w.breaker_cooldown, 5.0) * 1000),  # an open breaker's: up to this later
-            int(min(w.breaker_cooldown, 1.0) * 1000),  # a half-open one's: 1-2x this
-        )
         self._sinks = {(t.slug, s.name): s for t in config.tenants for s in t.sinks}
         self.claim_limits = json.dumps(
             {
@@ -36,7 +30,6 @@ class SinkTable:
                     s.concurrency,
                     lease_ms,
                     s.url,
-                    *waits,
                     1 if usable(s) else 0,
                 ]
                 for (tenant, name), s in self._sinks.items()
@@ -44,6 +37,16 @@ class SinkTable:
             separators=(",", ":"),
         )  # take.lua's `sinks`: a job of an unusable sink is only peeked at, one of a
         # sink not in it put off (this worker's reload may be on the way)
+        # sweep.lua's `sinks`: the slots each sink's waiting deliveries may fill
+        self.caps = json.dumps(
+            {f"{tenant}:{name}": s.concurrency for (tenant, name), s in self._sinks.items()},
+            separators=(",", ":"),
+        )
 
     def get(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get((tenant, name))
+
+    def cap(self, tenant: str, name: str) -> int:
+        """The sink's concurrency; 0 for a sink not configured here."""
+        found = self._sinks.get((tenant, name))
+        return 0 if found is None else found.concurrency

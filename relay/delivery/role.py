@@ -1,14 +1,13 @@
-"""The worker role: arq's worker delivering queued jobs, under the service's lifecycle.
+"""The worker role: the delivery loop running queued jobs, under the service's lifecycle.
 
-The role builds arq's worker (:mod:`relay.delivery.arq_adapter`) around one
+The role builds the delivery loop (:mod:`relay.delivery.loop`) around one
 :class:`~relay.delivery.deliverer.Deliverer`, on its own Redis connection pool sized for
 ``max_jobs`` concurrent deliveries, and registers the scrape-time collector
 (:mod:`relay.delivery.collector`).
 
-- ``handle_signals=False``: only ``relay.service`` handles signals; :meth:`stop`
-  does what arq's own SIGTERM handler would with ``job_completion_wait``: stop picking
-  jobs, let running deliveries finish for up to ``worker.shutdown_grace``, then cancel
-  the rest (arq puts a cancelled job back in the queue; it runs again on any worker).
+- Only ``relay.service`` handles signals; :meth:`stop` stops picking jobs, lets running
+  deliveries finish for up to ``worker.shutdown_grace``, then cancels the rest (a
+  cancelled run gives its slot and its job back; it runs again on any worker).
 - A heartbeat (:mod:`relay.delivery.heartbeat`) renews, every 2 s, the 10 s holds on
   the deliveries this worker runs (arq's in-progress marks, the sinks' in-flight
   leases): a killed worker's deliveries run again elsewhere within 10 s. On start the
@@ -20,10 +19,10 @@ The role builds arq's worker (:mod:`relay.delivery.arq_adapter`) around one
   sink's ``max_age`` + 1 day) is logged as an error and counted.
 
 If Redis goes away or refuses writes (out of memory with ``noeviction``, a read-only
-replica after a failover, MISCONF when it cannot persist), arq's polling loop raises;
-the role logs which it was, lets running jobs end, backs off and starts polling again
-with a fresh arq worker (a job whose outcome could not be written runs again once its
-in-progress key expires).
+replica after a failover, MISCONF when it cannot persist), the loop's read raises;
+the role logs which it was, lets running jobs end, backs off and starts again with a
+fresh loop (a job whose outcome could not be written runs again once its in-progress
+key expires).
 """
 
 from __future__ import annotations
@@ -36,19 +35,14 @@ from typing import Any
 
 import aiohttp
 import redis.exceptions
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 
 from relay.config import Config
-from relay.delivery.arq_adapter import (
-    BatchStartWorker,
-    JobContext,
-    WorkerHooks,
-    job_timeout,
-    new_worker,
-)
 from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.heartbeat import Heartbeat, log_census
+from relay.delivery.loop import DeliveryLoop, LoopHooks, job_timeout
+from relay.keys import Keys
 from relay.metrics import Metrics, total
 from relay.runtime import Runtime
 from relay.store.client import blocking_pool
@@ -57,22 +51,21 @@ log = logging.getLogger(__name__)
 
 REDIS_RETRY_S = (0.5, 10.0)  # first and longest wait before polling again after a Redis fault
 HEALTHY_S = 60.0  # polling this long without a Redis fault resets the backoff
-CLOSE_TIMEOUT_S = 10.0  # bound on each step of closing arq's worker
+CLOSE_TIMEOUT_S = 10.0  # bound on each step of stopping the loop
 
 
 class WorkerRole:
-    """Delivers queued jobs until stopped (or, with ``burst``, until the queue is empty)."""
+    """Delivers queued jobs until stopped."""
 
     name = "worker"
 
-    def __init__(self, rt: Runtime, *, burst: bool = False) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self._rt = rt
-        self._burst = burst
         self._stopping = False
-        self._worker: BatchStartWorker | None = None
+        self._loop: DeliveryLoop | None = None
         self._main: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._pool: ArqRedis | None = None
+        self._pool: Redis | None = None
         self._collector: DeliveryCollector | None = None
         self._timeout = 0.0
         self._heartbeat: asyncio.Task[None] | None = None
@@ -87,7 +80,7 @@ class WorkerRole:
     async def start(self) -> None:
         cfg = self._rt.config
         w = cfg.worker
-        self._pool = ArqRedis(blocking_pool(self._rt.redis, w.max_jobs + 16))
+        self._pool = Redis(connection_pool=blocking_pool(self._rt.redis, w.max_jobs + 16))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=w.max_jobs, limit_per_host=0, ttl_dns_cache=60),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -106,15 +99,12 @@ class WorkerRole:
         self._activity = asyncio.create_task(
             self.deliverer.activity.run(), name="worker-sink-activity"
         )
-        self._worker = self._new_worker()
+        self._loop = self._new_loop()
         self._collector = DeliveryCollector(self._rt.endpoint.sync_client(), cfg)
         self.metrics.registry.register(self._collector)
         self.metrics.prepare_worker(cfg)
         log.info(
-            "worker started: up to %d deliveries at once, job timeout %.0fs%s",
-            w.max_jobs,
-            timeout,
-            " (burst)" if self._burst else "",
+            "worker started: up to %d deliveries at once, job timeout %.0fs", w.max_jobs, timeout
         )
 
     async def _log_census(self) -> None:
@@ -130,24 +120,23 @@ class WorkerRole:
             self.deliverer.started_in_census = None  # done: stop noting them
 
     async def _takes_done(self) -> None:
-        if self._worker is not None:
-            await self._worker.takes_done()
+        if self._loop is not None:
+            await self._loop.takes_done()
 
-    def _new_worker(self) -> BatchStartWorker:
-        """arq's worker; a fresh one after a Redis outage (arq's counters may be off)."""
+    def _new_loop(self) -> DeliveryLoop:
+        """The delivery loop; a fresh one after a Redis outage."""
         if self._pool is None or self.deliverer is None:
             raise RuntimeError("the worker role was not started")
-        hooks = WorkerHooks(self._job_started, self._job_ended, self._job_expired)
-        worker = new_worker(
-            self._rt.config,
+        cfg = self._rt.config
+        loop = DeliveryLoop(
             self._pool,
-            JobContext(self.deliverer),
-            hooks,
-            timeout=self._timeout,
-            burst=self._burst,
+            self.deliverer,
+            Keys(cfg.redis.key_prefix),
+            cfg.worker,
+            LoopHooks(self._job_started, self._job_ended, self._job_expired),
         )
-        self.deliverer.next_ready = worker.start_now  # an ordered chat's next event
-        return worker
+        self.deliverer.next_ready = loop.start_now  # jobs a finish queued, due now
+        return loop
 
     def _job_expired(self, job_id: str) -> None:
         """A job's key expired before any worker ran it: say so, loudly (never silently)."""
@@ -163,29 +152,29 @@ class WorkerRole:
         )
         self.metrics.deliveries.labels(tenant, sink, "expired", "none").inc()
 
-    def _job_started(self, ctx: dict[Any, Any]) -> None:
+    def _job_started(self) -> None:
         self.metrics.deliveries_running.inc()
 
-    def _job_ended(self, ctx: dict[Any, Any]) -> None:
+    def _job_ended(self) -> None:
         self.metrics.deliveries_running.dec()
 
     @property
-    def arq(self) -> BatchStartWorker:
-        if self._worker is None:
+    def loop(self) -> DeliveryLoop:
+        if self._loop is None:
             raise RuntimeError("the worker role was not started")
-        return self._worker
+        return self._loop
 
     async def run(self) -> None:
-        if self._worker is None:
+        if self._loop is None:
             await self.start()
         wait = REDIS_RETRY_S[0]
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            self._main = asyncio.create_task(self.arq.main(), name="arq-worker")
+            self._main = asyncio.create_task(self.loop.run(), name="delivery-loop")
             began = loop.time()
             try:
                 await self._main
-                return  # burst mode: the queue is empty
+                return  # stopped
             except asyncio.CancelledError:
                 if self._stopping and not _current_cancelling():
                     return
@@ -196,17 +185,17 @@ class WorkerRole:
                 if loop.time() - began > HEALTHY_S:
                     wait = REDIS_RETRY_S[0]  # a new episode: start the backoff over
                 log.error("worker: %s (%s); polling again in %.1fs", redis_fault(e), e, wait)
-                await self._abandon(self.arq)
+                await self._abandon(self.loop)
                 await asyncio.sleep(wait * (1 + random.random() / 4))
                 wait = min(wait * 2, REDIS_RETRY_S[1])
                 if not self._stopping:
-                    self._worker = self._new_worker()
+                    self._loop = self._new_loop()
 
-    async def _abandon(self, worker: BatchStartWorker) -> None:
-        """Let a broken arq worker's running jobs end (bounded), without touching Redis.
+    async def _abandon(self, worker: DeliveryLoop) -> None:
+        """Let a broken loop's running jobs end (bounded), without touching Redis.
 
         Their deliveries are recorded in Redis or not at all: a job whose outcome could
-        not be written runs again once arq's in-progress key expires.
+        not be written runs again once its in-progress mark expires.
         """
         worker.stop_picking()  # should Redis come back meanwhile, nothing starts here
         running = [t for t in worker.tasks.values() if not t.done()]
@@ -222,19 +211,19 @@ class WorkerRole:
         if self._stopping:
             return
         self._stopping = True
-        worker = self._worker
+        worker = self._loop
         if worker is None:
             return
         worker.stop_picking()
         if self.deliverer is not None:
-            self.deliverer.draining = True  # a job arq is starting right now goes back
+            self.deliverer.draining = True  # a take starting right now takes nothing
         # a take already in Redis: once it returns, its jobs are tracked
         await self._bounded(asyncio.ensure_future(worker.takes_done()), "a take in flight")
         grace = self._rt.config.worker.shutdown_grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         told = False
-        # arq may still be starting jobs it read just before: wait for those too.
+        # a take may still be starting jobs it read just before: wait for those too
         while running := [t for t in worker.tasks.values() if not t.done()]:
             left = deadline - loop.time()
             if left <= 0:
@@ -252,8 +241,8 @@ class WorkerRole:
         if self._main is not None and not self._main.done():
             self._main.cancel()
             await self._bounded(self._main, "the polling loop")
-        # A job started while the poll loop was being cancelled is cancelled too (arq
-        # queues it again); then nothing is left for arq's close() to gather.
+        # A job started while the loop was being cancelled is cancelled too (its run
+        # gives the job back).
         late = [t for t in worker.tasks.values() if not t.done()]
         for t in late:
             t.cancel()
@@ -261,8 +250,10 @@ class WorkerRole:
         worker.tasks.clear()
         if self.deliverer is not None:  # the last finishes, then the connection goes back
             await self._bounded(asyncio.ensure_future(self.deliverer.drain()), "the finishes")
-        await self._bounded(asyncio.ensure_future(worker.close()), "arq's close")
         await self._stop_background()
+        if self._pool is not None:
+            closing = self._pool.aclose(close_connection_pool=True)
+            await self._bounded(asyncio.ensure_future(closing), "closing its Redis connections")
         if self._session is not None:
             await self._session.close()
         if self._collector is not None:

@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from relay.config import WorkerConfig
 from relay.delivery import breaker
+from relay.delivery.heartbeat import HOLD_S
 from relay.keys import Keys
 from relay.store import deadletters, jobs, scripts, stored_event
 from relay.store.clock import CLOCK
@@ -40,9 +41,11 @@ from relay.store.stored_event import StoredEvent
 from relay.store.wire import FinishBatch, FinishItem, Packed
 
 MARGIN_MS = int(jobs.EXPIRY_MARGIN_S * 1000)  # a delivery's job and event outlive its deadline
+LEASE_MS = int(HOLD_S * 1000)  # an in-flight slot's lease (reserved, or renewed while in use)
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
 
-DeferReason = Literal["not_due", "breaker_open", "half_open", "busy", "unknown_sink"]
+DeferReason = Literal["not_due", "unknown_sink"]
+WaitReason = Literal["busy", "breaker_open", "half_open"]
 EndReason = Literal["gone", "expired", "exhausted"]
 FinishOutcome = Literal["ok", "retry", "dead", "drop"]
 BreakerEffect = Literal["success", "failure", "none"]
@@ -80,6 +83,14 @@ class Defer:
 
 
 @dataclass(frozen=True, slots=True)
+class Parked:
+    """The claim set the job aside in its sink's waiting set (``lib/wait.lua``): it comes
+    back, with a slot reserved, when the sink has one free (or its breaker lets it by)."""
+
+    reason: WaitReason
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     """The delivery is over without an attempt: the caller dead-letters it."""
 
@@ -98,7 +109,7 @@ class Unusable:
     what: Literal["missing", "unreadable"]
 
 
-Claim = Go | Defer | Ended | Unusable
+Claim = Go | Defer | Parked | Ended | Unusable
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,8 @@ def parse_claim(res: list[Any]) -> Claim:
     verdict = _text(res[0])
     if verdict == "defer":
         return Defer(cast(DeferReason, _text(res[1])), int(res[2]))
+    if verdict == "park":
+        return Parked(cast(WaitReason, _text(res[1])))
     if verdict == "go":
         stored = _parse_stored(res[4])
         if stored is None:
@@ -179,10 +192,11 @@ class Taken(NamedTuple):
 
 class Finished(NamedTuple):
     """How a finish went: applied, or refused as stale (the run no longer held the
-    delivery: nothing changed); for an ordered delivery, its chat's next job, now due."""
+    delivery: nothing changed); the jobs it queued, due now: an ordered delivery's chat's
+    next one, and the sink's waiting deliveries it gave the freed slots to."""
 
     applied: bool
-    next_job: str | None = None
+    started: tuple[str, ...] = ()
 
 
 STALE = Finished(False)
@@ -196,6 +210,7 @@ class Steps:
         self._take = scripts.script("take").bind(client)
         self._release = scripts.script("release").bind(client)
         self._reschedule = scripts.script("reschedule").bind(client)
+        self._sweep = scripts.script("sweep").bind(client)
         self._finishes: ScriptPipeline[FinishItem] = ScriptPipeline(
             client,
             scripts.script("finish_batch").source,
@@ -224,6 +239,7 @@ class Steps:
             breaker_ttl_ms=max(
                 breaker.TTL_MS, int(max(worker.breaker_cooldown, worker.breaker_window) * 2000)
             ),
+            lease_ms=LEASE_MS,
         )
 
     def _encode_finishes(self, items: list[FinishItem]) -> Packed:
@@ -271,10 +287,12 @@ class Steps:
                 taken.append(Taken(ref, parse_claim(reply)))
         return taken, [_text(e) for e in expired]
 
-    async def finish(self, ref: Ref, f: Finish) -> Finished:
+    async def finish(self, ref: Ref, f: Finish, cap: int = 0) -> Finished:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
-        still holds the delivery; :data:`STALE` if it does not (nothing was changed). What it
-        did to the sink's breaker, if anything, is logged."""
+        still holds the delivery; :data:`STALE` if it does not (nothing was changed). The
+        slot it frees goes to the sink's first waiting delivery (up to ``cap``, the
+        sink's concurrency, in flight). What it did to the sink's breaker, if anything,
+        is logged."""
         item = FinishItem(
             job_id=ref.job_id,
             tenant=ref.tenant,
@@ -291,14 +309,33 @@ class Steps:
             dead_class=f.entry.cls if f.entry is not None else "",
             hold=f.hold,
             fields=deadletters.entry_fields(f.entry) if f.entry is not None else (),
+            cap=cap,
         )
         found = await self._finish(item)
         if isinstance(found, int):
             return STALE
-        nxt, change = found
+        nxt, change, waited = found
         if change:
             breaker.log_change(ref.tenant, ref.sink, _text(change), f.error, self._worker)
-        return Finished(True, _text(nxt) or None)
+        started = tuple(_text(j) for j in waited)
+        return Finished(True, (_text(nxt), *started) if nxt else started)
+
+    async def sweep(self, caps: str, release: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Give the free slots of every sink with waiting deliveries (``caps``: JSON, each
+        known sink's concurrency) to them, and let those of the sinks in ``release`` (no
+        longer configured) all go back in the queue (``sweep.lua``); the job ids queued,
+        and the waiting sinks ("tenant:sink") this worker does not know."""
+        started, unknown = await self._sweep(
+            keys={"waiting_sinks": self._keys.waiting_sinks, "queue": self._keys.queue},
+            args={
+                "prefix": self._keys.prefix,
+                "lease_ms": LEASE_MS,
+                "sinks": caps,
+                "release": json.dumps(list(release)),
+                "wake": self._keys.wake,
+            },
+        )
+        return [_text(j) for j in started], [_text(m) for m in unknown]
 
     async def release(self, ref: Ref) -> bool:
         """Give back the in-flight slot (and the breaker's probe turn) and the job's

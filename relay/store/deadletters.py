@@ -363,6 +363,7 @@ class DeadLetterStore:
                     "gone": k.sink_gone(d.tenant, d.sink),
                     "chat": k.chat_order(d.tenant, d.sink, d.chat) if d.chat else "",
                     "held": k.held_chats(d.tenant, d.sink),
+                    "breaker": k.breaker(d.tenant, d.sink),
                 }
                 ordered = d.chat is not None and sink.ordering != "none"
                 job = jobs.delivery_job(
@@ -381,7 +382,9 @@ class DeadLetterStore:
                 }
                 await self._replay(keys=keys, args=args, client=pipe)
                 calls.append(d)
-            results = await pipe.execute() if calls else []
+            if calls:
+                pipe.publish(k.wake, "")  # the workers start them now
+            results = (await pipe.execute())[: len(calls)] if calls else []
         for d, r in zip(calls, results, strict=True):
             verdict = cast(ReplayVerdict, r.decode() if isinstance(r, bytes) else str(r))
             why = SKIPPED.get(verdict)

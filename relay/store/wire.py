@@ -214,21 +214,29 @@ class FinishItem(NamedTuple):
     dead_class: str  # dead: the dead letter's class
     hold: bool  # dead, ordered: the dead letter holds its chat
     fields: Sequence[str]  # dead: the dead letter's fields (name, value, …)
+    cap: int = 0  # the sink's concurrency: the slots its waiting deliveries may fill
 
 
 class FinishBatch:
     """``finish_batch.lua``'s arguments for a batch of :class:`FinishItem`: prefix,
-    queue, the breaker's rule (JSON), cooldown and record lifetime; the finishes."""
+    queue, the breaker's rule (JSON), cooldown and record lifetime, the in-flight lease;
+    the finishes."""
 
     def __init__(
-        self, prefix: str, queue: str, breaker_rule: str, cooldown_ms: int, breaker_ttl_ms: int
+        self,
+        prefix: str,
+        queue: str,
+        breaker_rule: str,
+        cooldown_ms: int,
+        breaker_ttl_ms: int,
+        lease_ms: int,
     ) -> None:
-        values = (prefix, queue, breaker_rule, cooldown_ms, breaker_ttl_ms)
+        values = (prefix, queue, breaker_rule, cooldown_ms, breaker_ttl_ms, lease_ms)
         self._head = b"".join(bulk(v) for v in values)
 
     def __call__(self, items: Sequence[FinishItem]) -> Packed:
         parts = [self._head, bulk(len(items))]
-        nargs = 6
+        nargs = 7
         for f in items:
             values: list[Value] = [
                 f.job_id,
@@ -245,6 +253,7 @@ class FinishBatch:
                 f.gone_url,
                 f.dead_class,
                 "hold" if f.hold else "skip",
+                f.cap,
                 len(f.fields),
                 *f.fields,
             ]

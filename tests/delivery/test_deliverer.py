@@ -12,12 +12,11 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.delivery import breaker
-from relay.delivery.limits import SinkTable
 from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
 from relay.delivery.sink_client import scrub
-from relay.delivery.steps import Defer, Steps
 from relay.keys import JOB_KEY_PREFIX, Keys
+from relay.store.backlog import backlog
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, wait_for
@@ -26,6 +25,7 @@ from tests.support.delivery import (
     Sink,
     config_with,
     ingest,
+    metric_sum,
     runtime,
     sink_conf,
     sinks,
@@ -34,7 +34,7 @@ from tests.support.delivery import (
 
 
 async def queue_empty(redis: Redis) -> bool:
-    return await redis.zcard(Keys("chert-relay").queue) == 0
+    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 async def test_fan_out_1000_events_to_3_sinks(redis: Redis, redis_url: str) -> None:
@@ -190,7 +190,15 @@ async def test_hung_sink_does_not_stop_a_healthy_one_and_its_breaker_opens(
 
                 await wait_for(is_open, 15)
                 await wait_for(
-                    lambda: 'reason="breaker_open",sink="hung"' in rt.metrics.render().decode()
+                    lambda: (
+                        metric_sum(
+                            rt.metrics,
+                            "chert_relay_delivery_waits_total",
+                            reason="breaker_open",
+                            sink="hung",
+                        )
+                        > 0
+                    )
                 )
                 count = len(hung.received)
                 text = rt.metrics.render().decode()
@@ -258,7 +266,7 @@ async def test_in_flight_cap_defers_instead_of_waiting(redis: Redis, redis_url: 
             await wait_for(lambda: len(s.received) >= 20, 20)
         assert sorted(s.ids()) == sorted(ids)
         assert s.max_running <= 2
-        assert 'reason="busy"' in rt.metrics.render().decode()
+        assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") > 0
 
 
 async def test_a_removed_sink_dead_letters_as_gone_after_the_grace(
@@ -438,7 +446,7 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(
         assert sorted({r.event_id for r in s.received[tried:]}) == sorted(ids)
         # after the cooldown one probe went alone; its 2xx closed the breaker
         assert s.received[tried].headers["webhook-id"] in ids
-        assert 'reason="breaker_open"' in rt.metrics.render().decode()
+        assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="breaker_open") > 0
         # closed, its window started afresh by the probe's success
         assert await redis.hget(rt.keys.breaker(TENANT, "s"), "s") is None
         assert await redis.hget(rt.keys.breaker(TENANT, "s"), "cf") == b"0"
@@ -512,68 +520,74 @@ async def test_a_delivery_put_off_keeps_its_job_and_event_until_its_deadline(
     rt = runtime(redis, config_with(redis_url, [sink_conf("s", url, max_age=60)]))
     await ingest(rt, ["e1"])
     # The sink will be down a while: max_age goes up to 10 days by a reload, and its
-    # breaker is open, so the job is only ever put off.
+    # breaker is open, so the job only ever waits (set aside) and must not expire.
     rt.config = config_with(redis_url, [sink_conf("s", url, max_age=10 * 86400)])
     opened = int(time.time() * 1000) + 3_600_000
     await redis.hset(rt.keys.breaker(TENANT, "s"), mapping={"s": "o", "u": opened})
     att = rt.keys.attempts(TENANT, "s", "e1")
-    async with worker(rt):
-        await wait_for(lambda: redis.hget(att, "dl"), 10)
-    left = int(await redis.hget(att, "dl")) - int(time.time() * 1000)
     job_id = Keys("chert-relay").job_id(TENANT, "s", "e1")
-    assert await redis.pttl(JOB_KEY_PREFIX + job_id) >= left
-    assert await redis.pttl(rt.keys.event(TENANT, "e1")) >= left
-
-
-async def test_a_delivery_put_off_by_a_busy_sink_waits_longer_each_time(
-    redis: Redis, redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The sink's one slot is taken (a delivery elsewhere holds it for a minute): this
-    # job is put off again and again, and must not cycle through the queue every 0.25 s.
-    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook", concurrency=1)])
-    rt = runtime(redis, cfg)
-    await redis.zadd(rt.keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
-    await ingest(rt, ["e1"])
-    caplog.set_level(logging.DEBUG, logger="relay.delivery.deliverer")
     async with worker(rt):
-        await wait_for(lambda: _put_off(caplog, 4), 30)
-    waits = [float(r.args[0]) for r in caplog.records if "put off" in r.msg][:4]  # type: ignore[arg-type]
-    # Each wait is worker.busy_defer times 1 to 2 (jitter) times 2**(n-1): without the
-    # doubling, no wait could be twice another.
-    assert waits[3] > 2 * waits[0], waits
-    assert all(later > 0.9 * earlier for earlier, later in itertools.pairwise(waits)), waits
+        await wait_for(lambda: redis.zscore(rt.keys.waiting(TENANT, "s"), job_id), 10)
+    left = int(await redis.hget(att, "dl")) - int(time.time() * 1000)
+    assert left > 9 * 86400_000
+    for key in (JOB_KEY_PREFIX + job_id, rt.keys.event(TENANT, "e1"), att):
+        ttl = await redis.pttl(key)
+        assert ttl == -1 or ttl >= left, key
 
 
-async def _put_off(caplog: pytest.LogCaptureFixture, n: int) -> bool:
-    return sum("put off" in r.msg for r in caplog.records) >= n
-
-
-async def test_deliveries_waiting_on_a_busy_sink_come_back_spread_out(
+async def test_a_delivery_whose_sink_is_busy_waits_set_aside_until_a_slot_frees(
     redis: Redis, redis_url: str
 ) -> None:
-    # Forty deliveries have been put off by a busy sink often enough for their wait to
-    # reach its cap (10 s). They must not all come back at once, in step, to find the
-    # sink's slots taken again: each capped wait is drawn between half and all of it.
-    cfg = config_with(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook", concurrency=1)])
-    rt = runtime(redis, cfg)
-    keys = rt.keys
-    await redis.zadd(keys.inflight(TENANT, "s"), {"elsewhere": time.time() * 1000 + 60_000})
-    ids = [f"b{i:02d}" for i in range(40)]
-    await ingest(rt, ids)
-    for i in ids:
-        await redis.hset(keys.attempts(TENANT, "s", i), "w", "20")  # put off 20 times so far
-    jobs = [keys.job_id(TENANT, "s", i) for i in ids]
-    steps = Steps(redis, keys, cfg.worker)
-    limits = SinkTable(cfg, lambda s: True).claim_limits
-    taken, _ = await steps.take(jobs, limits, len(jobs), 10_000)
-    assert {t.claim.reason for t in taken if isinstance(t.claim, Defer)} == {"busy"}
-    assert len(taken) == len(jobs)
-    # One take, one `now`: the queue scores differ only by the waits drawn.
-    scores = [float(await redis.zscore(keys.queue, j) or 0) for j in jobs]
-    assert min(scores) > 0  # every one is back in the queue
-    spread = max(scores) - min(scores)
-    assert 2_000 < spread <= 5_000, scores
-    assert len(set(scores)) > 30, scores
+    # The sink's one slot is taken (a delivery elsewhere holds it for a minute): the job
+    # is set aside once — out of the queue, not read again and again — and goes the
+    # moment the slot is given back, with its deadline moved back by its wait.
+    async with sinks(Sink()) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, concurrency=1)])
+        rt = runtime(redis, cfg)
+        keys = rt.keys
+        lease = keys.inflight(TENANT, "s")
+        await redis.zadd(lease, {"elsewhere": time.time() * 1000 + 60_000})
+        await ingest(rt, ["e1"])
+        job_id = keys.job_id(TENANT, "s", "e1")
+        async with worker(rt):
+            await wait_for(lambda: redis.zscore(keys.waiting(TENANT, "s"), job_id), 10)
+            assert await redis.zcard(keys.queue) == 0
+            assert await redis.pttl(JOB_KEY_PREFIX + job_id) == -1  # no expiry while waiting
+            dl = int(await redis.hget(keys.attempts(TENANT, "s", "e1"), "dl"))
+            await redis.zrem(lease, "elsewhere")
+            await wait_for(lambda: s.ids() == ["e1"], 10)
+            await wait_for(lambda: queue_empty(redis), 10)
+        assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") == 1
+        assert metric_sum(rt.metrics, "chert_relay_delivery_deferrals_total") == 0
+        assert await redis.scard(keys.waiting_sinks) == 0
+        assert dl > 0
+
+
+async def test_a_busy_sink_gets_its_backlog_in_order_never_over_its_cap_without_rereads(
+    redis: Redis, redis_url: str
+) -> None:
+    # 60 deliveries to a sink that takes 2 at a time: each waits at most once (no
+    # deliveries put off and read again), they go in the order they were queued, and
+    # the sink never has more than 2 in flight.
+    async def slow(_s: Sink, _r: Received) -> tuple[int, dict[str, str]]:
+        await asyncio.sleep(0.005)
+        return 200, {}
+
+    async with sinks(Sink(slow)) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, concurrency=2)])
+        rt = runtime(redis, cfg)
+        ids = [f"o{i:02d}" for i in range(60)]
+        await ingest(rt, ids)
+        async with worker(rt):
+            await wait_for(lambda: len(set(s.ids())) == 60, 30)
+            await wait_for(lambda: queue_empty(redis), 10)
+        assert s.max_running <= 2
+        got = s.ids()
+        assert len(got) == 60  # each once
+        late = sum(1 for a, b in itertools.pairwise(got) if a > b)
+        assert late <= 2, got  # in queue order, but for the two slots' own interleaving
+        assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") <= 60
+        assert metric_sum(rt.metrics, "chert_relay_delivery_deferrals_total") == 0
 
 
 async def test_a_wait_past_the_deadline_still_leaves_a_last_attempt(

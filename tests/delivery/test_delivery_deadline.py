@@ -11,6 +11,7 @@ import time
 from redis.asyncio import Redis
 
 from relay.keys import Keys
+from relay.store.backlog import backlog
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import wait_for
 from tests.support.delivery import (
@@ -26,7 +27,7 @@ from tests.support.delivery import (
 
 
 async def queue_empty(redis: Redis) -> bool:
-    return await redis.zcard(Keys("chert-relay").queue) == 0
+    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 async def _slow(sink: Sink, r: Received) -> tuple[int, dict[str, str]]:
@@ -40,9 +41,7 @@ async def test_waiting_on_the_concurrency_cap_does_not_use_up_max_age(
     # 60 deliveries one at a time at 50 ms or more each take several times max_age (0.5 s):
     # every one of them waits on the cap, and none may expire for it.
     async with sinks(Sink(_slow)) as (s,):
-        cfg = config_with(
-            redis_url, [sink_conf("s", s.url, max_age=0.5, concurrency=1)], busy_defer=0.02
-        )
+        cfg = config_with(redis_url, [sink_conf("s", s.url, max_age=0.5, concurrency=1)])
         rt = runtime(redis, cfg)
         ids = [f"cap-{i:03d}" for i in range(60)]
         await ingest(rt, ids)
@@ -65,7 +64,6 @@ async def test_a_replay_of_many_dead_letters_delivers_every_one_behind_the_cap(
             redis_url,
             [sink_conf("s", s.url, max_age=0.5, concurrency=2)],
             retry_backoff=0.1,
-            busy_defer=0.02,
         )
         rt = runtime(redis, cfg)
         ids = [f"rp-{i:03d}" for i in range(80)]

@@ -38,7 +38,7 @@ def job_id(sink: str, event_id: str) -> str:
 
 def runs_settled(role: WorkerRole, runs: int) -> bool:
     """``runs`` job runs have ended, including arq's own bookkeeping after each."""
-    w = role.arq
+    w = role.loop
     ended = w.jobs_complete + w.jobs_retried + w.jobs_failed
     return ended >= runs and all(t.done() for t in w.tasks.values())
 

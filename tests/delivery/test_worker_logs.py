@@ -21,6 +21,7 @@ from relay.delivery import activity, heartbeat
 from relay.delivery.activity import SinkActivity
 from relay.delivery.sink_client import Answer, SinkClient
 from relay.keys import Keys
+from relay.store.backlog import backlog
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
@@ -36,7 +37,7 @@ from tests.support.delivery import (
 
 
 async def _queue_empty(redis: Redis) -> bool:
-    return await redis.zcard(Keys("chert-relay").queue) == 0
+    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 def _summaries(caplog: pytest.LogCaptureFixture) -> list[tuple[object, ...]]:

@@ -45,6 +45,6 @@ async def test_worker_survives_a_redis_restart(
 
                 await wait_for(ingested, 10)
                 await wait_for(lambda: s.ids() == ["before", "after"], 20)
-                assert role.arq is not None
+                assert role.loop is not None
     finally:
         await client.aclose()

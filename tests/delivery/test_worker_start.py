@@ -41,7 +41,7 @@ async def test_jobs_in_progress_elsewhere_or_not_due_are_not_started(
         await redis.zadd(q, {job_id("j2"): (time.time() + 3600) * 1000})  # due in an hour
         async with worker(rt) as role:
             await wait_for(lambda: s.ids() == ["j3"])
-            await wait_for(lambda: role.arq.jobs_complete == 1)
+            await wait_for(lambda: role.loop.jobs_complete == 1)
         assert s.ids() == ["j3"]
         assert await redis.zscore(q, job_id("j1")) is not None
         assert await redis.zscore(q, job_id("j2")) is not None
@@ -82,7 +82,7 @@ async def test_a_job_run_arq_fails_is_logged_briefly_and_its_exception_retrieved
             async with worker(rt) as role:
                 for _ in range(20):
                     t = loop.create_task(fails())
-                    t.add_done_callback(role.arq.job_done)
+                    t.add_done_callback(role.loop.job_done)
                     await asyncio.wait({t})
                     del t
                 gc.collect()

@@ -39,4 +39,9 @@ async def test_delivery_keys_match_the_python_names(redis: Redis, chat: str) -> 
         "counts": k.dead_letter_counts(tenant),
         "chat": k.chat_order(tenant, sink, chat) if chat else "",
         "held": k.held_chats(tenant, sink),
+        "wait": k.waiting(tenant, sink),
+        "waiting": k.waiting_sinks,
+        "member": f"{tenant}:{sink}",
+        "att_base": k.attempts(tenant, sink, ""),
+        "job_base": k.job_id(tenant, sink, ""),
     }

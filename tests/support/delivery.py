@@ -39,7 +39,6 @@ FAST_WORKER = {
     "retry_backoff_max": 1.0,
     "breaker_failures": 50,
     "breaker_cooldown": 30,
-    "busy_defer": 0.02,
 }
 
 
@@ -181,8 +180,10 @@ def event(event_id: str, etype: str = "message.received") -> envelope.Event:
     return envelope.from_object(make_envelope(event_id, etype))
 
 
-async def ingest(rt: Runtime, ids: list[str], source: str = "webhook") -> None:
-    await asyncio.gather(*(rt.ingestor.ingest(TENANT, event(i), source) for i in ids))
+async def ingest(
+    rt: Runtime, ids: list[str], source: str = "webhook", event_type: str = "message.received"
+) -> None:
+    await asyncio.gather(*(rt.ingestor.ingest(TENANT, event(i, event_type), source) for i in ids))
 
 
 @contextlib.asynccontextmanager
@@ -230,3 +231,13 @@ async def worker_process(
             await proc.wait()
         finally:
             proc.kill()
+
+
+def metric_sum(metrics: Metrics, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    found = 0.0
+    for family in metrics.registry.collect():
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                found += s.value
+    return found

@@ -9,33 +9,35 @@ ARGV
                        a breaker (lib/breaker.lua)
   4 cooldown_ms        how long it stays open
   5 breaker_ttl_ms
-  6... items           n, then per item: job_id, tenant, sink, event_id, chat, token,
+  6 lease_ms           an in-flight slot's lease (one reserved for a waiting delivery)
+  7... items           n, then per item: job_id, tenant, sink, event_id, chat, token,
                        outcome, delay_ms, status, error, effect, gone_url, class,
-                       on_dead, n_fields, then that many dead-letter fields (name,
-                       value, ...)
+                       on_dead, cap (the sink's concurrency), n_fields, then that many
+                       dead-letter fields (name, value, ...)
 uses: clock finish delivery_keys
 flags: allow-oom
 Returns per item 0 if its run no longer held the delivery (a stale finish: nothing was
-changed), else {next_job, breaker_change} (lib/finish.lua).
+changed), else {next_job, breaker_change, started} (lib/finish.lua).
 ]]
 local out = {}
 local rule = cjson.decode(A.breaker_rule)
-local i = 7
+local i = 8
 local now = redis_now_ms()
-for n = 1, tonumber(ARGV[6]) do
+for n = 1, tonumber(ARGV[7]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
-  local nfields = tonumber(ARGV[i + 14])
+  local nfields = tonumber(ARGV[i + 15])
   local fields = {}
-  for f = 1, nfields do fields[f] = ARGV[i + 14 + f] end
+  for f = 1, nfields do fields[f] = ARGV[i + 15 + f] end
   local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
   out[n] = finish(k, {
     now = now, token = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6],
     delay_ms = ARGV[i + 7], status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
     rule = rule, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
-    event_id = event_id, chat = chat, on_dead = ARGV[i + 13],
+    event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
+    lease_ms = tonumber(A.lease_ms),
   }, fields)
-  i = i + 15 + nfields
+  i = i + 16 + nfields
 end
 return out

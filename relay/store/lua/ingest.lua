@@ -2,7 +2,8 @@
 mark (tenant, event_id) seen, store the event once, and enqueue one arq job per
 matching sink. An event already seen writes nothing. Keys are built from the prefix
 (standalone Redis only, as arq itself), with the segments relay/keys.py defines. The
-batch also records when each tenant's last webhook came.
+batch also records when each tenant's last webhook came, and tells the workers (a
+message on the wake channel) when it queued anything.
 KEYS none
 ARGV
   1 prefix        the relay's key prefix
@@ -106,4 +107,6 @@ end
 for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
   redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))
 end
+-- work is due: workers waiting for it start it now rather than at their next poll
+if #queued > 0 then redis.call('PUBLISH', prefix .. ':' .. KEY.wake, '') end
 return out

@@ -1,5 +1,5 @@
 --[[ purge: delete one dead letter, and the stored event once nothing else holds it
-(relay/delivery/deadletters.py).
+(relay/store/deadletters.py).
 KEYS
   1 entry       the dead letter
   2 index       the tenant's dead letters by time

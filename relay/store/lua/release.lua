@@ -1,5 +1,5 @@
 --[[ release: a cancelled attempt gives back its in-flight slot and, if it was the
-breaker's probe, its turn (relay/delivery/scripts.py) — only while the run still holds
+breaker's probe, its turn (relay/delivery/steps.py) — only while the run still holds
 the delivery (its in-progress mark holds the run's fencing token).
 KEYS
   1 inflight    the sink's in-flight leases

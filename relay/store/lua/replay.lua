@@ -1,4 +1,4 @@
---[[ replay: put one dead letter back through the queue (relay/delivery/deadletters.py):
+--[[ replay: put one dead letter back through the queue (relay/store/deadletters.py):
 the same deterministic job id, a fresh attempt count and deadline. The entry leaves the
 store in the same step, so it goes only once its job is queued. If a job for this
 (event, sink) is already queued, it carries the delivery and the entry's hold on the
@@ -16,6 +16,8 @@ KEYS
   10 gone       the sink's gone mark (cleared: a replay asks to try the sink again)
   11 chat       the chat's list of events, if the delivery was ordered ('' if not)
   12 held       the sink's held chats
+  13 breaker    the sink's breaker (an open one lets a probe through now: a replay asks
+                to try the sink again)
 ARGV
   1 member          the entry's member in the index
   2 job             the arq job record (JSON)
@@ -60,6 +62,7 @@ else
   event_release(K.ev)
 end
 redis.call('DEL', K.gone)
+if redis.call('HGET', K.breaker, 's') == 'o' then redis.call('HSET', K.breaker, 'u', now) end
 redis.call('HINCRBY', K.counts, cls, -1)
 redis.call('DEL', K.entry)
 redis.call('ZREM', K.index, A.member)

@@ -1,5 +1,5 @@
 --[[ reschedule: after a fault of the relay's own, the job runs again later
-(relay/delivery/scripts.py) — unless this run no longer holds it (its in-progress mark
+(relay/delivery/steps.py) — unless this run no longer holds it (its in-progress mark
 holds another token, or none: a stale run changes nothing) or it is finished (its job
 key is gone because the finish script ran but its reply was lost). XX: never re-create
 a queue entry.

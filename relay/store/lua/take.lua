@@ -1,11 +1,11 @@
 --[[ take: start the due deliveries of one poll and claim each, in one call
 (relay/delivery/steps.py; the worker's ``BatchStartWorker.start_jobs``). Per job, arq's
 checks — due by Redis' clock, not in progress on any worker — then its in-progress
-mark, then the claim (lib/claim.lua: an attempt, a deferral or the end of the
-delivery). The in-progress mark holds the run's fencing token: only a run whose token
+mark, then the claim (lib/claim.lua: an attempt, a deferral, a wait in the sink's
+waiting set, or the end of the delivery). The in-progress mark holds the run's fencing token: only a run whose token
 is still there may finish, renew, release or reschedule the delivery (a worker paused
 past its hold finds another's token and changes nothing). A deferred job's mark goes at
-once: it runs later, on any worker. A job whose job key has expired is taken out of the
+once: it runs later, on any worker; so does a job set aside to wait for its sink. A job whose job key has expired is taken out of the
 queue and reported. A job of a sink this worker knows but cannot use (its secret is
 unusable) is in `peek` mode: only marked, and its stored event and attempts come back
 for the caller to dead-letter it without an attempt. A job of a sink this worker does
@@ -20,12 +20,10 @@ ARGV
   3 in_progress_ms     how long the in-progress mark holds (the heartbeat renews it)
   4 max                how many jobs this worker can start (deferred ones do not count)
   5 margin_ms          how long past its deadline a delivery's job and event are kept
-  6 seed               seeds the jitters drawn per job
+  6 seed               seeds the jitter of an unknown sink's wait
   7 sinks              JSON: tenant .. "\n" .. sink -> [max_age_ms, max_attempts, cap,
-                       lease_ms, url, busy_ms, open_jitter_ms, half_open_ms, usable]
-                       for every sink this worker knows (the three waits before jitter:
-                       a claim puts off a busy or half-open delivery 1-2x its wait, an
-                       open breaker's up to its wait later; usable 0: only peeked at)
+                       lease_ms, url, usable] for every sink this worker knows (usable
+                       0: only peeked at)
   8 unknown_grace_ms   how long a job of an unknown sink is put off before it ends
   9 jobs               JSON: the due job ids read from the queue, in its order
 uses: clock claim delivery_keys
@@ -93,17 +91,14 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
           redis.call('DEL', in_progress)
           reply = {'defer', 'unknown_sink', wait}
         end
-      elseif lim[9] == 0 then
+      elseif lim[6] == 0 then
         reply = peek()
       else
         reply = claim(k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
           lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5],
-          busy_ms = math.floor(lim[6] * (1 + math.random())),
-          open_jitter_ms = math.floor(lim[7] * math.random()),
-          half_open_ms = math.floor(lim[8] * (1 + math.random())),
         })
-        if reply[1] == 'defer' then
+        if reply[1] == 'defer' or reply[1] == 'park' then
           redis.call('DEL', in_progress)
         else
           left = left - 1

@@ -5,18 +5,18 @@ current bucket's number: Unix ms // window), cf and cs (the failed and the succe
 attempts counted in it), pf and ps (those of the bucket before).
 ]]
 
--- 'ok' | 'probe' (go ahead as the half-open probe) | 'open' | 'half', then the wait (ms)
-local function breaker_check(key, now, job_id, open_jitter, half_wait)
+-- 'ok' | 'probe' (go ahead as the half-open probe) | 'open' | 'half' (another job's
+-- probe is in flight)
+local function breaker_check(key, now, job_id)
   local b = redis.call('HMGET', key, 's', 'u', 'p', 'pu')
   if b[1] == 'o' then
-    local u = tonumber(b[2]) or 0
-    if now < u then return 'open', u - now + open_jitter end
-    return 'probe', 0
+    if now < (tonumber(b[2]) or 0) then return 'open' end
+    return 'probe'
   elseif b[1] == 'h' then
-    if b[3] == job_id or now >= (tonumber(b[4]) or 0) then return 'probe', 0 end
-    return 'half', half_wait
+    if b[3] == job_id or now >= (tonumber(b[4]) or 0) then return 'probe' end
+    return 'half'
   end
-  return 'ok', 0
+  return 'ok'
 end
 
 local function breaker_take_probe(key, now, job_id, lease)

@@ -1,22 +1,23 @@
 --[[ claim: one delivery's claim, for ``take.lua`` (a poll's deliveries in one call):
 The stored event comes back whole for the caller to parse. A delivery whose sink URL is
 marked gone or whose attempts are used up ends (the caller dead-letters it), and so
-does one past its deadline that has had an attempt. One not due yet, whose sink's
-breaker is open (or half-open with another job's probe in flight) or whose sink is at
-its in-flight cap is put back in the queue for later. Otherwise the attempt is counted
-and an in-flight slot leased.
+does one past its deadline that has had an attempt. One not due yet is put back in the
+queue for when it is. One whose sink's breaker is open (or half-open with another
+job's probe in flight) or whose sink is at its in-flight cap is set aside in the
+sink's waiting set (lib/wait.lua) until a slot frees. Otherwise the attempt is counted
+and an in-flight slot leased (or the slot reserved for it taken over).
 The deadline measures the sink's failure, not the relay's queueing: a wait for an
 in-flight slot (the sink's `concurrency`, the relay's own cap) moves the deadline back
 by that wait, and a delivery past its deadline that was never tried still gets its
 one attempt — unless the sink's breaker is open (the sink is failing now): then it
 ends untried (attempts 0), and the caller's dead letter says so.
-``k``: ev, attempts, breaker, inflight, gone, job, queue (key names); ``arg``: now,
-job_id, max_age_ms, max_attempts, cap (the sink's concurrency), lease_ms (an in-flight
-slot's lease), margin_ms (how long past the deadline the job and the event are kept),
-url (compared with the gone mark), busy_ms (the first wait when the sink is at its
-cap; the longest is drawn between half and all of 10 s), open_jitter_ms, half_open_ms.
-uses: stored_event breaker
-Returns {'missing'} | {'unreadable'} | {'defer', reason, wait_ms}
+``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now, job_id, max_age_ms,
+max_attempts, cap (the sink's concurrency), lease_ms (an in-flight slot's lease),
+margin_ms (how long past the deadline the job and the event are kept), url (compared
+with the gone mark).
+uses: stored_event breaker wait
+Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
+  | {'park', 'busy'|'breaker_open'|'half_open'}
   | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
   held_ms: how long the delivery has waited on the sink's in-flight cap, all told
@@ -40,8 +41,8 @@ local function claim(k, arg)
     redis.call('PEXPIRE', k.job, keep)
     local ev_ttl = redis.call('PTTL', k.ev)
     if ev_ttl >= 0 and ev_ttl < keep then redis.call('PEXPIRE', k.ev, keep) end
-    local att_ttl = redis.call('PTTL', k.attempts)
-    if att_ttl >= 0 and att_ttl < keep then redis.call('PEXPIRE', k.attempts, keep) end
+    -- the record is this delivery's alone: a wait that made it lasting ends here
+    if redis.call('PTTL', k.attempts) < keep then redis.call('PEXPIRE', k.attempts, keep) end
   end
   if not dl then
     dl = (event_at(stored) or now) + tonumber(arg.max_age_ms)
@@ -58,38 +59,26 @@ local function claim(k, arg)
     redis.call('ZADD', k.queue, now + wait, job_id)
     return {'defer', reason, wait}
   end
-  -- A delivery put off again and again because its sink is busy (or probing) waits
-  -- longer each time, up to about 10 s: a slow sink's backlog must not crowd out the
-  -- jobs of other sinks by cycling through the queue. A capped wait is drawn between
-  -- half and all of the cap (math.random, seeded by the caller): with one fixed cap,
-  -- the waiting deliveries would come back in step, in groups, and leave the sink's
-  -- slots empty between them.
-  local function longer(wait)
-    local n = redis.call('HINCRBY', k.attempts, 'w', 1)
-    local cap = math.max(wait, 10000)
-    local grown = wait * 2 ^ math.min(n - 1, 16)
-    if grown < cap then return grown end
-    return math.floor(cap * (1 + math.random()) / 2)
-  end
   local due = tonumber(st[3])
   if due and due > now then return defer('not_due', due - now) end
-  local verdict, wait = breaker_check(k.breaker, now, job_id, tonumber(arg.open_jitter_ms),
-    tonumber(arg.half_open_ms))
+  local verdict = breaker_check(k.breaker, now, job_id)
   if verdict == 'open' then
     if late then return {'expired', unpack(info)} end  -- untried: its sink is failing
-    return defer('breaker_open', wait)
+    park(k, now, job_id, 'breaker_open')
+    return {'park', 'breaker_open'}
   end
-  if verdict == 'half' then return defer('half_open', longer(wait)) end
+  if verdict == 'half' then
+    park(k, now, job_id, 'half_open')
+    return {'park', 'half_open'}
+  end
   local lease = tonumber(arg.lease_ms)
   redis.call('ZREMRANGEBYSCORE', k.inflight, '-inf', now)
   local mine = redis.call('ZSCORE', k.inflight, job_id)
-  if redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) and not mine then
-    -- Waiting on the relay's own cap is not the sink's failure: the deadline moves too.
-    local wait = longer(tonumber(arg.busy_ms))
-    dl = redis.call('HINCRBY', k.attempts, 'dl', wait)
-    redis.call('HINCRBY', k.attempts, 'held', wait)
-    hold()
-    return defer('busy', wait)
+  if not mine and redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) then
+    -- Waiting on the relay's own cap is not the sink's failure: the deadline moves with
+    -- the wait (lib/wait.lua).
+    park(k, now, job_id, 'busy')
+    return {'park', 'busy'}
   end
   local probe = ''
   if verdict == 'probe' then
@@ -99,7 +88,8 @@ local function claim(k, arg)
   redis.call('ZADD', k.inflight, now + lease, job_id)
   redis.call('PEXPIRE', k.inflight, lease + margin)
   a = a + 1
-  redis.call('HSET', k.attempts, 'a', a, 'last', now, 'w', 0)
+  redis.call('HSET', k.attempts, 'a', a, 'last', now)
+  redis.call('HDEL', k.attempts, 'ps')
   redis.call('HSETNX', k.attempts, 'first', now)
   hold()
   return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}

@@ -1,4 +1,4 @@
---[[ deadletter_add: store one dead letter (relay/delivery/deadletters.py).
+--[[ deadletter_add: store one dead letter (relay/store/deadletters.py).
 ``fields`` is a table of the entry's flat name/value pairs, `class` among them.
 An earlier entry of the same (event, sink) is replaced and its class count moved.
 ]]

@@ -21,5 +21,10 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     counts = p .. KEY.dead_letter_counts .. ':' .. tenant,
     chat = (chat ~= '' and (p .. KEY.chat_order .. ':' .. ts .. ':' .. chat)) or '',
     held = p .. KEY.held_chats .. ':' .. ts,
+    wait = p .. KEY.waiting .. ':' .. ts,
+    waiting = p .. KEY.waiting_sinks,
+    member = ts,
+    att_base = p .. KEY.attempts .. ':' .. ts .. ':',  -- + event id: a delivery's record
+    job_base = p .. ts .. ':',  -- + event id: a delivery's job id
   }
 end

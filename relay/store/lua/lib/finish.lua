@@ -14,13 +14,16 @@ The in-progress mark goes too: the job may be taken again (at once, or when it i
 job_id, outcome (ok | retry | dead | drop), delay_ms (retry: the next attempt is due
 ``now + delay_ms``), status, error, effect (on the breaker: success | failure | none),
 rule (the breaker's: {min_failures, failure_rate, window_ms}), cooldown_ms,
-breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold);
+breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold), cap
+(the sink's concurrency; 0: unknown here) and lease_ms: the slots the sink has free
+then go to its waiting deliveries (lib/wait.lua), each reserved for lease_ms;
 ``fields``: the dead letter's name/value pairs (a table).
 Returns 0 if the run no longer holds the delivery (nothing was changed), else
-{next_job, breaker_change}: the job id of the chat's next event, now queued ('' if none
-or unordered), and what the attempt did to the sink's breaker (lib/breaker.lua's
-breaker_record: '' | 'open <failed> <attempts>' | 'reopen' | 'close').
-uses: stored_event breaker deadletter_add chat_order
+{next_job, breaker_change, started}: the job id of the chat's next event, now queued
+('' if none or unordered), what the attempt did to the sink's breaker (lib/breaker.lua's
+breaker_record: '' | 'open <failed> <attempts>' | 'reopen' | 'close'), and the job ids
+of the waiting deliveries now queued, due now, with a slot each.
+uses: stored_event breaker deadletter_add chat_order wait
 ]]
 
 local function finish(k, arg, fields)
@@ -32,11 +35,16 @@ local function finish(k, arg, fields)
   redis.call('ZREM', k.inflight, job_id)
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
     tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms))
+  local function done(next_job)
+    local started = {}
+    if arg.cap > 0 then started = wait_fill(k, arg.cap, now, arg.lease_ms) end
+    return {next_job, change, started}
+  end
   if outcome == 'retry' then
     local due = now + tonumber(arg.delay_ms)
     redis.call('HSET', k.attempts, 'due', due, 'st', arg.status, 'err', arg.error)
     redis.call('ZADD', k.queue, due, job_id)
-    return {'', change}
+    return done('')
   end
   redis.call('DEL', k.job, k.retry, k.attempts)
   redis.call('ZREM', k.queue, job_id)
@@ -50,11 +58,11 @@ local function finish(k, arg, fields)
     if ordered and arg.on_dead == 'hold' then
       redis.call('HSET', k.entry, 'holds', '1')
       chat_hold(k.chat, k.held, arg.chat, now, job_base, string.sub(k.ev, 1, #k.ev - #arg.event_id))
-      return {'', change}
+      return done('')
     end
   elseif outcome == 'ok' then
     event_release(k.ev)
   end
-  if ordered then return {chat_release(k.chat, arg.event_id, job_base, k.queue, now), change} end
-  return {'', change}
+  if ordered then return done(chat_release(k.chat, arg.event_id, job_base, k.queue, now)) end
+  return done('')
 end

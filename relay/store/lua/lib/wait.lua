@@ -1,0 +1,81 @@
+--[[ wait: a sink's waiting room. A delivery whose sink has no free in-flight slot (its
+`concurrency`), or whose breaker lets nothing through now, is set aside ("parked") out
+of arq's queue into the sink's waiting set, in queue order, instead of being put off
+and taken again and again: it costs nothing while it waits, and it cannot crowd other
+sinks' jobs out of the queue's head. It comes back when a slot frees — a finish, a
+lapsed lease, a breaker that lets a probe through — with that slot reserved for it (an
+in-flight lease of its own, which its claim takes over), so a sink's slots are filled
+in order and never twice. While set aside, its job, record and stored event do not
+expire; a wait for a slot (reason `busy`) moves its deadline back by as long (the
+relay's own cap is not the sink's failure), a wait on the breaker does not.
+The sink's member ("tenant:sink") is in the set of waiting sinks while its waiting
+set is not empty: every worker's sweep (sweep.lua) looks there for slots that freed
+without a finish.
+uses: keys
+]]
+
+-- Set the delivery aside; its place in line is kept across waits ('ps').
+local function park(k, now, job_id, reason)
+  local st = redis.call('HMGET', k.attempts, 'ps')
+  local order = tonumber(st[1]) or tonumber(redis.call('ZSCORE', k.queue, job_id)) or now
+  redis.call('ZREM', k.queue, job_id)
+  redis.call('ZREM', k.inflight, job_id)  -- a slot reserved for it goes back
+  redis.call('ZADD', k.wait, order, job_id)
+  redis.call('HSET', k.attempts, 'ps', order, 'pk', now, 'pr', reason)
+  redis.call('PERSIST', k.job)
+  redis.call('PERSIST', k.attempts)
+  redis.call('PERSIST', k.ev)
+  redis.call('SADD', k.waiting, k.member)
+end
+
+-- How many of the sink's deliveries may start now: its free slots, or one while its
+-- breaker lets a probe through, or none while it is open (or probing).
+local function wait_free(inflight, breaker, cap, now)
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
+  local free = cap - redis.call('ZCARD', inflight)
+  local b = redis.call('HMGET', breaker, 's', 'u', 'pu')
+  if b[1] == 'o' then
+    if now < (tonumber(b[2]) or 0) then return 0 end
+    return math.min(free, 1)
+  elseif b[1] == 'h' then
+    if now < (tonumber(b[3]) or 0) then return 0 end
+    return math.min(free, 1)
+  end
+  return free
+end
+
+-- Queue (due now) the sink's first `n` waiting deliveries, each with an in-flight slot
+-- reserved for `lease_ms` if `reserve`; their job ids. A job id is `job_base` and the
+-- event id; its record, `att_base` and the event id.
+local function unpark(wait, waiting, member, inflight, queue, att_base, job_base, n, now,
+    lease_ms, reserve)
+  local out = {}
+  if n <= 0 then return out end
+  local popped = redis.call('ZPOPMIN', wait, n)
+  for i = 1, #popped, 2 do
+    local id = popped[i]
+    local att = att_base .. string.sub(id, #job_base + 1)
+    local st = redis.call('HMGET', att, 'pk', 'pr')
+    local since = tonumber(st[1])
+    if since and st[2] == 'busy' and now > since then
+      -- waiting on the relay's own cap is not the sink's failure: the deadline moves
+      redis.call('HINCRBY', att, 'dl', now - since)
+      redis.call('HINCRBY', att, 'held', now - since)
+    end
+    redis.call('HDEL', att, 'pk', 'pr')
+    if reserve then redis.call('ZADD', inflight, now + lease_ms, id) end
+    redis.call('ZADD', queue, now, id)
+    out[#out + 1] = id
+  end
+  if redis.call('EXISTS', wait) == 0 then redis.call('SREM', waiting, member) end
+  return out
+end
+
+-- Fill the free slots of the sink of delivery keys `k` (lib/delivery_keys.lua) from its
+-- waiting set.
+local function wait_fill(k, cap, now, lease_ms)
+  if redis.call('EXISTS', k.wait) == 0 then return {} end
+  local n = wait_free(k.inflight, k.breaker, cap, now)
+  return unpark(k.wait, k.waiting, k.member, k.inflight, k.queue, k.att_base, k.job_base, n,
+    now, lease_ms, true)
+end
