@@ -5,11 +5,12 @@
   with the Standard Webhooks scheme as the relay signs it, ``--concurrency`` at once
   (the worker's ``max_jobs``).
 - **drain**: ``--events`` events are queued in a redis-server (AOF, ``appendfsync
-  always``) for one sink (``concurrency`` = ``max_jobs``), then one ``chert-relay
-  worker`` process starts; the rate is distinct events at the sink over the time from
-  the worker's start to the last 2xx. With ``--sinks 3`` each event goes to three sinks
-  (deliveries/s and events/s). During the drain the worker's RSS and Redis' memory are
-  sampled: bytes per queued delivery, and whether the worker's memory stays flat.
+  always``) for one sink (``concurrency`` = ``max_jobs``, unless ``--max-jobs``), then
+  one ``chert-relay worker`` process starts; the rate is distinct events at the sink
+  over the time from the worker's start to the last 2xx. With ``--sinks 3`` each event
+  goes to three sinks (deliveries/s and events/s). During the drain the worker's RSS and
+  Redis' memory are sampled: bytes per queued delivery, and whether the worker's memory
+  stays flat.
 - **steady**: events are ingested at ``--steady-rate`` while one worker delivers, for
   ``--steady-seconds``; the delivery rate must keep up (reported as a ratio to the
   ingest rate), and p50/p99 of ingest → sink 2xx are reported.
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +56,12 @@ TENANT = "acme-7a3f"
 SINK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-def body(event_id: str) -> bytes:
+def body(event_id: str, tenant: str = TENANT, event: str = "message.received") -> bytes:
     return json.dumps(
         {
-            "event": "message.received",
+            "event": event,
             "event_id": event_id,
-            "partner_id": TENANT,
+            "partner_id": tenant,
             "timestamp": "2026-05-24T01:35:34.000Z",
             "api_version": "v1",
             "data": {
@@ -134,12 +136,22 @@ def baseline(sink: str, n: int, concurrency: int) -> dict[str, float]:
 
 
 def config(
-    redis_url: str, sink: str, sinks: int, concurrency: int, poll_delay: float
+    redis_url: str,
+    sink: str,
+    sinks: int,
+    concurrency: int | None,
+    poll_delay: float | None,
+    max_jobs: int | None,
 ) -> dict[str, Any]:
+    """One tenant with ``sinks`` sinks of ``concurrency``, one worker setting
+    ``max_jobs`` and ``poll_delay``. A ``None`` is left out: the shipped default."""
+    worker = {"max_jobs": max_jobs, "poll_delay": poll_delay}
+    worker = {k: v for k, v in worker.items() if v is not None}
+    cap = {} if concurrency is None else {"concurrency": concurrency}
     return {
         "redis": {"url": redis_url},
         "admin": {"listen": "127.0.0.1:0", "worker_listen": f"127.0.0.1:{WORKER_ADMIN[0]}"},
-        "worker": {"max_jobs": concurrency, "poll_delay": poll_delay},
+        "worker": worker,
         "tenants": [
             {
                 "slug": TENANT,
@@ -150,7 +162,7 @@ def config(
                         "name": f"s{i}",
                         "url": f"{sink}/hook/{i}",
                         "secret": SINK_SECRET,
-                        "concurrency": concurrency,
+                        **cap,
                     }
                     for i in range(sinks)
                 ],
@@ -184,28 +196,35 @@ async def fill(
     run: str,
     at: float | None = None,
     acked: dict[str, float] | None = None,
+    event: Callable[[int], tuple[str, str, bytes]] | None = None,
 ) -> int:
     """Queue ``n`` events (at ``at`` events/s, or as fast as possible); Redis bytes used.
-    Paced, each event's ingest (its 202, were it a webhook) is timed into ``acked``."""
+    Paced, each event's ingest (its 202, were it a webhook) is timed into ``acked``.
+    ``event(j)``: the j-th event's tenant, id and body (by default ``TENANT``'s
+    ``message.received`` with id ``{run}:{j}``)."""
+    make = event or (lambda j: (TENANT, f"{run}:{j}", body(f"{run}:{j}")))
     cfg = parse_config(data, env={})
     client: Redis = Redis.from_url(data["redis"]["url"])
     before = int((await client.info("memory"))["used_memory"])
     ingestor = Ingestor(client, cfg)
     if at is None:
         for i in range(0, n, 1000):
-            events = [envelope.from_body(body(f"{run}:{j}")) for j in range(i, min(n, i + 1000))]
-            await asyncio.gather(*(ingestor.ingest(TENANT, e, "webhook") for e in events))
+            events = [make(j) for j in range(i, min(n, i + 1000))]
+            await asyncio.gather(
+                *(ingestor.ingest(t, envelope.from_body(b), "webhook") for t, _, b in events)
+            )
     else:
 
-        async def one(event_id: str) -> None:
-            await ingestor.ingest(TENANT, envelope.from_body(body(event_id)), "webhook")
+        async def one(j: int) -> None:
+            tenant, event_id, raw = make(j)
+            await ingestor.ingest(tenant, envelope.from_body(raw), "webhook")
             if acked is not None:
                 acked[event_id] = time.time()
 
         start = time.monotonic()
         pending: set[asyncio.Task[None]] = set()
         for j in range(n):
-            task = asyncio.create_task(one(f"{run}:{j}"))
+            task = asyncio.create_task(one(j))
             pending.add(task)
             task.add_done_callback(pending.discard)
             ahead = start + (j + 1) / at - time.monotonic()
@@ -245,13 +264,15 @@ def worker(path: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
+def drain(
+    work: Path, sink: str, args: argparse.Namespace, timeout: float = 900.0
+) -> dict[str, float]:
     get_json(f"{sink}/reset", "POST")
     work.mkdir()
     redis = EmbeddedRedis(work / "redis", port=free_port())
     asyncio.run(redis.start())
     try:
-        data = config(redis.url, sink, args.sinks, args.concurrency, args.poll_delay)
+        data = config(redis.url, sink, args.sinks, args.concurrency, args.poll_delay, args.max_jobs)
         path = work / "relay.toml"
         path.write_text(toml(data))
         used = asyncio.run(fill(data, args.events, work.name))
@@ -261,7 +282,11 @@ def drain(work: Path, sink: str, args: argparse.Namespace) -> dict[str, float]:
         rss = []
         try:
             expected = args.events * args.sinks
+            deadline = time.monotonic() + timeout
             while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    got = get_json(f"{sink}/stats")["unique"]
+                    raise SystemExit(f"drain: {got} of {args.events} delivered, worker stopped")
                 stats = get_json(f"{sink}/stats")
                 rss.append(rss_kb(proc.pid))
                 if stats["requests"] >= expected and stats["unique"] >= args.events:
@@ -312,7 +337,7 @@ def steady(work: Path, sink: str, args: argparse.Namespace, rate: float) -> dict
     n = int(rate * args.steady_seconds)
     acked: dict[str, float] = {}
     try:
-        data = config(redis.url, sink, 1, args.concurrency, args.poll_delay)
+        data = config(redis.url, sink, 1, args.concurrency, args.poll_delay, args.max_jobs)
         path = work / "relay.toml"
         path.write_text(toml(data))
         proc = worker(path)
@@ -337,6 +362,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--max-jobs", type=int, help="worker.max_jobs (default: --concurrency)")
     ap.add_argument("--sinks", type=int, default=1)
     ap.add_argument("--poll-delay", type=float, default=0.05)
     ap.add_argument("--rounds", type=int, default=2)
@@ -346,6 +372,8 @@ def main() -> None:
     ap.add_argument("--steady-seconds", type=float, default=20.0)
     ap.add_argument("--profile", metavar="FILE", help="record the worker with py-spy")
     args = ap.parse_args()
+    if args.max_jobs is None:
+        args.max_jobs = args.concurrency
     if args.profile:
         PROFILE.append(args.profile)
     ratios: dict[str, list[float]] = {"drain": [], "cpu": [], "steady": []}

@@ -47,55 +47,12 @@ from receiver import (  # noqa: E402
     wait_port,
     write_data,
 )
+from sinkserver import sink_main  # noqa: E402
 
 from relay.signing import webhook_headers  # noqa: E402
 from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 SINK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-# --- the sink (its own process) ---------------------------------------------------------
-
-
-def sink_main(port: int) -> None:
-    from aiohttp import web
-
-    arrivals: dict[str, float] = {}
-    count = [0]
-
-    async def hook(request: web.Request) -> web.Response:
-        await request.read()
-        count[0] += 1
-        event_id = request.headers.get("webhook-id")
-        if event_id is not None and event_id not in arrivals:
-            arrivals[event_id] = time.time()
-        return web.Response(status=200)
-
-    async def stats(request: web.Request) -> web.Response:
-        times = list(arrivals.values())
-        return web.json_response(
-            {
-                "requests": count[0],
-                "unique": len(arrivals),
-                "first": min(times, default=0.0),
-                "last": max(times, default=0.0),
-            }
-        )
-
-    async def dump(request: web.Request) -> web.Response:
-        return web.json_response(arrivals)
-
-    async def reset(request: web.Request) -> web.Response:
-        arrivals.clear()
-        count[0] = 0
-        return web.json_response({})
-
-    app = web.Application(client_max_size=1_048_576)
-    app.router.add_get("/stats", stats)
-    app.router.add_get("/dump", dump)
-    app.router.add_post("/reset", reset)
-    app.router.add_post("/{tail:.*}", hook)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def get_json(url: str, method: str = "GET") -> Any:
@@ -113,8 +70,9 @@ def loadgen_main(url: str, rate: float, seconds: float, out: str) -> None:
     prefix, suffix = envelope_parts()
     tag = int(time.time())
 
-    async def run() -> tuple[dict[str, float], int]:
+    async def run() -> tuple[dict[str, float], dict[str, float], int]:
         sent: dict[str, float] = {}
+        answered: dict[str, float] = {}
         failed = 0
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -123,11 +81,13 @@ def loadgen_main(url: str, rate: float, seconds: float, out: str) -> None:
                 nonlocal failed
                 event_id = f"chert:msg:lat-{tag}-{i:07d}"
                 body = f"{prefix}{event_id}{suffix}".encode()
-                headers = {"Content-Type": "application/json"}
+                # webhook-id: what the sink keys arrivals by, when posted to it directly
+                headers = {"Content-Type": "application/json", "webhook-id": event_id}
                 headers.update(webhook_headers(SECRET, body))
                 sent[event_id] = time.time()
                 async with session.post(url, data=body, headers=headers) as resp:
                     await resp.read()
+                    answered[event_id] = time.time()
                     if resp.status >= 300:
                         failed += 1
 
@@ -140,10 +100,21 @@ def loadgen_main(url: str, rate: float, seconds: float, out: str) -> None:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(i)))
             await asyncio.gather(*tasks)
-        return sent, failed
+        return sent, answered, failed
 
-    sent, failed = asyncio.run(run())
-    Path(out).write_text(json.dumps({"sent": sent, "failed": failed}))
+    sent, answered, failed = asyncio.run(run())
+    Path(out).write_text(json.dumps({"sent": sent, "answered": answered, "failed": failed}))
+
+
+def run_loadgen(url: str, rate: float, seconds: float, out: Path) -> dict[str, Any]:
+    """:func:`loadgen_main` in its own process: ``sent`` and ``answered`` (event id ->
+    unix seconds) and the count of non-2xx answers, ``failed``."""
+    subprocess.run(
+        [sys.executable, __file__, "--loadgen", url, str(rate), str(seconds), str(out)],
+        check=True,
+    )
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
 
 
 # --- the relay ---------------------------------------------------------------------------
@@ -153,7 +124,15 @@ class Relay:
     """``chert-relay run`` (one process, embedded Redis), or with ``split`` a redis-server
     (AOF, ``appendfsync always``) plus ``chert-relay serve`` and ``chert-relay worker``."""
 
-    def __init__(self, workdir: Path, sink_url: str, split: bool, poll_delay: float) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sink_url: str,
+        split: bool,
+        poll_delay: float,
+        *,
+        shipped: bool = False,
+    ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: EmbeddedRedis | None = None
         redis_url = ""
@@ -162,7 +141,9 @@ class Relay:
             redis_url = asyncio.run(self.redis.start())
         self.port, self.admin = free_port(), free_port()
         self.worker_admin = self.admin
-        cfg = write_config(workdir, sink_url, self.port, self.admin, redis_url, poll_delay)
+        cfg = write_config(
+            workdir, sink_url, self.port, self.admin, redis_url, poll_delay, shipped=shipped
+        )
         argv = [sys.executable, "-m", "relay", "--log-level", "warning", "--config", str(cfg)]
         if not split:
             self.procs.append(subprocess.Popen([*argv, "run"], cwd=ROOT))
@@ -171,7 +152,11 @@ class Relay:
             self.worker_admin = free_port()
             worker = [*argv, "worker", "--admin-listen", f"127.0.0.1:{self.worker_admin}"]
             self.procs.append(subprocess.Popen(worker, cwd=ROOT))
-        wait_http(f"http://127.0.0.1:{self.admin}/readyz")
+        try:
+            wait_http(f"http://127.0.0.1:{self.admin}/readyz")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for p in self.procs:
@@ -181,10 +166,21 @@ class Relay:
 
 
 def write_config(
-    workdir: Path, sink_url: str, port: int, admin: int, redis_url: str, poll_delay: float
+    workdir: Path,
+    sink_url: str,
+    port: int,
+    admin: int,
+    redis_url: str,
+    poll_delay: float,
+    *,
+    shipped: bool = False,
 ) -> Path:
+    """The relay's config; ``shipped``: no ``[worker]`` settings and no sink
+    ``concurrency``, the defaults (``poll_delay`` unused) instead of this benchmark's."""
     cfg = workdir / "relay.toml"
     redis = f'[redis]\nurl = "{redis_url}"' if redis_url else ""
+    worker = "" if shipped else f"[worker]\nmax_jobs = 200\npoll_delay = {poll_delay}"
+    concurrency = "" if shipped else "concurrency = 200"
     cfg.write_text(f"""
 {redis}
 [server]
@@ -193,9 +189,7 @@ listen = "127.0.0.1:{port}"
 listen = "127.0.0.1:{admin}"
 [relay]
 state_dir = "{workdir / "state"}"
-[worker]
-max_jobs = 200
-poll_delay = {poll_delay}
+{worker}
 [[tenants]]
 slug = "{TENANT}"
 webhook_secrets = ["{SECRET}"]
@@ -204,7 +198,7 @@ poll = {{ mode = "off" }}
 name = "sink"
 url = "{sink_url}"
 secret = "{SINK_SECRET}"
-concurrency = 200
+{concurrency}
 """)
     return cfg
 
@@ -272,34 +266,41 @@ def throughput(
     print("  " + "; ".join(outcomes))
 
 
-def latency(work: Path, sink: str, args: argparse.Namespace, split: bool) -> None:
+def latency_run(
+    work: Path,
+    sink: str,
+    rate: float,
+    seconds: float,
+    split: bool,
+    poll_delay: float,
+    *,
+    shipped: bool = False,
+) -> dict[str, Any]:
+    """Webhooks at ``rate`` for ``seconds`` through a fresh relay to ``sink``: the
+    milliseconds from each webhook's send (``sent``) and from its answer (``answered``) to
+    its arrival at the sink, and how many were refused (``failed``)."""
     get_json(f"{sink}/reset", "POST")
     work.mkdir()
-    relay = Relay(work, f"{sink}/hook", split, args.poll_delay)
-    out = work / "sent.json"
+    relay = Relay(work, f"{sink}/hook", split, poll_delay, shipped=shipped)
     try:
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--loadgen",
-                f"http://127.0.0.1:{relay.port}/webhooks/chert/{TENANT}",
-                str(args.rate),
-                str(args.latency_seconds),
-                str(out),
-            ],
-            check=True,
-        )
-        sent_doc = json.loads(out.read_text())
-        sent: dict[str, float] = sent_doc["sent"]
-        wait_delivered(sink, len(sent), timeout=60)
+        url = f"http://127.0.0.1:{relay.port}/webhooks/chert/{TENANT}"
+        doc = run_loadgen(url, rate, seconds, work / "sent.json")
+        wait_delivered(sink, len(doc["sent"]), timeout=60)
         arrivals: dict[str, float] = get_json(f"{sink}/dump")
     finally:
         relay.stop()
-    lat = [(arrivals[i] - t) * 1000 for i, t in sent.items() if i in arrivals]
+    return {
+        key: [(arrivals[i] - t) * 1000 for i, t in doc[key].items() if i in arrivals]
+        for key in ("sent", "answered")
+    } | {"failed": doc["failed"]}
+
+
+def latency(work: Path, sink: str, args: argparse.Namespace, split: bool) -> None:
+    got = latency_run(work, sink, args.rate, args.latency_seconds, split, args.poll_delay)
+    lat = got["sent"]
     print(
         f"latency at {args.rate:.0f} events/s for {args.latency_seconds:.0f} s "
-        f"({len(lat)} events, {sent_doc['failed']} refused): p50 {pct(lat, 50):.1f} ms"
+        f"({len(lat)} events, {got['failed']} refused): p50 {pct(lat, 50):.1f} ms"
         f"  p99 {pct(lat, 99):.1f} ms  max {max(lat):.1f} ms"
     )
 
