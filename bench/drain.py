@@ -314,16 +314,23 @@ def drain(
 
 
 def deferrals() -> dict[str, float]:
-    """The worker's deliveries put off, by reason (from its /metrics)."""
+    """The worker's deliveries put off (put back in the queue for later), by reason, and
+    its waits for a sink (set aside once per wait) as ``wait_<reason>`` (from its
+    /metrics)."""
     import urllib.request
 
     url = f"http://127.0.0.1:{WORKER_ADMIN[0]}/metrics"
     out: dict[str, float] = {}
+    kinds = {
+        "chert_relay_delivery_deferrals_total{": "",
+        "chert_relay_delivery_waits_total{": "wait_",
+    }
     with urllib.request.urlopen(url, timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("chert_relay_delivery_deferrals_total{"):
-                reason = line.split('reason="')[1].split('"')[0]
-                out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+            for start, tag in kinds.items():
+                if line.startswith(start):
+                    reason = tag + line.split('reason="')[1].split('"')[0]
+                    out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
 
 

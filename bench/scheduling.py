@@ -4,7 +4,7 @@ Every figure comes with a baseline measured in the same run, and the order of th
 measurements inside a section rotates from round to round (these machines are noisy:
 only same-run ratios count). The worker and its sinks run on the SHIPPED settings —
 no ``[worker]`` section, no sink ``concurrency`` (16), ``max_jobs`` (200), ``poll_delay``
-(50 ms), ``busy_defer``, the breaker's — unless a section says what it changes. Redis is
+(500 ms), the breaker's — unless a section says what it changes. Redis is
 a redis-server with AOF and ``appendfsync always``, as in ``bench/drain.py``.
 
 1. **Backlog drain**: ``--events`` events queued for one sink answering in ~1 ms
@@ -136,8 +136,15 @@ def drain_args(events: int, concurrency: int | None) -> argparse.Namespace:
 
 
 def busy_per_1000(got: dict[str, float], events: int) -> float:
-    """Busy deferrals per 1,000 deliveries of a drain (one delivery per event)."""
+    """Busy deferrals per 1,000 deliveries of a drain (one delivery per event): a delivery
+    put back in the queue to be read again because its sink was at its cap."""
     return got.get("deferred_busy", 0.0) * 1000 / events
+
+
+def waits_per_1000(got: dict[str, float], events: int) -> float:
+    """Busy waits per 1,000 deliveries: a delivery set aside until its sink had a free
+    slot (once per wait; at most 1,000)."""
+    return got.get("deferred_wait_busy", 0.0) * 1000 / events
 
 
 # --- 1 and 2: backlog drains -----------------------------------------------------------------
@@ -157,13 +164,15 @@ def backlog_drain(work: Path, sink: str, args: argparse.Namespace, r: int) -> di
         out[name] = {
             "rate": got["deliveries_s"],
             "busy_per_1000": busy_per_1000(got, args.events),
+            "waits_per_1000": waits_per_1000(got, args.events),
             "cpu_ms": got["worker_ms"],
             "redis_ms": got["redis_ms"],
         }
         label = f"concurrency {SHIPPED_CAP} (shipped)" if cap is None else "concurrency 200"
         print(
             f"  drain, {label}: {got['deliveries_s']:,.0f} deliveries/s, busy deferrals "
-            f"{out[name]['busy_per_1000']:,.0f} per 1,000 deliveries; CPU per delivery: worker "
+            f"{out[name]['busy_per_1000']:,.0f} per 1,000 deliveries (busy waits, once each: "
+            f"{out[name]['waits_per_1000']:,.0f}); CPU per delivery: worker "
             f"{got['worker_ms']:.3f} ms (its start-up included), redis-server "
             f"{got['redis_ms']:.3f} ms"
         )
@@ -462,7 +471,8 @@ def recovery(work: Path, sink: str, args: argparse.Namespace, r: int) -> dict[st
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
                 with contextlib.suppress(OSError):
-                    if deferrals().get("breaker_open", 0) > 0:
+                    put_off = deferrals()
+                    if put_off.get("breaker_open", 0) + put_off.get("wait_breaker_open", 0) > 0:
                         opened = time.time()
                         break
                 time.sleep(0.05)
@@ -595,6 +605,8 @@ def summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"   busy deferrals per 1,000 deliveries: concurrency {cap} "
             f"{spread(col('drain', 'c16', 'busy_per_1000'), ',.0f')}, concurrency 200 "
             f"{spread(col('drain', 'c200', 'busy_per_1000'), ',.0f')}   (goal: near 0)\n"
+            f"   busy waits (set aside once until a slot frees) per 1,000 deliveries: "
+            f"concurrency {cap} {spread(col('drain', 'c16', 'waits_per_1000'), ',.0f')}\n"
             f"   worker CPU per delivery: concurrency {cap} "
             f"{spread(col('drain', 'c16', 'cpu_ms'), '.3f')} ms, 200 "
             f"{spread(col('drain', 'c200', 'cpu_ms'), '.3f')} ms; plain client per request "
@@ -706,9 +718,8 @@ def main() -> None:
         f"bench/scheduling.py {'--quick ' if args.quick else ''}at {commit or '?'}, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f}\nshipped: sink concurrency {SHIPPED_CAP}, worker max_jobs "
-        f"{SHIPPED.max_jobs}, poll_delay {SHIPPED.poll_delay:g} s, busy_defer "
-        f"{SHIPPED.busy_defer:g} s, breaker {SHIPPED.breaker_failures} failures / "
-        f"{SHIPPED.breaker_failure_rate:g} over {SHIPPED.breaker_window:g} s, cooldown "
+        f"{SHIPPED.max_jobs}, poll_delay {SHIPPED.poll_delay:g} s, breaker "
+        f"{SHIPPED.breaker_failures} failures / {SHIPPED.breaker_failure_rate:g} over {SHIPPED.breaker_window:g} s, cooldown "
         f"{SHIPPED.breaker_cooldown:g} s",
         flush=True,
     )

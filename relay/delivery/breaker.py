@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 
 from relay.config import WorkerConfig
 from relay.keys import Keys
+from relay.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,12 @@ def states_sync(
     return {pair: _state(f, now) for pair, f in zip(pairs, found, strict=True)}
 
 
+# A probe goes every breaker_cooldown (2 s) while a sink fails: its lines are throttled.
+PROBE_LOG_EVERY_S = 60.0
+_PROBES = Throttle(PROBE_LOG_EVERY_S)
+_REOPENS = Throttle(PROBE_LOG_EVERY_S)
+
+
 def log_change(tenant: str, sink: str, change: str, error: str, worker: WorkerConfig) -> None:
     """Log what a finish did to the breaker of ``tenant``/``sink``: ``change`` is
     ``finish.lua``'s (``open <failed> <attempts>``, ``reopen`` or ``close``) and ``error``
@@ -106,20 +113,32 @@ def log_change(tenant: str, sink: str, change: str, error: str, worker: WorkerCo
             error or "none",
             worker.breaker_cooldown,
         )
+        _PROBES.forget((tenant, sink))
+        _REOPENS.forget((tenant, sink))
     elif what == "reopen":
+        held_back = _REOPENS.allow((tenant, sink))
+        if held_back is None:
+            return
         log.warning(
-            "breaker of sink %s/%s opened again: the probe failed (%s); the next one in %gs",
+            "breaker of sink %s/%s opened again: the probe failed (%s)%s; the next one in %gs",
             tenant,
             sink,
             error or "no error text",
+            f", as {held_back} more did since the last line" if held_back else "",
             worker.breaker_cooldown,
         )
     elif what == "close":
         log.info("breaker of sink %s/%s closed: the probe succeeded", tenant, sink)
+        _PROBES.forget((tenant, sink))
+        _REOPENS.forget((tenant, sink))
 
 
 def log_probe(tenant: str, sink: str, attempt: int) -> None:
-    """The breaker of ``tenant``/``sink`` is half-open: this worker sends its probe."""
+    """The breaker of ``tenant``/``sink`` is half-open: this worker sends its probe. (A
+    probe goes every ``breaker_cooldown`` while the sink fails: these lines, and those of
+    failed probes, come at most once a minute per sink.)"""
+    if _PROBES.allow((tenant, sink)) is None:
+        return
     log.info(
         "breaker of sink %s/%s half-open: one delivery goes as a probe (its attempt %d)",
         tenant,
