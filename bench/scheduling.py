@@ -719,8 +719,8 @@ def main() -> None:
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.2f}\nshipped: sink concurrency {SHIPPED_CAP}, worker max_jobs "
         f"{SHIPPED.max_jobs}, poll_delay {SHIPPED.poll_delay:g} s, breaker "
-        f"{SHIPPED.breaker_failures} failures / {SHIPPED.breaker_failure_rate:g} over {SHIPPED.breaker_window:g} s, cooldown "
-        f"{SHIPPED.breaker_cooldown:g} s",
+        f"{SHIPPED.breaker_failures} failures / {SHIPPED.breaker_failure_rate:g} over "
+        f"{SHIPPED.breaker_window:g} s, cooldown {SHIPPED.breaker_cooldown:g} s",
         flush=True,
     )
     rounds: list[dict[str, Any]] = []
