@@ -152,12 +152,14 @@ class Deliverer:
         """Wait for the finishes already asked for (the worker stops)."""
         await self._steps.drain()
 
-    async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str]]:
-        """Start and claim the due jobs of one poll (``take.lua``): the jobs this worker
-        now runs (:meth:`run` each), and the ids of jobs whose key had expired. A job
-        put off (not due, its sink busy or its breaker open) is back in the queue."""
+    async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int]:
+        """Start and claim the due jobs of one read of the queue (``take.lua``): the jobs
+        this worker now runs (:meth:`run` each), the ids of jobs whose key had expired,
+        and how many jobs the take handled (started, put off or set aside). A job put
+        off (not due) is back in the queue; one whose sink is busy or whose breaker is
+        open waits, set aside."""
         if self.draining:
-            return [], []  # they stay in the queue, for the next worker
+            return [], [], 0  # they stay in the queue, for the next worker
         taken, expired = await self._steps.take(
             job_ids, self._sinks.claim_limits, free, int(heartbeat.HOLD_S * 1000)
         )
@@ -177,7 +179,7 @@ class Deliverer:
             self.running[job.ref.job_id] = self._running(job)
             if self.started_in_census is not None:
                 self.started_in_census.add(job.ref.job_id)
-        return started, expired
+        return started, expired, len(taken)
 
     def _running(self, job: Taken) -> Running:
         """What the heartbeat holds for a started job: its in-progress mark, and its

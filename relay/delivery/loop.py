@@ -56,6 +56,7 @@ SWEEP_S = 0.5  # how often a worker looks for slots that freed without a finish
 LISTEN_RETRY_S = (0.5, 10.0)  # first and longest wait before listening again
 CLOSE_S = 1.0  # bound on closing the wake channel's connection (its server may be gone)
 READ_AT_LEAST = 100  # a read of the queue looks this far past the jobs running here
+NEWEST = 100  # a read also looks at this many of the newest due jobs, and offers them first
 
 
 def job_timeout(config: Config) -> float:
@@ -86,7 +87,7 @@ class DeliveryLoop:
         self._hooks = hooks
         self.max_jobs = worker.max_jobs
         self._poll_s = worker.poll_delay
-        self._read_limit = worker.queue_read_limit or max(worker.max_jobs * 5, READ_AT_LEAST)
+        self._read_limit = worker.queue_read_limit or max(worker.max_jobs, READ_AT_LEAST)
         self._grace_s = worker.unknown_sink_grace
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.jobs_complete = 0
@@ -147,24 +148,32 @@ class DeliveryLoop:
             await asyncio.wait(helpers, timeout=CLOSE_S)
 
     async def _read(self) -> int | None:
-        """Read the queue's due head and take what this worker has slots for; the next
-        due time after now (Redis' clock, ms), if any."""
+        """Read the queue's due jobs and take what this worker has slots for; the next
+        due time after now (Redis' clock, ms), if any.
+
+        The newest due jobs are read too, and offered first: a large due backlog (a
+        worker that was down, a backfill) is set aside a read at a time, and new work
+        must not wait behind it until it all is. A read that found as many due jobs as
+        it could read reads again at once."""
         async with self._take_lock:
             now = CLOCK.now_ms()
             free = self.free
+            head = len(self.tasks) + self._read_limit
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrangebyscore(
-                    self._keys.queue, "-inf", now, start=0, num=len(self.tasks) + self._read_limit
-                )
+                pipe.zrangebyscore(self._keys.queue, "-inf", now, start=0, num=head)
+                pipe.zrevrangebyscore(self._keys.queue, now, "-inf", start=0, num=NEWEST)
                 pipe.zrangebyscore(
                     self._keys.queue, f"({now}", "+inf", start=0, num=1, withscores=True
                 )
-                due, later = await pipe.execute()
+                due, newest, later = await pipe.execute()
             if free <= 0:
                 self._backlog = bool(due)
             else:
-                ids = [i for i in (j.decode() for j in due) if i not in self.tasks]
-                self._backlog = await self._take(ids) >= free
+                found = [j.decode() for j in reversed(newest)] + [j.decode() for j in due]
+                ids = [i for i in dict.fromkeys(found) if i not in self.tasks]
+                started, handled = await self._take(ids)
+                # more due than one read saw, and this read set some aside: read on
+                self._backlog = started >= free or (len(due) >= head and handled > started)
         return int(later[0][1]) if later else None
 
     def start_now(self, job_id: str) -> None:
@@ -184,7 +193,7 @@ class DeliveryLoop:
             async with self._take_lock:
                 ids, self._now = self._now, []
                 ids = [i for i in ids if i not in self.tasks]
-                if await self._take(ids) < len(ids):
+                if (await self._take(ids))[0] < len(ids):
                     self._backlog = True  # no slot for some: the next free one reads again
         except (redis.exceptions.RedisError, OSError) as e:
             # The next read starts them: they are in the queue, due.
@@ -194,12 +203,13 @@ class DeliveryLoop:
         if self._now and self.allow_pick_jobs:
             self._now_task = asyncio.get_running_loop().create_task(self._start_asked())
 
-    async def _take(self, ids: list[str]) -> int:
-        """Take and start ``ids`` (as many as there are free slots); how many started."""
+    async def _take(self, ids: list[str]) -> tuple[int, int]:
+        """Take and start ``ids`` (as many as there are free slots); how many started, and
+        how many the take handled (started, put off or set aside)."""
         free = self.free
         if free <= 0 or not ids or not self.allow_pick_jobs:
-            return 0
-        taken, expired = await self._deliverer.take(ids, free)
+            return 0, 0
+        taken, expired, handled = await self._deliverer.take(ids, free)
         for job_id in expired:
             self._hooks.expired(job_id)
         for job in taken:
@@ -207,7 +217,7 @@ class DeliveryLoop:
             t = asyncio.get_running_loop().create_task(self._run(job))
             self.tasks[job.ref.job_id] = t
             t.add_done_callback(functools.partial(self._ended, job.ref.job_id))
-        return len(taken)
+        return len(taken), handled
 
     async def _run(self, job: Taken) -> None:
         try:
