@@ -72,6 +72,13 @@ class Keys:
         """Deterministic: the same (event, sink) always maps to the same job."""
         return f"{self.prefix}:{tenant}:{sink}:{event_id}"
 
+    def parse_job_id(self, job_id: str) -> tuple[str, str, str]:
+        """``(tenant, sink, event_id)`` of a delivery's job id (:meth:`job_id`): slugs
+        have no ``:``, so the event id is the rest (it may have some)."""
+        tenant, _, rest = job_id.removeprefix(self.prefix + ":").partition(":")
+        sink, _, event_id = rest.partition(":")
+        return tenant, sink, event_id
+
     @staticmethod
     def job(job_id: str) -> str:
         """arq's job record (``relay.store.jobs``), with an expiry past the deadline."""

@@ -59,7 +59,7 @@ from relay.delivery.limits import SinkTable
 from relay.delivery.loop import JOB_MARGIN_S, job_timeout
 from relay.delivery.metric_children import MetricChildren
 from relay.delivery.retry import next_attempt, status_class
-from relay.delivery.sink_client import Answer, Request, SinkClient, scrub
+from relay.delivery.sink_client import Answer, Request, SinkClient, clip
 from relay.delivery.steps import (
     BreakerEffect,
     Defer,
@@ -282,7 +282,8 @@ class Deliverer:
             cls, error = "gone", "the sink's URL answered 410 Gone earlier; not tried"
         else:
             cls, error = "exhausted", why_ended(end, sink)
-        entry = dead_letter_of(ref, end.stored.type, cls, end.tried, end.status, scrub(error, sink))
+        # the last error was recorded scrubbed (the sink client scrubs every answer)
+        entry = dead_letter_of(ref, end.stored.type, cls, end.tried, end.status, clip(error))
         await self._dead_letter(ref, entry, effect="none")
 
     async def _attempt(self, a: _Attempt) -> RunOutcome:
@@ -315,8 +316,7 @@ class Deliverer:
         gone = answer.status == 410
         cls = "gone" if gone else "rejected"
         self._count(ref, cls, answer)
-        error = scrub(answer.error, sink)
-        entry = dead_letter_of(ref, stored.type, cls, a.tried(now), answer.status, error)
+        entry = dead_letter_of(ref, stored.type, cls, a.tried(now), answer.status, answer.error)
         await self._dead_letter(
             ref,
             entry,
@@ -351,7 +351,7 @@ class Deliverer:
     async def _failed(self, a: _Attempt, answer: Answer, now: int) -> RunOutcome:
         """A retryable failure: schedule the next attempt, or dead-letter if none is left."""
         ref, sink, go = a.ref, a.sink, a.go
-        error = scrub(answer.error, sink)
+        error = answer.error  # scrubbed by the sink client
         nxt = next_attempt(
             go.attempt, now, go.deadline_ms, sink, self._config.worker, answer.retry_after
         )
@@ -380,7 +380,7 @@ class Deliverer:
             why = f"past max_age ({sink.max_age:g}s) after {go.attempt} attempt(s)"
         else:
             why = f"out of attempts ({go.attempt} of {sink.max_attempts})"
-        error = scrub(f"{why}; last error: {error}", sink)
+        error = clip(f"{why}; last error: {error}")
         entry = dead_letter_of(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
         await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
         return "done"

@@ -140,9 +140,7 @@ class WorkerRole:
 
     def _job_expired(self, job_id: str) -> None:
         """A job's key expired before any worker ran it: say so, loudly (never silently)."""
-        prefix = self._rt.config.redis.key_prefix + ":"
-        tenant, _, rest = job_id.removeprefix(prefix).partition(":")
-        sink, _, event_id = rest.partition(":")
+        tenant, sink, event_id = Keys(self._rt.config.redis.key_prefix).parse_job_id(job_id)
         log.error(
             "delivery job for event %s to %s/%s expired before any worker ran it (no "
             "worker for longer than the sink's max_age + 1 day); the delivery is lost",

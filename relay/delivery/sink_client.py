@@ -78,6 +78,11 @@ def credentials(sink: SinkConfig) -> list[str]:
     return secrets
 
 
+def clip(text: str) -> str:
+    """One line, at most ERROR_MAX_CHARS."""
+    return " ".join(text.split())[:ERROR_MAX_CHARS]
+
+
 def scrub(text: str, sink: SinkConfig) -> str:
     """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
     secrets = credentials(sink)
@@ -92,7 +97,7 @@ def scrub(text: str, sink: SinkConfig) -> str:
     ]
     for s in sorted(secrets, key=len, reverse=True):
         text = text.replace(s, "***")
-    return " ".join(text.split())[:ERROR_MAX_CHARS]
+    return clip(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +232,7 @@ class SinkClient:
                 return Answer(
                     status,
                     "http",
-                    error,
+                    scrub(error, sink),
                     parse_retry_after(resp.headers.get("Retry-After")),
                     time.perf_counter() - started,
                 )
@@ -238,4 +243,5 @@ class SinkClient:
             return Answer(None, "timeout", error, None, elapsed)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             elapsed = time.perf_counter() - started
-            return Answer(None, "connection", f"{type(e).__name__}: {e}", None, elapsed)
+            error = scrub(f"{type(e).__name__}: {e}", sink)  # a URL's credentials, say
+            return Answer(None, "connection", error, None, elapsed)

@@ -273,13 +273,11 @@ class Steps:
             },
         )
         CLOCK.observe(int(redis_ms), sent, time.time())
-        prefix = self._keys.prefix + ":"
         taken: list[Taken] = []
         for i in range(0, len(found), 4):
             job_id, chat, token = _text(found[i]), _text(found[i + 1]), _text(found[i + 2])
             reply = found[i + 3]
-            tenant, _, rest = job_id.removeprefix(prefix).partition(":")
-            sink, _, event_id = rest.partition(":")
+            tenant, sink, event_id = self._keys.parse_job_id(job_id)
             ref = Ref(tenant, sink, event_id, job_id, chat or None, token)
             if _text(reply[0]) == "peek":
                 taken.append(Taken(ref, _parse_peek(reply)))

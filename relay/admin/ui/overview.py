@@ -175,12 +175,9 @@ async def _queue_by_sink(
     if size > SPLIT_LIMIT:
         return None
     jobs: list[tuple[bytes, float]] = await redis.zrange(keys.queue, 0, -1, withscores=True)
-    prefix = keys.prefix + ":"
     out: dict[tuple[str, str], tuple[int, int]] = {}
     for job_id, due in jobs:
-        # Job ids are {prefix}:{tenant}:{sink}:{event_id}; slugs have no ':'.
-        tenant, _, rest = job_id.decode().removeprefix(prefix).partition(":")
-        sink = rest.partition(":")[0]
+        tenant, sink, _ = keys.parse_job_id(job_id.decode())
         r, s = out.get((tenant, sink), (0, 0))
         out[(tenant, sink)] = (r + 1, s) if due <= now_ms else (r, s + 1)
     return out
