@@ -53,7 +53,7 @@ from relay import logs
 from relay.config import Config, SinkConfig
 from relay.delivery import breaker, heartbeat
 from relay.delivery.activity import SinkActivity
-from relay.delivery.endings import dead_letter_of, why_ended
+from relay.delivery.endings import dead_letter_of, log_stale_finish, why_ended
 from relay.delivery.heartbeat import Running
 from relay.delivery.limits import SinkTable
 from relay.delivery.loop import JOB_MARGIN_S, job_timeout
@@ -117,6 +117,7 @@ class Deliverer:
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
+        self.adopt: Callable[[Taken], None] | None = None  # the worker runs a chained job
         self.running: dict[str, Running] = {}  # renewed by the worker's heartbeat
         # while the worker's start-up census runs: the jobs started, its own, not inherited
         self.started_in_census: set[str] | None = None
@@ -163,6 +164,11 @@ class Deliverer:
         taken, expired = await self._steps.take(
             job_ids, self._sinks.claim_limits, free, int(heartbeat.HOLD_S * 1000)
         )
+        return self._accept(taken), expired, len(taken)
+
+    def _accept(self, taken: list[Taken]) -> list[Taken]:
+        """Of the jobs a script took for this worker, those it runs now (each then
+        :meth:`run`); those put off or set aside are counted and left."""
         started: list[Taken] = []
         for job in taken:
             if isinstance(job.claim, Defer):
@@ -179,7 +185,7 @@ class Deliverer:
             self.running[job.ref.job_id] = self._running(job)
             if self.started_in_census is not None:
                 self.started_in_census.add(job.ref.job_id)
-        return started, expired, len(taken)
+        return started
 
     def _running(self, job: Taken) -> Running:
         """What the heartbeat holds for a started job: its in-progress mark, and its
@@ -426,21 +432,18 @@ class Deliverer:
         paused or its loop blocked past the hold (``heartbeat.HOLD_S``), and another run
         took the delivery over or finished it: nothing was recorded, the sink may get
         the event twice (never zero times)."""
-        done = await self._steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink))
+        chain = ""
+        if self.adopt is not None and not self.draining:
+            chain = self._sinks.claim_limit(ref.tenant, ref.sink)
+        done = await self._steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink), chain)
         if not done.applied:
             self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
-            answered = (
-                "" if answer is None else f" (the sink answered {answer.status or answer.error})"
-            )
-            log.warning(
-                "delivery outcome %r not recorded%s: this run lost its hold on the delivery "
-                "(the worker was paused or its loop blocked for more than %.0fs) and another "
-                "run has taken it over; the sink may receive this event more than once",
-                f.outcome,
-                answered,
-                heartbeat.HOLD_S,
-            )
+            said = None if answer is None else answer.status or answer.error
+            log_stale_finish(log, f.outcome, said)
             return False
+        if done.chained is not None and self.adopt is not None:
+            for job in self._accept([done.chained]):
+                self.adopt(job)  # it takes over the slot this run frees
         self._ready(done.started)
         return True
 

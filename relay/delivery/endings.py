@@ -3,7 +3,10 @@ without an attempt (for the deliverer, :mod:`relay.delivery.deliverer`)."""
 
 from __future__ import annotations
 
+import logging
+
 from relay.config import SinkConfig
+from relay.delivery.heartbeat import HOLD_S
 from relay.delivery.steps import Ended, Ref
 from relay.store.clock import CLOCK
 from relay.store.deadletters import DeadLetter, Tried
@@ -47,3 +50,15 @@ def why_ended(end: Ended, sink: SinkConfig) -> str:
     else:
         why = f"out of attempts ({end.tried.attempts} of {sink.max_attempts})"
     return f"{why}; last error: {end.error}" if end.error else why
+
+
+def log_stale_finish(log: logging.Logger, outcome: str, answer: int | str | None) -> None:
+    """A run's finish was refused as stale: say what it was and what it means."""
+    log.warning(
+        "delivery outcome %r not recorded%s: this run lost its hold on the delivery "
+        "(the worker was paused or its loop blocked for more than %.0fs) and another "
+        "run has taken it over; the sink may receive this event more than once",
+        outcome,
+        "" if answer is None else f" (the sink answered {answer})",
+        HOLD_S,
+    )

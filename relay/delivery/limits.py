@@ -37,6 +37,15 @@ class SinkTable:
             separators=(",", ":"),
         )  # take.lua's `sinks`: a job of an unusable sink is only peeked at, one of a
         # sink not in it put off (this worker's reload may be on the way)
+        # finish_batch.lua's `chain`: one sink's claim limits
+        self._limits = {
+            pair: json.dumps(
+                [int(s.max_age * 1000), s.max_attempts, s.concurrency, lease_ms, s.url, 1],
+                separators=(",", ":"),
+            )
+            for pair, s in self._sinks.items()
+            if usable(s)
+        }
         # sweep.lua's `sinks`: the slots each sink's waiting deliveries may fill
         self.caps = json.dumps(
             {f"{tenant}:{name}": s.concurrency for (tenant, name), s in self._sinks.items()},
@@ -45,6 +54,11 @@ class SinkTable:
 
     def get(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get((tenant, name))
+
+    def claim_limit(self, tenant: str, name: str) -> str:
+        """The claim limits of one usable sink (JSON, as in :attr:`claim_limits`); ""
+        for a sink not configured here or not usable."""
+        return self._limits.get((tenant, name), "")
 
     def cap(self, tenant: str, name: str) -> int:
         """The sink's concurrency; 0 for a sink not configured here."""

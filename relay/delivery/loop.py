@@ -187,6 +187,17 @@ class DeliveryLoop:
         if self._now_task is None:
             self._now_task = asyncio.get_running_loop().create_task(self._start_asked())
 
+    def adopt(self, job: Taken) -> None:
+        """Run ``job``, which a finish took for this worker (``finish_batch.lua``'s
+        chain): it takes over the slot of the run that finished."""
+        self._start(job)
+
+    def _start(self, job: Taken) -> None:
+        self._hooks.started()
+        t = asyncio.get_running_loop().create_task(self._run(job))
+        self.tasks[job.ref.job_id] = t
+        t.add_done_callback(functools.partial(self._ended, job.ref.job_id))
+
     async def _start_asked(self) -> None:
         ids: list[str] = []
         try:
@@ -213,10 +224,7 @@ class DeliveryLoop:
         for job_id in expired:
             self._hooks.expired(job_id)
         for job in taken:
-            self._hooks.started()
-            t = asyncio.get_running_loop().create_task(self._run(job))
-            self.tasks[job.ref.job_id] = t
-            t.add_done_callback(functools.partial(self._ended, job.ref.job_id))
+            self._start(job)
         return len(taken), handled
 
     async def _run(self, job: Taken) -> None:

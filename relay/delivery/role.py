@@ -136,6 +136,7 @@ class WorkerRole:
             LoopHooks(self._job_started, self._job_ended, self._job_expired),
         )
         self.deliverer.next_ready = loop.start_now  # jobs a finish queued, due now
+        self.deliverer.adopt = loop.adopt  # a job a finish took for this worker
         return loop
 
     def _job_expired(self, job_id: str) -> None:

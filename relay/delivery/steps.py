@@ -197,6 +197,7 @@ class Finished(NamedTuple):
 
     applied: bool
     started: tuple[str, ...] = ()
+    chained: Taken | None = None  # the job taken for this worker in the same call
 
 
 STALE = Finished(False)
@@ -240,6 +241,9 @@ class Steps:
                 breaker.TTL_MS, int(max(worker.breaker_cooldown, worker.breaker_window) * 2000)
             ),
             lease_ms=LEASE_MS,
+            tag_prefix=f"{self._tag}.f",
+            in_progress_ms=LEASE_MS,
+            margin_ms=MARGIN_MS,
         )
 
     def _encode_finishes(self, items: list[FinishItem]) -> Packed:
@@ -273,24 +277,26 @@ class Steps:
             },
         )
         CLOCK.observe(int(redis_ms), sent, time.time())
-        taken: list[Taken] = []
-        for i in range(0, len(found), 4):
-            job_id, chat, token = _text(found[i]), _text(found[i + 1]), _text(found[i + 2])
-            reply = found[i + 3]
-            tenant, sink, event_id = self._keys.parse_job_id(job_id)
-            ref = Ref(tenant, sink, event_id, job_id, chat or None, token)
-            if _text(reply[0]) == "peek":
-                taken.append(Taken(ref, _parse_peek(reply)))
-            else:
-                taken.append(Taken(ref, parse_claim(reply)))
+        taken = [self._taken(found[i : i + 4]) for i in range(0, len(found), 4)]
         return taken, [_text(e) for e in expired]
 
-    async def finish(self, ref: Ref, f: Finish, cap: int = 0) -> Finished:
+    def _taken(self, found: list[Any]) -> Taken:
+        """One job a script took for this worker: ``[job_id, chat, token, reply]``."""
+        job_id, chat, token, reply = _text(found[0]), _text(found[1]), _text(found[2]), found[3]
+        tenant, sink, event_id = self._keys.parse_job_id(job_id)
+        ref = Ref(tenant, sink, event_id, job_id, chat or None, token)
+        if _text(reply[0]) == "peek":
+            return Taken(ref, _parse_peek(reply))
+        return Taken(ref, parse_claim(reply))
+
+    async def finish(self, ref: Ref, f: Finish, cap: int = 0, chain: str = "") -> Finished:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
         still holds the delivery; :data:`STALE` if it does not (nothing was changed). The
         slot it frees goes to the sink's first waiting delivery (up to ``cap``, the
-        sink's concurrency, in flight). What it did to the sink's breaker, if anything,
-        is logged."""
+        sink's concurrency, in flight); with ``chain`` (the sink's claim limits), that
+        job — or an ordered chat's next — is taken for this worker in the same call
+        (:attr:`Finished.chained`). What it did to the sink's breaker, if anything, is
+        logged."""
         item = FinishItem(
             job_id=ref.job_id,
             tenant=ref.tenant,
@@ -308,15 +314,17 @@ class Steps:
             hold=f.hold,
             fields=deadletters.entry_fields(f.entry) if f.entry is not None else (),
             cap=cap,
+            chain=chain,
         )
         found = await self._finish(item)
         if isinstance(found, int):
             return STALE
-        nxt, change, waited = found
+        nxt, change, waited, chained = found
         if change:
             breaker.log_change(ref.tenant, ref.sink, _text(change), f.error, self._worker)
         started = tuple(_text(j) for j in waited)
-        return Finished(True, (_text(nxt), *started) if nxt else started)
+        started = (_text(nxt), *started) if nxt else started
+        return Finished(True, started, self._taken(chained) if chained else None)
 
     async def sweep(self, caps: str, release: Sequence[str]) -> tuple[list[str], list[str]]:
         """Give the free slots of every sink with waiting deliveries (``caps``: JSON, each

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -215,12 +216,14 @@ class FinishItem(NamedTuple):
     hold: bool  # dead, ordered: the dead letter holds its chat
     fields: Sequence[str]  # dead: the dead letter's fields (name, value, …)
     cap: int = 0  # the sink's concurrency: the slots its waiting deliveries may fill
+    chain: str = ""  # the sink's claim limits (JSON): take the job the finish queues
 
 
 class FinishBatch:
     """``finish_batch.lua``'s arguments for a batch of :class:`FinishItem`: prefix,
-    queue, the breaker's rule (JSON), cooldown and record lifetime, the in-flight lease;
-    the finishes."""
+    queue, the breaker's rule (JSON), cooldown and record lifetime, the in-flight lease,
+    a tag unique to the batch (``tag_prefix`` and a count), the in-progress hold and the
+    keeping margin; the finishes."""
 
     def __init__(
         self,
@@ -230,13 +233,20 @@ class FinishBatch:
         cooldown_ms: int,
         breaker_ttl_ms: int,
         lease_ms: int,
+        tag_prefix: str = "f",
+        in_progress_ms: int = 10_000,
+        margin_ms: int = 86_400_000,
     ) -> None:
         values = (prefix, queue, breaker_rule, cooldown_ms, breaker_ttl_ms, lease_ms)
         self._head = b"".join(bulk(v) for v in values)
+        self._tail = b"".join(bulk(v) for v in (in_progress_ms, margin_ms))
+        self._tag_prefix = tag_prefix
+        self._batches = itertools.count(1)
 
     def __call__(self, items: Sequence[FinishItem]) -> Packed:
-        parts = [self._head, bulk(len(items))]
-        nargs = 7
+        tag = bulk(f"{self._tag_prefix}.{next(self._batches)}")
+        parts = [self._head, tag, self._tail, bulk(len(items))]
+        nargs = 10
         for f in items:
             values: list[Value] = [
                 f.job_id,
@@ -254,6 +264,7 @@ class FinishBatch:
                 f.dead_class,
                 "hold" if f.hold else "skip",
                 f.cap,
+                f.chain,
                 len(f.fields),
                 *f.fields,
             ]

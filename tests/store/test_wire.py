@@ -97,18 +97,29 @@ def test_a_finish_batch_reads_back_as_finish_batch_lua_takes_it() -> None:
     dead = ok._replace(
         outcome="dead", status=None, error="boom", dead_class="exhausted", hold=True
     )._replace(fields=("event_id", "e1", "class", "exhausted"))
-    batch = wire.FinishBatch("relay", "arq:queue", "[5,0.5,60000]", 30_000, 120_000, 10_000)(
-        [ok, dead]
-    )
+    batch = wire.FinishBatch(
+        "relay", "arq:queue", "[5,0.5,60000]", 30_000, 120_000, 10_000, "w.f", 10_000, 5
+    )([ok, dead])
     args = parse(wire.Script(scripts.script("finish_batch").source).call(batch))
-    head = [b"relay", b"arq:queue", b"[5,0.5,60000]", b"30000", b"120000", b"10000", b"2"]
+    head = [
+        b"relay",
+        b"arq:queue",
+        b"[5,0.5,60000]",
+        b"30000",
+        b"120000",
+        b"10000",
+        b"w.f.1",
+        b"10000",
+        b"5",
+        b"2",
+    ]
     common = [b"relay:acme:crm:e1", b"acme", b"crm", b"e1", b"", b"t.1"]
     assert args[3:] == [
         *head,
         *common,
-        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"0"),
+        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"", b"0"),
         *common,
-        *(b"dead", b"0", b"", b"boom", b"success", b"", b"exhausted", b"hold", b"0", b"4"),
+        *(b"dead", b"0", b"", b"boom", b"success", b"", b"exhausted", b"hold", b"0", b"", b"4"),
         *(b"event_id", b"e1", b"class", b"exhausted"),
     ]
     assert batch.nargs == len(args) - 3

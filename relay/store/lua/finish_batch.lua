@@ -1,6 +1,11 @@
 --[[ finish_batch: record how many deliveries went, in one call — the finishes of a
 worker's concurrent deliveries, group-committed (relay/delivery/steps.py). Each is
 lib/finish.lua: the rules are in finish.lua's header. Times are Redis' clock.
+A finish asked to chain (its run's worker has the slot it frees) also takes the job it
+queued — the sink's first waiting delivery, given the freed slot, or else an ordered
+chat's next event — for that worker, as take.lua would: the in-progress mark with a
+fencing token of this batch, then the claim. The worker runs it at once, without a
+take of its own.
 KEYS none
 ARGV
   1 prefix             the relay's key prefix
@@ -10,27 +15,52 @@ ARGV
   4 cooldown_ms        how long it stays open
   5 breaker_ttl_ms
   6 lease_ms           an in-flight slot's lease (one reserved for a waiting delivery)
-  7... items           n, then per item: job_id, tenant, sink, event_id, chat, token,
+  7 tag                this batch's unique tag: item n's chained run's token is tag .. '.' .. n
+  8 in_progress_ms     how long a chained run's in-progress mark holds
+  9 margin_ms          how long past its deadline a delivery's job and event are kept
+  10... items          n, then per item: job_id, tenant, sink, event_id, chat, token,
                        outcome, delay_ms, status, error, effect, gone_url, class,
-                       on_dead, cap (the sink's concurrency), n_fields, then that many
-                       dead-letter fields (name, value, ...)
-uses: clock finish delivery_keys
+                       on_dead, cap (the sink's concurrency), chain ('' or the sink's
+                       claim limits, JSON as in take.lua's `sinks`), n_fields, then that
+                       many dead-letter fields (name, value, ...)
+uses: clock finish delivery_keys claim job_record
 flags: allow-oom
 Returns per item 0 if its run no longer held the delivery (a stale finish: nothing was
-changed), else {next_job, breaker_change, started} (lib/finish.lua).
+changed), else {next_job, breaker_change, started, chained}: lib/finish.lua's three,
+and the job taken for the worker, {job_id, chat, token, reply} as take.lua returns one
+(reply: lib/claim.lua's), or 0 (none). A chained job is not among `started`.
 ]]
 local out = {}
 local rule = cjson.decode(A.breaker_rule)
-local i = 8
+local i = 11
 local now = redis_now_ms()
-for n = 1, tonumber(ARGV[7]) do
+
+-- Take `id` (due now) for the worker that asked, as take.lua does for a known sink.
+local function chain(id, token, lim)
+  local in_progress = IN_PROGRESS_KEY_PREFIX .. id
+  if redis.call('EXISTS', in_progress) == 1 then return 0 end
+  local record = redis.call('GET', JOB_KEY_PREFIX .. id)
+  if not record then return 0 end  -- expired: the next read of the queue reports it
+  redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
+  local chat = job_chat(record)
+  local tenant, sink, event_id = job_parts(A.prefix, id)
+  local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
+  local reply = claim(k, {
+    now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
+    lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5],
+  })
+  if reply[1] == 'defer' or reply[1] == 'park' then redis.call('DEL', in_progress) end
+  return {id, chat, token, reply}
+end
+
+for n = 1, tonumber(ARGV[10]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
-  local nfields = tonumber(ARGV[i + 15])
+  local nfields = tonumber(ARGV[i + 16])
   local fields = {}
-  for f = 1, nfields do fields[f] = ARGV[i + 15 + f] end
+  for f = 1, nfields do fields[f] = ARGV[i + 16 + f] end
   local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
-  out[n] = finish(k, {
+  local res = finish(k, {
     now = now, token = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6],
     delay_ms = ARGV[i + 7], status = ARGV[i + 8], error = ARGV[i + 9], effect = ARGV[i + 10],
     rule = rule, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
@@ -38,6 +68,21 @@ for n = 1, tonumber(ARGV[7]) do
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
     lease_ms = tonumber(A.lease_ms),
   }, fields)
-  i = i + 16 + nfields
+  if type(res) == 'table' then
+    res[4] = 0
+    local lim = ARGV[i + 15]
+    if lim ~= '' then
+      local started = res[3]
+      if #started > 0 then
+        res[4] = chain(started[1], A.tag .. '.' .. n, cjson.decode(lim))
+        if res[4] ~= 0 then table.remove(started, 1) end
+      elseif res[1] ~= '' then
+        res[4] = chain(res[1], A.tag .. '.' .. n, cjson.decode(lim))
+        if res[4] ~= 0 then res[1] = '' end
+      end
+    end
+  end
+  out[n] = res
+  i = i + 17 + nfields
 end
 return out

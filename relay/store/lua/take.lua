@@ -26,7 +26,7 @@ ARGV
                        0: only peeked at)
   8 unknown_grace_ms   how long a job of an unknown sink is put off before it ends
   9 jobs               JSON: the due job ids read from the queue, in its order
-uses: clock claim delivery_keys
+uses: clock claim delivery_keys job_record
 flags: allow-oom
 Returns {{job_id, chat, token, reply, ...}, {expired job id, ...}, now_ms}: reply as
 lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is the
@@ -34,7 +34,6 @@ ordered delivery's chat id from the job record ('' if none); now_ms is Redis' cl
 ]]
 local now, left = redis_now_ms(), tonumber(A.max)
 local sinks = cjson.decode(A.sinks)
-local skip = #A.prefix + 2  -- a job id is prefix:tenant:sink:event_id
 math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
 local n = 0
@@ -51,16 +50,8 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       n = n + 1
       local token = A.tag .. '.' .. n
       redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
-      local ok, job = pcall(cjson.decode, record)
-      local chat = ok and type(job) == 'table' and type(job.a) == 'table' and job.a[4] or ''
-      if type(chat) ~= 'string' then chat = '' end
-      local rest = id
-      if string.sub(id, 1, skip - 1) == A.prefix .. ':' then rest = string.sub(id, skip) end
-      local t_end = string.find(rest, ':', 1, true) or (#rest + 1)
-      local tenant = string.sub(rest, 1, t_end - 1)
-      local s_end = string.find(rest, ':', t_end + 1, true) or (#rest + 1)
-      local sink = string.sub(rest, t_end + 1, s_end - 1)
-      local event_id = string.sub(rest, s_end + 1)
+      local chat = job_chat(record)
+      local tenant, sink, event_id = job_parts(A.prefix, id)
       local k = delivery_keys(A.prefix, K.queue, id, tenant, sink, event_id, chat)
       local lim = sinks[tenant .. '\n' .. sink]
       local reply
