@@ -299,3 +299,50 @@ def test_an_unresolved_admin_token_fails_where_it_is_used(tmp_path: Path) -> Non
     # The admin listener would read it: it fails closed, as a configuration problem.
     with pytest.raises(ConfigError):
         TokenTable(config)
+
+
+def test_a_signature_tolerance_at_or_past_the_seen_marks_life_is_refused() -> None:
+    data = config_dict()
+    data["relay"] = {"dedupe_ttl": "1h"}
+    data["tenants"][0]["signature_tolerance"] = "1h"
+    said = problems(data)[""]
+    assert "signature_tolerance (3600s) must be shorter than relay.dedupe_ttl" in said
+    data["tenants"][0]["signature_tolerance"] = "30d"  # absurd whatever the seen mark
+    data["relay"] = {"dedupe_ttl": "60d"}
+    assert "tenants[0].signature_tolerance" in problems(data)
+    data["tenants"][0]["signature_tolerance"] = "10m"
+    assert parse_config(data, env={}).tenants[0].signature_tolerance == 600
+
+
+def test_a_short_webhook_secret_is_warned_about_without_showing_it() -> None:
+    data = config_dict()
+    data["tenants"][0]["webhook_secrets"] = ["k3y"]
+    warned = [w for w in parse_config(data, env={}).warnings() if "shorter than 16" in w]
+    assert warned == [
+        "tenants[0].webhook_secrets[0] is shorter than 16 bytes: a short HMAC key can be guessed"
+    ]
+    data["tenants"][0]["webhook_secrets"] = ["x" * 16]
+    assert not [w for w in parse_config(data, env={}).warnings() if "shorter than" in w]
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://chert.internal/api/v1", True),
+        ("http://10.0.0.7/api/v1", True),
+        ("https://chert.internal/api/v1", False),
+        ("http://127.0.0.1:8080/api/v1", False),  # the secret never leaves this machine
+        ("http://[::1]:8080/api/v1", False),
+        ("http://localhost:8080/api/v1", False),
+    ],
+)
+def test_bearer_auth_over_plain_http_to_another_machine_is_refused(url: str, refused: bool) -> None:
+    data = config_dict()
+    data["tenants"][0]["api"] = {"base_url": url, "auth": "bearer", "signing_secret": "s" * 32}
+    if refused:
+        assert "sends the API secret in every request" in problems(data)["tenants[0].api"]
+        data["tenants"][0]["api"]["insecure_bearer_over_http"] = True
+        warned = parse_config(data, env={}).warnings()
+        assert any("crosses the network readable" in w for w in warned)
+    else:
+        assert parse_config(data, env={}).tenants[0].api.auth == "bearer"

@@ -9,7 +9,9 @@ overrides) in :mod:`relay.config.load`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import ipaddress
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -36,11 +38,15 @@ from relay.config.values import (
     SecretField,
     parse_listen,
 )
+from relay.errors import ConfigError
 from relay.signing import standard_webhooks_key
 
 _SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MIN_TOKEN_CHARS = 24  # shorter admin tokens are warned about
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110)
+
+
+MIN_WEBHOOK_SECRET_BYTES = 16  # shorter webhook secrets get a warning
 
 
 class _Section(BaseModel):
@@ -235,6 +241,37 @@ class ApiConfig(_Section):
     timeout: Duration = 30.0
     max_attempts: int = Field(4, ge=1, le=100)  # tries per call on retryable errors
     max_backoff: Duration = Field(60.0, gt=0)  # cap on one wait between tries
+    # bearer auth sends the secret itself on every call: over plain http:// to another
+    # machine anyone on the path can read it; refused unless this is set (and warned)
+    insecure_bearer_over_http: bool = False
+
+    @model_validator(mode="after")
+    def _bearer_only_over_tls(self) -> ApiConfig:
+        if (
+            self.auth == "bearer"
+            and not self.insecure_bearer_over_http
+            and _plain_remote(self.base_url)
+        ):
+            raise ValueError(
+                f"auth = 'bearer' sends the API secret in every request, and base_url "
+                f"{self.base_url} is plain http:// to another machine: use https://, "
+                "auth = 'hmac', or set insecure_bearer_over_http = true"
+            )
+        return self
+
+
+def _plain_remote(url: object) -> bool:
+    """Whether ``url`` is plain http:// to a host other than this machine's loopback."""
+    parts = urlsplit(str(url))
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 class PollConfig(_Section):
@@ -348,7 +385,9 @@ def repeated(names: Iterable[str]) -> list[str]:
 class TenantConfig(_Section):
     slug: str = Field(pattern=_SLUG_RE)
     webhook_secrets: list[SecretField] = Field(default_factory=list)
-    signature_tolerance: Duration = Field(300.0, ge=1)
+    # how old a webhook's signed timestamp may be; at most a day (Chert signs each
+    # attempt as it sends it), and always shorter than relay.dedupe_ttl
+    signature_tolerance: Duration = Field(300.0, ge=1, le=86400)
     api: ApiConfig = Field(default_factory=ApiConfig)
     poll: PollConfig = Field(default_factory=PollConfig)
     sinks: list[SinkConfig] = Field(min_length=1, max_length=1000)
@@ -405,6 +444,18 @@ class Config(_Section):
         return v
 
     @model_validator(mode="after")
+    def _tolerance_within_the_seen_mark(self) -> Config:
+        ttl = self.relay.dedupe_ttl
+        for i, t in enumerate(self.tenants):
+            if t.signature_tolerance >= ttl:
+                raise ValueError(
+                    f"tenants[{i}].signature_tolerance ({t.signature_tolerance:g}s) must be "
+                    f"shorter than relay.dedupe_ttl ({ttl:g}s): a captured webhook sent "
+                    "again after its event's seen mark expired would be taken as new"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _token_tenants_exist(self) -> Config:
         known = {t.slug for t in self.tenants}
         for i, token in enumerate(self.admin.tokens):
@@ -427,7 +478,23 @@ class Config(_Section):
         out: list[str] = []
         out += self.admin.warnings()
         for i, t in enumerate(self.tenants):
+            api = t.api
+            if (
+                api.auth == "bearer"
+                and api.insecure_bearer_over_http
+                and _plain_remote(api.base_url)
+            ):
+                out.append(
+                    f"tenants[{i}].api: bearer auth over plain http:// "
+                    f"({api.base_url}): the API secret crosses the network readable"
+                )
             for j, s in enumerate(t.webhook_secrets):
+                with contextlib.suppress(ConfigError, ValueError, OSError):
+                    if len(s.get().encode()) < MIN_WEBHOOK_SECRET_BYTES:
+                        out.append(
+                            f"tenants[{i}].webhook_secrets[{j}] is shorter than "
+                            f"{MIN_WEBHOOK_SECRET_BYTES} bytes: a short HMAC key can be guessed"
+                        )
                 if s.is_literal:
                     out.append(
                         f"tenants[{i}].webhook_secrets[{j}] is a literal secret; "
