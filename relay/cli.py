@@ -175,12 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level",
         default=os.environ.get("CHERT_RELAY_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
     )
     p.add_argument(
         "--log-format",
         default=os.environ.get("CHERT_RELAY_LOG_FORMAT", "auto"),
-        choices=["auto", "text", "json"],
+        choices=LOG_FORMATS,
         help="text for terminals, json lines for machines (auto: by tty)",
     )
     commands = Commands(p, dest="command", metavar="COMMAND")
@@ -244,8 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "text", "json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # argparse checks an option's value, not a default taken from the environment
+    for name, value, allowed in (
+        ("CHERT_RELAY_LOG_LEVEL", args.log_level, LOG_LEVELS),
+        ("CHERT_RELAY_LOG_FORMAT", args.log_format, LOG_FORMATS),
+    ):
+        if value not in allowed:
+            print(
+                f"chert-relay: cannot start: {name}={value!r} is not one of {', '.join(allowed)}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
     logs.configure(args.log_level, args.log_format)
     try:
         code: int = args.func(args)

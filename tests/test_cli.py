@@ -176,3 +176,17 @@ def test_the_log_format_comes_from_the_environment(tmp_path: Path) -> None:
     (line,) = run(CHERT_RELAY_LOG_FORMAT="json")
     assert json.loads(line)["level"] == "error"
     assert not run(CHERT_RELAY_LOG_FORMAT="text")[0].startswith("{")
+
+
+@pytest.mark.parametrize("name", ["CHERT_RELAY_LOG_LEVEL", "CHERT_RELAY_LOG_FORMAT"])
+def test_a_bad_log_setting_in_the_environment_is_one_line_and_exit_78(name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", "-c", str(EXAMPLE)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, name: "loud"},
+    )
+    assert out.returncode == 78
+    (line,) = out.stderr.decode().splitlines()  # no traceback
+    assert f"{name}='loud' is not one of" in line

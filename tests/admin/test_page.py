@@ -295,3 +295,25 @@ def test_a_session_ends_when_idle_or_too_old() -> None:
         setattr(session, field, getattr(session, field) - past - 1)
         assert store.get(request) is None
         assert store.get(request) is None  # and it is gone
+
+
+async def test_no_token_can_log_another_out_by_logging_in_often(page: Any) -> None:
+    client, _, _ = page
+    await log_in(client, ADMIN_TOKEN)
+    jar = client.session.cookie_jar
+    admins = {c.key: c.value for c in jar if c.key == sessions.SESSION_COOKIE}
+    first_read = ""
+    for n in range(sessions.MAX_PER_TOKEN + 10):
+        await log_in(client, READ_ALL)
+        if n == 0:
+            first_read = next(c.value for c in jar if c.key == sessions.SESSION_COOKIE)
+    jar.clear()  # each session by its cookie alone
+
+    async def page_for(session_id: str) -> tuple[int, str | None]:
+        cookie = {"Cookie": f"{sessions.SESSION_COOKIE}={session_id}"}
+        r = await client.get("/ui", headers=cookie, allow_redirects=False)
+        return r.status, r.headers.get("Location")
+
+    # the admin's session outlived 60 log-ins of another token; that token's oldest went
+    assert await page_for(admins[sessions.SESSION_COOKIE]) == (200, None)
+    assert await page_for(first_read) == (303, "/ui/login")

@@ -16,7 +16,9 @@ submit), so another site cannot log a browser in with a token of its choosing.
 
 Sessions live in this process's memory: a restart, or another process's admin
 listener, asks for the token again. They end after :data:`IDLE_S` without a request,
-and :data:`MAX_AGE_S` after logging in.
+and :data:`MAX_AGE_S` after logging in. Each token keeps at most
+:data:`MAX_PER_TOKEN` sessions — a new log-in past that ends that token's own oldest —
+so no token, however often it logs in, can end another token's session.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ LOGIN_COOKIE = "chert_relay_login"
 COOKIE_PATH = "/ui"
 IDLE_S = 3600.0
 MAX_AGE_S = 12 * 3600.0
-MAX_SESSIONS = 1000  # the oldest go first past this
+MAX_PER_TOKEN = 50  # a token's own oldest session goes first past this
 
 
 @dataclass
@@ -52,17 +54,32 @@ def _key(session_id: str) -> bytes:
 
 class Sessions:
     def __init__(self) -> None:
-        self._by_key: OrderedDict[bytes, Session] = OrderedDict()
+        self._by_key: dict[bytes, Session] = {}
+        self._by_token: dict[bytes, OrderedDict[bytes, None]] = {}  # oldest first
 
     def create(self, token_digest: bytes) -> tuple[str, Session]:
         """A new session for the token with this digest: (cookie value, session)."""
         session_id = secrets.token_urlsafe(32)
         now = time.monotonic()
         session = Session(token_digest, secrets.token_urlsafe(32), now, now)
-        self._by_key[_key(session_id)] = session
-        while len(self._by_key) > MAX_SESSIONS:
-            self._by_key.popitem(last=False)
+        key = _key(session_id)
+        self._by_key[key] = session
+        mine = self._by_token.setdefault(token_digest, OrderedDict())
+        mine[key] = None
+        while len(mine) > MAX_PER_TOKEN:
+            oldest, _ = mine.popitem(last=False)
+            self._by_key.pop(oldest, None)
         return session_id, session
+
+    def _forget(self, key: bytes) -> None:
+        session = self._by_key.pop(key, None)
+        if session is None:
+            return
+        mine = self._by_token.get(session.token_digest)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_token[session.token_digest]
 
     def get(self, request: web.Request) -> Session | None:
         """The request's live session, if its cookie names one."""
@@ -75,7 +92,7 @@ class Sessions:
             return None
         now = time.monotonic()
         if now - session.seen > IDLE_S or now - session.created > MAX_AGE_S:
-            del self._by_key[key]
+            self._forget(key)
             return None
         session.seen = now
         return session
@@ -83,7 +100,7 @@ class Sessions:
     def drop(self, request: web.Request) -> None:
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
-            self._by_key.pop(_key(session_id), None)
+            self._forget(_key(session_id))
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, name: str, value: str) -> None:
