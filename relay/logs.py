@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,15 +50,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (newlines, ESC, BEL, C1 codes…) written as
+    ``\\xNN``: what a client, a sink or an event put in it can neither forge a line
+    nor drive the terminal that shows it."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record (a traceback follows on its own lines), control characters
+    in the message and its context escaped (:func:`printable`)."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        msg, args = record.msg, record.args
+        record.msg, record.args = printable(record.getMessage()), None
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = msg, args
         ctx = getattr(record, "context", None)
         if ctx:
-            line += " " + " ".join(f"{k}={v}" for k, v in ctx.items())
+            line += " " + " ".join(f"{k}={printable(str(v))}" for k, v in ctx.items())
         return line
 
 

@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from relay.commands import Commands
 from relay.config import Config
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
+from relay.logs import printable
 from relay.progress import Meter
 from relay.store.deadletters import (
     CLASSES,
@@ -118,17 +119,8 @@ def _cells(d: DeadLetter) -> list[str]:
     if d.holds_chat:
         error += f"  [holds chat {d.chat}]"
     status = "-" if d.status is None else str(d.status)
-    return [
-        d.tenant,
-        d.sink,
-        d.event_id,
-        d.event_type,
-        d.cls,
-        status,
-        str(d.attempts),
-        _when(d.dead_lettered_at),
-        error,
-    ]
+    cells = [d.tenant, d.sink, d.event_id, d.event_type, d.cls, status, str(d.attempts)]
+    return [printable(c) for c in (*cells, _when(d.dead_lettered_at), error)]
 
 
 def _table(entries: Iterable[DeadLetter]) -> list[str]:
@@ -226,7 +218,7 @@ async def _show(store: DeadLetterStore, args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return EXIT_OK
     for name, value in _fields(d):
-        print(f"{name + ':':<18}{value}")
+        print(f"{name + ':':<18}{printable(value)}")
     print("event:", "(not stored)" if body is None else "")
     if body is not None:
         print(_indented(body))
@@ -259,7 +251,7 @@ def _indented(body: bytes) -> str:
         text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
     except ValueError:
         text = body.decode(errors="replace")
-    return "\n".join("  " + line for line in text.splitlines())
+    return "\n".join("  " + printable(line) for line in text.splitlines())
 
 
 def _report(action: str, out: Outcome, args: argparse.Namespace) -> None:

@@ -153,6 +153,7 @@ def _cli(path: Path, *argv: str) -> int:
 def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async def setup() -> tuple[dict[str, Any], Sink, Sink]:
         a, b = rejecting()
+        a.body = "nope \x1b[2J\x07\x9b31m"  # a sink answering with terminal controls
         await a.start()
         await b.start()
         cfg = two_sinks(redis_url, a.url, b.url)
@@ -186,6 +187,10 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     # More than --limit match: the list says so, and how many there are in all. The
     # plain list has a header row naming its columns as --json does, and lines them up.
+    assert _cli(path, "list", "--sink", "crm") == EXIT_OK
+    out = capsys.readouterr()
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out.out)  # escaped, shown
+    assert "\\x1b[2J\\x07\\x9b31m" in out.out
     assert _cli(path, "list", "--limit", "3") == EXIT_OK
     out = capsys.readouterr()
     header, *lines = out.out.splitlines()
@@ -218,6 +223,8 @@ def test_dlq_cli(redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[s
     # show: clean values — ISO times, no Python None/False, no unix floats.
     assert _cli(path, "show", "--tenant", TENANT, "--sink", "crm", "m1") == EXIT_OK
     text = capsys.readouterr().out
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", text)
+    assert "\\x1b[2J" in text
     fields = dict(
         line.split(":", 1) for line in text.split("\nevent:")[0].splitlines() if ":" in line
     )
