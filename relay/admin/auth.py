@@ -108,8 +108,9 @@ def principal(request: web.Request) -> Principal:
 
 
 class Refusals:
-    """A refused admin request's answer, log line (throttled per reason and client) and
-    metric."""
+    """A refused admin request's answer, log line and metric. The lines are throttled per
+    reason, whatever the client: refusals from a thousand addresses are one line every
+    10 s (naming the last client) with a count of the rest, not a line each."""
 
     def __init__(self, count: Callable[[str], None]) -> None:
         self._count = count
@@ -127,7 +128,7 @@ class Refusals:
     def note(self, request: web.Request, reason: str, *, who: str = "-") -> None:
         """Count and log (throttled) a refusal the caller answers itself."""
         self._count(reason)
-        suppressed = self._throttle.allow((reason, request.remote))
+        suppressed = self._throttle.allow(reason)
         if suppressed is not None:
             log.warning(
                 "admin: refused %s %s from %s (token %s): %s%s",

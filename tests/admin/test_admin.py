@@ -292,3 +292,21 @@ async def test_readyz_says_starting_until_every_role_has_started(
         gate.set()
         service.request_stop()
         await asyncio.wait_for(task, 20)
+
+
+async def test_refusals_from_many_addresses_are_one_line_with_a_count(
+    aiohttp_client: ClientFactory, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = await make_admin(aiohttp_client, redis, admin={"token": "s3cret-token"})
+    caplog.set_level(logging.WARNING, logger="relay.admin")
+    url = client.make_url("/api/ping")
+    for n in range(2, 42):  # 40 clients, each from its own loopback address
+        connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{n}", 0))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(url, headers={"Authorization": "Bearer nope"}) as r,
+        ):
+            assert r.status == 401
+    refused = [r for r in caplog.records if "admin: refused" in r.getMessage()]
+    assert len(refused) == 1  # not one per address
+    assert "from 127.0.0.2" in refused[0].getMessage()
