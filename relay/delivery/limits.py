@@ -22,35 +22,24 @@ class SinkTable:
         # the in-flight lease, renewed by the heartbeat while the attempt runs
         lease_ms = int(heartbeat.HOLD_S * 1000)
         self._sinks = {(t.slug, s.name): s for t in config.tenants for s in t.sinks}
-        self.claim_limits = json.dumps(
-            {
-                f"{tenant}\n{name}": [
-                    int(s.max_age * 1000),
-                    s.max_attempts,
-                    s.concurrency,
-                    lease_ms,
-                    s.url,
-                    1 if usable(s) else 0,
-                ]
-                for (tenant, name), s in self._sinks.items()
-            },
-            separators=(",", ":"),
-        )  # take.lua's `sinks`: a job of an unusable sink is only peeked at, one of a
-        # sink not in it put off (this worker's reload may be on the way)
-        # finish_batch.lua's `chain`: one sink's claim limits
-        self._limits = {
-            pair: json.dumps(
-                [int(s.max_age * 1000), s.max_attempts, s.concurrency, lease_ms, s.url, 1],
-                separators=(",", ":"),
-            )
+        limits = {
+            pair: [
+                int(s.max_age * 1000),
+                s.max_attempts,
+                s.concurrency,
+                lease_ms,
+                s.url,
+                1 if usable(s) else 0,
+            ]
             for pair, s in self._sinks.items()
-            if usable(s)
         }
+        # take.lua's `sinks`: a job of an unusable sink is only peeked at, one of a sink
+        # not in it put off (this worker's reload may be on the way)
+        self.claim_limits = _json({f"{t}\n{n}": lim for (t, n), lim in limits.items()})
+        # finish_batch.lua's `chain`: one usable sink's claim limits
+        self._limits = {pair: _json(lim) for pair, lim in limits.items() if lim[-1]}
         # sweep.lua's `sinks`: the slots each sink's waiting deliveries may fill
-        self.caps = json.dumps(
-            {f"{tenant}:{name}": s.concurrency for (tenant, name), s in self._sinks.items()},
-            separators=(",", ":"),
-        )
+        self.caps = _json({f"{t}:{n}": s.concurrency for (t, n), s in self._sinks.items()})
 
     def get(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get((tenant, name))
@@ -64,3 +53,7 @@ class SinkTable:
         """The sink's concurrency; 0 for a sink not configured here."""
         found = self._sinks.get((tenant, name))
         return 0 if found is None else found.concurrency
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))

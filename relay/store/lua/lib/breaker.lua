@@ -19,6 +19,17 @@ local function breaker_check(key, now, job_id)
   return 'ok'
 end
 
+-- How many of the sink's deliveries the breaker lets start now, whatever their job:
+-- 'all' (closed), 'one' (a probe may go: open past its wait, or half-open with the
+-- probe's lease lapsed) or 'none' (open, or another job's probe in flight).
+local function breaker_admits(key, now)
+  local b = redis.call('HMGET', key, 's', 'u', 'pu')
+  local until_ms = (b[1] == 'o' and b[2]) or (b[1] == 'h' and b[3])
+  if not until_ms then return 'all' end
+  if now < (tonumber(until_ms) or 0) then return 'none' end
+  return 'one'
+end
+
 local function breaker_take_probe(key, now, job_id, lease)
   redis.call('HSET', key, 's', 'h', 'p', job_id, 'pu', now + lease)
 end

@@ -11,7 +11,7 @@ relay's own cap is not the sink's failure), a wait on the breaker does not.
 The sink's member ("tenant:sink") is in the set of waiting sinks while its waiting
 set is not empty: every worker's sweep (sweep.lua) looks there for slots that freed
 without a finish.
-uses: keys
+uses: keys breaker
 ]]
 
 -- Set the delivery aside; its place in line is kept across waits ('ps').
@@ -33,14 +33,9 @@ end
 local function wait_free(inflight, breaker, cap, now)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
   local free = cap - redis.call('ZCARD', inflight)
-  local b = redis.call('HMGET', breaker, 's', 'u', 'pu')
-  if b[1] == 'o' then
-    if now < (tonumber(b[2]) or 0) then return 0 end
-    return math.min(free, 1)
-  elseif b[1] == 'h' then
-    if now < (tonumber(b[3]) or 0) then return 0 end
-    return math.min(free, 1)
-  end
+  local admits = breaker_admits(breaker, now)
+  if admits == 'none' then return 0 end
+  if admits == 'one' then return math.min(free, 1) end
   return free
 end
 
