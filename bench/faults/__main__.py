@@ -111,6 +111,10 @@ async def main_async(args: argparse.Namespace) -> int:
     print(table(results))
     print(notes(results))
     print(f"total {time.monotonic() - began:.0f}s; logs under {base}")
+    for r in results:  # last, where a log's tail shows them
+        if not r.ok:
+            why = r.error or "; ".join(r.broken) or f"lost {r.lost}, duplicates {r.duplicates}"
+            print(f"FAILED scenario {r.scenario} ({r.title}): {why}; settle {r.settle_s} s")
     if args.json:
         Path(args.json).write_text(  # noqa: ASYNC240 - once, after every scenario
             json.dumps(

@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.faults.harness import (
     API_SECRET,
+    PREFIX,
     TENANT,
     WEBHOOK_SECRET,
     Chert,
@@ -23,6 +24,8 @@ from bench.faults.harness import (
     wait_http,
     write_config,
 )
+from relay.keys import Keys
+from relay.store.backlog import waiting
 from relay.store.embedded import free_port
 
 
@@ -80,6 +83,7 @@ class Stack:
         skewed: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.stuck: dict[str, Any] = {}  # what settle() found left when it timed out
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(redis_dir or workdir / "redis")
         self.sinks = [CountingSink("s" if i == 0 else f"s{i + 1}") for i in range(sinks)]
@@ -241,9 +245,34 @@ class Stack:
             else:
                 empty_since = None
             await asyncio.sleep(0.1)
+        else:
+            self.stuck = await self._snapshot(acked, expect)
         if self.missing(acked, expect):
             last = time.monotonic()
         return last - start
+
+    async def _snapshot(
+        self, acked: set[str], expect: dict[str, set[str]] | None
+    ) -> dict[str, Any]:
+        """What was left when :meth:`settle` timed out: the missing events, and the queue's
+        first entries with their due time (s from now) and whether a run holds them."""
+        out: dict[str, Any] = {"missing": sorted(self.missing(acked, expect))[:5]}
+        with contextlib.suppress(Exception):
+            keys = Keys(PREFIX)
+            now_s, _ = await self.client.time()
+            head = await self.client.zrange(keys.queue, 0, 4, withscores=True)
+            out["queued"] = await self.client.zcard(keys.queue)
+            out["head"] = [
+                (
+                    job.decode(),
+                    round(score / 1000 - now_s, 1),
+                    bool(await self.client.exists(Keys.job_in_progress(job.decode()))),
+                )
+                for job, score in head
+            ]
+            parked = await waiting(self.client, keys)
+            out["waiting"] = {f"{t}:{s}": n for (t, s), n in parked.items()}
+        return out
 
     def account(
         self,
@@ -270,6 +299,8 @@ class Stack:
             result.notes.setdefault("dups_per_sink", {s.name: s.duplicates() for s in self.sinks})
         result.notes.setdefault("status_counts", dict(self.chert.stats.statuses))
         result.notes.setdefault("refused", len(self.chert.stats.refused))
+        if self.stuck:
+            result.notes["settle_timed_out"] = self.stuck
         return result
 
 
