@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_listen_parser(commands)
 
-    from relay.admin import deadletter_cli
+    from relay.admin import deadletter_cli, events_cli
 
     deadletter_cli.add_parser(commands, _load)
+    events_cli.add_parser(commands, _load)
     return p
 
 

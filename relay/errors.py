@@ -158,6 +158,11 @@ class DeadLetterError(RelayError):
     """A dead-letter operation was refused (unknown tenant or sink, no such entry…)."""
 
 
+class EventLogError(RelayError):
+    """An event-log request was refused (unknown tenant or sink, no such record, a bad
+    filter or cursor…)."""
+
+
 class SignatureError(RelayError):
     """A webhook's signature did not verify. ``reason`` is a short, stable label
     (``missing``, ``malformed``, ``stale``, ``future``, ``mismatch``) used in logs and

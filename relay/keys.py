@@ -30,6 +30,9 @@ SEGMENTS: dict[str, str] = {
     "waiting": "wait",
     "waiting_sinks": "waiting",
     "wake": "wake",
+    "event_log": "log",
+    "event_log_index": "logix",
+    "event_log_bytes": "logbytes",
 }
 JOB_KEY_PREFIX: str = job_key_prefix
 
@@ -138,6 +141,23 @@ class Keys:
     def dead_letter_counts(self, tenant: str) -> str:
         """Hash: the tenant's stored dead letters by class."""
         return f"{self._p['dead_letter_counts']}{tenant}"
+
+    # --- the event log (relay.store.eventlog) -------------------------------------------
+
+    def event_log(self, tenant: str, event_id: str) -> str:
+        """Hash: one event's record — its type, chat, arrivals, payload, and per sink its
+        state and every attempt (:file:`lua/lib/event_log.lua`)."""
+        return f"{self._p['event_log']}{tenant}:{event_id}"
+
+    @property
+    def event_log_index(self) -> str:
+        """Sorted set: ``tenant:event_id`` of every record, by first arrival (ms)."""
+        return f"{self.prefix}:{SEGMENTS['event_log_index']}"
+
+    @property
+    def event_log_bytes(self) -> str:
+        """The records' size, all told (bytes, as counted by the scripts that write them)."""
+        return f"{self.prefix}:{SEGMENTS['event_log_bytes']}"
 
     # --- ordered delivery (sink.ordering = "chat") ---------------------------------------
 

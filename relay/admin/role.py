@@ -1,5 +1,5 @@
 """The admin role: the admin app (:mod:`relay.admin.app`) on its listener, with the
-dead-letter and poller routes and the operator page (:mod:`relay.admin.ui`), run
+dead-letter, event-log and poller routes and the operator page (:mod:`relay.admin.ui`), run
 without aiohttp's own signal handling."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from relay.admin.app import Admin
 from relay.admin.deadletter_routes import DeadLetterApi
+from relay.admin.events_routes import EventLogApi
 from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.admin.ui.routes import OperatorPage
@@ -33,6 +34,9 @@ class AdminRole:
         self.admin.starting = True  # until the service has started every role
         self.admin.add_api_routes(
             DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
+        )
+        self.admin.add_api_routes(
+            EventLogApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
         )
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
         self.page = OperatorPage(self.admin, rt, poller)

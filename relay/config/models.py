@@ -39,6 +39,7 @@ from relay.config.values import (
     ListenField,
     Secret,
     SecretField,
+    Size,
     parse_listen,
 )
 from relay.errors import ConfigError
@@ -202,6 +203,16 @@ class RedisConfig(_Section):
 class RelaySection(_Section):
     state_dir: Path = Path("/var/lib/chert-relay")
     dedupe_ttl: Duration = Field(7 * 86400.0, gt=0)
+
+
+class EventLogConfig(_Section):
+    """The event log (:mod:`relay.store.eventlog`): a record of every event taken in,
+    its arrivals, and every attempt to every sink, kept for ``retention`` and within
+    ``max_memory`` of Redis (oldest first)."""
+
+    enabled: bool = True
+    retention: Annotated[Duration, Field(ge=60)] = 72 * 3600.0
+    max_memory: Annotated[Size, Field(ge=1_048_576)] = 256 * 1_048_576
 
 
 class WorkerConfig(_Section):
@@ -422,6 +433,7 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     relay: RelaySection = Field(default_factory=RelaySection)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    event_log: EventLogConfig = Field(default_factory=EventLogConfig)
     tenants: list[TenantConfig] = Field(min_length=1)
 
     @field_validator("tenants")

@@ -1,7 +1,8 @@
 """The value types the configuration is made of: durations, secrets, listen addresses
 and URLs, each parsed from what a TOML file (or the environment) gives.
 
-Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``.
+Durations accept seconds or ``"500ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"7d"``; sizes,
+bytes or ``"512KiB"``, ``"256MiB"``, ``"1GiB"``.
 Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warning).
 """
 
@@ -48,6 +49,28 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``"512KiB"``, ``"256MiB"``, ``"1GiB"`` (or KB/MB/GB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a size; use bytes or e.g. '512KiB', '256MiB', '1GiB'")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class Secret:

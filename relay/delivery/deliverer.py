@@ -26,12 +26,10 @@ One run is three steps (:mod:`relay.delivery.steps`):
 A sink whose secret is not a usable signing key is dead-lettered ``rejected`` before
 the claim, so it never uses an attempt, an in-flight slot or a breaker probe.
 
-Finishes are group-committed: deliveries that end together go to Redis in one call
-and share one fsync. Everything is caught inside a run: a fault of our own (Redis away,
-a bug) re-runs the job a few seconds later (the reschedule step moves its queue entry
-only while the job key exists); if a finish ran but its reply was lost, the job key is
-gone and the run simply ends. The HTTP timeout is the sink's ``timeout``, well inside
-the run's budget (the longest sink timeout + ``JOB_MARGIN_S``).
+Finishes are group-committed (one call, one fsync) and carry the attempt to the event
+log. A fault of our own (Redis away, a bug) re-runs the job a few seconds later; a
+finish whose reply was lost leaves no job key, and the run simply ends. The HTTP
+timeout is the sink's ``timeout``, inside the run's budget (+ ``JOB_MARGIN_S``).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import aiohttp
@@ -328,13 +326,13 @@ class Deliverer:
             entry,
             effect="none" if gone else "success",
             gone_url=sink.url if gone else "",
-            seconds=answer.seconds,
+            tried=(answer, go.source),
         )
         return "done"
 
     async def _delivered(self, a: _Attempt, answer: Answer, now: int) -> None:
         ref, stored, m = a.ref, a.go.stored, self._metrics
-        applied = await self._finish(ref, Finish("ok", effect="success"), answer)
+        applied = await self._finish(ref, Finish("ok", effect="success"), (answer, a.go.source))
         self._count(ref, "delivered", answer)  # the sink has it, whichever run records it
         if not applied:
             return
@@ -369,7 +367,7 @@ class Deliverer:
                 error=error,
                 effect="failure",
             )
-            applied = await self._finish(ref, retry, answer)
+            applied = await self._finish(ref, retry, (answer, go.source))
             self._count(ref, "retried", answer)
             if not applied:
                 return "done"  # another run holds the delivery now
@@ -388,7 +386,7 @@ class Deliverer:
             why = f"out of attempts ({go.attempt} of {sink.max_attempts})"
         error = clip(f"{why}; last error: {error}")
         entry = dead_letter_of(ref, go.stored.type, "exhausted", a.tried(now), answer.status, error)
-        await self._dead_letter(ref, entry, effect="failure", seconds=answer.seconds)
+        await self._dead_letter(ref, entry, effect="failure", tried=(answer, go.source))
         return "done"
 
     def _count(self, ref: Ref, outcome: str, answer: Answer) -> None:
@@ -403,7 +401,7 @@ class Deliverer:
         *,
         effect: BreakerEffect,
         gone_url: str = "",
-        seconds: float | None = None,
+        tried: tuple[Answer, str] | None = None,
     ) -> None:
         dead = Finish(
             "dead",
@@ -414,11 +412,11 @@ class Deliverer:
             entry=entry,
             hold=self._holds(ref),
         )
-        if not await self._finish(ref, dead):
+        if not await self._finish(ref, dead, tried):
             return
         self._metrics.dead_lettered.labels(ref.tenant, ref.sink, entry.cls).inc()
         self.activity.count(ref.tenant, ref.sink, "dead-lettered")
-        took = "" if seconds is None else f" in {seconds:.3f}s"
+        took = "" if tried is None else f" in {tried[0].seconds:.3f}s"
         log.warning(
             "delivery ended: dead-lettered as %s after %d attempt(s)%s: %s",
             entry.cls,
@@ -427,18 +425,21 @@ class Deliverer:
             entry.error,
         )
 
-    async def _finish(self, ref: Ref, f: Finish, answer: Answer | None = None) -> bool:
-        """Record ``f``; False if this run no longer held the delivery — its worker was
+    async def _finish(self, ref: Ref, f: Finish, tried: tuple[Answer, str] | None = None) -> bool:
+        """Record ``f`` (and ``tried``: the attempt's answer and source, for the event
+        log); False if this run no longer held the delivery — its worker was
         paused or its loop blocked past the hold (``heartbeat.HOLD_S``), and another run
         took the delivery over or finished it: nothing was recorded, the sink may get
         the event twice (never zero times)."""
         chain = ""
         if self.adopt is not None and not self.draining:
             chain = self._sinks.claim_limit(ref.tenant, ref.sink)
+        if tried is not None:
+            f = replace(f, attempt=tried[0].log_record(tried[1]))
         done = await self._steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink), chain)
         if not done.applied:
             self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
-            said = None if answer is None else answer.status or answer.error
+            said = None if tried is None else tried[0].status or tried[0].error
             log_stale_finish(log, f.outcome, said)
             return False
         if done.chained is not None and self.adopt is not None:
@@ -462,7 +463,8 @@ class Deliverer:
         waiting deliveries all go back in the queue (unknown for long enough)."""
         if self.draining:
             return []
-        started, unknown = await self._steps.sweep(self._sinks.caps, release)
+        log_limits = self._config.event_log
+        started, unknown = await self._steps.sweep(self._sinks.caps, release, log_limits)
         self._ready(started)
         return unknown
 

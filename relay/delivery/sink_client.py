@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from relay.delivery.retry import parse_retry_after, retryable
 from relay.signing import standard_webhooks_key, standard_webhooks_signature
 
 ERROR_MAX_CHARS = 300
+EXCERPT_MAX_CHARS = 512  # of a 2xx answer's body, kept in the event log
 ERROR_BODY_READ = 1024  # bytes of an error answer read; scrub() blanks secrets, then cuts
 OK_BODY_READ = 65536  # read from a 2xx answer, so that its connection can be reused
 
@@ -78,13 +80,13 @@ def credentials(sink: SinkConfig) -> list[str]:
     return secrets
 
 
-def clip(text: str) -> str:
-    """One line, at most ERROR_MAX_CHARS."""
-    return " ".join(text.split())[:ERROR_MAX_CHARS]
+def clip(text: str, limit: int = ERROR_MAX_CHARS) -> str:
+    """One line, at most ``limit`` characters."""
+    return " ".join(text.split())[:limit]
 
 
-def scrub(text: str, sink: SinkConfig) -> str:
-    """One line, at most ERROR_MAX_CHARS, with the sink's secrets blanked out."""
+def scrub(text: str, sink: SinkConfig, limit: int = ERROR_MAX_CHARS) -> str:
+    """One line, at most ``limit`` characters, with the sink's secrets blanked out."""
     secrets = credentials(sink)
     parts = urlsplit(sink.url)
     # Webhook URLs often carry their credential in the path (…/hooks/T01/B02/XyZ…):
@@ -97,7 +99,7 @@ def scrub(text: str, sink: SinkConfig) -> str:
     ]
     for s in sorted(secrets, key=len, reverse=True):
         text = text.replace(s, "***")
-    return clip(text)
+    return clip(text, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class Answer:
     error: str  # "" for 2xx
     retry_after: float | None
     seconds: float
+    excerpt: str = ""  # a 2xx answer's body, scrubbed, one line, EXCERPT_MAX_CHARS at most
 
     @property
     def ok(self) -> bool:
@@ -117,6 +120,21 @@ class Answer:
     @property
     def retryable(self) -> bool:
         return retryable(self.status)
+
+    def log_record(self, source: str) -> str:
+        """This attempt for the event log (``lua/lib/event_log.lua`` adds its number and
+        start): JSON, its duration in ms first."""
+        return json.dumps(
+            {
+                "ms": round(self.seconds * 1000),
+                "st": self.status,
+                "k": self.kind,
+                "err": self.error,
+                "x": self.excerpt,
+                "src": source,
+            },
+            separators=(",", ":"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,8 +238,13 @@ class SinkClient:
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
-                    await resp.content.read(OK_BODY_READ)  # lets the connection be reused
-                    return Answer(status, "http", "", None, time.perf_counter() - started)
+                    raw = await resp.content.read(OK_BODY_READ)  # the connection is reused
+                    took = time.perf_counter() - started
+                    said = ""
+                    if raw and not raw.isspace():
+                        text = raw[: 2 * EXCERPT_MAX_CHARS].decode(errors="replace")
+                        said = scrub(text, sink, EXCERPT_MAX_CHARS)
+                    return Answer(status, "http", "", None, took, said)
                 snippet = ""
                 if status not in (401, 403):  # where a sink would echo a credential back
                     # More than is kept, so that scrub() sees any secret whole before

@@ -29,7 +29,7 @@ from typing import Any, Literal, NamedTuple, cast
 
 from redis.asyncio import Redis
 
-from relay.config import WorkerConfig
+from relay.config import EventLogConfig, WorkerConfig
 from relay.delivery import breaker
 from relay.delivery.heartbeat import HOLD_S
 from relay.keys import Keys
@@ -132,6 +132,7 @@ class Finish:
     gone_url: str = ""  # dead: mark this URL gone (it answered 410)
     entry: DeadLetter | None = None  # dead: the dead letter to store
     hold: bool = False  # dead, ordered: the dead letter holds its chat
+    attempt: str = ""  # the attempt, for the event log (Answer.log_record); "" if none
 
 
 def _text(value: object) -> str:
@@ -315,6 +316,7 @@ class Steps:
             fields=deadletters.entry_fields(f.entry) if f.entry is not None else (),
             cap=cap,
             chain=chain,
+            attempt=f.attempt,
         )
         found = await self._finish(item)
         if isinstance(found, int):
@@ -326,11 +328,14 @@ class Steps:
         started = (_text(nxt), *started) if nxt else started
         return Finished(True, started, self._taken(chained) if chained else None)
 
-    async def sweep(self, caps: str, release: Sequence[str]) -> tuple[list[str], list[str]]:
+    async def sweep(
+        self, caps: str, release: Sequence[str], log: EventLogConfig
+    ) -> tuple[list[str], list[str]]:
         """Give the free slots of every sink with waiting deliveries (``caps``: JSON, each
         known sink's concurrency) to them, and let those of the sinks in ``release`` (no
         longer configured) all go back in the queue (``sweep.lua``); the job ids queued,
-        and the waiting sinks ("tenant:sink") this worker does not know."""
+        and the waiting sinks ("tenant:sink") this worker does not know. The event log's
+        records past ``log.retention`` or over ``log.max_memory`` go, oldest first."""
         started, unknown = await self._sweep(
             keys={"waiting_sinks": self._keys.waiting_sinks, "queue": self._keys.queue},
             args={
@@ -339,6 +344,8 @@ class Steps:
                 "sinks": caps,
                 "release": json.dumps(list(release)),
                 "wake": self._keys.wake,
+                "log_cap": log.max_memory,
+                "log_keep_ms": int(log.retention * 1000),
             },
         )
         return [_text(j) for j in started], [_text(m) for m in unknown]

@@ -1,8 +1,9 @@
 """Ingest: the one door into the pipeline, for every source (webhook, poll, SSE, backfill).
 
 One Lua script does, atomically and per event: mark ``(tenant, event_id)`` seen for
-the dedupe window, store the event once (:mod:`relay.store.stored_event`), and enqueue one
-arq job per matching sink. An event already seen writes nothing, and nothing is
+the dedupe window, store the event once (:mod:`relay.store.stored_event`), enqueue one
+arq job per matching sink, and write the event's record in the event log
+(:mod:`relay.store.eventlog`). An event already seen writes nothing, and nothing is
 marked seen unless its jobs are enqueued in the same step.
 
 Concurrent ingests are group-committed into batches, one ``EVALSHA`` each, and the
@@ -83,7 +84,15 @@ class Ingestor:
         """Use a new configuration (on reload); routes are recomputed lazily."""
         self._config = config
         prefix = config.redis.key_prefix
-        self._batch = IngestBatch(prefix, Keys(prefix).queue, JOB_KEY_PREFIX)
+        elog = config.event_log
+        self._log = elog.enabled
+        self._batch = IngestBatch(
+            prefix,
+            Keys(prefix).queue,
+            JOB_KEY_PREFIX,
+            log_cap=elog.max_memory if elog.enabled else 0,
+            log_keep_ms=int(elog.retention * 1000),
+        )
         self._routes: dict[tuple[str, str], _Route] = {}
 
     def _route(self, tenant: str, event_type: str) -> _Route:
@@ -107,6 +116,7 @@ class Ingestor:
                         )
                         for s in sinks
                     ],
+                    skipped=[s.name for s in t.sinks if not s.matches(event_type)],
                 ),
                 ordered=any(s.ordering != "none" for s in sinks),
             )
@@ -145,7 +155,7 @@ class Ingestor:
             header=head,
             event_type=etype,
             body=event.body,
-            chat=event.chat_id if route.ordered and event.chat_id else "",
+            chat=event.chat_id if (route.ordered or self._log) and event.chat_id else "",
             route=route.jobs,
             webhook=source == "webhook",
         )

@@ -364,6 +364,8 @@ class DeadLetterStore:
                     "chat": k.chat_order(d.tenant, d.sink, d.chat) if d.chat else "",
                     "held": k.held_chats(d.tenant, d.sink),
                     "breaker": k.breaker(d.tenant, d.sink),
+                    "log": k.event_log(d.tenant, d.event_id),
+                    "log_bytes": k.event_log_bytes,
                 }
                 ordered = d.chat is not None and sink.ordering != "none"
                 job = jobs.delivery_job(
@@ -379,6 +381,8 @@ class DeadLetterStore:
                     "event_id": d.event_id,
                     "chat": d.chat or "",
                     "ordered": "1" if ordered else "0",
+                    "sink": d.sink,
+                    "log_member": f"{d.tenant}:{d.event_id}",
                 }
                 await self._replay(keys=keys, args=args, client=pipe)
                 calls.append(d)

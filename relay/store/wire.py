@@ -122,16 +122,21 @@ class IngestJob(NamedTuple):
 
 class IngestRoute:
     """What every event of one type for one tenant gets: how long it is remembered as
-    seen (``event_ttl_ms``) and its jobs; encoded once, reused by every such event."""
+    seen (``event_ttl_ms``), its jobs, and the sinks whose ``events`` filter does not
+    take it (``skipped``, for the event log); encoded once, reused by every such event."""
 
-    __slots__ = ("event_ttl_ms", "jobs", "nargs", "resp")
+    __slots__ = ("event_ttl_ms", "jobs", "nargs", "resp", "skipped")
 
-    def __init__(self, event_ttl_ms: int, jobs: Sequence[IngestJob]) -> None:
+    def __init__(
+        self, event_ttl_ms: int, jobs: Sequence[IngestJob], skipped: Sequence[str] = ()
+    ) -> None:
         self.event_ttl_ms = event_ttl_ms
         self.jobs = tuple(jobs)
+        self.skipped = tuple(skipped)
         values: list[Value] = [event_ttl_ms, len(self.jobs)]
         for job in self.jobs:
             values += [job.sink, job.ttl_ms, job.ordering]
+        values += [len(self.skipped), *self.skipped]
         self.nargs = len(values)
         self.resp = b"".join(bulk(v) for v in values)
 
@@ -146,17 +151,21 @@ class IngestItem(NamedTuple):
     header: bytes
     event_type: bytes
     body: bytes
-    chat: str  # the event's chat, for an ordered sink; "" for none
+    chat: str  # the event's chat (for an ordered sink, and the event log); "" for none
     route: IngestRoute
     webhook: bool  # came by webhook: the batch records the tenant's last webhook
 
 
 class IngestBatch:
     """``ingest.lua``'s arguments for a batch of :class:`IngestItem` (its header names
-    them): prefix, queue and job prefix; the tenants that sent webhooks; the events."""
+    them): prefix, queue and job prefix; the event log's byte cap (0: no log) and
+    retention; the tenants that sent webhooks; the events."""
 
-    def __init__(self, prefix: str, queue: str, job_prefix: str) -> None:
-        self._head = b"".join(bulk(v) for v in (prefix, queue, job_prefix))
+    def __init__(
+        self, prefix: str, queue: str, job_prefix: str, log_cap: int = 0, log_keep_ms: int = 0
+    ) -> None:
+        values = (prefix, queue, job_prefix, log_cap, log_keep_ms)
+        self._head = b"".join(bulk(v) for v in values)
         self._tenants: dict[str, bytes] = {}
 
     def _tenant(self, slug: str) -> bytes:
@@ -170,7 +179,7 @@ class IngestBatch:
     def __call__(self, items: Sequence[IngestItem]) -> Packed:
         webhook = sorted({item.tenant for item in items if item.webhook})
         parts = [self._head, bulk(len(webhook)), *(bulk(t) for t in webhook), bulk(len(items))]
-        nargs = 5 + len(webhook) + 4 * len(items)
+        nargs = 7 + len(webhook) + 4 * len(items)
         tenants = self._tenants
         for tenant, event_id, head, etype, body, chat, route, _ in items:
             eid, chat_b = event_id.encode(), chat.encode()
@@ -217,6 +226,7 @@ class FinishItem(NamedTuple):
     fields: Sequence[str]  # dead: the dead letter's fields (name, value, …)
     cap: int = 0  # the sink's concurrency: the slots its waiting deliveries may fill
     chain: str = ""  # the sink's claim limits (JSON): take the job the finish queues
+    attempt: str = ""  # the attempt, for the event log (JSON, with "ms"); "" if none
 
 
 class FinishBatch:
@@ -265,6 +275,7 @@ class FinishBatch:
                 "hold" if f.hold else "skip",
                 f.cap,
                 f.chain,
+                f.attempt,
                 len(f.fields),
                 *f.fields,
             ]

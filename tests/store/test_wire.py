@@ -50,6 +50,7 @@ def test_an_ingest_batch_reads_back_as_ingest_lua_takes_it() -> None:
     route = wire.IngestRoute(
         event_ttl_ms=90_000,
         jobs=[wire.IngestJob("crm", 60_000, ""), wire.IngestJob("chat", 61_000, "chat")],
+        skipped=["audit"],
     )
     item = wire.IngestItem(
         tenant="acme",
@@ -62,12 +63,12 @@ def test_an_ingest_batch_reads_back_as_ingest_lua_takes_it() -> None:
         webhook=True,
     )
     other = item._replace(tenant="beta", event_id="evt_2", chat="", webhook=False)
-    batch = wire.IngestBatch("relay", "arq:queue", "arq:job:")([item, other])
+    batch = wire.IngestBatch("relay", "arq:queue", "arq:job:", 1024, 5000)([item, other])
     args = parse(wire.Script(scripts.script("ingest").source).call(batch))
     assert args[:3] == [b"EVALSHA", scripts.script("ingest").sha.encode(), b"0"]
-    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat"]
+    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat", b"1", b"audit"]
     assert args[3:] == [
-        *(b"relay", b"arq:queue", b"arq:job:"),
+        *(b"relay", b"arq:queue", b"arq:job:", b"1024", b"5000"),
         *(b"1", b"acme"),  # the tenants whose webhooks came
         b"2",
         *(b"acme", b"evt_1", item.header + item.event_type + item.body, b"c9", *event),
@@ -117,9 +118,10 @@ def test_a_finish_batch_reads_back_as_finish_batch_lua_takes_it() -> None:
     assert args[3:] == [
         *head,
         *common,
-        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"", b"0"),
+        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"", b"", b"0"),
         *common,
-        *(b"dead", b"0", b"", b"boom", b"success", b"", b"exhausted", b"hold", b"0", b"", b"4"),
+        *(b"dead", b"0", b"", b"boom", b"success", b"", b"exhausted", b"hold", b"0", b"", b""),
+        b"4",
         *(b"event_id", b"e1", b"class", b"exhausted"),
     ]
     assert batch.nargs == len(args) - 3

@@ -21,7 +21,8 @@ ARGV
   10... items          n, then per item: job_id, tenant, sink, event_id, chat, token,
                        outcome, delay_ms, status, error, effect, gone_url, class,
                        on_dead, cap (the sink's concurrency), chain ('' or the sink's
-                       claim limits, JSON as in take.lua's `sinks`), n_fields, then that
+                       claim limits, JSON as in take.lua's `sinks`), attempt (the
+                       attempt's JSON for the event log, or ''), n_fields, then that
                        many dead-letter fields (name, value, ...)
 uses: clock finish delivery_keys claim job_record
 flags: allow-oom
@@ -56,9 +57,9 @@ end
 for n = 1, tonumber(ARGV[10]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
-  local nfields = tonumber(ARGV[i + 16])
+  local nfields = tonumber(ARGV[i + 17])
   local fields = {}
-  for f = 1, nfields do fields[f] = ARGV[i + 16 + f] end
+  for f = 1, nfields do fields[f] = ARGV[i + 17 + f] end
   local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
   local res = finish(k, {
     now = now, token = ARGV[i + 5], job_id = id, outcome = ARGV[i + 6],
@@ -66,7 +67,7 @@ for n = 1, tonumber(ARGV[10]) do
     rule = rule, cooldown_ms = A.cooldown_ms, breaker_ttl_ms = A.breaker_ttl_ms,
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
-    lease_ms = tonumber(A.lease_ms),
+    lease_ms = tonumber(A.lease_ms), sink = sink, attempt = ARGV[i + 16],
   }, fields)
   if type(res) == 'table' then
     res[4] = 0
@@ -83,6 +84,6 @@ for n = 1, tonumber(ARGV[10]) do
     end
   end
   out[n] = res
-  i = i + 17 + nfields
+  i = i + 18 + nfields
 end
 return out

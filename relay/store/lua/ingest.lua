@@ -9,11 +9,18 @@ ARGV
   1 prefix        the relay's key prefix
   2 queue         arq's queue
   3 job_prefix    arq's job key prefix
-  4... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
+  4 log_cap       the event log's byte cap; 0: no event log
+  5 log_keep_ms   the event log's retention
+  6... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
                   event: tenant, event_id, stored, chat, event_ttl_ms, n_jobs, then per
-                  job: sink, job_ttl_ms, ordering
+                  job: sink, job_ttl_ms, ordering; then n_skipped and that many sinks
+                  (their `events` filter does not take the event's type)
   stored: the stored event (relay/store/stored_event.py) counting n_jobs users.
   chat: the event's data.chat.id, or '' (then it is unordered everywhere).
+With the event log on, a new event gets its record (lib/event_log.lua: type, chat,
+arrival, the stored event, each sink's state) and a duplicate counts as one more
+arrival on its record; the oldest records go while the log is over its cap or past
+its retention (as many as twice the records added, and a few).
   event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
   outlives every job the event gets.
   ordering: 'chat' for a sink that delivers a chat's events in order, else ''. Such a
@@ -21,7 +28,7 @@ ARGV
 Times — the seen mark, the job's enqueue time and due time, the stored event's ingest
 time (its header's second field, which a delivery's deadline counts from) — are Redis'
 clock, whatever the calling process's clock says.
-uses: keys clock
+uses: keys clock event_log
 Returns one integer per event: 1 new, 0 duplicate.
 ]]
 local prefix, queue, jobp, now = A.prefix, A.queue, A.job_prefix, redis_now_ms()
@@ -29,7 +36,17 @@ local seen_p, event_p = prefix .. ':' .. KEY.seen .. ':', prefix .. ':' .. KEY.e
 local last_webhook_p = prefix .. ':' .. KEY.last_webhook .. ':'
 local chat_p = prefix .. ':' .. KEY.chat_order .. ':'
 local held_p = prefix .. ':' .. KEY.held_chats .. ':'
-local i = 4
+local log_cap = tonumber(A.log_cap)
+local log_p = prefix .. ':' .. KEY.event_log .. ':'
+local log_index, log_bytes = prefix .. ':' .. KEY.event_log_index, prefix .. ':' .. KEY.event_log_bytes
+local logged = 0
+-- the stored event's source and type (its header: relay/store/stored_event.py)
+local function source_type(stored)
+  local head, src, tlen = string.match(stored, '^(%d+ %d+ (%S+) %S+ (%d+)\n)')
+  if not head then return 'unknown', '' end
+  return src, string.sub(stored, #head + 1, #head + tonumber(tlen))
+end
+local i = 6
 local nwh = tonumber(ARGV[i])
 for k = 1, nwh do
   -- webhooks are getting through: the poller reads this to tell a lapse
@@ -45,13 +62,29 @@ for e = 1, n do
   local ev_ttl, njobs = ARGV[i + 4], tonumber(ARGV[i + 5])
   i = i + 6
   local tail = tenant .. ':' .. event_id
+  local rec = log_p .. tail
   if redis.call('SET', seen_p .. tail, now, 'NX', 'PX', ev_ttl) then
+    local log_fields = false
+    if log_cap > 0 then
+      local src, etype = source_type(stored)
+      if redis.call('EXISTS', rec) == 1 then
+        log_arrival(rec, src, now)  -- recorded before its seen mark expired
+        log_fields = {}
+      else
+        log_fields = {'type', etype, 'chat', chat, 'at', now, 'ev', stored, 'via:' .. src,
+          now .. ' 1'}
+      end
+    end
     local id_json = cjson.encode(event_id)
     local chat_json = chat ~= '' and (',' .. cjson.encode(chat)) or ''
     local created, held = 0, false
     for j = 1, njobs do
       local sink, job_ttl, ordering = ARGV[i], ARGV[i + 1], ARGV[i + 2]
       i = i + 3
+      if log_fields then
+        log_fields[#log_fields + 1] = 's:' .. sink
+        log_fields[#log_fields + 1] = 'q'
+      end
       local ordered = ordering ~= '' and chat ~= ''
       local job_id = prefix .. ':' .. tenant .. ':' .. sink .. ':' .. event_id
       -- an ordered job carries its chat id (ids only, never the payload)
@@ -98,11 +131,36 @@ for e = 1, n do
       if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end
     end
     if held then redis.call('PERSIST', ev_key) end
+    local nskip = tonumber(ARGV[i])
+    if log_fields then
+      for s = 1, nskip do
+        log_fields[#log_fields + 1] = 's:' .. ARGV[i + s]
+        log_fields[#log_fields + 1] = 'skip:events'
+      end
+      if #log_fields > 0 then
+        if redis.call('EXISTS', rec) == 1 then
+          redis.call('HSET', rec, unpack(log_fields))
+          log_account(rec, tail, log_bytes)
+        else
+          log_new(rec, log_index, log_bytes, tail, now, log_fields)
+          logged = logged + 1
+        end
+      end
+    end
+    i = i + 1 + nskip
     out[e] = 1
   else
     i = i + 3 * njobs
+    i = i + 1 + tonumber(ARGV[i])
+    if log_cap > 0 and redis.call('EXISTS', rec) == 1 then
+      log_arrival(rec, (source_type(stored)), now)
+      log_account(rec, tail, log_bytes)
+    end
     out[e] = 0
   end
+end
+if log_cap > 0 and logged > 0 then
+  log_trim(log_index, log_bytes, log_p, log_cap, now - tonumber(A.log_keep_ms), 2 * logged + 8)
 end
 for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
   redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))

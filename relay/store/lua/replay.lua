@@ -18,6 +18,9 @@ KEYS
   12 held       the sink's held chats
   13 breaker    the sink's breaker (an open one lets a probe through now: a replay asks
                 to try the sink again)
+  14 log        the event's record in the event log (one more arrival, "replay", and
+                the sink's delivery queued again), if it has one
+  15 log_bytes  the event log's size
 ARGV
   1 member          the entry's member in the index
   2 job             the arq job record (JSON)
@@ -28,11 +31,13 @@ ARGV
   7 event_id
   8 chat            the chat id ('' if the delivery was not ordered)
   9 ordered         '1' if the sink delivers in order now, else '0'
+  10 sink           the sink's name
+  11 log_member     the record's member in the event log's index ("tenant:event_id")
 An ordered delivery that held its chat (the chat's head) runs first; one that did not
 joins the end of its chat, queued only if the chat has nothing else waiting. If the sink
 no longer delivers in order, a held chat is let go.
 Times are Redis' clock.
-uses: clock stored_event chat_order
+uses: clock stored_event chat_order event_log
 Returns 'ok' | 'missing' (replayed or purged meanwhile) | 'busy' (its last delivery is
 still finishing) | 'no_payload' (the event is no longer stored).
 ]]
@@ -62,6 +67,11 @@ else
   event_release(K.ev)
 end
 redis.call('DEL', K.gone)
+if redis.call('EXISTS', K.log) == 1 then
+  log_arrival(K.log, 'replay', now)
+  redis.call('HSET', K.log, 's:' .. A.sink, 'q')
+  log_account(K.log, A.log_member, K.log_bytes)
+end
 if redis.call('HGET', K.breaker, 's') == 'o' then redis.call('HSET', K.breaker, 'u', now) end
 redis.call('HINCRBY', K.counts, cls, -1)
 redis.call('DEL', K.entry)

@@ -5,7 +5,8 @@ wait is over (no finish comes while one is open). Those slots go to the waiting
 deliveries, in order, each reserved. While a sink's breaker is open, its waiting
 deliveries past their deadline go back in the queue, to be dead-lettered by their
 claim. The waiting deliveries of a sink no worker knows any more (after
-``worker.unknown_sink_grace``) all go back in the queue, where a take ends them.
+``worker.unknown_sink_grace``) all go back in the queue, where a take ends them. The
+event log's records past its retention (or over its cap) go too, oldest first.
 KEYS
   1 waiting_sinks      the set of "tenant:sink" with deliveries set aside
   2 queue              arq's queue
@@ -15,7 +16,9 @@ ARGV
   3 sinks              JSON: "tenant:sink" -> cap (concurrency), every sink this worker knows
   4 release            JSON: the "tenant:sink" whose waiting deliveries all go back
   5 wake               the channel that tells workers work is due
-uses: clock wait
+  6 log_cap            the event log's byte cap
+  7 log_keep_ms        the event log's retention: older records go (at most 500 a sweep)
+uses: clock wait event_log
 flags: allow-oom
 Returns {{job id queued, ...}, {"tenant:sink" this worker does not know, ...}}.
 ]]
@@ -62,4 +65,6 @@ for _, member in ipairs(redis.call('SMEMBERS', K.waiting_sinks)) do
   end
 end
 if #started > 0 then redis.call('PUBLISH', A.wake, '') end
+log_trim(p .. KEY.event_log_index, p .. KEY.event_log_bytes, p .. KEY.event_log .. ':',
+  tonumber(A.log_cap), now - tonumber(A.log_keep_ms), 500)
 return {started, unknown}

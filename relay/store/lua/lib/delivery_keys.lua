@@ -26,5 +26,8 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     member = ts,
     att_base = p .. KEY.attempts .. ':' .. ts .. ':',  -- + event id: a delivery's record
     job_base = p .. ts .. ':',  -- + event id: a delivery's job id
+    log = p .. KEY.event_log .. ':' .. tenant .. ':' .. event_id,  -- the event's record
+    log_member = tenant .. ':' .. event_id,
+    log_bytes = p .. KEY.event_log_bytes,
   }
 end

@@ -16,20 +16,29 @@ job_id, outcome (ok | retry | dead | drop), delay_ms (retry: the next attempt is
 rule (the breaker's: {min_failures, failure_rate, window_ms}), cooldown_ms,
 breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold), cap
 (the sink's concurrency; 0: unknown here) and lease_ms: the slots the sink has free
-then go to its waiting deliveries (lib/wait.lua), each reserved for lease_ms;
+then go to its waiting deliveries (lib/wait.lua), each reserved for lease_ms; sink and
+attempt (the attempt's JSON for the event log, '' if the run made none: a stale run's
+is recorded too, marked so — the sink may have the event twice);
 ``fields``: the dead letter's name/value pairs (a table).
 Returns 0 if the run no longer holds the delivery (nothing was changed), else
 {next_job, breaker_change, started}: the job id of the chat's next event, now queued
 ('' if none or unordered), what the attempt did to the sink's breaker (lib/breaker.lua's
 breaker_record: '' | 'open <failed> <attempts>' | 'reopen' | 'close'), and the job ids
 of the waiting deliveries now queued, due now, with a slot each.
-uses: stored_event breaker deadletter_add chat_order wait
+uses: stored_event breaker deadletter_add chat_order wait event_log
 ]]
 
 local function finish(k, arg, fields)
-  if redis.call('GET', k.in_progress) ~= arg.token then return 0 end
-  redis.call('DEL', k.in_progress)
   local now, job_id, outcome = tonumber(arg.now), arg.job_id, arg.outcome
+  if redis.call('GET', k.in_progress) ~= arg.token then
+    if arg.attempt ~= '' then
+      log_finish(k.log, k.log_member, k.log_bytes, arg.sink, now, arg.attempt, '', true)
+    end
+    return 0
+  end
+  redis.call('DEL', k.in_progress)
+  local state = ({ok = 'ok', drop = 'drop', dead = 'dead:' .. arg.class})[outcome] or ''
+  log_finish(k.log, k.log_member, k.log_bytes, arg.sink, now, arg.attempt, state, false)
   local ordered = k.chat ~= ''
   local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
   redis.call('ZREM', k.inflight, job_id)

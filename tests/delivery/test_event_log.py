@@ -1,0 +1,249 @@
+"""The event log (:mod:`relay.store.eventlog`): a record of each event taken in — its
+arrivals, each sink's state and every attempt — written by the pipeline's own scripts,
+found by id or by search, resent from, and kept within its retention and byte cap."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from relay.config import Config, parse_config
+from relay.keys import Keys
+from relay.store.backlog import backlog
+from relay.store.eventlog import EventLog, Query, decode_cursor
+from tests.support.common import TENANT, wait_for
+from tests.support.delivery import (
+    Received,
+    Sink,
+    delivery_config,
+    ingest,
+    runtime,
+    sink_conf,
+    sinks,
+    worker,
+)
+
+KEYS = Keys("chert-relay")
+
+
+def log_config(redis_url: str, sink_list: list[dict[str, Any]], **event_log: Any) -> Config:
+    data = delivery_config(redis_url, sink_list)
+    data["event_log"] = event_log
+    return parse_config(data, env={})
+
+
+async def _drained(redis: Redis) -> bool:
+    return await backlog(redis, KEYS) == 0
+
+
+async def test_a_delivered_event_has_its_arrivals_routes_and_attempt(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = log_config(
+            redis_url,
+            [sink_conf("s", s.url), sink_conf("audit", s.url, events=["message.sent"])],
+        )
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e1"])
+        await ingest(rt, ["e1"], source="poll")  # the same event again, by polling
+        await ingest(rt, ["e1"], source="poll")
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e1"], 10)
+            await wait_for(lambda: _drained(redis), 10)
+        rec = await EventLog(redis, cfg).get(TENANT, "e1")
+        assert rec is not None
+        assert rec.type == "message.received"
+        assert rec.chat_id == "17f6e9ed"
+        assert [(a.source, a.count) for a in rec.arrivals] == [("webhook", 1), ("poll", 2)]
+        assert rec.duplicates == 2
+        states = {x.sink: x for x in rec.sinks}
+        assert states["audit"].state == "not_routed"
+        assert states["audit"].attempts == []
+        done = states["s"]
+        assert done.state == "delivered"
+        assert done.attempts_made == 1
+        (a,) = done.attempts
+        assert (a.n, a.status, a.kind, a.error, a.source, a.stale) == (
+            1, 200, "http", "", "webhook", False,
+        )  # fmt: skip
+        assert a.ms >= 0
+        assert rec.at_ms - 60_000 <= a.at_ms <= time.time() * 1000 + 60_000
+        assert b'"event_id": "e1"' in rec.body or b'"event_id":"e1"' in rec.body
+        assert rec.size > len(rec.stored)
+
+
+async def test_each_attempt_is_recorded_with_its_answer(redis: Redis, redis_url: str) -> None:
+    answers = [500, 503, 200]
+
+    def flaky(_s: Sink, _r: Received) -> tuple[int, dict[str, str]]:
+        return answers.pop(0), {}
+
+    async with sinks(Sink(flaky, body="database is down")) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e2"])
+        async with worker(rt):
+            await wait_for(lambda: len(s.ids()) == 3, 10)
+            await wait_for(lambda: _drained(redis), 10)
+        log = EventLog(redis, cfg)
+        rec = await log.get(TENANT, "e2")
+        assert rec is not None
+        (st,) = rec.sinks
+        assert st.state == "delivered"
+        assert [(a.n, a.status) for a in st.attempts] == [(1, 500), (2, 503), (3, 200)]
+        assert st.attempts[0].error == "HTTP 500: database is down"
+        assert st.attempts[0].at_ms <= st.attempts[1].at_ms <= st.attempts[2].at_ms
+        # found as an event with a failed attempt, and as delivered; not as a dead letter
+        failed = await log.search(Query(tenants=[TENANT], state="failed"))
+        assert [r.event_id for r in failed.records] == ["e2"]
+        assert (await log.search(Query(tenants=[TENANT], state="dead_letter"))).records == []
+
+
+async def test_a_rejected_delivery_is_recorded_as_a_dead_letter(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(lambda _s, _r: (422, {}), body="unknown chat")) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e3"])
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e3"], 10)
+            await wait_for(lambda: _drained(redis), 10)
+        rec = await EventLog(redis, cfg).get(TENANT, "e3")
+        assert rec is not None
+        (st,) = rec.sinks
+        assert (st.state, st.detail) == ("dead_letter", "rejected")
+        assert [(a.status, a.error) for a in st.attempts] == [(422, "HTTP 422: unknown chat")]
+
+
+async def test_a_queued_delivery_shows_what_it_is_doing_now(redis: Redis, redis_url: str) -> None:
+    cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
+    rt = runtime(redis, cfg)
+    await ingest(rt, ["e4"])  # no worker: due, not started
+    rec = await EventLog(redis, cfg).get(TENANT, "e4")
+    assert rec is not None
+    assert [(x.sink, x.state) for x in rec.sinks] == [("s", "due")]
+    assert rec.sinks[0].due_ms is not None
+
+
+async def test_resend_delivers_a_delivered_event_again_with_its_webhook_id(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e5"])
+        log = EventLog(redis, cfg)
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e5"], 10)
+            await wait_for(lambda: _drained(redis), 10)
+            # the stored event is gone once delivered: the record's copy is resent
+            assert not await redis.exists(KEYS.event(TENANT, "e5"))
+            assert await log.resend(TENANT, "e5") == [("s", "ok")]
+            await wait_for(lambda: s.ids() == ["e5", "e5"], 10)
+            await wait_for(lambda: _drained(redis), 10)
+        first, again = s.received
+        assert again.headers["webhook-id"] == first.headers["webhook-id"] == "e5"
+        assert again.headers["X-Relay-Source"] == "resend"
+        assert again.body == first.body
+        assert s.bad_signatures == 0
+        rec = await log.get(TENANT, "e5")
+        assert rec is not None
+        assert {a.source for a in rec.arrivals} == {"webhook", "resend"}
+        (st,) = rec.sinks
+        assert st.state == "delivered"
+        assert [(a.n, a.source) for a in st.attempts] == [(1, "webhook"), (2, "resend")]
+        assert not await redis.exists(KEYS.event(TENANT, "e5"))  # let go again
+
+
+async def test_resend_leaves_a_delivery_under_way_alone(redis: Redis, redis_url: str) -> None:
+    cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
+    rt = runtime(redis, cfg)
+    await ingest(rt, ["e6"])
+    assert await EventLog(redis, cfg).resend(TENANT, "e6") == [("s", "pending")]
+    assert await redis.zcard(KEYS.queue) == 1
+
+
+async def test_search_pages_newest_first_and_matches_inside_the_payload(
+    redis: Redis, redis_url: str
+) -> None:
+    cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
+    rt = runtime(redis, cfg)
+    ids = [f"p{i:02d}" for i in range(25)]
+    for i in ids:  # one by one: each first arrival is later than the one before
+        await ingest(rt, [i])
+    log = EventLog(redis, cfg)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await log.search(Query(tenants=[TENANT], limit=10, cursor=cursor))
+        seen += [r.event_id for r in page.records]
+        if page.cursor is None:
+            break
+        cursor = page.cursor
+        decode_cursor(cursor)
+    assert seen == ids[::-1]
+    text = await log.search(Query(tenants=[TENANT], text="P07"))  # case-insensitive
+    assert [r.event_id for r in text.records] == ["p07"]
+    assert text.scanned == 25
+    field = await log.search(
+        Query(tenants=[TENANT], field_path="data.message.id", field_value="p11")
+    )
+    assert [r.event_id for r in field.records] == ["p11"]
+    bounded = await log.search(Query(tenants=[TENANT], text="nowhere", scan=5))
+    assert (bounded.records, bounded.scanned, bounded.exhausted_scan) == ([], 5, True)
+    assert bounded.cursor is not None
+    assert (await log.search(Query(tenants=["other-1"]))).records == []
+
+
+async def test_the_log_keeps_within_its_byte_cap_oldest_first(redis: Redis, redis_url: str) -> None:
+    cap = 1_048_576
+    cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")], max_memory=cap)
+    rt = runtime(redis, cfg)
+    ids = [f"c{i:04d}" for i in range(2000)]
+    for k in range(0, len(ids), 100):
+        await ingest(rt, ids[k : k + 100])
+    records, size = await EventLog(redis, cfg).usage()
+    assert size <= cap
+    assert 0 < records < len(ids)
+    assert await redis.exists(KEYS.event_log(TENANT, ids[-1]))
+    assert not await redis.exists(KEYS.event_log(TENANT, ids[0]))
+    # the count is Redis' own: what the records take, within the index's share
+    total = 0
+    for member in await redis.zrange(KEYS.event_log_index, 0, -1):
+        total += await redis.memory_usage(f"chert-relay:log:{member.decode()}", samples=0)
+    assert total <= size
+
+
+async def test_records_past_their_retention_go(redis: Redis, redis_url: str) -> None:
+    cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")], retention="1h")
+    rt = runtime(redis, cfg)
+    await ingest(rt, ["old1", "old2", "new1"])
+    two_hours_ago = (time.time() - 7200) * 1000
+    for i in ("old1", "old2"):  # first seen two hours ago
+        await redis.zadd(KEYS.event_log_index, {f"{TENANT}:{i}": two_hours_ago})
+    async with worker(rt):  # its sweep trims
+        await wait_for(lambda: _gone(redis, "old1", "old2"), 10)
+    assert await redis.exists(KEYS.event_log(TENANT, "new1"))
+    records, size = await EventLog(redis, cfg).usage()
+    assert records == 1
+    assert 0 < size == int(await redis.hget(KEYS.event_log(TENANT, "new1"), "sz"))
+
+
+async def _gone(redis: Redis, *ids: str) -> bool:
+    return not any([await redis.exists(KEYS.event_log(TENANT, i)) for i in ids])
+
+
+async def test_with_the_log_off_nothing_is_recorded(redis: Redis, redis_url: str) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)], enabled=False)
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e7"])
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e7"], 10)
+            await wait_for(lambda: _drained(redis), 10)
+        assert await EventLog(redis, cfg).usage() == (0, 0)
+        assert not await redis.exists(KEYS.event_log(TENANT, "e7"))
