@@ -53,7 +53,9 @@ class DeliveryCollector(RedisStateCollector):
                 for tenant, sink in pairs:
                     pipe.zcard(keys.waiting(tenant, sink))
                 pipe.info("memory")
-                found = pipe.execute()
+                pipe.zcard(keys.event_log_index)
+                pipe.get(keys.event_log_bytes)
+                *found, log_records, log_bytes = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
         except (redis.exceptions.RedisError, OSError) as e:
             log.warning("metrics: could not read delivery state from Redis: %s", e)
@@ -61,6 +63,17 @@ class DeliveryCollector(RedisStateCollector):
             return
         yield _readable(1)
         memory = found[-1]
+        yield GaugeMetricFamily(
+            f"{p}_event_log_records",
+            "Events recorded in the event log (kept for event_log.retention).",
+            value=int(log_records),
+        )
+        yield GaugeMetricFamily(
+            f"{p}_event_log_bytes",
+            "Redis memory the event log's records take, as Redis counts it; they go "
+            "oldest first past event_log.max_memory.",
+            value=int(log_bytes or 0),
+        )
         yield GaugeMetricFamily(
             f"{p}_redis_memory_used_bytes",
             "Memory Redis uses (INFO memory used_memory): at redis_maxmemory_bytes Redis "

@@ -16,6 +16,9 @@ the delivery's end; a replay or a resend records itself. This module reads and a
 
 Records go oldest first once past ``event_log.retention`` or over
 ``event_log.max_memory`` (the scripts count each record's bytes as Redis does).
+
+The module has one role — the record as read, searched and acted on — and stays whole:
+the record's parsing, its live state and the search's matching read the same fields.
 """
 
 from __future__ import annotations
