@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.admin import deadletter_cli
 
     deadletter_cli.add_parser(commands, _load)
+
+    from relay.admin import sink_cli
+
+    sink_cli.add_parser(commands, _load)
     return p
 
 

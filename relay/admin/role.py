@@ -1,5 +1,5 @@
 """The admin role: the admin app (:mod:`relay.admin.app`) on its listener, with the
-dead-letter and poller routes and the operator page (:mod:`relay.admin.ui`), run
+dead-letter, poller and sink routes and the operator page (:mod:`relay.admin.ui`), run
 without aiohttp's own signal handling."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from relay.admin.app import Admin
 from relay.admin.deadletter_routes import DeadLetterApi
 from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
+from relay.admin.sink_routes import SinkApi
 from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
 from relay.config.values import Listen, address_text
@@ -35,6 +36,9 @@ class AdminRole:
             DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
         )
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
+        self.admin.add_api_routes(
+            SinkApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
+        )
         self.page = OperatorPage(self.admin, rt, poller)
         self.admin.add_routes(self.page.routes())
         self.listen = listen

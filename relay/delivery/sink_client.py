@@ -109,6 +109,7 @@ class Answer:
     error: str  # "" for 2xx
     retry_after: float | None
     seconds: float
+    body: str = ""  # a 2xx answer's body, scrubbed and cut, when the caller asked for it
 
     @property
     def ok(self) -> bool:
@@ -207,8 +208,16 @@ class SinkClient:
         return headers
 
     async def post(
-        self, sink: SinkConfig, body: bytes, headers: dict[str, str], timeout: float
+        self,
+        sink: SinkConfig,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float,
+        *,
+        excerpt: bool = False,
     ) -> Answer:
+        """POST ``body`` to ``sink``. ``excerpt``: keep a 2xx answer's body too (scrubbed,
+        one line, at most ERROR_MAX_CHARS), as a test event's sender shows it."""
         started = time.perf_counter()
         try:
             p = self._prepare(sink)
@@ -220,8 +229,12 @@ class SinkClient:
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
-                    await resp.content.read(OK_BODY_READ)  # lets the connection be reused
-                    return Answer(status, "http", "", None, time.perf_counter() - started)
+                    raw = await resp.content.read(OK_BODY_READ)  # the connection is reused
+                    seconds = time.perf_counter() - started
+                    text = ""
+                    if excerpt:
+                        text = scrub(raw[:ERROR_BODY_READ].decode(errors="replace"), sink)
+                    return Answer(status, "http", "", None, seconds, text)
                 snippet = ""
                 if status not in (401, 403):  # where a sink would echo a credential back
                     # More than is kept, so that scrub() sees any secret whole before
