@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -40,8 +41,8 @@ async def test_run_it_ends_with_the_event_delivered(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(text)
     sink = RelayProcess(
-        config, "simulate", "-c", str(config), "--rate", "0", "--listen", f"127.0.0.1:{ports['8070']}",
-        "--sink", f"127.0.0.1:{ports['9000']}", "-q",
+        config, "simulate", "-c", str(config), "--rate", "0",
+        "--listen", f"127.0.0.1:{ports['8070']}", "--sink", f"127.0.0.1:{ports['9000']}", "-q",
     )  # fmt: skip
     relay = RelayProcess(config, "run")
     try:
@@ -67,5 +68,10 @@ async def test_run_it_ends_with_the_event_delivered(tmp_path: Path) -> None:
         assert "sink analytics: delivered" in out
         assert "arrived:    by webhook, 2 times" in out
     finally:
-        relay.kill()
-        sink.kill()
+        for proc in (relay, sink):  # SIGTERM: the relay stops its own redis-server
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.signal(signal.SIGTERM)
+                try:
+                    await proc.wait(30)
+                except TimeoutError:
+                    proc.kill()
