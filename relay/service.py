@@ -29,6 +29,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Literal
 
+from relay import descriptors
 from relay.admin.role import AdminRole
 from relay.config import Config, load_config
 from relay.config.values import Listen
@@ -125,6 +126,12 @@ class Service:
         async with AsyncExitStack() as stack:
             self._install_signals(stack)
             stack.callback(self.notifier.close)
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(descriptors.LoopErrors())
+            stack.callback(loop.set_exception_handler, None)
+            short = descriptors.raise_open_files(descriptors.needed(self.config, self.wanted))
+            if short is not None:
+                log.warning("%s", short)
             endpoint, client = await open_client(self.config, stack)
             r = self.config.redis
             for warning in await wait_for_redis(
