@@ -78,7 +78,7 @@ def _sinks(o: Overview) -> Markup:
         rows.append(
             fmt(
                 "<tr><td><code>{}</code></td><td><code>{}</code></td>{}"
-                '<td class="num">{}</td>{}{}{}</tr>',
+                '<td class="num">{}</td>{}{}{}<td><a href="{}">recent attempts</a></td></tr>',
                 s.tenant,
                 s.name,
                 _state_cell(s),
@@ -86,11 +86,13 @@ def _sinks(o: Overview) -> Markup:
                 _plain_cell(s.ready),
                 _plain_cell(s.scheduled),
                 join(_count_cell(None if s.dead_letters is None else dead[c]) for c in CLASSES),
+                url("/ui/events", tenant=s.tenant, sink=s.name),
             )
         )
     return fmt(
         "<h2>Sinks</h2><table><tr><th>tenant</th><th>sink</th><th>state</th>"
-        "<th>in flight</th><th>ready jobs</th><th>scheduled jobs</th>{}</tr>{}</table>",
+        "<th>in flight</th><th>ready jobs</th><th>scheduled jobs</th>{}<th>event log</th></tr>"
+        "{}</table>",
         join(fmt("<th>{} dead letters</th>", c) for c in CLASSES),
         join(rows),
     )
