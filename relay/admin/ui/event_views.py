@@ -312,7 +312,6 @@ def event_page(
             "first seen",
             join([Markup(stamp(rec.at_ms)), fmt(" ({} ago)", age(now - rec.at_ms / 1000))]),
         ),
-        ("duplicates", str(rec.duplicates)),
         ("size in the log", f"{rec.size} bytes"),
     ]
     fields_table = fmt(
