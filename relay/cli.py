@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     deadletter_cli.add_parser(commands, _load)
     events_cli.add_parser(commands, _load)
+
+    from relay.admin import sink_cli
+
+    sink_cli.add_parser(commands, _load)
     return p
 
 

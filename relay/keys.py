@@ -21,6 +21,7 @@ SEGMENTS: dict[str, str] = {
     "breaker": "brk",
     "inflight": "inflight",
     "sink_gone": "gone",
+    "paused": "paused",
     "dead_letters": "dl",
     "dead_letter": "dle",
     "dead_letter_counts": "dlc",
@@ -129,6 +130,13 @@ class Keys:
     def sink_gone(self, tenant: str, sink: str) -> str:
         """The sink URL that answered 410 Gone (deliveries to it dead-letter at once)."""
         return f"{self._p['sink_gone']}{tenant}:{sink}"
+
+    def paused(self, tenant: str, sink: str) -> str:
+        """Redis' time (Unix ms) an operator paused a sink at; absent while it is not
+        paused. While it is there nothing is sent to the sink: its deliveries wait in its
+        waiting set without attempts, and their deadlines move back by the pause
+        (:mod:`relay.store.sinks`)."""
+        return f"{self._p['paused']}{tenant}:{sink}"
 
     def dead_letters(self, tenant: str) -> str:
         """Sorted set of a tenant's dead letters (``sink:event_id``) by dead-letter time (ms)."""

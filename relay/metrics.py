@@ -238,7 +238,8 @@ class Metrics:
         self.delivery_waits = Counter(
             f"{p}_delivery_waits_total",
             "Deliveries set aside until their sink can take them, once per wait, by reason "
-            "(busy: the sink's concurrency cap; breaker_open, half_open: its breaker).",
+            "(busy: the sink's concurrency cap; breaker_open, half_open: its breaker; "
+            "paused: an operator paused the sink).",
             ["tenant", "sink", "reason"],
             registry=r,
         )

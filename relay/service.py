@@ -133,6 +133,7 @@ class Service:
                 within=r.startup_wait,
                 require_aof=r.require_aof,
                 min_replica_acks=r.min_replica_acks,
+                log_bytes=self.config.event_log.max_memory if self.config.event_log.enabled else 0,
             ):
                 log.warning("%s", warning)
             log.info("using Redis at %s", endpoint.describe())

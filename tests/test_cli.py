@@ -63,6 +63,10 @@ def test_the_config_option_may_follow_the_command(tmp_path: Path) -> None:
         ["dlq", "show", "--tenant", "t", "--sink", "s", "evt_1"],
         ["dlq", "replay"],
         ["dlq", "purge"],
+        ["sinks", "list"],
+        ["sinks", "pause", "--tenant", "t", "--sink", "s"],
+        ["sinks", "resume", "--tenant", "t", "--sink", "s"],
+        ["sinks", "test", "--tenant", "t", "--sink", "s"],
     ],
     ids=" ".join,
 )
@@ -74,8 +78,9 @@ def test_every_command_takes_the_config_option_before_or_after_its_name(
     assert parser.parse_args(["-c", "a.toml", *command]).config == "a.toml"
     assert parser.parse_args([*command, "-c", "b.toml"]).config == "b.toml"
     assert parser.parse_args(["-c", "a.toml", *command, "--config", "b.toml"]).config == "b.toml"
-    if len(command) > 1 and command[0] == "dlq":  # and between a command and its action
-        assert parser.parse_args(["dlq", "-c", "d.toml", *command[1:]]).config == "d.toml"
+    if len(command) > 1 and command[0] in ("dlq", "sinks"):  # and between it and its action
+        parsed = parser.parse_args([command[0], "-c", "d.toml", *command[1:]])
+        assert parsed.config == "d.toml"
 
 
 def test_sign_prints_headers_the_receiver_accepts(tmp_path: Path) -> None:
@@ -148,6 +153,9 @@ def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
     out = cli("--config", str(path), "dlq", "list")
     assert out.returncode == 0, out.stderr
     assert b"0 dead letter(s)" in out.stderr
+    out = cli("--config", str(path), "sinks", "list")
+    assert out.returncode == 0, out.stderr
+    assert b"3 sink(s), 0 paused" in out.stderr
     for strict in (["check-config"], ["run"]):
         out = cli("--config", str(path), *strict)
         assert out.returncode == 78, (strict, out.stderr)

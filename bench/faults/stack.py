@@ -84,6 +84,7 @@ class Stack:
     ) -> None:
         self.workdir = workdir
         self.stuck: dict[str, Any] = {}  # what settle() found left when it timed out
+        self.log_problems: list[str] = []  # the event log against the sinks (settle())
         workdir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(redis_dir or workdir / "redis")
         self.sinks = [CountingSink("s" if i == 0 else f"s{i + 1}") for i in range(sinks)]
@@ -249,7 +250,40 @@ class Stack:
             self.stuck = await self._snapshot(acked, expect)
         if self.missing(acked, expect):
             last = time.monotonic()
+        with contextlib.suppress(Exception):  # Redis may be gone (the disk-full scenario)
+            self.log_problems = await self._check_log(acked, expect)
         return last - start
+
+    async def _check_log(self, acked: set[str], expect: dict[str, set[str]] | None) -> list[str]:
+        """The event log against each sink: every event the sink answered 2xx for is
+        recorded as delivered to it, and none that it never answered 2xx for."""
+        problems = []
+        keys = Keys(PREFIX)
+        for sink, want in self.expected(acked, expect):
+            ids = sorted(want & acked)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for event_id in ids:
+                    pipe.hget(keys.event_log(TENANT, event_id), f"s:{sink.name}")
+                states = await pipe.execute()
+            unsaid = [
+                e for e, st in zip(ids, states, strict=True) if e in sink.delivered and st != b"ok"
+            ]
+            false = [
+                e
+                for e, st in zip(ids, states, strict=True)
+                if st == b"ok" and e not in sink.delivered
+            ]
+            if unsaid:
+                problems.append(
+                    f"event log: {len(unsaid)} event(s) {sink.name} got are not recorded as "
+                    f"delivered to it (e.g. {unsaid[:3]})"
+                )
+            if false:
+                problems.append(
+                    f"event log: {len(false)} event(s) recorded as delivered to {sink.name} "
+                    f"that it never answered 2xx for (e.g. {false[:3]})"
+                )
+        return problems
 
     async def _snapshot(
         self, acked: set[str], expect: dict[str, set[str]] | None
@@ -301,6 +335,8 @@ class Stack:
         result.notes.setdefault("refused", len(self.chert.stats.refused))
         if self.stuck:
             result.notes["settle_timed_out"] = self.stuck
+        result.broken += self.log_problems
+        result.notes.setdefault("log_checked", not self.log_problems)
         return result
 
 

@@ -8,6 +8,7 @@ may store. The run checks every case against both (see :mod:`bench.hostile.run`)
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -146,7 +147,7 @@ def _split(obj: dict[str, Any]) -> tuple[dict[str, Any], Any, bool]:
     return obj, None, False
 
 
-def body_verdict(body: bytes, tenant: str, header_event_id: str | None = None) -> int:
+def body_verdict(body: bytes, tenant: str) -> int:
     """The answer the receiver owes a body signed correctly, from the contract and the
     README (RFC 8259 JSON in UTF-8 without a BOM, an object, a printable event id of
     at most 512 characters, a string ``partner_id`` naming the tenant, no field the
@@ -166,8 +167,8 @@ def body_verdict(body: bytes, tenant: str, header_event_id: str | None = None) -
         return 400
     env, row_id, _ = _split(obj)
     event_id = env.get("event_id")
-    if event_id is None:
-        event_id = row_id or header_event_id
+    if event_id is None:  # never the unsigned header's: a digest of the signed bytes
+        event_id = row_id or "sha256:" + hashlib.sha256(body).hexdigest()
     elif not isinstance(event_id, str) or not event_id:
         return 400
     if not event_id or not isinstance(event_id, str) or len(event_id) > 512:
@@ -190,11 +191,13 @@ def body_case(
     raw = world.signed(body, extra=extra)
     if len(body) > world.max_body:
         return case(family, kind, raw, 413)
-    status = body_verdict(body, world.tenant, header_event_id)
+    status = body_verdict(body, world.tenant)  # an X-Webhook-Event-Id changes nothing
     legit: list[Legit] = []
     if status == 202:
         env, row_id, row = _split(json.loads(body))
-        event_id = str(env.get("event_id") or row_id or header_event_id)
+        event_id = str(
+            env.get("event_id") or row_id or "sha256:" + hashlib.sha256(body).hexdigest()
+        )
         stored = body
         if row:
             try:

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SCRAPE_PING_TIMEOUT_S = 1.0  # the PING behind chert_relay_redis_up at each scrape
+# The largest request body the admin listener reads: its forms and JSON bodies are a few
+# hundred bytes, and a log-in form is read before anyone is known (aiohttp: 1 MiB).
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 class Admin:
@@ -52,7 +55,7 @@ class Admin:
         self._api_routes += routes
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._auth], client_max_size=MAX_REQUEST_BYTES)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)

@@ -1,5 +1,5 @@
 """The admin role: the admin app (:mod:`relay.admin.app`) on its listener, with the
-dead-letter, event-log and poller routes and the operator page (:mod:`relay.admin.ui`), run
+dead-letter, event-log, poller and sink routes and the operator page (:mod:`relay.admin.ui`), run
 without aiohttp's own signal handling."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from relay.admin.deadletter_routes import DeadLetterApi
 from relay.admin.events_routes import EventLogApi
 from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
+from relay.admin.sink_routes import SinkApi
 from relay.admin.ui.routes import OperatorPage
 from relay.config import Config
 from relay.config.values import Listen, address_text
@@ -39,6 +40,9 @@ class AdminRole:
             EventLogApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
         )
         self.admin.add_api_routes(PollerStatusApi(rt, poller).routes())
+        self.admin.add_api_routes(
+            SinkApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
+        )
         self.page = OperatorPage(self.admin, rt, poller)
         self.admin.add_routes(self.page.routes())
         self.listen = listen

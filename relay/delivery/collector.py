@@ -1,5 +1,5 @@
 """Delivery state read from Redis at scrape time: queue depth and age, dead letters,
-breakers and gone sinks.
+breakers, gone and paused sinks.
 
 Registered on the metrics registry by the worker role. Prometheus scrapes run in a
 thread (``relay.admin.app``), so this reads with a blocking client and a short timeout;
@@ -52,8 +52,12 @@ class DeliveryCollector(RedisStateCollector):
                     pipe.zrange(keys.held_chats(tenant, sink), 0, 0, withscores=True)
                 for tenant, sink in pairs:
                     pipe.zcard(keys.waiting(tenant, sink))
+                for tenant, sink in pairs:
+                    pipe.exists(keys.paused(tenant, sink))
                 pipe.info("memory")
-                found = pipe.execute()
+                pipe.zcard(keys.event_log_index)
+                pipe.get(keys.event_log_bytes)
+                *found, log_records, log_bytes = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
         except (redis.exceptions.RedisError, OSError) as e:
             log.warning("metrics: could not read delivery state from Redis: %s", e)
@@ -61,6 +65,17 @@ class DeliveryCollector(RedisStateCollector):
             return
         yield _readable(1)
         memory = found[-1]
+        yield GaugeMetricFamily(
+            f"{p}_event_log_records",
+            "Events recorded in the event log (kept for event_log.retention).",
+            value=int(log_records),
+        )
+        yield GaugeMetricFamily(
+            f"{p}_event_log_bytes",
+            "Redis memory the event log's records take, as Redis counts it; they go "
+            "oldest first past event_log.max_memory.",
+            value=int(log_bytes or 0),
+        )
         yield GaugeMetricFamily(
             f"{p}_redis_memory_used_bytes",
             "Memory Redis uses (INFO memory used_memory): at redis_maxmemory_bytes Redis "
@@ -98,7 +113,9 @@ class DeliveryCollector(RedisStateCollector):
         gone_found = found[3 + len(cfg.tenants) : 3 + len(cfg.tenants) + len(pairs)]
         held_at = 3 + len(cfg.tenants) + len(pairs)
         held_found = found[held_at : held_at + 2 * len(ordered)]
-        waiting_found = found[held_at + 2 * len(ordered) : -1]
+        waiting_at = held_at + 2 * len(ordered)
+        waiting_found = found[waiting_at : waiting_at + len(pairs)]
+        paused_found = found[waiting_at + len(pairs) : -1]
         waiting = GaugeMetricFamily(
             f"{p}_deliveries_waiting",
             "Deliveries set aside until their sink can take them (a free slot of its "
@@ -108,6 +125,15 @@ class DeliveryCollector(RedisStateCollector):
         for pair, n in zip(pairs, waiting_found, strict=True):
             waiting.add_metric(list(pair), int(n))
         yield waiting
+        paused = GaugeMetricFamily(
+            f"{p}_sink_paused",
+            "1 while an operator has paused the sink (chert-relay sinks pause): nothing is "
+            "sent to it, and its deliveries wait without expiring.",
+            labels=["tenant", "sink"],
+        )
+        for pair, n in zip(pairs, paused_found, strict=True):
+            paused.add_metric(list(pair), int(n))
+        yield paused
         st = GaugeMetricFamily(
             f"{p}_breaker_state",
             "Each sink's circuit breaker: 0 closed, 1 half-open, 2 open.",

@@ -225,8 +225,15 @@ class SinkClient:
         return headers
 
     async def post(
-        self, sink: SinkConfig, body: bytes, headers: dict[str, str], timeout: float
+        self,
+        sink: SinkConfig,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float,
     ) -> Answer:
+        """POST ``body`` to ``sink``; a 2xx answer's body is kept as its ``excerpt``
+        (scrubbed, one line, at most EXCERPT_MAX_CHARS) for the event log and the test
+        event's sender."""
         started = time.perf_counter()
         try:
             p = self._prepare(sink)

@@ -45,7 +45,7 @@ LEASE_MS = int(HOLD_S * 1000)  # an in-flight slot's lease (reserved, or renewed
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
 
 DeferReason = Literal["not_due", "unknown_sink"]
-WaitReason = Literal["busy", "breaker_open", "half_open"]
+WaitReason = Literal["paused", "busy", "breaker_open", "half_open"]
 EndReason = Literal["gone", "expired", "exhausted"]
 FinishOutcome = Literal["ok", "retry", "dead", "drop"]
 BreakerEffect = Literal["success", "failure", "none"]
@@ -99,7 +99,7 @@ class Ended:
     status: int | None  # the last attempt's HTTP status
     error: str  # the last attempt's error
     stored: StoredEvent
-    held_s: float = 0.0  # time spent waiting on the sink's in-flight cap (not counted)
+    held_s: float = 0.0  # time spent waiting on the in-flight cap or a pause (not counted)
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,11 +254,7 @@ class Receiver:
                 tenant.skew.set(e.skew)
             return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
         try:
-            event = envelope.from_body(
-                body,
-                header_event_id=headers.get("X-Webhook-Event-Id"),
-                header_type=headers.get("X-Webhook-Event"),
-            )
+            event = envelope.from_body(body, header_type=headers.get("X-Webhook-Event"))
         except BadEventError as e:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:

@@ -7,6 +7,7 @@ through untouched; only the fields the relay needs are read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -79,14 +80,19 @@ def from_object(
     obj: object,
     raw: bytes | None = None,
     *,
-    header_event_id: str | None = None,
     header_type: str | None = None,
 ) -> Event:
     """An :class:`Event` from a decoded body of either shape.
 
     ``raw`` is the original bytes of ``obj``; when the body is already an envelope it
-    is kept byte for byte instead of being re-serialized.
+    is kept byte for byte instead of being re-serialized. A body without an
+    ``event_id`` gets one from what its signature covers — a digest of those bytes
+    (:func:`body_id`) — never from the ``X-Webhook-Event-Id`` header, which the
+    signature does not cover: a captured request sent again with fresh header ids is
+    the same event, a duplicate. ``header_type`` (``X-Webhook-Event``) names the type
+    only of a body that names none.
     """
+    signed = raw
     if not isinstance(obj, dict):
         raise BadEventError("malformed_json", "the body is not a JSON object")
     log_id: str | None = None
@@ -103,12 +109,10 @@ def from_object(
 
     event_id = envelope.get("event_id")
     if event_id is None:
-        event_id = row_event_id or header_event_id
+        event_id = row_event_id or body_id(signed, obj)
     elif not isinstance(event_id, str) or not event_id:
-        # Not the header's then: a sink reading the body would see another id.
+        # Not a digest's then: a sink reading the body would see another id.
         raise BadEventError("malformed_event_id", "event_id is not a non-empty string")
-    if not event_id:
-        raise BadEventError("missing_event_id", "no event_id in the body or X-Webhook-Event-Id")
     if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
         raise BadEventError("malformed_event_id", "event_id is not a string of at most 512 chars")
     if not event_id.isprintable():
@@ -237,9 +241,18 @@ def _strict_loads(body: bytes) -> object:
     return head
 
 
-def from_body(
-    body: bytes, *, header_event_id: str | None = None, header_type: str | None = None
-) -> Event:
+def body_id(raw: bytes | None, obj: object) -> str:
+    """The id of an event whose body has none: ``sha256:`` and the digest of the body's
+    bytes as signed (or of its canonical JSON, for one decoded elsewhere)."""
+    if raw is None:
+        try:
+            raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        except RecursionError:
+            raise BadEventError("malformed_json", "the event is nested too deeply") from None
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def from_body(body: bytes, *, header_type: str | None = None) -> Event:
     """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM."""
     if body.startswith(_BOM):
         raise BadEventError("malformed_json", "the body starts with a byte order mark")
@@ -255,4 +268,4 @@ def from_body(
             # pydantic refuses some of what JSON allows (nesting past its depth limit,
             # say): the standard library's parser has the last word.
             head = _strict_loads(body)
-    return from_object(head, body, header_event_id=header_event_id, header_type=header_type)
+    return from_object(head, body, header_type=header_type)

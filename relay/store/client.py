@@ -73,9 +73,10 @@ async def _config_value(client: Redis, name: str) -> str | None:
 
 
 async def check_server(
-    client: Redis, *, require_aof: bool = False, min_replica_acks: int = 0
+    client: Redis, *, require_aof: bool = False, min_replica_acks: int = 0, log_bytes: int = 0
 ) -> list[str]:
-    """Refuse a Redis that can evict keys; return warnings for softer risks.
+    """Refuse a Redis that can evict keys; return warnings for softer risks — among them
+    an event log allowed (``log_bytes``) more than a quarter of Redis' ``maxmemory``.
 
     Raises :class:`RedisUnavailableError` if it cannot be reached, and
     :class:`UnsafeRedisError` if its settings could lose acknowledged events.
@@ -87,6 +88,7 @@ async def check_server(
     warnings: list[str] = []
     try:
         policy = await _config_value(client, "maxmemory-policy")
+        maxmemory = int(await _config_value(client, "maxmemory") or 0)
         aof = await _config_value(client, "appendonly")
         fsync = await _config_value(client, "appendfsync")
     except redis.exceptions.ResponseError as e:
@@ -98,6 +100,13 @@ async def check_server(
         raise UnsafeRedisError(
             f"Redis maxmemory-policy is {policy!r}: it may evict queued events. "
             f"Set maxmemory-policy {SAFE_POLICY}."
+        )
+    if maxmemory and log_bytes > maxmemory // 4:
+        warnings.append(
+            f"event_log.max_memory ({log_bytes:,} bytes) is more than a quarter of Redis' "
+            f"maxmemory ({maxmemory:,} bytes): at its cap the event log leaves less room "
+            "for queued events, and Redis refuses webhooks (503) once it is full. Lower "
+            "event_log.max_memory or raise maxmemory."
         )
     if aof is not None and aof != "yes":
         msg = (
@@ -186,6 +195,7 @@ async def wait_for_redis(
     within: float,
     require_aof: bool = False,
     min_replica_acks: int = 0,
+    log_bytes: int = 0,
 ) -> list[str]:
     """:func:`check_server`, waiting (with backoff) up to ``within`` seconds for a Redis
     that does not answer yet — a slow boot should not trip systemd's start limit.
@@ -199,7 +209,10 @@ async def wait_for_redis(
     while True:
         try:
             return await check_server(
-                client, require_aof=require_aof, min_replica_acks=min_replica_acks
+                client,
+                require_aof=require_aof,
+                min_replica_acks=min_replica_acks,
+                log_bytes=log_bytes,
             )
         except RedisUnavailableError as e:
             left = deadline - time.monotonic()

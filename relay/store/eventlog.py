@@ -16,6 +16,9 @@ the delivery's end; a replay or a resend records itself. This module reads and a
 
 Records go oldest first once past ``event_log.retention`` or over
 ``event_log.max_memory`` (the scripts count each record's bytes as Redis does).
+
+The module has one role — the record as read, searched and acted on — and stays whole:
+the record's parsing, its live state and the search's matching read the same fields.
 """
 
 from __future__ import annotations
@@ -206,7 +209,12 @@ def parse_record(tenant: str, event_id: str, raw: dict[bytes, bytes]) -> EventRe
         state.attempts = sorted(found, key=lambda a: a.n)
     for name, state in sinks.items():
         state.attempts_made = _int(f.get(f"n:{name}", b"0").decode())
-    arrivals.sort(key=lambda a: a.first_ms)
+    stored = f.get("ev", b"")
+    try:
+        came_by = stored_event.parse(stored).source  # the first arrival's
+    except ValueError:
+        came_by = ""
+    arrivals.sort(key=lambda a: (a.first_ms, a.source != came_by))
     return EventRecord(
         tenant=tenant,
         event_id=event_id,
@@ -215,7 +223,7 @@ def parse_record(tenant: str, event_id: str, raw: dict[bytes, bytes]) -> EventRe
         at_ms=_int(f.get("at", b"0").decode()),
         arrivals=arrivals,
         sinks=[sinks[k] for k in sorted(sinks)],
-        stored=f.get("ev", b""),
+        stored=stored,
         size=_int(f.get("sz", b"0").decode()),
     )
 

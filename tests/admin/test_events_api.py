@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,6 @@ from redis.asyncio import Redis
 
 from relay.admin.app import Admin
 from relay.admin.events_routes import EventLogApi
-from relay.cli import main
 from relay.config import Config
 from relay.keys import Keys
 from relay.store.backlog import backlog
@@ -132,13 +134,27 @@ async def test_resend_needs_the_replay_scope_and_the_tenant(api: Any) -> None:
     assert len(sink.for_event("a1")) == before  # no worker runs here
 
 
-async def cli(path: Path, *args: str) -> int:
-    """``chert-relay ARGS --config PATH``, in a thread (it runs its own event loop)."""
-    return await asyncio.to_thread(main, [*args, "--config", str(path)])
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+async def cli(path: Path, *args: str) -> Ran:
+    """``chert-relay ARGS --config PATH`` as a process, with no admin-token variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHERT_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "--log-format", "text", *args, "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
 
 
 async def test_the_cli_shows_lists_and_resends_with_the_config_file_alone(
-    redis: Redis, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    redis: Redis, redis_url: str, tmp_path: Path
 ) -> None:
     async with sinks(Sink()) as (sink,):
         data = two_tenants_data(redis_url, sink.url)
@@ -147,26 +163,31 @@ async def test_the_cli_shows_lists_and_resends_with_the_config_file_alone(
         write_toml(path, data)
         config = two_tenants(redis_url, sink.url)
         await delivered(redis, config, {TENANT: ["c1", "c2"]})
-        assert await cli(path, "events", "show", "c1") == 0
-        out = capsys.readouterr().out
+        ran = await cli(path, "events", "show", "c1")
+        assert ran.code == 0, ran.err
+        out = ran.out
         assert "sink crm: delivered" in out
         assert "#1" in out
         assert " 200 " in out
-        assert await cli(path, "events", "show", "c1", "--json") == 0
-        rec = json.loads(capsys.readouterr().out)
+        ran = await cli(path, "events", "show", "c1", "--json")
+        rec = json.loads(ran.out)
         assert (rec["tenant"], rec["event_id"], rec["type"]) == (TENANT, "c1", "message.received")
         assert rec["arrivals"][0]["source"] == "webhook"
         assert rec["sinks"][0]["attempts"][0]["status"] == 200
-        assert await cli(path, "events", "list", "--json") == 0
-        listed = [json.loads(line)["event_id"] for line in capsys.readouterr().out.splitlines()]
+        ran = await cli(path, "events", "list", "--json")
+        listed = [json.loads(line)["event_id"] for line in ran.out.splitlines()]
         assert listed == ["c2", "c1"]
-        assert await cli(path, "events", "list", "--grep", "nowhere") == 0
-        assert "0 event(s), 2 record(s) read" in capsys.readouterr().err
-        assert await cli(path, "events", "show", "zz") == 1
-        assert "no record of zz" in capsys.readouterr().err
-        assert await cli(path, "events", "list", "--tenant", "nope") == 2
-        assert await cli(path, "events", "resend", "c1", "--sink", "all") == 0
-        assert f"{TENANT}/all: resent" in capsys.readouterr().out
+        ran = await cli(path, "events", "list", "--grep", "nowhere")
+        assert (ran.code, ran.out) == (0, "")
+        assert "0 event(s), 2 record(s) read" in ran.err
+        ran = await cli(path, "events", "show", "zz")
+        assert ran.code == 1
+        assert "no record of zz" in ran.err
+        ran = await cli(path, "events", "list", "--tenant", "nope")
+        assert (ran.code, ran.err.strip()) == (2, "chert-relay events: unknown tenant 'nope'")
+        ran = await cli(path, "events", "resend", "c1", "--sink", "all")
+        assert ran.code == 0, ran.err
+        assert f"{TENANT}/all: resent" in ran.out
         async with worker(runtime(redis, config)):
             await wait_for(lambda: len(sink.for_event("c1")) == 3, 10)
         again = sink.for_event("c1")[-1]

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from redis.asyncio import Redis
 
-from relay.admin.app import Admin
+from relay.admin.app import MAX_REQUEST_BYTES, Admin
 from relay.admin.ui import sessions
 from relay.admin.ui.routes import SECURITY_HEADERS, OperatorPage
 from relay.config import Config
@@ -317,3 +317,16 @@ async def test_no_token_can_log_another_out_by_logging_in_often(page: Any) -> No
     # the admin's session outlived 60 log-ins of another token; that token's oldest went
     assert await page_for(admins[sessions.SESSION_COOKIE]) == (200, None)
     assert await page_for(first_read) == (303, "/ui/login")
+
+
+async def test_a_log_in_form_past_the_admin_listeners_body_limit_is_not_read(page: Any) -> None:
+    # Read before anyone is known: at most MAX_REQUEST_BYTES, not aiohttp's 1 MiB.
+    client, _, _ = page
+    r = await client.get("/ui/login")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', await r.text())
+    assert nonce is not None
+    big = {"nonce": nonce.group(1), "token": "x" * (MAX_REQUEST_BYTES + 1)}
+    r = await client.post("/ui/login", data=big)
+    assert r.status == 413
+    r = await client.post("/ui/login", data={"nonce": nonce.group(1), "token": "x" * 1000})
+    assert r.status == 401  # a form within it is read, and refused for its token

@@ -9,6 +9,8 @@ from redis.asyncio import Redis
 from relay.admin.ui import views
 from relay.admin.ui.overview import read_overview
 from relay.delivery import breaker
+from relay.keys import Keys
+from relay.store.sinks import SinkSwitch
 from relay.upstream.poller import Poller
 from tests.support.common import TENANT, wait_for
 from tests.support.deadletters import OTHER, make_dead_letters, two_tenants
@@ -76,12 +78,43 @@ async def test_a_sink_marked_gone_shows_gone_not_a_closed_breaker(
     assert not by_sink[(OTHER, "s")].gone  # same URL, but it never answered 410
     html = str(views.overview(o))
     crm_row = next(row for row in html.split("<tr>") if "<code>crm</code>" in row)
-    assert '<td class="bad"' in crm_row
+    assert '<span class="bad"' in crm_row
     assert "gone (410)" in crm_row
     assert "closed" not in crm_row
     other_row = next(row for row in html.split("<tr>") if "<code>s</code>" in row)
-    assert '<td class="ok">breaker closed</td>' in other_row
+    assert '<span class="ok">breaker closed</span>' in other_row
     # A new URL for the sink is not gone: the mark names the URL that answered 410.
     moved = two_tenants(redis_url, sink.url + "/v2")
     o = await read_overview(redis, moved, None, [TENANT])
     assert not any(s.gone for s in o.sinks)
+
+
+async def test_a_paused_sink_shows_paused_with_a_resume_button_for_a_replay_session(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(lambda s, r: (410, {}))) as (sink,):
+        config = two_tenants(redis_url, sink.url)
+        await make_dead_letters(redis, config, {TENANT: [("d1", "message.received")]})
+    switch = SinkSwitch(redis, Keys(config.redis.key_prefix))
+    await switch.pause(TENANT, "crm")  # gone and paused
+    await switch.pause(OTHER, "s")
+    o = await read_overview(redis, config, None, [TENANT, OTHER])
+    by_sink = {(s.tenant, s.name): s for s in o.sinks}
+    assert by_sink[(TENANT, "crm")].paused_since is not None
+    assert by_sink[(TENANT, "all")].paused_since is None
+
+    def row(html: str, sink: str) -> str:
+        return next(r for r in html.split("<tr>") if f"<code>{sink}</code>" in r)
+
+    html = str(views.overview(o, csrf="tok", can_change=True))
+    assert "paused</span>" in row(html, "crm")
+    assert "gone (410)" in row(html, "crm")
+    assert "paused</span>" in row(html, "s")
+    assert "breaker closed" in row(html, "s")
+    assert "paused</span>" not in row(html, "all")
+    assert 'action="/ui/sinks/resume"' in row(html, "s")
+    assert 'action="/ui/sinks/pause"' in row(html, "all")
+    assert 'action="/ui/sinks/test"' in row(html, "all")
+    read_only = str(views.overview(o))
+    assert "/ui/sinks/" not in read_only
+    assert "paused</span>" in row(read_only, "s")

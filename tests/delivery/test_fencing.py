@@ -16,6 +16,7 @@ from relay.config import Config
 from relay.delivery.limits import SinkTable
 from relay.delivery.steps import STALE, Finish, Go, Steps, Taken
 from relay.keys import Keys
+from relay.store.eventlog import EventLog
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
@@ -219,3 +220,29 @@ async def test_a_stale_drop_changes_nothing(redis: Redis, redis_url: str) -> Non
     first, stale, _, _, job_a = await stale_and_current(redis, redis_url, [sink_conf("a", URL)])
     assert await first.finish(stale.ref, Finish("drop")) == STALE
     assert await redis.exists(KEYS.job(job_a), KEYS.event(TENANT, "e")) == 2
+
+
+async def test_the_event_log_keeps_a_stale_runs_attempt_but_not_its_ending(
+    redis: Redis, redis_url: str
+) -> None:
+    # The stale run did make its request: the record shows it (marked stale — the sink
+    # may have the event twice), but only the current run's finish says delivered.
+    first, stale, second, current, _ = await stale_and_current(
+        redis, redis_url, [sink_conf("a", URL)]
+    )
+    attempt = '{"ms":12,"st":200,"k":"http","err":"","x":"","src":"webhook"}'
+    ok = Finish("ok", effect="success", attempt=attempt)
+    assert await first.finish(stale.ref, ok) == STALE
+    rec = await EventLog(redis, config_with(redis_url, [sink_conf("a", URL)])).get(TENANT, "e")
+    assert rec is not None
+    (a,) = rec.sinks
+    assert a.state == "in_flight"  # the current run still has it
+    assert [(x.n, x.status, x.stale) for x in a.attempts] == [(1, 200, True)]
+    failed = '{"ms":30,"st":503,"k":"http","err":"HTTP 503","x":"","src":"webhook"}'
+    retry = Finish("retry", delay_ms=60_000, status=503, attempt=failed, effect="failure")
+    assert (await second.finish(current.ref, retry)).applied
+    rec = await EventLog(redis, config_with(redis_url, [sink_conf("a", URL)])).get(TENANT, "e")
+    assert rec is not None
+    (a,) = rec.sinks
+    assert a.state == "scheduled"
+    assert [(x.n, x.status, x.stale) for x in a.attempts] == [(1, 200, True), (2, 503, False)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -53,12 +54,20 @@ def test_fields_are_read_from_the_envelope() -> None:
     assert event.timestamp == pytest.approx(1779586534.0)
 
 
-def test_unknown_types_pass_through_and_headers_fill_gaps() -> None:
-    event = from_body(b'{"event": "brand.new", "x": 1}', header_event_id="h1")
-    assert (event.event_id, event.type) == ("h1", "brand.new")
-    event = from_body(b'{"x": 1}', header_event_id="h2", header_type="lead_reply")
+def test_unknown_types_pass_through_and_the_type_header_fills_a_gap() -> None:
+    event = from_body(b'{"event_id": "e1", "event": "brand.new", "x": 1}', header_type="other")
+    assert (event.event_id, event.type) == ("e1", "brand.new")  # the body's type decides
+    event = from_body(b'{"event_id": "e2", "x": 1}', header_type="lead_reply")
     assert event.type == "lead_reply"
     assert from_body(b'{"event_id": "e"}').type == "unknown"
+
+
+def test_a_body_without_an_event_id_is_known_by_what_its_signature_covers() -> None:
+    body = b'{"event": "lead_reply", "text": "hi"}'
+    event = from_body(body)
+    assert event.event_id == "sha256:" + hashlib.sha256(body).hexdigest()
+    assert from_body(body).event_id == event.event_id  # the same bytes: the same event
+    assert from_body(body + b" ").event_id != event.event_id
 
 
 @pytest.mark.parametrize(
@@ -67,7 +76,6 @@ def test_unknown_types_pass_through_and_headers_fill_gaps() -> None:
         (b"{", "malformed_json"),
         (b"[]", "malformed_json"),
         (b"\xff", "malformed_json"),
-        (b'{"a": 1}', "missing_event_id"),
         (b'{"event_id": 5}', "malformed_event_id"),
         (b'{"event_id": "a\\nb"}', "malformed_event_id"),
         (json.dumps({"event_id": "x" * 600}).encode(), "malformed_event_id"),
@@ -153,7 +161,7 @@ def test_an_event_id_that_is_not_a_non_empty_string_is_not_replaced_by_the_heade
     event_id: str,
 ) -> None:
     with pytest.raises(BadEventError) as e:
-        from_body(b'{"event_id": %s}' % event_id.encode(), header_event_id="h1")
+        from_body(b'{"event_id": %s}' % event_id.encode())
     assert e.value.reason == "malformed_event_id"
 
 

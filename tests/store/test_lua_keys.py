@@ -30,6 +30,7 @@ async def test_delivery_keys_match_the_python_names(redis: Redis, chat: str) -> 
         "breaker": k.breaker(tenant, sink),
         "inflight": k.inflight(tenant, sink),
         "gone": k.sink_gone(tenant, sink),
+        "paused": k.paused(tenant, sink),
         "job": k.job(job_id),
         "queue": k.queue,
         "retry": k.job_retry(job_id),

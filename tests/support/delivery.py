@@ -73,7 +73,7 @@ class Sink:
     running: int = 0
     max_running: int = 0
     url: str = ""
-    body: str | None = None  # what a non-2xx answer says (default "nope")
+    body: str | None = None  # what it answers with (default: "nope" for a non-2xx, else "")
     _runner: web.AppRunner | None = None
 
     def ids(self) -> list[str]:
@@ -102,7 +102,7 @@ class Sink:
                 status, headers = reply
         finally:
             self.running -= 1
-        text = (self.body or "nope") if status >= 300 else ""
+        text = self.body if self.body is not None else ("nope" if status >= 300 else "")
         return web.Response(status=status, headers=headers, text=text)
 
     async def start(self) -> Sink:

@@ -2,8 +2,9 @@
 
 Per tenant: the last webhook, the configured poll mode (and, where this process polls
 it, the current one), who holds the poll lease — this process, another, or nobody —
-and the watermark. Per sink: its breaker, or that its URL is marked gone (it answered
-410), deliveries in flight, its jobs in the queue (ready and scheduled) and its dead
+and the watermark. Per sink: whether an operator paused it, its breaker, or that its
+URL is marked gone (it answered 410), deliveries in flight and waiting (set aside until
+the sink can take them), its jobs in the queue (ready and scheduled) and its dead
 letters by class. The queue is one sorted set for every sink, and a tenant's dead
 letters one index: splitting them per sink means reading every entry, so that is done
 only while they hold at most :data:`SPLIT_LIMIT` entries; past that the page shows the
@@ -23,6 +24,7 @@ from relay.config import Config
 from relay.delivery import breaker
 from relay.keys import Keys
 from relay.store.deadletters import CLASSES
+from relay.store.sinks import paused_since
 from relay.upstream.poller import Poller
 
 SPLIT_LIMIT = 5000
@@ -47,6 +49,8 @@ class SinkState:
     name: str
     breaker: int  # breaker.CLOSED, HALF_OPEN or OPEN
     gone: bool  # its URL answered 410: deliveries dead-letter without a request
+    paused_since: float | None  # unix seconds an operator paused it; None: not paused
+    waiting: int  # deliveries set aside in its waiting set
     in_flight: int
     ready: int | None  # None: not split (the queue is too long)
     scheduled: int | None
@@ -96,6 +100,9 @@ async def read_overview(
             pipe.zcount(keys.inflight(tenant, sink), now_ms, "+inf")
         for tenant, sink in pairs:
             pipe.get(keys.sink_gone(tenant, sink))
+        for tenant, sink in pairs:
+            pipe.get(keys.paused(tenant, sink))
+            pipe.zcard(keys.waiting(tenant, sink))
         pipe.zcount(keys.queue, "-inf", now_ms)
         pipe.zcount(keys.queue, f"({now_ms}", "+inf")
         pipe.zrange(keys.queue, 0, 0, withscores=True)
@@ -105,7 +112,8 @@ async def read_overview(
     per_tenant = found[: 5 * len(chosen)]
     in_flight = found[5 * len(chosen) : 5 * len(chosen) + len(pairs)]
     gone_urls = found[5 * len(chosen) + len(pairs) : 5 * len(chosen) + 2 * len(pairs)]
-    ready, scheduled, oldest = found[5 * len(chosen) + 2 * len(pairs) :]
+    pauses = found[5 * len(chosen) + 2 * len(pairs) : 5 * len(chosen) + 4 * len(pairs)]
+    ready, scheduled, oldest = found[5 * len(chosen) + 4 * len(pairs) :]
     # The mark names the URL that answered 410: a sink given a new URL is not gone.
     urls = {(t.slug, s.name): s.url for t in chosen for s in t.sinks}
     split_dead: dict[str, Counter[tuple[str, str]] | None] = {}
@@ -131,7 +139,9 @@ async def read_overview(
             await _dead_by_sink(redis, keys, t.slug) if indexed <= SPLIT_LIMIT else None
         )
     by_sink = await _queue_by_sink(redis, keys, now_ms, ready + scheduled)
-    for (tenant, sink), flying, gone_url in zip(pairs, in_flight, gone_urls, strict=True):
+    for (tenant, sink), flying, gone_url, pause, waits in zip(
+        pairs, in_flight, gone_urls, pauses[::2], pauses[1::2], strict=True
+    ):
         dead = split_dead[tenant]
         queued = None if by_sink is None else by_sink.get((tenant, sink), (0, 0))
         out.sinks.append(
@@ -140,6 +150,8 @@ async def read_overview(
                 name=sink,
                 breaker=states[(tenant, sink)],
                 gone=gone_url is not None and gone_url.decode() == urls[(tenant, sink)],
+                paused_since=paused_since(pause),
+                waiting=int(waits),
                 in_flight=int(flying),
                 ready=None if queued is None else queued[0],
                 scheduled=None if queued is None else queued[1],

@@ -10,6 +10,9 @@
   ``event_id``) or every entry matching the filters: the first POST shows what would be
   done, and only a second one with ``confirm=yes`` does it (the dead-letter store's
   dry run and replay or purge, as ``/api/deadletters`` and ``chert-relay dlq`` do);
+- ``POST /ui/sinks/pause``, ``/resume`` and ``/test`` — one sink (``tenant``, ``sink``):
+  pause or resume it (back to the overview), or send it a test event and show its
+  answer (:mod:`relay.admin.sinks`, as ``/api/sinks`` and ``chert-relay sinks`` do);
 - ``GET``/``POST /ui/login``, ``POST /ui/logout``, ``GET /ui/style.css``.
 
 Server-rendered, no script at all: every answer carries a Content-Security-Policy
@@ -33,6 +36,7 @@ import redis.exceptions
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from relay.admin import sinks
 from relay.admin.app import Admin
 from relay.admin.auth import Principal
 from relay.admin.ui import html, views
@@ -118,6 +122,7 @@ class OperatorPage:
             web.get("/ui", self._page(self.overview)),
             web.get("/ui/deadletter", self._page(self.show)),
             web.post("/ui/deadletters/{action:replay|purge}", self._page(self.change, True)),
+            web.post("/ui/sinks/{action:pause|resume|test}", self._page(self.sink_action, True)),
             web.get("/ui/events", self._page(self.events.search)),
             web.get("/ui/event", self._page(self.events.show)),
             web.post("/ui/event/resend", self._page(self.events.resend, True)),
@@ -225,7 +230,11 @@ class OperatorPage:
         q = _query(ctx)
         visible = self._visible(ctx.who)
         state = await read_overview(self._rt.redis, self._rt.config, self._poller(), visible)
-        parts = [views.overview(state), views.filters(q, visible)]
+        can_change = ctx.who.can("replay")
+        parts = [
+            views.overview(state, csrf=ctx.session.csrf, can_change=can_change),
+            views.filters(q, visible),
+        ]
         status = 200
         try:
             flt = self._filter(ctx, q, with_limit=True)
@@ -318,6 +327,32 @@ class OperatorPage:
             len(out.skipped),
         )
         return self._render(ctx, f"{action.capitalize()} done", views.result(action, out))
+
+    async def sink_action(self, ctx: Ctx) -> web.Response:
+        """Pause, resume or test one sink (``tenant``, ``sink``): as the sink API does."""
+        action = ctx.request.match_info["action"]
+        tenant, sink = ctx.value("tenant"), ctx.value("sink")
+        if not ctx.who.can("replay"):
+            self._admin.refusals.note(ctx.request, "forbidden_scope", who=ctx.who.name)
+            return self._error(
+                ctx, 403, f"This token's scope is {ctx.who.scope!r}: it cannot {action} a sink."
+            )
+        if not ctx.who.sees(tenant):
+            self._admin.refusals.note(ctx.request, "forbidden_tenant", who=ctx.who.name)
+            return self._error(ctx, 403, f"This token may not see tenant {tenant!r}.")
+        config = self._rt.config
+        by = f"operator page (token {ctx.who.name})"
+        try:
+            if action == "test":
+                answer = await sinks.send_test_event(config, tenant, sink, by)
+                return self._render(ctx, "Test event", views.sink_test(answer))
+            if action == "pause":
+                await sinks.pause(self._rt.redis, config, tenant, sink, by)
+            else:
+                await sinks.resume(self._rt.redis, config, tenant, sink, by)
+        except sinks.UnknownSink as e:
+            return self._error(ctx, 404, str(e))
+        return redirect("/ui")
 
     async def _targets(self, ctx: Ctx) -> tuple[list[DeadLetter], dict[str, str]]:
         """The entries a replay or purge form names (one, or a filter's), and the form

@@ -1,5 +1,6 @@
 """The operator page's views: each function returns escaped HTML (:mod:`.html`) for one
-part — the tenant and sink tables, the dead-letter filters and list, one dead letter,
+part — the tenant and sink tables (with a sink's pause, resume and test buttons), a test
+event's answer, the dead-letter filters and list, one dead letter,
 the confirmation of a replay or purge and its result, and the log-in form."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
+from relay.admin.sinks import SinkTestReply
 from relay.admin.ui.html import Markup, fmt, hidden, join, url, when
 from relay.admin.ui.overview import Overview, SinkState
 from relay.delivery import breaker
@@ -37,7 +39,9 @@ class Query:
         return out
 
 
-def overview(o: Overview) -> Markup:
+def overview(o: Overview, *, csrf: str = "", can_change: bool = False) -> Markup:
+    """The tenant and sink tables and the queue; ``can_change``: a ``replay`` session,
+    whose sink rows have pause or resume and test buttons."""
     rows = []
     for t in o.tenants:
         mode = t.configured_mode if t.mode is None else f"{t.configured_mode} (now {t.mode})"
@@ -62,7 +66,7 @@ def overview(o: Overview) -> Markup:
         join(fmt("<th>{} dead letters</th>", c) for c in CLASSES),
         join(rows),
     )
-    return join([tenants, _sinks(o), _queue(o)])
+    return join([tenants, _sinks(o, csrf if can_change else None), _queue(o)])
 
 
 def _count_cell(n: int | None) -> Markup:
@@ -71,46 +75,107 @@ def _count_cell(n: int | None) -> Markup:
     return fmt('<td class="num{}">{}</td>', " bad" if n else "", n)
 
 
-def _sinks(o: Overview) -> Markup:
+def _sinks(o: Overview, csrf: str | None) -> Markup:
+    """The sink rows; ``csrf`` (a ``replay`` session's) adds their action buttons."""
     rows = []
     for s in o.sinks:
         dead = s.dead_letters or {}
         rows.append(
             fmt(
                 "<tr><td><code>{}</code></td><td><code>{}</code></td>{}"
-                '<td class="num">{}</td>{}{}{}<td><a href="{}">recent attempts</a></td></tr>',
+                '<td class="num">{}</td><td class="num">{}</td>{}{}{}'
+                '<td><a href="{}">recent attempts</a></td>{}</tr>',
                 s.tenant,
                 s.name,
-                _state_cell(s),
+                _state_cell(s, o.now),
                 s.in_flight,
+                s.waiting,
                 _plain_cell(s.ready),
                 _plain_cell(s.scheduled),
                 join(_count_cell(None if s.dead_letters is None else dead[c]) for c in CLASSES),
                 url("/ui/events", tenant=s.tenant, sink=s.name),
+                "" if csrf is None else _sink_actions(s, csrf),
             )
         )
     return fmt(
         "<h2>Sinks</h2><table><tr><th>tenant</th><th>sink</th><th>state</th>"
-        "<th>in flight</th><th>ready jobs</th><th>scheduled jobs</th>{}<th>event log</th></tr>"
+        "<th>in flight</th><th>waiting</th><th>ready jobs</th><th>scheduled jobs</th>{}"
+        "<th>event log</th>{}</tr>"
         "{}</table>",
         join(fmt("<th>{} dead letters</th>", c) for c in CLASSES),
+        "" if csrf is None else Markup("<th>actions</th>"),
         join(rows),
     )
 
 
-def _state_cell(s: SinkState) -> Markup:
-    """The sink's breaker; or, once its URL answered 410, *gone* — whatever the breaker
+def _state_cell(s: SinkState, now: float) -> Markup:
+    """Paused (the operator's pause comes first: nothing is sent while it lasts), then
+    the sink's breaker; or, once its URL answered 410, *gone* — whatever the breaker
     says, its deliveries then dead-letter without a request."""
-    if s.gone:
-        return Markup(
-            '<td class="bad" title="its URL answered 410 Gone: deliveries become gone dead '
-            'letters without a request until a replay for this sink or a new URL">'
-            "gone (410)</td>"
+    parts = []
+    if s.paused_since is not None:
+        parts.append(
+            fmt(
+                '<span class="warn" title="paused by an operator: nothing is sent to it; its '
+                'deliveries wait and do not expire until it is resumed">paused</span> '
+                '<span class="muted">since {}</span>',
+                when(s.paused_since, now),
+            )
         )
+    if s.gone:
+        parts.append(
+            Markup(
+                '<span class="bad" title="its URL answered 410 Gone: deliveries become gone '
+                'dead letters without a request until a replay for this sink or a new URL">'
+                "gone (410)</span>"
+            )
+        )
+    else:
+        parts.append(
+            fmt(
+                '<span class="{}">breaker {}</span>',
+                BREAKER_CLASS[s.breaker],
+                breaker.STATE_NAMES[s.breaker].replace("_", "-"),
+            )
+        )
+    return fmt('<td class="state">{}</td>', join(parts, "<br>"))
+
+
+def _sink_actions(s: SinkState, csrf: str) -> Markup:
+    ident = {"tenant": s.tenant, "sink": s.name}
+    switch = "resume" if s.paused_since is not None else "pause"
     return fmt(
-        '<td class="{}">breaker {}</td>',
-        BREAKER_CLASS[s.breaker],
-        breaker.STATE_NAMES[s.breaker].replace("_", "-"),
+        '<td class="row-actions">{}{}</td>',
+        _sink_form(switch, switch.capitalize(), ident, csrf),
+        _sink_form("test", "Send test event", ident, csrf),
+    )
+
+
+def _sink_form(action: str, label: str, values: dict[str, str], csrf: str) -> Markup:
+    return fmt(
+        '<form class="inline" method="post" action="/ui/sinks/{}">{}'
+        '<button type="submit">{}</button></form>',
+        action,
+        hidden(csrf=csrf, **values),
+        label,
+    )
+
+
+def sink_test(answer: SinkTestReply) -> Markup:
+    """What a sink said to a test event."""
+    said = f"HTTP {answer.status}" if answer.status is not None else f"no answer ({answer.kind})"
+    return fmt(
+        '<p class="note result">Test event to <code>{}/{}</code>: <span class="{}">{}</span> '
+        "in {} ms.</p><table><tr><th>event id</th><td><code>{}</code></td></tr>"
+        '<tr><th>answer</th><td class="err">{}</td></tr></table>'
+        '<p><a href="/ui">Back to the overview</a></p>',
+        answer.tenant,
+        answer.sink,
+        "ok" if answer.ok else "bad",
+        said,
+        f"{answer.ms:.0f}",
+        answer.event_id,
+        answer.excerpt or "(empty)",
     )
 
 

@@ -4,7 +4,8 @@ lapsed (a worker died mid-attempt) or a reload raised a sink's cap, and breakers
 wait is over (no finish comes while one is open). Those slots go to the waiting
 deliveries, in order, each reserved. While a sink's breaker is open, its waiting
 deliveries past their deadline go back in the queue, to be dead-lettered by their
-claim. The waiting deliveries of a sink no worker knows any more (after
+claim — unless an operator paused the sink: then nothing of its leaves the waiting
+set. The waiting deliveries of a sink no worker knows any more (after
 ``worker.unknown_sink_grace``) all go back in the queue, where a take ends them. The
 event log's records past its retention (or over its cap) go too, oldest first.
 KEYS
@@ -35,16 +36,18 @@ for _, member in ipairs(redis.call('SMEMBERS', K.waiting_sinks)) do
   local wait = p .. KEY.waiting .. ':' .. member
   local inflight = p .. KEY.inflight .. ':' .. member
   local breaker = p .. KEY.breaker .. ':' .. member
+  local paused = p .. KEY.paused .. ':' .. member
   local att_base = p .. KEY.attempts .. ':' .. member .. ':'
   local job_base = p .. member .. ':'
   local cap = caps[member]
   if redis.call('EXISTS', wait) == 0 then
     redis.call('SREM', K.waiting_sinks, member)
   elseif cap then
-    local n = wait_free(inflight, breaker, cap, now)
+    local n = wait_free(inflight, breaker, paused, cap, now)
     add(unpark(wait, K.waiting_sinks, member, inflight, K.queue, att_base, job_base, n, now,
       tonumber(A.lease_ms), true))
-    if n == 0 and redis.call('HGET', breaker, 's') == 'o' then
+    if n == 0 and redis.call('HGET', breaker, 's') == 'o'
+        and redis.call('EXISTS', paused) == 0 then
       -- open: the first in line past their deadline end (their claim dead-letters them)
       for _, id in ipairs(redis.call('ZRANGE', wait, 0, 99)) do
         local dl = tonumber(redis.call('HGET', att_base .. string.sub(id, #job_base + 1), 'dl'))

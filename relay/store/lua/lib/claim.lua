@@ -1,5 +1,8 @@
 --[[ claim: one delivery's claim, for ``take.lua`` (a poll's deliveries in one call):
-The stored event comes back whole for the caller to parse. A delivery whose sink URL is
+The stored event comes back whole for the caller to parse. A delivery of a sink an
+operator paused (``k.paused``) is set aside in the sink's waiting set (lib/wait.lua)
+before anything else is looked at, so that it neither expires nor ends while the pause
+lasts: it comes back when the sink is resumed. A delivery whose sink URL is
 marked gone or whose attempts are used up ends (the caller dead-letters it), and so
 does one past its deadline that has had an attempt. One not due yet is put back in the
 queue for when it is. One whose sink's breaker is open (or half-open with another
@@ -7,8 +10,8 @@ job's probe in flight) or whose sink is at its in-flight cap is set aside in the
 sink's waiting set (lib/wait.lua) until a slot frees. Otherwise the attempt is counted
 and an in-flight slot leased (or the slot reserved for it taken over).
 The deadline measures the sink's failure, not the relay's queueing: a wait for an
-in-flight slot (the sink's `concurrency`, the relay's own cap) moves the deadline back
-by that wait, and a delivery past its deadline that was never tried still gets its
+in-flight slot (the sink's `concurrency`, the relay's own cap) or on a pause moves the
+deadline back by that wait, and a delivery past its deadline that was never tried still gets its
 one attempt — unless the sink's breaker is open (the sink is failing now): then it
 ends untried (attempts 0), and the caller's dead letter says so.
 ``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now, job_id, max_age_ms,
@@ -17,10 +20,10 @@ margin_ms (how long past the deadline the job and the event are kept), url (comp
 with the gone mark).
 uses: stored_event breaker wait
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
-  | {'park', 'busy'|'breaker_open'|'half_open'}
+  | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
   | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
-  held_ms: how long the delivery has waited on the sink's in-flight cap, all told
+  held_ms: how long the delivery has waited on the sink's in-flight cap or a pause, all told
   probe: '1' if the attempt is the sink's half-open breaker probe, else ''
 ]]
 
@@ -49,6 +52,12 @@ local function claim(k, arg)
     redis.call('HSET', k.attempts, 'dl', dl)
     redis.call('PEXPIRE', k.attempts, math.max(dl - now, 0) + margin)
     hold()  -- now, even if this claim only puts the delivery off
+  end
+  if redis.call('EXISTS', k.paused) == 1 then
+    -- the operator's choice, not the sink's failure: no attempt, no end, and the
+    -- deadline moves back by the pause (lib/wait.lua)
+    park(k, now, job_id, 'paused')
+    return {'park', 'paused'}
   end
   local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored, st[9] or '0'}
   if redis.call('GET', k.gone) == arg.url then return {'gone', unpack(info)} end

@@ -12,6 +12,7 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     breaker = p .. KEY.breaker .. ':' .. ts,
     inflight = p .. KEY.inflight .. ':' .. ts,
     gone = p .. KEY.sink_gone .. ':' .. ts,
+    paused = p .. KEY.paused .. ':' .. ts,
     job = JOB_KEY_PREFIX .. job_id,
     queue = queue,
     retry = RETRY_KEY_PREFIX .. job_id,
