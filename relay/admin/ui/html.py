@@ -31,6 +31,8 @@ header { background: #1d2330; color: #fff; padding: 10px 24px; display: flex;
 header h1 { font-size: 17px; margin: 0; flex: 1; }
 header a { color: #fff; text-decoration: none; }
 header form { margin: 0; }
+header nav { display: flex; gap: 12px; }
+header input { width: 16em; }
 main { padding: 8px 24px 32px; }
 h2 { font-size: 15px; margin: 22px 0 8px; }
 table { border-collapse: collapse; background: #fff; width: 100%; }
@@ -61,6 +63,15 @@ button.primary { background: #1d4ed8; border-color: #1d4ed8; color: #fff; }
   border: 1px solid #e2e5ea; }
 .login input { width: 100%; box-sizing: border-box; margin: 6px 0 12px; }
 .actions { display: flex; gap: 8px; margin: 12px 0; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 8px; background: #eef0f4;
+  font-size: 12px; white-space: nowrap; }
+section.sink { background: #fff; border: 1px solid #e2e5ea; padding: 4px 12px 10px;
+  margin: 10px 0; }
+section.sink h3 { font-size: 14px; margin: 8px 0 4px; font-weight: normal; }
+section.sink h3 code { font-weight: 600; }
+tr.stale td { background: #fff8e6; }
+table.fields { width: auto; }
+pre.payload { white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 
@@ -126,6 +137,9 @@ def page(title: str, body: Markup, *, who: str | None = None, csrf: str | None =
     bar = Markup("")
     if who is not None and csrf is not None:
         bar = fmt(
+            '<nav><a href="/ui">Overview</a><a href="/ui/events">Events</a></nav>'
+            '<form method="get" action="/ui/events"><input type="search" name="event_id" '
+            'placeholder="find an event by id" aria-label="event id"></form>'
             '<span class="muted">token {}</span>'
             '<form method="post" action="/ui/logout">{}<button type="submit">Log out</button>'
             "</form>",

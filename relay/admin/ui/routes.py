@@ -4,6 +4,8 @@
   matching the filters in the query string (``tenant``, ``sink``, ``class``, ``type``,
   ``since``, ``until``, ``limit``), with replay and purge buttons for a ``replay`` token;
 - ``GET /ui/deadletter?tenant=&sink=&event_id=`` — one dead letter with its event;
+- ``GET /ui/events``, ``GET /ui/event`` and ``POST /ui/event/resend`` — the event log:
+  search, one event's page with its attempts, resend (:mod:`.events`);
 - ``POST /ui/deadletters/replay`` and ``/purge`` — one entry (``tenant``, ``sink``,
   ``event_id``) or every entry matching the filters: the first POST shows what would be
   done, and only a second one with ``confirm=yes`` does it (the dead-letter store's
@@ -38,6 +40,7 @@ from relay.admin import sinks
 from relay.admin.app import Admin
 from relay.admin.auth import Principal
 from relay.admin.ui import html, views
+from relay.admin.ui.events import EventPages
 from relay.admin.ui.overview import read_overview
 from relay.admin.ui.sessions import (
     LOGIN_COOKIE,
@@ -110,6 +113,9 @@ class OperatorPage:
         self._poller = poller
         self.sessions = Sessions()
         self._store = DeadLetterStore(rt.redis, rt.config)
+        self.events = EventPages(
+            rt, admin.refusals, render=self._render, error=self._error, redirect=redirect
+        )
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -117,6 +123,9 @@ class OperatorPage:
             web.get("/ui/deadletter", self._page(self.show)),
             web.post("/ui/deadletters/{action:replay|purge}", self._page(self.change, True)),
             web.post("/ui/sinks/{action:pause|resume|test}", self._page(self.sink_action, True)),
+            web.get("/ui/events", self._page(self.events.search)),
+            web.get("/ui/event", self._page(self.events.show)),
+            web.post("/ui/event/resend", self._page(self.events.resend, True)),
             web.post("/ui/logout", self._page(self.logout, True)),
             web.get("/ui/login", self.login_form),
             web.post("/ui/login", self.login),

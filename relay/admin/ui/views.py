@@ -83,7 +83,8 @@ def _sinks(o: Overview, csrf: str | None) -> Markup:
         rows.append(
             fmt(
                 "<tr><td><code>{}</code></td><td><code>{}</code></td>{}"
-                '<td class="num">{}</td><td class="num">{}</td>{}{}{}{}</tr>',
+                '<td class="num">{}</td><td class="num">{}</td>{}{}{}'
+                '<td><a href="{}">recent attempts</a></td>{}</tr>',
                 s.tenant,
                 s.name,
                 _state_cell(s, o.now),
@@ -92,12 +93,14 @@ def _sinks(o: Overview, csrf: str | None) -> Markup:
                 _plain_cell(s.ready),
                 _plain_cell(s.scheduled),
                 join(_count_cell(None if s.dead_letters is None else dead[c]) for c in CLASSES),
+                url("/ui/events", tenant=s.tenant, sink=s.name),
                 "" if csrf is None else _sink_actions(s, csrf),
             )
         )
     return fmt(
         "<h2>Sinks</h2><table><tr><th>tenant</th><th>sink</th><th>state</th>"
-        "<th>in flight</th><th>waiting</th><th>ready jobs</th><th>scheduled jobs</th>{}{}</tr>"
+        "<th>in flight</th><th>waiting</th><th>ready jobs</th><th>scheduled jobs</th>{}"
+        "<th>event log</th>{}</tr>"
         "{}</table>",
         join(fmt("<th>{} dead letters</th>", c) for c in CLASSES),
         "" if csrf is None else Markup("<th>actions</th>"),
