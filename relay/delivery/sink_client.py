@@ -33,12 +33,21 @@ ERROR_BODY_READ = 1024  # bytes of an error answer read; scrub() blanks secrets,
 OK_BODY_READ = 65536  # read from a 2xx answer, so that its connection can be reused
 
 
+HEADER_VALUE_MAX = 256  # characters of an event type in X-Chert-Event-Type
+
+
 def header_value(text: str) -> str:
     """``text`` as an HTTP header value: control characters (which would end the header
-    line) escaped, not sent. Event types come from Chert's body and are not checked."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    line) escaped, not sent, and cut to HEADER_VALUE_MAX characters with ``...`` — a sink
+    refuses a request with a 60 KB header, and the body carries the whole type. Event
+    types come from Chert's body and are not checked."""
+    if not text.isprintable():
+        text = "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode() for c in text
+        )
+    if len(text) > HEADER_VALUE_MAX:
+        text = text[: HEADER_VALUE_MAX - 3] + "..."
+    return text
 
 
 _WORDS = re.compile(r"[\s=,;:]+")

@@ -82,4 +82,6 @@ async def test_ingest_stores_any_event_type_readably(redis: Redis) -> None:
 def test_an_odd_event_type_cannot_break_the_delivery_headers() -> None:
     assert header_value("message.received") == "message.received"
     assert header_value("a\r\nX-Injected: 1") == "a\\r\\nX-Injected: 1"
+    long = header_value("t" * 60_000)  # the body has it whole; a header that long is refused
+    assert (len(long), long[-3:]) == (256, "...")
     assert header_value("ünïcode ok") == "ünïcode ok"
