@@ -265,14 +265,20 @@ def worker(path: Path) -> subprocess.Popen[bytes]:
 
 
 def drain(
-    work: Path, sink: str, args: argparse.Namespace, timeout: float = 900.0
+    work: Path,
+    sink: str,
+    args: argparse.Namespace,
+    timeout: float = 900.0,
+    sections: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, float]:
+    """``sections``: more config sections (e.g. ``{"event_log": {"enabled": False}}``)."""
     get_json(f"{sink}/reset", "POST")
     work.mkdir()
     redis = EmbeddedRedis(work / "redis", port=free_port())
     asyncio.run(redis.start())
     try:
         data = config(redis.url, sink, args.sinks, args.concurrency, args.poll_delay, args.max_jobs)
+        data.update(sections or {})
         path = work / "relay.toml"
         path.write_text(toml(data))
         used = asyncio.run(fill(data, args.events, work.name))

@@ -132,6 +132,7 @@ class Relay:
         poll_delay: float,
         *,
         shipped: bool = False,
+        extra: str = "",
     ) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.redis: EmbeddedRedis | None = None
@@ -142,7 +143,14 @@ class Relay:
         self.port, self.admin = free_port(), free_port()
         self.worker_admin = self.admin
         cfg = write_config(
-            workdir, sink_url, self.port, self.admin, redis_url, poll_delay, shipped=shipped
+            workdir,
+            sink_url,
+            self.port,
+            self.admin,
+            redis_url,
+            poll_delay,
+            shipped=shipped,
+            extra=extra,
         )
         argv = [sys.executable, "-m", "relay", "--log-level", "warning", "--config", str(cfg)]
         if not split:
@@ -174,9 +182,11 @@ def write_config(
     poll_delay: float,
     *,
     shipped: bool = False,
+    extra: str = "",
 ) -> Path:
     """The relay's config; ``shipped``: no ``[worker]`` settings and no sink
-    ``concurrency``, the defaults (``poll_delay`` unused) instead of this benchmark's."""
+    ``concurrency``, the defaults (``poll_delay`` unused) instead of this benchmark's.
+    ``extra``: more TOML, appended (e.g. an ``[event_log]`` section)."""
     cfg = workdir / "relay.toml"
     redis = f'[redis]\nurl = "{redis_url}"' if redis_url else ""
     worker = "" if shipped else f"[worker]\nmax_jobs = 200\npoll_delay = {poll_delay}"
@@ -199,6 +209,7 @@ name = "sink"
 url = "{sink_url}"
 secret = "{SINK_SECRET}"
 {concurrency}
+{extra}
 """)
     return cfg
 
@@ -275,13 +286,15 @@ def latency_run(
     poll_delay: float,
     *,
     shipped: bool = False,
+    extra: str = "",
 ) -> dict[str, Any]:
     """Webhooks at ``rate`` for ``seconds`` through a fresh relay to ``sink``: the
     milliseconds from each webhook's send (``sent``) and from its answer (``answered``) to
-    its arrival at the sink, and how many were refused (``failed``)."""
+    its arrival at the sink, and how many were refused (``failed``). ``extra``: more TOML
+    for the relay's config."""
     get_json(f"{sink}/reset", "POST")
     work.mkdir()
-    relay = Relay(work, f"{sink}/hook", split, poll_delay, shipped=shipped)
+    relay = Relay(work, f"{sink}/hook", split, poll_delay, shipped=shipped, extra=extra)
     try:
         url = f"http://127.0.0.1:{relay.port}/webhooks/chert/{TENANT}"
         doc = run_loadgen(url, rate, seconds, work / "sent.json")

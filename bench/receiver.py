@@ -172,9 +172,11 @@ def start_bare(*extra: str) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_relay(workdir: Path, redis: str = "") -> tuple[subprocess.Popen[bytes], int]:
+def start_relay(
+    workdir: Path, redis: str = "", extra: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
     """``chert-relay serve`` on the embedded default, or on ``redis`` (a ``[redis]``
-    section's lines)."""
+    section's lines); ``extra``: more TOML, appended (e.g. an ``[event_log]`` section)."""
     port, admin = free_port(), free_port()
     cfg = workdir / "relay.toml"
     section = f"[redis]\n{redis}\n" if redis else ""
@@ -199,6 +201,7 @@ events = ["message.received"]
 name = "all"
 url = "http://127.0.0.1:9/all"
 """
+        + extra
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "--log-level", "warning", "--config", str(cfg), "serve"],

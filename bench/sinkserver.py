@@ -3,7 +3,9 @@ each one first arrived (``bench/e2e.py``, ``bench/drain.py``, ``bench/scheduling
 
 Every POST to a path other than the control ones is a delivery. The sink answers it with
 its current status after its current delay (both 200 / 0 ms at start, changed with
-``POST /control?status=503&delay_ms=20``; a reset keeps them). A request it answers 2xx
+``POST /control?status=503&delay_ms=20``; a reset keeps them). With ``fail_first=1``
+it answers the first request of each (path, ``webhook-id``) 503, with a short JSON error
+body, and the later ones as usual (``fail_first=0`` ends it). A request it answers 2xx
 is recorded as it comes in (before the delay): the first arrival of its ``webhook-id``,
 and of its (path, ``webhook-id``) pair — one sink process can stand for many sinks, one
 path each.
@@ -33,12 +35,18 @@ def sink_main(port: int, delay_ms: float = 0.0) -> None:
     arrivals: dict[str, float] = {}
     by_path: dict[str, dict[str, float]] = {}
     count = [0, 0]  # requests, answered 2xx
-    control = {"status": 200, "delay": delay_ms / 1000}
+    control = {"status": 200, "delay": delay_ms / 1000, "fail_first": 0}
+    tried: set[tuple[str, str | None]] = set()  # fail_first: (path, webhook-id) seen
 
     async def hook(request: web.Request) -> web.Response:
         await request.read()
         count[0] += 1
         status, delay = int(control["status"]), control["delay"]
+        if control["fail_first"]:
+            key = (request.path, request.headers.get("webhook-id"))
+            if key not in tried:
+                tried.add(key)
+                return web.json_response({"error": "temporarily unavailable"}, status=503)
         if 200 <= status < 300:
             now = time.time()
             count[1] += 1
@@ -71,12 +79,15 @@ def sink_main(port: int, delay_ms: float = 0.0) -> None:
     async def reset(request: web.Request) -> web.Response:
         arrivals.clear()
         by_path.clear()
+        tried.clear()
         count[0] = count[1] = 0
         return web.json_response({})
 
     async def set_control(request: web.Request) -> web.Response:
         if "status" in request.query:
             control["status"] = int(request.query["status"])
+        if "fail_first" in request.query:
+            control["fail_first"] = int(request.query["fail_first"])
         if "delay_ms" in request.query:
             control["delay"] = float(request.query["delay_ms"]) / 1000
         return web.json_response(control)
