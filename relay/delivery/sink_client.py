@@ -42,9 +42,7 @@ def header_value(text: str) -> str:
     refuses a request with a 60 KB header, and the body carries the whole type. Event
     types come from Chert's body and are not checked."""
     if not text.isprintable():
-        text = "".join(
-            c if c.isprintable() else c.encode("unicode_escape").decode() for c in text
-        )
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
     if len(text) > HEADER_VALUE_MAX:
         text = text[: HEADER_VALUE_MAX - 3] + "..."
     return text

@@ -85,7 +85,6 @@ class Ingestor:
         self._config = config
         prefix = config.redis.key_prefix
         elog = config.event_log
-        self._log = elog.enabled
         self._batch = IngestBatch(
             prefix,
             Keys(prefix).queue,
@@ -116,7 +115,6 @@ class Ingestor:
                         )
                         for s in sinks
                     ],
-                    skipped=[s.name for s in t.sinks if not s.matches(event_type)],
                 ),
                 ordered=any(s.ordering != "none" for s in sinks),
             )
@@ -155,7 +153,7 @@ class Ingestor:
             header=head,
             event_type=etype,
             body=event.body,
-            chat=event.chat_id if (route.ordered or self._log) and event.chat_id else "",
+            chat=event.chat_id if route.ordered and event.chat_id else "",
             route=route.jobs,
             webhook=source == "webhook",
         )

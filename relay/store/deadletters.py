@@ -366,6 +366,7 @@ class DeadLetterStore:
                     "breaker": k.breaker(d.tenant, d.sink),
                     "log": k.event_log(d.tenant, d.event_id),
                     "log_bytes": k.event_log_bytes,
+                    "log_index": k.event_log_index,
                 }
                 ordered = d.chat is not None and sink.ordering != "none"
                 job = jobs.delivery_job(

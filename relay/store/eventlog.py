@@ -1,10 +1,13 @@
 """The event log: what became of every event the relay took in, one event at a time.
 
 The scripts write it where the pipeline changes (``lua/lib/event_log.lua`` names the
-record's fields): ``ingest.lua`` records an event's type, chat, payload, each sink it
-was routed to — or not, and why — and every later arrival; each finish records the
+record's fields): ``ingest.lua`` puts a new event in the log's index — its stored event
+already says its type, source, time and payload, and is its record's copy until its
+last delivery lets it go — and counts every later arrival; each finish records the
 attempt (start, duration, status or error class, a scrubbed excerpt of the answer) and
-the delivery's end; a replay or a resend records itself. This module reads and acts:
+the delivery's end; a replay or a resend records itself. Whether a sink the record
+says nothing of takes the event is the tenant's configuration's to say (its
+``events`` filter). This module reads and acts:
 
 - :meth:`EventLog.get` one record, with each queued delivery's live state from the
   pipeline's own keys (scheduled for when, in flight, waiting on its sink's slots,
@@ -26,7 +29,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -186,46 +189,80 @@ class Page:
     exhausted_scan: bool  # stopped because it read `scan` records
 
 
-def parse_record(tenant: str, event_id: str, raw: dict[bytes, bytes]) -> EventRecord | None:
-    """A record as the scripts wrote it; None if there is none."""
-    if not raw:
-        return None
+Routes = Sequence[tuple[str, Callable[[str], bool]]]  # each sink, and whether it takes a type
+
+
+def parse_record(
+    tenant: str,
+    event_id: str,
+    first_ms: int,
+    raw: dict[bytes, bytes],
+    stored: bytes | None,
+    routes: Routes,
+) -> EventRecord:
+    """An event in the log (first seen at ``first_ms``): its record as the scripts wrote
+    it (``raw``, perhaps empty), its stored event (the record's copy, else ``stored``:
+    the one its deliveries still hold), and ``routes``, the tenant's sinks now — a sink
+    the record says nothing of is under way if it takes the event's type, else not
+    routed there."""
     f = {k.decode(errors="replace"): v for k, v in raw.items()}
-    arrivals: list[Arrival] = []
+    copy = f.get("ev") or stored or b""
+    try:
+        ev: stored_event.StoredEvent | None = stored_event.parse(copy)
+    except ValueError:
+        ev = None
+    etype = ev.type if ev is not None else ""
+    came: dict[str, list[int]] = {}
+    if ev is not None:
+        came[ev.source] = [first_ms, 1]
     sinks: dict[str, SinkState] = {}
     attempts: dict[str, list[Attempt]] = {}
     for name, value in f.items():
         text = value.decode(errors="replace")
         if name.startswith("via:"):
             first, _, count = text.partition(" ")
-            arrivals.append(Arrival(name[4:], _int(first), _int(count)))
+            seen = came.setdefault(name[4:], [_int(first), 0])
+            seen[0], seen[1] = min(seen[0], _int(first)), seen[1] + _int(count)
         elif name.startswith("s:"):
             sinks[name[2:]] = _recorded_state(name[2:], text)
         elif name.startswith("a:"):
             sink = name[2:].rpartition(":")[0]
             attempts.setdefault(sink, []).append(_attempt(text))
+    for sink, takes in routes:
+        if sink not in sinks:
+            sinks[sink] = SinkState(sink, "pending") if takes(etype) else _not_routed(sink)
     for sink, found in attempts.items():
         state = sinks.setdefault(sink, SinkState(sink, "pending"))
         state.attempts = sorted(found, key=lambda a: a.n)
     for name, state in sinks.items():
         state.attempts_made = _int(f.get(f"n:{name}", b"0").decode())
-    stored = f.get("ev", b"")
-    try:
-        came_by = stored_event.parse(stored).source  # the first arrival's
-    except ValueError:
-        came_by = ""
-    arrivals.sort(key=lambda a: (a.first_ms, a.source != came_by))
+    first_source = ev.source if ev is not None else ""
+    arrivals = [Arrival(src, t, n) for src, (t, n) in came.items()]
+    arrivals.sort(key=lambda a: (a.first_ms, a.source != first_source))
     return EventRecord(
         tenant=tenant,
         event_id=event_id,
-        type=f.get("type", b"").decode(errors="replace"),
-        chat_id=f.get("chat", b"").decode(errors="replace"),
-        at_ms=_int(f.get("at", b"0").decode()),
+        type=etype,
+        chat_id=_chat(ev.body) if ev is not None else "",
+        at_ms=first_ms,
         arrivals=arrivals,
         sinks=[sinks[k] for k in sorted(sinks)],
-        stored=stored,
+        stored=copy,
         size=_int(f.get("sz", b"0").decode()),
     )
+
+
+def _chat(body: bytes) -> str:
+    """The event's ``data.chat.id`` ('' if none)."""
+    try:
+        chat = json.loads(body)["data"]["chat"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return chat if isinstance(chat, str) else ""
+
+
+def _not_routed(sink: str) -> SinkState:
+    return SinkState(sink, "not_routed", "its events filter does not take this type")
 
 
 def _int(text: str) -> int:
@@ -242,8 +279,6 @@ def _recorded_state(sink: str, text: str) -> SinkState:
         return SinkState(sink, "dead_letter", text[5:])
     if text == "drop":
         return SinkState(sink, "dropped", "the stored event was gone")
-    if text.startswith("skip:"):
-        return SinkState(sink, "not_routed", "its events filter does not take this type")
     return SinkState(sink, "pending")
 
 
@@ -324,12 +359,17 @@ class EventLog:
         self._keys = Keys(config.redis.key_prefix)
 
     async def get(self, tenant: str, event_id: str) -> EventRecord | None:
-        """One event's record, with its queued deliveries' live states."""
-        raw = await _aw(self._redis.hgetall(self._keys.event_log(tenant, event_id)))
-        rec = parse_record(tenant, event_id, raw)
+        """One event's record, with its deliveries' live states; None if the event is
+        not in the log."""
+        (found,) = await self._read([(f"{tenant}:{event_id}".encode(), None)], {tenant})
+        rec = found[1]
         if rec is not None:
             await self._live(rec)
         return rec
+
+    def _routes(self, tenant: str) -> Routes:
+        t = self._config.tenant(tenant)
+        return [] if t is None else [(s.name, s.matches) for s in t.sinks]
 
     async def find(self, event_id: str, tenants: Iterable[str]) -> list[EventRecord]:
         """The records of ``event_id`` among ``tenants`` (an id may recur across tenants)."""
@@ -410,23 +450,39 @@ class EventLog:
         return page
 
     async def _read(
-        self, rows: list[tuple[bytes, float]], tenants: set[str]
+        self, rows: Sequence[tuple[bytes, float | None]], tenants: set[str]
     ) -> list[tuple[int, EventRecord | None]]:
-        """The records of index ``rows`` (None for a tenant not in ``tenants``, or a
-        record gone meanwhile), with their scores."""
+        """The records of index ``rows`` (member, score; a score of None: look it up),
+        with their scores: None for a tenant not in ``tenants``, or an event no longer
+        (or never) in the log."""
+        k = self._keys
         wanted = []
         for member, score in rows:
             tenant, _, event_id = member.decode(errors="replace").partition(":")
-            wanted.append((tenant, event_id, int(score)))
+            wanted.append((tenant, event_id, score))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for tenant, event_id, _ in wanted:
+            for tenant, event_id, score in wanted:
                 if tenant in tenants:
-                    pipe.hgetall(self._keys.event_log(tenant, event_id))
-            raws = iter(await pipe.execute())
-        return [
-            (score, parse_record(t, e, next(raws)) if t in tenants else None)
-            for t, e, score in wanted
-        ]
+                    if score is None:
+                        pipe.zscore(k.event_log_index, f"{tenant}:{event_id}")
+                    pipe.hgetall(k.event_log(tenant, event_id))
+                    pipe.get(k.event(tenant, event_id))
+            found = iter(await pipe.execute(raise_on_error=False))
+        out: list[tuple[int, EventRecord | None]] = []
+        for tenant, event_id, score in wanted:
+            if tenant not in tenants:
+                out.append((int(score or 0), None))
+                continue
+            if score is None:
+                score = next(found)
+            raw, stored = next(found), next(found)
+            if score is None or isinstance(raw, Exception):
+                out.append((int(score or 0), None))
+                continue
+            held = stored if isinstance(stored, bytes) else None
+            rec = parse_record(tenant, event_id, int(score), raw, held, self._routes(tenant))
+            out.append((int(score), rec))
+        return out
 
     async def resend(
         self, tenant: str, event_id: str, sink: str | None = None
@@ -477,6 +533,7 @@ class EventLog:
                     "gone": k.sink_gone(tenant, name),
                     "breaker": k.breaker(tenant, name),
                     "chat": k.chat_order(tenant, name, rec.chat_id) if ordered else "",
+                    "log_index": k.event_log_index,
                 },
                 args={
                     "job": jobs.delivery_job(

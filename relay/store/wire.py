@@ -122,21 +122,16 @@ class IngestJob(NamedTuple):
 
 class IngestRoute:
     """What every event of one type for one tenant gets: how long it is remembered as
-    seen (``event_ttl_ms``), its jobs, and the sinks whose ``events`` filter does not
-    take it (``skipped``, for the event log); encoded once, reused by every such event."""
+    seen (``event_ttl_ms``) and its jobs; encoded once, reused by every such event."""
 
-    __slots__ = ("event_ttl_ms", "jobs", "nargs", "resp", "skipped")
+    __slots__ = ("event_ttl_ms", "jobs", "nargs", "resp")
 
-    def __init__(
-        self, event_ttl_ms: int, jobs: Sequence[IngestJob], skipped: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, event_ttl_ms: int, jobs: Sequence[IngestJob]) -> None:
         self.event_ttl_ms = event_ttl_ms
         self.jobs = tuple(jobs)
-        self.skipped = tuple(skipped)
         values: list[Value] = [event_ttl_ms, len(self.jobs)]
         for job in self.jobs:
             values += [job.sink, job.ttl_ms, job.ordering]
-        values += [len(self.skipped), *self.skipped]
         self.nargs = len(values)
         self.resp = b"".join(bulk(v) for v in values)
 

@@ -48,4 +48,5 @@ async def test_delivery_keys_match_the_python_names(redis: Redis, chat: str) -> 
         "log": k.event_log(tenant, event_id),
         "log_member": f"{tenant}:{event_id}",
         "log_bytes": k.event_log_bytes,
+        "log_index": k.event_log_index,
     }

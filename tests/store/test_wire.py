@@ -50,7 +50,6 @@ def test_an_ingest_batch_reads_back_as_ingest_lua_takes_it() -> None:
     route = wire.IngestRoute(
         event_ttl_ms=90_000,
         jobs=[wire.IngestJob("crm", 60_000, ""), wire.IngestJob("chat", 61_000, "chat")],
-        skipped=["audit"],
     )
     item = wire.IngestItem(
         tenant="acme",
@@ -66,7 +65,7 @@ def test_an_ingest_batch_reads_back_as_ingest_lua_takes_it() -> None:
     batch = wire.IngestBatch("relay", "arq:queue", "arq:job:", 1024, 5000)([item, other])
     args = parse(wire.Script(scripts.script("ingest").source).call(batch))
     assert args[:3] == [b"EVALSHA", scripts.script("ingest").sha.encode(), b"0"]
-    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat", b"1", b"audit"]
+    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat"]
     assert args[3:] == [
         *(b"relay", b"arq:queue", b"arq:job:", b"1024", b"5000"),
         *(b"1", b"acme"),  # the tenants whose webhooks came

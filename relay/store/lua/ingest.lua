@@ -13,14 +13,14 @@ ARGV
   5 log_keep_ms   the event log's retention
   6... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
                   event: tenant, event_id, stored, chat, event_ttl_ms, n_jobs, then per
-                  job: sink, job_ttl_ms, ordering; then n_skipped and that many sinks
-                  (their `events` filter does not take the event's type)
+                  job: sink, job_ttl_ms, ordering
   stored: the stored event (relay/store/stored_event.py) counting n_jobs users.
   chat: the event's data.chat.id, or '' (then it is unordered everywhere).
-With the event log on, a new event gets its record (lib/event_log.lua: type, chat,
-arrival, the stored event, each sink's state) and a duplicate counts as one more
-arrival on its record; the oldest records go while the log is over its cap or past
-its retention (as many as twice the records added, and a few).
+With the event log on, a new event joins the log's index (lib/event_log.lua: its
+stored event is its record until its deliveries let it go; one that no sink takes
+gets its record now), and a duplicate counts as one more arrival on its record; the
+oldest records go while the log is over its cap or past its retention (as many as
+twice the events added, and a few).
   event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
   outlives every job the event gets.
   ordering: 'chat' for a sink that delivers a chat's events in order, else ''. Such a
@@ -40,11 +40,9 @@ local log_cap = tonumber(A.log_cap)
 local log_p = prefix .. ':' .. KEY.event_log .. ':'
 local log_index, log_bytes = prefix .. ':' .. KEY.event_log_index, prefix .. ':' .. KEY.event_log_bytes
 local logged = 0
--- the stored event's source and type (its header: relay/store/stored_event.py)
-local function source_type(stored)
-  local head, src, tlen = string.match(stored, '^(%d+ %d+ (%S+) %S+ (%d+)\n)')
-  if not head then return 'unknown', '' end
-  return src, string.sub(stored, #head + 1, #head + tonumber(tlen))
+-- the stored event's source (its header: relay/store/stored_event.py)
+local function source_of(stored)
+  return string.match(stored, '^%d+ %d+ (%S+) ') or 'unknown'
 end
 local i = 6
 local nwh = tonumber(ARGV[i])
@@ -62,29 +60,14 @@ for e = 1, n do
   local ev_ttl, njobs = ARGV[i + 4], tonumber(ARGV[i + 5])
   i = i + 6
   local tail = tenant .. ':' .. event_id
-  local rec = log_p .. tail
+  local L = log_cap > 0 and log_of(log_p .. tail, log_index, tail, log_bytes)
   if redis.call('SET', seen_p .. tail, now, 'NX', 'PX', ev_ttl) then
-    local log_fields = false
-    if log_cap > 0 then
-      local src, etype = source_type(stored)
-      if redis.call('EXISTS', rec) == 1 then
-        log_arrival(rec, src, now)  -- recorded before its seen mark expired
-        log_fields = {}
-      else
-        log_fields = {'type', etype, 'chat', chat, 'at', now, 'ev', stored, 'via:' .. src,
-          now .. ' 1'}
-      end
-    end
     local id_json = cjson.encode(event_id)
     local chat_json = chat ~= '' and (',' .. cjson.encode(chat)) or ''
     local created, held = 0, false
     for j = 1, njobs do
       local sink, job_ttl, ordering = ARGV[i], ARGV[i + 1], ARGV[i + 2]
       i = i + 3
-      if log_fields then
-        log_fields[#log_fields + 1] = 's:' .. sink
-        log_fields[#log_fields + 1] = 'q'
-      end
       local ordered = ordering ~= '' and chat ~= ''
       local job_id = prefix .. ':' .. tenant .. ':' .. sink .. ':' .. event_id
       -- an ordered job carries its chat id (ids only, never the payload)
@@ -131,30 +114,23 @@ for e = 1, n do
       if ttl >= 0 and ttl < tonumber(ev_ttl) then redis.call('PEXPIRE', ev_key, ev_ttl) end
     end
     if held then redis.call('PERSIST', ev_key) end
-    local nskip = tonumber(ARGV[i])
-    if log_fields then
-      for s = 1, nskip do
-        log_fields[#log_fields + 1] = 's:' .. ARGV[i + s]
-        log_fields[#log_fields + 1] = 'skip:events'
-      end
-      if #log_fields > 0 then
-        if redis.call('EXISTS', rec) == 1 then
-          redis.call('HSET', rec, unpack(log_fields))
-          log_account(rec, tail, log_bytes)
-        else
-          log_new(rec, log_index, log_bytes, tail, now, log_fields)
-          logged = logged + 1
-        end
+    if L then
+      if log_in(L) then
+        -- in the log from before its seen mark expired: one more arrival
+        log_arrival(L, source_of(stored), now)
+        log_account(L)
+      else
+        redis.call('ZADD', log_index, now, tail)
+        logged = logged + 1
+        if created == 0 then log_keep(L, stored) end  -- no delivery holds it
       end
     end
-    i = i + 1 + nskip
     out[e] = 1
   else
     i = i + 3 * njobs
-    i = i + 1 + tonumber(ARGV[i])
-    if log_cap > 0 and redis.call('EXISTS', rec) == 1 then
-      log_arrival(rec, (source_type(stored)), now)
-      log_account(rec, tail, log_bytes)
+    if L and log_in(L) then
+      log_arrival(L, source_of(stored), now)
+      log_account(L)
     end
     out[e] = 0
   end

@@ -19,8 +19,9 @@ KEYS
   13 breaker    the sink's breaker (an open one lets a probe through now: a replay asks
                 to try the sink again)
   14 log        the event's record in the event log (one more arrival, "replay", and
-                the sink's delivery queued again), if it has one
+                the sink's delivery under way again), if the event is in the log
   15 log_bytes  the event log's size
+  16 log_index  the event log's index
 ARGV
   1 member          the entry's member in the index
   2 job             the arq job record (JSON)
@@ -67,10 +68,11 @@ else
   event_release(K.ev)
 end
 redis.call('DEL', K.gone)
-if redis.call('EXISTS', K.log) == 1 then
-  log_arrival(K.log, 'replay', now)
-  redis.call('HSET', K.log, 's:' .. A.sink, 'q')
-  log_account(K.log, A.log_member, K.log_bytes)
+local L = log_of(K.log, K.log_index, A.log_member, K.log_bytes)
+if log_in(L) then
+  log_arrival(L, 'replay', now)
+  redis.call('HDEL', K.log, 's:' .. A.sink)  -- under way again
+  log_account(L)
 end
 if redis.call('HGET', K.breaker, 's') == 'o' then redis.call('HSET', K.breaker, 'u', now) end
 redis.call('HINCRBY', K.counts, cls, -1)

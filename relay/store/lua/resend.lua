@@ -19,6 +19,7 @@ KEYS
   10 gone        the sink's gone mark
   11 breaker     the sink's breaker
   12 chat        the chat's list of events, for an ordered sink ('' if not)
+  13 log_index   the event log's index
 ARGV
   1 job          the arq job record (JSON)
   2 job_ttl_ms
@@ -35,7 +36,8 @@ Returns 'ok' | 'missing' (no record) | 'pending' (a delivery is under way) |
 'dead_letter' | 'no_payload' (the record has no copy of the event).
 ]]
 local now = redis_now_ms()
-if redis.call('EXISTS', K.log) == 0 then return 'missing' end
+local L = log_of(K.log, K.log_index, A.log_member, K.log_bytes)
+if not log_in(L) then return 'missing' end
 if redis.call('EXISTS', K.entry) == 1 then return 'dead_letter' end
 if redis.call('EXISTS', K.job) == 1 or redis.call('EXISTS', K.in_progress) == 1 then
   return 'pending'
@@ -48,7 +50,7 @@ if users then
   local left = redis.call('PTTL', K.ev)
   if left >= 0 and left < ttl then redis.call('PEXPIRE', K.ev, ttl) end
 else
-  local stored = redis.call('HGET', K.log, 'ev')
+  local stored = redis.call('HGET', K.log, 'ev')  -- kept when it was let go
   if not stored then return 'no_payload' end
   redis.call('SET', K.ev, stored, 'PX', ttl)
   redis.call('SETRANGE', K.ev, 0, string.format('%04d %013d', 1, now))
@@ -65,8 +67,8 @@ end
 if queue_it then redis.call('ZADD', K.queue, now, A.job_id) end
 redis.call('DEL', K.gone)
 if redis.call('HGET', K.breaker, 's') == 'o' then redis.call('HSET', K.breaker, 'u', now) end
-log_arrival(K.log, 'resend', now)
-redis.call('HSET', K.log, 's:' .. A.sink, 'q')
-log_account(K.log, A.log_member, K.log_bytes)
+log_arrival(L, 'resend', now)
+redis.call('HDEL', K.log, 's:' .. A.sink)  -- under way again
+log_account(L)
 redis.call('PUBLISH', A.wake, '')
 return 'ok'

@@ -30,5 +30,6 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     log = p .. KEY.event_log .. ':' .. tenant .. ':' .. event_id,  -- the event's record
     log_member = tenant .. ':' .. event_id,
     log_bytes = p .. KEY.event_log_bytes,
+    log_index = p .. KEY.event_log_index,
   }
 end

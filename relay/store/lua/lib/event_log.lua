@@ -1,70 +1,80 @@
---[[ event_log: the event log's records (relay/store/eventlog.py). One hash per event,
-``{prefix}:log:{tenant}:{event_id}``:
-  type, chat, at        the event's type, chat id ('' if none), first arrival (Redis ms)
-  ev                    the stored event as first taken in (relay/store/stored_event.py)
-  via:<source>          "<first ms> <count>": each way it arrived, and how often
-  s:<sink>              the delivery's recorded state: q (queued: see the live keys for
-                        more), ok (delivered), dead:<class>, drop, skip:events (the
-                        sink's `events` filter does not take its type)
+--[[ event_log: the event log (relay/store/eventlog.py). An event is in the log while its
+member ("tenant:event_id") is in the index, a sorted set by first arrival (Redis ms).
+Taking an event in costs only that member: while a delivery needs it, the stored
+event (relay/store/stored_event.py) already holds its type, source, time and payload.
+The record, a hash ``{prefix}:log:{tenant}:{event_id}``, is written as things happen:
+  via:<source>          "<first ms> <count>": arrivals after the first (the first is
+                        the stored event's source, at the index's time)
+  s:<sink>              how the delivery ended: ok (delivered), dead:<class>, drop
+                        (none: still under way, or the sink's filter does not take it)
   n:<sink>              how many attempts were recorded
   a:<sink>:<n>          attempt n: JSON {n, t (start, Redis ms), ms, st, k, err, x, src,
-                        stale}; only the last MAX_ATTEMPTS are kept
+                        stale}; only the last LOG_MAX_ATTEMPTS are kept
+  ev                    the stored event, kept when its last delivery lets it go (or at
+                        once, for an event no sink takes)
   sz                    the record's bytes as Redis counts them (MEMORY USAGE), plus
                         its index entry's
-The index (a sorted set of "tenant:event_id" by first arrival) orders them; the bytes
-key sums `sz`. Records go oldest first, past the retention or over the byte cap.
+The bytes key sums `sz`. Records go oldest first, past the retention or over the byte
+cap. ``L``, a log handle: {rec, index, member, bytes}.
 ]]
 
 local LOG_MAX_ATTEMPTS = 50
 
--- Bring `sz` and the bytes total up to date after a write to `rec`.
-local function log_account(rec, member, bytes)
-  local old = tonumber(redis.call('HGET', rec, 'sz')) or 0
-  local size = (redis.call('MEMORY', 'USAGE', rec, 'SAMPLES', 0) or 0) + #member + 48
-  redis.call('HSET', rec, 'sz', size)
-  redis.call('INCRBY', bytes, size - old)
+local function log_of(rec, index, member, bytes)
+  return {rec = rec, index = index, member = member, bytes = bytes}
 end
 
--- A record for an event taken in for the first time (`fields`: name/value pairs).
-local function log_new(rec, index, bytes, member, now, fields)
-  redis.call('HSET', rec, unpack(fields))
-  redis.call('ZADD', index, now, member)
-  log_account(rec, member, bytes)
+-- Whether the event is in the log (taken in with the log on, and not trimmed since).
+local function log_in(L)
+  return redis.call('ZSCORE', L.index, L.member) ~= false
 end
 
--- One more arrival by `src` of a recorded event.
-local function log_arrival(rec, src, now)
+-- Bring `sz` and the bytes total up to date after a write to the record.
+local function log_account(L)
+  local old = tonumber(redis.call('HGET', L.rec, 'sz')) or 0
+  local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + #L.member + 48
+  redis.call('HSET', L.rec, 'sz', size)
+  redis.call('INCRBY', L.bytes, size - old)
+end
+
+-- One more arrival by `src` of an event in the log (the caller accounts).
+local function log_arrival(L, src, now)
   local f = 'via:' .. src
-  local cur = redis.call('HGET', rec, f)
+  local cur = redis.call('HGET', L.rec, f)
   local first, n = now, 0
   if cur then
     local a, b = string.match(cur, '^(%d+) (%d+)$')
     first, n = a or now, tonumber(b) or 0
   end
-  redis.call('HSET', rec, f, first .. ' ' .. (n + 1))
+  redis.call('HSET', L.rec, f, first .. ' ' .. (n + 1))
 end
 
--- One attempt of the delivery to `sink`: `attempt` is its JSON object from the worker
--- (with "ms", its duration); `stale`: the run no longer held the delivery.
-local function log_attempt(rec, sink, now, attempt, stale)
-  local n = redis.call('HINCRBY', rec, 'n:' .. sink, 1)
-  local ms = tonumber(string.match(attempt, '"ms":(%d+)')) or 0
-  local head = '{"n":' .. n .. ',"t":' .. (now - ms) .. (stale and ',"stale":true' or '')
-  local rest = string.sub(attempt, 2)
-  if rest ~= '}' then head = head .. ',' end
-  redis.call('HSET', rec, 'a:' .. sink .. ':' .. n, head .. rest)
-  if n > LOG_MAX_ATTEMPTS then
-    redis.call('HDEL', rec, 'a:' .. sink .. ':' .. (n - LOG_MAX_ATTEMPTS))
+-- How a delivery's run went, if the event is in the log: its attempt (`attempt`: the
+-- worker's JSON, with "ms", its duration; '' for none) and how it ended ('' if not).
+-- `stale`: the run no longer held the delivery.
+local function log_finish(L, sink, now, attempt, state, stale)
+  if not log_in(L) then return end
+  if attempt ~= '' then
+    local n = redis.call('HINCRBY', L.rec, 'n:' .. sink, 1)
+    local ms = tonumber(string.match(attempt, '"ms":(%d+)')) or 0
+    local head = '{"n":' .. n .. ',"t":' .. (now - ms) .. (stale and ',"stale":true' or '')
+    local rest = string.sub(attempt, 2)
+    if rest ~= '}' then head = head .. ',' end
+    redis.call('HSET', L.rec, 'a:' .. sink .. ':' .. n, head .. rest)
+    if n > LOG_MAX_ATTEMPTS then
+      redis.call('HDEL', L.rec, 'a:' .. sink .. ':' .. (n - LOG_MAX_ATTEMPTS))
+    end
   end
+  if state ~= '' then redis.call('HSET', L.rec, 's:' .. sink, state) end
+  log_account(L)
 end
 
--- Record how a delivery's run went, if the event has a record: its attempt (if any)
--- and its new state ('' to leave it).
-local function log_finish(rec, member, bytes, sink, now, attempt, state, stale)
-  if redis.call('EXISTS', rec) == 0 then return end
-  if attempt ~= '' then log_attempt(rec, sink, now, attempt, stale) end
-  if state ~= '' then redis.call('HSET', rec, 's:' .. sink, state) end
-  log_account(rec, member, bytes)
+-- The stored event is let go by its last delivery: the record keeps it.
+local function log_keep(L, stored)
+  if stored and log_in(L) then
+    redis.call('HSET', L.rec, 'ev', stored)
+    log_account(L)
+  end
 end
 
 -- Remove the oldest records while the oldest is older than `oldest_ms` or the total is
@@ -83,7 +93,7 @@ local function log_trim(index, bytes, rec_prefix, cap, oldest_ms, max_n)
     local size = tonumber(redis.call('HGET', rec, 'sz')) or 0
     redis.call('DEL', rec)
     redis.call('ZREM', index, head[1])
-    redis.call('DECRBY', bytes, size)
+    if size > 0 then redis.call('DECRBY', bytes, size) end
     n = n + 1
   end
   return n

@@ -30,15 +30,14 @@ uses: stored_event breaker deadletter_add chat_order wait event_log
 
 local function finish(k, arg, fields)
   local now, job_id, outcome = tonumber(arg.now), arg.job_id, arg.outcome
+  local L = log_of(k.log, k.log_index, k.log_member, k.log_bytes)
   if redis.call('GET', k.in_progress) ~= arg.token then
-    if arg.attempt ~= '' then
-      log_finish(k.log, k.log_member, k.log_bytes, arg.sink, now, arg.attempt, '', true)
-    end
+    if arg.attempt ~= '' then log_finish(L, arg.sink, now, arg.attempt, '', true) end
     return 0
   end
   redis.call('DEL', k.in_progress)
   local state = ({ok = 'ok', drop = 'drop', dead = 'dead:' .. arg.class})[outcome] or ''
-  log_finish(k.log, k.log_member, k.log_bytes, arg.sink, now, arg.attempt, state, false)
+  log_finish(L, arg.sink, now, arg.attempt, state, false)
   local ordered = k.chat ~= ''
   local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
   redis.call('ZREM', k.inflight, job_id)
@@ -60,7 +59,7 @@ local function finish(k, arg, fields)
   if outcome == 'dead' then
     -- An earlier dead letter of this (event, sink) is replaced: its hold on the stored
     -- event passes to the new one, and this job's is let go.
-    if redis.call('EXISTS', k.entry) == 1 then event_release(k.ev) end
+    if redis.call('EXISTS', k.entry) == 1 then event_release(k.ev, L) end
     deadletter_add(k.entry, k.index, k.counts, arg.member, now, arg.class, fields)
     redis.call('PERSIST', k.ev)
     if arg.gone_url ~= '' then redis.call('SET', k.gone, arg.gone_url) end
@@ -70,7 +69,7 @@ local function finish(k, arg, fields)
       return done('')
     end
   elseif outcome == 'ok' then
-    event_release(k.ev)
+    event_release(k.ev, L)
   end
   if ordered then return done(chat_release(k.chat, arg.event_id, job_base, k.queue, now)) end
   return done('')
