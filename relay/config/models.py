@@ -212,7 +212,7 @@ class EventLogConfig(_Section):
 
     enabled: bool = True
     retention: Annotated[Duration, Field(ge=60)] = 72 * 3600.0
-    max_memory: Annotated[Size, Field(ge=1_048_576)] = 256 * 1_048_576
+    max_memory: Annotated[Size, Field(ge=1_048_576)] = 512 * 1_048_576
 
 
 class WorkerConfig(_Section):
