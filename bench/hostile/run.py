@@ -139,6 +139,7 @@ class Checker:
         row.requests += 1
         address = self.target.admin if case.target == "admin" else self.target.receiver
         seen_before = self._seen(case)
+        log_before = self._log_keys(case)
         try:
             got = exchange(
                 address, case.parts, expect=len(case.expect), pause=case.pause, timeout=case.timeout
@@ -148,7 +149,7 @@ class Checker:
             if not self.target.alive():
                 self._fail(case, f"the relay died: {e}")
         row.statuses.update(got.statuses or [0])
-        wrong = self._wrongly_accepted(case, got, seen_before)
+        wrong = self._wrongly_accepted(case, got, seen_before, log_before)
         if wrong:
             row.wrongly_accepted += 1
             self._fail(case, f"wrongly accepted: {wrong}; answers {got.statuses}")
@@ -191,10 +192,26 @@ class Checker:
             found = pipe.execute()
         return {lg.event_id for lg, n in zip(case.legit, found, strict=True) if n}
 
-    def _wrongly_accepted(self, case: Case, got: Exchange, seen_before: set[str]) -> str:
+    def _log_keys(self, case: Case) -> int:
+        """How many of the event log's keys a case's signed events may add exist: their
+        records (a duplicate's arrival writes one) and the log's byte count."""
+        redis = self.target.redis
+        assert redis is not None
+        if not case.legit:
+            return 0
+        keys = [KEYS.event_log(lg.tenant, lg.event_id) for lg in case.legit]
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.exists(*keys, KEYS.event_log_bytes)
+            (found,) = pipe.execute()
+        return int(found)
+
+    def _wrongly_accepted(
+        self, case: Case, got: Exchange, seen_before: set[str], log_before: int
+    ) -> str:
         """Why what happened is an acceptance that should not be, or ''."""
         now = self.target.dbsize()
         added, self.dbsize = now - self.dbsize, now
+        added -= self._log_keys(case) - log_before  # a duplicate's arrival, on its record
         for i, a in enumerate(got.answers):
             if 200 <= a.status < 300:
                 allowed = case.expect[i] if i < len(case.expect) else frozenset()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import time
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
+import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.config import EventLogConfig, WorkerConfig
@@ -40,6 +42,9 @@ from relay.store.script_pipe import ScriptPipeline
 from relay.store.stored_event import StoredEvent
 from relay.store.wire import FinishBatch, FinishItem, Packed
 
+log = logging.getLogger(__name__)
+
+MEMORY_SHORT = 0.9  # of Redis' maxmemory: past it the event log gives way (check_memory)
 MARGIN_MS = int(jobs.EXPIRY_MARGIN_S * 1000)  # a delivery's job and event outlive its deadline
 LEASE_MS = int(HOLD_S * 1000)  # an in-flight slot's lease (reserved, or renewed while in use)
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
@@ -222,6 +227,7 @@ class Steps:
         )
         self._finish = self._finishes.call  # one finish, batched with the others
         self._tag = os.urandom(6).hex()  # this worker's part of every fencing token
+        self.memory_short = False  # check_memory()
         self._takes = itertools.count(1)
         self.set_config(keys, worker)
 
@@ -248,7 +254,30 @@ class Steps:
         )
 
     def _encode_finishes(self, items: list[FinishItem]) -> Packed:
-        return self._batch(items)  # the encoder of the configuration now in force
+        # the encoder of the configuration now in force
+        return self._batch(items, keep=not self.memory_short)
+
+    async def check_memory(self) -> bool:
+        """Whether Redis is short of memory — past MEMORY_SHORT of its ``maxmemory``:
+        then the event log keeps no copies and the sweep trims it (:meth:`sweep`), so
+        that it never holds Redis full. Read from ``INFO memory``; unknown is not short."""
+        try:
+            info = await self._client.info("memory")
+            used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        except (redis.exceptions.RedisError, OSError, ValueError):
+            return self.memory_short
+        short = limit > 0 and used > MEMORY_SHORT * limit
+        if short != self.memory_short:
+            log.warning(
+                "Redis uses %d of its %d bytes: the event log %s",
+                used,
+                limit,
+                "keeps no new copies and gives its oldest records up"
+                if short
+                else "keeps copies again",
+            )
+        self.memory_short = short
+        return short
 
     async def drain(self) -> None:
         """Wait for the finishes already asked for (the worker stops)."""
@@ -329,13 +358,15 @@ class Steps:
         return Finished(True, started, self._taken(chained) if chained else None)
 
     async def sweep(
-        self, caps: str, release: Sequence[str], log: EventLogConfig
+        self, caps: str, release: Sequence[str], limits: EventLogConfig
     ) -> tuple[list[str], list[str]]:
         """Give the free slots of every sink with waiting deliveries (``caps``: JSON, each
         known sink's concurrency) to them, and let those of the sinks in ``release`` (no
         longer configured) all go back in the queue (``sweep.lua``); the job ids queued,
         and the waiting sinks ("tenant:sink") this worker does not know. The event log's
-        records past ``log.retention`` or over ``log.max_memory`` go, oldest first."""
+        records past ``limits.retention`` or over ``limits.max_memory`` go, oldest first
+        (all of them, oldest first, while Redis is short of memory: :meth:`check_memory`)."""
+        await self.check_memory()
         started, unknown = await self._sweep(
             keys={"waiting_sinks": self._keys.waiting_sinks, "queue": self._keys.queue},
             args={
@@ -344,8 +375,8 @@ class Steps:
                 "sinks": caps,
                 "release": json.dumps(list(release)),
                 "wake": self._keys.wake,
-                "log_cap": log.max_memory,
-                "log_keep_ms": int(log.retention * 1000),
+                "log_cap": 0 if self.memory_short else limits.max_memory,
+                "log_keep_ms": int(limits.retention * 1000),
             },
         )
         return [_text(j) for j in started], [_text(m) for m in unknown]

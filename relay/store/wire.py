@@ -228,7 +228,7 @@ class FinishBatch:
     """``finish_batch.lua``'s arguments for a batch of :class:`FinishItem`: prefix,
     queue, the breaker's rule (JSON), cooldown and record lifetime, the in-flight lease,
     a tag unique to the batch (``tag_prefix`` and a count), the in-progress hold and the
-    keeping margin; the finishes."""
+    keeping margin, whether the event log keeps copies; the finishes."""
 
     def __init__(
         self,
@@ -248,10 +248,12 @@ class FinishBatch:
         self._tag_prefix = tag_prefix
         self._batches = itertools.count(1)
 
-    def __call__(self, items: Sequence[FinishItem]) -> Packed:
+    def __call__(self, items: Sequence[FinishItem], *, keep: bool = True) -> Packed:
+        """``keep``: the event log keeps a copy of each event its last delivery lets go
+        (off while Redis is short of memory)."""
         tag = bulk(f"{self._tag_prefix}.{next(self._batches)}")
-        parts = [self._head, tag, self._tail, bulk(len(items))]
-        nargs = 10
+        parts = [self._head, tag, self._tail, bulk(1 if keep else 0), bulk(len(items))]
+        nargs = 11
         for f in items:
             values: list[Value] = [
                 f.job_id,

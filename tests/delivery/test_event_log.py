@@ -262,3 +262,29 @@ async def test_with_the_log_off_nothing_is_recorded(redis: Redis, redis_url: str
             await wait_for(lambda: _drained(redis), 10)
         assert await EventLog(redis, cfg).usage() == (0, 0)
         assert not await redis.exists(KEYS.event_log(TENANT, "e7"))
+
+
+async def test_the_log_gives_way_before_redis_refuses_an_event(
+    redis: Redis, redis_url: str
+) -> None:
+    # Redis' maxmemory leaves room for a few thousand records, the log's own cap far
+    # above it: as Redis nears full the log keeps no copies and gives its oldest records
+    # up, so events keep being taken in.
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used + 3_000_000)
+    try:
+        async with sinks(Sink()) as (s,):
+            cfg = log_config(redis_url, [sink_conf("s", s.url)])
+            rt = runtime(redis, cfg)
+            log = EventLog(redis, cfg)
+            ids = [f"m{i:05d}" for i in range(4000)]
+            async with worker(rt):
+                for k in range(0, len(ids), 100):
+                    await ingest(rt, ids[k : k + 100])  # a refusal raises
+                    await wait_for(lambda: _drained(redis), 30)
+            records, _ = await log.usage()
+            assert records < len(ids)  # it gave way...
+            assert await log.get(TENANT, ids[-1]) is not None  # ...oldest first
+            assert len(set(s.ids())) == len(ids)
+    finally:
+        await redis.config_set("maxmemory", 0)

@@ -111,6 +111,7 @@ def test_a_finish_batch_reads_back_as_finish_batch_lua_takes_it() -> None:
         b"w.f.1",
         b"10000",
         b"5",
+        b"1",  # the event log keeps copies
         b"2",
     ]
     common = [b"relay:acme:crm:e1", b"acme", b"crm", b"e1", b"", b"t.1"]

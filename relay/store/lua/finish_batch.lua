@@ -18,7 +18,9 @@ ARGV
   7 tag                this batch's unique tag: item n's chained run's token is tag .. '.' .. n
   8 in_progress_ms     how long a chained run's in-progress mark holds
   9 margin_ms          how long past its deadline a delivery's job and event are kept
-  10... items          n, then per item: job_id, tenant, sink, event_id, chat, token,
+  10 log_keep          '1': the event log keeps a copy of an event its last delivery
+                       lets go; '0' (Redis is short of memory): it does not
+  11... items          n, then per item: job_id, tenant, sink, event_id, chat, token,
                        outcome, delay_ms, status, error, effect, gone_url, class,
                        on_dead, cap (the sink's concurrency), chain ('' or the sink's
                        claim limits, JSON as in take.lua's `sinks`), attempt (the
@@ -33,7 +35,7 @@ and the job taken for the worker, {job_id, chat, token, reply} as take.lua retur
 ]]
 local out = {}
 local rule = cjson.decode(A.breaker_rule)
-local i = 11
+local i = 12
 local now = redis_now_ms()
 
 -- Take `id` (due now) for the worker that asked, as take.lua does for a known sink.
@@ -54,7 +56,7 @@ local function chain(id, token, lim)
   return {id, chat, token, reply}
 end
 
-for n = 1, tonumber(ARGV[10]) do
+for n = 1, tonumber(ARGV[11]) do
   local id, tenant, sink, event_id, chat = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
     ARGV[i + 4]
   local nfields = tonumber(ARGV[i + 17])
@@ -68,6 +70,7 @@ for n = 1, tonumber(ARGV[10]) do
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
     lease_ms = tonumber(A.lease_ms), sink = sink, attempt = ARGV[i + 16],
+    log_keep = A.log_keep == '1',
   }, fields)
   if type(res) == 'table' then
     res[4] = 0

@@ -18,7 +18,8 @@ breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold), 
 (the sink's concurrency; 0: unknown here) and lease_ms: the slots the sink has free
 then go to its waiting deliveries (lib/wait.lua), each reserved for lease_ms; sink and
 attempt (the attempt's JSON for the event log, '' if the run made none: a stale run's
-is recorded too, marked so — the sink may have the event twice);
+is recorded too, marked so — the sink may have the event twice) and log_keep (whether
+the log keeps a copy of the event when its last delivery lets it go);
 ``fields``: the dead letter's name/value pairs (a table).
 Returns 0 if the run no longer holds the delivery (nothing was changed), else
 {next_job, breaker_change, started}: the job id of the chat's next event, now queued
@@ -38,6 +39,7 @@ local function finish(k, arg, fields)
   redis.call('DEL', k.in_progress)
   local state = ({ok = 'ok', drop = 'drop', dead = 'dead:' .. arg.class})[outcome] or ''
   log_finish(L, arg.sink, now, arg.attempt, state, false)
+  local keep = arg.log_keep and L or nil  -- no copy while Redis is short of memory
   local ordered = k.chat ~= ''
   local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
   redis.call('ZREM', k.inflight, job_id)
@@ -59,7 +61,7 @@ local function finish(k, arg, fields)
   if outcome == 'dead' then
     -- An earlier dead letter of this (event, sink) is replaced: its hold on the stored
     -- event passes to the new one, and this job's is let go.
-    if redis.call('EXISTS', k.entry) == 1 then event_release(k.ev, L) end
+    if redis.call('EXISTS', k.entry) == 1 then event_release(k.ev, keep) end
     deadletter_add(k.entry, k.index, k.counts, arg.member, now, arg.class, fields)
     redis.call('PERSIST', k.ev)
     if arg.gone_url ~= '' then redis.call('SET', k.gone, arg.gone_url) end
@@ -69,7 +71,7 @@ local function finish(k, arg, fields)
       return done('')
     end
   elseif outcome == 'ok' then
-    event_release(k.ev, L)
+    event_release(k.ev, keep)
   end
   if ordered then return done(chat_release(k.chat, arg.event_id, job_base, k.queue, now)) end
   return done('')
