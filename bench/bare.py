@@ -61,6 +61,9 @@ class _Bare:
     def idle_connection_closed(self) -> None:
         pass
 
+    def slow_connection_closed(self, remote: str | None) -> None:
+        pass
+
 
 _ACCEPTED = Response(202, BODY)
 

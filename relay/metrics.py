@@ -108,8 +108,8 @@ class Metrics:
         self.receiver_connection_limit = Counter(
             f"{p}_receiver_connection_limit_total",
             "New connections to the webhook receiver at server.max_connections, by what "
-            "happened: refused (503, every open one busy) or idle_closed (the longest-idle "
-            "one was closed to make room).",
+            "happened: refused (503, every open one busy), idle_closed (the longest-idle "
+            "one was closed to make room) or slow_closed (the longest-stalled sender was).",
             ["action"],
             registry=r,
         )

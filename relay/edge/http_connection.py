@@ -104,6 +104,7 @@ class Connection(asyncio.Protocol):
         "closing_since",
         "head_since",
         "last_active",
+        "reading_since",
         "transport",
     )
 
@@ -138,6 +139,7 @@ class Connection(asyncio.Protocol):
         self.head_since: float | None = None  # a request head began arriving then
         self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
+        self.reading_since: float | None = None  # since then
         self._task: asyncio.Task[None] | None = None
         self._remote: str | None = None
         self.last_active = loop.time()
@@ -155,7 +157,7 @@ class Connection(asyncio.Protocol):
         state = self._state
         if state.closing:
             self.close()
-        elif not state.admit(self):
+        elif not state.admit(self, self._loop.time()):
             self._close_after = True
             try:
                 self._answer(state.handler.connection_refused(self._remote))
@@ -258,6 +260,19 @@ class Connection(asyncio.Protocol):
         self._flow.update()
 
     @property
+    def remote(self) -> str | None:
+        """The client's address."""
+        return self._remote
+
+    @property
+    def stalled_since(self) -> float | None:
+        """When the request still arriving began to (its head, or its body being read);
+        None if none is."""
+        if self.closing_since is not None or self.transport is None:
+            return None
+        return self.reading_since if self.busy else self.head_since
+
+    @property
     def idle(self) -> bool:
         """Nothing owed and nothing arriving: closing it loses nothing."""
         return (
@@ -337,6 +352,7 @@ class Connection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.write(_CONTINUE)
             self._reading = payload
+            self.reading_since = self._loop.time()
             self._task = self._loop.create_task(self._read_body(ctx, msg, payload))
 
     async def _read_body(self, ctx: Any, msg: RawRequestMessage, payload: StreamReader) -> None:
@@ -360,6 +376,7 @@ class Connection(asyncio.Protocol):
             response = self._payload_failed(ctx, e)
         finally:
             self._reading = None
+            self.reading_since = None
             self._task = None
         if response is not None:
             self._close_after = True

@@ -36,8 +36,12 @@ half-closed has its answers, and on shutdown.
 At most ``max_connections`` are open at once. A connection beyond that first takes
 the place of the longest-idle one (closed, as the keep-alive timeout would close it: an
 idle connection has nothing owed to it), so that a crowd of idle connections cannot
-lock senders out; when every connection is busy or mid-request, the new one is
-answered ``503`` (the handler's ``connection_refused``) and closed. One
+lock senders out; failing that, of the longest-stalled sender — one whose request (its
+head, or its body) has been arriving for over ``STALL_S``, which a webhook sent whole
+never is — so that a crowd trickling bytes cannot either (it is aborted: what it sent
+is dropped, unanswered); when every connection is busy handling a request or only just
+started one, the new one is answered ``503`` (the handler's ``connection_refused``)
+and closed. One
 sweep (a single timer for all connections, not one per request) closes connections
 idle for ``keepalive_timeout``, and those whose request head has been arriving for
 longer than ``body_timeout``; it aborts those still flushing answers to a client
@@ -57,6 +61,9 @@ from relay.edge.http_types import Date, Handler
 log = logging.getLogger(__name__)
 
 SWEEP_S = 5.0  # how often idle connections are looked for
+# A request still arriving this long after it began has stalled: Chert sends a whole
+# webhook at once, so past max_connections such a sender gives its place to a new one.
+STALL_S = 1.0
 
 
 class ServerState:
@@ -98,17 +105,30 @@ class ServerState:
         self.idle = asyncio.Event()  # set while that is none
         self.idle.set()
 
-    def admit(self, conn: Connection) -> bool:
+    def admit(self, conn: Connection, now: float) -> bool:
         """Whether a new connection may stay: under ``max_connections``, or once the
-        longest-idle connection has made room for it."""
+        longest-idle connection — or else the longest-stalled sender, one whose request
+        has been arriving for over ``STALL_S`` — has made room for it."""
         if len(self.connections) < self.max_connections:
             self.connections.add(conn)
             return True
         idle = [c for c in self.connections if c.idle]
-        if not idle:
+        if idle:
+            min(idle, key=lambda c: c.last_active).close()  # leaves connections on its loss
+            self.handler.idle_connection_closed()
+            self.connections.add(conn)
+            return True
+        stalled = [
+            (since, c)
+            for c in self.connections
+            if (since := c.stalled_since) is not None and now - since > STALL_S
+        ]
+        if not stalled:
             return False
-        min(idle, key=lambda c: c.last_active).close()  # leaves connections on its loss
-        self.handler.idle_connection_closed()
+        _, slowest = min(stalled, key=lambda s: s[0])
+        self.handler.slow_connection_closed(slowest.remote)
+        slowest.abort()  # what it sent is dropped: a sender that stalls gets no answer
+        self.connections.discard(slowest)
         self.connections.add(conn)
         return True
 

@@ -60,6 +60,10 @@ class Handler(Protocol):
     def idle_connection_closed(self) -> None:
         """An idle connection was closed to make room for a new one; it counts that."""
 
+    def slow_connection_closed(self, remote: str | None) -> None:
+        """A connection whose request had stalled (a head or body still arriving after
+        ``STALL_S``) was closed to make room for a new one; it counts that."""
+
 
 class Date:
     """The ``Date`` header, formatted once a second."""

@@ -72,6 +72,8 @@ _TOO_MANY_CONNECTIONS = Response(
 _LIMIT_ACTIONS = {
     "refused": "refused a new connection (503): every open one is busy",
     "idle_closed": "closed the longest-idle connection to admit a new one",
+    "slow_closed": "closed the longest-stalled sender (a request still arriving after 1 s) "
+    "to admit a new one",
 }
 
 
@@ -227,6 +229,9 @@ class Receiver:
 
     def idle_connection_closed(self) -> None:
         self._log_limit("idle_closed", None)
+
+    def slow_connection_closed(self, remote: str | None) -> None:
+        self._log_limit("slow_closed", remote)
 
     def _log_limit(self, action: str, remote: str | None) -> None:
         self._metrics.receiver_connection_limit.labels(action).inc()

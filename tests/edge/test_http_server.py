@@ -14,7 +14,7 @@ from aiohttp.http import RawRequestMessage
 
 from relay.config.values import Listen
 from relay.edge.http_connection import MAX_QUEUE
-from relay.edge.http_server import HttpServer
+from relay.edge.http_server import STALL_S, HttpServer
 from relay.edge.http_types import Pending, Response
 from tests.support.common import wait_for
 
@@ -58,6 +58,9 @@ class Scripted:
 
     def idle_connection_closed(self) -> None:
         self.failures.append("idle_closed")
+
+    def slow_connection_closed(self, remote: str | None) -> None:
+        self.failures.append("slow_closed")
 
 
 async def start(handler: Scripted, **options: Any) -> tuple[HttpServer, int]:
@@ -627,6 +630,41 @@ async def test_past_max_connections_with_every_one_busy_a_new_one_gets_503() -> 
     finally:
         busy.close()
         await server.shutdown(1)
+
+
+async def test_past_max_connections_a_stalled_sender_gives_its_place_to_a_new_one() -> None:
+    # One connection sends a head and two bytes of its body, then nothing (a slow
+    # sender holding a slot); past STALL_S, a new connection takes its place.
+    handler = Scripted()
+    server, port = await start(handler, max_connections=2)
+    stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
+    busy_reader, busy = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    try:
+        stalled.write(request("/slow", b"0123456789")[:-8])
+        busy.write(request("/busy", b"wait:busy"))  # busy, but not stalled: it stays
+        await wait_for(lambda: b"wait:busy" in handler.waiting, 10)
+        await wait_for(lambda: _stalled_past(server, loop.time()), 10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("/new", b"x"))
+        status, _, body = await answer(reader)
+        assert (status, json.loads(body)["path"]) == (200, "/new")
+        assert await closed(stalled_reader)
+        assert "slow_closed" in handler.failures
+        handler.waiting[b"wait:busy"].set_result(1)
+        assert (await answer(busy_reader))[0] == 200
+        writer.close()
+    finally:
+        stalled.close()
+        busy.close()
+        await server.shutdown(1)
+
+
+def _stalled_past(server: HttpServer, now: float) -> bool:
+    return any(
+        (since := c.stalled_since) is not None and now - since > STALL_S
+        for c in server.state.connections
+    )
 
 
 async def test_a_request_behind_a_body_that_ends_in_a_later_read_is_answered() -> None:

@@ -9,6 +9,7 @@ import logging
 import pytest
 from redis.asyncio import Redis
 
+from relay.edge.http_server import STALL_S, HttpServer
 from tests.edge.test_receiver import URL, Harness, make_harness, queued
 from tests.support.common import ServeReceiver, envelope, make_config, signed, wait_for
 
@@ -107,7 +108,7 @@ async def test_connection_settings_come_from_the_config_and_its_reloads(
     assert (server.state.max_connections, server.state.keepalive_timeout) == (5, 75.0)
 
 
-async def test_at_max_connections_an_idle_one_makes_room_and_a_busy_crowd_gets_503(
+async def test_at_max_connections_an_idle_or_stalled_one_makes_room_and_a_busy_one_503(
     serve_receiver: ServeReceiver, redis: Redis
 ) -> None:
     h = await make_harness(serve_receiver, redis, server={"max_connections": 1})
@@ -134,12 +135,33 @@ async def test_at_max_connections_an_idle_one_makes_room_and_a_busy_crowd_gets_5
     answer = await asyncio.wait_for(refused_reader.readuntil(b"\r\n\r\n"), 10)
     rest = await asyncio.wait_for(refused_reader.read(), 10)
     refused.close()
-    writer.close()
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert b"Retry-After: 5\r\n" in answer
     assert b"too_many_connections" in rest
     assert h.count("chert_relay_receiver_connection_limit_total", action="refused") == 1
-    assert await queued(redis) != []  # only the webhook's jobs
+    # Once its head has stalled for STALL_S, a webhook on a new connection takes its place.
+    loop = asyncio.get_running_loop()
+    await wait_for(lambda: _stalled_past(server, loop.time()), 10)
+    raw, headers = signed(envelope("cap2"))
+    head = f"POST {URL} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(raw)}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()
+    )
+    late_reader, late = await asyncio.open_connection("127.0.0.1", port)
+    late.write(head.encode() + b"\r\n" + raw)
+    assert (await asyncio.wait_for(late_reader.readline(), 10)).startswith(b"HTTP/1.1 202")
+    await asyncio.wait_for(reader.read(), 10)  # the rest of its first answer, then EOF:
+    assert reader.at_eof()  # the stalled one went
+    late.close()
+    writer.close()
+    assert h.count("chert_relay_receiver_connection_limit_total", action="slow_closed") == 1
+    assert len(await queued(redis)) == 4  # the two webhooks' jobs (two sinks each)
+
+
+def _stalled_past(server: HttpServer, now: float) -> bool:
+    return any(
+        (since := c.stalled_since) is not None and now - since > STALL_S
+        for c in server.state.connections
+    )
 
 
 @pytest.mark.parametrize("line", [f"POST {URL}", f"POST {URL} HTTP/2.0"])
