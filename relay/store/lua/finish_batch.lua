@@ -19,14 +19,15 @@ ARGV
   8 in_progress_ms     how long a chained run's in-progress mark holds
   9 margin_ms          how long past its deadline a delivery's job and event are kept
   10 log_keep          '1': the event log keeps a copy of an event its last delivery
-                       lets go; '0' (Redis is short of memory): it does not
+                       lets go — unless Redis is short of memory (lib/event_log.lua's
+                       log_short, checked once a batch); '0': it does not
   11... items          n, then per item: job_id, tenant, sink, event_id, chat, token,
                        outcome, delay_ms, status, error, effect, gone_url, class,
                        on_dead, cap (the sink's concurrency), chain ('' or the sink's
                        claim limits, JSON as in take.lua's `sinks`), attempt (the
                        attempt's JSON for the event log, or ''), n_fields, then that
                        many dead-letter fields (name, value, ...)
-uses: clock finish delivery_keys claim job_record
+uses: clock finish delivery_keys claim job_record event_log
 flags: allow-oom
 Returns per item 0 if its run no longer held the delivery (a stale finish: nothing was
 changed), else {next_job, breaker_change, started, chained}: lib/finish.lua's three,
@@ -37,6 +38,7 @@ local out = {}
 local rule = cjson.decode(A.breaker_rule)
 local i = 12
 local now = redis_now_ms()
+local log_keep = A.log_keep == '1' and not log_short()
 
 -- Take `id` (due now) for the worker that asked, as take.lua does for a known sink.
 local function chain(id, token, lim)
@@ -70,7 +72,7 @@ for n = 1, tonumber(ARGV[11]) do
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
     lease_ms = tonumber(A.lease_ms), sink = sink, attempt = ARGV[i + 16],
-    log_keep = A.log_keep == '1',
+    log_keep = log_keep,
   }, fields)
   if type(res) == 'table' then
     res[4] = 0

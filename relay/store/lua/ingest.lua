@@ -19,8 +19,9 @@ ARGV
 With the event log on, a new event joins the log's index (lib/event_log.lua: its
 stored event is its record until its deliveries let it go; one that no sink takes
 gets its record now), and a duplicate counts as one more arrival on its record; the
-oldest records go while the log is over its cap or past its retention (as many as
-twice the events added, and a few).
+oldest records go while the log is over its cap or past its retention — or, when Redis
+is short of memory (lib/event_log.lua's log_short), at all — as many as four times the
+events added, and a few.
   event_ttl_ms = max(dedupe_ttl, longest sink max_age + margin): the seen mark
   outlives every job the event gets.
   ordering: 'chat' for a sink that delivers a chat's events in order, else ''. Such a
@@ -136,7 +137,9 @@ for e = 1, n do
   end
 end
 if log_cap > 0 and logged > 0 then
-  log_trim(log_index, log_bytes, log_p, log_cap, now - tonumber(A.log_keep_ms), 2 * logged + 8)
+  -- short of memory, the log gives way at once: the events queued need the room
+  local cap = log_short() and 0 or log_cap
+  log_trim(log_index, log_bytes, log_p, cap, now - tonumber(A.log_keep_ms), 4 * logged + 16)
 end
 for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
   redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))

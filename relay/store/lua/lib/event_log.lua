@@ -19,6 +19,16 @@ cap. ``L``, a log handle: {rec, index, member, bytes}.
 ]]
 
 local LOG_MAX_ATTEMPTS = 50
+local LOG_SHORT = 0.9  -- of maxmemory: past it the log keeps no copies and gives way
+
+-- Whether Redis is short of memory (past LOG_SHORT of its maxmemory): the log must not
+-- take what queued events need. INFO costs a few µs: once per call of a script.
+local function log_short()
+  local info = redis.call('INFO', 'memory')
+  local limit = tonumber(string.match(info, '\nmaxmemory:(%d+)')) or 0
+  local used = tonumber(string.match(info, 'used_memory:(%d+)')) or 0
+  return limit > 0 and used > LOG_SHORT * limit
+end
 
 local function log_of(rec, index, member, bytes)
   return {rec = rec, index = index, member = member, bytes = bytes}
