@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -17,6 +18,7 @@ from bench.faults.harness import (
     PREFIX,
     TENANT,
     backlog,
+    dead_letters,
     deliveries_by_outcome,
     log_count,
     skewed_clock,
@@ -252,5 +254,54 @@ async def late_answers(run: Run, res: Result) -> None:
             sink_requests=stack.sink.requests,
             sink_timeout_s=timeout,
         )
+    finally:
+        await stack.close()
+
+
+async def _relay_cli(stack: Stack, *args: str) -> int:
+    """``chert-relay --config … ARGS`` as the operator runs it; its exit code."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "--config", str(stack.config), *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    return await asyncio.wait_for(proc.wait(), 60)
+
+
+async def paused_sink(run: Run, res: Result) -> None:
+    """22. The sink paused (``chert-relay sinks pause``) a third of the way in, for
+    longer than its ``max_age`` (5 s), the worker SIGKILLed and restarted while it is
+    paused; then ``sinks resume``: nothing reaches the sink while it is paused, and then
+    every event does — none dead-lettered, none expired."""
+    stack = Stack(run.workdir)
+    max_age = 5.0
+    ids = event_ids("pz", run.n)
+    third = max(1, run.n // 3)
+    try:
+        await stack.start(sink={"max_age": max_age})
+        await stack.chert.run(ids[:third], run.rate)
+        sink = ("--tenant", TENANT, "--sink", "s")
+        res.notes["pause_exit"] = await _relay_cli(stack, "sinks", "pause", *sink)
+        await asyncio.sleep(1)  # attempts in flight when it was paused finish as they would
+        paused_at = sum(stack.sink.delivered.values())
+        await stack.chert.run(ids[third:], run.rate)
+        await asyncio.sleep(max_age + 1)  # past the deadline of every event taken in
+        await stack.restart_worker()  # the pause is in Redis: it outlives the worker
+        await stack.ready()
+        await asyncio.sleep(2)  # the new worker's sweeps see the paused sink
+        while_paused = sum(stack.sink.delivered.values()) - paused_at
+        res.notes["delivered_while_paused"] = while_paused
+        res.notes["resume_exit"] = await _relay_cli(stack, "sinks", "resume", *sink)
+        acked = stack.chert.stats.acked
+        settle = await stack.settle(acked, run.settle_timeout, quiet=QUIET_S)
+        dead = await dead_letters(stack.client)
+        res.notes["dead_letters"] = dead
+        if while_paused:
+            res.broken.append(f"{while_paused} deliveries reached the sink while it was paused")
+        if dead:
+            res.broken.append(f"{dead} dead letters: a paused sink's deliveries must not expire")
+        if res.notes["pause_exit"] or res.notes["resume_exit"]:
+            res.broken.append("chert-relay sinks pause/resume failed")
+        stack.account(res, acked, settle)
+        res.restarts = 1
     finally:
         await stack.close()

@@ -433,6 +433,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "19": ("20% of answers after the sink timeout", conditions.late_answers, True),
     "20": ("ordered sinks, worker paused 15 s", pauses.ordered_worker_pause, True),
     "21": ("ordered sinks, worker SIGKILL every 3 s", pauses.ordered_worker_kills, True),
+    "22": ("sink paused past max_age, worker killed", conditions.paused_sink, False),
 }
 
 
