@@ -56,7 +56,9 @@ async def full_memory_recovery(run: Run, res: Result) -> None:
     try:
         await stack.start()
         info = await stack.client.info("memory")
-        headroom = 512 * 1024 + run.n * 256
+        # Room for a backlog whose draining frees enough to take webhooks again, beyond
+        # what Redis takes for itself once the relay runs (scripts loaded, buffers).
+        headroom = 1024 * 1024 + run.n * 256
         await stack.client.config_set("maxmemory", int(info["used_memory"]) + headroom)
         # The load fills Redis (the sink refusing every delivery); what comes after is
         # refused (503, three times each).
