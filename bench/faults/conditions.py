@@ -222,12 +222,15 @@ async def late_answers(run: Run, res: Result) -> None:
 
     stack.sink.delay = delay
     opened = 0
+    # The watcher stops at this flag, not by cancelling it: a cancel that lands inside
+    # a Redis command can be taken by the client, and the loop would then run forever.
+    stop = asyncio.Event()
 
     async def watch(key: str) -> None:
         """Count the breaker's openings: each open state with a new reopen time."""
         nonlocal opened
         seen: bytes | None = None
-        while True:
+        while not stop.is_set():
             with contextlib.suppress(Exception):
                 state, until = await cast(
                     "Awaitable[list[bytes | None]]", stack.client.hmget(key, ["s", "u"])
@@ -247,8 +250,9 @@ async def late_answers(run: Run, res: Result) -> None:
             acked = stack.chert.stats.acked
             settle = await stack.settle(acked, run.settle_timeout, quiet=QUIET_S)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(watcher, return_exceptions=True), 10)
         stack.account(res, acked, settle)
         res.notes.update(
             breaker_opened=opened,

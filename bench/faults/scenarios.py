@@ -440,8 +440,11 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
 async def run_one(key: str, run: Run) -> Result:
     title, fn, dups = SCENARIOS[key]
     res = Result(scenario=key, title=title, sent=run.n, duplicates_allowed=dups)
+    limit = 2 * run.settle_timeout + 300  # a hang in the suite fails the scenario
     try:
-        await fn(run, res)
+        await asyncio.wait_for(fn(run, res), limit)
+    except TimeoutError:
+        res.error = f"the scenario did not end within {limit:g}s"
     except Exception as e:
         res.error = f"{type(e).__name__}: {e}"[:200]
     return res
