@@ -50,6 +50,7 @@ DUPLICATES_ALLOWED = {
     "19": True,  # answers after the sink timeout
     "20": True,  # ordered sinks, worker paused
     "21": True,  # ordered sinks, worker kills
+    "22": False,  # sink paused past max_age, worker killed while nothing is in flight
 }
 
 
