@@ -26,12 +26,11 @@ from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import UTC, datetime
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.commands import Commands
 from relay.config import Config
-from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError, RedisUnavailableError
+from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, DeadLetterError
 from relay.logs import printable
 from relay.progress import Meter
 from relay.store.deadletters import (
@@ -42,7 +41,7 @@ from relay.store.deadletters import (
     Outcome,
     parse_time,
 )
-from relay.store.endpoint import open_client
+from relay.store.endpoint import open_command_client
 
 
 def _filters(p: argparse.ArgumentParser) -> None:
@@ -143,15 +142,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     async with AsyncExitStack() as stack:
-        _, client = await open_client(config, stack, share_running=True)
-        return await _act(args, config, client)
+        return await _act(args, config, await open_command_client(config, stack))
 
 
 async def _act(args: argparse.Namespace, config: Config, client: Redis) -> int:
-    try:
-        await client.ping()
-    except (redis.exceptions.RedisError, OSError) as e:
-        raise RedisUnavailableError(f"cannot reach the relay's Redis: {e}") from None
     store = DeadLetterStore(client, config)
     action = args.dlq_action
     if action == "show":

@@ -28,15 +28,14 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.commands import Commands
 from relay.config import Config
-from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, EventLogError, RedisUnavailableError
+from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, EventLogError
 from relay.logs import printable
 from relay.store.deadletters import parse_time
-from relay.store.endpoint import open_client
+from relay.store.endpoint import open_command_client
 from relay.store.eventlog import RESEND_SKIPPED, STATES, EventLog, EventRecord, Query
 
 
@@ -79,12 +78,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     async with AsyncExitStack() as stack:
-        _, client = await open_client(config, stack, share_running=True)
-        try:
-            await client.ping()
-        except (redis.exceptions.RedisError, OSError) as e:
-            raise RedisUnavailableError(f"cannot reach the relay's Redis: {e}") from None
-        return await _act(args, config, client)
+        return await _act(args, config, await open_command_client(config, stack))
 
 
 def _tenants(config: Config, tenant: str | None) -> list[str]:

@@ -23,15 +23,14 @@ import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
-import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.admin import sinks
 from relay.commands import Commands
 from relay.config import Config
-from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, RedisUnavailableError
+from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from relay.logs import printable
-from relay.store.endpoint import open_client
+from relay.store.endpoint import open_command_client
 
 COLUMNS = ("tenant", "sink", "paused", "paused_since", "gone", "breaker", "waiting", "in_flight")
 
@@ -79,11 +78,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 async def _with_redis(args: argparse.Namespace, config: Config) -> int:
     async with AsyncExitStack() as stack:
-        _, client = await open_client(config, stack, share_running=True)
-        try:
-            await client.ping()
-        except (redis.exceptions.RedisError, OSError) as e:
-            raise RedisUnavailableError(f"cannot reach the relay's Redis: {e}") from None
+        client = await open_command_client(config, stack)
         if args.sinks_action == "list":
             return await _list(client, config, args)
         return await _switch(client, config, args)

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from relay.config import Config, RedisConfig
+from relay.errors import RedisUnavailableError
 from relay.store.client import connect, redact_url
 from relay.store.embedded import open_redis_url
 
@@ -183,6 +184,18 @@ async def open_client(
     client = endpoint.client(timeout=config.redis.connect_timeout)
     stack.push_async_callback(close_client, client)
     return endpoint, client
+
+
+async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
+    """A client for a command run from an operator's shell (``dlq``, ``events``,
+    ``sinks``): the relay's Redis — the running relay's embedded server shared — once it
+    answers; :class:`RedisUnavailableError` if it does not."""
+    _, client = await open_client(config, stack, share_running=True)
+    try:
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise RedisUnavailableError(f"cannot reach the relay's Redis: {e}") from None
+    return client
 
 
 async def close_client(client: Redis) -> None:
