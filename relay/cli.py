@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 from relay import __version__, logs
@@ -113,8 +114,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in config.warnings():
         print(f"warning: {warning}", file=sys.stderr)
-    sinks = sum(len(t.sinks) for t in config.tenants)
-    print(f"{path}: ok ({len(config.tenants)} tenant(s), {sinks} sink(s))")
+    kinds = Counter(s.kind for t in config.tenants for s in t.sinks)
+    sinks = sum(kinds.values())
+    of_kind = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    of_kind = "" if set(kinds) == {"http"} else f": {of_kind}"
+    print(f"{path}: ok ({len(config.tenants)} tenant(s), {sinks} sink(s){of_kind})")
     return EXIT_OK
 
 

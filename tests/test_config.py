@@ -346,3 +346,80 @@ def test_bearer_auth_over_plain_http_to_another_machine_is_refused(url: str, ref
         assert any("crosses the network readable" in w for w in warned)
     else:
         assert parse_config(data, env={}).tenants[0].api.auth == "bearer"
+
+
+def broker_sink(**fields: Any) -> dict[str, Any]:
+    data = config_dict()
+    sink = {"name": "b", **fields}
+    data["tenants"][0]["sinks"] = [sink]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind"),
+    [
+        ({"url": "redis://10.0.0.7:6379/0", "stream": "chert-events"}, "redis-stream"),
+        ({"url": "rediss://10.0.0.7/0", "stream": "s", "max_len": 1000}, "redis-stream"),
+        ({"url": "nats://10.0.0.8:4222", "subject": "chert.events"}, "nats"),
+        ({"url": "tls://10.0.0.8:4222", "subject": "chert.events", "kind": "nats"}, "nats"),
+        (
+            {"url": "amqps://user@10.0.0.9/vhost", "exchange": "chert", "routing_key": "events"},
+            "amqp",
+        ),
+        ({"url": "amqp://10.0.0.9", "exchange": "", "routing_key": "a-queue"}, "amqp"),
+        ({"url": "https://hooks.example/x"}, "http"),
+    ],
+)
+def test_broker_sinks_take_their_kind_from_the_url(fields: dict[str, Any], kind: str) -> None:
+    cfg = parse_config(broker_sink(**fields), env={})
+    assert cfg.tenants[0].sinks[0].kind == kind
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        (
+            {"url": "nats://10.0.0.8:4222"},
+            "a nats sink needs subject (the subject a JetStream stream captures)",
+        ),
+        ({"url": "redis://10.0.0.7"}, "a redis-stream sink needs stream (the stream's key)"),
+        ({"url": "amqp://10.0.0.9", "routing_key": "k"}, "an amqp sink needs exchange"),
+        ({"url": "amqp://10.0.0.9", "exchange": ""}, "the default exchange"),
+        ({"url": "nats://h:4222", "subject": "chert.*"}, "without spaces or the wildcards"),
+        ({"url": "nats://h:4222", "subject": "chert..events"}, "without spaces or the wildcards"),
+        (
+            {"url": "nats://h:4222", "subject": "a", "stream": "s"},
+            "stream is for redis-stream sinks; this sink is nats",
+        ),
+        ({"url": "https://h/x", "subject": "a"}, "subject is for nats sinks; this sink is http"),
+        (
+            {"url": "https://h/x", "kind": "nats", "subject": "a"},
+            "a nats sink's URL is nats:// or tls://",
+        ),
+        ({"url": "sqs://queue/x"}, "not an http:// or https:// URL"),
+        ({"url": "amqp://h", "exchange": "bad name!"}, "an exchange name holds only"),
+        ({"url": "https://h/x", "password": "env:P"}, "password is for broker sinks"),
+    ],
+)
+def test_broker_sink_problems_are_named(
+    fields: dict[str, Any], problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("P", "x")
+    found = problems(broker_sink(**fields))
+    assert any(problem in text for text in found.values()), found
+
+
+def test_a_broker_url_with_a_password_is_warned_about_and_a_password_key_is_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MQ_PASSWORD", "s3cret-value")
+    cfg = parse_config(broker_sink(url="amqp://relay:hunter22@mq/", exchange="x"), env={})
+    assert any("url holds a password" in w for w in cfg.warnings())
+    cfg = parse_config(
+        broker_sink(url="amqp://relay@mq/", exchange="x", password="env:MQ_PASSWORD"), env={}
+    )
+    sink = cfg.tenants[0].sinks[0]
+    assert sink.password is not None
+    assert sink.password.get() == "s3cret-value"
+    assert "s3cret-value" not in repr(sink)
+    assert not any("password" in w for w in cfg.warnings())

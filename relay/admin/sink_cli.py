@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from relay.admin import sinks
 from relay.commands import Commands
 from relay.config import Config
+from relay.delivery.sink_client import described
 from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from relay.logs import printable
 from relay.store.endpoint import open_command_client
@@ -143,7 +144,7 @@ async def _test(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(out.to_json()))
     else:
-        said = f"HTTP {out.status}" if out.status is not None else f"no answer ({out.kind})"
+        said = described(out.status, out.kind)
         print(f"{out.tenant}/{out.sink}: {said} in {out.ms:.0f} ms")
         print(f"event:  {out.event_id}")
         print(f"answer: {printable(out.excerpt) or '(empty)'}")

@@ -7,8 +7,8 @@ A sink's state: whether it is paused (and since when), whether its URL is marked
 many of its deliveries wait in its waiting set and are in flight.
 
 A test event is a synthetic event in Chert's envelope (type ``relay.test``, a fresh
-``relay-test:<uuid>`` id) signed and POSTed to the sink exactly as a delivery is
-(:class:`relay.delivery.sink_client.SinkClient`, ``X-Relay-Source: test``), but not
+``relay-test:<uuid>`` id) signed and sent to the sink exactly as a delivery is
+(:class:`relay.delivery.outlet.Outlet`, ``X-Relay-Source: test``), but not
 through the queue: nothing is stored, retried or dead-lettered, and a paused sink gets
 it too — it is how an operator checks a sink before resuming it. The answer comes back
 whole: the HTTP status (or the error), how long it took, and an excerpt of the body
@@ -29,7 +29,8 @@ from redis.asyncio import Redis
 
 from relay.config import Config, SinkConfig
 from relay.delivery import breaker
-from relay.delivery.sink_client import Request, SinkClient
+from relay.delivery.outlet import Outlet
+from relay.delivery.sink_client import Request
 from relay.keys import Keys
 from relay.store.sinks import PauseChange, SinkSwitch, paused_since
 
@@ -180,13 +181,10 @@ class SinkTestReply:
     sink: str
     event_id: str
     status: int | None  # None: no HTTP answer
-    kind: str  # http | timeout | connection
+    kind: str  # http | timeout | connection; a broker's: ack | nack | refused
     ms: float
     excerpt: str  # the answer's body (2xx) or the error, scrubbed and cut
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+    ok: bool  # delivered: a 2xx, or a broker's ack
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -226,9 +224,12 @@ async def send_test_event(config: Config, tenant: str, sink: str, who: str) -> S
     conf = find_sink(config, tenant, sink)
     event_id, body = build_test_event(tenant, sink)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        client = SinkClient(session)
+        outlet = Outlet(session)
         req = Request(tenant, event_id, TEST_EVENT_TYPE, 1, TEST_SOURCE)
-        answer = await client.post(conf, body, client.headers(conf, req, body), conf.timeout)
+        try:
+            answer = await outlet.send(conf, req, body, conf.timeout)
+        finally:
+            await outlet.close()
     out = SinkTestReply(
         tenant,
         sink,
@@ -237,6 +238,7 @@ async def send_test_event(config: Config, tenant: str, sink: str, who: str) -> S
         answer.kind,
         answer.seconds * 1000,
         answer.excerpt if answer.ok else answer.error,
+        answer.ok,
     )
     log.info(
         "sink %s/%s: test event %s by %s: %s in %.0f ms",
@@ -244,7 +246,7 @@ async def send_test_event(config: Config, tenant: str, sink: str, who: str) -> S
         sink,
         event_id,
         who,
-        answer.status if answer.status is not None else answer.kind,
+        answer.said,
         out.ms,
     )
     return out

@@ -28,10 +28,10 @@ from relay.config.models import (
     RedisConfig,
     RelaySection,
     ServerConfig,
-    SinkConfig,
     TenantConfig,
     WorkerConfig,
 )
+from relay.config.sinks import SinkConfig
 
 __all__ = [
     "DEFAULT_CONFIG_PATHS",

@@ -13,9 +13,7 @@ one file, and each section's checks sit beside its fields.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import ipaddress
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,14 +21,15 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from relay.config.base import SLUG_RE as _SLUG_RE
+from relay.config.base import Section as _Section
+from relay.config.sinks import SinkConfig
 from relay.config.values import (
     Duration,
     HostPort,
@@ -43,18 +42,11 @@ from relay.config.values import (
     parse_listen,
 )
 from relay.errors import ConfigError
-from relay.signing import standard_webhooks_key
 
-_SLUG_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MIN_TOKEN_CHARS = 24  # shorter admin tokens are warned about
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110)
 
 
 MIN_WEBHOOK_SECRET_BYTES = 16  # shorter webhook secrets get a warning
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
 class ServerConfig(_Section):
@@ -305,65 +297,6 @@ class PollConfig(_Section):
     sse_idle_timeout: Duration = Field(30.0, gt=0)  # a stream silent this long is dead
 
 
-class SinkConfig(_Section):
-    name: str = Field(pattern=_SLUG_RE)
-    url: HttpUrl
-    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    secret: SecretField | None = None
-    timeout: Duration = Field(10.0, gt=0)
-    max_attempts: int = Field(15, ge=1, le=1000)
-    max_age: Duration = Field(86400.0, gt=0)
-    concurrency: int = Field(16, ge=1, le=10_000)
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Ordered delivery: "chat" delivers the events of one conversation (data.chat.id)
-    # one at a time, in the order the relay took them in; other chats go on in parallel.
-    # Events without a chat id are delivered unordered. (The key is named so that
-    # another, such as a handle, can be added.)
-    ordering: Literal["none", "chat"] = "none"
-    # An ordered chat's event that becomes a dead letter: "skip" delivers the chat's
-    # later events; "hold" keeps them waiting until it is replayed or purged.
-    on_dead_letter: Literal["skip", "hold"] = "skip"
-
-    @field_validator("secret")
-    @classmethod
-    def _whsec(cls, v: Secret | None) -> Secret | None:
-        if v is not None:
-            try:
-                key = standard_webhooks_key(v.get())
-            except ValueError:
-                raise ValueError(
-                    "a sink secret is a Standard Webhooks key: 'whsec_' + base64"
-                ) from None
-            if len(key) < 16:
-                raise ValueError("a sink secret's key is too short (at least 16 bytes)")
-        return v
-
-    @field_validator("headers")
-    @classmethod
-    def _sendable_headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        # What aiohttp would refuse to send fails every delivery: refused here instead.
-        # (The errors name headers, never their values: those may be credentials.)
-        for name, value in v.items():
-            if not name or not _TOKEN.fullmatch(name):
-                raise ValueError(f"{name[:40]!r} is not a header name")
-            if any(c in value for c in "\r\n\x00"):
-                raise ValueError(f"the value of header {name!r} holds a line break or NUL")
-        url = info.data.get("url")
-        named = {n.lower() for n in v}
-        if isinstance(url, str) and "authorization" in named:
-            parts = urlsplit(url)
-            if parts.username is not None or parts.password is not None:
-                raise ValueError(
-                    "an Authorization header and credentials in the URL: aiohttp sends "
-                    "neither (every delivery would fail); keep one"
-                )
-        return v
-
-    def matches(self, event_type: str) -> bool:
-        """Whether this sink wants events of ``event_type`` (exact names or globs)."""
-        return any(p == event_type or fnmatch.fnmatchcase(event_type, p) for p in self.events)
-
-
 def tenant_problems(has_webhook_secrets: bool, mode: str, has_signing_secret: bool) -> list[str]:
     """What is wrong with a tenant as a whole: whether it has a way for events to come in.
 
@@ -524,5 +457,12 @@ class Config(_Section):
                     out.append(
                         f"tenants[{i}].sinks[{k}] ({sink.name}) has no secret: "
                         "deliveries to it are unsigned"
+                    )
+                if sink.password is not None and sink.password.is_literal:
+                    out.append(f"tenants[{i}].sinks[{k}].password is a literal secret")
+                if sink.is_broker and urlsplit(sink.url).password is not None:
+                    out.append(
+                        f"tenants[{i}].sinks[{k}].url holds a password; use "
+                        "password = 'env:NAME' or 'file:/path'"
                     )
         return out

@@ -225,7 +225,7 @@ def parse_listen(value: object) -> Listen:
 ListenField = Annotated[Listen, BeforeValidator(parse_listen)]
 
 
-def _check_http_url(value: str) -> str:
+def check_http_url(value: str) -> str:
     # The errors never show the value: a mistyped URL may carry a credential.
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -239,7 +239,7 @@ def _check_http_url(value: str) -> str:
     return value
 
 
-HttpUrl = Annotated[str, BeforeValidator(lambda v: _check_http_url(v) if isinstance(v, str) else v)]
+HttpUrl = Annotated[str, BeforeValidator(lambda v: check_http_url(v) if isinstance(v, str) else v)]
 
 
 def parse_host_port(value: object) -> tuple[str, int]:

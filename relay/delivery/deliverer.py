@@ -15,21 +15,20 @@ One run is three steps (:mod:`relay.delivery.steps`):
    holds the worker's slots, and its backlog never crowds other sinks' jobs out.
    Otherwise the attempt is counted, an in-flight slot leased, and the stored payload
    comes back.
-2. **POST** the stored envelope (:mod:`relay.delivery.sink_client`).
-3. **Finish**: 2xx — done, the job and its record go, and the stored event is deleted
-   once no job or dead letter needs it. Connection error, timeout, 408, 425, 429 or
-   5xx — the next attempt is scheduled (:mod:`relay.delivery.retry`) in the same step
-   that records the failure; or, out of attempts or time, a dead letter ``exhausted``.
-   410 — dead letter ``gone`` and the sink's URL is marked gone. Any other 4xx (or a
-   3xx) — dead letter ``rejected``.
+2. **Send** the stored envelope: an HTTP POST or a broker publish
+   (:mod:`relay.delivery.outlet`).
+3. **Finish**: 2xx (or a broker's ack) — done; the stored event is deleted once no job
+   or dead letter needs it. Connection error, timeout, 408, 425, 429, 5xx (or a broker's
+   nack) — the next attempt is scheduled (:mod:`relay.delivery.retry`) in the step that
+   records the failure; out of attempts or time, a dead letter ``exhausted``. 410 —
+   ``gone``, and the URL is marked gone. Any other 4xx, a 3xx or a broker's refusal —
+   ``rejected``.
 
-A sink whose secret is not a usable signing key is dead-lettered ``rejected`` before
-the claim, so it never uses an attempt, an in-flight slot or a breaker probe.
-
-Finishes are group-committed (one call, one fsync) and carry the attempt to the event
-log. A fault of our own (Redis away, a bug) re-runs the job a few seconds later; a
-finish whose reply was lost leaves no job key, and the run simply ends. The HTTP
-timeout is the sink's ``timeout``, inside the run's budget (+ ``JOB_MARGIN_S``).
+A sink whose secret is not a usable key is dead-lettered ``rejected`` before the claim
+(no attempt, slot or probe used). Finishes are group-committed (one call, one fsync)
+and carry the attempt to the event log. A fault of our own (Redis away, a bug) re-runs
+the job a few seconds later; a finish whose reply was lost leaves no job key, and the
+run ends. An attempt's timeout is the sink's, inside the run's budget (+ JOB_MARGIN_S).
 """
 
 from __future__ import annotations
@@ -56,8 +55,9 @@ from relay.delivery.heartbeat import Running
 from relay.delivery.limits import SinkTable
 from relay.delivery.loop import JOB_MARGIN_S, job_timeout
 from relay.delivery.metric_children import MetricChildren
+from relay.delivery.outlet import Outlet
 from relay.delivery.retry import next_attempt, status_class
-from relay.delivery.sink_client import Answer, Request, SinkClient, clip
+from relay.delivery.sink_client import Answer, Request, clip
 from relay.delivery.steps import (
     BreakerEffect,
     Defer,
@@ -111,7 +111,7 @@ class Deliverer:
         job_timeout: float,
     ) -> None:
         self._metrics = metrics
-        self._client = SinkClient(session)
+        self._client = Outlet(session)
         self.job_timeout = job_timeout
         self.draining = False  # set when the worker stops: jobs arq starts now go back
         self.next_ready: Callable[[str], None] | None = None  # the worker starts a job now
@@ -130,7 +130,7 @@ class Deliverer:
         self.activity.silence_warn = config.worker.sink_silence_warn
         self._sinks = SinkTable(config, self._usable)
         self._children = MetricChildren()
-        self._client.forget_keys()
+        self._client.set_config(config)
         self._keys = Keys(config.redis.key_prefix)
         self._steps.set_config(self._keys, config.worker)
         if job_timeout(config) > self.job_timeout:
@@ -144,12 +144,11 @@ class Deliverer:
         """Whether ``sink`` can be tried: no secret, or one that decodes to a key."""
         return sink.secret is None or self._client.signing_key(sink) is not None
 
-    def _sink(self, tenant: str, name: str) -> SinkConfig | None:
-        return self._sinks.get(tenant, name)
-
     async def drain(self) -> None:
-        """Wait for the finishes already asked for (the worker stops)."""
+        """Wait for the finishes already asked for, then close the broker sinks'
+        connections (the worker stops)."""
         await self._steps.drain()
+        await self._client.close()
 
     async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int]:
         """Start and claim the due jobs of one read of the queue (``take.lua``): the jobs
@@ -244,7 +243,7 @@ class Deliverer:
 
     async def _run(self, job: Taken) -> RunOutcome:
         ref, claim = job.ref, job.claim
-        sink = self._sink(ref.tenant, ref.sink)
+        sink = self._sinks.get(ref.tenant, ref.sink)
         if sink is None:
             if isinstance(claim, Peek) or claim is None:
                 # take.lua found the sink unknown for longer than unknown_sink_grace
@@ -298,9 +297,8 @@ class Deliverer:
         if go.probe:
             breaker.log_probe(ref.tenant, ref.sink, go.attempt)
         req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
-        headers = self._client.headers(sink, req, stored.body)
         try:
-            answer = await self._client.post(sink, stored.body, headers, a.http_timeout)
+            answer = await self._client.send(sink, req, stored.body, a.http_timeout, ref.chat)
         except asyncio.CancelledError:
             # Shutting down past the grace period: give the slot back; arq runs it again.
             with contextlib.suppress(Exception):  # best effort: the lease also expires
@@ -346,8 +344,8 @@ class Deliverer:
                 max(0.0, done - stored.timestamp)
             )
         log.debug(
-            "delivery ended: delivered (HTTP %d) on attempt %d in %.3fs",
-            answer.status,
+            "delivery ended: delivered (%s) on attempt %d in %.3fs",
+            answer.said,
             a.go.attempt,
             answer.seconds,
         )
@@ -470,7 +468,7 @@ class Deliverer:
 
     def _holds(self, ref: Ref) -> bool:
         """Whether a dead letter of ``ref`` holds its chat (``on_dead_letter = "hold"``)."""
-        sink = self._sink(ref.tenant, ref.sink)
+        sink = self._sinks.get(ref.tenant, ref.sink)
         return (
             ref.chat is not None
             and sink is not None

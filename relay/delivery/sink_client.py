@@ -17,6 +17,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
@@ -84,6 +85,8 @@ def credentials(sink: SinkConfig) -> list[str]:
         secrets += [basic, basic.partition(" ")[2]] if basic else []
     if sink.secret is not None:
         secrets.append(sink.secret.get())
+    if sink.password is not None:
+        secrets.append(sink.password.get())
     return secrets
 
 
@@ -109,24 +112,47 @@ def scrub(text: str, sink: SinkConfig, limit: int = ERROR_MAX_CHARS) -> str:
     return clip(text, limit)
 
 
+_BROKER_SAID = {"ack": "broker ack", "nack": "broker nack", "refused": "refused by the broker"}
+
+
+def described(status: int | None, kind: str) -> str:
+    """An attempt's answer in words: ``HTTP 503``, ``broker ack``, ``no answer (timeout)``."""
+    if status is not None:
+        return f"HTTP {status}"
+    return _BROKER_SAID.get(kind) or f"no answer ({kind or 'error'})"
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """How one HTTP attempt went."""
 
     status: int | None  # None: no HTTP answer
-    kind: str  # "http", "timeout" or "connection"
+    # "http", "timeout" or "connection"; from a broker, "ack", "nack" or "refused" too
+    kind: str
     error: str  # "" for 2xx
     retry_after: float | None
     seconds: float
     excerpt: str = ""  # a 2xx answer's body, scrubbed, one line, EXCERPT_MAX_CHARS at most
+    # A broker's answer has no status: it says itself whether the event was accepted
+    # ("ok"), is worth another attempt ("retry") or was refused for good ("reject").
+    verdict: Literal["ok", "retry", "reject"] | None = None
 
     @property
     def ok(self) -> bool:
+        if self.verdict is not None:
+            return self.verdict == "ok"
         return self.status is not None and 200 <= self.status < 300
 
     @property
     def retryable(self) -> bool:
+        if self.verdict is not None:
+            return self.verdict == "retry"
         return retryable(self.status)
+
+    @property
+    def said(self) -> str:
+        """What the sink answered, for a log line (:func:`described`)."""
+        return described(self.status, self.kind)
 
     def log_record(self, source: str) -> str:
         """This attempt for the event log (``lua/lib/event_log.lua`` adds its number and

@@ -69,7 +69,7 @@ class Attempt:
     at_ms: int  # when it started (Redis' clock)
     ms: int  # how long it took
     status: int | None
-    kind: str  # http, timeout or connection
+    kind: str  # http, timeout or connection; a broker's: ack, nack or refused
     error: str
     excerpt: str  # a 2xx answer's body, scrubbed
     source: str  # what queued the delivery: webhook, poll, …, replay, resend
@@ -77,7 +77,8 @@ class Attempt:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+        """Delivered: a 2xx, or a broker's acknowledgement."""
+        return self.kind == "ack" or (self.status is not None and 200 <= self.status < 300)
 
     def to_json(self) -> dict[str, Any]:
         return {

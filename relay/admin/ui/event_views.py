@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from relay.admin.ui.html import Markup, age, fmt, hidden, join, url, when
+from relay.delivery.sink_client import described
 from relay.store.eventlog import RESEND_SKIPPED, STATES, Attempt, EventRecord, Page, SinkState
 
 # A queued delivery's live states (EventLog.get): a resend leaves it alone.
@@ -180,9 +181,7 @@ def results(page: Page, s: Search, now: float, *, continued: bool) -> Markup:
 
 
 def _said(a: Attempt) -> str:
-    if a.status is not None:
-        return f"HTTP {a.status}"
-    return a.kind or "error"
+    return described(a.status, a.kind)
 
 
 def _resend_form(rec: EventRecord, sink: str | None, label: str, csrf: str) -> Markup:

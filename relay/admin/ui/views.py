@@ -13,6 +13,7 @@ from relay.admin.sinks import SinkTestReply
 from relay.admin.ui.html import Markup, fmt, hidden, join, url, when
 from relay.admin.ui.overview import Overview, SinkState
 from relay.delivery import breaker
+from relay.delivery.sink_client import described
 from relay.store.deadletters import CLASSES, DeadLetter, Outcome
 
 ERROR_CHARS = 300  # of a dead letter's error text in the list (the detail shows it all)
@@ -163,7 +164,7 @@ def _sink_form(action: str, label: str, values: dict[str, str], csrf: str) -> Ma
 
 def sink_test(answer: SinkTestReply) -> Markup:
     """What a sink said to a test event."""
-    said = f"HTTP {answer.status}" if answer.status is not None else f"no answer ({answer.kind})"
+    said = described(answer.status, answer.kind)
     return fmt(
         '<p class="note result">Test event to <code>{}/{}</code>: <span class="{}">{}</span> '
         "in {} ms.</p><table><tr><th>event id</th><td><code>{}</code></td></tr>"
