@@ -9,6 +9,7 @@ from typing import Any
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
+from relay.admin.sinks import send_test_event
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import EmbeddedRedis
 from relay.store.eventlog import EventLog
@@ -177,3 +178,21 @@ async def test_max_len_trims_the_stream_and_chat_order_holds(
         await target.aclose()
     assert length < 300  # trimmed, about max_len (MAXLEN ~ trims whole nodes)
     assert got == ids[-len(got) :]  # the newest, in the order taken in
+
+
+async def test_a_test_event_is_published_like_a_delivery(
+    redis_url: str, make_redis_server: Any
+) -> None:
+    other: EmbeddedRedis = await make_redis_server()
+    cfg = config_with(redis_url, [stream_sink(other.url)])
+    out = await send_test_event(cfg, TENANT, "stream", "test")
+    assert out.ok
+    assert (out.status, out.kind) == (None, "ack")
+    assert out.excerpt.startswith(f"XADD {STREAM} ")
+    target: Redis = Redis.from_url(other.url)
+    try:
+        [entry] = await entries(target)
+    finally:
+        await target.aclose()
+    assert entry["webhook-id"].decode() == out.event_id
+    assert entry["X-Relay-Source"] == b"test"

@@ -7,7 +7,7 @@ the stream's duplicate window a second publish of the event (a crash-retry, a re
 is acknowledged as a duplicate and adds no message. With ``ordering = "chat"`` the
 subject is ``<subject>.<chat>`` (the stream captures ``<subject>.>``).
 
-Retried: no connection (the client reconnects on its own), a timeout, no stream
+Retried: no connection (each attempt connects again if it must), a timeout, no stream
 answering for the subject (JetStream answers so while it restarts, too) and JetStream's
 own 5xx errors (a full stream that discards new messages, say). Refused for good:
 authorization, a message over the server's ``max_payload`` and JetStream's 4xx errors
@@ -33,7 +33,6 @@ from relay.delivery.sink_client import Answer, scrub
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
-RECONNECT_WAIT_S = 1
 
 
 class JetStreamPublisher:
@@ -44,6 +43,8 @@ class JetStreamPublisher:
         self._where = where  # "tenant/sink", for the log
         self._nc: Client | None = None
         self._lock = asyncio.Lock()
+        self._closing = False
+        self._last_error: Exception | None = None  # what the client last reported
 
     async def _connection(self, timeout: float) -> Client:
         async with self._lock:
@@ -68,23 +69,25 @@ class JetStreamPublisher:
             "servers": [url],
             "name": "chert-relay",
             "connect_timeout": max(1, int(timeout)),
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": RECONNECT_WAIT_S,
+            # A lost connection closes the client; the next attempt connects again (so
+            # that a broker that is down answers "refused" at once, not a timeout).
+            "allow_reconnect": False,
+            "max_reconnect_attempts": 1,  # with 0 or -1, a first connect never gives up
+            "reconnect_time_wait": 0,
             "error_cb": self._on_error,
             "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
             **options,
         }
 
     async def _on_error(self, e: Exception) -> None:
+        self._last_error = e
         log.debug("nats sink %s: %s", self._where, scrub(f"{type(e).__name__}: {e}", self._sink))
 
     async def _on_disconnected(self) -> None:
-        log.warning("nats sink %s: connection lost; reconnecting", self._where)
-
-    async def _on_reconnected(self) -> None:
-        log.info("nats sink %s: connected again", self._where)
+        if not self._closing:
+            log.warning(
+                "nats sink %s: connection lost; the next attempt connects again", self._where
+            )
 
     async def publish(self, sink: SinkConfig, msg: Message, timeout: float) -> Answer:
         clock = Clock()
@@ -113,12 +116,19 @@ class JetStreamPublisher:
             return clock.reject(scrub(f"over the server's max_payload: {e}", sink))
         except (nats.errors.AuthorizationError, nats.errors.InvalidUserCredentialsError) as e:
             return clock.reject(scrub(f"NATS refused the credentials: {e}", sink))
+        except nats.errors.NoServersError:
+            why = self._last_error
+            text = f"could not connect: {type(why).__name__}: {why}" if why else "could not connect"
+            return clock.retry("connection", scrub(text, sink))
         except (nats.errors.Error, OSError) as e:
+            if "authorization violation" in str(e).lower():  # at connect: a plain Error
+                return clock.reject(scrub(f"NATS refused the credentials: {e}", sink))
             return clock.retry("connection", scrub(f"{type(e).__name__}: {e}", sink))
         said = f"stream {ack.stream} seq {ack.seq}"
         return clock.ok(said + (" (a duplicate: already in the stream)" if ack.duplicate else ""))
 
     async def close(self) -> None:
+        self._closing = True
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             try:
