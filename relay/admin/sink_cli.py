@@ -33,7 +33,9 @@ from relay.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from relay.logs import printable
 from relay.store.endpoint import open_command_client
 
-COLUMNS = ("tenant", "sink", "paused", "paused_since", "gone", "breaker", "waiting", "in_flight")
+COLUMNS = (
+    "tenant", "sink", "kind", "paused", "paused_since", "gone", "breaker", "waiting", "in_flight",
+)  # fmt: skip
 
 
 def add_parser(commands: Commands, load: Callable[[argparse.Namespace], Config]) -> None:
@@ -98,6 +100,7 @@ async def _list(client: Redis, config: Config, args: argparse.Namespace) -> int:
             [
                 s.tenant,
                 s.sink,
+                s.kind,
                 "yes" if s.paused else "no",
                 sinks.iso(s.paused_since),
                 "yes" if s.gone else "no",

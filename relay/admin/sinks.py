@@ -49,6 +49,7 @@ class SinkState:
     breaker: str  # closed | half_open | open
     waiting: int  # deliveries set aside in its waiting set
     in_flight: int
+    kind: str = "http"  # http, redis-stream, nats or amqp
 
     @property
     def paused(self) -> bool:
@@ -58,6 +59,7 @@ class SinkState:
         return {
             "tenant": self.tenant,
             "sink": self.sink,
+            "kind": self.kind,
             "paused": self.paused,
             "paused_since": self.paused_since,
             "gone": self.gone,
@@ -99,6 +101,7 @@ async def sink_states(
                 breaker=breaker.STATE_NAMES[states[(tenant, sink)]],
                 waiting=int(waiting),
                 in_flight=int(flying),
+                kind="http" if conf is None else conf.kind,
             )
         )
     return out

@@ -92,6 +92,7 @@ async def test_a_read_token_lists_the_sinks_of_its_tenants_only(api: Any) -> Non
     assert entry == {
         "tenant": TENANT,
         "sink": "crm",
+        "kind": "http",
         "paused": False,
         "paused_since": None,
         "gone": False,
@@ -262,6 +263,7 @@ async def test_the_command_line_lists_pauses_resumes_and_tests(
         assert header.split() == [
             "tenant",
             "sink",
+            "kind",
             "paused",
             "paused_since",
             "gone",
@@ -269,10 +271,10 @@ async def test_the_command_line_lists_pauses_resumes_and_tests(
             "waiting",
             "in_flight",
         ]
-        assert [r.split()[:3] for r in rows] == [
-            [TENANT, "crm", "yes"],
-            [TENANT, "all", "no"],
-            [OTHER, "s", "no"],
+        assert [r.split()[:4] for r in rows] == [
+            [TENANT, "crm", "http", "yes"],
+            [TENANT, "all", "http", "no"],
+            [OTHER, "s", "http", "no"],
         ]
         out = await cli(path, "sinks", "list", "--tenant", OTHER, "--json")
         (entry,) = [json.loads(line) for line in out.stdout.splitlines()]

@@ -42,7 +42,7 @@ async def test_each_event_is_one_confirmed_persistent_message(
     async with worker(rt):
         await wait_for(delivered(rt, 100), 30)
     got = await rabbit_server.messages("q1")
-    assert sorted(m.message_id for m in got) == ids  # each exactly once
+    assert sorted(str(m.message_id) for m in got) == ids  # each exactly once
     first = next(m for m in got if m.message_id == "a-007")
     assert json.loads(first.body)["event_id"] == "a-007"
     assert first.delivery_mode == 2  # persistent
@@ -152,6 +152,10 @@ async def test_a_broker_restart_under_load_loses_nothing(
         await wait_for(delivered(rt, 50), 30)
         server.kill()
         await ingest(rt, ids[200:])
+        failed = {"sink": "mq", "outcome": "retried"}
+        await wait_for(
+            lambda: metric_sum(rt.metrics, "chert_relay_deliveries_total", **failed) >= 1, 30
+        )  # the broker's absence was met
         await server.restart()
         await wait_for(delivered(rt, 400), 90)
     got = [m.message_id for m in await server.messages("q4")]

@@ -40,6 +40,8 @@ async def test_each_event_is_one_message_acked_by_the_stream(
     got = await nats_server.messages("EVENTS1")
     assert sorted(m.headers["webhook-id"] for m in got) == ids  # each exactly once
     first = next(m for m in got if m.headers["webhook-id"] == "n-007")
+    assert first.data is not None
+    assert first.headers is not None
     assert json.loads(first.data)["event_id"] == "n-007"
     assert first.headers["Nats-Msg-Id"] == "n-007"
     assert first.headers["X-Chert-Event-Type"] == "message.received"
@@ -140,6 +142,10 @@ async def test_a_broker_restart_under_load_loses_nothing(
         await wait_for(delivered(rt, 50), 20)
         server.kill()
         await ingest(rt, ids[300:])
+        failed = {"sink": "bus", "outcome": "retried"}
+        await wait_for(
+            lambda: metric_sum(rt.metrics, "chert_relay_deliveries_total", **failed) >= 1, 30
+        )  # the broker's absence was met
         await server.restart()
         await wait_for(delivered(rt, 600), 60)
     got = {m.headers["webhook-id"] for m in await server.messages("EVENTS6")}

@@ -9,7 +9,7 @@ from typing import Any
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
-from relay.admin.sinks import send_test_event
+from relay.admin.sinks import configured, send_test_event, sink_states
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import EmbeddedRedis
 from relay.store.eventlog import EventLog
@@ -181,7 +181,7 @@ async def test_max_len_trims_the_stream_and_chat_order_holds(
 
 
 async def test_a_test_event_is_published_like_a_delivery(
-    redis_url: str, make_redis_server: Any
+    redis: Redis, redis_url: str, make_redis_server: Any
 ) -> None:
     other: EmbeddedRedis = await make_redis_server()
     cfg = config_with(redis_url, [stream_sink(other.url)])
@@ -196,3 +196,5 @@ async def test_a_test_event_is_published_like_a_delivery(
         await target.aclose()
     assert entry["webhook-id"].decode() == out.event_id
     assert entry["X-Relay-Source"] == b"test"
+    [state] = await sink_states(redis, cfg, configured(cfg))  # what `sinks list` shows
+    assert (state.sink, state.kind, state.gone) == ("stream", "redis-stream", False)

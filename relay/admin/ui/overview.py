@@ -55,6 +55,7 @@ class SinkState:
     ready: int | None  # None: not split (the queue is too long)
     scheduled: int | None
     dead_letters: dict[str, int] | None  # by class; None: not split
+    kind: str = "http"  # http, redis-stream, nats or amqp
 
 
 @dataclass
@@ -116,6 +117,7 @@ async def read_overview(
     ready, scheduled, oldest = found[5 * len(chosen) + 4 * len(pairs) :]
     # The mark names the URL that answered 410: a sink given a new URL is not gone.
     urls = {(t.slug, s.name): s.url for t in chosen for s in t.sinks}
+    kinds = {(t.slug, s.name): s.kind for t in chosen for s in t.sinks}
     split_dead: dict[str, Counter[tuple[str, str]] | None] = {}
     for i, t in enumerate(chosen):
         raw_wh, raw_wm, holder, counts, indexed = per_tenant[5 * i : 5 * i + 5]
@@ -156,6 +158,7 @@ async def read_overview(
                 ready=None if queued is None else queued[0],
                 scheduled=None if queued is None else queued[1],
                 dead_letters=None if dead is None else {c: dead[(sink, c)] for c in CLASSES},
+                kind=kinds[(tenant, sink)],
             )
         )
     age = 0.0

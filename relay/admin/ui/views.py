@@ -83,11 +83,12 @@ def _sinks(o: Overview, csrf: str | None) -> Markup:
         dead = s.dead_letters or {}
         rows.append(
             fmt(
-                "<tr><td><code>{}</code></td><td><code>{}</code></td>{}"
+                "<tr><td><code>{}</code></td><td><code>{}</code>{}</td>{}"
                 '<td class="num">{}</td><td class="num">{}</td>{}{}{}'
                 '<td><a href="{}">recent attempts</a></td>{}</tr>',
                 s.tenant,
                 s.name,
+                "" if s.kind == "http" else fmt(' <span class="muted">{}</span>', s.kind),
                 _state_cell(s, o.now),
                 s.in_flight,
                 s.waiting,

@@ -53,6 +53,7 @@ class AmqpPublisher:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _url(self) -> URL:
         url = URL(self._sink.url)
@@ -66,6 +67,7 @@ class AmqpPublisher:
             if exchange is not None and channel is not None and not channel.is_closed:
                 return exchange
             if self._connection is None or self._connection.is_closed:
+                self._connection = None  # should the connect fail, the next one tries again
                 self._connection = await aio_pika.connect(self._url(), timeout=timeout)
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
@@ -96,11 +98,14 @@ class AmqpPublisher:
             timestamp=int(time.time()),
             app_id="chert-relay",
         )
+        connection = self._connection
         try:
             async with asyncio.timeout(timeout):
                 exchange = await self._open(timeout)
+                connection = self._connection
                 await exchange.publish(message, routing_key=key, mandatory=True)
         except TimeoutError:
+            self._drop(connection)
             return clock.timeout(timeout)
         except aiormq.exceptions.PublishError as e:
             return clock.retry(
@@ -110,20 +115,39 @@ class AmqpPublisher:
             return clock.retry("nack", scrub(f"the broker did not confirm: {e}", sink))
         except _REFUSED as e:
             return clock.reject(scrub(f"RabbitMQ refused: {_reason(e)}", sink))
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
-                ConnectionError, OSError) as e:  # fmt: skip
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as e:
+            # (aio-pika says "closed" with a RuntimeError, and may not mark the
+            # connection closed after the broker reset it: it is dropped here.)
+            self._drop(connection)
             return clock.retry("connection", scrub(f"{type(e).__name__}: {_reason(e)}", sink))
         return clock.ok(f"confirmed by the broker (exchange {sink.exchange!r}, key {key!r})")
+
+    def _drop(self, connection: aio_pika.abc.AbstractConnection | None) -> None:
+        """Forget ``connection`` (if it is still the current one) and close it in the
+        background: the next attempt connects again."""
+        if connection is None or connection is not self._connection:
+            return
+        self._connection = None
+        self._channel = self._exchange = None
+        task = asyncio.get_running_loop().create_task(_close_quietly(connection, self._where))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._channel = self._exchange = None
-        if connection is not None and not connection.is_closed:
-            try:
-                async with asyncio.timeout(2.0):
-                    await connection.close()
-            except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as e:
-                log.debug("amqp sink %s: close: %s", self._where, e)
+        if connection is not None:
+            await _close_quietly(connection, self._where)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(connection: aio_pika.abc.AbstractConnection, where: str) -> None:
+    try:
+        async with asyncio.timeout(2.0):
+            await connection.close()
+    except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as e:
+        log.debug("amqp sink %s: close: %s", where, e)
 
 
 def _reason(e: BaseException) -> str:
