@@ -423,3 +423,16 @@ def test_a_broker_url_with_a_password_is_warned_about_and_a_password_key_is_a_se
     assert sink.password.get() == "s3cret-value"
     assert "s3cret-value" not in repr(sink)
     assert not any("password" in w for w in cfg.warnings())
+
+
+def test_a_broker_kind_whose_extra_is_missing_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a)
+    )
+    found = problems(broker_sink(url="nats://h:4222", subject="a"))
+    assert any("pip install 'chert-relay[nats]'" in text for text in found.values()), found

@@ -83,18 +83,26 @@ async def test_an_unroutable_message_is_retried_until_a_queue_is_bound(
     assert "unroutable" in first.error
 
 
-async def test_a_missing_exchange_is_refused_with_the_brokers_reason(
+async def test_a_missing_exchange_is_refused_then_a_replay_delivers(
     redis: Redis, redis_url: str, rabbit_server: RabbitServer
 ) -> None:
-    cfg = config_with(redis_url, [amqp_sink(rabbit_server.url, "no-such-exchange", "events")])
+    cfg = config_with(redis_url, [amqp_sink(rabbit_server.url, "chert5", "events")])
     rt = runtime(redis, cfg)
     await ingest(rt, ["m-1", "m-2"])
     store = DeadLetterStore(redis, cfg)
     async with worker(rt):
         await wait_for(lambda: _count(store, 2), 20)
-    for d in await store.find(Filter()):
-        assert (d.cls, d.attempts) == ("rejected", 1)
-        assert "NOT_FOUND" in d.error
+        for d in await store.find(Filter()):
+            assert (d.cls, d.attempts) == ("rejected", 1)
+            assert "NOT_FOUND" in d.error
+        # The operator declares the exchange and replays: the same worker (its channel
+        # was closed by the broker) delivers them.
+        await rabbit_server.declare("chert5", "direct", "q5", "events")
+        out = await store.replay(Filter(sink="mq"))
+        assert len(out.done) == 2
+        await wait_for(delivered(rt, 2), 20)
+    assert sorted(str(m.message_id) for m in await rabbit_server.messages("q5")) == ["m-1", "m-2"]
+    assert await store.find(Filter()) == []
 
 
 async def _count(store: DeadLetterStore, n: int) -> bool:
