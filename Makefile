@@ -30,18 +30,31 @@ setup: deps venv-dev
 # and checks the alert rules with promtool, which `make venv-dev` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
 # start a Prometheus server.
+# The broker sinks' tests start a private nats-server (Debian's nats-server) and
+# RabbitMQ node (Debian's rabbitmq-server, which brings Erlang and epmd) on free ports
+# (tests/support/brokers.py). Installing them may start system ones as well:
+# rabbitmq-server's postinst starts its service through invoke-rc.d, which a
+# container's policy-rc.d (Debian's Docker images have one) denies, but which on a
+# machine running systemd (or with no policy-rc.d, through the init script) leaves a
+# system RabbitMQ on 5672 with epmd on 4369; nats-server's starts its unit (on
+# 127.0.0.1:4222) only under systemd. Harmless to the tests: their servers take free
+# ports and an epmd of their own, never these. Both install /usr/sbin commands, so
+# the check below also looks in sbin (not on a non-root user's PATH).
 RUN_DEB_TOOLS := redis-server:redis-server
-DEB_TOOLS := $(RUN_DEB_TOOLS) systemd-analyze:systemd chromium:chromium faketime:faketime
+DEB_TOOLS := $(RUN_DEB_TOOLS) systemd-analyze:systemd chromium:chromium faketime:faketime \
+	nats-server:nats-server rabbitmq-server:rabbitmq-server
 
 # $(call apt_missing,COMMAND:PACKAGE …): apt-get install the packages whose command is
-# not on PATH.
+# not on PATH (or in sbin). DEBIAN_FRONTEND goes through `env` after sudo, whose
+# env_reset would drop it if set before.
 define apt_missing
-@missing=""; for pair in $(1); do \
+@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for pair in $(1); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 endef
 

@@ -3,6 +3,12 @@
 One redis-server (AOF on, noeviction) runs for the whole session on a free port in
 a temporary directory; every test starts from an empty database. Tests that must
 stop or restart Redis start their own with ``make_redis_server``.
+
+The message brokers (tests/support/brokers.py) work the same way: one NATS server
+(``nats_server``) and one RabbitMQ node (``rabbit_server``) for the session, each
+started when a test first asks for it — tests share them, so each uses stream,
+exchange and queue names of its own — and ``make_nats_server`` /
+``make_rabbit_server`` for a private one a test may kill and restart.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -21,6 +28,11 @@ from relay.edge.http_server import HttpServer
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import ReceiverClient, ServeReceiver
 from tests.support.process import RelayProcess
+
+if TYPE_CHECKING:
+    # Imported where used: the broker client libraries are only needed by the tests
+    # that ask for a broker.
+    from tests.support.brokers import NatsServer, RabbitServer
 
 # Property tests check correctness, not speed: on a busy 2-core machine an example may
 # take longer than hypothesis' default 200 ms deadline.
@@ -84,6 +96,70 @@ async def make_redis_server(
     yield make
     for s in servers:
         await s.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server with JetStream for the whole session."""
+    from tests.support.brokers import NatsServer
+
+    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    asyncio.run(server.start())
+    yield server
+    asyncio.run(server.stop())
+
+
+@pytest.fixture
+async def make_nats_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[NatsServer]]]:
+    """Start private nats-servers a test may kill and restart (``kill()`` then
+    ``await restart()`` keeps the port and the JetStream store); killed at the end.
+    Keyword arguments go to :class:`NatsServer` (``user=``, ``password=``)."""
+    from tests.support.brokers import NatsServer
+
+    servers: list[NatsServer] = []
+
+    async def make(**kwargs: Any) -> NatsServer:
+        server = NatsServer(tmp_path / f"nats{len(servers)}", **kwargs)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield make
+    for s in servers:
+        s.kill()
+
+
+@pytest.fixture(scope="session")
+def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
+    """A RabbitMQ node for the whole session (its start takes 5-7 s)."""
+    from tests.support.brokers import RabbitServer
+
+    server = RabbitServer(tmp_path_factory.mktemp("rabbit"))
+    asyncio.run(server.start())
+    yield server
+    asyncio.run(server.stop())
+
+
+@pytest.fixture
+async def make_rabbit_server(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[[], Awaitable[RabbitServer]]]:
+    """Start private RabbitMQ nodes a test may kill and restart (``kill()`` then
+    ``await restart()`` keeps the ports, node name and Mnesia directory); killed at
+    the end."""
+    from tests.support.brokers import RabbitServer
+
+    servers: list[RabbitServer] = []
+
+    async def make() -> RabbitServer:
+        server = RabbitServer(tmp_path / f"rabbit{len(servers)}")
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield make
+    for s in servers:
+        s.kill()
 
 
 @pytest.fixture
