@@ -58,7 +58,8 @@ Observed with nats-py 2.16.0 against nats-server 2.9.10
     - Authentication failure at connect: a plain ``nats.errors.Error`` whose str is
       "nats: 'Authorization Violation'" — not ``nats.errors.AuthorizationError``, which
       nats-py only uses for an error after the connection is up — raised as it is with
-      ``allow_reconnect=False`` (and given to ``error_cb`` too); with reconnects
+      ``allow_reconnect=False`` (and given to ``error_cb`` first, sometimes followed
+      by a ``ConnectionResetError`` as the server drops the socket); with reconnects
       allowed the same ``Error`` goes to ``error_cb`` and connect raises
       ``NoServersError``.
     - When ``nats.connect()`` raises after the socket was opened (the auth failure
@@ -518,6 +519,7 @@ class RabbitServer:
         with (self.directory / "epmd.out").open("ab") as out:
             self.epmd = subprocess.Popen(
                 [exe, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
