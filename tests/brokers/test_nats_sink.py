@@ -151,3 +151,21 @@ async def test_a_broker_restart_under_load_loses_nothing(
     got = {m.headers["webhook-id"] for m in await server.messages("EVENTS6")}
     assert got == set(ids)  # every acked webhook is in the stream
     assert await DeadLetterStore(redis, cfg).find(Filter()) == []
+
+
+async def test_a_wrong_password_is_refused_and_never_shown(
+    redis: Redis, redis_url: str, make_nats_server: Any, monkeypatch: Any
+) -> None:
+    server: NatsServer = await make_nats_server(user="relay", password="the-right-one-2468")
+    monkeypatch.setenv("NATS_PASSWORD", "a-wrong-one-1357")
+    url = f"nats://relay@127.0.0.1:{server.port}"
+    cfg = config_with(redis_url, [nats_sink(url, "t7.events", password="env:NATS_PASSWORD")])
+    rt = runtime(redis, cfg)
+    await ingest(rt, ["auth-1"])
+    store = DeadLetterStore(redis, cfg)
+    async with worker(rt):
+        await wait_for(lambda: store.find(Filter()), 20)
+    [d] = await store.find(Filter())
+    assert (d.cls, d.attempts) == ("rejected", 1)
+    assert "Authorization Violation" in d.error
+    assert "a-wrong-one-1357" not in d.error

@@ -17,11 +17,11 @@ authorization, a message over the server's ``max_payload`` and JetStream's 4xx e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -50,8 +50,16 @@ class JetStreamPublisher:
         async with self._lock:
             if self._nc is not None and not self._nc.is_closed:
                 return self._nc
-            self._nc = await nats.connect(**self._options(timeout))
-            return self._nc
+            nc = Client()
+            try:
+                await nc.connect(**self._options(timeout))
+            except BaseException:
+                # a connect refused after the socket opened (credentials) leaves it open
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise
+            self._nc = nc
+            return nc
 
     def _options(self, timeout: float) -> dict[str, Any]:
         sink = self._sink
