@@ -231,6 +231,16 @@ def test_each_unit_is_hardened_to_an_exposure_of_3_or_less(unit_dir: Path, unit:
     assert out.returncode == 0, out.stdout
 
 
+def test_every_unit_bounds_its_memory() -> None:
+    """MemoryHigh (throttle and reclaim) below MemoryMax (the kill), in every unit."""
+    sizes = {"K": 2**10, "M": 2**20, "G": 2**30}
+    pattern = re.compile(r"^(MemoryHigh|MemoryMax)=(\d+)([KMG])$", re.M)
+    for unit in UNITS:
+        found = {k: int(n) * sizes[u] for k, n, u in pattern.findall(unit.read_text())}
+        assert set(found) == {"MemoryHigh", "MemoryMax"}, unit
+        assert found["MemoryHigh"] < found["MemoryMax"], unit
+
+
 def test_every_unit_is_type_notify_with_a_watchdog() -> None:
     for unit in UNITS:
         text = unit.read_text()
