@@ -3,6 +3,7 @@ put in it, CSRF refusals, and scoped tokens on the page."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -330,3 +331,40 @@ async def test_a_log_in_form_past_the_admin_listeners_body_limit_is_not_read(pag
     assert r.status == 413
     r = await client.post("/ui/login", data={"nonce": nonce.group(1), "token": "x" * 1000})
     assert r.status == 401  # a form within it is read, and refused for its token
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        None,  # never shown the form
+        "1700000000.guessed.0123456789abcdef0123456789abcdef",  # not signed by this process
+    ],
+)
+async def test_a_log_in_without_a_form_this_page_gave_is_refused_before_its_body_is_read(
+    page: Any, cookie: str | None
+) -> None:
+    client, _, _ = page
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    head = (
+        "POST /ui/login HTTP/1.1\r\nHost: x\r\n"
+        "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n"
+    )
+    if cookie is not None:
+        head += f"Cookie: {sessions.LOGIN_COOKIE}={cookie}\r\n"
+    writer.write((head + "\r\n").encode() + b"nonce=x&token=")  # 60,000 announced; 14 sent
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)  # answered without the rest
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 401"), status
+
+
+def test_log_in_nonces_are_signed_and_dated() -> None:
+    nonces = sessions.LoginNonces()
+    good = nonces.issue()
+    assert nonces.valid(good)
+    assert not sessions.LoginNonces().valid(good)  # another process's key
+    stamp, rand, mac = good.split(".")
+    assert not nonces.valid(f"{int(stamp) - sessions.LOGIN_FORM_S - 5}.{rand}.{mac}")
+    assert not nonces.valid("")
+    assert not nonces.valid("x.y.z")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from relay.admin.ui.overview import read_overview
 from relay.admin.ui.sessions import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
+    LoginNonces,
     Session,
     Sessions,
     clear_cookie,
@@ -112,6 +112,7 @@ class OperatorPage:
         self._rt = rt
         self._poller = poller
         self.sessions = Sessions()
+        self.nonces = LoginNonces()
         self._store = DeadLetterStore(rt.redis, rt.config)
         self.events = EventPages(
             rt, admin.refusals, render=self._render, error=self._error, redirect=redirect
@@ -168,7 +169,7 @@ class OperatorPage:
         return self._login_page(request)
 
     def _login_page(self, request: web.Request, message: str | None = None) -> web.Response:
-        nonce = secrets.token_urlsafe(24)
+        nonce = self.nonces.issue()
         resp = respond(html.page("Log in", views.login(nonce, message)), 401 if message else 200)
         set_cookie(resp, request, LOGIN_COOKIE, nonce)
         return resp
@@ -176,15 +177,14 @@ class OperatorPage:
     async def login(self, request: web.Request) -> web.Response:
         if not self._admin.tokens.enabled:
             return respond(html.page("Off", views.error(OFF)), 403)
+        expected = request.cookies.get(LOGIN_COOKIE, "")
+        if foreign_origin(request) or not self.nonces.valid(expected):
+            # before the form is read: only a browser shown the form may send one
+            self._admin.refusals.note(request, "csrf")
+            return self._login_page(request, "The log-in form expired: try again.")
         form = await request.post()
         nonce, token = form.get("nonce"), form.get("token")
-        expected = request.cookies.get(LOGIN_COOKIE, "")
-        if (
-            foreign_origin(request)
-            or not isinstance(nonce, str)
-            or not expected
-            or not same(nonce, expected)
-        ):
+        if not isinstance(nonce, str) or not same(nonce, expected):
             self._admin.refusals.note(request, "csrf")
             return self._login_page(request, "The log-in form expired: try again.")
         who = None

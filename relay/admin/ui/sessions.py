@@ -12,7 +12,10 @@ Every form that changes something carries the session's CSRF token (a random val
 only the page itself has shown), compared in constant time; requests with an
 ``Origin`` header from another host are refused too. The log-in form is protected the
 same way with a one-time value set as a cookie when the form is shown (double
-submit), so another site cannot log a browser in with a token of its choosing.
+submit), so another site cannot log a browser in with a token of its choosing. That
+value is signed by this process (:class:`LoginNonces`) and dated: a log-in whose cookie
+is not one this process gave out in the last :data:`LOGIN_FORM_S` is refused before its
+form is read, so no one can make the page parse forms without having fetched it.
 
 Sessions live in this process's memory: a restart, or another process's admin
 listener, asks for the token again. They end after :data:`IDLE_S` without a request,
@@ -38,6 +41,37 @@ COOKIE_PATH = "/ui"
 IDLE_S = 3600.0
 MAX_AGE_S = 12 * 3600.0
 MAX_PER_TOKEN = 50  # a token's own oldest session goes first past this
+LOGIN_FORM_S = 3600  # how long a log-in form shown stays good
+
+
+class LoginNonces:
+    """The log-in form's double-submit values: ``<unix s>.<random>.<MAC>``, signed with
+    a key of this process's own, so that a log-in can be checked before its form is
+    read."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def issue(self) -> str:
+        text = f"{int(time.time())}.{secrets.token_urlsafe(18)}"
+        return f"{text}.{self._mac(text)}"
+
+    def valid(self, value: str) -> bool:
+        """Whether ``value`` is one this process gave out, less than LOGIN_FORM_S ago."""
+        text, _, mac = value.rpartition(".")
+        stamp = text.partition(".")[0]
+        if (
+            not stamp.isascii()
+            or not stamp.isdigit()
+            or not hmac.compare_digest(
+                mac.encode(errors="surrogateescape"), self._mac(text).encode()
+            )
+        ):
+            return False
+        return -60 <= time.time() - int(stamp) <= LOGIN_FORM_S
 
 
 @dataclass
