@@ -91,13 +91,11 @@ def test_an_encrypted_key_opens_with_its_password(
     )
 
 
-def test_check_config_names_every_problem_with_its_key_path(
-    tmp_path: Path, ca: Authority
-) -> None:
+def test_check_config_names_every_problem_with_its_key_path(tmp_path: Path, ca: Authority) -> None:
     client = ca.issue("relay", server=False)
     other = Authority(tmp_path / "other", "other-ca").issue("relay", server=False)
     (tmp_path / "garbage.pem").write_text("not a certificate\n")
-    bad = [
+    bad: list[tuple[dict[str, Any], str, str]] = [
         ({"ca_file": "missing.pem"}, "ca_file", "cannot read"),
         ({"ca_file": "garbage.pem"}, "ca_file", "holds no PEM certificate"),
         (

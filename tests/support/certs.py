@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +63,7 @@ class Authority:
         self.ca_file = directory / f"{name}.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(
-        self, common_name: str, *, server: bool, key_password: str | None = None
-    ) -> Issued:
+    def issue(self, common_name: str, *, server: bool, key_password: str | None = None) -> Issued:
         """A certificate for a server (names 127.0.0.1 and localhost) or a client."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -123,3 +123,49 @@ def server_context(
     if max_version is not None:
         ctx.maximum_version = max_version
     return ctx
+
+
+class AlertingTlsServer:
+    """A TLS server on 127.0.0.1 that fails a handshake as nginx or Apache do — with a
+    TLS alert the client reads — where an asyncio server (the aiohttp sinks) resets
+    the connection instead. It answers any request it reads ``200``; ``handshakes`` are
+    those that completed. Run as a context manager (a thread accepts)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self.port: int = self._sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}/hook"
+        self.handshakes = 0
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="alerting-tls", daemon=True)
+
+    def __enter__(self) -> AlertingTlsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5)
+            try:
+                with self._context.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes += 1
+                    tls.recv(65536)
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+            except (ssl.SSLError, OSError):
+                self.refused += 1
+            finally:
+                conn.close()
