@@ -198,7 +198,7 @@ def failure_text(e: BaseException, url: str) -> str:
         )
     if isinstance(e, aiohttp.ClientHttpProxyError):
         return f"proxy: CONNECT refused with HTTP {e.status} {e.message}" + (
-            " (check the proxy's user and proxy_password)" if e.status == 407 else ""
+            " (check the proxy's user and proxy_password)" if e.status in (401, 407) else ""
         )
     if isinstance(e, aiohttp.ClientProxyConnectionError):
         return f"proxy: cannot connect to the proxy {e.host}:{e.port}: {e.strerror or e}"
