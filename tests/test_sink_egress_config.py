@@ -61,6 +61,14 @@ def test_files_are_relative_to_the_config_file_and_the_context_verifies(
     assert ctx.cert_store_stats()["x509_ca"] == 1  # the private CA instead of the system's
 
 
+def test_a_key_in_the_certificate_file_needs_no_key_file(tmp_path: Path, ca: Authority) -> None:
+    client = ca.issue("relay", server=False)
+    both = tmp_path / "relay.pem"
+    both.write_bytes(client.cert.read_bytes() + client.key.read_bytes())
+    cfg = parse_config(one_sink(client_cert_file=str(both)), env={})
+    assert cfg.tenants[0].sinks[0].tls_context() is not None
+
+
 def test_system_ca_adds_the_system_store_to_the_private_ca(ca: Authority) -> None:
     cfg = parse_config(one_sink(ca_file=str(ca.ca_file), system_ca=True), env={})
     ctx = cfg.tenants[0].sinks[0].tls_context()
@@ -146,6 +154,12 @@ def test_check_config_names_every_problem_with_its_key_path(tmp_path: Path, ca: 
              "url": "http://crm.internal/hooks"},
             "",
             "the sink's URL is https://",
+        ),
+        (
+            {"oauth2": {"token_url": "https://auth/t", "client_id": "c", "client_secret": "s"},
+             "url": "https://relay:pw@crm.internal/hooks"},
+            "",
+            "oauth2 and credentials in the URL: keep one",
         ),
         ({"ca_file": str(ca.ca_file), "url": "http://crm.internal/h"}, "", "for https:// sinks"),
         (

@@ -205,7 +205,7 @@ class Tokens:
                 raw = await resp.content.read(ANSWER_MAX_BYTES)
                 status = resp.status
         except TimeoutError:
-            raise TokenError(f"no answer within {timeout:g}s") from None
+            raise TokenError(f"no answer within {timeout:.1f}s") from None
         except (aiohttp.ClientError, OSError, ValueError) as e:
             raise TokenError(self._hide(failure_text(e, conf.token_url), conf, way)) from None
         try:
@@ -226,5 +226,5 @@ def client_secrets(conf: OAuth2Config) -> list[str]:
     """The client's secret as it goes out: itself, form-encoded, and inside the Basic
     value (which an endpoint might echo)."""
     secret = conf.client_secret.get()
-    basic = aiohttp.BasicAuth(quote_plus(conf.client_id), quote_plus(secret)).encode()
+    basic = aiohttp.encode_basic_auth(quote_plus(conf.client_id), quote_plus(secret))
     return [secret, quote_plus(secret), basic.partition(" ")[2]]

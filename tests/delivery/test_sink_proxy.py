@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from yarl import URL
 
-from relay.delivery.egress import no_proxy_covers
+from relay.delivery.egress import env_proxy, no_proxy_covers
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import free_port
 from tests.delivery.test_sink_credentials import _values
@@ -179,6 +180,20 @@ def test_no_proxy_names_hosts_domains_and_ranges(
     host: str, port: int, no_proxy: str, covered: bool
 ) -> None:
     assert no_proxy_covers(host, port, no_proxy) is covered
+
+
+def test_the_environments_proxy_is_read_as_curl_reads_it() -> None:
+    https = URL("https://crm.internal/hooks")
+    lower = {"https_proxy": "http://lower:3128", "HTTPS_PROXY": "http://upper:3128"}
+    assert env_proxy(https, lower) == (URL("http://lower:3128"), None)
+    assert env_proxy(https, {"HTTPS_PROXY": "egress:3128"}) == (URL("http://egress:3128"), None)
+    assert env_proxy(https, {"HTTP_PROXY": "http://egress:3128"}) == (None, None)
+    assert env_proxy(URL("http://crm/h"), {"http_proxy": "http://e:1"}) == (URL("http://e:1"), None)
+    for unusable in ("https://egress:3128", "socks5://egress:1080"):
+        proxy, problem = env_proxy(https, {"HTTPS_PROXY": unusable})
+        assert proxy is None
+        assert problem is not None
+        assert problem.startswith("the environment's HTTPS_PROXY is not an http://host:port proxy")
 
 
 async def _dead_letters(store: DeadLetterStore, n: int) -> bool:

@@ -82,8 +82,11 @@ async def test_the_right_client_certificate_is_delivered_over_mutual_tls(
 
 
 async def test_a_refused_client_certificate_is_retried_until_the_right_one_is_set(
-    redis: Redis, redis_url: str, pki: Pki
+    redis: Redis, redis_url: str, pki: Pki, tmp_path: Path
 ) -> None:
+    # Where the relay's certificate lives: another CA's at first, renewed in place later.
+    current = Issued(tmp_path / "relay.crt", tmp_path / "relay.key")
+    _install(pki.stranger, current)
     async with sinks(mtls_sink(pki)) as (s,):
         rt = runtime(redis, config_with(redis_url, [tls_conf(pki, s.url, max_attempts=1000)]))
         att = rt.keys.attempts(TENANT, "s", "e1")
@@ -97,17 +100,23 @@ async def test_a_refused_client_certificate_is_retried_until_the_right_one_is_se
             assert "reset" in error, error
             assert "refuses a client certificate" in error, error
             # Another CA's certificate: refused too.
-            role.reload(config_with(redis_url, [tls_conf(pki, s.url, pki.stranger)]))
+            role.reload(config_with(redis_url, [tls_conf(pki, s.url, current)]))
             tried = await attempts(redis, att)
             await wait_for(lambda: _at_least(redis, att, tried + 2), 15)
             assert s.received == []
             assert await store.find(Filter()) == []  # retried, not rejected
-            # The right one, by a reload: the waiting delivery goes through.
-            role.reload(config_with(redis_url, [tls_conf(pki, s.url, pki.client)]))
+            # The right one, renewed in place, and a reload: the waiting delivery goes.
+            _install(pki.client, current)
+            role.reload(config_with(redis_url, [tls_conf(pki, s.url, current)]))
             await wait_for(lambda: s.ids() == ["e1"], 15)
         assert s.received[0].client == "relay"
         assert s.received[0].attempt >= 4
         assert await store.find(Filter()) == []
+
+
+def _install(issued: Issued, at: Issued) -> None:
+    at.cert.write_bytes(issued.cert.read_bytes())
+    at.key.write_bytes(issued.key.read_bytes())
 
 
 async def test_a_sink_that_answers_with_a_tls_alert_is_named_in_the_error(
