@@ -57,6 +57,8 @@ class TokenEndpoint:
         form = {k: str(v) for k, v in (await request.post()).items()}
         auth = request.headers.get("Authorization", "")
         basic = auth.startswith("Basic ")
+        client_id: str | None
+        secret: str | None
         if basic:
             decoded = base64.b64decode(auth[6:]).decode()
             user, _, password = decoded.partition(":")
