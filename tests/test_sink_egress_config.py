@@ -75,6 +75,7 @@ def test_system_ca_adds_the_system_store_to_the_private_ca(ca: Authority) -> Non
     assert ctx is not None
     system = ssl.create_default_context().cert_store_stats()["x509_ca"]
     assert ctx.cert_store_stats()["x509_ca"] == system + 1
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2  # unless tls_min_version says 1.3
     # Without any TLS key a sink has the defaults (the system's store).
     assert parse_config(one_sink(), env={}).tenants[0].sinks[0].tls_context() is None
 
@@ -214,3 +215,35 @@ def test_oauth2_to_this_machine_may_be_plain_http() -> None:
     assert found is not None
     assert found.auth_method == "basic"
     assert "'s'" not in repr(found)  # the secret is never shown
+
+
+def test_the_example_configurations_firewall_sink_loads_once_uncommented(
+    tmp_path: Path, ca: Authority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = Path(__file__).parent.parent / "config" / "relay.example.toml"
+    text = example.read_text()
+    block = text[text.rindex("# [[tenants.sinks]]") :]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    client = ca.issue("example", server=False, key_password="key-pass-1")
+    (certs / "internal-ca.pem").write_bytes(ca.ca_file.read_bytes())
+    (certs / "relay.crt").write_bytes(client.cert.read_bytes())
+    (certs / "relay.key").write_bytes(client.key.read_bytes())
+    for name, value in {
+        "CRM_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "RELAY_KEY_PASSWORD": "key-pass-1",
+        "EGRESS_PASSWORD": "egress",
+        "CRM_CLIENT_SECRET": "client-secret",
+    }.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "relay.toml"
+    path.write_text(text + "\n" + uncommented + "\n")
+    sink = load_config(path, env={}).tenants[0].sinks[-1]
+    assert sink.name == "internal-crm"
+    assert sink.oauth2 is not None
+    assert sink.oauth2.auth_method == "basic"
+    assert sink.proxy_password is not None
+    ctx = sink.tls_context()
+    assert ctx is not None
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3

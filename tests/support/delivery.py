@@ -78,6 +78,7 @@ class Sink:
     url: str = ""
     body: str | None = None  # what it answers with (default: "nope" for a non-2xx, else "")
     ssl_context: ssl.SSLContext | None = None
+    path: str = "/hook"
     _runner: web.AppRunner | None = None
 
     def ids(self) -> list[str]:
@@ -116,7 +117,7 @@ class Sink:
 
     async def start(self) -> Sink:
         app = web.Application()
-        app.router.add_post("/hook", self._handle)
+        app.router.add_post(self.path, self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -125,7 +126,7 @@ class Sink:
         await site.start()
         self.port = self._runner.addresses[0][1]
         scheme = "http" if self.ssl_context is None else "https"
-        self.url = f"{scheme}://127.0.0.1:{self.port}/hook"
+        self.url = f"{scheme}://127.0.0.1:{self.port}{self.path}"
         return self
 
     async def stop(self) -> None:
