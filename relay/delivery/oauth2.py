@@ -119,7 +119,6 @@ class Tokens:
         self._tokens: dict[Key, _Token] = {}
         self._fetching: dict[Key, asyncio.Task[_Token]] = {}
         self._failing: set[Key] = set()  # warned about, until a fetch succeeds
-        self.fetches = 0  # tokens asked for, this process
 
     def forget(self) -> None:
         """Drop every token (a reload may have changed a client); running fetches end
@@ -137,12 +136,19 @@ class Tokens:
                 await task
 
     async def get(
-        self, conf: OAuth2Config, way: Way, timeout: float, *, stale: str | None = None
+        self,
+        conf: OAuth2Config,
+        way: Way,
+        timeout: float,
+        *,
+        wait: float | None = None,
+        stale: str | None = None,
     ) -> str:
-        """A token for ``conf``'s client that is not ``stale`` (one a sink refused).
+        """A token for ``conf``'s client that is not ``stale`` (one a sink refused); a
+        fetch it starts has ``timeout`` seconds.
 
-        Raises :class:`TokenError`, or ``TimeoutError`` after ``timeout`` seconds (the
-        fetch goes on for whoever asks next)."""
+        Raises :class:`TokenError`, or ``TimeoutError`` after ``wait`` seconds (default
+        ``timeout``; the fetch goes on for whoever asks next)."""
         key = _key(conf)
         found = self._tokens.get(key)
         if found is not None and found.value != stale and self._clock() < found.fresh_until:
@@ -152,7 +158,7 @@ class Tokens:
             task = asyncio.create_task(self._fetch(conf, way, timeout), name="oauth2-token")
             self._fetching[key] = task
             task.add_done_callback(lambda t: self._fetched(key, conf, t))
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout if wait is None else wait):
             return (await asyncio.shield(task)).value
 
     def _fetched(self, key: Key, conf: OAuth2Config, task: asyncio.Task[_Token]) -> None:
@@ -177,7 +183,6 @@ class Tokens:
             )
 
     async def _fetch(self, conf: OAuth2Config, way: Way, timeout: float) -> _Token:
-        self.fetches += 1
         if way.problem is not None:
             raise TokenError(way.problem)
         secret = conf.client_secret.get()

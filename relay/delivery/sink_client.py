@@ -225,6 +225,7 @@ _OURS = frozenset(
     )
 )  # fmt: skip
 _USER_AGENT = f"chert-relay/{__version__}"
+_DIRECT = egress.Way(True, None, None, ())
 
 
 class SinkClient:
@@ -263,7 +264,9 @@ class SinkClient:
         if found is not None and found[0] is sink:
             return found[1]
         url = URL(sink.url)
-        token_way = None
+        way, token_way = _DIRECT, None  # a broker sink's headers are made here too
+        if not sink.is_broker:
+            way = egress.way_to(sink, url, os.environ)
         if sink.oauth2 is not None:
             token_way = egress.way_to(sink, URL(sink.oauth2.token_url), os.environ)
         prepared = _Prepared(
@@ -271,7 +274,7 @@ class SinkClient:
             self.signing_key(sink),
             {k: v for k, v in sink.headers.items() if k.lower() not in _OURS},
             {},
-            egress.way_to(sink, url, os.environ),
+            way,
             token_way,
         )
         self._prepared[id(sink)] = (sink, prepared)  # the sink is kept: its id stays its own
@@ -417,7 +420,7 @@ class _Bearer:
         try:
             if left <= 0:
                 raise TimeoutError
-            return await self.tokens.get(self.conf, self.way, left, stale=stale)
+            return await self.tokens.get(self.conf, self.way, self.timeout, wait=left, stale=stale)
         except TimeoutError:
             kind, error = "timeout", f"OAuth2: no token within the {self.timeout:g}s timeout"
         except TokenError as e:
