@@ -50,6 +50,9 @@ def _env(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
     return None
 
 
+_WITH_PORT = re.compile(r"(\[[0-9a-f:.]+\]|[^:]+):(\d+)")  # host:port, [v6]:port
+
+
 def no_proxy_covers(host: str, port: int | None, no_proxy: str) -> bool:
     """Whether ``NO_PROXY`` (comma-separated) names ``host``: ``*``, the name, a domain
     it is in (``internal`` or ``.internal``), its IP address, a CIDR range holding it,
@@ -119,10 +122,11 @@ def proxy_of(
 
 
 def proxy_secrets(proxy: URL | None) -> tuple[str, ...]:
-    """A proxy URL's credentials, raw, percent-decoded and as the Basic value sent."""
+    """A proxy URL's password, raw and percent-decoded, and the Basic value sent. (Not
+    the user: a name in the configuration, and blanking it would maim other text.)"""
     if proxy is None or proxy.raw_user is None:
         return ()
-    found = [proxy.raw_user, proxy.user or "", proxy.raw_password or "", proxy.password or ""]
+    found = [proxy.raw_password or "", proxy.password or ""]
     auth = aiohttp.BasicAuth.from_url(proxy)
     if auth is not None:
         try:
@@ -153,7 +157,6 @@ _REFUSED_CERT = (
     "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED",
     "CERTIFICATE_REVOKED", "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED", "DECRYPT_ERROR",
 )  # fmt: skip
-_WITH_PORT = re.compile(r"(\[[0-9a-f:.]+\]|[^:]+):(\d+)")  # host:port, [v6]:port
 _CONTEXT_REPR = re.compile(r"ssl:<ssl\.SSLContext object at 0x[0-9a-fA-F]+>")
 _NO_VERSION = ("PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE")
 
