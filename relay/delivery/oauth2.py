@@ -162,11 +162,12 @@ class Tokens:
             return (await asyncio.shield(task)).value
 
     def _fetched(self, key: Key, conf: OAuth2Config, task: asyncio.Task[_Token]) -> None:
-        if self._fetching.get(key) is task:
-            del self._fetching[key]
         if task.cancelled():
             return
         error = task.exception()  # retrieved here, whether or not anyone still waits
+        if self._fetching.get(key) is not task:
+            return  # started before a reload: its result is not kept
+        del self._fetching[key]
         where = f"{urlsplit(conf.token_url).netloc} (client {conf.client_id})"
         if error is None:
             self._tokens[key] = task.result()
@@ -207,8 +208,13 @@ class Tokens:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
-                raw = await resp.content.read(ANSWER_MAX_BYTES)
                 status = resp.status
+                raw = b""
+                while len(raw) < ANSWER_MAX_BYTES:  # the whole answer, however it comes
+                    chunk = await resp.content.read(ANSWER_MAX_BYTES - len(raw))
+                    if not chunk:
+                        break
+                    raw += chunk
         except TimeoutError:
             raise TokenError(f"no answer within {timeout:.1f}s") from None
         except (aiohttp.ClientError, OSError, ValueError) as e:
