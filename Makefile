@@ -26,7 +26,9 @@ setup: deps venv-dev
 # the suite also checks the systemd units (systemd-analyze, from Debian's systemd),
 # drives the operator page in Debian's chromium (through Playwright, never its own
 # browser downloads), runs workers (tests and fault suite) with a skewed clock under
-# libfaketime (Debian's faketime),
+# libfaketime (Debian's faketime), sends deliveries through a real forward proxy
+# (tinyproxy, started by the tests on a free port: Debian's tinyproxy-bin, the program
+# without the service that the tinyproxy package would start),
 # and checks the alert rules with promtool, which `make venv-dev` takes
 # out of Debian's prometheus package into .venv/bin — installing the package would
 # start a Prometheus server.
@@ -42,7 +44,7 @@ setup: deps venv-dev
 # the check below also looks in sbin (not on a non-root user's PATH).
 RUN_DEB_TOOLS := redis-server:redis-server
 DEB_TOOLS := $(RUN_DEB_TOOLS) systemd-analyze:systemd chromium:chromium faketime:faketime \
-	nats-server:nats-server rabbitmq-server:rabbitmq-server
+	nats-server:nats-server rabbitmq-server:rabbitmq-server tinyproxy:tinyproxy-bin
 
 # $(call apt_missing,COMMAND:PACKAGE …): apt-get install the packages whose command is
 # not on PATH (or in sbin). DEBIAN_FRONTEND goes through `env` after sudo, whose

@@ -13,7 +13,6 @@ one file, and each section's checks sit beside its fields.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +39,7 @@ from relay.config.values import (
     SecretField,
     Size,
     parse_listen,
+    plain_remote,
 )
 from relay.errors import ConfigError
 
@@ -256,7 +256,7 @@ class ApiConfig(_Section):
         if (
             self.auth == "bearer"
             and not self.insecure_bearer_over_http
-            and _plain_remote(self.base_url)
+            and plain_remote(self.base_url)
         ):
             raise ValueError(
                 f"auth = 'bearer' sends the API secret in every request, and base_url "
@@ -264,20 +264,6 @@ class ApiConfig(_Section):
                 "auth = 'hmac', or set insecure_bearer_over_http = true"
             )
         return self
-
-
-def _plain_remote(url: object) -> bool:
-    """Whether ``url`` is plain http:// to a host other than this machine's loopback."""
-    parts = urlsplit(str(url))
-    if parts.scheme != "http":
-        return False
-    host = (parts.hostname or "").strip("[]")
-    if host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True
 
 
 class PollConfig(_Section):
@@ -430,7 +416,7 @@ class Config(_Section):
             if (
                 api.auth == "bearer"
                 and api.insecure_bearer_over_http
-                and _plain_remote(api.base_url)
+                and plain_remote(api.base_url)
             ):
                 out.append(
                     f"tenants[{i}].api: bearer auth over plain http:// "
@@ -465,4 +451,20 @@ class Config(_Section):
                         f"tenants[{i}].sinks[{k}].url holds a password; use "
                         "password = 'env:NAME' or 'file:/path'"
                     )
+                out += _egress_warnings(f"tenants[{i}].sinks[{k}]", sink)
         return out
+
+
+def _egress_warnings(where: str, sink: SinkConfig) -> list[str]:
+    """A sink's TLS, proxy and OAuth2 secrets written in the file itself."""
+    named = [
+        ("client_key_password", sink.client_key_password),
+        ("proxy_password", sink.proxy_password),
+        ("oauth2.client_secret", None if sink.oauth2 is None else sink.oauth2.client_secret),
+    ]
+    out = [f"{where}.{key} is a literal secret" for key, s in named if s and s.is_literal]
+    if sink.proxy is not None and urlsplit(sink.proxy).password is not None:
+        out.append(
+            f"{where}.proxy holds a password; use proxy_password = 'env:NAME' or 'file:/path'"
+        )
+    return out

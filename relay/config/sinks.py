@@ -13,13 +13,16 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import re
+import ssl
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from relay.config import egress
 from relay.config.base import HEADER_NAME, SLUG_RE, Section
-from relay.config.values import Duration, Secret, SecretField, check_http_url
+from relay.config.egress import OAuth2Config, PemPath, TlsVersion
+from relay.config.values import Duration, Secret, SecretField, check_http_url, plain_remote
 from relay.signing import standard_webhooks_key
 
 SinkKind = Literal["http", "redis-stream", "nats", "amqp"]
@@ -88,6 +91,19 @@ class SinkConfig(Section):
     subject: str | None = Field(None, max_length=1024)  # nats
     exchange: str | None = Field(None, max_length=255)  # amqp ("" is the default one)
     routing_key: str | None = Field(None, max_length=200)  # amqp
+    # http sinks: TLS, a proxy and OAuth2 (relay.config.egress). The order matters: a
+    # key file is checked with its password, and a certificate against its key.
+    ca_file: PemPath | None = None  # trusted instead of the system's store...
+    system_ca: bool | None = None  # ...or as well, when true
+    client_key_password: SecretField | None = None
+    client_key_file: PemPath | None = None
+    client_cert_file: PemPath | None = None  # mutual TLS: presented when the sink asks
+    tls_min_version: TlsVersion | None = None
+    # A forward proxy (CONNECT for https://); unset: the environment's HTTPS_PROXY /
+    # HTTP_PROXY / NO_PROXY; "none": direct, whatever the environment says.
+    proxy: str | None = None
+    proxy_password: SecretField | None = None  # for the user the proxy URL names
+    oauth2: OAuth2Config | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -155,6 +171,26 @@ class SinkConfig(Section):
                 )
         return v
 
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        return None if v is None else egress.check_ca_file(v)
+
+    @field_validator("client_key_file")
+    @classmethod
+    def _key_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else egress.check_key_file(v, info.data.get("client_key_password"))
+
+    @field_validator("client_cert_file")
+    @classmethod
+    def _cert_file(cls, v: str | None) -> str | None:
+        return None if v is None else egress.check_cert_file(v)
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        return None if v is None else egress.check_proxy(v)
+
     @field_validator("subject")
     @classmethod
     def _subject(cls, v: str | None) -> str | None:
@@ -193,6 +229,7 @@ class SinkConfig(Section):
                 )
             if self.exchange == "" and not self.routing_key:
                 raise ValueError('the default exchange ("") needs routing_key, a queue\'s name')
+        self._check_egress()
         extra = extra_missing(kind)
         if extra is not None:
             raise ValueError(
@@ -200,6 +237,77 @@ class SinkConfig(Section):
                 f"pip install 'chert-relay[{extra}]'"
             )
         return self
+
+    def _check_egress(self) -> None:
+        """The TLS, proxy and OAuth2 keys together (each file was checked alone)."""
+        given = [k for k in egress.EGRESS_KEYS if getattr(self, k) is not None]
+        if given and self.kind != "http":
+            raise ValueError(
+                f"{given[0]} is for http sinks; this sink is {self.kind} (a broker's TLS "
+                "and credentials are in its URL and password)"
+            )
+        tls = [k for k in egress.TLS_KEYS if getattr(self, k) is not None]
+        if tls and urlsplit(self.url).scheme.lower() != "https":
+            raise ValueError(f"{tls[0]} is for https:// sinks; this sink's URL is http://")
+        if self.system_ca is False and self.ca_file is None:
+            raise ValueError("system_ca = false needs ca_file: otherwise nothing is trusted")
+        if self.client_key_file is not None and self.client_cert_file is None:
+            raise ValueError("client_key_file needs client_cert_file (the key's certificate)")
+        if self.client_key_password is not None and self.client_key_file is None:
+            raise ValueError("client_key_password is for client_key_file, which is not set")
+        if self.client_cert_file is not None:
+            try:
+                self.tls_context()
+            except (OSError, ssl.SSLError):
+                if self.client_key_file is None:
+                    raise ValueError(
+                        "client_cert_file holds no private key: set client_key_file"
+                    ) from None
+                raise ValueError(
+                    "client_key_file is not the private key of client_cert_file's certificate"
+                ) from None
+        self._check_proxy_credentials()
+        if self.oauth2 is not None:
+            if any(n.lower() == "authorization" for n in self.headers):
+                raise ValueError(
+                    "oauth2 sends its token in the Authorization header: remove the "
+                    "sink's own Authorization header"
+                )
+            parts = urlsplit(self.url)
+            if parts.username is not None or parts.password is not None:
+                raise ValueError("oauth2 and credentials in the URL: keep one")
+            if plain_remote(self.url):
+                raise ValueError(
+                    "oauth2 sends a bearer token with every delivery: the sink's URL is "
+                    "https:// (http:// only to this machine)"
+                )
+
+    def _check_proxy_credentials(self) -> None:
+        if self.proxy_password is None:
+            return
+        if self.proxy is None or self.proxy == egress.NO_PROXY:
+            raise ValueError("proxy_password needs proxy (http://user@host:port)")
+        parts = urlsplit(self.proxy)
+        if parts.username is None:
+            raise ValueError(
+                "proxy_password needs the proxy URL to name the user: http://user@host:port"
+            )
+        if parts.password is not None:
+            raise ValueError("the proxy URL holds a password, and proxy_password is set: keep one")
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of deliveries to this sink, or None for the defaults (the
+        system's store). Raises ``OSError`` or ``ssl.SSLError`` if a file is unusable."""
+        if not any(getattr(self, k) is not None for k in egress.TLS_KEYS):
+            return None
+        return egress.tls_context(
+            ca_file=self.ca_file,
+            system_ca=self.system_ca,
+            client_cert_file=self.client_cert_file,
+            client_key_file=self.client_key_file,
+            client_key_password=self.client_key_password,
+            tls_min_version=self.tls_min_version,
+        )
 
     def matches(self, event_type: str) -> bool:
         """Whether this sink wants events of ``event_type`` (exact names or globs)."""

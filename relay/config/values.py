@@ -8,6 +8,7 @@ Secrets are ``"env:NAME"``, ``"file:/path"`` or a literal (accepted, with a warn
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -237,6 +238,20 @@ def check_http_url(value: str) -> str:
     except ValueError:
         raise ValueError("the URL's port is not a number from 0 to 65535") from None
     return value
+
+
+def plain_remote(url: object) -> bool:
+    """Whether ``url`` is plain http:// to a host other than this machine's loopback."""
+    parts = urlsplit(str(url))
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 HttpUrl = Annotated[str, BeforeValidator(lambda v: check_http_url(v) if isinstance(v, str) else v)]

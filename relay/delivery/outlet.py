@@ -41,4 +41,5 @@ class Outlet:
         return await self.brokers.publish(req.tenant, sink, msg, timeout)
 
     async def close(self) -> None:
+        await self.http.close()
         await self.brokers.close()

@@ -6,7 +6,14 @@ The body is the stored envelope, byte for byte. Headers: Standard Webhooks
 ``X-Chert-Event-Type``, ``X-Chert-Tenant``, ``X-Relay-Attempt`` and ``X-Relay-Source``,
 and the sink's own static headers (which cannot replace the relay's). Redirects are
 not followed. An error answer's text is kept for the dead letter and the log only
-after :func:`scrub` has blanked every secret of the sink in it.
+after :func:`scrub` has blanked every secret of the sink in it — its headers' and URL's
+credentials, its proxy's, its OAuth2 client secret and the token it sent.
+
+How a request goes out (the sink's TLS context and proxy) is made once per
+configuration (:mod:`relay.delivery.egress`). An OAuth2 sink gets
+``Authorization: Bearer <token>`` (:mod:`relay.delivery.oauth2`); when it answers 401,
+a fresh token is fetched and the request sent once more, inside the same attempt and
+its timeout.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -25,6 +34,9 @@ from yarl import URL
 
 from relay import __version__
 from relay.config import SinkConfig
+from relay.config.egress import NO_PROXY, OAuth2Config
+from relay.delivery import egress
+from relay.delivery.oauth2 import TokenError, Tokens, client_secrets
 from relay.delivery.retry import parse_retry_after, retryable
 from relay.signing import standard_webhooks_key, standard_webhooks_signature
 
@@ -87,6 +99,15 @@ def credentials(sink: SinkConfig) -> list[str]:
         secrets.append(sink.secret.get())
     if sink.password is not None:
         secrets.append(sink.password.get())
+    # The way out: the proxy's credentials, the key's password, the OAuth2 client's
+    # secret. (The environment's proxy, and the token sent, the sink client adds.)
+    for s in (sink.proxy_password, sink.client_key_password):
+        if s is not None:
+            secrets.append(s.get())
+    if sink.proxy is not None and sink.proxy != NO_PROXY:
+        secrets += egress.proxy_secrets(URL(sink.proxy))
+    if sink.oauth2 is not None:
+        secrets += client_secrets(sink.oauth2)
     return secrets
 
 
@@ -95,9 +116,12 @@ def clip(text: str, limit: int = ERROR_MAX_CHARS) -> str:
     return " ".join(text.split())[:limit]
 
 
-def scrub(text: str, sink: SinkConfig, limit: int = ERROR_MAX_CHARS) -> str:
-    """One line, at most ``limit`` characters, with the sink's secrets blanked out."""
-    secrets = credentials(sink)
+def scrub(
+    text: str, sink: SinkConfig, limit: int = ERROR_MAX_CHARS, extra: Iterable[str] = ()
+) -> str:
+    """One line, at most ``limit`` characters, with the sink's secrets (and ``extra``
+    ones) blanked out."""
+    secrets = credentials(sink) + [s for s in extra if len(s) >= 4]
     parts = urlsplit(sink.url)
     # Webhook URLs often carry their credential in the path (…/hooks/T01/B02/XyZ…):
     # the path goes too, whole and by segment, unless it is too short to be one.
@@ -189,6 +213,8 @@ class _Prepared:
     key: bytes | None  # the HMAC key; None: unsigned (no secret, or not usable)
     headers: dict[str, str]  # the sink's own headers that the relay's do not replace
     timeouts: dict[float, aiohttp.ClientTimeout]
+    way: egress.Way  # its TLS context and proxy
+    token_way: egress.Way | None  # its OAuth2 token endpoint's
 
 
 _OURS = frozenset(
@@ -199,6 +225,7 @@ _OURS = frozenset(
     )
 )  # fmt: skip
 _USER_AGENT = f"chert-relay/{__version__}"
+_DIRECT = egress.Way(True, None, None, ())
 
 
 class SinkClient:
@@ -208,11 +235,17 @@ class SinkClient:
         self._session = session
         self._signing_keys: dict[str, bytes | None] = {}
         self._prepared: dict[int, tuple[SinkConfig, _Prepared]] = {}
+        self.tokens = Tokens(session)
 
     def forget_keys(self) -> None:
-        """Decode sink secrets afresh (a reload may have changed them)."""
+        """Decode sink secrets, load TLS files and read the proxy settings afresh (a
+        reload may have changed them), and drop the OAuth2 tokens."""
         self._signing_keys = {}
         self._prepared = {}
+        self.tokens.forget()
+
+    async def close(self) -> None:
+        await self.tokens.close()
 
     def signing_key(self, sink: SinkConfig) -> bytes | None:
         """The sink's HMAC key, decoded once per config; None without a usable secret."""
@@ -230,11 +263,19 @@ class SinkClient:
         found = self._prepared.get(id(sink))
         if found is not None and found[0] is sink:
             return found[1]
+        url = URL(sink.url)
+        way, token_way = _DIRECT, None  # a broker sink's headers are made here too
+        if not sink.is_broker:
+            way = egress.way_to(sink, url, os.environ)
+        if sink.oauth2 is not None:
+            token_way = egress.way_to(sink, URL(sink.oauth2.token_url), os.environ)
         prepared = _Prepared(
-            URL(sink.url),
+            url,
             self.signing_key(sink),
             {k: v for k, v in sink.headers.items() if k.lower() not in _OURS},
             {},
+            way,
+            token_way,
         )
         self._prepared[id(sink)] = (sink, prepared)  # the sink is kept: its id stays its own
         return prepared
@@ -266,15 +307,60 @@ class SinkClient:
     ) -> Answer:
         """POST ``body`` to ``sink``; a 2xx answer's body is kept as its ``excerpt``
         (scrubbed, one line, at most EXCERPT_MAX_CHARS) for the event log and the test
-        event's sender."""
+        event's sender. An OAuth2 sink's token is fetched (or reused) first, and
+        refreshed once on a 401; all of it within ``timeout``."""
         started = time.perf_counter()
+        p = self._prepare(sink)
+        if p.way.problem is not None:
+            error = scrub(p.way.problem, sink, extra=p.way.secrets)
+            return Answer(None, "connection", error, None, time.perf_counter() - started)
+        conf, token_way = sink.oauth2, p.token_way
+        if conf is None or token_way is None:
+            return await self._send(sink, p, body, headers, timeout, started, None)
+        bearer = _Bearer(self.tokens, sink, conf, token_way, timeout, started)
+        token = await bearer.get()
+        if isinstance(token, Answer):
+            return token
+        answer = await self._send(sink, p, body, headers, timeout, started, token)
+        if answer.status != 401:
+            return answer
+        # The token may have been revoked, or the sink's clock be ahead: one more, once.
+        fresh = await bearer.get(stale=token)
+        if isinstance(fresh, Answer):
+            return fresh
+        return await self._send(sink, p, body, headers, timeout, started, fresh)
+
+    async def _send(
+        self,
+        sink: SinkConfig,
+        p: _Prepared,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float,
+        started: float,
+        token: str | None,
+    ) -> Answer:
+        """One POST, in what is left of the attempt's ``timeout``."""
+        hidden = (*p.way.secrets, token) if token is not None else p.way.secrets
         try:
-            p = self._prepare(sink)
-            client_timeout = p.timeouts.get(timeout)
-            if client_timeout is None:
-                client_timeout = p.timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+            if token is None:
+                client_timeout = p.timeouts.get(timeout)
+                if client_timeout is None:
+                    client_timeout = p.timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+            else:
+                left = started + timeout - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError
+                client_timeout = aiohttp.ClientTimeout(total=left)
+                headers = {**headers, "Authorization": f"Bearer {token}"}
             async with self._session.post(
-                p.url, data=body, headers=headers, allow_redirects=False, timeout=client_timeout
+                p.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=client_timeout,
+                ssl=p.way.ssl,
+                proxy=p.way.proxy,
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
@@ -283,8 +369,13 @@ class SinkClient:
                     said = ""
                     if raw and not raw.isspace():
                         text = raw[: 2 * EXCERPT_MAX_CHARS].decode(errors="replace")
-                        said = scrub(text, sink, EXCERPT_MAX_CHARS)
+                        said = scrub(text, sink, EXCERPT_MAX_CHARS, hidden)
                     return Answer(status, "http", "", None, took, said)
+                if status == 407 and p.way.proxy is not None:
+                    # Only a proxy answers 407: the sink never saw the request.
+                    error = "proxy: HTTP 407, the proxy refused its credentials"
+                    error += " (check the proxy's user and proxy_password)"
+                    return Answer(None, "connection", error, None, time.perf_counter() - started)
                 snippet = ""
                 if status not in (401, 403):  # where a sink would echo a credential back
                     # More than is kept, so that scrub() sees any secret whole before
@@ -295,7 +386,7 @@ class SinkClient:
                 return Answer(
                     status,
                     "http",
-                    scrub(error, sink),
+                    scrub(error, sink, extra=hidden),
                     parse_retry_after(resp.headers.get("Retry-After")),
                     time.perf_counter() - started,
                 )
@@ -306,5 +397,33 @@ class SinkClient:
             return Answer(None, "timeout", error, None, elapsed)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             elapsed = time.perf_counter() - started
-            error = scrub(f"{type(e).__name__}: {e}", sink)  # a URL's credentials, say
+            # TLS and the proxy named; a URL's credentials, say, scrubbed
+            error = scrub(egress.failure_text(e, sink.url), sink, extra=hidden)
             return Answer(None, "connection", error, None, elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bearer:
+    """The OAuth2 token of one attempt at a sink, inside the attempt's timeout."""
+
+    tokens: Tokens
+    sink: SinkConfig
+    conf: OAuth2Config
+    way: egress.Way
+    timeout: float
+    started: float
+
+    async def get(self, stale: str | None = None) -> str | Answer:
+        """A token other than ``stale``, or the failed attempt."""
+        left = self.started + self.timeout - time.perf_counter()
+        kind = "connection"
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return await self.tokens.get(self.conf, self.way, self.timeout, wait=left, stale=stale)
+        except TimeoutError:
+            kind, error = "timeout", f"OAuth2: no token within the {self.timeout:g}s timeout"
+        except TokenError as e:
+            error = f"OAuth2 token endpoint: {e}"
+        error = scrub(error, self.sink, extra=self.way.secrets)
+        return Answer(None, kind, error, None, time.perf_counter() - self.started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float  # monotonic
+    client: str | None = None  # over mutual TLS: the common name of the client certificate
 
     @property
     def event_id(self) -> str:
@@ -63,7 +65,8 @@ Behaviour = Callable[["Sink", Received], Awaitable[Reply] | Reply]
 
 @dataclass
 class Sink:
-    """A real HTTP endpoint recording what it gets; ``behaviour`` decides the answer."""
+    """A real HTTP endpoint recording what it gets; ``behaviour`` decides the answer.
+    With ``ssl_context`` (tests/support/certs.py's ``server_context``), an https one."""
 
     behaviour: Behaviour | None = None
     secret: str | None = SINK_SECRET
@@ -74,6 +77,8 @@ class Sink:
     max_running: int = 0
     url: str = ""
     body: str | None = None  # what it answers with (default: "nope" for a non-2xx, else "")
+    ssl_context: ssl.SSLContext | None = None
+    path: str = "/hook"
     _runner: web.AppRunner | None = None
 
     def ids(self) -> list[str]:
@@ -84,7 +89,12 @@ class Sink:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        got = Received(dict(request.headers), body, time.monotonic())
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        client = None
+        if peer:
+            names = dict(pair for rdn in peer.get("subject", ()) for pair in rdn)
+            client = names.get("commonName")
+        got = Received(dict(request.headers), body, time.monotonic(), client)
         if self.secret is not None:
             try:
                 Webhook(self.secret).verify(body, got.headers)
@@ -107,13 +117,16 @@ class Sink:
 
     async def start(self) -> Sink:
         app = web.Application()
-        app.router.add_post("/hook", self._handle)
+        app.router.add_post(self.path, self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port or free_port())
+        site = web.TCPSite(
+            self._runner, "127.0.0.1", self.port or free_port(), ssl_context=self.ssl_context
+        )
         await site.start()
         self.port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        scheme = "http" if self.ssl_context is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}{self.path}"
         return self
 
     async def stop(self) -> None:

@@ -13,6 +13,7 @@ HOW = {
     "promtool": "`make setup` (it takes promtool from Debian's prometheus package)",
     "systemd-analyze": "`apt-get install systemd`",
     "chromium": "`make deps` (Debian's chromium package)",
+    "tinyproxy": "`make deps` (Debian's tinyproxy-bin package)",
 }
 
 
