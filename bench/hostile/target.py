@@ -71,6 +71,7 @@ poll = {{ mode = "off" }}
 [[tenants]]
 slug = "{OTHER}"
 webhook_secrets = ["env:HOSTILE_OTHER_SECRET"]
+accept_compressed = true
 poll = {{ mode = "off" }}
 [[tenants.sinks]]
 {sink}

@@ -321,6 +321,11 @@ class TenantConfig(_Section):
     # how old a webhook's signed timestamp may be; at most a day (Chert signs each
     # attempt as it sends it), and always shorter than relay.dedupe_ttl
     signature_tolerance: Duration = Field(300.0, ge=1, le=86400)
+    # Chert sends bodies uncompressed: a Content-Encoding is refused (415) before any
+    # decoding unless this is set; then gzip and deflate are decoded, at most 20 times
+    # the compressed size (relay/edge/decoding.py) and never past server.max_body_bytes,
+    # so work before the signature check stays in proportion to what was sent.
+    accept_compressed: bool = False
     api: ApiConfig = Field(default_factory=ApiConfig)
     poll: PollConfig = Field(default_factory=PollConfig)
     sinks: list[SinkConfig] = Field(min_length=1, max_length=1000)

@@ -121,6 +121,9 @@ class Connection(asyncio.Protocol):
             max_line_size=MAX_LINE,
             max_headers=MAX_HEADERS,
             max_field_size=MAX_FIELD,
+            # Bodies come as sent: the receiver decodes a Content-Encoding itself, and
+            # only for a tenant that accepts one (relay/edge/decoding.py).
+            auto_decompress=False,
             # One request per feed: when a feed fails, every request before the failure
             # has already been handed over (aiohttp drops those parsed in a failing feed).
             max_msg_queue_size=1,
