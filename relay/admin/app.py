@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.exceptions
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.asyncio import Redis
 
 from relay.admin.auth import PRINCIPAL, Refusals, TokenTable, bearer
@@ -54,8 +55,9 @@ class Admin:
         """Routes outside ``/api/`` that check who asks themselves (the operator page)."""
         self._api_routes += routes
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=MAX_REQUEST_BYTES)
+    def app(self, *first: Middleware) -> web.Application:
+        """The admin app; ``first`` are middlewares that run before its own."""
+        app = web.Application(middlewares=[*first, self._auth], client_max_size=MAX_REQUEST_BYTES)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)

@@ -104,6 +104,12 @@ class AdminConfig(_Section):
     tokens: list[AdminTokenConfig] = Field(default_factory=list)
     # /metrics answers 401 without a valid admin token (any scope, any tenants).
     metrics_token_required: bool = False
+    # The listener's own bounds (relay/admin/listener.py): connections open at once (past
+    # it, 503 and closed), how long a request head may take once begun, and how long a
+    # connection may sit idle.
+    max_connections: int = Field(256, ge=1, le=100_000)
+    head_timeout: Annotated[Duration, Field(ge=0.1, le=3600)] = 10.0
+    idle_timeout: Annotated[Duration, Field(ge=0.1, le=86400)] = 60.0
 
     @field_validator("tokens")
     @classmethod
