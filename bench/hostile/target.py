@@ -51,6 +51,7 @@ max_connections = {limits.max_connections}
 
 [admin]
 listen = "127.0.0.1:{admin}"
+allowed_hosts = ["admin", "sentinel"]  # the names the cases send; others: DNS rebinding
 worker_listen = "127.0.0.1:0"
 token = "env:HOSTILE_ADMIN_TOKEN"
 

@@ -32,7 +32,7 @@ class AdminRole:
     name = "admin"
 
     def __init__(self, rt: Runtime, poller: Callable[[], Poller | None], listen: Listen) -> None:
-        self.admin = Admin(rt.config, rt.redis, rt.metrics)
+        self.admin = Admin(rt.config, rt.redis, rt.metrics, listen)
         self.admin.starting = True  # until the service has started every role
         self.admin.add_api_routes(
             DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()

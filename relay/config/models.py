@@ -13,6 +13,7 @@ one file, and each section's checks sit beside its fields.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -108,8 +109,20 @@ class AdminConfig(_Section):
     # it, 503 and closed), how long a request head may take once begun, and how long a
     # connection may sit idle.
     max_connections: int = Field(256, ge=1, le=100_000)
+    # The Host names the listener answers besides IP addresses and localhost
+    # ("relay.internal", "*.internal", "*" for any); unset: any on a listener that is
+    # not loopback, only those on a loopback one (relay/admin/hosts.py: DNS rebinding).
+    allowed_hosts: list[str] | None = None
     head_timeout: Annotated[Duration, Field(ge=0.1, le=3600)] = 10.0
     idle_timeout: Annotated[Duration, Field(ge=0.1, le=86400)] = 60.0
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
+                raise ValueError(f"{name!r} is not a host name (a name, '*.' and a domain, or '*')")
+        return v
 
     @field_validator("tokens")
     @classmethod

@@ -115,13 +115,13 @@ async def test_a_stalled_head_is_cut_and_an_idle_connection_closed(
     admin = {"head_timeout": "500ms", "idle_timeout": "2s"}
     async with serve(tmp_path, redis_url, admin) as s:
         reader, writer = await asyncio.open_connection("127.0.0.1", s.admin)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthor")  # then nothing
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nAuthor")  # then nothing
         assert await closed(reader) == b""
         writer.close()
         assert await s.refusals("head_timeout") == 1
         # A request served, then silence: closed once idle, not before its answer.
         reader, writer = await asyncio.open_connection("127.0.0.1", s.admin)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answer = await closed(reader)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer
