@@ -60,6 +60,7 @@ class _Tenant:
     ingested_new: Counter
     ingested_duplicate: Counter
     skew: Gauge  # how old Chert's signed timestamps are as they arrive
+    whole: bool  # a sink filters by fields: the body is parsed whole, once, here
 
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
@@ -118,6 +119,7 @@ class Receiver:
                     t.slug, "webhook", "duplicate"
                 ),
                 skew=self._metrics.webhook_timestamp_age.labels(t.slug),
+                whole=any(s.filter is not None for s in t.sinks),
             )
             for t in config.tenants
         }
@@ -259,7 +261,9 @@ class Receiver:
                 tenant.skew.set(e.skew)
             return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
         try:
-            event = envelope.from_body(body, header_type=headers.get("X-Webhook-Event"))
+            event = envelope.from_body(
+                body, header_type=headers.get("X-Webhook-Event"), whole=tenant.whole
+            )
         except BadEventError as e:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:

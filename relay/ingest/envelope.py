@@ -41,6 +41,9 @@ class Event(NamedTuple):
     log_id: str | None = None  # the events-API row id (evt_…), when known
     created_at: str | None = None  # the events-API row's created_at, when known
     chat_id: str | None = None  # data.chat.id: the conversation, for ordered sinks
+    # The envelope as parsed, when it was parsed whole (for the sinks' filters); None
+    # when only the fields the relay reads were (the webhook path's fast parse).
+    envelope: dict[str, Any] | None = None
 
 
 def parse_timestamp(value: object) -> float | None:
@@ -81,6 +84,7 @@ def from_object(
     raw: bytes | None = None,
     *,
     header_type: str | None = None,
+    whole: bool = True,
 ) -> Event:
     """An :class:`Event` from a decoded body of either shape.
 
@@ -90,7 +94,8 @@ def from_object(
     (:func:`body_id`) — never from the ``X-Webhook-Event-Id`` header, which the
     signature does not cover: a captured request sent again with fresh header ids is
     the same event, a duplicate. ``header_type`` (``X-Webhook-Event``) names the type
-    only of a body that names none.
+    only of a body that names none. ``whole``: ``obj`` is the whole body (not the fast
+    parse's few fields), and the event keeps its envelope for the sinks' filters.
     """
     signed = raw
     if not isinstance(obj, dict):
@@ -144,6 +149,7 @@ def from_object(
         log_id,
         created_at,
         chat_id(envelope),
+        envelope if whole else None,
     )
 
 
@@ -252,20 +258,29 @@ def body_id(raw: bytes | None, obj: object) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def from_body(body: bytes, *, header_type: str | None = None) -> Event:
-    """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM."""
+def from_body(body: bytes, *, header_type: str | None = None, whole: bool = False) -> Event:
+    """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM.
+
+    ``whole``: parse the whole body and keep it as the event's envelope (a tenant whose
+    sinks filter by fields); else only the fields the relay reads are built.
+    """
     if body.startswith(_BOM):
         raise BadEventError("malformed_json", "the body starts with a byte order mark")
     if _needs_strict_parse(body):
-        head = _strict_loads(body)
-    else:
+        return from_object(_strict_loads(body), body, header_type=header_type)
+    if whole:
         try:
-            head = _HEAD.validate_json(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False, include_input=False)[0]
-            if err["type"] in ("dict_type", "model_type") and not err["loc"]:
-                raise BadEventError("malformed_json", "the body is not a JSON object") from None
-            # pydantic refuses some of what JSON allows (nesting past its depth limit,
-            # say): the standard library's parser has the last word.
-            head = _strict_loads(body)
-    return from_object(head, body, header_type=header_type)
+            obj = json.loads(body.decode())
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            obj = _strict_loads(body)  # raises, saying why
+        return from_object(obj, body, header_type=header_type)
+    try:
+        head = _HEAD.validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        if err["type"] in ("dict_type", "model_type") and not err["loc"]:
+            raise BadEventError("malformed_json", "the body is not a JSON object") from None
+        # pydantic refuses some of what JSON allows (nesting past its depth limit,
+        # say): the standard library's parser has the last word.
+        return from_object(_strict_loads(body), body, header_type=header_type)
+    return from_object(head, body, header_type=header_type, whole=False)
