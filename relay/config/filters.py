@@ -118,6 +118,9 @@ def _none_present(pred: Check) -> Check:
 def _all(checks: list[Check]) -> Check:
     if len(checks) == 1:
         return checks[0]
+    if len(checks) == 2:
+        first, second = checks
+        return lambda v: first(v) and second(v)
 
     def check(v: Any) -> bool:
         return all(c(v) for c in checks)
