@@ -5,6 +5,7 @@ path inside the filter — ``check-config`` included."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from relay.config import parse_config
 from relay.config.filters import MAX_CONDITIONS, MAX_DEPTH, FilterError, compile_filter
 from relay.errors import EXIT_CONFIG, ConfigError
+from relay.ingest import envelope as envelopes
 from tests.support.common import config_dict, envelope
 from tests.support.process import write_toml
 
@@ -261,3 +263,58 @@ async def test_check_config_refuses_a_bad_filter_with_its_path_and_exit_code(
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (out + err).decode()
+
+
+def test_a_filter_names_the_fields_it_reads_and_the_webhook_parse_builds_only_those() -> None:
+    f = compile_filter(
+        {
+            "data": {"chat": {"is_group": True, "$not": {"id": {"$in": ["x"]}}}},
+            "$or": [{"event": "message.received"}, {"data": {"tags": {"$exist": True}}}],
+        }
+    )
+    assert f.paths == {
+        ("data", "chat", "is_group"),
+        ("data", "chat", "id"),
+        ("event",),
+        ("data", "tags"),
+    }
+    reader = envelopes.reader_for(f.paths)
+    assert reader is envelopes.reader_for(set(f.paths))  # built once per set of paths
+    assert envelopes.reader_for(()) is None
+    raw = json.dumps(GROUP).encode()
+    ev = envelopes.from_body(raw, reader=reader)
+    assert ev.envelope is not None
+    assert ev.envelope["data"] == {"chat": {"id": "c1", "is_group": True}, "tags": ["a", "b"]}
+    assert "n" not in ev.envelope["data"]  # not read by any filter: never built
+    assert f(ev.envelope)
+    assert ev.body == raw  # the body as sent, whatever was built
+    assert envelopes.from_body(raw).envelope is None  # no filter: only what the relay reads
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"chat": "c1"},  # a string where the filter's path goes on
+        {"chat": ["c1"]},
+        [1, 2],
+        "text",
+    ],
+)
+def test_a_body_not_of_the_filters_shape_is_parsed_whole_and_decided_the_same(
+    data: Any,
+) -> None:
+    f = compile_filter({"data": {"chat": {"is_group": True}}})
+    g = compile_filter({"data": {"$not": {"chat": {"is_group": True}}}})
+    reader = envelopes.reader_for(f.paths | g.paths)
+    ev = envelopes.from_body(json.dumps(envelope("e1", data=data)).encode(), reader=reader)
+    assert ev.envelope is not None
+    assert ev.envelope["data"] == data
+    assert not f(ev.envelope)
+    assert g(ev.envelope)
+
+
+def test_a_path_read_whole_covers_the_paths_below_it() -> None:
+    reader = envelopes.reader_for({("data",), ("data", "chat", "x")})
+    ev = envelopes.from_body(json.dumps(GROUP).encode(), reader=reader)
+    assert ev.envelope is not None
+    assert ev.envelope["data"] == GROUP["data"]

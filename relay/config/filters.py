@@ -136,9 +136,13 @@ def _equals(x: str | int | float | bool) -> Check:
     return lambda v: _is_number(v) and v == x
 
 
+Path = tuple[str, ...]
+
+
 class _Compiler:
     def __init__(self) -> None:
         self.conditions = 0
+        self.paths: set[Path] = set()  # the fields whose values the filter compares
 
     def count(self, where: str) -> None:
         self.conditions += 1
@@ -162,7 +166,7 @@ class _Compiler:
             )
         raise FilterError(where, f"expected {what} (a string, number or boolean)")
 
-    def table(self, spec: object, where: str, depth: int, root: bool) -> Check:
+    def table(self, spec: object, where: str, depth: int, root: bool, at: Path = ()) -> Check:
         """The conditions of a table, on the value at its place (the event at the root)."""
         if not isinstance(spec, Mapping):
             raise FilterError(where, "expected a table (a filter)")
@@ -177,25 +181,27 @@ class _Compiler:
             here = where + _key(name)
             self.count(here)
             if name.startswith("$"):
-                checks.append(self.operator(_ALIASES.get(name, name), sub, here, depth, root))
+                op = _ALIASES.get(name, name)
+                checks.append(self.operator(op, sub, here, depth, root, at))
             else:
-                checks.append(self.field(name, sub, here, depth))
+                checks.append(self.field(name, sub, here, depth, (*at, name)))
         return _all(checks)
 
-    def field(self, name: str, sub: object, where: str, depth: int) -> Check:
+    def field(self, name: str, sub: object, where: str, depth: int, at: Path) -> Check:
         if isinstance(sub, Mapping):
-            child = self.table(sub, where, depth + 1, root=False)
+            child = self.table(sub, where, depth + 1, False, at)
         else:
             child = _any_element(_equals(self.scalar(sub, where)))
+            self.paths.add(at)
 
         def check(v: Any) -> bool:
             return child(v.get(name, _MISSING) if isinstance(v, dict) else _MISSING)
 
         return check
 
-    def operator(self, op: str, arg: object, where: str, depth: int, root: bool) -> Check:
+    def operator(self, op: str, arg: object, where: str, depth: int, root: bool, at: Path) -> Check:
         if op in LOGICAL:
-            return self.logical(op, arg, where, depth, root)
+            return self.logical(op, arg, where, depth, root, at)
         if op not in COMPARISONS:
             raise FilterError(
                 where,
@@ -204,17 +210,18 @@ class _Compiler:
             )
         if root:
             raise FilterError(where, f"{op} compares a field: put it under the field's name")
+        self.paths.add(at)
         return self.comparison(op, arg, where)
 
-    def logical(self, op: str, arg: object, where: str, depth: int, root: bool) -> Check:
+    def logical(self, op: str, arg: object, where: str, depth: int, root: bool, at: Path) -> Check:
         if op == "$not":
-            inner = self.table(arg, where, depth + 1, root)
+            inner = self.table(arg, where, depth + 1, root, at)
             return lambda v: not inner(v)
         if not isinstance(arg, list) or not arg:
             raise FilterError(where, "expected a non-empty list of tables")
         if depth + 1 > MAX_DEPTH:
             raise FilterError(where, f"a filter nests at most {MAX_DEPTH} levels")
-        parts = [self.table(t, f"{where}[{i}]", depth + 2, root) for i, t in enumerate(arg)]
+        parts = [self.table(t, f"{where}[{i}]", depth + 2, root, at) for i, t in enumerate(arg)]
         if op == "$and":
             return _all(parts)
         return lambda v: any(p(v) for p in parts)
@@ -275,11 +282,15 @@ class EventFilter:
 
     ``spec`` is the filter as written; two filters are equal when their specs are."""
 
-    __slots__ = ("_check", "spec")
+    __slots__ = ("_check", "paths", "spec")
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         self.spec = spec
-        self._check = _Compiler().table(spec, "", 1, root=True)
+        compiler = _Compiler()
+        self._check = compiler.table(spec, "", 1, root=True)
+        # The fields whose values it reads, as paths from the event's top: a parse that
+        # builds these (and what holds them) is all the filter needs of the body.
+        self.paths: frozenset[Path] = frozenset(compiler.paths)
 
     def __call__(self, envelope: Any) -> bool:
         return self._check(envelope)

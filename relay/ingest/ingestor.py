@@ -186,7 +186,7 @@ class Ingestor:
         out: tuple[int, ...] = ()
         if route.filters:
             doc = event.envelope if event.envelope is not None else _envelope(event.body)
-            out = tuple(i for i, f in route.filters if not f(doc))
+            out = tuple([i for i, f in route.filters if not f(doc)])
             if out:
                 jobs = route.without(out)
         etype = event.type.encode()
