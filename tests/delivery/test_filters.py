@@ -5,6 +5,7 @@ configuration changes, a duplicate or a resend keeps the routing, and
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -169,3 +170,22 @@ async def test_an_event_every_filter_keeps_out_is_logged_with_its_copy(
     assert {x.sink: x.state for x in rec.sinks} == {"a": "not_routed", "b": "not_routed"}
     assert b'"event_id": "n1"' in rec.body or b'"event_id":"n1"' in rec.body
     assert filtered_count(rt, "a") == filtered_count(rt, "b") == 1
+
+
+async def test_one_batch_of_new_and_duplicate_filtered_events_reads_every_route(
+    redis: Redis, redis_url: str
+) -> None:
+    rt = runtime(redis, config(redis_url))
+    assert await rt.ingestor.ingest(TENANT, envelope.from_object(body("d1", False)), "webhook")
+    batch = [("d1", False), ("n1", True), ("n2", False), ("d1", False), ("n3", True)]
+    found = await asyncio.gather(
+        *(rt.ingestor.ingest(TENANT, envelope.from_object(body(i, g)), "poll") for i, g in batch)
+    )
+    assert found == [False, True, True, False, True]
+    expected = [KEYS.job_id(TENANT, "all", i) for i in ("d1", "n1", "n2", "n3")]
+    expected += [KEYS.job_id(TENANT, "groups", i) for i in ("n1", "n3")]
+    assert await _jobs(redis) == sorted(expected)
+    assert filtered_count(rt) == 2  # d1 and n2, once each
+    rec = await EventLog(redis, rt.config).get(TENANT, "n2")
+    assert rec is not None
+    assert {x.sink: x.state for x in rec.sinks} == {"all": "due", "groups": "not_routed"}
