@@ -19,6 +19,7 @@ from relay.ingest import envelope
 from relay.keys import Keys
 from relay.store.backlog import backlog
 from relay.store.eventlog import EventLog
+from relay.upstream.rows import ingest_rows
 from tests.support.common import TENANT, log_row, wait_for
 from tests.support.common import envelope as make_envelope
 from tests.support.delivery import (
@@ -189,3 +190,24 @@ async def test_one_batch_of_new_and_duplicate_filtered_events_reads_every_route(
     rec = await EventLog(redis, rt.config).get(TENANT, "n2")
     assert rec is not None
     assert {x.sink: x.state for x in rec.sinks} == {"all": "due", "groups": "not_routed"}
+
+
+@pytest.mark.parametrize("source", ["poll", "sse", "backfill"])
+async def test_rows_from_chert_s_events_api_are_filtered_as_webhooks_are(
+    redis: Redis, redis_url: str, source: str
+) -> None:
+    rt = runtime(redis, config(redis_url))
+    rows = [
+        log_row(f"{source}-p", data=body("x", False)["data"]),
+        log_row(f"{source}-g", data=body("y", True)["data"]),
+    ]
+    result = await ingest_rows(rt.ingestor, TENANT, rows, source)
+    assert result.new == 2
+    assert await _jobs(redis) == sorted(
+        [
+            KEYS.job_id(TENANT, "all", f"{source}-p"),
+            KEYS.job_id(TENANT, "all", f"{source}-g"),
+            KEYS.job_id(TENANT, "groups", f"{source}-g"),
+        ]
+    )
+    assert filtered_count(rt) == 1
