@@ -121,6 +121,12 @@ class Metrics:
             ["tenant", "source", "outcome"],
             registry=r,
         )
+        self.events_filtered = Counter(
+            f"{p}_events_filtered_total",
+            "New events a sink's filter kept from it (decided at ingest), by sink.",
+            ["tenant", "sink"],
+            registry=r,
+        )
         self.ingest_batch_seconds = Histogram(
             f"{p}_ingest_batch_seconds",
             "Time for one ingest batch (one Redis round trip).",

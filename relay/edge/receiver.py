@@ -30,7 +30,7 @@ from relay.edge.http_server import HttpServer
 from relay.edge.http_types import Pending, Response
 from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import envelope
-from relay.ingest.envelope import BadEventError
+from relay.ingest.envelope import BadEventError, HeadReader
 from relay.ingest.ingestor import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
@@ -62,6 +62,7 @@ class _Tenant:
     ingested_new: Counter
     ingested_duplicate: Counter
     skew: Gauge  # how old Chert's signed timestamps are as they arrive
+    reader: HeadReader | None  # sinks filter by fields: a parse that builds those too
 
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
@@ -122,6 +123,9 @@ class Receiver:
                     t.slug, "webhook", "duplicate"
                 ),
                 skew=self._metrics.webhook_timestamp_age.labels(t.slug),
+                reader=envelope.reader_for(
+                    path for s in t.sinks if s.filter is not None for path in s.filter.paths
+                ),
             )
             for t in config.tenants
         }
@@ -290,7 +294,9 @@ class Receiver:
                 tenant.skew.set(e.skew)
             return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
         try:
-            event = envelope.from_body(body, header_type=headers.get("X-Webhook-Event"))
+            event = envelope.from_body(
+                body, header_type=headers.get("X-Webhook-Event"), reader=tenant.reader
+            )
         except BadEventError as e:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:
