@@ -53,6 +53,9 @@ MIN_WEBHOOK_SECRET_BYTES = 16  # shorter webhook secrets get a warning
 class ServerConfig(_Section):
     listen: ListenField = Field(default_factory=lambda: parse_listen("127.0.0.1:8080"))
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    # the bodies still arriving, all connections together, hold at most this much: past
+    # it the longest-stalled one gives way, or the request gets 503 (Chert retries)
+    max_body_memory: Annotated[Size, Field(ge=1_048_576, le=1 << 40)] = 64 * 1_048_576
     # longest a webhook waits on Redis before answering 503
     ingest_timeout: Annotated[Duration, Field(ge=0.1)] = 5.0
     # longest a webhook's body may take to arrive before answering 503; a request head

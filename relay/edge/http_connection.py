@@ -103,6 +103,7 @@ class Connection(asyncio.Protocol):
         "busy",
         "closing_since",
         "head_since",
+        "held",
         "last_active",
         "reading_since",
         "transport",
@@ -143,6 +144,7 @@ class Connection(asyncio.Protocol):
         self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
         self.reading_since: float | None = None  # since then
+        self.held = 0  # bytes of that body held (ServerState.hold)
         self._task: asyncio.Task[None] | None = None
         self._remote: str | None = None
         self.last_active = loop.time()
@@ -370,6 +372,13 @@ class Connection(asyncio.Protocol):
                     if size > srv.max_body:
                         response = self._too_large(ctx)
                         break
+                    if not srv.hold(self, len(chunk), self._loop.time()):
+                        detail = (
+                            f"the bodies arriving hold server.max_body_memory "
+                            f"({srv.max_body_memory} bytes)"
+                        )
+                        response = srv.handler.body_failed(ctx, 503, "body_memory", detail)
+                        break
                     chunks.append(chunk)
         except TimeoutError:
             # Slow or stalled: the sender may well succeed on a retry.
@@ -378,6 +387,7 @@ class Connection(asyncio.Protocol):
         except Exception as e:
             response = self._payload_failed(ctx, e)
         finally:
+            srv.release(self)
             self._reading = None
             self.reading_since = None
             self._task = None

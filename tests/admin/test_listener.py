@@ -52,10 +52,16 @@ class Serve:
 
 @contextlib.asynccontextmanager
 async def serve(
-    tmp_path: Path, redis_url: str, admin: dict[str, Any], nofile: int | None = None
+    tmp_path: Path,
+    redis_url: str,
+    admin: dict[str, Any],
+    nofile: int | None = None,
+    server: dict[str, Any] | None = None,
 ) -> AsyncIterator[Serve]:
+    """A real ``serve`` process with ``admin`` (and ``server``) settings."""
     listen, admin_port = free_port(), free_port()
     data = config_dict(redis_url=redis_url)
+    data["server"].update(server or {})
     data["server"]["listen"] = f"127.0.0.1:{listen}"
     data["admin"] = {"listen": f"127.0.0.1:{admin_port}", "worker_listen": "127.0.0.1:0", **admin}
     config = write_toml(tmp_path / "relay.toml", data)
