@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import gzip
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -42,24 +43,39 @@ GOAL = 0.95
 GZIP_GOAL = 3.0  # good webhooks' p50 under the gzip attack, against none
 
 
-async def crowd(target: Target, world: World, n: int, stop: asyncio.Event) -> int:
-    """Hold up to ``n`` stalled connections until ``stop``; how many were opened."""
-    opened = 0
+def stalled_head(world: World) -> bytes:
+    """A webhook's head and two bytes of its body."""
     raw, _ = world.valid()
     head, _, body = raw.partition(b"\r\n\r\n")
-    stalled = head + b"\r\n\r\n" + body[:2]
+    return head + b"\r\n\r\n" + body[:2]
+
+
+def nearly_whole(world: World, size: int) -> bytes:
+    """A signed webhook of ``size`` bytes, all but its last 10."""
+    _, body = world.body(pad="x" * (size - 600))
+    raw = world.signed(body)
+    return raw[:-10]
+
+
+async def crowd(address: tuple[str, int], payload: bytes, n: int, stop: asyncio.Event) -> int:
+    """Hold up to ``n`` connections to ``address``, each sent ``payload`` and then
+    nothing, reopened whenever one is closed, until ``stop``; how many were opened."""
+    opened = 0
+    stalled = payload
 
     async def hold() -> None:
         nonlocal opened
         while not stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection(*target.receiver)
+                reader, writer = await asyncio.open_connection(*address)
             except OSError:
                 await asyncio.sleep(0.05)
                 continue
             opened += 1
-            writer.write(stalled)
             try:
+                if stalled:
+                    writer.write(stalled)
+                    await writer.drain()
                 stopped = asyncio.create_task(stop.wait())
                 closed = asyncio.create_task(reader.read())
                 await asyncio.wait({stopped, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -68,27 +84,42 @@ async def crowd(target: Target, world: World, n: int, stop: asyncio.Event) -> in
             except OSError:
                 pass
             writer.close()
+            await asyncio.sleep(0.1)  # then it comes back
 
     await asyncio.gather(*(hold() for _ in range(n)))
     return opened
 
 
 async def measure(
-    target: Target, world: World, seconds: float, rate: float, n: int
+    target: Target,
+    world: World,
+    seconds: float,
+    rate: float,
+    n: int,
+    address: tuple[str, int] | None = None,
+    payload: bytes | None = None,
 ) -> dict[str, float]:
     stop = asyncio.Event()
-    holding = asyncio.create_task(crowd(target, world, n, stop))
+    rss_start = target.rss_kib()
+    address = address or target.receiver
+    payload = stalled_head(world) if payload is None else payload
+    holding = asyncio.create_task(crowd(address, payload, n, stop))
     await asyncio.sleep(3)  # the crowd takes its places (and stalls)
     log_before, rss_before = target.log_size(), target.rss_kib()
+    peak = rss_before
     sent = accepted = 0
     started = time.monotonic()
     while time.monotonic() - started < seconds:
         sent += 1
         accepted += await asyncio.to_thread(valid_accepted, target, world)
+        peak = max(peak, target.rss_kib())
         await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
     stop.set()
     opened = await holding
+    await asyncio.sleep(11)  # two receiver sweeps (5 s) after the crowd has gone
     return {
+        "rss_kib_start": rss_start,
+        "rss_kib_peak": peak,
         "sent": sent,
         "accepted": accepted,
         "share": accepted / sent if sent else 0.0,
@@ -207,29 +238,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--rate", type=float, default=10.0, help="good webhooks a second")
     p.add_argument("--crowd", type=int, help="connections held (1000; 16 for gzip)")
-    p.add_argument("--attack", choices=["slow", "gzip"], default="slow")
+    p.add_argument(
+        "--attack",
+        choices=["slow", "gzip", "bodies", "admin"],
+        default="slow",
+        help="slow: stalled heads; bodies: nearly complete 1 MiB bodies; admin: idle "
+        "admin connections under an open-file limit of 1,024; gzip: see above",
+    )
     args = p.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this process holds the crowd
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     if args.attack == "gzip":
         args.crowd = args.crowd or 16
         return main_gzip(args)
-    args.crowd = args.crowd or 1000
-    limits = Limits(body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000)
+    args.crowd = args.crowd or {"slow": 1000, "bodies": 900, "admin": 1500}[args.attack]
+    max_body = 1 << 20 if args.attack == "bodies" else Limits.max_body
+    limits = Limits(
+        body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000, max_body=max_body
+    )
     with tempfile.TemporaryDirectory(prefix="chert-availability-") as tmp:
-        target = Target(Path(tmp), limits)
+        target = Target(Path(tmp), limits, nofile=1024 if args.attack == "admin" else None)
         target.start()
         try:
             world = World(
                 TENANT, SECRET, OTHER, OTHER_SECRET, ADMIN_TOKEN, limits.max_body,
                 limits.tolerance, random.Random(1),
             )  # fmt: skip
-            got = asyncio.run(measure(target, world, args.seconds, args.rate, args.crowd))
+            address, payload, what = None, None, "stalled connections"
+            if args.attack == "bodies":
+                payload, what = nearly_whole(world, 1 << 20), "nearly complete 1 MiB bodies"
+            elif args.attack == "admin":
+                address, payload, what = target.admin, b"", "idle admin connections"
+            got = asyncio.run(
+                measure(target, world, args.seconds, args.rate, args.crowd, address, payload)
+            )
         finally:
             target.stop()
     print(
         f"good webhooks: {got['accepted']:.0f} of {got['sent']:.0f} accepted "
-        f"({got['share']:.1%}) while {args.crowd} stalled connections were held "
+        f"({got['share']:.1%}) while {args.crowd} {what} were held "
         f"({got['crowd_opened']:.0f} opened in all); relay log +{got['log_bytes']:.0f} B; "
-        f"RSS {got['rss_kib_before'] / 1024:.1f} -> {got['rss_kib_after'] / 1024:.1f} MiB"
+        f"RSS {got['rss_kib_start'] / 1024:.1f} at start, {got['rss_kib_before'] / 1024:.1f} "
+        f"with the crowd in place, {got['rss_kib_peak'] / 1024:.1f} at peak, "
+        f"{got['rss_kib_after'] / 1024:.1f} MiB after it left"
     )
     return 0 if got["share"] >= GOAL else 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -82,9 +83,10 @@ poll = {{ mode = "off" }}
 class Target:
     """The processes, started in ``directory``; ``stop()`` ends them."""
 
-    def __init__(self, directory: Path, limits: Limits) -> None:
+    def __init__(self, directory: Path, limits: Limits, nofile: int | None = None) -> None:
         self.directory = directory
         self.limits = limits
+        self.nofile = nofile  # the relay's open-file limit (soft and hard), if set
         self.redis_server = EmbeddedRedis(
             directory / "redis", port=free_port(), appendfsync="everysec"
         )
@@ -127,6 +129,7 @@ class Target:
                 stderr=log,
                 env=env,
                 cwd=ROOT,
+                preexec_fn=self._limit_files if self.nofile is not None else None,
             )
             self.bare_proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "bare.py"), str(self.bare[1])],
@@ -136,6 +139,10 @@ class Target:
                 cwd=ROOT,
             )
         self._wait_ready()
+
+    def _limit_files(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

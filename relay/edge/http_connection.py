@@ -365,6 +365,7 @@ class Connection(asyncio.Protocol):
         chunks: list[bytes] = []
         size = 0
         response: Response | None = None
+        body = b""
         try:
             async with asyncio.timeout(srv.body_timeout):
                 while chunk := await payload.readany():
@@ -380,6 +381,8 @@ class Connection(asyncio.Protocol):
                         response = srv.handler.body_failed(ctx, 503, "body_memory", detail)
                         break
                     chunks.append(chunk)
+            if response is None:
+                body = b"".join(chunks)
         except TimeoutError:
             # Slow or stalled: the sender may well succeed on a retry.
             detail = f"the body did not arrive within {srv.body_timeout:g}s"
@@ -387,6 +390,10 @@ class Connection(asyncio.Protocol):
         except Exception as e:
             response = self._payload_failed(ctx, e)
         finally:
+            # A failed read's exception stays on the payload with its traceback, which
+            # holds this frame: a cycle only the garbage collector would free, with the
+            # body's chunks in it. They go now.
+            chunks.clear()
             srv.release(self)
             self._reading = None
             self.reading_since = None
@@ -395,7 +402,7 @@ class Connection(asyncio.Protocol):
             self._close_after = True
             self._answer(response)
         else:
-            self._dispatch(ctx, msg, b"".join(chunks))
+            self._dispatch(ctx, msg, body)
         self._next()
 
     def _too_large(self, ctx: Any) -> Response:

@@ -202,6 +202,7 @@ class HttpServer:
             max_connections=max_connections,
         )
         self.sweep_every = sweep_every
+        self._trims = 0  # sweeps left to give freed memory back at (ServerState.hold)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -244,9 +245,12 @@ class HttpServer:
                 conn.close()
             elif conn.head_since is not None and conn.head_since < slow:
                 conn.close()  # a request head trickling in: the body's bound applies
-        if state.body_peak > TRIM_AFTER and state.body_held < TRIM_AFTER // 4:
+        if state.body_peak > TRIM_AFTER:
+            self._trims = 2  # at the next two quiet sweeps: what their connections
+            state.body_peak = state.body_held  # held is freed a little after them
+        if self._trims and state.body_held < TRIM_AFTER // 4:
             memory.trim()  # a burst of large bodies let go: their pages go back
-            state.body_peak = state.body_held
+            self._trims -= 1
         self._sweeper = loop.call_later(self.sweep_every, self._sweep)
 
     async def shutdown(self, timeout: float) -> None:
