@@ -390,10 +390,7 @@ class Connection(asyncio.Protocol):
         except Exception as e:
             response = self._payload_failed(ctx, e)
         finally:
-            # A failed read's exception stays on the payload with its traceback, which
-            # holds this frame: a cycle only the garbage collector would free, with the
-            # body's chunks in it. They go now.
-            chunks.clear()
+            chunks.clear()  # a failed read's traceback, kept on the payload, holds this frame
             srv.release(self)
             self._reading = None
             self.reading_since = None
