@@ -1,0 +1,64 @@
+--[[ rate: a sink's pace (sink.rate), one hash per (tenant, sink) shared by every
+worker, checked inside the claim (lib/claim.lua) so that N workers keep one pace.
+A generic cell rate algorithm (GCRA): `t` is the theoretical arrival time, Unix ms
+(fractional): a delivery may start once `now >= t - tau`, and each start moves `t` to
+max(t, now) + interval. tau, the burst tolerance, is max(interval, BURST_MS): at most
+rate * w + 1 + tau / interval deliveries start in any window of w ms, and a worker
+that picks a delivery up a few ms late loses none of the pace.
+A delivery that finds no token is not set aside to be re-read at every token: it is
+promised its own turn — the last turn promised (`w`) plus one interval, or the next
+token if no one is in line — and put back in arq's queue, due then, once (the loop
+wakes at the queue's next due time). Its turn is kept in its record (`rt`): a delivery
+back at its turn goes as soon as the bucket has a token, ahead of new ones; a new one
+goes only when no turn is promised past now, so the line keeps its order and no one
+starves. A turn costs one ZADD and two hash writes: O(log n) per delivery.
+A Retry-After (429 or 503) from the sink holds every start back until the time it
+names (`u`): the next start is then, and the configured pace resumes from there with
+no burst (`t` moves to `u + tau`); promised turns that fall before it are put off once
+more, to the end of the line. `i` is the interval `t` and `w` were built with: after a
+reload that changed the rate, promised turns are forgotten (`w` starts afresh) and the
+token check uses the new interval, so a lower rate holds at once (a delivery promised
+a turn at the old pace that finds no token is put off once more), and a higher rate
+applies to every delivery not already put off.
+All times are Redis' clock (lib/clock.lua). The hash expires a minute after its last
+promised turn or hold has passed.
+]]
+
+local BURST_MS = 20
+
+local function rate_save(key, now, fields, latest)
+  redis.call('HSET', key, unpack(fields))
+  redis.call('PEXPIRE', key, math.max(0, math.ceil(latest - now)) + 60000)
+end
+
+local function ms(x) return string.format('%.3f', x) end
+
+-- Take a token for a delivery of the sink whose pace hash is `key`, `interval` ms
+-- apart; `turn`: the delivery's promised turn (nil if it has none). Returns 0 (go now)
+-- or how long (ms) to put the delivery off to its turn, which it then holds.
+local function rate_take(key, now, interval, turn)
+  local r = redis.call('HMGET', key, 't', 'w', 'u', 'i')
+  local tat, tail, hold = tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0
+  if tonumber(r[4]) ~= interval then tail = 0 end  -- a reload changed the rate
+  local tau = math.max(interval, BURST_MS)
+  local due = math.max(tat - tau, hold)
+  if now >= due and (turn or tail <= now) then
+    tat = math.max(tat, now) + interval
+    rate_save(key, now, {'t', ms(tat), 'w', ms(tail), 'i', interval},
+      math.max(tat, tail, hold))
+    return 0
+  end
+  local at = math.max(due, tail + interval, now + 1)
+  rate_save(key, now, {'t', ms(tat), 'w', ms(at), 'i', interval}, math.max(tat, at, hold))
+  return math.ceil(at - now)
+end
+
+-- A sink's Retry-After: no start before `until_ms`, then the pace from there.
+local function rate_hold(key, now, interval, until_ms)
+  local r = redis.call('HMGET', key, 't', 'w', 'u')
+  local tat, hold = tonumber(r[1]) or 0, tonumber(r[3]) or 0
+  if until_ms <= hold then return 0 end
+  tat = math.max(tat, until_ms + math.max(interval, BURST_MS))
+  rate_save(key, now, {'t', ms(tat), 'u', until_ms}, math.max(tat, tonumber(r[2]) or 0))
+  return 1
+end

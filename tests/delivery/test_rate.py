@@ -1,0 +1,149 @@
+"""A sink's ``rate`` (``lua/lib/rate.lua``): a backlog goes to the sink at its pace,
+one pace shared by every worker; waiting for a turn does not use up ``max_age``; a
+Retry-After from a paced sink holds every delivery back until the time it names.
+
+The pace is checked where the sink sees it: the arrival times it records. The limiter
+lets at most ``rate * w + burst`` deliveries start in any window of ``w`` seconds, the
+burst being 1 + max(1, rate * 0.02 s) (README: "A sink's pace")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from relay.keys import Keys
+from relay.store.backlog import backlog
+from relay.store.deadletters import DeadLetterStore, Filter
+from tests.support.common import TENANT, wait_for
+from tests.support.delivery import (
+    Received,
+    Sink,
+    config_with,
+    ingest,
+    metric_sum,
+    runtime,
+    sink_conf,
+    sinks,
+    worker,
+    worker_process,
+)
+
+KEYS = Keys("chert-relay")
+
+
+def burst(rate: float) -> int:
+    return 1 + max(1, int(rate * 0.02))
+
+
+def most_in_a_window(times: list[float], window: float) -> int:
+    """The most arrivals in any ``window`` seconds (a window opening at each arrival)."""
+    times = sorted(times)
+    return max(sum(1 for u in times[i:] if u - t < window) for i, t in enumerate(times))
+
+
+async def _drained(redis: Redis) -> bool:
+    return await backlog(redis, KEYS) == 0
+
+
+async def test_a_backlog_goes_to_the_sink_at_its_rate(redis: Redis, redis_url: str) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, rate="5/s", concurrency=8)])
+        rt = runtime(redis, cfg)
+        ids = [f"r{i:02d}" for i in range(20)]
+        await ingest(rt, ids)
+        async with worker(rt):
+            await wait_for(lambda: len(s.received) >= len(ids), 30)
+            await wait_for(lambda: _drained(redis), 10)
+        assert sorted(s.ids()) == ids  # each once
+        times = [r.at for r in s.received]
+        assert most_in_a_window(times, 1.0) <= 5 + burst(5)
+        # the whole backlog was not sent at once: it went a turn at a time
+        waits = metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="rate")
+        assert waits >= len(ids) - burst(5)
+        assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") == 0
+
+
+async def test_two_worker_processes_share_one_rate(
+    redis: Redis, redis_url: str, tmp_path: Path
+) -> None:
+    async with sinks(Sink()) as (s,):
+        sink_list = [sink_conf("s", s.url, rate="10/s", concurrency=8)]
+        rt = runtime(redis, config_with(redis_url, sink_list))
+        ids = [f"p{i:02d}" for i in range(40)]
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with (
+            worker_process(tmp_path / "a", redis_url, sink_list),
+            worker_process(tmp_path / "b", redis_url, sink_list),
+        ):
+            await ingest(rt, ids)
+            await wait_for(lambda: len(s.received) >= len(ids), 60)
+            await wait_for(lambda: _drained(redis), 10)
+        assert sorted(s.ids()) == ids  # each once
+        # one pace for both: a pace of each worker's own would let twice as many by
+        assert most_in_a_window([r.at for r in s.received], 1.0) <= 10 + burst(10)
+
+
+async def test_waiting_for_a_turn_does_not_use_up_max_age(redis: Redis, redis_url: str) -> None:
+    # 20 deliveries at 10/s take about 2 s, four times max_age: none may expire for it.
+    async with sinks(Sink()) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, rate="10/s", max_age=0.5)])
+        rt = runtime(redis, cfg)
+        ids = [f"m{i:02d}" for i in range(20)]
+        await ingest(rt, ids)
+        async with worker(rt):
+            await wait_for(lambda: len(set(s.ids())) == len(ids), 30)
+            await wait_for(lambda: _drained(redis), 10)
+        assert sorted(s.ids()) == ids
+        assert await DeadLetterStore(redis, cfg).find(Filter()) == []
+        assert most_in_a_window([r.at for r in s.received], 1.0) <= 10 + burst(10)
+
+
+async def test_a_retry_after_holds_a_paced_sink_back_until_the_time_it_names(
+    redis: Redis, redis_url: str
+) -> None:
+    said: list[float] = []
+
+    async def busy_once(_s: Sink, r: Received) -> tuple[int, dict[str, str]]:
+        if not said:
+            said.append(r.at)
+            return 429, {"Retry-After": "1"}
+        return 200, {}
+
+    async with sinks(Sink(busy_once)) as (s,):
+        # one in flight at a time: no request can be on its way while the 429 is answered
+        cfg = config_with(
+            redis_url, [sink_conf("s", s.url, rate="20/s", concurrency=1)], retry_backoff=0.05
+        )
+        rt = runtime(redis, cfg)
+        ids = [f"h{i:02d}" for i in range(10)]
+        await ingest(rt, ids)
+        async with worker(rt):
+            await wait_for(lambda: len(set(s.ids())) == len(ids), 30)
+            await wait_for(lambda: _drained(redis), 10)
+        after = [r.at - said[0] for r in s.received[1:]]
+        # nothing before the time it named (Redis' clock counts whole ms: 1 ms of slack)
+        assert min(after) >= 1.0 - 0.002, after
+        assert most_in_a_window([r.at for r in s.received[1:]], 1.0) <= 20 + burst(20)
+
+
+async def test_a_sink_without_a_rate_is_not_held_by_a_retry_after(
+    redis: Redis, redis_url: str
+) -> None:
+    said: list[float] = []
+
+    async def busy_once(_s: Sink, r: Received) -> tuple[int, dict[str, str]]:
+        if not said:
+            said.append(r.at)
+            return 429, {"Retry-After": "30"}
+        return 200, {}
+
+    async with sinks(Sink(busy_once)) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, concurrency=1)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["a", "b", "c"])
+        async with worker(rt):
+            # the others go on at once; only the delivery answered 429 waits
+            await wait_for(lambda: len(s.received) >= 3, 20)
+        assert await redis.exists(KEYS.rate(TENANT, "s")) == 0
