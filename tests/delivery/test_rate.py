@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from relay.keys import Keys
 from relay.runtime import Runtime
-from relay.store.backlog import backlog
+from relay.store.backlog import backlog, waiting
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
@@ -160,3 +160,28 @@ async def test_a_sink_without_a_rate_is_not_held_by_a_retry_after(
             # the others go on at once; only the delivery answered 429 waits
             await wait_for(lambda: len(s.received) >= 3, 20)
         assert await redis.exists(KEYS.rate(TENANT, "s")) == 0
+
+
+async def test_a_deep_backlog_waits_set_aside_and_a_reload_to_a_higher_rate_reaches_it(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, rate="5/s")])
+        rt = runtime(redis, cfg)
+        ids = [f"d{i:02d}" for i in range(40)]
+        await ingest(rt, ids)
+        async with worker(rt) as role:
+            # turns are promised two seconds ahead at most: the rest waits set aside
+            await wait_for(lambda: waiting(redis, KEYS), 10)
+            await wait_for(lambda: len(s.received) >= 3, 10)
+            reloaded = len(s.received)
+            role.reload(config_with(redis_url, [sink_conf("s", s.url, rate="100/s")]))
+            await wait_for(lambda: len(s.received) >= len(ids), 30)
+            await wait_for(lambda: _drained(redis), 10)
+        assert sorted(s.ids()) == ids  # none lost, none twice
+        before = [r.at for r in s.received[:reloaded]]
+        after = [r.at for r in s.received[reloaded:]]
+        assert most_in_a_window(before, 1.0) <= 5 + burst(5)
+        # at 5/s no second could see more than 5 + burst; at the new rate one does
+        assert most_in_a_window(after, 1.0) > 5 + burst(5)
+        assert most_in_a_window(after, 1.0) <= 100 + burst(100)

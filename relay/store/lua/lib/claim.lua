@@ -9,7 +9,8 @@ queue for when it is. One whose sink's breaker is open (or half-open with anothe
 job's probe in flight) or whose sink is at its in-flight cap is set aside in the
 sink's waiting set (lib/wait.lua) until a slot frees. One of a paced sink (`rate`)
 that has a slot but no token is put back in the queue, once, due at its own turn
-(lib/rate.lua), giving back a slot reserved for it. Otherwise the attempt is counted
+(lib/rate.lua), giving back a slot reserved for it — or, if that turn is past the
+horizon, or other deliveries of its sink are set aside, set aside too (reason `rate`). Otherwise the attempt is counted
 and an in-flight slot leased (or the slot reserved for it taken over).
 The deadline measures the sink's failure, not the relay's queueing: a wait for an
 in-flight slot (the sink's `concurrency`, the relay's own cap), for a turn of its `rate`
@@ -25,7 +26,7 @@ or nil: no rate).
 uses: stored_event breaker wait rate
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
   | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
-  | {'park', 'rate', wait_ms} (back in the queue, due at its turn)
+  | {'park', 'rate', wait_ms} (back in the queue, due at its turn) | {'park', 'rate'}
   | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
   held_ms: how long the delivery has waited on the sink's in-flight cap, its rate or a
@@ -97,8 +98,18 @@ local function claim(k, arg)
   end
   local interval = tonumber(arg.rate_ms) or 0
   if interval > 0 then
-    local wait = rate_take(k.rate, now, interval, tonumber(st[10]))
-    if wait > 0 then
+    local turn = tonumber(st[10])
+    -- behind the deliveries set aside (unless the waiting set just handed it a slot)
+    local wait = -1
+    if turn or mine or redis.call('EXISTS', k.wait) == 0 then
+      wait = rate_take(k.rate, now, interval, turn)
+    end
+    if wait < 0 then
+      -- its turn is past the horizon: set aside until turns come near (lib/rate.lua)
+      redis.call('HDEL', k.attempts, 'rt')
+      park(k, now, job_id, 'rate')
+      return {'park', 'rate'}
+    elseif wait > 0 then
       -- No token yet: back in the queue, due at its turn, once. As with a wait for a
       -- slot, the relay's own pace is not the sink's failure: the deadline moves back.
       if mine then redis.call('ZREM', k.inflight, job_id) end

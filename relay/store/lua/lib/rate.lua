@@ -5,26 +5,33 @@ A generic cell rate algorithm (GCRA): `t` is the theoretical arrival time, Unix 
 max(t, now) + interval. tau, the burst tolerance, is max(interval, BURST_MS): at most
 rate * w + 1 + tau / interval deliveries start in any window of w ms, and a worker
 that picks a delivery up a few ms late loses none of the pace.
-A delivery that finds no token is not set aside to be re-read at every token: it is
-promised its own turn — the last turn promised (`w`) plus one interval, or the next
-token if no one is in line — and put back in arq's queue, due then, once (the loop
-wakes at the queue's next due time). Its turn is kept in its record (`rt`): a delivery
-back at its turn goes as soon as the bucket has a token, ahead of new ones; a new one
-goes only when no turn is promised past now, so the line keeps its order and no one
-starves. A turn costs one ZADD and two hash writes: O(log n) per delivery.
+A delivery that finds no token is not re-read at every token: it is promised its own
+turn — the last turn promised (`w`) plus one interval, or the next token if no one is
+in line — and put back in arq's queue, due then, once (the loop wakes at the queue's
+next due time). Its turn is kept in its record (`rt`): a delivery back at its turn goes
+as soon as the bucket has a token, ahead of new ones; a new one goes only when no turn
+is promised past now, so the line keeps its order and no one starves. Turns are
+promised at most HORIZON_MS ahead: a delivery whose turn would be later is set aside
+in the sink's waiting set (lib/wait.lua, reason `rate`), in order, and handed out as
+turns come within the horizon — by a finish or the sweep, like a free slot
+(`rate_fits`) — so a deep backlog is not promised turns hours ahead, and a reload
+that changes the rate reaches all but the next HORIZON_MS of turns. While deliveries
+are set aside, a new one waits behind them. A turn costs one ZADD and two hash
+writes, a wait in the waiting set one ZADD and one ZPOPMIN: O(log n) per delivery.
 A Retry-After (429 or 503) from the sink holds every start back until the time it
 names (`u`): the next start is then, and the configured pace resumes from there with
 no burst (`t` moves to `u + tau`); promised turns that fall before it are put off once
 more, to the end of the line. `i` is the interval `t` and `w` were built with: after a
 reload that changed the rate, promised turns are forgotten (`w` starts afresh) and the
 token check uses the new interval, so a lower rate holds at once (a delivery promised
-a turn at the old pace that finds no token is put off once more), and a higher rate
-applies to every delivery not already put off.
+a turn at the old pace that finds no token is put off once more), and a higher one
+reaches every delivery but those promised a turn in the next HORIZON_MS.
 All times are Redis' clock (lib/clock.lua). The hash expires a minute after its last
 promised turn or hold has passed.
 ]]
 
 local BURST_MS = 20
+local HORIZON_MS = 2000
 
 local function rate_save(key, now, fields, latest)
   redis.call('HSET', key, unpack(fields))
@@ -35,7 +42,8 @@ local function ms(x) return string.format('%.3f', x) end
 
 -- Take a token for a delivery of the sink whose pace hash is `key`, `interval` ms
 -- apart; `turn`: the delivery's promised turn (nil if it has none). Returns 0 (go now)
--- or how long (ms) to put the delivery off to its turn, which it then holds.
+-- or how long (ms) to put the delivery off to its turn, which it then holds; -1 if its
+-- turn would be past the horizon (the caller sets it aside, with no turn).
 local function rate_take(key, now, interval, turn)
   local r = redis.call('HMGET', key, 't', 'w', 'u', 'i')
   local tat, tail, hold = tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0
@@ -49,8 +57,21 @@ local function rate_take(key, now, interval, turn)
     return 0
   end
   local at = math.max(due, tail + interval, now + 1)
+  if at - now > HORIZON_MS then return -1 end
   rate_save(key, now, {'t', ms(tat), 'w', ms(at), 'i', interval}, math.max(tat, at, hold))
   return math.ceil(at - now)
+end
+
+-- How many turns the sink whose pace hash is `key` can promise now, within the
+-- horizon; nil if it has no pace (the interval is the one its last turn was given at).
+local function rate_fits(key, now)
+  local r = redis.call('HMGET', key, 't', 'w', 'u', 'i')
+  local interval = tonumber(r[4])
+  if not interval then return nil end
+  local tat, tail, hold = tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0
+  local first = math.max(tat - math.max(interval, BURST_MS), hold, tail + interval, now)
+  if first > now + HORIZON_MS then return 0 end
+  return math.floor((now + HORIZON_MS - first) / interval) + 1
 end
 
 -- A sink's Retry-After: no start before `until_ms`, then the pace from there.
