@@ -16,6 +16,7 @@ from relay.keys import Keys
 from relay.runtime import Runtime
 from relay.store.backlog import backlog, waiting
 from relay.store.deadletters import DeadLetterStore, Filter
+from tests.delivery.test_ordering import ingest_chats
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
@@ -185,3 +186,19 @@ async def test_a_deep_backlog_waits_set_aside_and_a_reload_to_a_higher_rate_reac
         # at 5/s no second could see more than 5 + burst; at the new rate one does
         assert most_in_a_window(after, 1.0) > 5 + burst(5)
         assert most_in_a_window(after, 1.0) <= 100 + burst(100)
+
+
+async def test_an_ordered_paced_sink_keeps_each_chats_order(redis: Redis, redis_url: str) -> None:
+    async with sinks(Sink()) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, rate="20/s", ordering="chat")])
+        rt = runtime(redis, cfg)
+        chats = ["c1", "c2", "c3"]
+        await ingest_chats(rt, chats, 8)
+        async with worker(rt):
+            await wait_for(lambda: len(s.received) >= 24, 30)
+            await wait_for(lambda: _drained(redis), 10)
+        got: dict[str, list[int]] = {c: [] for c in chats}
+        for r in s.received:
+            got[r.event_id.split(":")[1]].append(int(r.event_id.rsplit(":", 1)[1]))
+        assert got == {c: list(range(8)) for c in chats}  # each once, in order
+        assert most_in_a_window([r.at for r in s.received], 1.0) <= 20 + burst(20)

@@ -47,7 +47,7 @@ local function ms(x) return string.format('%.3f', x) end
 local function rate_take(key, now, interval, turn)
   local r = redis.call('HMGET', key, 't', 'w', 'u', 'i')
   local tat, tail, hold = tonumber(r[1]) or 0, tonumber(r[2]) or 0, tonumber(r[3]) or 0
-  if tonumber(r[4]) ~= interval then tail = 0 end  -- a reload changed the rate
+  if math.abs((tonumber(r[4]) or -1) - interval) > 1e-6 then tail = 0 end  -- a new rate
   local tau = math.max(interval, BURST_MS)
   local due = math.max(tat - tau, hold)
   if now >= due and (turn or tail <= now) then
