@@ -91,9 +91,12 @@ class Defer:
 @dataclass(frozen=True, slots=True)
 class Parked:
     """The claim set the job aside in its sink's waiting set (``lib/wait.lua``): it comes
-    back, with a slot reserved, when the sink has one free (or its breaker lets it by)."""
+    back, with a slot reserved, when the sink has one free (or its breaker lets it by).
+    Or, with ``wait_ms``, a paced sink's delivery was put back in the queue, due at its
+    own turn that far ahead (``lib/rate.lua``)."""
 
     reason: WaitReason
+    wait_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,7 @@ def parse_claim(res: list[Any]) -> Claim:
     if verdict == "defer":
         return Defer(cast(DeferReason, _text(res[1])), int(res[2]))
     if verdict == "park":
-        return Parked(cast(WaitReason, _text(res[1])))
+        return Parked(cast(WaitReason, _text(res[1])), int(res[2]) if len(res) > 2 else None)
     if verdict == "go":
         stored = _parse_stored(res[4])
         if stored is None:
