@@ -10,7 +10,7 @@ as before? Same run, same sink, same Redis settings for every figure.
   backlog is promised turns or set aside, and the end left out); the section prints
   them, their ratio to the configured rate, the most arrivals
   in any one second against the documented bound (rate + burst, burst = 1 + max(1,
-  rate x 0.02 s)), and the worker's CPU per delivery (start-up included).
+  rate x 0.05 s)), and the worker's CPU per delivery (start-up included).
 - **unpaced**: ``--events`` events for the same sink without a ``rate`` key, drained
   by this code and by the code of ``--base`` (a git ref, default the commit where this
   branch left ``main``, exported
@@ -50,7 +50,7 @@ from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 
 def burst(per_s: float) -> int:
-    return 1 + max(1, int(per_s * 0.02))
+    return 1 + max(1, int(per_s * 0.05))
 
 
 def most_in_a_second(times: list[float]) -> int:

@@ -4,7 +4,7 @@ Retry-After from a paced sink holds every delivery back until the time it names.
 
 The pace is checked where the sink sees it: the arrival times it records. The limiter
 lets at most ``rate * w + burst`` deliveries start in any window of ``w`` seconds, the
-burst being 1 + max(1, rate * 0.02 s) (README: "A sink's pace")."""
+burst being 1 + max(1, rate * 0.05 s) (README: "A sink's pace")."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ KEYS = Keys("chert-relay")
 
 
 def burst(rate: float) -> int:
-    return 1 + max(1, int(rate * 0.02))
+    return 1 + max(1, int(rate * 0.05))
 
 
 def allowed(rate: float) -> int:

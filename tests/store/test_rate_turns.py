@@ -29,7 +29,7 @@ async def test_one_take_of_a_backlog_promises_turns_an_interval_apart(
     jobs = [KEYS.job_id(TENANT, "s", i) for i in ids]
     taken, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 100, 10_000)
     went = [t for t in taken if isinstance(t.claim, Go)]
-    assert len(went) == 2  # the burst: 1 + max(1, 10/s x 20 ms)
+    assert len(went) == 2  # the burst: 1 + max(1, 10/s x 50 ms)
     parked = [t.claim for t in taken if isinstance(t.claim, Parked)]
     assert {p.reason for p in parked} == {"rate"}
     turns = [p.wait_ms for p in parked if p.wait_ms is not None]

@@ -4,7 +4,8 @@ A generic cell rate algorithm (GCRA): `t` is the theoretical arrival time, Unix 
 (fractional): a delivery may start once `now >= t - tau`, and each start moves `t` to
 max(t, now) + interval. tau, the burst tolerance, is max(interval, BURST_MS): at most
 rate * w + 1 + tau / interval deliveries start in any window of w ms, and a worker
-that picks a delivery up a few ms late loses none of the pace.
+that picks a delivery up to 50 ms late (a busy event loop, a loaded machine) loses
+none of the pace.
 A delivery that finds no token is not re-read at every token: it is promised its own
 turn — the last turn promised (`w`) plus one interval, or the next token if no one is
 in line — and put back in arq's queue, due then, once (the loop wakes at the queue's
@@ -30,7 +31,7 @@ All times are Redis' clock (lib/clock.lua). The hash expires a minute after its 
 promised turn or hold has passed.
 ]]
 
-local BURST_MS = 20
+local BURST_MS = 50
 local HORIZON_MS = 2000
 
 local function rate_save(key, now, fields, latest)
