@@ -29,6 +29,12 @@ a turn at the old pace that finds no token is put off once more), and a higher o
 reaches every delivery but those promised a turn in the next HORIZON_MS.
 All times are Redis' clock (lib/clock.lua). The hash expires a minute after its last
 promised turn or hold has passed.
+Why turns in the queue rather than a timed release from the waiting set: arq's queue is
+already the relay's timer — every worker's loop wakes at its next due time — so a turn
+needs no new wake-up path, no sweep faster than the half-second one, and no worker
+that must be alive at the right moment: any worker takes the delivery at its turn.
+The waiting set keeps what the queue should not hold: a backlog far past the horizon,
+which would otherwise be promised turns hours ahead and miss a reload's new rate.
 ]]
 
 local BURST_MS = 50
