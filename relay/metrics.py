@@ -8,6 +8,7 @@ scrape time by collectors registered by the roles that own them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,12 @@ class Metrics:
             f"{p}_events_ingested_total",
             "Events offered to ingest, by source and outcome (new or duplicate).",
             ["tenant", "source", "outcome"],
+            registry=r,
+        )
+        self.events_filtered = Counter(
+            f"{p}_events_filtered_total",
+            "New events a sink's filter kept from it (decided at ingest), by sink.",
+            ["tenant", "sink"],
             registry=r,
         )
         self.ingest_batch_seconds = Histogram(
@@ -347,6 +354,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_TENANT_LABEL = re.compile(rb'[{,]tenant="((?:[^"\\]|\\.)*)"')
+
+
+def only_tenants(exposition: bytes, tenants: frozenset[str]) -> bytes:
+    """``exposition`` without the samples labelled with a tenant outside ``tenants`` (what
+    a tenant-scoped token may read). Samples without a tenant label stay."""
+    allowed = {t.encode() for t in tenants}
+    out = []
+    for line in exposition.splitlines(keepends=True):
+        if not line.startswith(b"#"):
+            m = _TENANT_LABEL.search(line)
+            if m is not None and m.group(1) not in allowed:
+                continue
+        out.append(line)
+    return b"".join(out)
 
 
 def total(metric: Counter | Gauge, **labels: str) -> float:

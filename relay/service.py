@@ -29,7 +29,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Literal
 
-from relay import descriptors
+from relay import descriptors, memory
 from relay.admin.role import AdminRole
 from relay.config import Config, load_config
 from relay.config.values import Listen
@@ -129,6 +129,7 @@ class Service:
             loop = asyncio.get_running_loop()
             loop.set_exception_handler(descriptors.LoopErrors())
             stack.callback(loop.set_exception_handler, None)
+            memory.keep_large_blocks_returnable()
             short = descriptors.raise_open_files(descriptors.needed(self.config, self.wanted))
             if short is not None:
                 log.warning("%s", short)

@@ -239,6 +239,18 @@ def admin_framing(w: World) -> Case:
     return _a(f"framing_{how}", raw.encode() + b"0\r\n\r\n", 400)
 
 
+def rebound_host(w: World) -> Case:
+    """DNS rebinding: a page whose name resolves to the admin listener's address sends
+    its own name as Host. Every route, public ones too, is 421 — with the right token as
+    well (the Host check comes first)."""
+    method, path = w.rng.choice([*ROUTES, ("GET", "/metrics"), ("GET", "/healthz")])
+    path = path.format(t=w.tenant)
+    host = w.rng.choice(["evil.example", "admin.evil.example", "127.0.0.1.evil.example:9090"])
+    auth = w.rng.choice([None, f"Bearer {w.admin_token}"])
+    raw = request(method, path, auth=auth).replace(b"Host: admin", f"Host: {host}".encode())
+    return _a("rebound_host", raw, 421, unauthorized=True)
+
+
 def drawn_path(w: World, path: str) -> Case:
     """A path under /api/ drawn by hypothesis, without a token."""
     return _a("hypothesis_path", request("GET", "/api/" + path), {400, 401, 404}, unauthorized=True)
@@ -253,4 +265,5 @@ ADMIN: list[Generator] = [
     query_values,
     change_bodies,
     admin_framing,
+    rebound_host,
 ]

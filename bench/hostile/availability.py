@@ -11,13 +11,24 @@ relay runs on its shipped ``max_connections`` (1,000) and ``body_timeout`` (30 s
 
 Prints the good webhooks sent and accepted, the crowd's connections opened, and the
 relay's log growth and RSS; exit 0 when at least 95 % were accepted.
+
+    python -m bench.hostile.availability --attack gzip [--seconds 20] [--rate 10] [--crowd 16]
+
+Compression amplification instead: ``--crowd`` connections each send, over and over, a
+1.3 KB gzip body that inflates to 1 MiB (under a bad signature: the cost an attacker
+buys is the work before the signature check), first to a tenant with the default
+``accept_compressed = false``, then to one that accepts compressed bodies. Good
+webhooks' latency (p50 and p99, each on a fresh connection) is measured with no
+attack, then under each; exit 0 when both p50s stay within 3x of none.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +39,7 @@ from bench.hostile.scenarios import valid_accepted
 from bench.hostile.target import ADMIN_TOKEN, OTHER, OTHER_SECRET, SECRET, TENANT, Limits, Target
 
 GOAL = 0.95
+GZIP_GOAL = 3.0  # good webhooks' p50 under the gzip attack, against none
 
 
 async def crowd(target: Target, world: World, n: int, stop: asyncio.Event) -> int:
@@ -87,12 +99,120 @@ async def measure(
     }
 
 
+def bomb(path: str, compressed: bool = True) -> bytes:
+    """A request whose 1.3 KB gzip body inflates to 1 MiB (or, not ``compressed``, a
+    plain body of the same size on the wire); its signature is wrong."""
+    body = gzip.compress(b'{"pad": "' + b"0" * ((1 << 20) - 11) + b'"}', 9)
+    coding = "Content-Encoding: gzip\r\n"
+    if not compressed:
+        body, coding = b'{"pad": "' + b"0" * (len(body) - 11) + b'"}', ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{coding}X-Webhook-Signature: t=1,v1={'0' * 64}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def amplify(target: Target, path: str, n: int, stop: asyncio.Event, compressed: bool) -> int:
+    """``n`` connections sending :func:`bomb` back to back until ``stop``; how many sent."""
+    raw, sent = bomb(path, compressed), 0
+
+    async def one() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(*target.receiver)
+                writer.write(raw)
+                await reader.read()  # the answer, then the relay closes
+                writer.close()
+                sent += 1
+            except OSError:
+                await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return sent
+
+
+async def latencies(target: Target, world: World, seconds: float, rate: float) -> list[float]:
+    out: list[float] = []
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        t0 = time.perf_counter()
+        if await asyncio.to_thread(valid_accepted, target, world):
+            out.append(time.perf_counter() - t0)
+        await asyncio.sleep(max(0.0, started + len(out) / rate - time.monotonic()))
+    return out
+
+
+async def measure_gzip(
+    target: Target, world: World, seconds: float, rate: float, n: int
+) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    accepting = f"/webhooks/chert/{OTHER}"
+    runs = [
+        ("none", "", False),
+        ("plain", accepting, False),  # the same flood, uncompressed: what requests cost
+        ("refused", world.path, True),
+        ("accepting", accepting, True),
+    ]
+    for name, path, compressed in runs:
+        stop = asyncio.Event()
+        attack = asyncio.create_task(amplify(target, path, n if path else 0, stop, compressed))
+        rss = target.rss_kib()
+        got = await latencies(target, world, seconds, rate)
+        stop.set()
+        bombs = await attack
+        q = statistics.quantiles(got, n=100) if len(got) > 1 else [0.0] * 99
+        out[name] = {
+            "p50_ms": statistics.median(got) * 1000 if got else float("inf"),
+            "p99_ms": q[98] * 1000,
+            "good": len(got),
+            "bombs": bombs,
+            "rss_mib_peak_seen": max(rss, target.rss_kib()) / 1024,
+        }
+    return out
+
+
+def main_gzip(args: argparse.Namespace) -> int:
+    limits = Limits(body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000)
+    with tempfile.TemporaryDirectory(prefix="chert-availability-") as tmp:
+        target = Target(Path(tmp), limits)
+        target.start()
+        try:
+            world = World(
+                TENANT, SECRET, OTHER, OTHER_SECRET, ADMIN_TOKEN, limits.max_body,
+                limits.tolerance, random.Random(1),
+            )  # fmt: skip
+            got = asyncio.run(measure_gzip(target, world, args.seconds, args.rate, args.crowd))
+        finally:
+            target.stop()
+    base, flood = got["none"]["p50_ms"], got["plain"]["p50_ms"]
+    worst = 0.0
+    for name, row in got.items():
+        ratio = row["p50_ms"] / base
+        if name in ("refused", "accepting"):
+            worst = max(worst, row["p50_ms"] / flood)
+        print(
+            f"{name:>9}: good webhooks p50 {row['p50_ms']:.2f} ms (x{ratio:.2f} of none, "
+            f"x{row['p50_ms'] / flood:.2f} of the plain flood), p99 {row['p99_ms']:.2f} ms, "
+            f"{row['good']:.0f} answered; {row['bombs']:.0f} attack requests answered "
+            f"on {args.crowd} connections"
+        )
+    return 0 if worst <= GZIP_GOAL else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--rate", type=float, default=10.0, help="good webhooks a second")
-    p.add_argument("--crowd", type=int, default=1000, help="stalled connections held")
+    p.add_argument("--crowd", type=int, help="connections held (1000; 16 for gzip)")
+    p.add_argument("--attack", choices=["slow", "gzip"], default="slow")
     args = p.parse_args(argv)
+    if args.attack == "gzip":
+        args.crowd = args.crowd or 16
+        return main_gzip(args)
+    args.crowd = args.crowd or 1000
     limits = Limits(body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000)
     with tempfile.TemporaryDirectory(prefix="chert-availability-") as tmp:
         target = Target(Path(tmp), limits)

@@ -180,8 +180,12 @@ def log_row(w: World) -> Case:
 
 
 def encoded(w: World) -> Case:
-    """Content-Encoding: bombs, garbage, and the signature over either side."""
-    event_id, body = w.body()
+    """Content-Encoding: bombs, garbage, and the signature over either side. The first
+    tenant refuses every coded body before decoding (415); the other accepts them
+    (``accept_compressed``), bounded by their compressed size."""
+    accepting = w.rng.random() < 0.5
+    tenant, secret = (w.other_tenant, w.other_secret) if accepting else (w.tenant, w.secret)
+    event_id, body = w.body(partner_id=tenant)
     how = w.rng.choice(
         [
             "gzip_bomb",
@@ -207,14 +211,17 @@ def encoded(w: World) -> Case:
         expect = {401}
     else:
         sent = gzip.compress(body)
-        legit, expect = [Legit(w.tenant, event_id, body)], {202}
+        legit, expect = [Legit(tenant, event_id, body)], {202}
+    if not accepting:
+        legit, expect = [], {415}
     ts = int(time.time())
     head = (
-        f"POST {w.path} HTTP/1.1\r\nHost: relay\r\nContent-Length: {len(sent)}\r\n"
-        f"Content-Encoding: {coding}\r\n"
-        f"X-Webhook-Signature: t={ts},v1={chert_signature(w.secret, ts, signed_over)}\r\n\r\n"
+        f"POST /webhooks/chert/{tenant} HTTP/1.1\r\nHost: relay\r\n"
+        f"Content-Length: {len(sent)}\r\nContent-Encoding: {coding}\r\n"
+        f"X-Webhook-Signature: t={ts},v1={chert_signature(secret, ts, signed_over)}\r\n\r\n"
     )
-    return case(F_BODY, f"encoding_{how}", head.encode() + sent, expect, legit=legit)
+    kind = f"encoding_{how}" if accepting else f"encoding_{how}_refused"
+    return case(F_BODY, kind, head.encode() + sent, expect, legit=legit)
 
 
 @functools.cache

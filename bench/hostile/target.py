@@ -51,6 +51,7 @@ max_connections = {limits.max_connections}
 
 [admin]
 listen = "127.0.0.1:{admin}"
+allowed_hosts = ["admin", "sentinel"]  # the names the cases send; others: DNS rebinding
 worker_listen = "127.0.0.1:0"
 token = "env:HOSTILE_ADMIN_TOKEN"
 
@@ -71,6 +72,7 @@ poll = {{ mode = "off" }}
 [[tenants]]
 slug = "{OTHER}"
 webhook_secrets = ["env:HOSTILE_OTHER_SECRET"]
+accept_compressed = true
 poll = {{ mode = "off" }}
 [[tenants.sinks]]
 {sink}

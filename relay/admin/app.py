@@ -6,7 +6,8 @@ the signal a load balancer uses to start and stop sending webhooks. Every ``/api
 ``Authorization: Bearer <token>`` with an admin token (:mod:`relay.admin.auth`: what
 it may see and do is the route's to check); with no token configured the API is off.
 ``/metrics`` needs one too when ``admin.metrics_token_required`` is set. The operator
-page (``/ui``, :mod:`relay.admin.ui`) has its own login and session.
+page (``/ui``, :mod:`relay.admin.ui`) has its own login and session. Every route
+answers only a ``Host`` it expects (:mod:`relay.admin.hosts`: DNS rebinding).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.exceptions
 from aiohttp import web
 from redis.asyncio import Redis
 
 from relay.admin.auth import PRINCIPAL, Refusals, TokenTable, bearer
+from relay.admin.hosts import HostCheck
 from relay.config import Config
-from relay.metrics import CONTENT_TYPE, Metrics
+from relay.config.values import Listen
+from relay.metrics import CONTENT_TYPE, Metrics, only_tenants
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,11 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 
 class Admin:
-    def __init__(self, config: Config, redis_client: Redis, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, redis_client: Redis, metrics: Metrics, listen: Listen | None = None
+    ) -> None:
         self._redis = redis_client
+        self._listen = listen  # where it listens: which Host it answers depends on it
         self._metrics = metrics
         self.draining = False
         self.starting = False  # the process's other roles are not all started yet
@@ -45,6 +52,7 @@ class Admin:
 
     def set_config(self, config: Config) -> None:
         self.tokens = TokenTable(config)
+        self.hosts = HostCheck(config.admin.allowed_hosts, self._listen)
 
     def add_api_routes(self, routes: list[web.RouteDef]) -> None:
         """Routes under ``/api/`` added by other roles (dead letters, status…)."""
@@ -54,8 +62,9 @@ class Admin:
         """Routes outside ``/api/`` that check who asks themselves (the operator page)."""
         self._api_routes += routes
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=MAX_REQUEST_BYTES)
+    def app(self, *first: Any) -> web.Application:
+        """The admin app; ``first`` are middlewares that run before its own."""
+        app = web.Application(middlewares=[*first, self._auth], client_max_size=MAX_REQUEST_BYTES)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
@@ -64,6 +73,10 @@ class Admin:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self.hosts.allows(request.headers.get("Host")):
+            return self.refusals.refuse(
+                request, 421, "host_not_allowed", "this Host is not one admin.allowed_hosts names"
+            )
         path = request.path
         if path == "/metrics":
             if not self.tokens.metrics_token_required:
@@ -117,4 +130,7 @@ class Admin:
         # Off the event loop: some collectors read Redis synchronously (queue depth,
         # dead letters), and a slow Redis must not stall webhooks or deliveries.
         body = await asyncio.to_thread(self._metrics.render)
+        who = request.get(PRINCIPAL)
+        if who is not None and who.tenants is not None:
+            body = only_tenants(body, who.tenants)  # other tenants' volumes are not its
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

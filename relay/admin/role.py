@@ -13,6 +13,7 @@ from aiohttp import web
 from relay.admin.app import Admin
 from relay.admin.deadletter_routes import DeadLetterApi
 from relay.admin.events_routes import EventLogApi
+from relay.admin.listener import ConnectionGuard
 from relay.admin.parser_log import admin_server_logger
 from relay.admin.poller_routes import PollerStatusApi
 from relay.admin.sink_routes import SinkApi
@@ -31,7 +32,7 @@ class AdminRole:
     name = "admin"
 
     def __init__(self, rt: Runtime, poller: Callable[[], Poller | None], listen: Listen) -> None:
-        self.admin = Admin(rt.config, rt.redis, rt.metrics)
+        self.admin = Admin(rt.config, rt.redis, rt.metrics, listen)
         self.admin.starting = True  # until the service has started every role
         self.admin.add_api_routes(
             DeadLetterApi(rt.redis, lambda: rt.config, self.admin.refusals).routes()
@@ -46,26 +47,42 @@ class AdminRole:
         self.page = OperatorPage(self.admin, rt, poller)
         self.admin.add_routes(self.page.routes())
         self.listen = listen
+        cfg = rt.config.admin
+        self.guard = ConnectionGuard(
+            cfg.max_connections,
+            cfg.head_timeout,
+            cfg.idle_timeout,
+            lambda reason: rt.metrics.admin_refusals.labels(reason).inc(),
+        )
         self._runner = web.AppRunner(
-            self.admin.app(),
+            self.admin.app(self.guard.middleware),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
             logger=admin_server_logger(),
         )
         self._stopped = asyncio.Event()
+        self._server: asyncio.Server | None = None
         self.addresses: list[object] = []
 
     async def start(self) -> None:
         listen = self.listen
         await self._runner.setup()
-        site: web.BaseSite
+        # The listener is ours (not an aiohttp site) so that each connection goes
+        # through the guard; aiohttp's protocol serves it unchanged.
+        server = self._runner.server
+        assert server is not None
+        factory = self.guard.factory(server)
+        loop = asyncio.get_running_loop()
         if listen.path is not None:
-            site = web.UnixSite(self._runner, listen.path)
+            self._server = await loop.create_unix_server(factory, listen.path)
         else:
-            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_address=True)
-        await site.start()
-        self.addresses = list(self._runner.addresses)
+            assert listen.port is not None
+            self._server = await loop.create_server(
+                factory, listen.host, listen.port, reuse_address=True
+            )
+        self.guard.start()
+        self.addresses = [s.getsockname() for s in self._server.sockets]
         log.info("admin listening on %s", ", ".join(map(address_text, self.addresses)))
 
     def ready(self) -> None:
@@ -78,8 +95,15 @@ class AdminRole:
         await self._stopped.wait()
 
     async def stop(self) -> None:
+        self.guard.stop()
+        if self._server is not None:
+            self._server.close()
         await self._runner.cleanup()
         self._stopped.set()
 
     def reload(self, config: Config) -> None:
         self.admin.set_config(config)
+        cfg = config.admin
+        self.guard.max_connections = cfg.max_connections
+        self.guard.head_timeout = cfg.head_timeout
+        self.guard.idle_timeout = cfg.idle_timeout

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from relay.config.filters import FilterError
 from relay.config.models import Config, repeated, tenant_problems
 from relay.errors import ConfigError
 
@@ -119,12 +120,15 @@ def parse_config(
         return Config.model_validate(data, context=context)
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):
-            msg = err["msg"]
+            msg, where = err["msg"], _loc_to_path(tuple(err["loc"]))
+            cause = err.get("ctx", {}).get("error")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif isinstance(cause, FilterError):  # the key path goes on inside the filter
+                msg, where = str(cause), where + cause.where
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
-            problems.append((_loc_to_path(tuple(err["loc"])), msg))
+            problems.append((where, msg))
         for found in _tenant_checks_on_raw(data, problems):
             if found not in problems:
                 problems.append(found)

@@ -13,6 +13,7 @@ one file, and each section's checks sit beside its fields.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +53,9 @@ MIN_WEBHOOK_SECRET_BYTES = 16  # shorter webhook secrets get a warning
 class ServerConfig(_Section):
     listen: ListenField = Field(default_factory=lambda: parse_listen("127.0.0.1:8080"))
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    # the bodies still arriving, all connections together, hold at most this much: past
+    # it the longest-stalled one gives way, or the request gets 503 (Chert retries)
+    max_body_memory: Annotated[Size, Field(ge=1_048_576, le=1 << 40)] = 64 * 1_048_576
     # longest a webhook waits on Redis before answering 503
     ingest_timeout: Annotated[Duration, Field(ge=0.1)] = 5.0
     # longest a webhook's body may take to arrive before answering 503; a request head
@@ -104,6 +108,24 @@ class AdminConfig(_Section):
     tokens: list[AdminTokenConfig] = Field(default_factory=list)
     # /metrics answers 401 without a valid admin token (any scope, any tenants).
     metrics_token_required: bool = False
+    # The listener's own bounds (relay/admin/listener.py): connections open at once (past
+    # it, 503 and closed), how long a request head may take once begun, and how long a
+    # connection may sit idle.
+    max_connections: int = Field(256, ge=1, le=100_000)
+    # The Host names the listener answers besides IP addresses and localhost
+    # ("relay.internal", "*.internal", "*" for any); unset: any on a listener that is
+    # not loopback, only those on a loopback one (relay/admin/hosts.py: DNS rebinding).
+    allowed_hosts: list[str] | None = None
+    head_timeout: Annotated[Duration, Field(ge=0.1, le=3600)] = 10.0
+    idle_timeout: Annotated[Duration, Field(ge=0.1, le=86400)] = 60.0
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", name):
+                raise ValueError(f"{name!r} is not a host name (a name, '*.' and a domain, or '*')")
+        return v
 
     @field_validator("tokens")
     @classmethod
@@ -321,6 +343,11 @@ class TenantConfig(_Section):
     # how old a webhook's signed timestamp may be; at most a day (Chert signs each
     # attempt as it sends it), and always shorter than relay.dedupe_ttl
     signature_tolerance: Duration = Field(300.0, ge=1, le=86400)
+    # Chert sends bodies uncompressed: a Content-Encoding is refused (415) before any
+    # decoding unless this is set; then gzip and deflate are decoded, at most 20 times
+    # the compressed size (relay/edge/decoding.py) and never past server.max_body_bytes,
+    # so work before the signature check stays in proportion to what was sent.
+    accept_compressed: bool = False
     api: ApiConfig = Field(default_factory=ApiConfig)
     poll: PollConfig = Field(default_factory=PollConfig)
     sinks: list[SinkConfig] = Field(min_length=1, max_length=1000)

@@ -22,6 +22,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from relay.config import egress
 from relay.config.base import HEADER_NAME, SLUG_RE, Section
 from relay.config.egress import OAuth2Config, PemPath, TlsVersion
+from relay.config.filters import EventFilter, compile_filter
 from relay.config.values import Duration, Rate, Secret, SecretField, check_http_url, plain_remote
 from relay.signing import standard_webhooks_key
 
@@ -69,6 +70,9 @@ class SinkConfig(Section):
     kind: SinkKind = "http"  # when left out, the URL's scheme names it
     url: str
     events: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    # Which events of those types, by their fields (relay.config.filters): decided once,
+    # at ingest; an event it keeps from the sink is "not routed: filter" in the event log.
+    filter: EventFilter | None = None
     secret: SecretField | None = None
     timeout: Duration = Field(10.0, gt=0)
     max_attempts: int = Field(15, ge=1, le=1000)
@@ -116,6 +120,11 @@ class SinkConfig(Section):
             if found is not None:
                 data = {**data, "kind": found}
         return data
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter(cls, v: Any) -> EventFilter | None:
+        return None if v is None else compile_filter(v)
 
     @field_validator("secret")
     @classmethod
@@ -313,7 +322,8 @@ class SinkConfig(Section):
         )
 
     def matches(self, event_type: str) -> bool:
-        """Whether this sink wants events of ``event_type`` (exact names or globs)."""
+        """Whether this sink wants events of ``event_type`` (exact names or globs); its
+        ``filter``, if any, then decides by the event's fields (at ingest)."""
         return any(p == event_type or fnmatch.fnmatchcase(event_type, p) for p in self.events)
 
     @property

@@ -103,6 +103,7 @@ class Connection(asyncio.Protocol):
         "busy",
         "closing_since",
         "head_since",
+        "held",
         "last_active",
         "reading_since",
         "transport",
@@ -121,6 +122,9 @@ class Connection(asyncio.Protocol):
             max_line_size=MAX_LINE,
             max_headers=MAX_HEADERS,
             max_field_size=MAX_FIELD,
+            # Bodies come as sent: the receiver decodes a Content-Encoding itself, and
+            # only for a tenant that accepts one (relay/edge/decoding.py).
+            auto_decompress=False,
             # One request per feed: when a feed fails, every request before the failure
             # has already been handed over (aiohttp drops those parsed in a failing feed).
             max_msg_queue_size=1,
@@ -140,6 +144,7 @@ class Connection(asyncio.Protocol):
         self.closing_since: float | None = None
         self._reading: StreamReader | None = None  # a body being read by a task
         self.reading_since: float | None = None  # since then
+        self.held = 0  # bytes of that body held (ServerState.hold)
         self._task: asyncio.Task[None] | None = None
         self._remote: str | None = None
         self.last_active = loop.time()
@@ -367,6 +372,13 @@ class Connection(asyncio.Protocol):
                     if size > srv.max_body:
                         response = self._too_large(ctx)
                         break
+                    if not srv.hold(self, len(chunk), self._loop.time()):
+                        detail = (
+                            f"the bodies arriving hold server.max_body_memory "
+                            f"({srv.max_body_memory} bytes)"
+                        )
+                        response = srv.handler.body_failed(ctx, 503, "body_memory", detail)
+                        break
                     chunks.append(chunk)
         except TimeoutError:
             # Slow or stalled: the sender may well succeed on a retry.
@@ -375,6 +387,7 @@ class Connection(asyncio.Protocol):
         except Exception as e:
             response = self._payload_failed(ctx, e)
         finally:
+            srv.release(self)
             self._reading = None
             self.reading_since = None
             self._task = None

@@ -54,6 +54,7 @@ import asyncio
 import logging
 from typing import Any
 
+from relay import memory
 from relay.config.values import Listen
 from relay.edge.http_connection import Connection
 from relay.edge.http_types import Date, Handler
@@ -64,6 +65,8 @@ SWEEP_S = 5.0  # how often idle connections are looked for
 # A request still arriving this long after it began has stalled: Chert sends a whole
 # webhook at once, so past max_connections such a sender gives its place to a new one.
 STALL_S = 1.0
+# Once bodies arriving held this much, the sweep gives freed memory back when they go.
+TRIM_AFTER = 4 << 20
 
 
 class ServerState:
@@ -73,6 +76,8 @@ class ServerState:
 
     __slots__ = (
         "_busy",
+        "body_held",
+        "body_peak",
         "body_timeout",
         "closing",
         "connections",
@@ -81,6 +86,7 @@ class ServerState:
         "idle",
         "keepalive_timeout",
         "max_body",
+        "max_body_memory",
         "max_connections",
     )
 
@@ -92,9 +98,13 @@ class ServerState:
         body_timeout: float,
         keepalive_timeout: float,
         max_connections: int,
+        max_body_memory: int = 64 << 20,
     ) -> None:
         self.handler = handler
         self.max_body = max_body
+        self.max_body_memory = max_body_memory
+        self.body_held = 0  # bytes of bodies still arriving, every connection together
+        self.body_peak = 0  # the most held since the sweep last gave memory back
         self.body_timeout = body_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = max_connections
@@ -131,6 +141,35 @@ class ServerState:
         self.connections.discard(slowest)
         self.connections.add(conn)
         return True
+
+    def hold(self, conn: Connection, n: int, now: float) -> bool:
+        """Whether ``conn`` may hold ``n`` more bytes of a body still arriving: within
+        ``max_body_memory``, or once the longest-stalled other body (arriving for over
+        ``STALL_S``) has been dropped to make room (its sender aborted, as at the
+        connection cap). ``False``: the caller answers 503."""
+        while self.body_held + n > self.max_body_memory:
+            stalled = [
+                (since, c)
+                for c in self.connections
+                if c is not conn and c.held and (since := c.reading_since) is not None
+                and now - since > STALL_S
+            ]  # fmt: skip
+            if not stalled:
+                return False
+            _, slowest = min(stalled, key=lambda s: s[0])
+            self.handler.slow_connection_closed(slowest.remote)
+            self.release(slowest)
+            slowest.abort()
+            self.connections.discard(slowest)
+        self.body_held += n
+        self.body_peak = max(self.body_peak, self.body_held)
+        conn.held += n
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """``conn``'s body is read (or dropped): what it held is free again."""
+        self.body_held -= conn.held
+        conn.held = 0
 
     def request_started(self) -> None:
         self._busy += 1
@@ -205,6 +244,9 @@ class HttpServer:
                 conn.close()
             elif conn.head_since is not None and conn.head_since < slow:
                 conn.close()  # a request head trickling in: the body's bound applies
+        if state.body_peak > TRIM_AFTER and state.body_held < TRIM_AFTER // 4:
+            memory.trim()  # a burst of large bodies let go: their pages go back
+            state.body_peak = state.body_held
         self._sweeper = loop.call_later(self.sweep_every, self._sweep)
 
     async def shutdown(self, timeout: float) -> None:

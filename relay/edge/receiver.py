@@ -25,11 +25,12 @@ from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from prometheus_client import Counter, Gauge
 
 from relay.config import Config
+from relay.edge import decoding
 from relay.edge.http_server import HttpServer
 from relay.edge.http_types import Pending, Response
 from relay.errors import RedisUnavailableError, SignatureError
 from relay.ingest import envelope
-from relay.ingest.envelope import BadEventError
+from relay.ingest.envelope import BadEventError, HeadReader
 from relay.ingest.ingestor import Ingestor
 from relay.logs import Throttle
 from relay.metrics import Metrics
@@ -55,11 +56,13 @@ class _Tenant:
     slug: str
     secrets: tuple[WebhookKey, ...]
     tolerance: float
+    accept_compressed: bool
     accepted: Counter  # this tenant's metric children, looked up once
     duplicate: Counter
     ingested_new: Counter
     ingested_duplicate: Counter
     skew: Gauge  # how old Chert's signed timestamps are as they arrive
+    reader: HeadReader | None  # sinks filter by fields: a parse that builds those too
 
 
 _ACCEPTED = Response(202, b'{"status": "accepted"}')
@@ -85,6 +88,7 @@ class _Request:
     tenant: _Tenant | None
     started: float
     remote: str | None
+    coding: str | None = None  # the body's content coding (a tenant that accepts them)
 
 
 class Receiver:
@@ -111,6 +115,7 @@ class Receiver:
                 slug=t.slug,
                 secrets=tuple(webhook_key(s.get().encode()) for s in t.webhook_secrets),
                 tolerance=t.signature_tolerance,
+                accept_compressed=t.accept_compressed,
                 accepted=self._metrics.webhooks.labels(t.slug, "accepted"),
                 duplicate=self._metrics.webhooks.labels(t.slug, "duplicate"),
                 ingested_new=self._metrics.events_ingested.labels(t.slug, "webhook", "new"),
@@ -118,6 +123,9 @@ class Receiver:
                     t.slug, "webhook", "duplicate"
                 ),
                 skew=self._metrics.webhook_timestamp_age.labels(t.slug),
+                reader=envelope.reader_for(
+                    path for s in t.sinks if s.filter is not None for path in s.filter.paths
+                ),
             )
             for t in config.tenants
         }
@@ -130,6 +138,7 @@ class Receiver:
         state.body_timeout = self._body_timeout
         state.keepalive_timeout = cfg.keepalive_timeout
         state.max_connections = cfg.max_connections
+        state.max_body_memory = cfg.max_body_memory
 
     def server(self) -> HttpServer:
         """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""
@@ -200,6 +209,25 @@ class Receiver:
         if expect is not None and expect.lower() != "100-continue":
             detail = "only Expect: 100-continue is understood"
             return self._reject(417, "bad_expect", detail, req)
+        coding = decoding.coding_of(msg.headers.get("Content-Encoding"))
+        if coding is not None:
+            return self._compressed(req, tenant, coding)
+        return req
+
+    def _compressed(self, req: _Request, tenant: _Tenant, coding: str) -> Response | _Request:
+        """A compressed body: refused here, before a byte of it is decoded, unless the
+        tenant accepts them (Chert sends bodies uncompressed); see
+        :mod:`relay.edge.decoding`."""
+        if not tenant.accept_compressed:
+            detail = (
+                "Content-Encoding is not accepted: Chert sends bodies uncompressed "
+                "(set accept_compressed = true for this tenant to allow gzip and deflate)"
+            )
+            return self._reject(415, "unsupported_content_encoding", detail, req)
+        if coding not in decoding.CODINGS:
+            detail = "only Content-Encoding gzip or deflate is understood"
+            return self._reject(415, "unsupported_content_encoding", detail, req)
+        req.coding = coding
         return req
 
     def body_failed(self, req: _Request, status: int, reason: str, detail: str) -> Response:
@@ -250,6 +278,14 @@ class Receiver:
         tenant = req.tenant
         assert tenant is not None
         headers = msg.headers
+        if req.coding is not None:
+            try:
+                body = decoding.decode(body, req.coding, self._max_body)
+            except decoding.TooLarge as e:
+                detail = f"{e} (at most {decoding.MAX_INFLATE}x what was sent)"
+                return self._reject(413, "body_too_large", detail, req)
+            except decoding.Undecodable as e:
+                return self._reject(400, "malformed_body", str(e), req)
         try:
             tenant.skew.set(
                 verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
@@ -259,7 +295,9 @@ class Receiver:
                 tenant.skew.set(e.skew)
             return self._reject(401, _SIGNATURE_REASONS[e.reason], str(e), req)
         try:
-            event = envelope.from_body(body, header_type=headers.get("X-Webhook-Event"))
+            event = envelope.from_body(
+                body, header_type=headers.get("X-Webhook-Event"), reader=tenant.reader
+            )
         except BadEventError as e:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:

@@ -7,8 +7,11 @@ through untouched; only the fields the relay needs are read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -41,6 +44,9 @@ class Event(NamedTuple):
     log_id: str | None = None  # the events-API row id (evt_…), when known
     created_at: str | None = None  # the events-API row's created_at, when known
     chat_id: str | None = None  # data.chat.id: the conversation, for ordered sinks
+    # The envelope as parsed, for the sinks' filters: whole, or at least the fields they
+    # read; None when only the fields the relay reads were built (no filter asked).
+    envelope: dict[str, Any] | None = None
 
 
 def parse_timestamp(value: object) -> float | None:
@@ -81,6 +87,7 @@ def from_object(
     raw: bytes | None = None,
     *,
     header_type: str | None = None,
+    whole: bool = True,
 ) -> Event:
     """An :class:`Event` from a decoded body of either shape.
 
@@ -90,7 +97,9 @@ def from_object(
     (:func:`body_id`) — never from the ``X-Webhook-Event-Id`` header, which the
     signature does not cover: a captured request sent again with fresh header ids is
     the same event, a duplicate. ``header_type`` (``X-Webhook-Event``) names the type
-    only of a body that names none.
+    only of a body that names none. ``whole``: ``obj`` holds every field the sinks'
+    filters read (it is the whole body, or a :func:`head_reader`'s parse), and the
+    event keeps its envelope for them.
     """
     signed = raw
     if not isinstance(obj, dict):
@@ -144,6 +153,7 @@ def from_object(
         log_id,
         created_at,
         chat_id(envelope),
+        envelope if whole else None,
     )
 
 
@@ -184,6 +194,45 @@ class _Head(TypedDict, total=False):
 
 
 _HEAD = TypeAdapter(_Head)
+HeadReader = TypeAdapter[Any]
+
+# _Head's fields as a tree: None is a field read whole, a dict one read in part.
+_HEAD_TREE: dict[str, Any] = {
+    **{k: None for k in _Head.__annotations__ if k != "data"},
+    "data": {"chat": {"id": None}},
+}
+_names = itertools.count()
+
+
+def _typed(tree: dict[str, Any]) -> Any:
+    fields = {k: Any if sub is None else _typed(sub) for k, sub in tree.items()}
+    return TypedDict(f"_Read{next(_names)}", fields, total=False)  # type: ignore[operator]
+
+
+@functools.lru_cache(maxsize=256)
+def head_reader(paths: frozenset[tuple[str, ...]]) -> HeadReader:
+    """A parse of a body that builds what the relay reads and the fields at ``paths``
+    (a sink filter's, :attr:`relay.config.filters.EventFilter.paths`) — and nothing else
+    of the body, as ``_HEAD`` does: the rest of a large envelope is checked as JSON and
+    never becomes Python objects. A body whose objects do not have the shapes the paths
+    need (a string where a path goes on) fails it, and is parsed whole instead."""
+    tree = json.loads(json.dumps(_HEAD_TREE))  # a deep copy
+    for path in sorted(paths, key=len):
+        node = tree
+        for name in path[:-1]:
+            child = node.setdefault(name, {})
+            if child is None:  # read whole already
+                break
+            node = child
+        else:
+            node[path[-1]] = None
+    return TypeAdapter(_typed(tree))
+
+
+def reader_for(paths: Iterable[tuple[str, ...]]) -> HeadReader | None:
+    """:func:`head_reader` for the union of some filters' paths; None for none."""
+    found = frozenset(paths)
+    return head_reader(found) if found else None
 
 
 # Fields the relay reads from a body it forwards as is: were one given twice, the relay
@@ -252,20 +301,26 @@ def body_id(raw: bytes | None, obj: object) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def from_body(body: bytes, *, header_type: str | None = None) -> Event:
-    """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM."""
+def from_body(
+    body: bytes, *, header_type: str | None = None, reader: HeadReader | None = None
+) -> Event:
+    """An :class:`Event` from a raw webhook body: strict JSON, UTF-8 without a BOM.
+
+    Only the fields the relay reads become Python objects — and, with ``reader`` (a
+    :func:`head_reader`: a tenant whose sinks filter by fields), the fields its filters
+    read, which the event keeps as its envelope for them.
+    """
     if body.startswith(_BOM):
         raise BadEventError("malformed_json", "the body starts with a byte order mark")
     if _needs_strict_parse(body):
-        head = _strict_loads(body)
-    else:
-        try:
-            head = _HEAD.validate_json(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False, include_input=False)[0]
-            if err["type"] in ("dict_type", "model_type") and not err["loc"]:
-                raise BadEventError("malformed_json", "the body is not a JSON object") from None
-            # pydantic refuses some of what JSON allows (nesting past its depth limit,
-            # say): the standard library's parser has the last word.
-            head = _strict_loads(body)
-    return from_object(head, body, header_type=header_type)
+        return from_object(_strict_loads(body), body, header_type=header_type)
+    try:
+        head = (reader or _HEAD).validate_json(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        if err["type"] in ("dict_type", "model_type") and not err["loc"]:
+            raise BadEventError("malformed_json", "the body is not a JSON object") from None
+        # pydantic refuses some of what JSON allows (nesting past its depth limit,
+        # say): the standard library's parser has the last word.
+        return from_object(_strict_loads(body), body, header_type=header_type)
+    return from_object(head, body, header_type=header_type, whole=reader is not None)

@@ -14,20 +14,29 @@ Redis round trips into a few, and with ``appendfsync always`` events share fsync
 Each event goes in as an :class:`~relay.store.wire.IngestItem`, with its tenant's
 route for its type worked out once (:class:`~relay.store.wire.IngestRoute`); the wire
 module encodes the batch.
+
+A sink with a ``filter`` (:mod:`relay.config.filters`) takes only the events its filter
+matches: the filters run here, once per event, on the envelope as parsed (the webhook
+path parses a filtering tenant's bodies whole, once). An event a filter keeps from a
+sink gets no job there; the script records the sink as filtered in the event's log
+record, so a replay or a resend keeps the routing the event got, and
+``events_filtered_total`` counts it once the event is new.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from relay.config import Config
+from relay.config.filters import EventFilter
 from relay.ingest.envelope import Event
 from relay.keys import JOB_KEY_PREFIX, Keys
 from relay.store import jobs, scripts, stored_event
@@ -42,11 +51,39 @@ log = logging.getLogger(__name__)
 SOURCES = frozenset({"webhook", "poll", "sse", "backfill", "replay"})
 
 
+_MAX_VARIANTS = 256  # routes kept per type for the ways its sinks' filters can agree
+
+
 @dataclass(frozen=True, slots=True)
 class _Route:
     sinks: tuple[str, ...]
     jobs: IngestRoute  # what ingest.lua is told: the seen mark's lifetime, the jobs
     ordered: bool  # some sink delivers in order: the event's chat id goes along
+    filters: tuple[tuple[int, EventFilter], ...] = ()  # (index in sinks, its filter)
+    # the route of an event some filters keep out, by the indexes of those sinks
+    variants: dict[tuple[int, ...], IngestRoute] = field(default_factory=dict)
+
+    def without(self, out: tuple[int, ...]) -> IngestRoute:
+        """The route of an event the filters of the sinks at ``out`` keep out."""
+        found = self.variants.get(out)
+        if found is None:
+            found = IngestRoute(
+                self.jobs.event_ttl_ms,
+                [j for i, j in enumerate(self.jobs.jobs) if i not in out],
+                [self.sinks[i] for i in out],
+            )
+            if len(self.variants) < _MAX_VARIANTS:
+                self.variants[out] = found
+        return found
+
+
+def _envelope(body: bytes) -> Any:
+    """An event's envelope from its body, for an event built without it (an event's body
+    is JSON the relay parsed or wrote)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 class Ingestor:
@@ -63,6 +100,7 @@ class Ingestor:
         timeout: float | None = None,
     ) -> None:
         self._counted: dict[tuple[str, str, bool], Counter] = {}
+        self._filtered: dict[tuple[str, str], Counter] = {}
         self._metrics = metrics
         self._sources = {s: s.encode() for s in SOURCES}
         r = config.redis
@@ -117,6 +155,7 @@ class Ingestor:
                     ],
                 ),
                 ordered=any(s.ordering != "none" for s in sinks),
+                filters=tuple((i, s.filter) for i, s in enumerate(sinks) if s.filter is not None),
             )
             if len(self._routes) < 4096:
                 self._routes[key] = route
@@ -143,10 +182,17 @@ class Ingestor:
         if src is None:
             raise ValueError(f"unknown source {source!r}")
         route = self._route(tenant, event.type)
+        jobs = route.jobs
+        out: tuple[int, ...] = ()
+        if route.filters:
+            doc = event.envelope if event.envelope is not None else _envelope(event.body)
+            out = tuple([i for i, f in route.filters if not f(doc)])
+            if out:
+                jobs = route.without(out)
         etype = event.type.encode()
         ts = stored_event.timestamp_field(event.timestamp)
         # the ingest time here is a placeholder: ingest.lua writes Redis' clock over it
-        head = stored_event.header(len(route.sinks), int(time.time() * 1000), src, ts, len(etype))
+        head = stored_event.header(len(jobs.jobs), int(time.time() * 1000), src, ts, len(etype))
         item = IngestItem(
             tenant=tenant,
             event_id=event.event_id,
@@ -154,10 +200,24 @@ class Ingestor:
             event_type=etype,
             body=event.body,
             chat=event.chat_id if route.ordered and event.chat_id else "",
-            route=route.jobs,
+            route=jobs,
             webhook=source == "webhook",
         )
-        return self._pipe.submit(item)
+        future = self._pipe.submit(item)
+        if out and self._metrics is not None:
+            counters = [self._filtered_counter(tenant, route.sinks[i]) for i in out]
+            future.add_done_callback(lambda f: _count_if_new(f, counters))
+        return future
+
+    def _filtered_counter(self, tenant: str, sink: str) -> Counter:
+        """The ``events_filtered_total`` child for a sink (looked up once)."""
+        assert self._metrics is not None
+        counter = self._filtered.get((tenant, sink))
+        if counter is None:
+            counter = self._metrics.events_filtered.labels(tenant, sink)
+            if len(self._filtered) < 65536:
+                self._filtered[(tenant, sink)] = counter
+        return counter
 
     def ingested(self, tenant: str, source: str, new: bool) -> Counter:
         """The ``events_ingested_total`` child for these labels (looked up once)."""
@@ -181,3 +241,11 @@ class Ingestor:
     async def drain(self) -> None:
         """Wait until every ingest already asked for has been written (or failed)."""
         await self._pipe.drain()
+
+
+def _count_if_new(future: asyncio.Future[int], counters: list[Counter]) -> None:
+    """Count an event filtered out of sinks once it is in, and new (not a duplicate,
+    whose routing was decided when it first came)."""
+    if not future.cancelled() and future.exception() is None and future.result():
+        for counter in counters:
+            counter.inc()

@@ -5,9 +5,11 @@ record's fields): ``ingest.lua`` puts a new event in the log's index — its sto
 already says its type, source, time and payload, and is its record's copy until its
 last delivery lets it go — and counts every later arrival; each finish records the
 attempt (start, duration, status or error class, a scrubbed excerpt of the answer) and
-the delivery's end; a replay or a resend records itself. Whether a sink the record
-says nothing of takes the event is the tenant's configuration's to say (its
-``events`` filter). This module reads and acts:
+the delivery's end; a replay or a resend records itself. A sink whose ``filter`` kept
+the event out at ingest is recorded so (``not_routed``: "filter"), whatever the
+configuration says later; whether a sink the record says nothing of takes the event is
+the tenant's configuration's to say (its ``events`` type globs). This module reads
+and acts:
 
 - :meth:`EventLog.get` one record, with each queued delivery's live state from the
   pipeline's own keys (scheduled for when, in flight, waiting on its sink's slots,
@@ -55,6 +57,9 @@ STATES = (
     "not_routed",
     "failed",  # any attempt that did not get a 2xx (whatever came after)
 )
+# Why a sink is not routed: its type globs, or its filter (decided at ingest, recorded).
+NOT_THIS_TYPE = "its events filter does not take this type"
+FILTERED = "filter: its filter did not take this event"
 RESEND_SKIPPED = {
     "pending": "a delivery to this sink is under way",
     "dead_letter": "it is a dead letter: replay it (chert-relay dlq replay)",
@@ -263,7 +268,7 @@ def _chat(body: bytes) -> str:
 
 
 def _not_routed(sink: str) -> SinkState:
-    return SinkState(sink, "not_routed", "its events filter does not take this type")
+    return SinkState(sink, "not_routed", NOT_THIS_TYPE)
 
 
 def _int(text: str) -> int:
@@ -280,6 +285,8 @@ def _recorded_state(sink: str, text: str) -> SinkState:
         return SinkState(sink, "dead_letter", text[5:])
     if text == "drop":
         return SinkState(sink, "dropped", "the stored event was gone")
+    if text == "filter":
+        return SinkState(sink, "not_routed", FILTERED)
     return SinkState(sink, "pending")
 
 
@@ -504,10 +511,8 @@ class EventLog:
             if t.sink(sink) is None:
                 raise EventLogError(f"tenant {tenant!r} has no sink {sink!r}")
             if sink not in routed:
-                raise EventLogError(
-                    f"event {event_id!r} was not routed to sink {sink!r} "
-                    "(its events filter does not take this type)"
-                )
+                why = next((s.detail for s in rec.sinks if s.sink == sink), NOT_THIS_TYPE)
+                raise EventLogError(f"event {event_id!r} was not routed to sink {sink!r} ({why})")
             targets = [sink]
         else:
             targets = [s.name for s in t.sinks if s.name in routed]

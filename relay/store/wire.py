@@ -121,17 +121,23 @@ class IngestJob(NamedTuple):
 
 
 class IngestRoute:
-    """What every event of one type for one tenant gets: how long it is remembered as
-    seen (``event_ttl_ms``) and its jobs; encoded once, reused by every such event."""
+    """What every event of one type for one tenant gets (or, with sinks that filter by
+    fields, every such event their filters agree on): how long it is remembered as seen
+    (``event_ttl_ms``), its jobs, and the sinks whose filters keep it (``filtered``: the
+    event log records them); encoded once, reused by every such event."""
 
-    __slots__ = ("event_ttl_ms", "jobs", "nargs", "resp")
+    __slots__ = ("event_ttl_ms", "filtered", "jobs", "nargs", "resp")
 
-    def __init__(self, event_ttl_ms: int, jobs: Sequence[IngestJob]) -> None:
+    def __init__(
+        self, event_ttl_ms: int, jobs: Sequence[IngestJob], filtered: Sequence[str] = ()
+    ) -> None:
         self.event_ttl_ms = event_ttl_ms
         self.jobs = tuple(jobs)
+        self.filtered = tuple(filtered)
         values: list[Value] = [event_ttl_ms, len(self.jobs)]
         for job in self.jobs:
             values += [job.sink, job.ttl_ms, job.ordering]
+        values += [len(self.filtered), *self.filtered]
         self.nargs = len(values)
         self.resp = b"".join(bulk(v) for v in values)
 

@@ -25,6 +25,7 @@ from tests.support.common import (
     OTHER_SECRET,
     SINK_SECRET,
     TENANT,
+    WEBHOOK_SECRET,
     ReceiverClient,
     ServeReceiver,
     envelope,
@@ -476,10 +477,21 @@ async def test_an_oversized_chunked_body_is_413_and_queues_nothing(
 
 @pytest.mark.parametrize("in_pieces", [False, True], ids=["whole", "in-pieces"])
 async def test_a_body_that_cannot_be_decoded_is_400_malformed_body(
-    h: Harness, redis: Redis, in_pieces: bool
+    serve_receiver: ServeReceiver, redis: Redis, in_pieces: bool
 ) -> None:
     """A gzip body that does not inflate can never be read: a 400 (which Chert does not
-    retry), not a 500 (which it would retry for ever)."""
+    retry), not a 500 (which it would retry for ever). (A tenant that accepts compressed
+    bodies: for the others any Content-Encoding is a 415 before decoding.)"""
+    tenants = [
+        {
+            "slug": TENANT,
+            "webhook_secrets": [WEBHOOK_SECRET],
+            "accept_compressed": True,
+            "poll": {"mode": "off"},
+            "sinks": SINKS,
+        }
+    ]
+    h = await make_harness(serve_receiver, redis, tenants=tenants)
     _, headers = signed(envelope("gz1"))
     body = b"\x1f\x8b\x08\x00garbage-garbage"
     head = (

@@ -61,17 +61,19 @@ def test_an_ingest_batch_reads_back_as_ingest_lua_takes_it() -> None:
         route=route,
         webhook=True,
     )
-    other = item._replace(tenant="beta", event_id="evt_2", chat="", webhook=False)
+    filtered = wire.IngestRoute(90_000, [wire.IngestJob("crm", 60_000, "")], ["chat", "x"])
+    other = item._replace(tenant="beta", event_id="evt_2", chat="", webhook=False, route=filtered)
     batch = wire.IngestBatch("relay", "arq:queue", "arq:job:", 1024, 5000)([item, other])
     args = parse(wire.Script(scripts.script("ingest").source).call(batch))
     assert args[:3] == [b"EVALSHA", scripts.script("ingest").sha.encode(), b"0"]
-    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat"]
+    event = [b"90000", b"2", b"crm", b"60000", b"", b"chat", b"61000", b"chat", b"0"]
+    kept = [b"90000", b"1", b"crm", b"60000", b"", b"2", b"chat", b"x"]  # 2 filtered out
     assert args[3:] == [
         *(b"relay", b"arq:queue", b"arq:job:", b"1024", b"5000"),
         *(b"1", b"acme"),  # the tenants whose webhooks came
         b"2",
         *(b"acme", b"evt_1", item.header + item.event_type + item.body, b"c9", *event),
-        *(b"beta", b"evt_2", item.header + item.event_type + item.body, b"", *event),
+        *(b"beta", b"evt_2", item.header + item.event_type + item.body, b"", *kept),
     ]
     assert batch.nargs == len(args) - 3
 

@@ -230,6 +230,8 @@ class OperatorPage:
         q = _query(ctx)
         visible = self._visible(ctx.who)
         state = await read_overview(self._rt.redis, self._rt.config, self._poller(), visible)
+        if ctx.who.tenants is not None:
+            state.queue = None  # the queue is every tenant's: not for a scoped token
         can_change = ctx.who.can("replay")
         parts = [
             views.overview(state, csrf=ctx.session.csrf, can_change=can_change),

@@ -3,7 +3,8 @@
 Logging in takes an admin token once, in a form; the page then knows the browser by a
 session cookie — ``HttpOnly`` (no script can read it), ``SameSite=Strict`` (a browser
 sends it on no request another site starts), ``Path=/ui``, and ``Secure`` when the
-page is served over HTTPS. The token itself is never stored in the browser. A session
+page is served over HTTPS (its own TLS, or a proxy's ``X-Forwarded-Proto: https`` or
+``Forwarded: proto=https``). The token itself is never stored in the browser. A session
 remembers only the SHA-256 of the token it logged in with and is checked against the
 current configuration on every request, so a token removed or changed by a reload
 logs its sessions out.
@@ -144,9 +145,23 @@ def set_cookie(response: web.StreamResponse, request: web.Request, name: str, va
         path=COOKIE_PATH,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=served_over_https(request),
         max_age=int(MAX_AGE_S),
     )
+
+
+def served_over_https(request: web.Request) -> bool:
+    """Whether the browser reached the page over HTTPS: this listener's own TLS, or a
+    TLS-terminating proxy saying so (``X-Forwarded-Proto`` or ``Forwarded: proto=``).
+    The headers are the client's to set, and trusting them is safe here: all they can
+    do is add ``Secure``, which keeps the cookie off plain HTTP."""
+    if request.secure:
+        return True
+    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    if proto == "https":
+        return True
+    forwarded = request.headers.get("Forwarded", "").split(",")[0].lower()
+    return any(p.strip() == "proto=https" for p in forwarded.split(";"))
 
 
 def clear_cookie(response: web.StreamResponse, name: str) -> None:

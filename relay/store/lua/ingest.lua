@@ -13,9 +13,11 @@ ARGV
   5 log_keep_ms   the event log's retention
   6... batch      n_webhook_tenants, then that many tenant slugs; n_events, then per
                   event: tenant, event_id, stored, chat, event_ttl_ms, n_jobs, then per
-                  job: sink, job_ttl_ms, ordering
+                  job: sink, job_ttl_ms, ordering; then n_filtered, then that many sinks
   stored: the stored event (relay/store/stored_event.py) counting n_jobs users.
   chat: the event's data.chat.id, or '' (then it is unordered everywhere).
+  filtered: the sinks whose filters keep the event (decided once, by the caller): a
+  new event's record says so (s:<sink> = 'filter'), whatever the configuration later.
 With the event log on, a new event joins the log's index (lib/event_log.lua: its
 stored event is its record until its deliveries let it go; one that no sink takes
 gets its record now), and a duplicate counts as one more arrival on its record; the
@@ -94,6 +96,9 @@ for e = 1, n do
         end
       end
     end
+    local nfiltered = tonumber(ARGV[i])
+    local filtered_at = i + 1
+    i = i + 1 + nfiltered
     local ev_key = event_p .. tail
     if created == 0 then
       -- no delivery needs it
@@ -116,19 +121,28 @@ for e = 1, n do
     end
     if held then redis.call('PERSIST', ev_key) end
     if L then
-      if log_in(L) then
+      local known = log_in(L)
+      if not known then
+        redis.call('ZADD', log_index, now, tail)
+        logged = logged + 1
+      end
+      for f = filtered_at, filtered_at + nfiltered - 1 do
+        redis.call('HSET', L.rec, 's:' .. ARGV[f], 'filter')
+      end
+      if known then
         -- in the log from before its seen mark expired: one more arrival
         log_arrival(L, source_of(stored), now)
         log_account(L)
-      else
-        redis.call('ZADD', log_index, now, tail)
-        logged = logged + 1
-        if created == 0 then log_keep(L, stored) end  -- no delivery holds it
+      elseif created == 0 then
+        log_keep(L, stored)  -- no delivery holds it (log_keep accounts)
+      elseif nfiltered > 0 then
+        log_account(L)
       end
     end
     out[e] = 1
   else
     i = i + 3 * njobs
+    i = i + 1 + tonumber(ARGV[i])  -- the filtered sinks: decided when it was new
     if L and log_in(L) then
       log_arrival(L, source_of(stored), now)
       log_account(L)

@@ -5,8 +5,10 @@ event (relay/store/stored_event.py) already holds its type, source, time and pay
 The record, a hash ``{prefix}:log:{tenant}:{event_id}``, is written as things happen:
   via:<source>          "<first ms> <count>": arrivals after the first (the first is
                         the stored event's source, at the index's time)
-  s:<sink>              how the delivery ended: ok (delivered), dead:<class>, drop
-                        (none: still under way, or the sink's filter does not take it)
+  s:<sink>              how the delivery ended: ok (delivered), dead:<class>, drop;
+                        filter: the sink's filter kept the event out (at ingest)
+                        (none: still under way, or the sink's events globs do not
+                        take its type)
   n:<sink>              how many attempts were recorded
   a:<sink>:<n>          attempt n: JSON {n, t (start, Redis ms), ms, st, k, err, x, src,
                         stale}; only the last LOG_MAX_ATTEMPTS are kept
