@@ -22,6 +22,7 @@ SEGMENTS: dict[str, str] = {
     "inflight": "inflight",
     "sink_gone": "gone",
     "paused": "paused",
+    "rate": "rate",
     "dead_letters": "dl",
     "dead_letter": "dle",
     "dead_letter_counts": "dlc",
@@ -130,6 +131,13 @@ class Keys:
     def sink_gone(self, tenant: str, sink: str) -> str:
         """The sink URL that answered 410 Gone (deliveries to it dead-letter at once)."""
         return f"{self._p['sink_gone']}{tenant}:{sink}"
+
+    def rate(self, tenant: str, sink: str) -> str:
+        """Hash: a paced sink's ``rate`` state, shared by every worker
+        (``lua/lib/rate.lua``): when its next delivery may start, the last turn promised
+        to one put off, and until when a Retry-After holds it back (Unix ms, Redis'
+        clock)."""
+        return f"{self._p['rate']}{tenant}:{sink}"
 
     def paused(self, tenant: str, sink: str) -> str:
         """Redis' time (Unix ms) an operator paused a sink at; absent while it is not

@@ -246,7 +246,8 @@ class Metrics:
             f"{p}_delivery_waits_total",
             "Deliveries set aside until their sink can take them, once per wait, by reason "
             "(busy: the sink's concurrency cap; breaker_open, half_open: its breaker; "
-            "paused: an operator paused the sink).",
+            "paused: an operator paused the sink; rate: put off to its turn of the "
+            "sink's rate).",
             ["tenant", "sink", "reason"],
             registry=r,
         )
@@ -348,6 +349,8 @@ class Metrics:
                     self.delivery_deferrals.labels(t.slug, s.name, reason)
                 for reason in ("busy", "breaker_open", "half_open"):
                     self.delivery_waits.labels(t.slug, s.name, reason)
+                if s.rate is not None:
+                    self.delivery_waits.labels(t.slug, s.name, "rate")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

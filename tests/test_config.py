@@ -436,3 +436,35 @@ def test_a_broker_kind_whose_extra_is_missing_names_the_extra(
     )
     found = problems(broker_sink(url="nats://h:4222", subject="a"))
     assert any("pip install 'chert-relay[nats]'" in text for text in found.values()), found
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_second"),
+    [("50/s", 50.0), ("3000/m", 50.0), ("3000/min", 50.0), (" 2.5 / s ", 2.5), ("1/m", 1 / 60)],
+)
+def test_a_sink_rate_is_a_count_per_second_or_minute(rate: str, per_second: float) -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][0]["rate"] = rate
+    cfg = parse_config(data, env={})
+    assert cfg.tenants[0].sinks[0].rate == pytest.approx(per_second)
+    assert cfg.tenants[0].sinks[1].rate is None  # no key: no limit
+
+
+@pytest.mark.parametrize(
+    ("rate", "problem"),
+    [
+        ("50", "is not a rate; use a string like '50/s' or '3000/m'"),
+        (50, "is not a rate"),
+        ("50/h", "is not a rate"),
+        ("fast", "is not a rate"),
+        ("0/s", "a rate must be more than 0"),
+        ("-5/s", "a rate must be more than 0"),
+        ("20000/s", "a rate cannot be more than 10000/s"),
+        ("0.5/m", "a rate cannot be less than 1/m"),
+    ],
+)
+def test_a_bad_sink_rate_is_named_by_its_key_path(rate: object, problem: str) -> None:
+    data = config_dict()
+    data["tenants"][0]["sinks"][1]["rate"] = rate
+    found = problems(data)
+    assert problem in found["tenants[0].sinks[1].rate"], found

@@ -23,7 +23,7 @@ from relay.config import egress
 from relay.config.base import HEADER_NAME, SLUG_RE, Section
 from relay.config.egress import OAuth2Config, PemPath, TlsVersion
 from relay.config.filters import EventFilter, compile_filter
-from relay.config.values import Duration, Secret, SecretField, check_http_url, plain_remote
+from relay.config.values import Duration, Rate, Secret, SecretField, check_http_url, plain_remote
 from relay.signing import standard_webhooks_key
 
 SinkKind = Literal["http", "redis-stream", "nats", "amqp"]
@@ -78,6 +78,9 @@ class SinkConfig(Section):
     max_attempts: int = Field(15, ge=1, le=1000)
     max_age: Duration = Field(86400.0, gt=0)
     concurrency: int = Field(16, ge=1, le=10_000)
+    # A pace shared by every worker (relay/store/lua/lib/rate.lua), deliveries per
+    # second, from "50/s" or "3000/m"; None: no limit.
+    rate: Rate | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     # Ordered delivery: "chat" delivers the events of one conversation (data.chat.id)
     # one at a time, in the order the relay took them in; other chats go on in parallel.

@@ -51,6 +51,30 @@ def parse_duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
+_RATE_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*/\s*(s|m|min)\s*$")
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0}
+MAX_RATE = 10_000.0  # per second: a faster pace is a typo (and no sink is paced finer)
+MIN_RATE = 1 / 60  # one a minute: slower is a typo for a pause (chert-relay sinks pause)
+
+
+def parse_rate(value: object) -> float:
+    """Deliveries per second from ``"50/s"``, ``"3000/m"`` or ``"3000/min"``."""
+    if not isinstance(value, str) or not (m := _RATE_RE.match(value)):
+        raise ValueError(
+            f"{value!r} is not a rate; use a string like '50/s' or '3000/m' (per minute)"
+        )
+    per_s = float(m.group(1)) / _RATE_UNITS[m.group(2)]
+    if per_s <= 0:
+        raise ValueError("a rate must be more than 0 (leave `rate` out for no limit)")
+    if per_s > MAX_RATE:
+        raise ValueError(f"a rate cannot be more than {MAX_RATE:g}/s")
+    if per_s < MIN_RATE - 1e-12:
+        raise ValueError("a rate cannot be less than 1/m")
+    return per_s
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,

@@ -1,5 +1,5 @@
 """Delivery state read from Redis at scrape time: queue depth and age, dead letters,
-breakers, gone and paused sinks.
+breakers, gone, paused and paced sinks.
 
 Registered on the metrics registry by the worker role. Prometheus scrapes run in a
 thread (``relay.admin.app``), so this reads with a blocking client and a short timeout;
@@ -59,6 +59,8 @@ class DeliveryCollector(RedisStateCollector):
                 pipe.get(keys.event_log_bytes)
                 *found, log_records, log_bytes = pipe.execute()
             states = breaker.states_sync(self._client, keys, pairs)
+            paced = {(t.slug, s.name): s.rate for t in cfg.tenants for s in t.sinks if s.rate}
+            pace_found = _read_paces(self._client, keys, list(paced))
         except (redis.exceptions.RedisError, OSError) as e:
             log.warning("metrics: could not read delivery state from Redis: %s", e)
             yield _readable(0)
@@ -153,6 +155,45 @@ class DeliveryCollector(RedisStateCollector):
         yield st
         yield gone
         yield from _held_chats(ordered, held_found, now)
+        yield from _paces(paced, pace_found, now)
+
+
+def _read_paces(
+    client: redis.Redis, keys: Keys, paced: list[tuple[str, str]]
+) -> list[list[bytes | None]]:
+    """Each paced sink's last promised turn and Retry-After hold (``lua/lib/rate.lua``);
+    no read at all when no sink has a ``rate``."""
+    if not paced:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for tenant, sink in paced:
+            pipe.hmget(keys.rate(tenant, sink), ["w", "u"])
+        return cast(list[list[bytes | None]], pipe.execute())
+
+
+def _paces(
+    paced: dict[tuple[str, str], float], found: list[list[bytes | None]], now: float
+) -> Iterator[GaugeMetricFamily]:
+    """Each paced sink's pace now, and how long a delivery put off now waits its turn."""
+    limit = GaugeMetricFamily(
+        f"{PREFIX}_sink_rate_limit_per_second",
+        "A sink's pace (its rate): deliveries it may be sent per second, shared by every "
+        "worker; 0 while a Retry-After it answered holds them all back.",
+        labels=["tenant", "sink"],
+    )
+    wait = GaugeMetricFamily(
+        f"{PREFIX}_sink_rate_wait_seconds",
+        "How far ahead a paced sink's turns are promised: about how long a delivery put "
+        "off for its rate now waits (times the rate: about how many wait for a turn).",
+        labels=["tenant", "sink"],
+    )
+    for (pair, rate), (tail, hold) in zip(paced.items(), found, strict=True):
+        held = hold is not None and float(hold) / 1000 > now
+        limit.add_metric(list(pair), 0.0 if held else rate)
+        ahead = float(tail) / 1000 - now if tail is not None else 0.0
+        wait.add_metric(list(pair), max(0.0, ahead))
+    yield limit
+    yield wait
 
 
 def _held_chats(

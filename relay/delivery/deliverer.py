@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 
 from relay import logs
 from relay.config import Config, SinkConfig
-from relay.delivery import breaker, heartbeat
+from relay.delivery import breaker, heartbeat, pace
 from relay.delivery.activity import SinkActivity
 from relay.delivery.endings import dead_letter_of, log_stale_finish, why_ended
 from relay.delivery.heartbeat import Running
@@ -354,6 +354,7 @@ class Deliverer:
         """A retryable failure: schedule the next attempt, or dead-letter if none is left."""
         ref, sink, go = a.ref, a.sink, a.go
         error = answer.error  # scrubbed by the sink client
+        await pace.answered(self._steps, ref.tenant, sink, answer, self._config.worker)
         nxt = next_attempt(
             go.attempt, now, go.deadline_ms, sink, self._config.worker, answer.retry_after
         )

@@ -36,7 +36,8 @@ def why_ended(end: Ended, sink: SinkConfig) -> str:
     """Why a delivery ended without an attempt, for its dead letter."""
     if end.reason == "expired":
         held = (
-            f"; {end.held_s:.1f}s waiting for the sink's concurrency cap (or paused) not counted"
+            f"; {end.held_s:.1f}s waiting for the sink's concurrency cap or rate (or paused) "
+            "not counted"
             if end.held_s >= 0.1
             else ""
         )

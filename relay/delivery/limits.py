@@ -30,6 +30,7 @@ class SinkTable:
                 lease_ms,
                 s.url,
                 1 if usable(s) else 0,
+                rate_interval_ms(s),
             ]
             for pair, s in self._sinks.items()
         }
@@ -37,7 +38,7 @@ class SinkTable:
         # not in it put off (this worker's reload may be on the way)
         self.claim_limits = _json({f"{t}\n{n}": lim for (t, n), lim in limits.items()})
         # finish_batch.lua's `chain`: one usable sink's claim limits
-        self._limits = {pair: _json(lim) for pair, lim in limits.items() if lim[-1]}
+        self._limits = {pair: _json(lim) for pair, lim in limits.items() if lim[5]}
         # sweep.lua's `sinks`: the slots each sink's waiting deliveries may fill
         self.caps = _json({f"{t}:{n}": s.concurrency for (t, n), s in self._sinks.items()})
 
@@ -53,6 +54,12 @@ class SinkTable:
         """The sink's concurrency; 0 for a sink not configured here."""
         found = self._sinks.get((tenant, name))
         return 0 if found is None else found.concurrency
+
+
+def rate_interval_ms(sink: SinkConfig) -> float:
+    """The ms between two starts of ``sink``'s deliveries at its ``rate``; 0 if it has
+    none (``lua/lib/rate.lua``)."""
+    return 0 if sink.rate is None else round(1000 / sink.rate, 6)
 
 
 def _json(value: object) -> str:

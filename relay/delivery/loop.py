@@ -9,7 +9,8 @@ relay's own, on arq's public surface only (its key prefixes):
   token, and the claim. A delivery whose sink has no free slot (its ``concurrency``), or
   whose breaker lets nothing through, is set aside in the sink's waiting set, once,
   instead of being put off and read again and again (``lib/wait.lua``); it comes back
-  with a slot reserved when one frees.
+  with a slot reserved when one frees. One of a paced sink (``rate``) with no token is
+  put back in the queue once, due at its own turn (``lib/rate.lua``).
 - **Run** each taken job as its own task, up to ``worker.max_jobs`` at once
   (:meth:`Deliverer.run <relay.delivery.deliverer.Deliverer.run>`); its finish is
   group-committed with its neighbours'. A finish that frees a slot hands it to the

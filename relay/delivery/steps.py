@@ -50,7 +50,8 @@ LEASE_MS = int(HOLD_S * 1000)  # an in-flight slot's lease (reserved, or renewed
 FINISH_TIMEOUT_S = 10.0  # a finish batch not answered by then fails (the job runs again)
 
 DeferReason = Literal["not_due", "unknown_sink"]
-WaitReason = Literal["paused", "busy", "breaker_open", "half_open"]
+# rate: put back in the queue, due at its turn of the sink's pace (not set aside)
+WaitReason = Literal["paused", "busy", "breaker_open", "half_open", "rate"]
 EndReason = Literal["gone", "expired", "exhausted"]
 FinishOutcome = Literal["ok", "retry", "dead", "drop"]
 BreakerEffect = Literal["success", "failure", "none"]
@@ -90,9 +91,12 @@ class Defer:
 @dataclass(frozen=True, slots=True)
 class Parked:
     """The claim set the job aside in its sink's waiting set (``lib/wait.lua``): it comes
-    back, with a slot reserved, when the sink has one free (or its breaker lets it by)."""
+    back, with a slot reserved, when the sink has one free (or its breaker lets it by).
+    Or, with ``wait_ms``, a paced sink's delivery was put back in the queue, due at its
+    own turn that far ahead (``lib/rate.lua``)."""
 
     reason: WaitReason
+    wait_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,7 @@ def parse_claim(res: list[Any]) -> Claim:
     if verdict == "defer":
         return Defer(cast(DeferReason, _text(res[1])), int(res[2]))
     if verdict == "park":
-        return Parked(cast(WaitReason, _text(res[1])))
+        return Parked(cast(WaitReason, _text(res[1])), int(res[2]) if len(res) > 2 else None)
     if verdict == "go":
         stored = _parse_stored(res[4])
         if stored is None:
@@ -218,6 +222,7 @@ class Steps:
         self._release = scripts.script("release").bind(client)
         self._reschedule = scripts.script("reschedule").bind(client)
         self._sweep = scripts.script("sweep").bind(client)
+        self._rate_hold = scripts.script("rate_hold").bind(client)
         self._finishes: ScriptPipeline[FinishItem] = ScriptPipeline(
             client,
             scripts.script("finish_batch").source,
@@ -380,6 +385,15 @@ class Steps:
             },
         )
         return [_text(j) for j in started], [_text(m) for m in unknown]
+
+    async def hold_pace(self, tenant: str, sink: str, wait_ms: int, interval_ms: float) -> bool:
+        """Start none of the paced sink's deliveries for ``wait_ms`` (its Retry-After),
+        then resume its pace (``rate_hold.lua``); False if a hold as long was there."""
+        moved = await self._rate_hold(
+            keys={"rate": self._keys.rate(tenant, sink)},
+            args={"wait_ms": wait_ms, "interval_ms": interval_ms},
+        )
+        return int(moved) == 1
 
     async def release(self, ref: Ref) -> bool:
         """Give back the in-flight slot (and the breaker's probe turn) and the job's

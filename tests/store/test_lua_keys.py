@@ -31,6 +31,7 @@ async def test_delivery_keys_match_the_python_names(redis: Redis, chat: str) -> 
         "inflight": k.inflight(tenant, sink),
         "gone": k.sink_gone(tenant, sink),
         "paused": k.paused(tenant, sink),
+        "rate": k.rate(tenant, sink),
         "job": k.job(job_id),
         "queue": k.queue,
         "retry": k.job_retry(job_id),

@@ -52,7 +52,7 @@ local function chain(id, token, lim)
   local k = delivery_keys(A.prefix, A.queue, id, tenant, sink, event_id, chat)
   local reply = claim(k, {
     now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
-    lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5],
+    lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
   })
   if reply[1] == 'defer' or reply[1] == 'park' then redis.call('DEL', in_progress) end
   return {id, chat, token, reply}

@@ -1,7 +1,8 @@
 --[[ sweep: every worker's look, every half second, at the sinks with deliveries set
 aside (lib/wait.lua), for what no finish saw: slots that freed when an in-flight lease
 lapsed (a worker died mid-attempt) or a reload raised a sink's cap, and breakers whose
-wait is over (no finish comes while one is open). Those slots go to the waiting
+wait is over (no finish comes while one is open), and turns of a paced sink that came
+within its horizon (lib/rate.lua). Those slots go to the waiting
 deliveries, in order, each reserved. While a sink's breaker is open, its waiting
 deliveries past their deadline go back in the queue, to be dead-lettered by their
 claim — unless an operator paused the sink: then nothing of its leaves the waiting
@@ -43,7 +44,7 @@ for _, member in ipairs(redis.call('SMEMBERS', K.waiting_sinks)) do
   if redis.call('EXISTS', wait) == 0 then
     redis.call('SREM', K.waiting_sinks, member)
   elseif cap then
-    local n = wait_free(inflight, breaker, paused, cap, now)
+    local n = wait_free(inflight, breaker, paused, cap, now, p .. KEY.rate .. ':' .. member)
     add(unpark(wait, K.waiting_sinks, member, inflight, K.queue, att_base, job_base, n, now,
       tonumber(A.lease_ms), true))
     if n == 0 and redis.call('HGET', breaker, 's') == 'o'

@@ -22,8 +22,8 @@ ARGV
   5 margin_ms          how long past its deadline a delivery's job and event are kept
   6 seed               seeds the jitter of an unknown sink's wait
   7 sinks              JSON: tenant .. "\n" .. sink -> [max_age_ms, max_attempts, cap,
-                       lease_ms, url, usable] for every sink this worker knows (usable
-                       0: only peeked at)
+                       lease_ms, url, usable, rate_ms] for every sink this worker knows (usable
+                       0: only peeked at; rate_ms: 1000 / its rate, 0 if none)
   8 unknown_grace_ms   how long a job of an unknown sink is put off before it ends
   9 jobs               JSON: the due job ids read from the queue, in its order
 uses: clock claim delivery_keys job_record
@@ -87,7 +87,7 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       else
         reply = claim(k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
-          lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5],
+          lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
         })
         if reply[1] == 'defer' or reply[1] == 'park' then
           redis.call('DEL', in_progress)

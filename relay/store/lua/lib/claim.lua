@@ -7,23 +7,30 @@ marked gone or whose attempts are used up ends (the caller dead-letters it), and
 does one past its deadline that has had an attempt. One not due yet is put back in the
 queue for when it is. One whose sink's breaker is open (or half-open with another
 job's probe in flight) or whose sink is at its in-flight cap is set aside in the
-sink's waiting set (lib/wait.lua) until a slot frees. Otherwise the attempt is counted
+sink's waiting set (lib/wait.lua) until a slot frees. One of a paced sink (`rate`)
+that has a slot but no token is put back in the queue, once, due at its own turn
+(lib/rate.lua), giving back a slot reserved for it — or, if that turn is past the
+horizon, or other deliveries of its sink are set aside, set aside too (reason `rate`). Otherwise the attempt is counted
 and an in-flight slot leased (or the slot reserved for it taken over).
 The deadline measures the sink's failure, not the relay's queueing: a wait for an
-in-flight slot (the sink's `concurrency`, the relay's own cap) or on a pause moves the
+in-flight slot (the sink's `concurrency`, the relay's own cap), for a turn of its `rate`
+or on a pause moves the
 deadline back by that wait, and a delivery past its deadline that was never tried still gets its
 one attempt — unless the sink's breaker is open (the sink is failing now): then it
 ends untried (attempts 0), and the caller's dead letter says so.
 ``k``: the delivery's keys (lib/delivery_keys.lua); ``arg``: now, job_id, max_age_ms,
 max_attempts, cap (the sink's concurrency), lease_ms (an in-flight slot's lease),
 margin_ms (how long past the deadline the job and the event are kept), url (compared
-with the gone mark).
-uses: stored_event breaker wait
+with the gone mark), rate_ms (the interval between the sink's starts: 1000 / rate; 0
+or nil: no rate).
+uses: stored_event breaker wait rate
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
   | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
+  | {'park', 'rate', wait_ms} (back in the queue, due at its turn) | {'park', 'rate'}
   | {'go', attempt, first_ms, deadline_ms, stored, source, probe}
   | {'gone'|'expired'|'exhausted', attempts, first_ms, last_ms, status, error, stored, held_ms}
-  held_ms: how long the delivery has waited on the sink's in-flight cap or a pause, all told
+  held_ms: how long the delivery has waited on the sink's in-flight cap, its rate or a
+  pause, all told
   probe: '1' if the attempt is the sink's half-open breaker probe, else ''
 ]]
 
@@ -33,7 +40,7 @@ local function claim(k, arg)
   if type(stored) == 'table' then return {'unreadable'} end  -- not a string: WRONGTYPE
   if not stored then return {'missing'} end
   local st = redis.call('HMGET', k.attempts, 'a', 'dl', 'due', 'first', 'last', 'st', 'err', 'src',
-    'held')
+    'held', 'rt')
   local a = tonumber(st[1]) or 0
   local dl = tonumber(st[2])
   local margin = tonumber(arg.margin_ms)
@@ -89,6 +96,32 @@ local function claim(k, arg)
     park(k, now, job_id, 'busy')
     return {'park', 'busy'}
   end
+  local interval = tonumber(arg.rate_ms) or 0
+  if interval > 0 then
+    local turn = tonumber(st[10])
+    -- behind the deliveries set aside (unless the waiting set just handed it a slot)
+    local wait = -1
+    if turn or mine or redis.call('EXISTS', k.wait) == 0 then
+      wait = rate_take(k.rate, now, interval, turn)
+    end
+    if wait < 0 then
+      -- its turn is past the horizon: set aside until turns come near (lib/rate.lua)
+      redis.call('HDEL', k.attempts, 'rt')
+      park(k, now, job_id, 'rate')
+      return {'park', 'rate'}
+    elseif wait > 0 then
+      -- No token yet: back in the queue, due at its turn, once. As with a wait for a
+      -- slot, the relay's own pace is not the sink's failure: the deadline moves back.
+      if mine then redis.call('ZREM', k.inflight, job_id) end
+      dl = dl + wait
+      redis.call('HINCRBY', k.attempts, 'dl', wait)
+      redis.call('HINCRBY', k.attempts, 'held', wait)
+      redis.call('HSET', k.attempts, 'rt', now + wait)
+      hold()
+      redis.call('ZADD', k.queue, now + wait, job_id)
+      return {'park', 'rate', wait}
+    end
+  end
   local probe = ''
   if verdict == 'probe' then
     breaker_take_probe(k.breaker, now, job_id, lease)
@@ -98,7 +131,7 @@ local function claim(k, arg)
   redis.call('PEXPIRE', k.inflight, lease + margin)
   a = a + 1
   redis.call('HSET', k.attempts, 'a', a, 'last', now)
-  redis.call('HDEL', k.attempts, 'ps')
+  redis.call('HDEL', k.attempts, 'ps', 'rt')
   redis.call('HSETNX', k.attempts, 'first', now)
   hold()
   return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}

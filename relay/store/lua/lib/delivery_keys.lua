@@ -13,6 +13,7 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     inflight = p .. KEY.inflight .. ':' .. ts,
     gone = p .. KEY.sink_gone .. ':' .. ts,
     paused = p .. KEY.paused .. ':' .. ts,
+    rate = p .. KEY.rate .. ':' .. ts,
     job = JOB_KEY_PREFIX .. job_id,
     queue = queue,
     retry = RETRY_KEY_PREFIX .. job_id,

@@ -6,14 +6,18 @@ sinks' jobs out of the queue's head. It comes back when a slot frees — a finis
 lapsed lease, a breaker that lets a probe through — with that slot reserved for it (an
 in-flight lease of its own, which its claim takes over), so a sink's slots are filled
 in order and never twice. While set aside, its job, record and stored event do not
-expire; a wait for a slot (reason `busy`) or on an operator's pause (`paused`) moves
-its deadline back by as long (neither the relay's own cap nor a pause is the sink's
+expire; a wait for a slot (reason `busy`), for a turn of the sink's rate (`rate`) or
+on an operator's pause (`paused`) moves its deadline back by as long (neither the relay's own cap nor a pause is the sink's
 failure), a wait on the breaker does not. A paused sink has no free slot at all: its
 deliveries stay set aside until it is resumed (relay/store/lua/resume.lua).
 The sink's member ("tenant:sink") is in the set of waiting sinks while its waiting
 set is not empty: every worker's sweep (sweep.lua) looks there for slots that freed
 without a finish.
-uses: keys breaker
+A paced sink's deliveries whose turn is past the horizon wait here too (reason `rate`,
+lib/rate.lua), and so does one that comes while others are set aside; they come
+back as turns come near, each with a slot reserved, and their claim promises each its
+turn (or starts it).
+uses: keys breaker rate
 ]]
 
 -- Set the delivery aside; its place in line is kept across waits ('ps').
@@ -31,14 +35,17 @@ local function park(k, now, job_id, reason)
 end
 
 -- How many of the sink's deliveries may start now: its free slots, or one while its
--- breaker lets a probe through, or none while it is open (or probing) or paused.
-local function wait_free(inflight, breaker, paused, cap, now)
+-- breaker lets a probe through, or none while it is open (or probing) or paused; for a
+-- paced sink, no more than the turns it can promise now (lib/rate.lua's rate_fits).
+local function wait_free(inflight, breaker, paused, cap, now, rate)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
   if redis.call('EXISTS', paused) == 1 then return 0 end
   local free = cap - redis.call('ZCARD', inflight)
   local admits = breaker_admits(breaker, now)
   if admits == 'none' then return 0 end
-  if admits == 'one' then return math.min(free, 1) end
+  if admits == 'one' then free = math.min(free, 1) end
+  local turns = rate_fits(rate, now)
+  if turns then free = math.min(free, turns) end
   return free
 end
 
@@ -55,9 +62,9 @@ local function unpark(wait, waiting, member, inflight, queue, att_base, job_base
     local att = att_base .. string.sub(id, #job_base + 1)
     local st = redis.call('HMGET', att, 'pk', 'pr')
     local since = tonumber(st[1])
-    if since and (st[2] == 'busy' or st[2] == 'paused') and now > since then
-      -- waiting on the relay's own cap, or on a pause, is not the sink's failure: the
-      -- deadline moves
+    if since and (st[2] == 'busy' or st[2] == 'paused' or st[2] == 'rate') and now > since then
+      -- waiting on the relay's own cap or pace, or on a pause, is not the sink's
+      -- failure: the deadline moves
       redis.call('HINCRBY', att, 'dl', now - since)
       redis.call('HINCRBY', att, 'held', now - since)
     end
@@ -74,7 +81,7 @@ end
 -- waiting set.
 local function wait_fill(k, cap, now, lease_ms)
   if redis.call('EXISTS', k.wait) == 0 then return {} end
-  local n = wait_free(k.inflight, k.breaker, k.paused, cap, now)
+  local n = wait_free(k.inflight, k.breaker, k.paused, cap, now, k.rate)
   return unpark(k.wait, k.waiting, k.member, k.inflight, k.queue, k.att_base, k.job_base, n,
     now, lease_ms, true)
 end
