@@ -17,7 +17,15 @@ from redis.asyncio import Redis
 from relay.config import parse_config
 from relay.errors import ConfigError
 from relay.store.embedded import free_port
-from tests.support.common import TENANT, WEBHOOK_SECRET, config_dict, envelope, signed, wait_for
+from tests.support.common import (
+    OTHER_SECRET,
+    TENANT,
+    WEBHOOK_SECRET,
+    config_dict,
+    envelope,
+    signed,
+    wait_for,
+)
 from tests.support.delivery import FAST_WORKER, Received, Sink, sink_conf, sinks
 from tests.support.otlp import Span, collector
 from tests.support.process import RelayProcess, write_toml
@@ -90,13 +98,21 @@ async def test_a_webhook_and_its_delivery_attempts_make_one_trace(
             await relay.wait_ready(f"http://127.0.0.1:{admin}", 20)
             await _post(port, "t-ok")
             await _post(port, "t-retry", "reaction.added")
+            body, headers = signed(envelope("t-bad"), OTHER_SECRET)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"http://127.0.0.1:{port}/webhooks/chert/{TENANT}", data=body, headers=headers
+                ) as r,
+            ):
+                assert r.status == 401
 
             def attempts(event_id: str) -> list[Span]:
                 return otlp.named("delivery attempt", **{"relay.event.id": event_id})
 
             await wait_for(lambda: len(sink.for_event("t-retry")) == 2, 20)
             await wait_for(lambda: len(attempts("t-ok")) == 2 and len(attempts("t-retry")) == 3, 20)
-            await wait_for(lambda: len(otlp.named("webhook")) == 2, 20)
+            await wait_for(lambda: len(otlp.named("webhook")) == 3, 20)
             async with (
                 aiohttp.ClientSession() as http,
                 http.get(
@@ -124,6 +140,7 @@ async def test_a_webhook_and_its_delivery_attempts_make_one_trace(
         assert hook.attributes["relay.event.type"] == etype
         assert hook.attributes["relay.outcome"] == "accepted"
         assert hook.attributes["http.response.status_code"] == 202
+        assert hook.events == ["verified"]
         tried = attempts(event_id)
         for span in tried:  # every attempt, to every sink: a child of the webhook's span
             assert (span.trace_id, span.parent_span_id) == (hook.trace_id, hook.span_id)
@@ -151,6 +168,13 @@ async def test_a_webhook_and_its_delivery_attempts_make_one_trace(
         assert streamed.kind == PRODUCER
         assert streamed.attributes["relay.outcome"] == "delivered"
         assert streamed.attributes["relay.answer"] == "ack"
+    (refused,) = otlp.named("webhook", **{"relay.outcome": "rejected"})
+    assert refused.attributes["relay.reason"] == "bad_signature"
+    assert refused.attributes["http.response.status_code"] == 401
+    assert refused.attributes["relay.tenant"] == TENANT
+    assert refused.events == []
+    assert "relay.event.id" not in refused.attributes
+    assert not [s for s in otlp.spans if s.trace_id == refused.trace_id and s != refused]
     retried = sorted(
         (s for s in attempts("t-retry") if s.attributes["relay.sink"] == "hook"),
         key=lambda s: s.attributes["relay.attempt"],

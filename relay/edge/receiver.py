@@ -199,6 +199,9 @@ class Receiver:
             req = _Request("unknown", None, started, remote)
             return self._reject(404, "unknown_tenant", "no such tenant", req)
         req = _Request(slug, tenant, started, remote)
+        tracer = telemetry.TRACER
+        if tracer is not None:
+            req.span = tracer.webhook(slug, started)
         if self.draining:
             return self._reject(503, "draining", "the relay is shutting down", req)
         length = msg.headers.get("Content-Length")
@@ -291,9 +294,6 @@ class Receiver:
                 return self._reject(413, "body_too_large", detail, req)
             except decoding.Undecodable as e:
                 return self._reject(400, "malformed_body", str(e), req)
-        tracer = telemetry.TRACER
-        if tracer is not None:
-            req.span = tracer.webhook(tenant.slug, req.started)
         try:
             tenant.skew.set(
                 verify_webhook(headers, body, tenant.secrets, tolerance=tenant.tolerance)
@@ -311,7 +311,8 @@ class Receiver:
         if event.partner_id is not None and event.partner_id != tenant.slug:
             return self._reject(403, "tenant_mismatch", "partner_id names another tenant", req)
         done = functools.partial(self._ingested, req)
-        if tracer is None:
+        tracer = telemetry.TRACER
+        if req.span is None or tracer is None:
             return self._ingestor.submit(tenant.slug, event, "webhook"), done
         trace = tracer.webhook_event(req.span, event)
         return self._ingestor.submit(tenant.slug, event, "webhook", trace), done

@@ -11,7 +11,8 @@ the SDK's thread, off the event loop.
 The spans (:data:`ATTRIBUTES` names what an operator filters by):
 
 - ``webhook`` (server): one per webhook whose tenant is known, from its arrival to its
-  answer: verified, parsed, stored. The root of its event's trace.
+  answer, with an event (``verified``) once its signature is verified and its body
+  parsed: the rest is its ingest. The root of its event's trace.
 - ``poll window`` (internal): one per window of the poller, with Chert's ``X-Trace-ID``
   of each page read (``chert.trace_id``).
 - ``ingest`` (internal): one per event from a poll, the SSE stream, a backfill or a
@@ -52,6 +53,7 @@ ATTRIBUTES = (
     "relay.event.type",  # webhook, ingest, delivery attempt
     "relay.event.id",  # webhook, ingest, delivery attempt: Chert's event id
     "relay.source",  # ingest, poll window, delivery attempt: webhook, poll, sse, ...
+    "relay.full",  # poll window: a full window (from the watermark less the overlap)
     "relay.outcome",  # webhook: accepted, duplicate, rejected, unavailable, error;
     # ingest: new, duplicate, failed; poll window: ok, failed;
     # delivery attempt: delivered, failed (worth another attempt), refused
@@ -191,7 +193,9 @@ class Tracer:
 
     @staticmethod
     def webhook_event(span: trace.Span, event: Event) -> bytes:
-        """The webhook carries ``event``: note it, and give the trace field to store."""
+        """The webhook carries ``event``, verified and parsed (a span event, ``verified``:
+        the rest of the span is its ingest): note it, and give the trace field to store."""
+        span.add_event("verified")
         span.set_attributes({"relay.event.type": event.type, "relay.event.id": event.event_id})
         return stored_field(span)
 

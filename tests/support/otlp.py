@@ -37,6 +37,7 @@ class Span:
     attributes: dict[str, Any]
     links: list[tuple[str, str]]  # (trace id, span id)
     service: str
+    events: list[str]  # the span events' names
 
     @classmethod
     def of(cls, span: ProtoSpan, service: str) -> Span:
@@ -49,6 +50,7 @@ class Span:
             attributes={a.key: _value(a.value) for a in span.attributes},
             links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
             service=service,
+            events=[e.name for e in span.events],
         )
 
 
