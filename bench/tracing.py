@@ -7,7 +7,9 @@ Three variants, alternated in every round on the same machine:
 - **off**: this tree, ``[telemetry] tracing = false`` (the default);
 - **on**: this tree, ``tracing = true``, exporting every span (the default sampler)
   over OTLP/HTTP to a stand-in collector (its own process: it answers 200 and drops
-  what it gets), batched every 50 ms.
+  what it gets), batched every 50 ms;
+- **sampled**: as **on**, keeping one event in ten
+  (``OTEL_TRACES_SAMPLER=parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG=0.1``).
 
 Each run takes a fresh redis-server (AOF, ``appendfsync always``) and then:
 
@@ -18,7 +20,8 @@ Each run takes a fresh redis-server (AOF, ``appendfsync always``) and then:
    sink (``bench/sinkserver.py``'s, its own process): deliveries/s from the first 2xx to
    the last, and the worker's CPU per delivery (start-up not counted).
 
-Prints each run, then the medians of the per-round ratios off/before and on/off.
+Prints each run, then the medians of the per-round ratios off/before, on/off and
+sampled/off.
 
     python bench/tracing.py --before /tmp/relay-before [--events 5000] [--rounds 3]
 """
@@ -49,7 +52,8 @@ from relay.signing import webhook_headers  # noqa: E402
 from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
 
 WEBHOOK_SECRET = "x" * 32
-VARIANTS = ("before", "off", "on")
+VARIANTS = ("before", "off", "on", "sampled")
+SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
 
 def collector_main(port: int) -> None:
@@ -86,7 +90,7 @@ def config(redis_url: str, sink: str, variant: str, ports: dict[str, int]) -> di
         ],
     }
     if variant != "before":
-        data["telemetry"] = {"tracing": variant == "on"}
+        data["telemetry"] = {"tracing": variant != "off"}
     return data
 
 
@@ -206,7 +210,8 @@ def main() -> None:
                 order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
                 for variant in order:
                     tree = args.before if variant == "before" else ROOT
-                    got = one_run(work / f"{variant}{r}", tree, variant, sink, env, args)
+                    run_env = {**env, **SAMPLED} if variant == "sampled" else env
+                    got = one_run(work / f"{variant}{r}", tree, variant, sink, run_env, args)
                     results[variant].append(got)
                     print(
                         f"round {r + 1} {variant}: "
@@ -216,7 +221,11 @@ def main() -> None:
         finally:
             for p in procs:
                 stop(p)
-    for name, num, den in (("off / before", "off", "before"), ("on / off", "on", "off")):
+    for name, num, den in (
+        ("off / before", "off", "before"),
+        ("on / off", "on", "off"),
+        ("sampled / off", "sampled", "off"),
+    ):
         line = []
         for key in ("ingest_rate", "ingest_cpu_us", "drain_rate", "drain_cpu_us"):
             ratios = [a[key] / b[key] for a, b in zip(results[num], results[den], strict=True)]
