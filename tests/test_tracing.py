@@ -4,9 +4,13 @@ and the sinks check that the ``traceparent`` they get continues the event's trac
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +322,39 @@ def test_a_stored_event_keeps_its_trace_context() -> None:
     plain = stored_event.parse(stored_event.pack(1, 5, "poll", None, "a.b", b"{}"))
     assert plain.trace == ""
     assert json.loads(plain.body) == {}
+
+
+async def test_a_backfilled_event_has_its_own_trace(redis_url: str, tmp_path: Path) -> None:
+    async with collector() as otlp, simulator() as sim:
+        rows = sim.emit(TENANT, count=3)
+        api = {"base_url": sim.base_url, "signing_secret": API_SECRET, "max_backoff": 1.0}
+        data = _config(
+            redis_url,
+            free_port(),
+            free_port(),
+            [sink_conf("hook", "http://127.0.0.1:9/hook")],
+            tenant={"api": api},
+            telemetry={"tracing": True},
+        )
+        path = write_toml(tmp_path / "relay.toml", data)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "relay", "-c", str(path), "backfill", "--tenant", TENANT,
+             "--since", "2000-01-01T00:00:00Z"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, **otlp.env()},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    # the exit exported every span: no waiting
+    spans = otlp.named("ingest", **{"relay.source": "backfill"})
+    assert sorted(s.attributes["relay.event.id"] for s in spans) == sorted(
+        r["event_id"] for r in rows
+    )
+    for span in spans:
+        assert span.parent_span_id == ""
+        assert span.links == []
+        assert span.attributes["relay.outcome"] == "new"
+        assert span.service == "chert-relay"
+    assert len({s.trace_id for s in spans}) == len(spans)  # one trace per event

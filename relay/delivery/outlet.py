@@ -4,8 +4,6 @@ or a broker publish (:mod:`relay.delivery.brokers`), with the same metadata and 
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from relay import telemetry
@@ -44,8 +42,8 @@ class Outlet:
         attempt = tracer.attempt(req, sink.name, sink.kind, headers)
         try:
             answer = await self._send(sink, req, body, headers, timeout, chat)
-        except asyncio.CancelledError:
-            attempt.cancelled()
+        except BaseException as e:  # cancelled (shutting down), or a fault of the relay's
+            attempt.broke(e)
             raise
         return attempt.end(answer)
 

@@ -15,8 +15,8 @@ The spans (:data:`ATTRIBUTES` names what an operator filters by):
   parsed: the rest is its ingest. The root of its event's trace.
 - ``poll window`` (internal): one per window of the poller, with Chert's ``X-Trace-ID``
   of each page read (``chert.trace_id``).
-- ``ingest`` (internal): one per event from a poll, the SSE stream, a backfill or a
-  replay: the root of its event's trace, linked to the poll window that read it.
+- ``ingest`` (internal): one per event from a poll, the SSE stream or a backfill: the
+  root of its event's trace, linked to the poll window that read it.
 - ``delivery attempt`` (client; producer for a broker sink): one per attempt, a child of
   its event's root span, read back from the stored event in whichever worker runs it.
 """
@@ -56,7 +56,8 @@ ATTRIBUTES = (
     "relay.full",  # poll window: a full window (from the watermark less the overlap)
     "relay.outcome",  # webhook: accepted, duplicate, rejected, unavailable, error;
     # ingest: new, duplicate, failed; poll window: ok, failed;
-    # delivery attempt: delivered, failed (worth another attempt), refused
+    # delivery attempt: delivered, failed (worth another attempt), refused, cancelled,
+    # error (a fault of the relay's own)
     "relay.reason",  # webhook refused: the reason label of webhook_rejections_total
     "relay.sink",  # delivery attempt: the sink's name
     "relay.sink.kind",  # delivery attempt: http, redis-stream, nats, amqp
@@ -131,8 +132,14 @@ class Attempt:
         span.end()
         return replace(answer, exemplar=exemplar(span))
 
-    def cancelled(self) -> None:
-        self.span.set_attribute("relay.outcome", "cancelled")
+    def broke(self, error: BaseException) -> None:
+        """The attempt ended without an answer: cancelled (the worker stopping), or a
+        fault of the relay's own."""
+        if isinstance(error, asyncio.CancelledError):
+            self.span.set_attribute("relay.outcome", "cancelled")
+        else:
+            self.span.set_attribute("relay.outcome", "error")
+            self.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         self.span.end()
 
 
@@ -212,7 +219,7 @@ class Tracer:
     # --- the other sources ------------------------------------------------------------
 
     def ingest(self, tenant: str, event: Event, source: str) -> trace.Span:
-        """The span of an event from a poll, the SSE stream, a backfill or a replay: the
+        """The span of an event from a poll, the SSE stream or a backfill: the
         root of its trace, linked to the span current here (a poll window's)."""
         current = trace.get_current_span().get_span_context()
         return self._tracer.start_span(
