@@ -279,6 +279,15 @@ async def test_with_tracing_off_nothing_is_exported_and_no_traceparent_is_sent(
             await relay.wait_ready(f"http://127.0.0.1:{admin}", 20)
             await _post(port, "off-1")
             await wait_for(lambda: sink.ids() == ["off-1"], 20)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(
+                    f"http://127.0.0.1:{admin}/metrics",
+                    headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+                ) as r,
+            ):  # the exposition is the classic one, whatever the scraper asks for
+                assert r.headers["Content-Type"].startswith("text/plain")
+                assert "# {" not in await r.text()
             await _stop(relay)  # a tracer would export what it still held here
         finally:
             relay.kill()
