@@ -37,7 +37,6 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from relay import __version__
 
@@ -66,8 +65,6 @@ ATTRIBUTES = (
     "chert.trace_id",  # poll window: Chert's X-Trace-ID of each page (a list)
 )
 
-_PROPAGATOR = TraceContextTextMapPropagator()
-
 
 def _resource() -> Resource:
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, the SDK's
@@ -77,29 +74,48 @@ def _resource() -> Resource:
     return resource
 
 
+def _traceparent(ctx: trace.SpanContext) -> str:
+    """A span context as a W3C ``traceparent`` (version 00)."""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def _tracestate(ctx: trace.SpanContext) -> str:
+    """Its ``tracestate``, without the optional white space ("": none)."""
+    return "".join(ctx.trace_state.to_header().split()) if ctx.trace_state else ""
+
+
 def stored_field(span: trace.Span) -> bytes:
     """The span's W3C trace context as the stored event keeps it: ``traceparent``, then
     ``;tracestate`` if there is one (its optional white space dropped: the field holds
     none); empty for a span without a valid context."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-    parent = carrier.get("traceparent", "")
-    if not parent:
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
         return b""
-    state = "".join(carrier.get("tracestate", "").split())
+    state = _tracestate(ctx)
+    parent = _traceparent(ctx)
     return f"{parent};{state}".encode() if state else parent.encode()
 
 
 def _parent(field: str) -> otel_context.Context | None:
-    """The context a stored trace field names (None: it names none)."""
-    if not field:
-        return None
+    """The context a stored trace field names (None: it names none, or not validly)."""
     parent, _, state = field.partition(";")
-    carrier = {"traceparent": parent, "tracestate": state} if state else {"traceparent": parent}
-    found = _PROPAGATOR.extract(carrier)
-    if not trace.get_current_span(found).get_span_context().is_valid:
+    parts = parent.split("-")
+    if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
         return None
-    return found
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    ctx = trace.SpanContext(
+        trace_id,
+        span_id,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(flags & 0xFF),
+        trace_state=trace.TraceState.from_header([state]) if state else None,
+    )
+    if not ctx.is_valid:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(ctx))
 
 
 def exemplar(span: trace.Span) -> dict[str, str] | None:
@@ -259,7 +275,7 @@ class Tracer:
         goes into ``headers`` as ``traceparent`` (and ``tracestate``)."""
         span = self._tracer.start_span(
             "delivery attempt",
-            context=_parent(req.trace) or otel_context.Context(),
+            context=(_parent(req.trace) if req.trace else None) or otel_context.Context(),
             kind=SpanKind.CLIENT if kind == "http" else SpanKind.PRODUCER,
             attributes={
                 "relay.tenant": req.tenant,
@@ -271,5 +287,9 @@ class Tracer:
                 "relay.source": req.source,
             },
         )
-        _PROPAGATOR.inject(headers, trace.set_span_in_context(span))
+        ctx = span.get_span_context()
+        headers["traceparent"] = _traceparent(ctx)
+        state = _tracestate(ctx)
+        if state:
+            headers["tracestate"] = state
         return Attempt(span)
