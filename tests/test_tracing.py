@@ -367,3 +367,43 @@ async def test_a_backfilled_event_has_its_own_trace(redis_url: str, tmp_path: Pa
         assert span.attributes["relay.outcome"] == "new"
         assert span.service == "chert-relay"
     assert len({s.trace_id for s in spans}) == len(spans)  # one trace per event
+
+
+def test_an_attempt_continues_the_stored_context_tracestate_included() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from relay.delivery.sink_client import Answer, Request
+    from relay.telemetry.otel import Tracer
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = Tracer(provider)
+    trace_id, span_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    stored = f"00-{trace_id}-{span_id}-01;vendor=abc,other=x"
+    headers: dict[str, str] = {}
+    attempt = tracer.attempt(Request(TENANT, "e1", "t", 2, "replay", stored), "s", "nats", headers)
+    answer = attempt.end(Answer(None, "ack", "", None, 0.01, verdict="ok"))
+    (span,) = spans.get_finished_spans()
+    ctx = span.get_span_context()
+    assert span.parent is not None
+    assert (f"{span.parent.trace_id:032x}", f"{span.parent.span_id:016x}") == (trace_id, span_id)
+    assert headers["traceparent"] == f"00-{trace_id}-{ctx.span_id:016x}-01"
+    assert headers["tracestate"] == "vendor=abc,other=x"
+    assert answer.exemplar == {"trace_id": trace_id, "span_id": f"{ctx.span_id:016x}"}
+    assert span.attributes is not None
+    assert span.attributes["relay.source"] == "replay"
+    # a field that names no valid context: the attempt starts a trace of its own
+    for bad in ("", "garbage", f"00-{'0' * 32}-{span_id}-01", f"01-{trace_id}-{span_id}"):
+        spans.clear()
+        headers = {}
+        tracer.attempt(Request(TENANT, "e1", "t", 1, "webhook", bad), "s", "http", headers).end(
+            Answer(503, "http", "HTTP 503", None, 0.01)
+        )
+        (span,) = spans.get_finished_spans()
+        assert span.parent is None
+        assert span.status.status_code.name == "ERROR"
+        assert "tracestate" not in headers
+    provider.shutdown()
