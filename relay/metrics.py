@@ -21,7 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 
 from relay import __version__
@@ -354,6 +354,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """The exposition ``accept`` asks for, and its content type: OpenMetrics (which
+        shows exemplars) if it names it, else the classic text (``""``: the classic)."""
+        if "application/openmetrics-text" not in accept:
+            return self.render(), CONTENT_TYPE
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 _TENANT_LABEL = re.compile(rb'[{,]tenant="((?:[^"\\]|\\.)*)"')

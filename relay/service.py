@@ -5,7 +5,8 @@ reload the configuration). Every resource's set-up is paired with its tear-down 
 one ``AsyncExitStack``, and the roles run under one ``TaskGroup`` so that a role
 that crashes stops the process instead of leaving a half-alive daemon.
 
-Start-up order: Redis (the embedded server, if no URL is set), waiting up to
+Start-up order: the tracer, with ``[telemetry] tracing`` on (:mod:`relay.telemetry`) →
+Redis (the embedded server, if no URL is set), waiting up to
 ``redis.startup_wait`` for it to answer and checking that it cannot lose events →
 the roles, each listener bound → systemd is told ``READY=1`` (:mod:`relay.systemd`).
 A start-up failure raises an error that names its cause and carries its exit code
@@ -14,7 +15,7 @@ A start-up failure raises an error that names its cause and carries its exit cod
 Shutdown order: stop taking webhooks (the receiver answers 503 and closes its
 listener) → let in-flight ingests finish → stop the poller → stop picking jobs and
 let running deliveries finish (bounded) → stop the admin listener → close Redis →
-stop the embedded redis-server.
+stop the embedded redis-server → export the spans still queued.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Literal
 
-from relay import descriptors, memory
+from relay import descriptors, memory, telemetry
 from relay.admin.role import AdminRole
 from relay.config import Config, load_config
 from relay.config.values import Listen
@@ -101,8 +102,12 @@ class Service:
         if (
             config.redis != self.config.redis
             or config.relay.state_dir != self.config.relay.state_dir
+            or config.telemetry != self.config.telemetry
         ):
-            log.warning("[redis] and relay.state_dir changes need a restart; the rest applies now")
+            log.warning(
+                "[redis], [telemetry] and relay.state_dir changes need a restart; "
+                "the rest applies now"
+            )
         self.config = config
         if self.runtime is not None:
             self.runtime.config = config
@@ -126,6 +131,9 @@ class Service:
         async with AsyncExitStack() as stack:
             self._install_signals(stack)
             stack.callback(self.notifier.close)
+            if self.config.telemetry.tracing:
+                # stopped last: the spans of the shutdown itself are exported too
+                stack.push_async_callback(telemetry.start())
             loop = asyncio.get_running_loop()
             loop.set_exception_handler(descriptors.LoopErrors())
             stack.callback(loop.set_exception_handler, None)

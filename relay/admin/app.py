@@ -26,7 +26,7 @@ from relay.admin.auth import PRINCIPAL, Refusals, TokenTable, bearer
 from relay.admin.hosts import HostCheck
 from relay.config import Config
 from relay.config.values import Listen
-from relay.metrics import CONTENT_TYPE, Metrics, only_tenants
+from relay.metrics import Metrics, only_tenants
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class Admin:
     def set_config(self, config: Config) -> None:
         self.tokens = TokenTable(config)
         self.hosts = HostCheck(config.admin.allowed_hosts, self._listen)
+        # with tracing on, a scraper that asks for OpenMetrics gets the latency
+        # histograms' exemplars (trace ids); otherwise the classic text, as ever
+        self._openmetrics = config.telemetry.tracing
 
     def add_api_routes(self, routes: list[web.RouteDef]) -> None:
         """Routes under ``/api/`` added by other roles (dead letters, status…)."""
@@ -129,8 +132,9 @@ class Admin:
         await self.redis_ok(timeout=SCRAPE_PING_TIMEOUT_S)
         # Off the event loop: some collectors read Redis synchronously (queue depth,
         # dead letters), and a slow Redis must not stall webhooks or deliveries.
-        body = await asyncio.to_thread(self._metrics.render)
+        accept = request.headers.get("Accept", "") if self._openmetrics else ""
+        body, content_type = await asyncio.to_thread(self._metrics.render_for, accept)
         who = request.get(PRINCIPAL)
         if who is not None and who.tenants is not None:
             body = only_tenants(body, who.tenants)  # other tenants' volumes are not its
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=body, headers={"Content-Type": content_type})

@@ -28,6 +28,7 @@ from relay.config.models import (
     RedisConfig,
     RelaySection,
     ServerConfig,
+    TelemetryConfig,
     TenantConfig,
     WorkerConfig,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "RelaySection",
     "ServerConfig",
     "SinkConfig",
+    "TelemetryConfig",
     "TenantConfig",
     "WorkerConfig",
     "config_path",

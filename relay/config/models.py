@@ -229,6 +229,26 @@ class EventLogConfig(_Section):
     max_memory: Annotated[Size, Field(ge=1_048_576)] = 512 * 1_048_576
 
 
+class TelemetryConfig(_Section):
+    """Traces over OpenTelemetry (:mod:`relay.telemetry`): off by default; where they go,
+    and how many are kept, come from the standard ``OTEL_*`` variables."""
+
+    tracing: bool = False
+
+    @field_validator("tracing")
+    @classmethod
+    def _extra_installed(cls, v: bool) -> bool:
+        if v:
+            from relay.telemetry import missing_extra
+
+            if missing_extra():
+                raise ValueError(
+                    "tracing needs the 'otel' extra, which is not installed: "
+                    "pip install 'chert-relay[otel]'"
+                )
+        return v
+
+
 class WorkerConfig(_Section):
     max_jobs: int = Field(200, ge=1, le=10_000)
     # Workers are woken when work is queued; this is how long one goes without reading
@@ -380,6 +400,7 @@ class Config(_Section):
     relay: RelaySection = Field(default_factory=RelaySection)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     event_log: EventLogConfig = Field(default_factory=EventLogConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     tenants: list[TenantConfig] = Field(min_length=1)
 
     @field_validator("tenants")

@@ -296,7 +296,7 @@ class Deliverer:
         log.debug("delivery started: attempt %d of %d", go.attempt, sink.max_attempts)
         if go.probe:
             breaker.log_probe(ref.tenant, ref.sink, go.attempt)
-        req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source)
+        req = Request(ref.tenant, ref.event_id, stored.type, go.attempt, go.source, stored.trace)
         try:
             answer = await self._client.send(sink, req, stored.body, a.http_timeout, ref.chat)
         except asyncio.CancelledError:
@@ -308,7 +308,8 @@ class Deliverer:
             raise
         now = _now_ms()
         self.activity.attempt_ended(ref.tenant, ref.sink, answer)
-        self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name).observe(answer.seconds)
+        took = self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name)
+        took.observe(answer.seconds, answer.exemplar)
         if answer.ok:
             await self._delivered(a, answer, now)
             return "done"
@@ -337,11 +338,11 @@ class Deliverer:
         done = time.time()
         of = self._children.of
         of(m.delivery_relay_seconds, ref.tenant, ref.sink).observe(
-            max(0.0, done - stored.at_ms / 1000)
+            max(0.0, done - stored.at_ms / 1000), answer.exemplar
         )
         if stored.timestamp is not None:
             of(m.delivery_e2e_seconds, ref.tenant, ref.sink).observe(
-                max(0.0, done - stored.timestamp)
+                max(0.0, done - stored.timestamp), answer.exemplar
             )
         log.debug(
             "delivery ended: delivered (%s) on attempt %d in %.3fs",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from relay import telemetry
 from relay.config import Config, SinkConfig
 from relay.delivery.brokers import Brokers
 from relay.delivery.brokers.message import Message, chat_of
@@ -34,6 +35,27 @@ class Outlet:
         """Deliver ``body`` once; ``chat``: the event's chat when the caller knows it (an
         ordered delivery's), else read from the body for a broker sink."""
         headers = self.http.headers(sink, req, body)
+        tracer = telemetry.TRACER
+        if tracer is None:
+            return await self._send(sink, req, body, headers, timeout, chat)
+        # the attempt's span, its context in the headers (traceparent, tracestate)
+        attempt = tracer.attempt(req, sink.name, sink.kind, headers)
+        try:
+            answer = await self._send(sink, req, body, headers, timeout, chat)
+        except BaseException as e:  # cancelled (shutting down), or a fault of the relay's
+            attempt.broke(e)
+            raise
+        return attempt.end(answer)
+
+    async def _send(
+        self,
+        sink: SinkConfig,
+        req: Request,
+        body: bytes,
+        headers: dict[str, str],
+        timeout: float,
+        chat: str | None,
+    ) -> Answer:
         if not sink.is_broker:
             return await self.http.post(sink, body, headers, timeout)
         found = chat if chat is not None else chat_of(body)

@@ -160,6 +160,8 @@ class Answer:
     # A broker's answer has no status: it says itself whether the event was accepted
     # ("ok"), is worth another attempt ("retry") or was refused for good ("reject").
     verdict: Literal["ok", "retry", "reject"] | None = None
+    # while tracing is on: the attempt's trace, for the latency histograms' exemplars
+    exemplar: dict[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -203,6 +205,7 @@ class Request:
     event_type: str
     attempt: int
     source: str
+    trace: str = ""  # the event's stored trace context (relay.telemetry); "" for none
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from prometheus_client import Counter, Gauge
 
+from relay import telemetry
 from relay.config import Config
 from relay.edge import decoding
 from relay.edge.http_server import HttpServer
@@ -89,6 +90,7 @@ class _Request:
     started: float
     remote: str | None
     coding: str | None = None  # the body's content coding (a tenant that accepts them)
+    span: Any = None  # its span while tracing is on (relay.telemetry)
 
 
 class Receiver:
@@ -165,7 +167,10 @@ class Receiver:
                 detail,
                 f" ({suppressed} more like it since the last line)" if suppressed else "",
             )
-        self._observe(time.perf_counter() - req.started)
+        if req.span is None:
+            self._observe(time.perf_counter() - req.started)
+        else:
+            self._traced_end(req, status, outcome, reason)
         body = json.dumps({"error": reason, "message": detail}).encode()
         return Response(status, body, self._retry_after if status == 503 else ())
 
@@ -194,6 +199,9 @@ class Receiver:
             req = _Request("unknown", None, started, remote)
             return self._reject(404, "unknown_tenant", "no such tenant", req)
         req = _Request(slug, tenant, started, remote)
+        tracer = telemetry.TRACER
+        if tracer is not None:
+            req.span = tracer.webhook(slug, started)
         if self.draining:
             return self._reject(503, "draining", "the relay is shutting down", req)
         length = msg.headers.get("Content-Length")
@@ -302,9 +310,12 @@ class Receiver:
             return self._reject(400, e.reason, str(e), req)
         if event.partner_id is not None and event.partner_id != tenant.slug:
             return self._reject(403, "tenant_mismatch", "partner_id names another tenant", req)
-        return self._ingestor.submit(tenant.slug, event, "webhook"), functools.partial(
-            self._ingested, req
-        )
+        done = functools.partial(self._ingested, req)
+        tracer = telemetry.TRACER
+        if req.span is None or tracer is None:
+            return self._ingestor.submit(tenant.slug, event, "webhook"), done
+        trace = tracer.webhook_event(req.span, event)
+        return self._ingestor.submit(tenant.slug, event, "webhook", trace), done
 
     def _ingested(self, req: _Request, future: asyncio.Future[Any]) -> Response:
         tenant = req.tenant
@@ -321,5 +332,17 @@ class Receiver:
             tenant.ingested_duplicate.inc()
             tenant.duplicate.inc()
             response = _DUPLICATE
-        self._observe(time.perf_counter() - req.started)
+        if req.span is None:
+            self._observe(time.perf_counter() - req.started)
+        else:
+            self._traced_end(req, response.status, "accepted" if new else "duplicate")
         return response
+
+    def _traced_end(self, req: _Request, status: int, outcome: str, reason: str = "") -> None:
+        """End a traced webhook: its span, and its latency with the trace as exemplar."""
+        tracer = telemetry.TRACER
+        if tracer is None:  # stopped meanwhile
+            self._observe(time.perf_counter() - req.started)
+            return
+        self._observe(time.perf_counter() - req.started, tracer.exemplar(req.span))
+        tracer.webhook_end(req.span, status, outcome, reason)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from relay import telemetry
 from relay.config import Config
 from relay.config.filters import EventFilter
 from relay.ingest.envelope import Event
@@ -168,15 +169,31 @@ class Ingestor:
         was acknowledged and the caller must let the sender retry. A batch that Redis
         does not answer within ``server.ingest_timeout`` fails the same way.
         """
-        new = bool(await self.submit(tenant, event, source))
+        tracer = telemetry.TRACER
+        if tracer is None:
+            new = bool(await self.submit(tenant, event, source))
+        else:  # the event's trace starts here (a webhook's starts in the receiver)
+            span = tracer.ingest(tenant, event, source)
+            try:
+                new = bool(await self.submit(tenant, event, source, tracer.field(span)))
+            except BaseException:
+                span.set_attribute("relay.outcome", "failed")
+                raise
+            else:
+                span.set_attribute("relay.outcome", "new" if new else "duplicate")
+            finally:
+                span.end()
         if self._metrics is not None:
             self.ingested(tenant, source, new).inc()
         return new
 
-    def submit(self, tenant: str, event: Event, source: str) -> asyncio.Future[int]:
+    def submit(
+        self, tenant: str, event: Event, source: str, trace: bytes = b""
+    ) -> asyncio.Future[int]:
         """:meth:`ingest` as a future of the script's 1 (new) or 0, counting nothing.
 
-        For the webhook path, which counts with metric children it looked up once.
+        For the webhook path, which counts with metric children it looked up once (and
+        gives the trace context of its span, stored with the event, while tracing is on).
         """
         src = self._sources.get(source)
         if src is None:
@@ -192,7 +209,8 @@ class Ingestor:
         etype = event.type.encode()
         ts = stored_event.timestamp_field(event.timestamp)
         # the ingest time here is a placeholder: ingest.lua writes Redis' clock over it
-        head = stored_event.header(len(jobs.jobs), int(time.time() * 1000), src, ts, len(etype))
+        at_ms = int(time.time() * 1000)
+        head = stored_event.header(len(jobs.jobs), at_ms, src, ts, len(etype), trace)
         item = IngestItem(
             tenant=tenant,
             event_id=event.event_id,

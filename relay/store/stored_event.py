@@ -5,7 +5,7 @@ dead letter keeps it until replayed or purged (:mod:`relay.store.deadletters`); 
 scripts that read its ingest time or release it use ``lua/lib/stored_event.lua``. It is a
 short ASCII header, the event type and then the envelope byte for byte::
 
-    UUUU AAAAAAAAAAAAA SOURCE TS TYPELEN\\n TYPE BODY
+    UUUU AAAAAAAAAAAAA SOURCE TS TYPELEN[ TRACE]\\n TYPE BODY
 
 - ``UUUU``: its users, zero-padded to 4 digits: the deliveries (jobs and dead
   letters) that still need it. The last one to finish removes the event.
@@ -14,6 +14,9 @@ short ASCII header, the event type and then the envelope byte for byte::
 - ``TS``: Chert's timestamp (Unix seconds) or ``-`` when the event has none.
 - ``TYPELEN``: the length in bytes of ``TYPE``, which follows the newline and is
   followed by the body.
+- ``TRACE``, only while tracing is on (:mod:`relay.telemetry`): the W3C trace context
+  of the span that took the event in — its ``traceparent``, then ``;`` and its
+  ``tracestate`` if it has one — so that its deliveries, in any worker, join its trace.
 
 The users and the ingest time have fixed widths, so scripts update them in place
 (``SETRANGE``). One string with its expiry costs Redis one ``SET`` on the ingest path,
@@ -36,10 +39,16 @@ class StoredEvent:
     timestamp: float | None
     type: str
     body: bytes
+    trace: str = ""  # the W3C trace context it was taken in with ("": none)
 
 
-def header(users: int, at_ms: int, source: bytes, timestamp: bytes, type_len: int) -> bytes:
-    """The header, up to and including the newline; ``timestamp`` is ``b"-"`` for none."""
+def header(
+    users: int, at_ms: int, source: bytes, timestamp: bytes, type_len: int, trace: bytes = b""
+) -> bytes:
+    """The header, up to and including the newline; ``timestamp`` is ``b"-"`` for none,
+    ``trace`` empty for none."""
+    if trace:
+        return b"%04d %013d %s %s %d %s\n" % (users, at_ms, source, timestamp, type_len, trace)
     return b"%04d %013d %s %s %d\n" % (users, at_ms, source, timestamp, type_len)
 
 
@@ -63,9 +72,9 @@ def parse(raw: bytes | str) -> StoredEvent:
         raw = raw.encode()
     head, sep, rest = raw.partition(b"\n")
     fields = head.split(b" ")
-    if not sep or len(fields) != 5:
+    if not sep or len(fields) not in (5, 6):
         raise ValueError("not a stored event")
-    users, at_ms, source, ts, type_len = fields
+    users, at_ms, source, ts, type_len = fields[:5]
     n = int(type_len)
     return StoredEvent(
         users=int(users),
@@ -74,4 +83,5 @@ def parse(raw: bytes | str) -> StoredEvent:
         timestamp=None if ts == b"-" else float(ts),
         type=rest[:n].decode(),
         body=rest[n:],
+        trace=fields[5].decode() if len(fields) == 6 else "",
     )

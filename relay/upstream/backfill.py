@@ -30,6 +30,7 @@ from typing import TextIO
 
 import aiohttp
 
+from relay import telemetry
 from relay.config import Config, TenantConfig, config_path, load_config
 from relay.errors import (
     EXIT_CONFIG,
@@ -146,6 +147,8 @@ async def run_backfill(
     """Open Redis and a session to Chert, as the daemon would, and backfill one tenant."""
     summary = summary if summary is not None else BackfillSummary()
     async with AsyncExitStack() as stack:
+        if config.telemetry.tracing:  # each event's ingest span, exported before exiting
+            stack.push_async_callback(telemetry.start())
         _, client = await open_client(config, stack, share_running=True)
         for warning in await check_server(client, require_aof=config.redis.require_aof):
             log.warning("%s", warning)

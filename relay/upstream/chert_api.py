@@ -68,6 +68,7 @@ class Page:
 
     rows: list[dict[str, Any]]
     next_cursor: str | None
+    trace_id: str | None = None  # Chert's X-Trace-ID for it
 
 
 class ChertPagingError(UpstreamError):
@@ -345,7 +346,11 @@ class ChertApi:
                 retryable=True,
                 trace_id=resp.headers.get("X-Trace-ID"),
             ) from None
-        return Page(rows=[r for r in rows if isinstance(r, dict)], next_cursor=cursor_out or None)
+        return Page(
+            rows=[r for r in rows if isinstance(r, dict)],
+            next_cursor=cursor_out or None,
+            trace_id=resp.headers.get("X-Trace-ID"),
+        )
 
     async def events(self, *, since: str | None, page_size: int) -> AsyncIterator[Page]:
         """Every page of ``GET /events?since=…``, following ``next_cursor`` to its end.

@@ -55,6 +55,7 @@ import time
 import aiohttp
 from aiohttp.http import HttpProcessingError
 
+from relay import telemetry
 from relay.config import TenantConfig
 from relay.errors import ChertApiError, RedisUnavailableError, UpstreamError
 from relay.metrics import Metrics
@@ -367,6 +368,13 @@ class TenantPoller:
         ``full=False``: an incremental poll, from the watermark less
         :data:`INCREMENTAL_OVERLAP_S` (never more than ``overlap``).
         """
+        tracer = telemetry.TRACER
+        if tracer is None:
+            return await self._window(source, full, telemetry.NO_WINDOW)
+        with tracer.poll_window(self.slug, source, full) as span:
+            return await self._window(source, full, span)
+
+    async def _window(self, source: str, full: bool, span: telemetry.Window) -> RowsResult:
         poll = self.tenant.poll
         overlap = poll.overlap if full else min(poll.overlap, INCREMENTAL_OVERLAP_S)
         wm = await self.watermark()
@@ -375,6 +383,7 @@ class TenantPoller:
         # ``events`` returns only at ``next_cursor: null``; any failure (a broken cursor
         # chain included) raises out of here before the watermark moves.
         async for page in self.api.events(since=_since(wm, overlap), page_size=poll.page_size):
+            span.page(page.trace_id)
             result = await ingest_rows(
                 self._rt.ingestor, self.slug, page.rows, source, stale_before=stale_before
             )

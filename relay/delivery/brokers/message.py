@@ -4,7 +4,10 @@ A message carries the stored envelope, byte for byte, and the same metadata as a
 delivery under the same names (``webhook-id`` = Chert's event id, ``webhook-timestamp``,
 ``webhook-signature`` when the sink has a secret, ``X-Chert-Event-Type``,
 ``X-Chert-Tenant``, ``X-Relay-Attempt``, ``X-Relay-Source``, the sink's own headers),
-plus ``X-Chert-Chat-Id`` when the event belongs to a chat.
+plus ``X-Chert-Chat-Id`` when the event belongs to a chat. While tracing is on
+(:mod:`relay.telemetry`), the W3C ``traceparent`` (and ``tracestate``) of the attempt's
+span go along as well — a NATS or AMQP header, a Redis stream field — so a consumer
+continues the event's trace.
 
 For ``ordering = "chat"`` the chat becomes the last token of the NATS subject or AMQP
 routing key (:func:`chat_token`): a consumer can then split the work by chat (a
