@@ -20,7 +20,10 @@ RUN apt-get update \
 WORKDIR /opt/chert-relay
 COPY pyproject.toml README.md ./
 COPY relay ./relay
-RUN pip install --no-cache-dir . && python -c "import relay"
+# Optional extras, comma-separated: nats, amqp (broker sinks), otel (tracing), e.g.
+#   docker build --build-arg EXTRAS=nats,otel -t chert-relay .
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" && python -c "import relay"
 COPY config/relay.example.toml /etc/chert-relay/relay.toml
 
 USER chert-relay
