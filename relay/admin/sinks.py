@@ -28,7 +28,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from relay.config import Config, SinkConfig
-from relay.delivery import breaker
+from relay.delivery import breaker, targets
 from relay.delivery.outlet import Outlet
 from relay.delivery.sink_client import Request
 from relay.keys import Keys
@@ -226,7 +226,9 @@ async def send_test_event(config: Config, tenant: str, sink: str, who: str) -> S
     """Sign and POST a test event to the sink, as a delivery would be; logged."""
     conf = find_sink(config, tenant, sink)
     event_id, body = build_test_event(tenant, sink)
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+    async with aiohttp.ClientSession(
+        connector=targets.connector(config), cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
         outlet = Outlet(session)
         req = Request(tenant, event_id, TEST_EVENT_TYPE, 1, TEST_SOURCE)
         try:

@@ -41,6 +41,7 @@ from relay.config.values import (
     Size,
     parse_listen,
     plain_remote,
+    target_problem,
 )
 from relay.errors import ConfigError
 
@@ -254,6 +255,9 @@ class WorkerConfig(_Section):
     # Workers are woken when work is queued; this is how long one goes without reading
     # the queue when nothing wakes it (a lost wake-up, a retry coming due).
     poll_delay: Duration = Field(0.5, gt=0)
+    # HTTP sinks only at public addresses: none on loopback, private, link-local (cloud
+    # metadata)... (relay/delivery/targets.py); a restart applies a change
+    refuse_private_targets: bool = False
     shutdown_grace: Duration = 30.0  # running deliveries get this long after SIGTERM
     queue_read_limit: int | None = Field(None, ge=1)
     # Delivery retries: the wait before attempt n+1 is retry_backoff * 2**(n-1), capped at
@@ -435,6 +439,20 @@ class Config(_Section):
                     f"shorter than relay.dedupe_ttl ({ttl:g}s): a captured webhook sent "
                     "again after its event's seen mark expired would be taken as new"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _public_targets_only(self) -> Config:
+        if not self.worker.refuse_private_targets:
+            return self
+        for i, t in enumerate(self.tenants):
+            for j, s in enumerate(t.sinks):
+                problem = target_problem(s.url) if s.kind == "http" else None
+                if problem is not None:
+                    raise ValueError(
+                        f"tenants[{i}].sinks[{j}] ({s.name}): {problem}, and "
+                        "worker.refuse_private_targets is set"
+                    )
         return self
 
     @model_validator(mode="after")

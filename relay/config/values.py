@@ -17,6 +17,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
+from yarl import URL
 
 from relay.errors import ConfigError
 
@@ -295,3 +296,26 @@ def parse_host_port(value: object) -> tuple[str, int]:
 
 
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_host_port)]
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address`` is globally routable (and not multicast); a name is not."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def target_problem(url: str) -> str | None:
+    """Why ``url`` names a non-public target outright (an address or localhost)."""
+    host = (URL(url).host or "").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"{host} is this machine"
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None  # a name: resolved, and checked, at delivery
+    return None if is_public(host) else f"{host} is not a public address"

@@ -30,6 +30,7 @@ from yarl import URL
 
 from relay.config import SinkConfig
 from relay.config.egress import NO_PROXY
+from relay.delivery.targets import PrivateTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,8 @@ def failure_text(e: BaseException, url: str) -> str:
         return f"proxy: CONNECT refused with HTTP {e.status} {e.message}" + (
             " (check the proxy's user and proxy_password)" if e.status in (401, 407) else ""
         )
+    if isinstance(e, aiohttp.ClientConnectorError) and isinstance(e.os_error, PrivateTarget):
+        return f"refused: {e.os_error}"
     if isinstance(e, aiohttp.ClientProxyConnectionError):
         return f"proxy: cannot connect to the proxy {e.host}:{e.port}: {e.strerror or e}"
     found = _ssl_error(e)

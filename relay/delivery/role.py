@@ -38,6 +38,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.config import Config
+from relay.delivery import targets
 from relay.delivery.collector import DeliveryCollector
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.heartbeat import Heartbeat, log_census
@@ -82,7 +83,7 @@ class WorkerRole:
         w = cfg.worker
         self._pool = Redis(connection_pool=blocking_pool(self._rt.redis, w.max_jobs + 16))
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=w.max_jobs, limit_per_host=0, ttl_dns_cache=60),
+            connector=targets.connector(cfg, limit=w.max_jobs, limit_per_host=0, ttl_dns_cache=60),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         timeout = job_timeout(cfg)
