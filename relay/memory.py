@@ -13,7 +13,7 @@ keeps large blocks on ``mmap``. Both are no-ops where the C library is not glibc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 from typing import Any
 
@@ -23,12 +23,11 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
 
 
+@functools.cache
 def _libc_function(name: str) -> Any:
-    path = ctypes.util.find_library("c")
-    if path is None:
-        return None
+    """A C library function of this process, looked up once (``None``: not there)."""
     try:
-        return getattr(ctypes.CDLL(path), name)
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 

@@ -468,3 +468,14 @@ def test_a_bad_sink_rate_is_named_by_its_key_path(rate: object, problem: str) ->
     data["tenants"][0]["sinks"][1]["rate"] = rate
     found = problems(data)
     assert problem in found["tenants[0].sinks[1].rate"], found
+
+
+def test_the_body_memory_budget_holds_two_bodies() -> None:
+    data = config_dict(redis_url="redis://127.0.0.1:9/0")
+    data["server"]["max_body_bytes"] = 8 * 1_048_576
+    assert parse_config(data, env={}).server.body_memory == 64 * 1_048_576
+    data["server"]["max_body_bytes"] = 48 * 1_048_576
+    assert parse_config(data, env={}).server.body_memory == 96 * 1_048_576  # two of them
+    data["server"]["max_body_memory"] = "64MiB"
+    with pytest.raises(ConfigError, match=r"max_body_memory .* must be at least twice"):
+        parse_config(data, env={})

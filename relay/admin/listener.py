@@ -8,9 +8,10 @@ unanswered). This wraps each connection's protocol (aiohttp's, an
 
 - past ``admin.max_connections`` open, a new connection gets ``503`` and is closed at
   once;
-- a connection that has sent part of a request head and not had it handled within
-  ``admin.head_timeout`` is aborted (a request in a handler is never cut);
-- one idle for ``admin.idle_timeout`` (nothing sent since its last answer) is closed.
+- a connection whose request has not reached a handler ``admin.head_timeout`` after
+  its first byte arrived is aborted (a request in a handler is never cut);
+- one idle for ``admin.idle_timeout`` (nothing sent since its last answer) is closed,
+  and aborted if it has still not taken what it is owed ``idle_timeout`` later.
 
 Each is counted in ``chert_relay_admin_refusals_total{reason}`` (``too_many_connections``,
 ``head_timeout``, ``idle_timeout``) and logged at most once every 10 s per reason.
@@ -44,6 +45,8 @@ class _Conn:
     last: float  # opened, or its last answer
     busy: int = 0  # requests in a handler
     pending: int = 0  # bytes received since ``last``
+    head_since: float = 0.0  # the first of them arrived then
+    closing_since: float | None = None  # closed idle, its answers still flushing
 
 
 @dataclass
@@ -99,15 +102,19 @@ class ConnectionGuard:
             await asyncio.sleep(SWEEP_S)
             now = time.monotonic()
             for conn in list(self.open.values()):
-                if conn.busy:
+                transport: asyncio.Transport = conn.transport  # type: ignore[assignment]
+                if conn.closing_since is not None:
+                    if now - conn.closing_since > self.idle_timeout:
+                        transport.abort()  # a client that never reads what it is owed
+                elif conn.busy:
                     continue
-                quiet = now - conn.last
-                if conn.pending and quiet > self.head_timeout:
+                elif conn.pending and now - conn.head_since > self.head_timeout:
                     self.refused("head_timeout")
-                    conn.transport.abort()  # type: ignore[attr-defined]
-                elif quiet > self.idle_timeout:
+                    transport.abort()
+                elif not conn.pending and now - conn.last > self.idle_timeout:
                     self.refused("idle_timeout")
-                    conn.transport.close()
+                    conn.closing_since = now
+                    transport.close()  # once what it is owed is flushed
 
 
 _WHAT = {
@@ -139,8 +146,11 @@ class _Guarded(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is not None and self._conn is not None:
-            self._conn.pending += len(data)
+        conn = self._conn
+        if self._inner is not None and conn is not None:
+            if not conn.pending:
+                conn.head_since = time.monotonic()  # a request begins
+            conn.pending += len(data)
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:

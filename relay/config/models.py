@@ -56,7 +56,7 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     # the bodies still arriving, all connections together, hold at most this much: past
     # it the longest-stalled one gives way, or the request gets 503 (Chert retries)
-    max_body_memory: Annotated[Size, Field(ge=1_048_576, le=1 << 40)] = 64 * 1_048_576
+    max_body_memory: Annotated[Size, Field(ge=1_048_576, le=1 << 40)] | None = None
     # longest a webhook waits on Redis before answering 503
     ingest_timeout: Annotated[Duration, Field(ge=0.1)] = 5.0
     # longest a webhook's body may take to arrive before answering 503; a request head
@@ -68,6 +68,23 @@ class ServerConfig(_Section):
     keepalive_timeout: Annotated[Duration, Field(ge=1)] = 75.0
     # open connections at most; past it a new one replaces the longest-idle, or gets 503
     max_connections: int = Field(1000, ge=1, le=1_000_000)
+
+    @property
+    def body_memory(self) -> int:
+        """``max_body_memory``, or by default 64 MiB (at least two bodies)."""
+        if self.max_body_memory is not None:
+            return self.max_body_memory
+        return max(64 * 1_048_576, 2 * self.max_body_bytes)
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> ServerConfig:
+        if self.max_body_memory is not None and self.max_body_memory < 2 * self.max_body_bytes:
+            raise ValueError(
+                f"max_body_memory ({self.max_body_memory}) must be at least twice "
+                f"max_body_bytes ({self.max_body_bytes}): a body that fits could never "
+                "be held, and would get 503 for ever"
+            )
+        return self
 
 
 class AdminTokenConfig(_Section):
@@ -448,6 +465,9 @@ class Config(_Section):
         for i, t in enumerate(self.tenants):
             for j, s in enumerate(t.sinks):
                 problem = target_problem(s.url) if s.kind == "http" else None
+                if problem is None and s.oauth2 is not None:
+                    problem = target_problem(s.oauth2.token_url)
+                    problem = None if problem is None else f"oauth2.token_url: {problem}"
                 if problem is not None:
                     raise ValueError(
                         f"tenants[{i}].sinks[{j}] ({s.name}): {problem}, and "

@@ -53,13 +53,23 @@ def decode(body: bytes, coding: str, max_body: int) -> bytes:
         wbits = zlib.MAX_WBITS if body[:1] and body[0] & 0x0F == 8 else -zlib.MAX_WBITS
     else:
         wbits = 16 + zlib.MAX_WBITS
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise Undecodable(f"the body is not valid {coding}: {e}") from None
-    if len(out) > limit:
-        raise TooLarge(limit)
-    if not d.eof or d.unused_data:
-        raise Undecodable(f"the body is not one complete {coding} stream")
-    return out
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:  # gzip may come in several members, one after the other
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(rest, limit + 1 - size)
+        except zlib.error as e:
+            raise Undecodable(f"the body is not valid {coding}: {e}") from None
+        size += len(out)
+        if size > limit:
+            raise TooLarge(limit)
+        if not d.eof:
+            raise Undecodable(f"the body is not a complete {coding} stream")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest or coding == "deflate":
+            break
+    if rest:
+        raise Undecodable(f"the body has bytes after its {coding} stream")
+    return b"".join(parts)

@@ -140,7 +140,7 @@ class Receiver:
         state.body_timeout = self._body_timeout
         state.keepalive_timeout = cfg.keepalive_timeout
         state.max_connections = cfg.max_connections
-        state.max_body_memory = cfg.max_body_memory
+        state.max_body_memory = cfg.body_memory
 
     def server(self) -> HttpServer:
         """The receiver's HTTP server (not yet listening: ``await server.start(listen)``)."""

@@ -150,6 +150,7 @@ async def _log_in(c: TestClient[Any, Any], token: str, headers: dict[str, str]) 
         ({}, False),
         ({"X-Forwarded-Proto": "https"}, True),
         ({"Forwarded": "for=10.0.0.1;proto=https"}, True),
+        ({"Forwarded": 'for=10.0.0.1;proto="https"'}, True),
         ({"X-Forwarded-Proto": "http"}, False),
     ],
 )

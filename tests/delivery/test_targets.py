@@ -36,6 +36,10 @@ from tests.support.common import TENANT, config_dict
         ("fd00::1", False),
         ("fe80::1%eth0", False),
         ("::ffff:127.0.0.1", False),
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 for 169.254.169.254
+        ("64:ff9b::808:808", True),  # NAT64 for 8.8.8.8
+        ("2002:7f00:1::", False),  # 6to4 for 127.0.0.1
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
         ("not-an-address", False),
     ],
 )
@@ -66,6 +70,17 @@ def test_a_sink_url_at_a_private_address_is_refused_at_load(url: str) -> None:
     with pytest.raises(ConfigError, match=r"tenants\[0\]\.sinks\[0\] \(s\): .*refuse_private"):
         parse_config(config_with(url), env={})
     parse_config(config_with(url, refuse=False), env={})  # the default: allowed
+
+
+def test_an_oauth2_token_url_at_a_private_address_is_refused_at_load() -> None:
+    oauth2 = {
+        "token_url": "https://10.0.0.9/oauth2/token",
+        "client_id": "relay",
+        "client_secret": "s3cret-s3cret-s3cret",
+    }
+    data = config_with("https://crm.example.com/hook", oauth2=oauth2)
+    with pytest.raises(ConfigError, match=r"oauth2\.token_url: 10\.0\.0\.9 is not a public"):
+        parse_config(data, env={})
 
 
 def test_names_public_addresses_and_broker_sinks_pass_at_load() -> None:

@@ -124,6 +124,17 @@ async def test_a_chunked_compressed_body_is_bounded_the_same_way(
     assert answer.startswith(b"HTTP/1.1 202"), answer
 
 
+async def test_a_gzip_body_of_several_members_is_taken(
+    serve_receiver: ServeReceiver, redis: Redis
+) -> None:
+    h = await harness(serve_receiver, redis, accept=True)
+    raw, headers = signed(envelope("gz-members"))
+    sent = gzip.compress(raw[:40]) + gzip.compress(raw[40:])
+    headers = {**headers, "Content-Encoding": "gzip", "Content-Length": str(len(sent))}
+    answer = await exchange(h, headers, sent)
+    assert answer.startswith(b"HTTP/1.1 202"), answer
+
+
 @pytest.mark.parametrize("wrapped", [True, False], ids=["zlib", "raw"])
 async def test_deflate_is_taken_zlib_wrapped_or_raw(
     serve_receiver: ServeReceiver, redis: Redis, wrapped: bool

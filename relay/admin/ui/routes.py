@@ -24,6 +24,7 @@ Who may see and do what is the admin token's (:mod:`relay.admin.auth`), logged i
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -58,6 +59,8 @@ from relay.store.deadletters import CLASSES, DeadLetter, DeadLetterStore, Filter
 from relay.upstream.poller import Poller
 
 log = logging.getLogger(__name__)
+
+LOGIN_READ_S = 10.0  # a log-in form is a few hundred bytes, sent at once
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -182,7 +185,12 @@ class OperatorPage:
             # before the form is read: only a browser shown the form may send one
             self._admin.refusals.note(request, "csrf")
             return self._login_page(request, "The log-in form expired: try again.")
-        form = await request.post()
+        try:
+            async with asyncio.timeout(LOGIN_READ_S):  # no one is known yet: no trickling
+                form = await request.post()
+        except TimeoutError:
+            self._admin.refusals.note(request, "head_timeout")
+            raise web.HTTPRequestTimeout() from None
         nonce, token = form.get("nonce"), form.get("token")
         if not isinstance(nonce, str) or not same(nonce, expected):
             self._admin.refusals.note(request, "csrf")

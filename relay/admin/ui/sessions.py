@@ -161,7 +161,7 @@ def served_over_https(request: web.Request) -> bool:
     if proto == "https":
         return True
     forwarded = request.headers.get("Forwarded", "").split(",")[0].lower()
-    return any(p.strip() == "proto=https" for p in forwarded.split(";"))
+    return any(p.strip().replace('"', "") == "proto=https" for p in forwarded.split(";"))
 
 
 def clear_cookie(response: web.StreamResponse, name: str) -> None:
