@@ -172,3 +172,8 @@ class SignatureError(RelayError):
         self.reason = reason
         self.skew = skew  # now minus the signed timestamp, when it was read
         super().__init__(detail)
+
+
+class PrivateTarget(OSError):
+    """A sink's host name resolves only inward while ``worker.refuse_private_targets``
+    is set (relay/delivery/targets.py)."""

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from relay.descriptors import LoopErrors
-from relay.store.embedded import free_port
-from tests.support.common import config_dict, wait_for
-from tests.support.process import write_toml
+from tests.support.serve import serve
 
 
 def limits(pid: int) -> tuple[int, int]:
@@ -32,28 +27,9 @@ async def serve_with_limits(
 ) -> tuple[str, int]:
     """``serve`` started under the given open-file limits: its log once it is up, and
     its soft limit then."""
-    listen, admin = free_port(), free_port()
-    data = config_dict(redis_url=redis_url)
-    data["server"]["listen"] = f"127.0.0.1:{listen}"
-    data["admin"] = {"listen": f"127.0.0.1:{admin}", "worker_listen": "127.0.0.1:0"}
-    config = write_toml(tmp_path / "relay.toml", data)
-    log_path = tmp_path / "serve.log"
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "--log-format", "text", "-c", str(config), "serve"],
-            stdout=out, stderr=out, preexec_fn=cap, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    try:
-        await wait_for(lambda: "receiver listening" in log_path.read_text() or proc.poll(), 30)
-        assert proc.poll() is None, log_path.read_text()
-        return log_path.read_text(), limits(proc.pid)[0]
-    finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 30)
+    async with serve(tmp_path, redis_url, {}, nofile=(soft, hard)) as s:
+        assert s.proc.pid is not None
+        return s.log, limits(s.proc.pid)[0]
 
 
 async def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path, redis_url: str) -> None:

@@ -117,15 +117,8 @@ async def test_a_webhook_and_its_delivery_attempts_make_one_trace(
             await wait_for(lambda: len(sink.for_event("t-retry")) == 2, 20)
             await wait_for(lambda: len(attempts("t-ok")) == 2 and len(attempts("t-retry")) == 3, 20)
             await wait_for(lambda: len(otlp.named("webhook")) == 3, 20)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(
-                    f"http://127.0.0.1:{admin}/metrics",
-                    headers={"Accept": "application/openmetrics-text; version=1.0.0"},
-                ) as r,
-            ):
-                assert r.headers["Content-Type"].startswith("application/openmetrics-text")
-                exposition = await r.text()
+            kind, exposition = await _scrape_openmetrics(admin)
+            assert kind.startswith("application/openmetrics-text")
             async with (
                 aiohttp.ClientSession() as http,
                 http.get(f"http://127.0.0.1:{admin}/metrics") as r,
@@ -279,15 +272,10 @@ async def test_with_tracing_off_nothing_is_exported_and_no_traceparent_is_sent(
             await relay.wait_ready(f"http://127.0.0.1:{admin}", 20)
             await _post(port, "off-1")
             await wait_for(lambda: sink.ids() == ["off-1"], 20)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(
-                    f"http://127.0.0.1:{admin}/metrics",
-                    headers={"Accept": "application/openmetrics-text; version=1.0.0"},
-                ) as r,
-            ):  # the exposition is the classic one, whatever the scraper asks for
-                assert r.headers["Content-Type"].startswith("text/plain")
-                assert "# {" not in await r.text()
+            # the exposition is the classic one, whatever the scraper asks for
+            kind, exposition = await _scrape_openmetrics(admin)
+            assert kind.startswith("text/plain")
+            assert "# {" not in exposition
             await _stop(relay)  # a tracer would export what it still held here
         finally:
             relay.kill()
@@ -407,3 +395,15 @@ def test_an_attempt_continues_the_stored_context_tracestate_included() -> None:
         assert span.status.status_code.name == "ERROR"
         assert "tracestate" not in headers
     provider.shutdown()
+
+
+async def _scrape_openmetrics(admin: int) -> tuple[str, str]:
+    """/metrics asked for in OpenMetrics: the Content-Type answered, and the text."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{admin}/metrics",
+            headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        ) as r,
+    ):
+        return r.headers["Content-Type"], await r.text()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import random
 import resource
@@ -33,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.hostile.cases import World
@@ -205,19 +207,30 @@ async def measure_gzip(
     return out
 
 
-def main_gzip(args: argparse.Namespace) -> int:
-    limits = Limits(body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000)
+@contextlib.contextmanager
+def started(
+    max_body: int = Limits.max_body, nofile: int | None = None
+) -> Iterator[tuple[Target, World]]:
+    """The relay on its shipped ``max_connections`` (1,000) and ``body_timeout`` (30 s),
+    and the world the attacks are built in; stopped afterwards."""
+    limits = Limits(
+        body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000, max_body=max_body
+    )
     with tempfile.TemporaryDirectory(prefix="chert-availability-") as tmp:
-        target = Target(Path(tmp), limits)
+        target = Target(Path(tmp), limits, nofile=nofile)
         target.start()
         try:
-            world = World(
+            yield target, World(
                 TENANT, SECRET, OTHER, OTHER_SECRET, ADMIN_TOKEN, limits.max_body,
                 limits.tolerance, random.Random(1),
             )  # fmt: skip
-            got = asyncio.run(measure_gzip(target, world, args.seconds, args.rate, args.crowd))
         finally:
             target.stop()
+
+
+def main_gzip(args: argparse.Namespace) -> int:
+    with started() as (target, world):
+        got = asyncio.run(measure_gzip(target, world, args.seconds, args.rate, args.crowd))
     base, flood = got["none"]["p50_ms"], got["plain"]["p50_ms"]
     worst = 0.0
     for name, row in got.items():
@@ -253,27 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         return main_gzip(args)
     args.crowd = args.crowd or {"slow": 1000, "bodies": 900, "admin": 1500}[args.attack]
     max_body = 1 << 20 if args.attack == "bodies" else Limits.max_body
-    limits = Limits(
-        body_timeout=30.0, keepalive_timeout=75.0, max_connections=1000, max_body=max_body
-    )
-    with tempfile.TemporaryDirectory(prefix="chert-availability-") as tmp:
-        target = Target(Path(tmp), limits, nofile=1024 if args.attack == "admin" else None)
-        target.start()
-        try:
-            world = World(
-                TENANT, SECRET, OTHER, OTHER_SECRET, ADMIN_TOKEN, limits.max_body,
-                limits.tolerance, random.Random(1),
-            )  # fmt: skip
-            address, payload, what = None, None, "stalled connections"
-            if args.attack == "bodies":
-                payload, what = nearly_whole(world, 1 << 20), "nearly complete 1 MiB bodies"
-            elif args.attack == "admin":
-                address, payload, what = target.admin, b"", "idle admin connections"
-            got = asyncio.run(
-                measure(target, world, args.seconds, args.rate, args.crowd, address, payload)
-            )
-        finally:
-            target.stop()
+    with started(max_body, 1024 if args.attack == "admin" else None) as (target, world):
+        address, payload, what = None, None, "stalled connections"
+        if args.attack == "bodies":
+            payload, what = nearly_whole(world, 1 << 20), "nearly complete 1 MiB bodies"
+        elif args.attack == "admin":
+            address, payload, what = target.admin, b"", "idle admin connections"
+        got = asyncio.run(
+            measure(target, world, args.seconds, args.rate, args.crowd, address, payload)
+        )
     print(
         f"good webhooks: {got['accepted']:.0f} of {got['sent']:.0f} accepted "
         f"({got['share']:.1%}) while {args.crowd} {what} were held "

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
-from relay.config import SinkConfig
+from relay.config import Config, SinkConfig
 from relay.config.egress import NO_PROXY
-from relay.delivery.targets import PrivateTarget
+from relay.errors import PrivateTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +87,20 @@ def no_proxy_covers(host: str, port: int | None, no_proxy: str) -> bool:
     return False
 
 
+def _as_url(value: str) -> str:
+    return value if "://" in value else "http://" + value  # "egress:3128", as curl reads it
+
+
+def proxy_hosts(config: Config, environ: Mapping[str, str]) -> frozenset[str]:
+    """The host names of every proxy a sink may go through: the sinks' own ``proxy``
+    and the environment's ``HTTPS_PROXY``/``HTTP_PROXY``, read as :func:`env_proxy`
+    reads them."""
+    urls = [s.proxy for t in config.tenants for s in t.sinks if s.proxy not in (None, NO_PROXY)]
+    urls += [_as_url(f[1]) for n in ("https_proxy", "http_proxy") if (f := _env(environ, n))]
+    hosts = (urlsplit(u).hostname for u in urls if u)
+    return frozenset(h.rstrip(".") for h in hosts if h)
+
+
 def env_proxy(target: URL, environ: Mapping[str, str]) -> tuple[URL | None, str | None]:
     """The environment's proxy for ``target`` (None: direct), or why it cannot be used."""
     found = _env(environ, f"{target.scheme}_proxy")
@@ -96,8 +110,7 @@ def env_proxy(target: URL, environ: Mapping[str, str]) -> tuple[URL | None, str 
     if no_proxy is not None and no_proxy_covers(target.host or "", target.port, no_proxy[1]):
         return None, None
     name, value = found
-    if "://" not in value:
-        value = "http://" + value  # "egress:3128", as curl reads it
+    value = _as_url(value)
     parts = urlsplit(value)
     if parts.scheme != "http" or not parts.hostname:
         # Going direct instead would go where the operator meant traffic not to.

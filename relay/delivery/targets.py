@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from yarl import URL
 
 from relay.config import Config
 from relay.config.values import is_public
+from relay.delivery.egress import proxy_hosts
+from relay.errors import PrivateTarget
 
 SETTING = "worker.refuse_private_targets"
-
-
-class PrivateTarget(OSError):
-    """A host name that resolves only inward, while that is refused."""
 
 
 class PublicResolver(AbstractResolver):
@@ -64,24 +60,8 @@ class PublicResolver(AbstractResolver):
         await self._inner.close()
 
 
-def proxy_hosts(config: Config, environ: Mapping[str, str] | None = None) -> frozenset[str]:
-    """The proxies' host names: the sinks' own and the environment's."""
-    env = os.environ if environ is None else environ
-    urls = [s.proxy for t in config.tenants for s in t.sinks if s.proxy and s.proxy != "none"]
-    urls += [env[k] for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy") if k in env]
-    out = set()
-    for u in urls:
-        try:
-            host = URL(u).host
-        except ValueError:
-            continue
-        if host:
-            out.add(host.lower().rstrip("."))
-    return frozenset(out)
-
-
 def connector(config: Config, **options: object) -> aiohttp.TCPConnector:
     """The connector HTTP sinks are reached through."""
     if config.worker.refuse_private_targets:
-        options["resolver"] = PublicResolver(proxy_hosts(config))
+        options["resolver"] = PublicResolver(proxy_hosts(config, os.environ))
     return aiohttp.TCPConnector(**options)  # type: ignore[arg-type]

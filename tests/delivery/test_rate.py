@@ -21,6 +21,7 @@ from tests.delivery.test_clock_skew import skewed
 from tests.delivery.test_ordering import ingest_chats
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
+    Behaviour,
     Received,
     Sink,
     config_with,
@@ -119,18 +120,23 @@ async def test_waiting_for_a_turn_does_not_use_up_max_age(redis: Redis, redis_ur
         assert most_in_a_window([r.at for r in s.received], 1.0) <= allowed(10)
 
 
+def busy_once(said: list[float], retry_after: str) -> Behaviour:
+    """A sink's first answer 429 with ``Retry-After`` (its time in ``said``), then 200s."""
+
+    def reply(_s: Sink, r: Received) -> tuple[int, dict[str, str]]:
+        if not said:
+            said.append(r.at)
+            return 429, {"Retry-After": retry_after}
+        return 200, {}
+
+    return reply
+
+
 async def test_a_retry_after_holds_a_paced_sink_back_until_the_time_it_names(
     redis: Redis, redis_url: str
 ) -> None:
     said: list[float] = []
-
-    async def busy_once(_s: Sink, r: Received) -> tuple[int, dict[str, str]]:
-        if not said:
-            said.append(r.at)
-            return 429, {"Retry-After": "2"}
-        return 200, {}
-
-    async with sinks(Sink(busy_once)) as (s,):
+    async with sinks(Sink(busy_once(said, "2"))) as (s,):
         # one in flight at a time: no request can be on its way while the 429 is answered
         cfg = config_with(
             redis_url, [sink_conf("s", s.url, rate="10/s", concurrency=1)], retry_backoff=0.05
@@ -154,15 +160,7 @@ async def test_a_retry_after_holds_a_paced_sink_back_until_the_time_it_names(
 async def test_a_sink_without_a_rate_is_not_held_by_a_retry_after(
     redis: Redis, redis_url: str
 ) -> None:
-    said: list[float] = []
-
-    async def busy_once(_s: Sink, r: Received) -> tuple[int, dict[str, str]]:
-        if not said:
-            said.append(r.at)
-            return 429, {"Retry-After": "30"}
-        return 200, {}
-
-    async with sinks(Sink(busy_once)) as (s,):
+    async with sinks(Sink(busy_once([], "30"))) as (s,):
         cfg = config_with(redis_url, [sink_conf("s", s.url, concurrency=1)])
         rt = runtime(redis, cfg)
         await ingest(rt, ["a", "b", "c"])

@@ -13,7 +13,8 @@ from aiohttp import web
 from relay.admin.sinks import send_test_event
 from relay.config import parse_config
 from relay.config.values import is_public, target_problem
-from relay.delivery.targets import PublicResolver, proxy_hosts
+from relay.delivery.egress import proxy_hosts
+from relay.delivery.targets import PublicResolver
 from relay.errors import ConfigError
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, config_dict

@@ -9,8 +9,8 @@ import contextlib
 from pathlib import Path
 
 from relay.memory import keep_large_blocks_returnable
-from tests.admin.test_listener import serve
 from tests.support.common import TENANT, envelope, signed, wait_for
+from tests.support.serve import serve
 
 CROWD = 200
 BODY = 1 << 20
