@@ -122,7 +122,7 @@ class Deliverer:
         self.activity = SinkActivity(config.worker.sink_silence_warn)  # summaries, silences
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
-        self._steps = Steps(redis_client, self._keys, config.worker)
+        self.steps = Steps(redis_client, self._keys, config.worker)  # its scripts in Redis
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -132,7 +132,7 @@ class Deliverer:
         self._children = MetricChildren()
         self._client.set_config(config)
         self._keys = Keys(config.redis.key_prefix)
-        self._steps.set_config(self._keys, config.worker)
+        self.steps.set_config(self._keys, config.worker)
         if job_timeout(config) > self.job_timeout:
             log.warning(
                 "a sink timeout grew past what this worker was started with; deliveries "
@@ -147,7 +147,7 @@ class Deliverer:
     async def drain(self) -> None:
         """Wait for the finishes already asked for, then close the broker sinks'
         connections (the worker stops)."""
-        await self._steps.drain()
+        await self.steps.drain()
         await self._client.close()
 
     async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int]:
@@ -158,7 +158,7 @@ class Deliverer:
         open waits, set aside."""
         if self.draining:
             return [], [], 0  # they stay in the queue, for the next worker
-        taken, expired = await self._steps.take(
+        taken, expired = await self.steps.take(
             job_ids, self._sinks.claim_limits, free, int(heartbeat.HOLD_S * 1000)
         )
         return self._accept(taken), expired, len(taken)
@@ -236,7 +236,7 @@ class Deliverer:
         until it expires."""
         try:
             async with asyncio.timeout(FAULT_CHECK_S):
-                return await self._steps.reschedule(ref, int(wait * 1000))
+                return await self.steps.reschedule(ref, int(wait * 1000))
         except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
             log.warning("could not reschedule job %s after the fault (%s)", ref.job_id, e)
             return True
@@ -257,7 +257,7 @@ class Deliverer:
                 return "done"
             # Reloaded away since the take: give the run back; the next take puts the
             # delivery off for the grace, in case the sink is only being moved.
-            await self._steps.release(ref)
+            await self.steps.release(ref)
             return "retried"
         if isinstance(claim, Peek) or claim is None:  # its secret is not a usable key
             self._metrics.deliveries.labels(ref.tenant, ref.sink, "rejected", "none").inc()
@@ -303,7 +303,7 @@ class Deliverer:
             # Shutting down past the grace period: give the slot back; arq runs it again.
             with contextlib.suppress(Exception):  # best effort: the lease also expires
                 async with asyncio.timeout(FAULT_CHECK_S):
-                    await asyncio.shield(self._steps.release(ref))
+                    await asyncio.shield(self.steps.release(ref))
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
@@ -355,7 +355,7 @@ class Deliverer:
         """A retryable failure: schedule the next attempt, or dead-letter if none is left."""
         ref, sink, go = a.ref, a.sink, a.go
         error = answer.error  # scrubbed by the sink client
-        await pace.answered(self._steps, ref.tenant, sink, answer, self._config.worker)
+        await pace.answered(self.steps, ref.tenant, sink, answer, self._config.worker)
         nxt = next_attempt(
             go.attempt, now, go.deadline_ms, sink, self._config.worker, answer.retry_after
         )
@@ -436,7 +436,7 @@ class Deliverer:
             chain = self._sinks.claim_limit(ref.tenant, ref.sink)
         if tried is not None:
             f = replace(f, attempt=tried[0].log_record(tried[1]))
-        done = await self._steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink), chain)
+        done = await self.steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink), chain)
         if not done.applied:
             self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
             said = None if tried is None else tried[0].status or tried[0].error
@@ -464,7 +464,7 @@ class Deliverer:
         if self.draining:
             return []
         log_limits = self._config.event_log
-        started, unknown = await self._steps.sweep(self._sinks.caps, release, log_limits)
+        started, unknown = await self.steps.sweep(self._sinks.caps, release, log_limits)
         self._ready(started)
         return unknown
 

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
@@ -230,7 +230,9 @@ class Steps:
             timeout=FINISH_TIMEOUT_S,
             what="delivery finish",
         )
-        self._finish = self._finishes.call  # one finish, batched with the others
+        # One finish, batched with the others: what :meth:`finish` sends each item
+        # through. Public as a seam: a fault test wraps it to lose a reply.
+        self.commit_finish: Callable[[FinishItem], Awaitable[Any]] = self._finishes.call
         self._tag = os.urandom(6).hex()  # this worker's part of every fencing token
         self.memory_short = False  # check_memory()
         self._takes = itertools.count(1)
@@ -352,7 +354,7 @@ class Steps:
             chain=chain,
             attempt=f.attempt,
         )
-        found = await self._finish(item)
+        found = await self.commit_finish(item)
         if isinstance(found, int):
             return STALE
         nxt, change, waited, chained = found

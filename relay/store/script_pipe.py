@@ -43,7 +43,7 @@ replicated). A ``READONLY`` answer means the primary this connection reached is 
 replica now (a failover): the connection is dropped, so that the next one finds the new
 primary.
 
-The module is about 500 lines and stays whole: it is one role, one connection's
+The module is a little over 500 lines and stays whole: it is one role, one connection's
 pipeline, whose sending, reading, timing out and resending share the batches in flight.
 """
 
@@ -90,6 +90,19 @@ class _Batch:
     reply: Any = None  # the script's reply, while the WAIT's is awaited
     written: Sequence[bytes] | None = None  # the EVALSHA (and WAIT) as written, for one resend
     resent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PipeState:
+    """What a pipeline is doing at one moment (:meth:`ScriptPipeline.state`)."""
+
+    waiting: int  # calls not sent yet
+    in_flight: int  # batches written whose replies are owed (a SCRIPT LOAD is one)
+    session: bool  # a session runs: getting a connection, or holding one
+    connected: bool
+    reading: bool  # a reader task waits for the replies owed
+    asleep: bool  # the session waits to be woken: by work, a reply or the linger's end
+    watchdog_at: float | None  # loop time the timer over the oldest batch fires
 
 
 class ReplicasBehindError(RedisUnavailableError):
@@ -164,6 +177,24 @@ class ScriptPipeline(Generic[T]):
         """Whether the pipeline holds a connection now (while working, and for the
         linger after)."""
         return self._conn is not None
+
+    @property
+    def script(self) -> wire.Script:
+        """The script as this pipeline sends it: its digest and its ``SCRIPT LOAD``."""
+        return self._script
+
+    def state(self) -> PipeState:
+        """A snapshot of what the pipeline is doing, for diagnostics and tests."""
+        reader, wake, watchdog = self._reader, self._wake, self._watchdog
+        return PipeState(
+            waiting=len(self._items),
+            in_flight=len(self._inflight),
+            session=self._session is not None,
+            connected=self._conn is not None,
+            reading=reader is not None and not reader.done(),
+            asleep=wake is not None and not wake.done(),
+            watchdog_at=None if watchdog is None else watchdog.when(),
+        )
 
     async def call(self, item: T) -> Any:
         """Run the script for ``item`` (batched with concurrent calls); its reply element.

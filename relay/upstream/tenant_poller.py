@@ -266,7 +266,7 @@ class TenantPoller:
         elif mode == "sse":
             self._set_mode("sse")
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._sse_loop())
+                tg.create_task(self.sse_loop())
                 tg.create_task(self._reconcile_loop())
         elif mode == "fallback":
             self._set_mode("fast" if self.fast else "reconcile")
@@ -478,7 +478,10 @@ class TenantPoller:
 
     # --- SSE -------------------------------------------------------------------------------
 
-    async def _sse_loop(self) -> None:
+    async def sse_loop(self) -> None:
+        """Tail the tenant's event stream, reconnecting after each end, until cancelled:
+        the ``sse`` mode, which :meth:`run` starts beside the reconcile sweeps while it
+        holds the lease (this takes none)."""
         resume: float | None = None  # newest created_at seen on the stream
         failures = 0
         while True:

@@ -48,7 +48,7 @@ def lose_finish_reply(role: WorkerRole, *, before: bool) -> dict[str, int]:
     reaches Redis, or after it ran (its reply lost)."""
     deliverer = role.deliverer
     assert deliverer is not None
-    real = deliverer._steps._finish
+    real = deliverer.steps.commit_finish
     state = {"lost": 0}
 
     async def finish(*args: Any, **kwargs: Any) -> Any:
@@ -59,7 +59,7 @@ def lose_finish_reply(role: WorkerRole, *, before: bool) -> dict[str, int]:
             await real(*args, **kwargs)
         raise redis.exceptions.ConnectionError("connection lost while reading the reply")
 
-    deliverer._steps._finish = finish
+    deliverer.steps.commit_finish = finish
     return state
 
 

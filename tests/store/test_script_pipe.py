@@ -162,7 +162,7 @@ async def test_the_first_batches_after_a_redis_restart_succeed(
         await server.start()  # from its AOF: the data is back, the script cache is not
         results = await asyncio.gather(*(pipe.call(f"after{n}") for n in range(50)))
         assert len(set(results)) == 50
-        assert await client.script_exists(pipe._script.sha) == [True]
+        assert await client.script_exists(pipe.script.sha) == [True]
     finally:
         await client.aclose()
 
@@ -173,7 +173,7 @@ async def test_a_batch_that_meets_noscript_twice_fails(redis: Redis) -> None:
     # A script that flushes the cache each time it is loaded cannot be reached: the
     # resend fails too, and the call gets "unavailable" rather than a loop.
     await redis.script_flush()
-    pipe._script.load = wire.command("PING")  # "loading" that loads nothing
+    pipe.script.load = wire.command("PING")  # "loading" that loads nothing
     with pytest.raises(RedisUnavailableError):
         await pipe.call("never")
     assert await ran(redis) == ["first"]
@@ -251,12 +251,13 @@ async def _quiet_pipeline_with_a_stale_watchdog(redis: Redis) -> ScriptPipeline[
         # Let the session settle back into its linger wait (the reader's last poke
         # wakes it once): from here the pipeline is simply idle.
         for _ in range(100):
-            if pipe._wake is not None and not pipe._wake.done():
+            if pipe.state().asleep:
                 break
             await asyncio.sleep(0)
-        wd = pipe._watchdog
+        state = pipe.state()
+        due = state.watchdog_at
         # (A fixed pipeline leaves no watchdog armed here: that is fine too.)
-        if pipe._reader is None and (wd is None or wd.when() > loop.time() + 0.1):
+        if not state.reading and (due is None or due > loop.time() + 0.1):
             return pipe
         await pipe.drain()
     pytest.fail("could not reach the precondition (idle, no reader)")
@@ -273,21 +274,19 @@ async def test_a_loop_stall_longer_than_the_timeout_does_not_wedge_the_pipeline(
         # The call may fail (it is overdue: RedisUnavailableError/TimeoutError) or even
         # succeed, but it must be answered; and the pipeline must work afterwards.
         done, _ = await asyncio.wait({fut}, timeout=STALL_TIMEOUT * 5)
-        reader = repr(pipe._reader)
+        left = pipe.state()
         after = asyncio.ensure_future(pipe.call("after"))
         after_done, _ = await asyncio.wait({after}, timeout=STALL_TIMEOUT * 5)
-        state = f"reader left behind: {reader}; batches in flight: {len(pipe._inflight)}"
+        state = f"after the stall: {left}; after the later call: {pipe.state()}"
         assert done, f"the call made during the stall was never answered ({state})"
         assert after_done, f"a later call was never answered ({state})"
         if fut.exception() is not None:
             assert isinstance(fut.exception(), RedisUnavailableError)
         assert after.result() >= 2
     finally:
-        for f in pipe._futures + [f for b in pipe._inflight for f in b.futures]:
-            f.cancel()
-        if pipe._session is not None:
-            pipe._session.cancel()
-            await asyncio.wait({pipe._session}, timeout=5)
+        # Give the connection back (bounded: a wedged pipeline would never drain).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pipe.drain(), 5)
 
 
 async def _tcp_server(reply: bytes | None) -> tuple[asyncio.Server, int, list[int]]:
@@ -337,10 +336,12 @@ async def test_getting_a_connection_counts_against_the_timeout() -> None:
 async def test_draining_an_idle_pipeline_does_not_cut_the_next_linger(redis: Redis) -> None:
     pipe, _ = pipeline(redis, linger=3600.0)
     await pipe.drain()  # nothing to drain, no connection held
-    # No "give it back now" order may be left over for the next session.
-    assert not pipe._release_now
     assert await pipe.call("a") == 1
-    assert in_use(pipe) == 1  # held for the linger
+    # No "give it back now" order may be left over for this session: it holds the
+    # connection for the linger, past the turns in which such an order lets it go.
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert in_use(pipe) == 1
     await pipe.drain()
     assert in_use(pipe) == 0
 
@@ -355,6 +356,6 @@ async def test_a_drained_pipeline_opens_nothing_for_callers_that_went_away(
     await pipe.drain()
     for _ in range(3):  # let the scheduled flush run
         await asyncio.sleep(0)
-    assert pipe._session is None  # no connection taken for nobody
+    assert not pipe.state().session  # no connection taken for nobody
     assert in_use(pipe) == 0
     assert await ran(redis) == []

@@ -62,7 +62,7 @@ class Collector:
     requests: int = 0
     url: str = ""  # for OTEL_EXPORTER_OTLP_ENDPOINT
 
-    async def _traces(self, request: web.Request) -> web.Response:
+    async def handle_traces(self, request: web.Request) -> web.Response:
         self.requests += 1
         assert request.content_type == "application/x-protobuf", request.content_type
         export = ExportTraceServiceRequest()
@@ -94,7 +94,7 @@ class Collector:
 async def collector() -> AsyncIterator[Collector]:
     found = Collector()
     app = web.Application()
-    app.router.add_post("/v1/traces", found._traces)
+    app.router.add_post("/v1/traces", found.handle_traces)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -41,12 +41,12 @@ class Chert:
         self.streams: list[float] = []  # when each stream request came (monotonic)
         self.base_url = ""
 
-    async def _events(self, request: web.Request) -> web.StreamResponse:
+    async def handle_events(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(dict(request.query))
         assert self.events is not None
         return await self.events(request)
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
         self.streams.append(time.monotonic())
         self.requests.append(dict(request.query))
         assert self.stream is not None
@@ -57,9 +57,9 @@ class Chert:
 async def chert() -> AsyncIterator[Chert]:
     fake = Chert()
     app = web.Application()
-    app.router.add_get("/api/v1/events", fake._events)
-    app.router.add_get("/api/v1/events/stream", fake._stream)
-    app.router.add_get("/elsewhere", fake._events)
+    app.router.add_get("/api/v1/events", fake.handle_events)
+    app.router.add_get("/api/v1/events/stream", fake.handle_stream)
+    app.router.add_get("/elsewhere", fake.handle_events)
     async with serve_api(app) as fake.base_url:
         yield fake
 
@@ -104,7 +104,7 @@ def sample(rt: Runtime, name: str, **labels: str) -> float:
 
 @contextlib.asynccontextmanager
 async def sse_loop(poller: TenantPoller) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(poller._sse_loop())
+    task = asyncio.create_task(poller.sse_loop())
     try:
         yield task
     finally:
