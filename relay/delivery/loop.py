@@ -17,7 +17,10 @@ relay's own, on arq's public surface only (its key prefixes):
   sink's first waiting delivery, which this worker starts at once (:meth:`start_now`).
 - **Wake**, rather than poll: a message on the wake channel (``ingest.lua`` queued work;
   a sweep gave waiting deliveries their slots), a slot freeing while more is due, or the
-  queue's next due time (a retry) — and at the latest every ``worker.poll_delay``.
+  queue's next due time (a retry) — and at the latest every ``worker.poll_delay``. A
+  message that names its jobs (a small ingest batch) has them taken at once
+  (:meth:`start_now`), without a read of the queue, and beside a read in flight: new
+  work never waits behind a read that is setting a large backlog aside.
 - **Sweep**, every :data:`SWEEP_S`: slots no finish freed (a lapsed lease, a reload, an
   open breaker's wait over) go to the waiting deliveries (``sweep.lua``).
 
@@ -96,7 +99,8 @@ class DeliveryLoop:
         self.jobs_failed = 0
         self.allow_pick_jobs = True
         self._wake = asyncio.Event()
-        self._take_lock = asyncio.Lock()  # one take at a time: the free count stays true
+        self._take_lock = asyncio.Lock()  # one read's take at a time
+        self._reserved = 0  # slots promised to takes in flight (a read's, and start_now's)
         self._now: list[str] = []  # jobs to start at once, in the next take
         self._now_task: asyncio.Task[None] | None = None
         self._backlog = False  # the last take filled every free slot: more may be due
@@ -106,7 +110,8 @@ class DeliveryLoop:
 
     @property
     def free(self) -> int:
-        return self.max_jobs - len(self.tasks)
+        """Slots no run holds and no take in flight may fill."""
+        return self.max_jobs - len(self.tasks) - self._reserved
 
     def wake(self) -> None:
         """Read the queue now (work was queued)."""
@@ -121,9 +126,12 @@ class DeliveryLoop:
         self._wake.set()
 
     async def takes_done(self) -> None:
-        """Wait for a take in flight: its jobs are started and tracked once it returns."""
+        """Wait for the takes in flight: their jobs are started and tracked once they
+        return."""
         async with self._take_lock:
             pass
+        if self._now_task is not None:
+            await asyncio.wait({self._now_task})
 
     async def run(self) -> None:
         """Take and start due jobs until :meth:`stop_picking`; raises on a Redis fault."""
@@ -158,7 +166,6 @@ class DeliveryLoop:
         it could read reads again at once."""
         async with self._take_lock:
             now = CLOCK.now_ms()
-            free = self.free
             head = len(self.tasks) + self._read_limit
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zrangebyscore(self._keys.queue, "-inf", now, start=0, num=head)
@@ -167,14 +174,16 @@ class DeliveryLoop:
                     self._keys.queue, f"({now}", "+inf", start=0, num=1, withscores=True
                 )
                 due, newest, later = await pipe.execute()
-            if free <= 0:
+            # a few slots stay for start_now's takes meanwhile (new work named to us)
+            room = min(self._refill_min, self.free // 4)
+            if self.free - room <= 0:
                 self._backlog = bool(due)
             else:
                 found = [j.decode() for j in reversed(newest)] + [j.decode() for j in due]
                 ids = [i for i in dict.fromkeys(found) if i not in self.tasks]
-                started, handled = await self._take(ids)
+                started, handled, could = await self._take(ids, room)
                 # more due than one read saw, and this read set some aside: read on
-                self._backlog = started >= free or (len(due) >= head and handled > started)
+                self._backlog = started >= could or (len(due) >= head and handled > started)
         return int(later[0][1]) if later else None
 
     def start_now(self, job_id: str) -> None:
@@ -200,33 +209,44 @@ class DeliveryLoop:
         t.add_done_callback(functools.partial(self._ended, job.ref.job_id))
 
     async def _start_asked(self) -> None:
+        """Take the jobs :meth:`start_now` was asked for — beside a read's take, if one is
+        in flight (each has its own slots: :attr:`free`)."""
         ids: list[str] = []
         try:
-            async with self._take_lock:
-                ids, self._now = self._now, []
-                ids = [i for i in ids if i not in self.tasks]
-                if (await self._take(ids))[0] < len(ids):
-                    self._backlog = True  # no slot for some: the next free one reads again
+            ids, self._now = self._now, []
+            ids = [i for i in dict.fromkeys(ids) if i not in self.tasks]
+            started, handled, could = await self._take(ids)
+            if started == could < len(ids):
+                self._backlog = True  # no slot for some: the next free one reads again
+            if handled > started:
+                self._wake.set()  # some put off or set aside: a read learns the next due time
         except (redis.exceptions.RedisError, OSError) as e:
             # The next read starts them: they are in the queue, due.
             log.debug("could not start %d job(s) at once (%s); the next read will", len(ids), e)
+            self._wake.set()
         finally:
             self._now_task = None
         if self._now and self.allow_pick_jobs:
             self._now_task = asyncio.get_running_loop().create_task(self._start_asked())
 
-    async def _take(self, ids: list[str]) -> tuple[int, int]:
-        """Take and start ``ids`` (as many as there are free slots); how many started, and
-        how many the take handled (started, put off or set aside)."""
-        free = self.free
-        if free <= 0 or not ids or not self.allow_pick_jobs:
-            return 0, 0
-        taken, expired, handled = await self._deliverer.take(ids, free)
+    async def _take(self, ids: list[str], room: int = 0) -> tuple[int, int, int]:
+        """Take and start ``ids`` (as many as there are free slots, less ``room``); how
+        many started, how many the take handled (started, put off or set aside), and how
+        many it could have started. Its slots are reserved while it runs, so that another
+        take beside it cannot fill them too."""
+        could = self.free - room
+        if could <= 0 or not ids or not self.allow_pick_jobs:
+            return 0, 0, max(could, 0)
+        self._reserved += could
+        try:
+            taken, expired, handled = await self._deliverer.take(ids, could)
+        finally:
+            self._reserved -= could
         for job_id in expired:
             self._hooks.expired(job_id)
         for job in taken:
             self._start(job)
-        return len(taken), handled
+        return len(taken), handled, could
 
     async def _run(self, job: Taken) -> None:
         try:
@@ -271,8 +291,9 @@ class DeliveryLoop:
         )
 
     async def _listen(self) -> None:
-        """Wake the loop on every message of the wake channel; listen again after a fault
-        (meanwhile the loop reads the queue every ``poll_delay``)."""
+        """Wake the loop on every message of the wake channel, or start the jobs a message
+        names (:meth:`start_now`); listen again after a fault (meanwhile the loop reads the
+        queue every ``poll_delay``)."""
         wait = LISTEN_RETRY_S[0]
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -280,8 +301,13 @@ class DeliveryLoop:
                 await pubsub.subscribe(self._keys.wake)
                 wait = LISTEN_RETRY_S[0]
                 self._wake.set()  # anything queued while not listening
-                async for _ in pubsub.listen():
-                    self._wake.set()
+                async for message in pubsub.listen():
+                    named = message.get("data")
+                    if isinstance(named, bytes) and named:
+                        for job_id in named.decode().split("\n"):
+                            self.start_now(job_id)
+                    else:
+                        self._wake.set()
             except (redis.exceptions.RedisError, OSError) as e:
                 log.debug("worker: not listening for new work (%s); again in %.1fs", e, wait)
             finally:

@@ -3,7 +3,7 @@ mark (tenant, event_id) seen, store the event once, and enqueue one arq job per
 matching sink. An event already seen writes nothing. Keys are built from the prefix
 (standalone Redis only, as arq itself), with the segments relay/keys.py defines. The
 batch also records when each tenant's last webhook came, and tells the workers (a
-message on the wake channel) when it queued anything.
+message on the wake channel, naming the jobs of a small batch) when it queued anything.
 KEYS none
 ARGV
   1 prefix        the relay's key prefix
@@ -34,6 +34,7 @@ clock, whatever the calling process's clock says.
 uses: keys clock event_log
 Returns one integer per event: 1 new, 0 duplicate.
 ]]
+local WAKE_NAMED = 32  -- at most this many jobs named in the wake message
 local prefix, queue, jobp, now = A.prefix, A.queue, A.job_prefix, redis_now_ms()
 local seen_p, event_p = prefix .. ':' .. KEY.seen .. ':', prefix .. ':' .. KEY.event .. ':'
 local last_webhook_p = prefix .. ':' .. KEY.last_webhook .. ':'
@@ -158,6 +159,15 @@ end
 for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
   redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))
 end
--- work is due: workers waiting for it start it now rather than at their next poll
-if #queued > 0 then redis.call('PUBLISH', prefix .. ':' .. KEY.wake, '') end
+-- Work is due: workers waiting for it start it now rather than at their next poll. A
+-- batch of a few jobs names them (one per line), and a worker takes those at once,
+-- without reading the queue first; a larger one (a backfill) only wakes the workers,
+-- whose reads take it in queue order.
+if #queued > 0 then
+  local named = {}
+  if #queued <= 2 * WAKE_NAMED then
+    for k = 2, #queued, 2 do named[#named + 1] = queued[k] end
+  end
+  redis.call('PUBLISH', prefix .. ':' .. KEY.wake, table.concat(named, '\n'))
+end
 return out

@@ -1,12 +1,13 @@
---[[ take: start the due deliveries of one poll and claim each, in one call
-(relay/delivery/steps.py; the worker's ``BatchStartWorker.start_jobs``). Per job, arq's
-checks — due by Redis' clock, not in progress on any worker — then its in-progress
-mark, then the claim (lib/claim.lua: an attempt, a deferral, a wait in the sink's
-waiting set, or the end of the delivery). The in-progress mark holds the run's fencing token: only a run whose token
-is still there may finish, renew, release or reschedule the delivery (a worker paused
-past its hold finds another's token and changes nothing). A deferred job's mark goes at
-once: it runs later, on any worker; so does a job set aside to wait for its sink. A job whose job key has expired is taken out of the
-queue and reported. A job of a sink this worker knows but cannot use (its secret is
+--[[ take: start the due deliveries of one read of the queue and claim each, in one
+call (relay/delivery/steps.py, for relay/delivery/loop.py). Per job, arq's checks — due
+by Redis' clock, not in progress on any worker — then the claim (lib/claim.lua: an
+attempt, a deferral, a wait in the sink's waiting set, or the end of the delivery),
+then, for a job this worker now holds, arq's in-progress mark. The mark holds the run's
+fencing token: only a run whose token is still there may finish, renew, release or
+reschedule the delivery (a worker paused past its hold finds another's token and
+changes nothing). A job put off or set aside to wait for its sink gets no mark: it runs
+later, on any worker, and setting it aside writes nothing it does not need. A job whose
+job key has expired is taken out of the queue and reported. A job of a sink this worker knows but cannot use (its secret is
 unusable) is in `peek` mode: only marked, and its stored event and attempts come back
 for the caller to dead-letter it without an attempt. A job of a sink this worker does
 not know (a reload that reached ``serve`` first, or a sink removed) is put off, for up
@@ -49,7 +50,6 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
     else
       n = n + 1
       local token = A.tag .. '.' .. n
-      redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
       local chat = job_chat(record)
       local tenant, sink, event_id = job_parts(A.prefix, id)
       local k = delivery_keys(A.prefix, K.queue, id, tenant, sink, event_id, chat)
@@ -79,7 +79,6 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
         else
           local wait = math.min(grace - (now - since), math.floor(2000 * (1 + math.random())))
           redis.call('ZADD', K.queue, now + wait, id)
-          redis.call('DEL', in_progress)
           reply = {'defer', 'unknown_sink', wait}
         end
       elseif lim[6] == 0 then
@@ -89,11 +88,12 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
           lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
         })
-        if reply[1] == 'defer' or reply[1] == 'park' then
-          redis.call('DEL', in_progress)
-        else
-          left = left - 1
-        end
+        if reply[1] ~= 'defer' and reply[1] ~= 'park' then left = left - 1 end
+      end
+      -- the in-progress mark, for a job this worker now holds (one put off or set aside
+      -- runs later, on any worker: it gets none, and writes nothing for it)
+      if reply[1] ~= 'defer' and reply[1] ~= 'park' then
+        redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
       end
       out[#out + 1] = id
       out[#out + 1] = chat
