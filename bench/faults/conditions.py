@@ -1,7 +1,7 @@
 """Scenarios of hard conditions rather than crashes: Redis at ``maxmemory`` while the
 sink comes back, a sink added by a reload that reaches ``serve`` before the worker, a
-worker whose clock is ten minutes off, and a sink that answers a share of requests
-after its timeout.
+worker whose clock is ten minutes off, a sink that answers a share of requests
+after its timeout, and paced and filtered sinks under worker kills and a pause.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from bench.faults.harness import (
     backlog,
     dead_letters,
     deliveries_by_outcome,
+    during,
     log_count,
+    pause,
     skewed_clock,
+    spread,
     wait_log,
 )
 from bench.faults.pauses import QUIET_S
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from bench.faults.scenarios import Run
 
 RELOADED = "configuration reloaded"
+PAUSE_S = 6.0  # scenario 23's worker pause
 
 
 async def full_memory_recovery(run: Run, res: Result) -> None:
@@ -309,5 +313,52 @@ async def paused_sink(run: Run, res: Result) -> None:
             res.broken.append("chert-relay sinks pause/resume failed")
         stack.account(res, acked, settle)
         res.restarts = 1
+    finally:
+        await stack.close()
+
+
+PACED_LOAD_S = 15.0  # scenario 23's load lasts at least this long: kills, a pause, kills
+EVEN = [{"event_id": {"$endsWith": d}} for d in "02468"]  # the filtered sink takes these
+
+
+async def paced_and_filtered(run: Run, res: Result) -> None:
+    """23. Beside a plain sink, one paced at 0.6 of the load's rate (``rate``: its
+    deliveries wait for their turns, put back in the queue or set aside) and one whose
+    ``filter`` takes only events whose id ends in an even digit; the load lasts at
+    least 15 s, the worker SIGKILLed every 3 s, and paused (SIGSTOP) 6 s instead at the
+    middle moment. Every sink gets every event it takes — the filtered one no other —
+    with no dead letter, and the event log agrees."""
+    stack = Stack(run.workdir, sinks=3)
+    try:
+        load_s = max(PACED_LOAD_S, run.load_s)
+        rate = run.n / load_s
+        pace = f"{max(1, int(rate * 0.6))}/s"
+        per_sink = {"s2": {"rate": pace}, "s3": {"filter": {"$or": EVEN}}}
+        await stack.start(per_sink=per_sink)
+        ids = event_ids("pf", run.n)
+        moments = spread(load_s, 3.0)
+        acts = iter(range(len(moments)))
+
+        async def fault() -> None:
+            if next(acts) == len(moments) // 2:
+                await pause(stack.worker.pid, PAUSE_S)
+                res.notes["paused_s"] = PAUSE_S
+            else:
+                await stack.restart_worker()
+                res.restarts += 1
+
+        await during(stack.chert.run(ids, rate), moments, fault)
+        acked = stack.chert.stats.acked
+        even = {e for e in acked if e[-1] in "02468"}
+        expect = {"s3": even}
+        settle = await stack.settle(acked, run.settle_timeout, expect=expect, quiet=QUIET_S)
+        stack.account(res, acked, settle, expect=expect)
+        stray = [e for e in stack.sinks[2].delivered if e not in even]
+        dead = await dead_letters(stack.client)
+        res.notes.update(paced=pace, filtered_in=len(even), stray=len(stray), dead_letters=dead)
+        if stray:
+            res.broken.append(f"the filtered sink got {len(stray)} event(s) it does not take")
+        if dead:
+            res.broken.append(f"{dead} dead letter(s)")
     finally:
         await stack.close()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -330,6 +331,12 @@ class RelayProcess:
         return None
 
 
+def spread(total: float, every: float) -> list[float]:
+    """Moments every ``every`` seconds inside ``total`` (at least one, in the middle)."""
+    times = [every * k for k in range(1, int(total / every) + 1) if every * k < total]
+    return times or [total / 2]
+
+
 async def during(
     load: Awaitable[None], times: list[float], act: Callable[[], Awaitable[None]]
 ) -> None:
@@ -456,11 +463,16 @@ async def wait_http(url: str, timeout: float = 60.0, ok: tuple[int, ...] = (200,
             await asyncio.sleep(0.1)
 
 
+def _key(name: str) -> str:
+    """A TOML key: bare if it can be (``a-z``, digits, ``_``, ``-``), else quoted (``"$or"``)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
 def toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_key(k)} = {toml(v)}" for k, v in value.items()) + " }"
     if isinstance(value, list):
         return "[" + ", ".join(toml(v) for v in value) + "]"
     return json.dumps(value)

@@ -29,6 +29,7 @@ from bench.faults.harness import (
     dead_letters,
     during,
     envelope,
+    spread,
 )
 from bench.faults.stack import Result, Stack, event_ids
 
@@ -66,12 +67,6 @@ def _inherited(log: Path) -> str:
     return f"{best[0]}/{best[1]}"
 
 
-def _spread(total: float, every: float) -> list[float]:
-    """Moments every ``every`` seconds inside ``total`` (at least one, in the middle)."""
-    times = [every * k for k in range(1, int(total / every) + 1) if every * k < total]
-    return times or [total / 2]
-
-
 async def worker_kills(run: Run, res: Result) -> None:
     """1. The worker SIGKILLed every few seconds under load, restarted each time."""
     stack = Stack(run.workdir)
@@ -83,7 +78,7 @@ async def worker_kills(run: Run, res: Result) -> None:
             await stack.restart_worker()
             res.restarts += 1
 
-        await during(stack.chert.run(ids, run.rate), _spread(run.load_s, 3.0), kill)
+        await during(stack.chert.run(ids, run.rate), spread(run.load_s, 3.0), kill)
         settle = await stack.settle(stack.chert.stats.acked, run.settle_timeout)
         stack.account(res, stack.chert.stats.acked, settle)
         res.notes["inherited_max"] = _inherited(stack.worker.log)
@@ -434,6 +429,7 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "20": ("ordered sinks, worker paused 15 s", pauses.ordered_worker_pause, True),
     "21": ("ordered sinks, worker SIGKILL every 3 s", pauses.ordered_worker_kills, True),
     "22": ("sink paused past max_age, worker killed", conditions.paused_sink, False),
+    "23": ("paced and filtered sinks, worker SIGKILL + pause", conditions.paced_and_filtered, True),
 }
 
 

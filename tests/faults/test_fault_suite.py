@@ -51,6 +51,7 @@ DUPLICATES_ALLOWED = {
     "20": True,  # ordered sinks, worker paused
     "21": True,  # ordered sinks, worker kills
     "22": False,  # sink paused past max_age, worker killed while nothing is in flight
+    "23": True,  # paced and filtered sinks, worker SIGKILL and pause
 }
 
 
