@@ -54,11 +54,17 @@ local function claim(k, arg)
     -- the record is this delivery's alone: a wait that made it lasting ends here
     if redis.call('PTTL', k.attempts) < keep then redis.call('PEXPIRE', k.attempts, keep) end
   end
+  -- A first claim holds the keys to its deadline whatever it decides — except a wait
+  -- in the waiting set, which keeps them without a deadline (lib/wait.lua's park): a
+  -- backlog set aside writes nothing it would undo at once.
+  local owed = false
   if not dl then
     dl = (event_at(stored) or now) + tonumber(arg.max_age_ms)
     redis.call('HSET', k.attempts, 'dl', dl)
-    redis.call('PEXPIRE', k.attempts, math.max(dl - now, 0) + margin)
-    hold()  -- now, even if this claim only puts the delivery off
+    owed = true
+  end
+  local function settle()
+    if owed then hold() end
   end
   if redis.call('EXISTS', k.paused) == 1 then
     -- the operator's choice, not the sink's failure: no attempt, no end, and the
@@ -67,11 +73,12 @@ local function claim(k, arg)
     return {'park', 'paused'}
   end
   local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored, st[9] or '0'}
-  if redis.call('GET', k.gone) == arg.url then return {'gone', unpack(info)} end
+  if redis.call('GET', k.gone) == arg.url then settle(); return {'gone', unpack(info)} end
   local late = now >= dl
-  if late and a > 0 then return {'expired', unpack(info)} end
-  if a >= tonumber(arg.max_attempts) then return {'exhausted', unpack(info)} end
+  if late and a > 0 then settle(); return {'expired', unpack(info)} end
+  if a >= tonumber(arg.max_attempts) then settle(); return {'exhausted', unpack(info)} end
   local function defer(reason, wait)
+    settle()
     redis.call('ZADD', k.queue, now + wait, job_id)
     return {'defer', reason, wait}
   end
@@ -79,7 +86,7 @@ local function claim(k, arg)
   if due and due > now then return defer('not_due', due - now) end
   local verdict = breaker_check(k.breaker, now, job_id)
   if verdict == 'open' then
-    if late then return {'expired', unpack(info)} end  -- untried: its sink is failing
+    if late then settle(); return {'expired', unpack(info)} end  -- untried: sink failing
     park(k, now, job_id, 'breaker_open')
     return {'park', 'breaker_open'}
   end

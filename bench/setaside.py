@@ -1,0 +1,97 @@
+"""What setting a backlog aside writes: AOF bytes per delivery a worker's reads set
+aside in its sink's waiting line.
+
+    python bench/setaside.py [--events 3000]
+
+``--events`` events are queued for one sink with ``concurrency = 1`` whose one request
+hangs; a worker starts, takes the first and sets every other aside (``take.lua`` with
+``lib/claim.lua`` and ``lib/wait.lua``). The AOF is rewritten first, so that its growth
+until the last is set aside is what the setting aside wrote — and, with
+``appendfsync always``, what the fsyncs that every other client's writes wait behind
+had to carry while a large backlog was being set aside. The figure is a count, not a
+time: it does not depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.keys import Keys  # noqa: E402
+from relay.store.backlog import waiting  # noqa: E402
+from relay.store.embedded import EmbeddedRedis, free_port  # noqa: E402
+from tests.support.common import TENANT, wait_for  # noqa: E402
+from tests.support.delivery import (  # noqa: E402
+    Received,
+    Sink,
+    config_with,
+    ingest,
+    runtime,
+    sink_conf,
+    sinks,
+    worker,
+)
+
+
+async def _aof_bytes(client: Redis) -> int:
+    return int((await client.info("persistence"))["aof_current_size"])
+
+
+async def _rewritten(client: Redis) -> None:
+    await client.execute_command("BGREWRITEAOF")
+
+    async def done() -> bool:
+        info = await client.info("persistence")
+        return not int(info["aof_rewrite_in_progress"]) and not int(info["aof_rewrite_scheduled"])
+
+    await wait_for(done, 60)
+
+
+async def measure(events: int) -> float:
+    async def hang(_s: Sink, _r: Received) -> tuple[int, dict[str, str]]:
+        await asyncio.sleep(120)
+        return 200, {}
+
+    with tempfile.TemporaryDirectory(prefix="setaside-") as tmp:
+        redis = EmbeddedRedis(Path(tmp) / "redis", port=free_port())
+        await redis.start()
+        client = Redis.from_url(redis.url)
+        try:
+            async with sinks(Sink(hang)) as (s,):
+                cfg = config_with(redis.url, [sink_conf("s", s.url, concurrency=1)])
+                rt = runtime(client, cfg)
+                await ingest(rt, [f"e{i:06d}" for i in range(events)])
+                await _rewritten(client)
+                before = await _aof_bytes(client)
+                keys = Keys(cfg.redis.key_prefix)
+
+                async def all_aside() -> bool:
+                    return (await waiting(client, keys)).get((TENANT, "s"), 0) >= events - 1
+
+                async with worker(rt):
+                    await wait_for(all_aside, 120)
+                    after = await _aof_bytes(client)
+            return (after - before) / (events - 1)
+        finally:
+            await client.aclose()
+            await redis.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=3000)
+    args = ap.parse_args()
+    per = asyncio.run(measure(args.events))
+    print(f"AOF bytes written per delivery set aside: {per:.0f} ({args.events:,} events)")
+
+
+if __name__ == "__main__":
+    main()
