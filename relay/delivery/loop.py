@@ -125,6 +125,19 @@ class DeliveryLoop:
         self._now.clear()
         self._wake.set()
 
+    async def end_takes(self, timeout: float) -> None:
+        """After :meth:`stop_picking` on a loop that failed: let a take of named jobs in
+        flight end (at most ``timeout``), else cancel it — its jobs are then held by
+        their marks and run again once those expire — so that none starts in a loop
+        that is being given up."""
+        task = self._now_task
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=CLOSE_S)
+
     async def takes_done(self) -> None:
         """Wait for the takes in flight: their jobs are started and tracked once they
         return."""
@@ -217,7 +230,10 @@ class DeliveryLoop:
             ids = [i for i in dict.fromkeys(ids) if i not in self.tasks]
             started, handled, could = await self._take(ids)
             if started == could < len(ids):
-                self._backlog = True  # no slot for some: the next free one reads again
+                # no slot for some: the next free one reads again (and so does the loop
+                # now, should a read beside this take have cleared the flag)
+                self._backlog = True
+                self._wake.set()
             if handled > started:
                 self._wake.set()  # some put off or set aside: a read learns the next due time
         except (redis.exceptions.RedisError, OSError) as e:

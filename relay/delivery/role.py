@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 REDIS_RETRY_S = (0.5, 10.0)  # first and longest wait before polling again after a Redis fault
 HEALTHY_S = 60.0  # polling this long without a Redis fault resets the backoff
+ABANDON_TAKE_S = 2.0  # how long a failed loop's take in flight may still finish
 CLOSE_TIMEOUT_S = 10.0  # bound on each step of stopping the loop
 
 
@@ -198,6 +199,7 @@ class WorkerRole:
         not be written runs again once its in-progress mark expires.
         """
         worker.stop_picking()  # should Redis come back meanwhile, nothing starts here
+        await worker.end_takes(ABANDON_TAKE_S)  # then no take in flight starts a job here
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             _, pending = await asyncio.wait(running, timeout=self._timeout)

@@ -1,5 +1,6 @@
-"""Delivery faults: a finish whose reply was lost, a sink secret that is not a key, and
-a ``Retry-After: 0`` that must not cut the backoff short."""
+"""Delivery faults: a finish whose reply was lost, a sink secret that is not a key, a
+``Retry-After: 0`` that must not cut the backoff short, and a claim that fails part way
+on a damaged record."""
 
 from __future__ import annotations
 
@@ -157,3 +158,19 @@ def test_retry_after_lengthens_but_never_shortens_the_backoff() -> None:
     assert backoff(1, 1.0, 100.0, retry_after=7.0, rand=1.0) == 7.0
     assert backoff(1, 1.0, 100.0, retry_after=1e9, retry_after_max=60.0) == 60.0
     assert backoff(8, 1.0, 100.0, retry_after=5.0, retry_after_max=60.0, rand=1.0) == 100.0
+
+
+async def test_a_claim_that_fails_on_a_damaged_record_holds_that_job_and_the_rest_go(
+    redis: Redis, redis_url: str
+) -> None:
+    # e1's attempts record is a string (damaged by hand): its claim fails part way and
+    # fails the take. The job is held by its in-progress mark, as a take always held it,
+    # so the next take passes it by and e2 is delivered; without the mark every take
+    # would fail on e1 again at once, and nothing would be delivered.
+    async with sinks(Sink()) as (s,):
+        rt = runtime(redis, config_with(redis_url, [sink_conf("s", s.url)]))
+        await ingest(rt, ["e1", "e2"])
+        await redis.set(rt.keys.attempts(TENANT, "s", "e1"), "damaged")
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e2"], 30)
+        assert await redis.exists(in_progress_key_prefix + job_id("s", "e1"))

@@ -84,10 +84,19 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       elseif lim[6] == 0 then
         reply = peek()
       else
-        reply = claim(k, {
+        local ok, got = pcall(claim, k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
           lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
         })
+        if not ok then
+          -- A claim that failed part way (a key of the wrong type): the job is held for
+          -- a while, as a take always held it, so that reads do not try it again at
+          -- once; the take fails, and what it wrote before stays (Redis rolls nothing
+          -- back).
+          redis.call('SET', in_progress, token, 'PX', A.in_progress_ms)
+          error(got)
+        end
+        reply = got
         if reply[1] ~= 'defer' and reply[1] ~= 'park' then left = left - 1 end
       end
       -- the in-progress mark, for a job this worker now holds (one put off or set aside
