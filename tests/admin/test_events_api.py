@@ -20,7 +20,6 @@ from relay.admin.app import Admin
 from relay.admin.events_routes import EventLogApi
 from relay.config import Config
 from relay.keys import Keys
-from relay.store.backlog import backlog
 from tests.support.common import TENANT, wait_for
 from tests.support.deadletters import (
     OTHER,
@@ -30,7 +29,7 @@ from tests.support.deadletters import (
     two_tenants,
     two_tenants_data,
 )
-from tests.support.delivery import Sink, event, runtime, sinks, worker
+from tests.support.delivery import Sink, drained, event, runtime, sinks, worker
 from tests.support.process import write_toml
 
 KEYS = Keys("chert-relay")
@@ -46,11 +45,7 @@ async def delivered(redis: Redis, config: Config, events: dict[str, list[str]]) 
         for i in ids:
             await rt.ingestor.ingest(tenant, event(i), "webhook")
     async with worker(rt):
-        await wait_for(lambda: _drained(redis), 20)
-
-
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
+        await wait_for(lambda: drained(redis), 20)
 
 
 @pytest.fixture

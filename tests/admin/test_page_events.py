@@ -20,7 +20,6 @@ from relay.admin.ui.routes import OperatorPage
 from relay.ingest.envelope import from_object
 from relay.keys import Keys
 from relay.runtime import Runtime
-from relay.store.backlog import backlog
 from tests.admin.test_page import EVIL_ERROR, EVIL_ID, EVIL_TYPE, csrf_of, log_in
 from tests.admin.test_page import no_markup_from_events as no_markup
 from tests.support.common import TENANT, envelope, wait_for
@@ -33,7 +32,7 @@ from tests.support.deadletters import (
     refusals,
     two_tenants,
 )
-from tests.support.delivery import Received, Sink, event, runtime, sinks, worker
+from tests.support.delivery import Received, Sink, drained, event, runtime, sinks, worker
 
 KEYS = Keys("chert-relay")
 EVIL_BODY = "<script>alert('body')</script>"
@@ -61,15 +60,11 @@ async def page(redis: Redis, redis_url: str) -> AsyncIterator[tuple[Client, Sink
         for tenant, event_id in ((TENANT, "a1"), (TENANT, "a2"), (OTHER, "o1"), (OTHER, "a1")):
             await rt.ingestor.ingest(tenant, event(event_id), "webhook")
         async with worker(rt):
-            await wait_for(lambda: _drained(redis), 20)
+            await wait_for(lambda: drained(redis), 20)
         admin = Admin(config, redis, rt.metrics)
         admin.add_routes(OperatorPage(admin, rt, lambda: None).routes())
         async with TestClient(TestServer(admin.app())) as client:
             yield client, sink, rt
-
-
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
 
 
 def rows(text: str) -> list[str]:
@@ -247,7 +242,7 @@ async def test_resend_needs_the_replay_scope_and_a_form_from_the_page(
     before = len(sink.for_event("a1"))
     async with worker(rt):
         await wait_for(lambda: len(sink.for_event("a1")) == before + 2, 10)
-        await wait_for(lambda: _drained(redis), 10)
+        await wait_for(lambda: drained(redis), 10)
     for got in sink.for_event("a1")[-2:]:
         assert got.headers["X-Relay-Source"] == "resend"
         assert got.headers["webhook-id"] == "a1"

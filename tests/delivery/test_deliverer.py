@@ -16,7 +16,6 @@ from relay.delivery.retry import backoff, parse_retry_after
 from relay.delivery.role import WorkerRole
 from relay.delivery.sink_client import scrub
 from relay.keys import JOB_KEY_PREFIX, Keys
-from relay.store.backlog import backlog
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.embedded import free_port
 from tests.support.common import TENANT, wait_for
@@ -24,6 +23,7 @@ from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     ingest,
     metric_sum,
     runtime,
@@ -31,10 +31,6 @@ from tests.support.delivery import (
     sinks,
     worker,
 )
-
-
-async def queue_empty(redis: Redis) -> bool:
-    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 async def test_fan_out_1000_events_to_3_sinks(redis: Redis, redis_url: str) -> None:
@@ -53,7 +49,7 @@ async def test_fan_out_1000_events_to_3_sinks(redis: Redis, redis_url: str) -> N
         await ingest(rt, ids)
         async with worker(rt):
             await wait_for(lambda: all(len(s.received) >= 1000 for s in (a, b, c)), 60)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         for s in (a, b, c):
             assert sorted(s.ids()) == ids  # each exactly once: no crash, no duplicate
             assert s.bad_signatures == 0
@@ -83,7 +79,7 @@ async def test_500_three_times_then_200_delivers_on_attempt_4(redis: Redis, redi
         await ingest(rt, ["e1"])
         async with worker(rt):
             await wait_for(lambda: len(s.received) >= 4, 20)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert [r.attempt for r in s.received] == [1, 2, 3, 4]
         assert {r.event_id for r in s.received} == {"e1"}
         assert s.bad_signatures == 0
@@ -113,7 +109,7 @@ async def test_400_dead_letters_at_once(redis: Redis, redis_url: str) -> None:
         assert d.error.startswith("HTTP 400")
         assert d.first_attempt is not None
         assert d.last_attempt is not None
-        assert await queue_empty(redis)
+        assert await drained(redis)
         # The dead letter holds the event: stored, without an expiry.
         assert json.loads(await store.payload(TENANT, "bad-1") or b"")["event_id"] == "bad-1"
         assert await redis.ttl(rt.keys.event(TENANT, "bad-1")) == -1
@@ -130,7 +126,7 @@ async def test_down_past_max_age_is_exhausted_then_replay_delivers(
     await ingest(rt, ids)
     store = DeadLetterStore(redis, cfg)
     async with worker(rt):
-        await wait_for(lambda: queue_empty(redis), 15)
+        await wait_for(lambda: drained(redis), 15)
     found = await store.find(Filter())
     assert sorted(d.event_id for d in found) == ids
     assert {d.cls for d in found} == {"exhausted"}
@@ -147,7 +143,7 @@ async def test_down_past_max_age_is_exhausted_then_replay_delivers(
         assert await store.find(Filter()) == []
         async with worker(rt):
             await wait_for(lambda: len(s.received) >= 5, 15)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
         assert {r.headers["X-Relay-Source"] for r in s.received} == {"replay"}
         assert {r.attempt for r in s.received} == {1}  # fresh attempts
@@ -280,7 +276,7 @@ async def test_a_removed_sink_dead_letters_as_gone_after_the_grace(
         rt.config = config_with(redis_url, [sink_conf("s", s.url)], unknown_sink_grace=0.3)
         store = DeadLetterStore(redis, rt.config)
         async with worker(rt):
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert s.ids() == ["o1"]
         [d] = await store.find(Filter())
         assert (d.sink, d.cls) == ("old", "gone")
@@ -440,7 +436,7 @@ async def test_breaker_opens_then_a_half_open_probe_closes_it(
             await wait_for(is_open, 10)
             tried = len(s.received)
             down[0] = False
-            await wait_for(lambda: queue_empty(redis), 20)
+            await wait_for(lambda: drained(redis), 20)
             assert await state() == breaker.CLOSED
         assert tried < 30  # while open, the jobs made no HTTP call
         assert sorted({r.event_id for r in s.received[tried:]}) == sorted(ids)
@@ -470,7 +466,7 @@ async def test_an_unreadable_stored_event_is_dropped_not_retried_forever(
         await redis.delete(f"chert-relay:ev:{TENANT}:hashed")
         await redis.hset(f"chert-relay:ev:{TENANT}:hashed", "body", b"{}")  # type: ignore[arg-type]
         async with worker(rt):
-            await wait_for(lambda: queue_empty(redis), 15)
+            await wait_for(lambda: drained(redis), 15)
         assert a.received == b.received == []
         for sink in ("a", "b"):
             assert (
@@ -510,7 +506,7 @@ async def _received(sink: Sink, n: int) -> bool:
 
 
 async def _dead_letters(store: DeadLetterStore, n: int, redis: Redis) -> bool:
-    return len(await store.find(Filter())) == n and await queue_empty(redis)
+    return len(await store.find(Filter())) == n and await drained(redis)
 
 
 async def test_a_delivery_put_off_keeps_its_job_and_event_until_its_deadline(
@@ -556,7 +552,7 @@ async def test_a_delivery_whose_sink_is_busy_waits_set_aside_until_a_slot_frees(
             dl = int(await redis.hget(keys.attempts(TENANT, "s", "e1"), "dl"))
             await redis.zrem(lease, "elsewhere")
             await wait_for(lambda: s.ids() == ["e1"], 10)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") == 1
         assert metric_sum(rt.metrics, "chert_relay_delivery_deferrals_total") == 0
         assert await redis.scard(keys.waiting_sinks) == 0
@@ -580,7 +576,7 @@ async def test_a_busy_sink_gets_its_backlog_in_order_never_over_its_cap_without_
         await ingest(rt, ids)
         async with worker(rt):
             await wait_for(lambda: len(set(s.ids())) == 60, 30)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert s.max_running <= 2
         got = s.ids()
         assert len(got) == 60  # each once
@@ -631,5 +627,5 @@ async def test_a_sink_added_by_a_reload_that_reached_serve_first_waits_for_the_w
             assert await redis.zcard(rt.keys.dead_letters(TENANT)) == 0
             role.reload(both)
             await wait_for(lambda: sorted(new.ids()) == ["n1", "n2"], 10)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert await redis.zcard(rt.keys.dead_letters(TENANT)) == 0

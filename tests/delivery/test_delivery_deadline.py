@@ -10,24 +10,19 @@ import time
 
 from redis.asyncio import Redis
 
-from relay.keys import Keys
-from relay.store.backlog import backlog
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import wait_for
 from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     ingest,
     runtime,
     sink_conf,
     sinks,
     worker,
 )
-
-
-async def queue_empty(redis: Redis) -> bool:
-    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 async def _slow(sink: Sink, r: Received) -> tuple[int, dict[str, str]]:
@@ -48,7 +43,7 @@ async def test_waiting_on_the_concurrency_cap_does_not_use_up_max_age(
         store = DeadLetterStore(redis, cfg)
         async with worker(rt):
             await wait_for(lambda: len(set(s.ids())) == len(ids), 120)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
         assert await store.find(Filter()) == []
         assert s.max_running == 1
@@ -71,13 +66,13 @@ async def test_a_replay_of_many_dead_letters_delivers_every_one_behind_the_cap(
         store = DeadLetterStore(redis, cfg)
         async with worker(rt):
             await wait_for(lambda: _count(store, len(ids)), 60)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             s.behaviour = _slow
             s.received.clear()
             out = await store.replay(Filter(), dry_run=False)
             assert len(out.done) == len(ids)
             await wait_for(lambda: len(set(s.ids())) == len(ids), 120)
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
         assert await store.find(Filter()) == []
 
@@ -101,7 +96,7 @@ async def test_an_untried_delivery_past_its_deadline_gets_its_attempt(
         start = time.time()
         await wait_for(lambda: _past(start + 0.3), 5)
         async with worker(rt):
-            await wait_for(lambda: queue_empty(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert s.ids() == ["late"]
         assert await DeadLetterStore(redis, cfg).find(Filter()) == []
 

@@ -11,13 +11,13 @@ from redis.asyncio import Redis
 
 from relay.config import Config, parse_config
 from relay.keys import Keys
-from relay.store.backlog import backlog
 from relay.store.eventlog import EventLog, Query, decode_cursor
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
     Sink,
     delivery_config,
+    drained,
     ingest,
     runtime,
     sink_conf,
@@ -34,10 +34,6 @@ def log_config(redis_url: str, sink_list: list[dict[str, Any]], **event_log: Any
     return parse_config(data, env={})
 
 
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
-
-
 async def test_a_delivered_event_has_its_arrivals_routes_and_attempt(
     redis: Redis, redis_url: str
 ) -> None:
@@ -52,7 +48,7 @@ async def test_a_delivered_event_has_its_arrivals_routes_and_attempt(
         await ingest(rt, ["e1"], source="poll")
         async with worker(rt):
             await wait_for(lambda: s.ids() == ["e1"], 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         rec = await EventLog(redis, cfg).get(TENANT, "e1")
         assert rec is not None
         assert rec.type == "message.received"
@@ -87,7 +83,7 @@ async def test_each_attempt_is_recorded_with_its_answer(redis: Redis, redis_url:
         await ingest(rt, ["e2"])
         async with worker(rt):
             await wait_for(lambda: len(s.ids()) == 3, 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         log = EventLog(redis, cfg)
         rec = await log.get(TENANT, "e2")
         assert rec is not None
@@ -111,7 +107,7 @@ async def test_a_rejected_delivery_is_recorded_as_a_dead_letter(
         await ingest(rt, ["e3"])
         async with worker(rt):
             await wait_for(lambda: s.ids() == ["e3"], 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         rec = await EventLog(redis, cfg).get(TENANT, "e3")
         assert rec is not None
         (st,) = rec.sinks
@@ -139,12 +135,12 @@ async def test_resend_delivers_a_delivered_event_again_with_its_webhook_id(
         log = EventLog(redis, cfg)
         async with worker(rt):
             await wait_for(lambda: s.ids() == ["e5"], 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             # the stored event is gone once delivered: the record's copy is resent
             assert not await redis.exists(KEYS.event(TENANT, "e5"))
             assert await log.resend(TENANT, "e5") == [("s", "ok")]
             await wait_for(lambda: s.ids() == ["e5", "e5"], 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         first, again = s.received
         assert again.headers["webhook-id"] == first.headers["webhook-id"] == "e5"
         assert again.headers["X-Relay-Source"] == "resend"
@@ -211,7 +207,7 @@ async def test_the_log_keeps_within_its_byte_cap_oldest_first(redis: Redis, redi
         async with worker(rt):
             for k in range(0, len(ids), 100):
                 await ingest(rt, ids[k : k + 100])
-            await wait_for(lambda: _drained(redis), 60)
+            await wait_for(lambda: drained(redis), 60)
             await wait_for(lambda: _within(log, cap), 10)  # the sweep trims
         records, size = await log.usage()
         assert 0 < records < len(ids)
@@ -237,7 +233,7 @@ async def test_records_past_their_retention_go(redis: Redis, redis_url: str) -> 
         await ingest(rt, ["old1", "old2", "new1"])
         log = EventLog(redis, cfg)
         async with worker(rt):
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             two_hours_ago = (time.time() - 7200) * 1000
             for i in ("old1", "old2"):  # first seen two hours ago
                 await redis.zadd(KEYS.event_log_index, {f"{TENANT}:{i}": two_hours_ago})
@@ -259,7 +255,7 @@ async def test_with_the_log_off_nothing_is_recorded(redis: Redis, redis_url: str
         await ingest(rt, ["e7"])
         async with worker(rt):
             await wait_for(lambda: s.ids() == ["e7"], 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert await EventLog(redis, cfg).usage() == (0, 0)
         assert not await redis.exists(KEYS.event_log(TENANT, "e7"))
 
@@ -281,7 +277,7 @@ async def test_the_log_gives_way_before_redis_refuses_an_event(
             async with worker(rt):
                 for k in range(0, len(ids), 100):
                     await ingest(rt, ids[k : k + 100])  # a refusal raises
-                    await wait_for(lambda: _drained(redis), 30)
+                    await wait_for(lambda: drained(redis), 30)
             records, _ = await log.usage()
             assert records < len(ids)  # it gave way...
             assert await log.get(TENANT, ids[-1]) is not None  # ...oldest first

@@ -17,7 +17,6 @@ from relay.config.filters import compile_filter
 from relay.errors import EventLogError
 from relay.ingest import envelope
 from relay.keys import Keys
-from relay.store.backlog import backlog
 from relay.store.eventlog import EventLog
 from relay.upstream.rows import ingest_rows
 from tests.support.common import TENANT, log_row, wait_for
@@ -25,6 +24,7 @@ from tests.support.common import envelope as make_envelope
 from tests.support.delivery import (
     Sink,
     delivery_config,
+    drained,
     metric_sum,
     runtime,
     sink_conf,
@@ -50,10 +50,6 @@ def config(
     extra = {} if groups_filter is None else {"filter": groups_filter}
     sink_list = [sink_conf("all", all_url), sink_conf("groups", groups_url, **extra)]
     return parse_config(delivery_config(redis_url, sink_list), env={})
-
-
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
 
 
 async def _jobs(redis: Redis) -> list[str]:
@@ -107,7 +103,7 @@ async def test_only_the_sink_whose_filter_takes_the_event_gets_it_and_the_log_sa
         assert filtered_count(rt) == 2
         async with worker(rt):
             await wait_for(lambda: len(to_all.received) + len(to_groups.received) == 4, 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(to_all.ids()) == ["g1", "p1", "p2"]
         assert to_groups.ids() == ["g1"]
         log = EventLog(redis, cfg)
@@ -130,7 +126,7 @@ async def test_the_routing_stays_when_the_filter_changes_for_duplicates_and_rese
         await rt.ingestor.ingest(TENANT, envelope.from_object(body("p1", False)), "webhook")
         async with worker(rt):
             await wait_for(lambda: len(to_all.received) == 1, 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         # the filter is gone: the event keeps the routing it got
         now = config(redis_url, to_all.url, to_groups.url, groups_filter=None)
         rt.ingestor.set_config(now)
@@ -147,7 +143,7 @@ async def test_the_routing_stays_when_the_filter_changes_for_duplicates_and_rese
             await log.resend(TENANT, "p1", "groups")
         async with worker(runtime(redis, now)):
             await wait_for(lambda: len(to_all.received) == 2, 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert to_all.ids() == ["p1", "p1"]
         assert to_all.received[1].headers["X-Relay-Source"] == "resend"
         assert to_groups.received == []

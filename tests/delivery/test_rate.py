@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from relay.keys import Keys
 from relay.runtime import Runtime
-from relay.store.backlog import backlog, waiting
+from relay.store.backlog import waiting
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.delivery.test_clock_skew import skewed
 from tests.delivery.test_ordering import ingest_chats
@@ -25,6 +25,7 @@ from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     ingest,
     metric_sum,
     runtime,
@@ -58,10 +59,6 @@ def _rate_metric(rt: Runtime, name: str) -> float:
     return metric_sum(rt.metrics, f"chert_relay_sink_rate_{name}", sink="s")
 
 
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
-
-
 async def test_a_backlog_goes_to_the_sink_at_its_rate(redis: Redis, redis_url: str) -> None:
     async with sinks(Sink()) as (s,):
         cfg = config_with(redis_url, [sink_conf("s", s.url, rate="5/s", concurrency=8)])
@@ -73,7 +70,7 @@ async def test_a_backlog_goes_to_the_sink_at_its_rate(redis: Redis, redis_url: s
             await wait_for(lambda: _rate_metric(rt, "wait_seconds") > 0, 10)
             assert _rate_metric(rt, "limit_per_second") == 5
             await wait_for(lambda: len(s.received) >= len(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             await wait_for(lambda: _rate_metric(rt, "wait_seconds") == 0, 10)
         assert sorted(s.ids()) == ids  # each once
         times = [r.at for r in s.received]
@@ -99,7 +96,7 @@ async def test_two_worker_processes_share_one_rate(
         ):
             await ingest(rt, ids)
             await wait_for(lambda: len(s.received) >= len(ids), 60)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids  # each once
         # one pace for both: a pace of each worker's own would let twice as many by
         assert most_in_a_window([r.at for r in s.received], 1.0) <= allowed(10)
@@ -114,7 +111,7 @@ async def test_waiting_for_a_turn_does_not_use_up_max_age(redis: Redis, redis_ur
         await ingest(rt, ids)
         async with worker(rt):
             await wait_for(lambda: len(set(s.ids())) == len(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
         assert await DeadLetterStore(redis, cfg).find(Filter()) == []
         assert most_in_a_window([r.at for r in s.received], 1.0) <= allowed(10)
@@ -149,7 +146,7 @@ async def test_a_retry_after_holds_a_paced_sink_back_until_the_time_it_names(
             # while the hold lasts, the sink's pace reads 0
             await wait_for(lambda: _rate_metric(rt, "limit_per_second") == 0, 10)
             await wait_for(lambda: len(set(s.ids())) == len(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             assert _rate_metric(rt, "limit_per_second") == 10
         after = [r.at - said[0] for r in s.received[1:]]
         # nothing before the time it named (Redis' clock counts whole ms: 2 ms of slack)
@@ -185,7 +182,7 @@ async def test_a_deep_backlog_waits_set_aside_and_a_reload_to_a_higher_rate_reac
             reloaded = len(s.received)
             role.reload(config_with(redis_url, [sink_conf("s", s.url, rate="100/s")]))
             await wait_for(lambda: len(s.received) >= len(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids  # none lost, none twice
         before = [r.at for r in s.received[:reloaded]]
         after = [r.at for r in s.received[reloaded:]]
@@ -203,7 +200,7 @@ async def test_an_ordered_paced_sink_keeps_each_chats_order(redis: Redis, redis_
         await ingest_chats(rt, chats, 8)
         async with worker(rt):
             await wait_for(lambda: len(s.received) >= 24, 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         got: dict[str, list[int]] = {c: [] for c in chats}
         for r in s.received:
             got[r.event_id.split(":")[1]].append(int(r.event_id.rsplit(":", 1)[1]))
@@ -226,7 +223,7 @@ async def test_a_worker_with_a_skewed_clock_keeps_the_shared_pace(
         ):
             await ingest(rt, ids)
             await wait_for(lambda: len(s.received) >= len(ids), 60)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
         assert most_in_a_window([r.at for r in s.received], 1.0) <= allowed(10)
 
@@ -242,7 +239,7 @@ async def test_a_reload_to_a_lower_rate_holds_at_once(redis: Redis, redis_url: s
             role.reload(config_with(redis_url, [sink_conf("s", s.url, rate="5/s")]))
             reloaded = time.monotonic()
             await wait_for(lambda: len(s.received) >= len(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids  # none lost, none twice
         # turns promised at 20/s are checked against the new pace when they come: from a
         # moment after the reload (requests already on their way), the sink sees 5/s

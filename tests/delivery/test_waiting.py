@@ -10,13 +10,14 @@ import time
 from redis.asyncio import Redis
 
 from relay.keys import Keys
-from relay.store.backlog import backlog, waiting
+from relay.store.backlog import waiting
 from relay.store.deadletters import DeadLetterStore, Filter
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     ingest,
     metric_sum,
     runtime,
@@ -26,10 +27,6 @@ from tests.support.delivery import (
 )
 
 KEYS = Keys("chert-relay")
-
-
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
 
 
 async def test_two_workers_share_a_sinks_cap_and_deliver_each_event_once(
@@ -46,7 +43,7 @@ async def test_two_workers_share_a_sinks_cap_and_deliver_each_event_once(
         await ingest(rt_a, ids)
         async with worker(rt_a), worker(rt_b):
             await wait_for(lambda: len(set(s.ids())) == len(ids), 60)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert s.max_running <= 3
         assert sorted(s.ids()) == ids  # each once: no run was taken twice
         a = metric_sum(rt_a.metrics, "chert_relay_deliveries_total", outcome="delivered")
@@ -70,7 +67,7 @@ async def test_a_slot_whose_lease_lapsed_goes_to_the_waiting_delivery(
             assert s.ids() == []
             await wait_for(lambda: s.ids() == ["e1"], 10)
             assert time.time() * 1000 >= lapses - 50  # not before the lease lapsed
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         assert metric_sum(rt.metrics, "chert_relay_delivery_waits_total", reason="busy") == 1
 
 
@@ -114,7 +111,7 @@ async def test_a_sink_back_from_an_outage_gets_its_backlog_at_full_concurrency(
             s.max_running = 0
             down[0] = False
             await wait_for(lambda: set(ok) == set(ids), 30)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
         # while open only probes went, one at a time; back, the backlog went 4 at a time
         assert tried_while_down < len(ids)
         assert s.max_running == 4

@@ -10,12 +10,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from relay.keys import Keys
-from relay.store.backlog import backlog
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     event,
     ingest,
     runtime,
@@ -81,7 +81,7 @@ async def test_named_jobs_start_without_a_read_of_the_queue(redis: Redis, redis_
             for n in range(5):  # one batch at a time, each delivered before the next
                 await ingest(rt, [f"n{n}"])
                 await wait_for(lambda n=n: len(s.ids()) == n + 1, 10)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             # a read per batch before; now at most the one listening began with
             assert await _reads(redis) - before <= 1
         assert s.ids() == [f"n{n}" for n in range(5)]
@@ -90,10 +90,6 @@ async def test_named_jobs_start_without_a_read_of_the_queue(redis: Redis, redis_
 async def _subscribed(redis: Redis) -> bool:
     ((_, n),) = await redis.pubsub_numsub(KEYS.wake)
     return int(n) >= 1
-
-
-async def _drained(redis: Redis) -> bool:
-    return await backlog(redis, KEYS) == 0
 
 
 async def test_takes_beside_a_read_never_start_more_than_max_jobs(
@@ -122,7 +118,7 @@ async def test_takes_beside_a_read_never_start_more_than_max_jobs(
             for i in range(0, len(named), 3):  # named, a few at a time, while reads run
                 await ingest(rt, named[i : i + 3])
             await wait_for(lambda: len(set(s.ids())) == len(queued) + len(named), 60)
-            await wait_for(lambda: _drained(redis), 10)
+            await wait_for(lambda: drained(redis), 10)
             watcher.cancel()
         # a finish's chained job takes over its run's slot just before that run ends
         assert most <= 4 + 1

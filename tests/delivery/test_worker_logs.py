@@ -21,23 +21,19 @@ from relay.delivery import activity, heartbeat
 from relay.delivery.activity import SinkActivity
 from relay.delivery.sink_client import Answer, SinkClient
 from relay.keys import Keys
-from relay.store.backlog import backlog
 from relay.store.embedded import EmbeddedRedis, free_port
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
     Received,
     Sink,
     config_with,
+    drained,
     ingest,
     runtime,
     sink_conf,
     sinks,
     worker,
 )
-
-
-async def _queue_empty(redis: Redis) -> bool:
-    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 def _summaries(caplog: pytest.LogCaptureFixture) -> list[tuple[object, ...]]:
@@ -65,7 +61,7 @@ async def test_deliveries_are_summed_per_sink_not_logged_one_by_one(
         async with worker(rt):
             await ingest(rt, [f"ok{i}" for i in range(8)] + ["flaky", "bad"])
             await wait_for(lambda: len(s.received) == 11, 15)
-            await wait_for(lambda: _queue_empty(redis), 15)
+            await wait_for(lambda: drained(redis), 15)
             await wait_for(lambda: _summaries(caplog), 15)  # one came while it ran
     # Each line is a sink's deliveries since the last; the worker's stop adds the rest.
     lines = _summaries(caplog)

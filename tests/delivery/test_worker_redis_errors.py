@@ -12,15 +12,9 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from relay.delivery.role import WorkerRole
-from relay.keys import Keys
-from relay.store.backlog import backlog
 from relay.store.embedded import EmbeddedRedis
 from tests.support.common import wait_for
-from tests.support.delivery import Sink, config_with, ingest, runtime, sink_conf, sinks
-
-
-async def drained(client: Redis) -> bool:
-    return await backlog(client, Keys("chert-relay")) == 0
+from tests.support.delivery import Sink, config_with, drained, ingest, runtime, sink_conf, sinks
 
 
 async def test_worker_keeps_going_while_redis_is_out_of_memory(

@@ -25,6 +25,7 @@ from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Runtime
+from relay.store.backlog import backlog
 from relay.store.embedded import free_port
 from relay.store.endpoint import Endpoint
 from tests.support.common import SINK_SECRET, TENANT, config_dict
@@ -197,6 +198,11 @@ async def ingest(
     rt: Runtime, ids: list[str], source: str = "webhook", event_type: str = "message.received"
 ) -> None:
     await asyncio.gather(*(rt.ingestor.ingest(TENANT, event(i, event_type), source) for i in ids))
+
+
+async def drained(redis: Redis) -> bool:
+    """No delivery left to do: none queued, none waiting for its sink."""
+    return await backlog(redis, Keys("chert-relay")) == 0
 
 
 @contextlib.asynccontextmanager
