@@ -259,7 +259,8 @@ def worker(path: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "relay", "--log-level", "warning", "-c", str(path), "worker"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     if PROFILE:
-        spy = ["py-spy", "record", "--format", "raw", "--idle", "--nonblocking"]
+        found = Path(sys.executable).with_name("py-spy")
+        spy = [str(found) if found.exists() else "py-spy", "record", "--format", "raw", "--idle", "--nonblocking"]
         subprocess.Popen([*spy, "-o", PROFILE[0], "--pid", str(proc.pid)])
     return proc
 
