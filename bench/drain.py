@@ -260,7 +260,8 @@ def worker(path: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, cwd=ROOT)
     if PROFILE:
         found = Path(sys.executable).with_name("py-spy")
-        spy = [str(found) if found.exists() else "py-spy", "record", "--format", "raw", "--idle", "--nonblocking"]
+        spy = [str(found) if found.exists() else "py-spy", "record", "--format", "raw"]
+        spy += ["--idle", "--nonblocking"]
         subprocess.Popen([*spy, "-o", PROFILE[0], "--pid", str(proc.pid)])
     return proc
 

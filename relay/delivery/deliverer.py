@@ -29,6 +29,11 @@ A sink whose secret is not a usable key is dead-lettered ``rejected`` before the
 and carry the attempt to the event log. A fault of our own (Redis away, a bug) re-runs
 the job a few seconds later; a finish whose reply was lost leaves no job key, and the
 run ends. An attempt's timeout is the sink's, inside the run's budget (+ JOB_MARGIN_S).
+A run that holds the sink's next delivery claimed ahead (:mod:`relay.delivery.reserves`)
+starts it on its own slot the moment its attempt succeeds.
+
+The module is a little over 500 lines and stays whole: it is one role, a delivery's
+run from its claim to its finish, whose outcomes share the finish and its records.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from relay.delivery.limits import SinkTable
 from relay.delivery.loop import JOB_MARGIN_S, job_timeout
 from relay.delivery.metric_children import MetricChildren
 from relay.delivery.outlet import Outlet
+from relay.delivery.reserves import Reserves
 from relay.delivery.retry import next_attempt, status_class
 from relay.delivery.sink_client import Answer, Request, clip
 from relay.delivery.steps import (
@@ -123,6 +129,8 @@ class Deliverer:
         self._config = config
         self._keys = Keys(config.redis.key_prefix)
         self.steps = Steps(redis_client, self._keys, config.worker)  # its scripts in Redis
+        # the next delivery of a slot, claimed ahead
+        self.reserves = Reserves(self.steps, self.running, self._held, self._requeued)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -148,6 +156,7 @@ class Deliverer:
         """Wait for the finishes already asked for, then close the broker sinks'
         connections (the worker stops)."""
         await self.steps.drain()
+        await self.reserves.drain()  # reserves those finishes left, given back
         await self._client.close()
 
     async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int]:
@@ -229,6 +238,8 @@ class Deliverer:
                 return "retried"
             finally:
                 self.running.pop(ref.job_id, None)
+                if self.reserves.owed(ref):  # cancelled or failed: it goes back
+                    self.reserves.drop_later(ref)
 
     async def _after_fault(self, ref: Ref, wait: float) -> bool:
         """Reschedule a job whose run failed on our side; False if it is already finished.
@@ -307,11 +318,17 @@ class Deliverer:
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
+        handoff = await self.reserves.take(ref) if answer.ok else None
+        if handoff is not None and self.adopt is not None and not self.draining:
+            self.adopt(handoff)  # the next delivery goes on this slot now, not after the finish
+        else:
+            await self.reserves.drop(ref, handoff)
+            handoff = None
         self.activity.attempt_ended(ref.tenant, ref.sink, answer)
         took = self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name)
         took.observe(answer.seconds, answer.exemplar)
         if answer.ok:
-            await self._delivered(a, answer, now)
+            await self._delivered(a, answer, now, handoff)
             return "done"
         if answer.retryable:
             return await self._failed(a, answer, now)
@@ -329,9 +346,12 @@ class Deliverer:
         )
         return "done"
 
-    async def _delivered(self, a: _Attempt, answer: Answer, now: int) -> None:
+    async def _delivered(
+        self, a: _Attempt, answer: Answer, now: int, handoff: Taken | None
+    ) -> None:
         ref, stored, m = a.ref, a.go.stored, self._metrics
-        applied = await self._finish(ref, Finish("ok", effect="success"), (answer, a.go.source))
+        ok = Finish("ok", effect="success")
+        applied = await self._finish(ref, ok, (answer, a.go.source), handoff)
         self._count(ref, "delivered", answer)  # the sink has it, whichever run records it
         if not applied:
             return
@@ -425,18 +445,35 @@ class Deliverer:
             entry.error,
         )
 
-    async def _finish(self, ref: Ref, f: Finish, tried: tuple[Answer, str] | None = None) -> bool:
+    async def _finish(
+        self,
+        ref: Ref,
+        f: Finish,
+        tried: tuple[Answer, str] | None = None,
+        handoff: Taken | None = None,
+    ) -> bool:
         """Record ``f`` (and ``tried``: the attempt's answer and source, for the event
         log); False if this run no longer held the delivery — its worker was
         paused or its loop blocked past the hold (``heartbeat.HOLD_S``), and another run
         took the delivery over or finished it: nothing was recorded, the sink may get
-        the event twice (never zero times)."""
-        chain = ""
+        the event twice (never zero times). ``handoff``: the reserve already started on
+        this run's slot, which the slot's lease passes to."""
+        chain, ahead = "", False
         if self.adopt is not None and not self.draining:
             chain = self._sinks.claim_limit(ref.tenant, ref.sink)
+            ahead = self._sinks.reservable(ref.tenant, ref.sink)
         if tried is not None:
             f = replace(f, attempt=tried[0].log_record(tried[1]))
-        done = await self.steps.finish(ref, f, self._sinks.cap(ref.tenant, ref.sink), chain)
+        given = None if handoff is None else handoff.ref
+        owed = self.reserves.expect(given) if given is not None and ahead else None
+        cap = self._sinks.cap(ref.tenant, ref.sink)
+        held = None
+        try:
+            done = await self.steps.finish(ref, f, cap, chain, given, ahead)
+            held = done.reserve
+        finally:
+            if owed is not None and given is not None:
+                held = self.reserves.settle(owed, given.job_id, held)
         if not done.applied:
             self._metrics.delivery_stale_finishes.labels(ref.tenant, ref.sink).inc()
             said = None if tried is None else tried[0].status or tried[0].error
@@ -444,9 +481,26 @@ class Deliverer:
             return False
         if done.chained is not None and self.adopt is not None:
             for job in self._accept([done.chained]):
+                held = self.reserves.give(job.ref.job_id, held)
                 self.adopt(job)  # it takes over the slot this run frees
+        await self.reserves.left_over(held)
         self._ready(done.started)
         return True
+
+    def _held(self, job: Taken) -> Taken | None:
+        """A reserve as the worker holds it (renewed by the heartbeat), if it is one:
+        a claim that found the delivery over instead runs now, as any job does."""
+        started = self._accept([job])
+        if not started:
+            return None
+        if not isinstance(job.claim, Go):
+            if self.adopt is not None:
+                self.adopt(job)  # no slot needed: it dead-letters (or drops) the delivery
+            return None
+        return job
+
+    def _requeued(self, job_id: str) -> None:
+        self._ready((job_id,))
 
     def _ready(self, started: tuple[str, ...] | list[str]) -> None:
         """A finish (or a sweep) queued jobs due now — an ordered chat's next event, the

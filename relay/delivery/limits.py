@@ -45,6 +45,13 @@ class SinkTable:
     def get(self, tenant: str, name: str) -> SinkConfig | None:
         return self._sinks.get((tenant, name))
 
+    def reservable(self, tenant: str, name: str) -> bool:
+        """Whether the sink's deliveries may be claimed ahead (:mod:`relay.delivery.
+        reserves`): not an ordered sink (a chat's next event waits for its finish) nor a
+        paced one (its turns are the pace's)."""
+        sink = self._sinks.get((tenant, name))
+        return sink is not None and sink.ordering == "none" and sink.rate is None
+
     def claim_limit(self, tenant: str, name: str) -> str:
         """The claim limits of one usable sink (JSON, as in :attr:`claim_limits`); ""
         for a sink not configured here or not usable."""

@@ -5,7 +5,8 @@ The scripts are ``lua/take.lua`` (a poll's jobs started and claimed in one call)
 :class:`~relay.store.script_pipe.ScriptPipeline`: one call per batch, fsynced together;
 each finish goes in as a :class:`~relay.store.wire.FinishItem`, which the wire module
 encodes),
-``release.lua`` and ``reschedule.lua`` (their headers say what each does); the rules of
+``release.lua``, ``unreserve.lua`` and ``reschedule.lua`` (their headers say what each
+does); the rules of
 a claim and a finish are ``lib/claim.lua`` and ``lib/finish.lua``. A take gives each
 run a fencing token (kept in arq's in-progress mark); the finish, release, reschedule
 and the heartbeat's renewal apply only while the mark still holds it, so a run whose
@@ -208,6 +209,8 @@ class Finished(NamedTuple):
     applied: bool
     started: tuple[str, ...] = ()
     chained: Taken | None = None  # the job taken for this worker in the same call
+    # a job claimed ahead, without a slot, for the run of the job id given with it
+    reserve: tuple[str, Taken] | None = None
 
 
 STALE = Finished(False)
@@ -220,6 +223,7 @@ class Steps:
         self._client = client
         self._take = scripts.script("take").bind(client)
         self._release = scripts.script("release").bind(client)
+        self._unreserve = scripts.script("unreserve").bind(client)
         self._reschedule = scripts.script("reschedule").bind(client)
         self._sweep = scripts.script("sweep").bind(client)
         self._rate_hold = scripts.script("rate_hold").bind(client)
@@ -326,13 +330,24 @@ class Steps:
             return Taken(ref, _parse_peek(reply))
         return Taken(ref, parse_claim(reply))
 
-    async def finish(self, ref: Ref, f: Finish, cap: int = 0, chain: str = "") -> Finished:
+    async def finish(
+        self,
+        ref: Ref,
+        f: Finish,
+        cap: int = 0,
+        chain: str = "",
+        handoff: Ref | None = None,
+        reserve: bool = False,
+    ) -> Finished:
         """Record ``f`` (batched with the finishes of concurrent deliveries) if this run
         still holds the delivery; :data:`STALE` if it does not (nothing was changed). The
-        slot it frees goes to the sink's first waiting delivery (up to ``cap``, the
-        sink's concurrency, in flight); with ``chain`` (the sink's claim limits), that
-        job — or an ordered chat's next — is taken for this worker in the same call
-        (:attr:`Finished.chained`). What it did to the sink's breaker, if anything, is
+        slot it frees goes to ``handoff`` (a reserve the worker started on it when the
+        attempt succeeded), or else to the sink's first waiting delivery (up to ``cap``,
+        the sink's concurrency, in flight); with ``chain`` (the sink's claim limits),
+        that job — or an ordered chat's next — is taken for this worker in the same call
+        (:attr:`Finished.chained`), and with ``reserve`` the sink's next waiting delivery
+        is claimed ahead for whichever of the two now holds the slot
+        (:attr:`Finished.reserve`). What it did to the sink's breaker, if anything, is
         logged."""
         item = FinishItem(
             job_id=ref.job_id,
@@ -353,16 +368,21 @@ class Steps:
             cap=cap,
             chain=chain,
             attempt=f.attempt,
+            handoff=handoff.job_id if handoff is not None else "",
+            handoff_token=handoff.token if handoff is not None else "",
+            reserve=reserve and bool(chain),
         )
         found = await self.commit_finish(item)
         if isinstance(found, int):
             return STALE
-        nxt, change, waited, chained = found
+        nxt, change, waited, chained, ahead = found
         if change:
             breaker.log_change(ref.tenant, ref.sink, _text(change), f.error, self._worker)
         started = tuple(_text(j) for j in waited)
         started = (_text(nxt), *started) if nxt else started
-        return Finished(True, started, self._taken(chained) if chained else None)
+        taken = self._taken(chained) if chained else None
+        held = (_text(ahead[0]), self._taken(ahead[1])) if ahead else None
+        return Finished(True, started, taken, held)
 
     async def sweep(
         self, caps: str, release: Sequence[str], limits: EventLogConfig
@@ -408,6 +428,16 @@ class Steps:
                 "in_progress": self._keys.job_in_progress(ref.job_id),
             },
             args={"job_id": ref.job_id, "token": ref.token},
+        )
+        return bool(done)
+
+    async def unreserve(self, ref: Ref) -> bool:
+        """Give back a reserve this worker did not start (``unreserve.lua``): its
+        in-progress mark goes, and it is due in the queue. False if it no longer held
+        the delivery."""
+        done = await self._unreserve(
+            keys={"in_progress": self._keys.job_in_progress(ref.job_id)},
+            args={"token": ref.token},
         )
         return bool(done)
 

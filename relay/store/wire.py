@@ -228,6 +228,9 @@ class FinishItem(NamedTuple):
     cap: int = 0  # the sink's concurrency: the slots its waiting deliveries may fill
     chain: str = ""  # the sink's claim limits (JSON): take the job the finish queues
     attempt: str = ""  # the attempt, for the event log (JSON, with "ms"); "" if none
+    handoff: str = ""  # the reserve started on this run's slot (its job id), if any
+    handoff_token: str = ""  # that reserve's fencing token
+    reserve: bool = False  # claim the sink's next waiting delivery ahead (with chain)
 
 
 class FinishBatch:
@@ -279,6 +282,9 @@ class FinishBatch:
                 f.cap,
                 f.chain,
                 f.attempt,
+                f.handoff,
+                f.handoff_token,
+                "1" if f.reserve else "",
                 len(f.fields),
                 *f.fields,
             ]

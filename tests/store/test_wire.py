@@ -120,9 +120,11 @@ def test_a_finish_batch_reads_back_as_finish_batch_lua_takes_it() -> None:
     assert args[3:] == [
         *head,
         *common,
-        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"", b"", b"0"),
+        *(b"ok", b"0", b"200", b"", b"success", b"", b"", b"skip", b"0", b"", b""),
+        *(b"", b"", b"", b"0"),  # no handoff, no reserve; no dead-letter fields
         *common,
         *(b"dead", b"0", b"", b"boom", b"success", b"", b"exhausted", b"hold", b"0", b"", b""),
+        *(b"", b"", b""),
         b"4",
         *(b"event_id", b"e1", b"class", b"exhausted"),
     ]

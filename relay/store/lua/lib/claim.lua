@@ -22,7 +22,11 @@ ends untried (attempts 0), and the caller's dead letter says so.
 max_attempts, cap (the sink's concurrency), lease_ms (an in-flight slot's lease),
 margin_ms (how long past the deadline the job and the event are kept), url (compared
 with the gone mark), rate_ms (the interval between the sink's starts: 1000 / rate; 0
-or nil: no rate).
+or nil: no rate), reserve (true: a claim ahead for a run that holds a slot of the sink
+— finish_batch.lua's reserve: no slot is checked or leased, since the run hands its
+own over when it ends, and the attempt is not counted yet — the holder's finish counts
+it when it hands the slot over (lib/finish.lua), so a reserve never started costs no
+attempt; never the breaker's probe).
 uses: stored_event breaker wait rate
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
   | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
@@ -90,18 +94,21 @@ local function claim(k, arg)
     park(k, now, job_id, 'breaker_open')
     return {'park', 'breaker_open'}
   end
-  if verdict == 'half' then
+  if verdict == 'half' or (verdict == 'probe' and arg.reserve) then
     park(k, now, job_id, 'half_open')
     return {'park', 'half_open'}
   end
   local lease = tonumber(arg.lease_ms)
-  redis.call('ZREMRANGEBYSCORE', k.inflight, '-inf', now)
-  local mine = redis.call('ZSCORE', k.inflight, job_id)
-  if not mine and redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) then
-    -- Waiting on the relay's own cap is not the sink's failure: the deadline moves with
-    -- the wait (lib/wait.lua).
-    park(k, now, job_id, 'busy')
-    return {'park', 'busy'}
+  local mine = false
+  if not arg.reserve then
+    redis.call('ZREMRANGEBYSCORE', k.inflight, '-inf', now)
+    mine = redis.call('ZSCORE', k.inflight, job_id)
+    if not mine and redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) then
+      -- Waiting on the relay's own cap is not the sink's failure: the deadline moves
+      -- with the wait (lib/wait.lua).
+      park(k, now, job_id, 'busy')
+      return {'park', 'busy'}
+    end
   end
   local interval = tonumber(arg.rate_ms) or 0
   if interval > 0 then
@@ -134,12 +141,14 @@ local function claim(k, arg)
     breaker_take_probe(k.breaker, now, job_id, lease)
     probe = '1'
   end
-  redis.call('ZADD', k.inflight, now + lease, job_id)
-  redis.call('PEXPIRE', k.inflight, lease + margin)
   a = a + 1
-  redis.call('HSET', k.attempts, 'a', a, 'last', now)
-  redis.call('HDEL', k.attempts, 'ps', 'rt')
-  redis.call('HSETNX', k.attempts, 'first', now)
+  if not arg.reserve then
+    redis.call('ZADD', k.inflight, now + lease, job_id)
+    redis.call('PEXPIRE', k.inflight, lease + margin)
+    redis.call('HSET', k.attempts, 'a', a, 'last', now)
+    redis.call('HDEL', k.attempts, 'ps', 'rt')
+    redis.call('HSETNX', k.attempts, 'first', now)
+  end
   hold()
   return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}
 end

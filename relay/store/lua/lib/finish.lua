@@ -18,14 +18,19 @@ breaker_ttl_ms, gone_url, class, member, event_id, chat, on_dead (skip | hold), 
 (the sink's concurrency; 0: unknown here) and lease_ms: the slots the sink has free
 then go to its waiting deliveries (lib/wait.lua), each reserved for lease_ms; sink and
 attempt (the attempt's JSON for the event log, '' if the run made none: a stale run's
-is recorded too, marked so — the sink may have the event twice) and log_keep (whether
-the log keeps a copy of the event when its last delivery lets it go);
+is recorded too, marked so — the sink may have the event twice), log_keep (whether
+the log keeps a copy of the event when its last delivery lets it go), and handoff,
+handoff_token: the job (a claim ahead of this worker's, finish_batch.lua's reserve)
+that the worker started on this run's slot when the attempt succeeded ('': none) — the
+slot's lease passes to it, and its attempt is counted (the reserve's claim did not), if
+its in-progress mark still holds that token;
 ``fields``: the dead letter's name/value pairs (a table).
 Returns 0 if the run no longer holds the delivery (nothing was changed), else
-{next_job, breaker_change, started}: the job id of the chat's next event, now queued
-('' if none or unordered), what the attempt did to the sink's breaker (lib/breaker.lua's
-breaker_record: '' | 'open <failed> <attempts>' | 'reopen' | 'close'), and the job ids
-of the waiting deliveries now queued, due now, with a slot each.
+{next_job, breaker_change, started, handed}: the job id of the chat's next event, now
+queued ('' if none or unordered), what the attempt did to the sink's breaker
+(lib/breaker.lua's breaker_record: '' | 'open <failed> <attempts>' | 'reopen' |
+'close'), the job ids of the waiting deliveries now queued, due now, with a slot each,
+and whether the slot's lease passed to the handoff job.
 uses: stored_event breaker deadletter_add chat_order wait event_log
 ]]
 
@@ -43,12 +48,23 @@ local function finish(k, arg, fields)
   local ordered = k.chat ~= ''
   local job_base = string.sub(job_id, 1, #job_id - #arg.event_id)
   redis.call('ZREM', k.inflight, job_id)
+  local handed = false
+  if arg.handoff ~= '' and outcome == 'ok'
+      and redis.call('GET', IN_PROGRESS_KEY_PREFIX .. arg.handoff) == arg.handoff_token then
+    redis.call('ZADD', k.inflight, now + arg.lease_ms, arg.handoff)
+    local att = k.att_base .. string.sub(arg.handoff, #k.job_base + 1)
+    redis.call('HINCRBY', att, 'a', 1)
+    redis.call('HSET', att, 'last', now)
+    redis.call('HDEL', att, 'ps', 'rt')
+    redis.call('HSETNX', att, 'first', now)
+    handed = true
+  end
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
     tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms))
   local function done(next_job)
     local started = {}
     if arg.cap > 0 then started = wait_fill(k, arg.cap, now, arg.lease_ms) end
-    return {next_job, change, started}
+    return {next_job, change, started, handed}
   end
   if outcome == 'retry' then
     local due = now + tonumber(arg.delay_ms)
