@@ -63,6 +63,10 @@ async def test_a_run_holds_the_next_delivery_ahead_and_hands_it_its_slot(
             assert await leased() == {second}
             ahead = await _marks(redis) - {second}
             assert len(ahead) == 1
+            # nor an attempt counted: a worker that died now would leave it untried
+            [ahead_id] = ahead
+            record = KEYS.attempts(TENANT, "s", ahead_id.rsplit(":", 1)[1])
+            assert await redis.hget(record, "a") is None
             gates[2].set()
             # it goes the moment the second succeeds, and the second's finish passes
             # the slot's lease on to it
@@ -73,6 +77,7 @@ async def test_a_run_holds_the_next_delivery_ahead_and_hands_it_its_slot(
                 return await leased() == ahead
 
             await wait_for(handed_over, 10)
+            assert await redis.hget(record, "a") == b"1"  # counted as the slot passed on
             gates[3].set()
             await wait_for(lambda: drained(redis), 10)
         assert sorted(s.ids()) == ids
