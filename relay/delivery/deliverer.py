@@ -318,12 +318,13 @@ class Deliverer:
             log.info("delivery cancelled during attempt %d; it will run again", go.attempt)
             raise
         now = _now_ms()
-        handoff = await self.reserves.take(ref) if answer.ok else None
-        if handoff is not None and self.adopt is not None and not self.draining:
-            self.adopt(handoff)  # the next delivery goes on this slot now, not after the finish
-        else:
-            await self.reserves.drop(ref, handoff)
-            handoff = None
+        handoff = await self.reserves.take(ref)
+        if handoff is not None:
+            if answer.ok and self.adopt is not None and not self.draining:
+                self.adopt(handoff)  # the next delivery goes on this slot now, not after the finish
+            else:
+                await self.reserves.give_back(handoff)  # this attempt failed, or the worker stops
+                handoff = None
         self.activity.attempt_ended(ref.tenant, ref.sink, answer)
         took = self._children.of(m.delivery_attempt_seconds, ref.tenant, sink.name)
         took.observe(answer.seconds, answer.exemplar)

@@ -95,20 +95,17 @@ class Reserves:
         reserve in ``got`` if that is its own; what is left."""
         if got is None or got[0] != holder:
             return got
-        self.expect_now(holder, self._hold(got[1]))
-        return None
-
-    def expect_now(self, holder: str, reserve: Taken | None) -> None:
         owed = asyncio.get_running_loop().create_future()
-        owed.set_result(reserve)
+        owed.set_result(self._hold(got[1]))
         self._owed[holder] = owed
+        return None
 
     async def left_over(self, got: tuple[str, Taken] | None) -> None:
         """A reserve claimed for no run of this worker's goes back."""
         if got is not None:
             reserve = self._hold(got[1])
             if reserve is not None:
-                await self._give_back(reserve)
+                await self.give_back(reserve)
 
     def owed(self, holder: Ref) -> bool:
         return holder.job_id in self._owed
@@ -129,12 +126,11 @@ class Reserves:
         if not owed.cancelled() and (reserve := owed.result()) is not None:
             self._later(reserve)
 
-    async def drop(self, holder: Ref, reserve: Taken | None = None) -> None:
-        """Give back ``holder``'s reserve, if it has one (``reserve``: already taken)."""
-        if reserve is None:
-            reserve = await self.take(holder)
+    async def drop(self, holder: Ref) -> None:
+        """Give back ``holder``'s reserve, if it has one."""
+        reserve = await self.take(holder)
         if reserve is not None:
-            await self._give_back(reserve)
+            await self.give_back(reserve)
 
     def drop_later(self, holder: Ref) -> None:
         """:meth:`drop`, in the background (``holder``'s run is over: cancelled or
@@ -142,7 +138,7 @@ class Reserves:
         self._background(self.drop(holder))
 
     def _later(self, reserve: Taken) -> None:
-        self._background(self._give_back(reserve))
+        self._background(self.give_back(reserve))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -154,7 +150,8 @@ class Reserves:
         while self._giving_back:
             await asyncio.wait(set(self._giving_back))
 
-    async def _give_back(self, job: Taken) -> None:
+    async def give_back(self, job: Taken) -> None:
+        """Give back a reserve this worker will not start (``unreserve.lua``)."""
         self._running.pop(job.ref.job_id, None)
         try:
             async with asyncio.timeout(GIVE_BACK_S):

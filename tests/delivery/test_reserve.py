@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from relay.delivery.heartbeat import Running
@@ -32,8 +33,8 @@ KEYS = Keys("chert-relay")
 
 async def _marks(redis: Redis) -> set[str]:
     """The job ids marked in progress."""
-    prefix = "arq:in-progress:"
-    return {k.decode()[len(prefix) :] async for k in redis.scan_iter(match=prefix + "*")}
+    found = redis.scan_iter(match=in_progress_key_prefix + "*")
+    return {k.decode().removeprefix(in_progress_key_prefix) async for k in found}
 
 
 async def test_a_run_holds_the_next_delivery_ahead_and_hands_it_its_slot(
