@@ -1,5 +1,5 @@
-"""What setting a backlog aside writes: AOF bytes per delivery a worker's reads set
-aside in its sink's waiting line.
+"""What setting a backlog aside costs Redis: AOF bytes, commands and script time per
+delivery a worker's reads set aside in its sink's waiting line.
 
     python bench/setaside.py [--events 3000]
 
@@ -8,8 +8,11 @@ hangs; a worker starts, takes the first and sets every other aside (``take.lua``
 ``lib/claim.lua`` and ``lib/wait.lua``). The AOF is rewritten first, so that its growth
 until the last is set aside is what the setting aside wrote — and, with
 ``appendfsync always``, what the fsyncs that every other client's writes wait behind
-had to carry while a large backlog was being set aside. The figure is a count, not a
-time: it does not depend on the machine's load.
+had to carry while a large backlog was being set aside. Redis' command statistics,
+reset at the same moment, give the commands the scripts ran per delivery and the time
+Redis spent in the scripts per delivery. The first two figures are counts, not times:
+they do not depend on the machine's load; the third does, so compare it only with a
+run of the other code in the same session.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -55,7 +59,18 @@ async def _rewritten(client: Redis) -> None:
     await wait_for(done, 60)
 
 
-async def measure(events: int) -> float:
+def _script_work(stats: dict[str, Any]) -> tuple[int, int]:
+    """Commands run and microseconds spent in scripts (EVALSHA), from INFO commandstats."""
+    scripts = sum(int(v["usec"]) for k, v in stats.items() if k.startswith("cmdstat_eval"))
+    calls = sum(
+        int(v["calls"])
+        for k, v in stats.items()
+        if not k.startswith(("cmdstat_eval", "cmdstat_script", "cmdstat_info", "cmdstat_config"))
+    )
+    return calls, scripts
+
+
+async def measure(events: int) -> dict[str, float]:
     async def hang(_s: Sink, _r: Received) -> tuple[int, dict[str, str]]:
         await asyncio.sleep(120)
         return 200, {}
@@ -71,6 +86,7 @@ async def measure(events: int) -> float:
                 await ingest(rt, [f"e{i:06d}" for i in range(events)])
                 await _rewritten(client)
                 before = await _aof_bytes(client)
+                await client.config_resetstat()
                 keys = Keys(cfg.redis.key_prefix)
 
                 async def all_aside() -> bool:
@@ -79,7 +95,9 @@ async def measure(events: int) -> float:
                 async with worker(rt):
                     await wait_for(all_aside, 120)
                     after = await _aof_bytes(client)
-            return (after - before) / (events - 1)
+                    calls, usec = _script_work(await client.info("commandstats"))
+            n = events - 1
+            return {"aof_bytes": (after - before) / n, "commands": calls / n, "script_us": usec / n}
         finally:
             await client.aclose()
             await redis.stop()
@@ -90,7 +108,10 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=3000)
     args = ap.parse_args()
     per = asyncio.run(measure(args.events))
-    print(f"AOF bytes written per delivery set aside: {per:.0f} ({args.events:,} events)")
+    print(
+        f"per delivery set aside ({args.events:,} events): {per['aof_bytes']:.0f} AOF bytes, "
+        f"{per['commands']:.1f} Redis commands, {per['script_us']:.1f} us in scripts"
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ local now, left = redis_now_ms(), tonumber(A.max)
 local sinks = cjson.decode(A.sinks)
 math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
+local memos = {}  -- per sink: what its claims learned (lib/claim.lua's memo)
 local n = 0
 for _, id in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
@@ -84,9 +85,12 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       elseif lim[6] == 0 then
         reply = peek()
       else
+        local key = tenant .. '\n' .. sink
+        memos[key] = memos[key] or {}
         local ok, got = pcall(claim, k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
           lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
+          score = score, memo = memos[key],
         })
         if not ok then
           -- A claim that failed part way (a key of the wrong type): the job is held for

@@ -26,7 +26,14 @@ or nil: no rate), reserve (true: a claim ahead for a run that holds a slot of th
 — finish_batch.lua's reserve: no slot is checked or leased, since the run hands its
 own over when it ends, and the attempt is not counted yet — the holder's finish counts
 it when it hands the slot over (lib/finish.lua), so a reserve never started costs no
-attempt; never the breaker's probe).
+attempt; never the breaker's probe), score (the job's score in the queue, if the
+caller has read it), memo (a table kept per sink across the claims of one script call:
+what this claim learns of the sink — paused, gone, a closed or open breaker, its cap
+full, listed among the waiting sinks — later claims of the same call read from it
+instead of Redis. Within one call only these claims write to the sink, so none of it
+changes under them except as noted here: a slot given back clears `full`. A take
+that meets a backlog of one sink sets most of it aside this way at about half the
+calls).
 uses: stored_event breaker wait rate
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
   | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
@@ -40,11 +47,12 @@ Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
 
 local function claim(k, arg)
   local now, job_id = tonumber(arg.now), arg.job_id
+  local m = arg.memo or {}
   local stored = redis.pcall('GET', k.ev)
   if type(stored) == 'table' then return {'unreadable'} end  -- not a string: WRONGTYPE
   if not stored then return {'missing'} end
   local st = redis.call('HMGET', k.attempts, 'a', 'dl', 'due', 'first', 'last', 'st', 'err', 'src',
-    'held', 'rt')
+    'held', 'rt', 'ps')
   local a = tonumber(st[1]) or 0
   local dl = tonumber(st[2])
   local margin = tonumber(arg.margin_ms)
@@ -58,26 +66,38 @@ local function claim(k, arg)
     -- the record is this delivery's alone: a wait that made it lasting ends here
     if redis.call('PTTL', k.attempts) < keep then redis.call('PEXPIRE', k.attempts, keep) end
   end
-  -- A first claim holds the keys to its deadline whatever it decides — except a wait
-  -- in the waiting set, which keeps them without a deadline (lib/wait.lua's park): a
-  -- backlog set aside writes nothing it would undo at once.
+  -- A first claim sets the deadline and holds the keys to it whatever it decides —
+  -- except a wait in the waiting set, which keeps them without a deadline
+  -- (lib/wait.lua's park): a backlog set aside writes nothing it would undo at once,
+  -- and its deadline goes in the same write as the rest of what setting aside records.
   local owed = false
   if not dl then
     dl = (event_at(stored) or now) + tonumber(arg.max_age_ms)
-    redis.call('HSET', k.attempts, 'dl', dl)
     owed = true
   end
-  local function settle()
-    if owed then hold() end
+  local function write_dl()
+    if owed then redis.call('HSET', k.attempts, 'dl', dl) end
   end
-  if redis.call('EXISTS', k.paused) == 1 then
+  local function settle()
+    if owed then write_dl(); hold() end
+  end
+  -- set aside in the sink's waiting set; out: it holds no in-flight slot
+  local function aside(reason, out)
+    local known = {ps = st[11], score = arg.score, out = out, listed = m.listed,
+      dl = owed and dl or nil}
+    if park(k, now, job_id, reason, known) then m.full = nil end
+    m.listed = true
+    return {'park', reason}
+  end
+  if m.paused == nil then m.paused = redis.call('EXISTS', k.paused) == 1 end
+  if m.paused then
     -- the operator's choice, not the sink's failure: no attempt, no end, and the
     -- deadline moves back by the pause (lib/wait.lua)
-    park(k, now, job_id, 'paused')
-    return {'park', 'paused'}
+    return aside('paused')
   end
   local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored, st[9] or '0'}
-  if redis.call('GET', k.gone) == arg.url then settle(); return {'gone', unpack(info)} end
+  if m.gone == nil then m.gone = redis.call('GET', k.gone) or '' end
+  if m.gone == arg.url then settle(); return {'gone', unpack(info)} end
   local late = now >= dl
   if late and a > 0 then settle(); return {'expired', unpack(info)} end
   if a >= tonumber(arg.max_attempts) then settle(); return {'exhausted', unpack(info)} end
@@ -88,26 +108,31 @@ local function claim(k, arg)
   end
   local due = tonumber(st[3])
   if due and due > now then return defer('not_due', due - now) end
-  local verdict = breaker_check(k.breaker, now, job_id)
+  -- a closed or open breaker is the same for every job (a probe's turn is not)
+  local verdict = m.verdict or breaker_check(k.breaker, now, job_id)
+  if verdict == 'ok' or verdict == 'open' then m.verdict = verdict end
   if verdict == 'open' then
     if late then settle(); return {'expired', unpack(info)} end  -- untried: sink failing
-    park(k, now, job_id, 'breaker_open')
-    return {'park', 'breaker_open'}
+    return aside('breaker_open')
   end
   if verdict == 'half' or (verdict == 'probe' and arg.reserve) then
-    park(k, now, job_id, 'half_open')
-    return {'park', 'half_open'}
+    return aside('half_open')
   end
   local lease = tonumber(arg.lease_ms)
   local mine = false
   if not arg.reserve then
-    redis.call('ZREMRANGEBYSCORE', k.inflight, '-inf', now)
+    if not m.swept then
+      redis.call('ZREMRANGEBYSCORE', k.inflight, '-inf', now)
+      m.swept = true
+    end
     mine = redis.call('ZSCORE', k.inflight, job_id)
-    if not mine and redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) then
+    if not mine and not m.full then
+      m.full = redis.call('ZCARD', k.inflight) >= tonumber(arg.cap) or nil
+    end
+    if not mine and m.full then
       -- Waiting on the relay's own cap is not the sink's failure: the deadline moves
       -- with the wait (lib/wait.lua).
-      park(k, now, job_id, 'busy')
-      return {'park', 'busy'}
+      return aside('busy', true)
     end
   end
   local interval = tonumber(arg.rate_ms) or 0
@@ -121,12 +146,15 @@ local function claim(k, arg)
     if wait < 0 then
       -- its turn is past the horizon: set aside until turns come near (lib/rate.lua)
       redis.call('HDEL', k.attempts, 'rt')
-      park(k, now, job_id, 'rate')
-      return {'park', 'rate'}
+      return aside('rate', not mine)
     elseif wait > 0 then
       -- No token yet: back in the queue, due at its turn, once. As with a wait for a
       -- slot, the relay's own pace is not the sink's failure: the deadline moves back.
-      if mine then redis.call('ZREM', k.inflight, job_id) end
+      if mine then
+        redis.call('ZREM', k.inflight, job_id)
+        m.full = nil
+      end
+      write_dl()
       dl = dl + wait
       redis.call('HINCRBY', k.attempts, 'dl', wait)
       redis.call('HINCRBY', k.attempts, 'held', wait)
@@ -149,6 +177,7 @@ local function claim(k, arg)
     redis.call('HDEL', k.attempts, 'ps', 'rt')
     redis.call('HSETNX', k.attempts, 'first', now)
   end
+  write_dl()
   hold()
   return {'go', a, st[4] or now, dl, stored, st[8] or '', probe}
 end

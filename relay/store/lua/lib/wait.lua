@@ -20,18 +20,34 @@ turn (or starts it).
 uses: keys breaker rate
 ]]
 
--- Set the delivery aside; its place in line is kept across waits ('ps').
-local function park(k, now, job_id, reason)
-  local st = redis.call('HMGET', k.attempts, 'ps')
-  local order = tonumber(st[1]) or tonumber(redis.call('ZSCORE', k.queue, job_id)) or now
+-- Set the delivery aside; its place in line is kept across waits ('ps'). `known`
+-- (optional) is what the caller has read already, so that a take setting a large
+-- backlog aside reads nothing twice: ps (the 'ps' field, false if unset), score (its
+-- score in the queue), out (true: it holds no in-flight slot), listed (true: the
+-- sink is in the set of waiting sinks already), dl (a first claim's deadline, to be
+-- recorded with the rest). Returns true if a slot reserved for it went back.
+local function park(k, now, job_id, reason, known)
+  known = known or {}
+  local ps = known.ps
+  if ps == nil then ps = redis.call('HMGET', k.attempts, 'ps')[1] end
+  local order = tonumber(ps) or tonumber(known.score)
+    or tonumber(redis.call('ZSCORE', k.queue, job_id)) or now
   redis.call('ZREM', k.queue, job_id)
-  redis.call('ZREM', k.inflight, job_id)  -- a slot reserved for it goes back
+  local freed = false
+  if not known.out then  -- a slot reserved for it goes back
+    freed = redis.call('ZREM', k.inflight, job_id) == 1
+  end
   redis.call('ZADD', k.wait, order, job_id)
-  redis.call('HSET', k.attempts, 'ps', order, 'pk', now, 'pr', reason)
+  if known.dl then
+    redis.call('HSET', k.attempts, 'ps', order, 'pk', now, 'pr', reason, 'dl', known.dl)
+  else
+    redis.call('HSET', k.attempts, 'ps', order, 'pk', now, 'pr', reason)
+  end
   redis.call('PERSIST', k.job)
   redis.call('PERSIST', k.attempts)
   redis.call('PERSIST', k.ev)
-  redis.call('SADD', k.waiting, k.member)
+  if not known.listed then redis.call('SADD', k.waiting, k.member) end
+  return freed
 end
 
 -- How many of the sink's deliveries may start now: its free slots, or one while its
