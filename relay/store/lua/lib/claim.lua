@@ -96,7 +96,7 @@ local function claim(k, arg)
     return aside('paused')
   end
   local info = {a, st[4] or '', st[5] or '', st[6] or '', st[7] or '', stored, st[9] or '0'}
-  if m.gone == nil then m.gone = redis.call('GET', k.gone) or '' end
+  if m.gone == nil then m.gone = redis.call('GET', k.gone) end  -- false: no mark
   if m.gone == arg.url then settle(); return {'gone', unpack(info)} end
   local late = now >= dl
   if late and a > 0 then settle(); return {'expired', unpack(info)} end
@@ -146,7 +146,7 @@ local function claim(k, arg)
     if wait < 0 then
       -- its turn is past the horizon: set aside until turns come near (lib/rate.lua)
       redis.call('HDEL', k.attempts, 'rt')
-      return aside('rate', not mine)
+      return aside('rate', not mine and not arg.reserve)
     elseif wait > 0 then
       -- No token yet: back in the queue, due at its turn, once. As with a wait for a
       -- slot, the relay's own pace is not the sink's failure: the deadline moves back.
