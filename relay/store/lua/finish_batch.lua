@@ -52,8 +52,9 @@ local now = redis_now_ms()
 local log_keep = A.log_keep == '1' and not log_short()
 
 -- Take `id` (due now) for the worker that asked, as take.lua does for a known sink
--- (`reserve`: ahead, without a slot).
-local function chain(id, token, lim, reserve)
+-- (`reserve`: ahead, without a slot; `memo`: what is known of the sink already,
+-- lib/claim.lua's).
+local function chain(id, token, lim, reserve, memo)
   local in_progress = IN_PROGRESS_KEY_PREFIX .. id
   if redis.call('EXISTS', in_progress) == 1 then return 0 end
   local record = redis.call('GET', JOB_KEY_PREFIX .. id)
@@ -65,7 +66,7 @@ local function chain(id, token, lim, reserve)
   local reply = claim(k, {
     now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
     lease_ms = lim[4], margin_ms = A.margin_ms, url = lim[5], rate_ms = lim[7],
-    reserve = reserve,
+    reserve = reserve, memo = memo,
   })
   if reply[1] == 'defer' or reply[1] == 'park' then redis.call('DEL', in_progress) end
   return {id, chat, token, reply}
@@ -80,7 +81,9 @@ local function reserve(k, holder, token, lim)
   local ids = unpark(k.wait, k.waiting, k.member, k.inflight, k.queue, k.att_base,
     k.job_base, 1, now, 0, false)
   if #ids == 0 then return 0 end
-  local got = chain(ids[1], token, lim, true)
+  -- not paused, and a breaker that lets everything through is closed: the claim need
+  -- not read either again
+  local got = chain(ids[1], token, lim, true, {paused = false, verdict = 'ok'})
   if got == 0 then return 0 end
   return {holder, got}
 end

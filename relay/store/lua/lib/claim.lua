@@ -34,7 +34,7 @@ instead of Redis. Within one call only these claims write to the sink, so none o
 changes under them except as noted here: a slot given back clears `full`. A take
 that meets a backlog of one sink sets most of it aside this way at about half the
 calls).
-uses: stored_event breaker wait rate
+uses: stored_event breaker wait rate attempt
 Returns {'missing'} | {'unreadable'} | {'defer', 'not_due', wait_ms}
   | {'park', 'paused'|'busy'|'breaker_open'|'half_open'}
   | {'park', 'rate', wait_ms} (back in the queue, due at its turn) | {'park', 'rate'}
@@ -173,9 +173,7 @@ local function claim(k, arg)
   if not arg.reserve then
     redis.call('ZADD', k.inflight, now + lease, job_id)
     redis.call('PEXPIRE', k.inflight, lease + margin)
-    redis.call('HSET', k.attempts, 'a', a, 'last', now)
-    redis.call('HDEL', k.attempts, 'ps', 'rt')
-    redis.call('HSETNX', k.attempts, 'first', now)
+    attempt_counted(k.attempts, a, now)
   end
   write_dl()
   hold()

@@ -31,7 +31,7 @@ queued ('' if none or unordered), what the attempt did to the sink's breaker
 (lib/breaker.lua's breaker_record: '' | 'open <failed> <attempts>' | 'reopen' |
 'close'), the job ids of the waiting deliveries now queued, due now, with a slot each,
 and whether the slot's lease passed to the handoff job.
-uses: stored_event breaker deadletter_add chat_order wait event_log
+uses: stored_event breaker deadletter_add chat_order wait event_log attempt
 ]]
 
 local function finish(k, arg, fields)
@@ -53,10 +53,7 @@ local function finish(k, arg, fields)
       and redis.call('GET', IN_PROGRESS_KEY_PREFIX .. arg.handoff) == arg.handoff_token then
     redis.call('ZADD', k.inflight, now + arg.lease_ms, arg.handoff)
     local att = k.att_base .. string.sub(arg.handoff, #k.job_base + 1)
-    redis.call('HINCRBY', att, 'a', 1)
-    redis.call('HSET', att, 'last', now)
-    redis.call('HDEL', att, 'ps', 'rt')
-    redis.call('HSETNX', att, 'first', now)
+    attempt_counted(att, (tonumber(redis.call('HGET', att, 'a')) or 0) + 1, now)
     handed = true
   end
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,

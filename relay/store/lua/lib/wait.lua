@@ -20,17 +20,15 @@ turn (or starts it).
 uses: keys breaker rate
 ]]
 
--- Set the delivery aside; its place in line is kept across waits ('ps'). `known`
--- (optional) is what the caller has read already, so that a take setting a large
+-- Set the delivery aside; its place in line is kept across waits ('ps'). `known` is
+-- what the caller (lib/claim.lua) has read already, so that a take setting a large
 -- backlog aside reads nothing twice: ps (the 'ps' field, false if unset), score (its
--- score in the queue), out (true: it holds no in-flight slot), listed (true: the
--- sink is in the set of waiting sinks already), dl (a first claim's deadline, to be
--- recorded with the rest). Returns true if a slot reserved for it went back.
+-- score in the queue, nil if not read), out (true: it holds no in-flight slot), listed
+-- (true: the sink is in the set of waiting sinks already), dl (a first claim's
+-- deadline, to be recorded with the rest). Returns true if a slot reserved for it
+-- went back.
 local function park(k, now, job_id, reason, known)
-  known = known or {}
-  local ps = known.ps
-  if ps == nil then ps = redis.call('HMGET', k.attempts, 'ps')[1] end
-  local order = tonumber(ps) or tonumber(known.score)
+  local order = tonumber(known.ps) or tonumber(known.score)
     or tonumber(redis.call('ZSCORE', k.queue, job_id)) or now
   redis.call('ZREM', k.queue, job_id)
   local freed = false
