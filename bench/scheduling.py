@@ -104,6 +104,7 @@ FULL = {
     "rounds": 2,
 }
 TENANTS, SINKS_PER_TENANT = 20, 5
+WINDOW_S = 2.0  # fairness: the p99 of each window of this many seconds of ingest, too
 
 
 def rotate(items: Sequence[str], r: int) -> list[str]:
@@ -327,6 +328,15 @@ def fair_run(
     for p, ids in arrived.items():
         per_sink[p.strip("/")] = [(at - acked[i]) * 1000 for i, at in ids.items() if i in acked]
     every = [ms for lat in per_sink.values() for ms in lat]
+    # p99 per window of ingest time: whether the slow ones bunch (a backlog set aside at the
+    # start) or spread (a drain sharing the machine)
+    start = min(acked.values(), default=0.0)
+    windows: dict[int, list[float]] = {}
+    for ids in arrived.values():
+        for i, at in ids.items():
+            if i in acked:
+                w = int((acked[i] - start) // WINDOW_S)
+                windows.setdefault(w, []).append((at - acked[i]) * 1000)
     out: dict[str, Any] = {
         "delivered": stats["deliveries"],
         "expected": n,
@@ -337,6 +347,7 @@ def fair_run(
             s: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for s, v in per_sink.items() if v
         },
         "deferred": deferred,
+        "windows": [pct(windows[w], 99) for w in sorted(windows)],
     }
     if backlog:
         span = slow_during["last"] - slow_during["first"]
@@ -366,6 +377,11 @@ def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int)
                 if backlog
                 else ""
             )
+        )
+        print(
+            f"    p99 by {WINDOW_S:g} s of ingest: "
+            + " ".join(f"{v:.0f}" for v in got["windows"])
+            + " ms"
         )
     a, b = out["A"], out["B"]
     out["p99_ratio"] = b["p99"] / a["p99"]

@@ -159,18 +159,19 @@ class Deliverer:
         await self.reserves.drain()  # reserves those finishes left, given back
         await self._client.close()
 
-    async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int]:
+    async def take(self, job_ids: list[str], free: int) -> tuple[list[Taken], list[str], int, bool]:
         """Start and claim the due jobs of one read of the queue (``take.lua``): the jobs
         this worker now runs (:meth:`run` each), the ids of jobs whose key had expired,
-        and how many jobs the take handled (started, put off or set aside). A job put
-        off (not due) is back in the queue; one whose sink is busy or whose breaker is
-        open waits, set aside."""
+        how many jobs the take handled (started, put off or set aside), and whether it
+        passed over some, having set aside as many as one take does. A job put off
+        (not due) is back in the queue; one whose sink is busy or whose breaker is open
+        waits, set aside."""
         if self.draining:
-            return [], [], 0  # they stay in the queue, for the next worker
-        taken, expired = await self.steps.take(
+            return [], [], 0, False  # they stay in the queue, for the next worker
+        taken, expired, stopped = await self.steps.take(
             job_ids, self._sinks.claim_limits, free, int(heartbeat.HOLD_S * 1000)
         )
-        return self._accept(taken), expired, len(taken)
+        return self._accept(taken), expired, len(taken), stopped
 
     def _accept(self, taken: list[Taken]) -> list[Taken]:
         """Of the jobs a script took for this worker, those it runs now (each then

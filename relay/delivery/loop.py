@@ -194,9 +194,10 @@ class DeliveryLoop:
             else:
                 found = [j.decode() for j in reversed(newest)] + [j.decode() for j in due]
                 ids = [i for i in dict.fromkeys(found) if i not in self.tasks]
-                started, handled, could = await self._take(ids, room)
-                # more due than one read saw, and this read set some aside: read on
-                self._backlog = started >= could or (len(due) >= head and handled > started)
+                started, handled, could, more = await self._take(ids, room)
+                # more due than one read saw, and this read set some aside, or it passed
+                # over some once it had set enough aside: read on
+                self._backlog = more or started >= could or (len(due) >= head and handled > started)
         return int(later[0][1]) if later else None
 
     def start_now(self, job_id: str) -> None:
@@ -228,8 +229,8 @@ class DeliveryLoop:
         try:
             ids, self._now = self._now, []
             ids = [i for i in dict.fromkeys(ids) if i not in self.tasks]
-            started, handled, could = await self._take(ids)
-            if started == could < len(ids):
+            started, handled, could, more = await self._take(ids)
+            if more or started == could < len(ids):
                 # no slot for some: the next free one reads again (and so does the loop
                 # now, should a read beside this take have cleared the flag)
                 self._backlog = True
@@ -245,24 +246,26 @@ class DeliveryLoop:
         if self._now and self.allow_pick_jobs:
             self._now_task = asyncio.get_running_loop().create_task(self._start_asked())
 
-    async def _take(self, ids: list[str], room: int = 0) -> tuple[int, int, int]:
+    async def _take(self, ids: list[str], room: int = 0) -> tuple[int, int, int, bool]:
         """Take and start ``ids`` (as many as there are free slots, less ``room``); how
-        many started, how many the take handled (started, put off or set aside), and how
-        many it could have started. Its slots are reserved while it runs, so that another
-        take beside it cannot fill them too."""
+        many started, how many the take handled (started, put off or set aside), how
+        many it could have started, and whether it passed over some of ``ids`` once it
+        had set aside as many as one take does (they are still due in the queue). Its
+        slots are reserved while it runs, so that another take beside it cannot fill
+        them too."""
         could = self.free - room
         if could <= 0 or not ids or not self.allow_pick_jobs:
-            return 0, 0, max(could, 0)
+            return 0, 0, max(could, 0), False
         self._reserved += could
         try:
-            taken, expired, handled = await self._deliverer.take(ids, could)
+            taken, expired, handled, more = await self._deliverer.take(ids, could)
         finally:
             self._reserved -= could
         for job_id in expired:
             self._hooks.expired(job_id)
         for job in taken:
             self._start(job)
-        return len(taken), handled, could
+        return len(taken), handled, could, more
 
     async def _run(self, job: Taken) -> None:
         try:

@@ -39,7 +39,7 @@ def steps_for(redis: Redis, cfg: Config) -> tuple[Steps, str]:
 
 
 async def take_one(steps: Steps, limits: str, job_id: str) -> Taken:
-    taken, _ = await steps.take([job_id], limits, 10, 10_000)
+    taken, _, _ = await steps.take([job_id], limits, 10, 10_000)
     [job] = taken
     assert isinstance(job.claim, Go), job.claim
     return job

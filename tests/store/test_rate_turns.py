@@ -27,7 +27,7 @@ async def test_one_take_of_a_backlog_promises_turns_an_interval_apart(
     await ingest(runtime(redis, cfg), ids)
     steps = Steps(redis, KEYS, cfg.worker)
     jobs = [KEYS.job_id(TENANT, "s", i) for i in ids]
-    taken, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 100, 10_000)
+    taken, _, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 100, 10_000)
     went = [t for t in taken if isinstance(t.claim, Go)]
     assert len(went) == 2  # the burst: 1 + max(1, 10/s x 50 ms)
     parked = [t.claim for t in taken if isinstance(t.claim, Parked)]
@@ -69,7 +69,7 @@ async def test_a_retry_after_puts_every_turn_off_until_it_passes(
     assert await steps.hold_pace(TENANT, "s", 1500, 100.0)
     assert not await steps.hold_pace(TENANT, "s", 1000, 100.0)  # a shorter one changes nothing
     jobs = [KEYS.job_id(TENANT, "s", i) for i in ids]
-    taken, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 10, 10_000)
+    taken, _, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 10, 10_000)
     waits = [t.claim.wait_ms for t in taken if isinstance(t.claim, Parked) and t.claim.wait_ms]
     assert len(waits) == 3  # none now
     # the first at the hold's end, then the configured pace with no burst

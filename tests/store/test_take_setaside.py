@@ -9,7 +9,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from relay.delivery.limits import SinkTable
-from relay.delivery.steps import Defer, Ended, Go, Parked, Steps
+from relay.delivery.steps import ASIDE_PER_TAKE, Defer, Ended, Go, Parked, Steps
 from relay.keys import Keys
 from tests.support.common import TENANT
 from tests.support.delivery import config_with, ingest, runtime, sink_conf
@@ -44,7 +44,7 @@ async def test_a_take_sets_a_full_sinks_backlog_aside_and_still_checks_each_deli
     jobs = [j for i in ids for j in (s_job[i], KEYS.job_id(TENANT, "t", i))]
     scores = {i: await redis.zscore(KEYS.queue, s_job[i]) for i in ids}
     steps = Steps(redis, KEYS, cfg.worker)
-    taken, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 100, 10_000)
+    taken, _, _ = await steps.take(jobs, SinkTable(cfg, lambda _: True).claim_limits, 100, 10_000)
 
     got = {t.ref.event_id: t.claim for t in taken if t.ref.sink == "s"}
     assert [i for i in ids if isinstance(got[i], Go)] == ["b00", "b01", "b05"]
@@ -75,3 +75,49 @@ async def test_a_take_sets_a_full_sinks_backlog_aside_and_still_checks_each_deli
         assert await redis.ttl(KEYS.job(s_job[i])) == -1  # kept while it waits
     # three slots, three leases: the reserved one taken over, none added past the cap
     assert await redis.zcard(KEYS.inflight(TENANT, "s")) == 3
+
+
+async def test_a_take_sets_aside_a_bounded_share_and_still_takes_other_sinks_jobs(
+    redis: Redis, redis_url: str
+) -> None:
+    """A backlog larger than one take sets aside is set aside over several takes, each a
+    short call; the jobs a take passes over stay in the queue as they were, and the
+    other sinks' jobs in the same read, even those behind the backlog, are taken."""
+    cfg = config_with(
+        redis_url,
+        [sink_conf("s", URL, concurrency=1), sink_conf("t", URL, concurrency=100)],
+    )
+    backlog = [f"b{i:03d}" for i in range(ASIDE_PER_TAKE + 20)]
+    fresh = ["n0", "n1"]
+    await ingest(runtime(redis, cfg), [*backlog, *fresh])
+    s_job = {i: KEYS.job_id(TENANT, "s", i) for i in backlog}
+    scores = {i: await redis.zscore(KEYS.queue, s_job[i]) for i in backlog}
+    # the read: the backlog of s first, t's new deliveries behind it
+    jobs = [s_job[i] for i in backlog] + [KEYS.job_id(TENANT, "t", i) for i in fresh]
+    steps = Steps(redis, KEYS, cfg.worker)
+    limits = SinkTable(cfg, lambda _: True).claim_limits
+
+    taken, _, more = await steps.take(jobs, limits, 100, 10_000)
+    assert more  # it passed over some of s's jobs
+    got = {t.ref.event_id: t.claim for t in taken if t.ref.sink == "s"}
+    assert [i for i in backlog if isinstance(got.get(i), Go)] == ["b000"]  # the one slot
+    aside = [i for i in backlog if isinstance(got.get(i), Parked)]
+    assert aside == backlog[1 : ASIDE_PER_TAKE + 1]  # in queue order, as many as one take does
+    passed = backlog[ASIDE_PER_TAKE + 1 :]
+    assert not any(i in got for i in passed)
+    for i in passed:  # untouched: in the queue at its place, nothing recorded
+        assert await redis.zscore(KEYS.queue, s_job[i]) == scores[i]
+        assert await redis.exists(KEYS.attempts(TENANT, "s", i)) == 0
+    # t's jobs, behind the backlog in the read, went in this same take
+    assert {t.ref.event_id for t in taken if t.ref.sink == "t" and isinstance(t.claim, Go)} == {
+        *fresh
+    }
+
+    # the next take sets the rest aside, behind the first ones in line
+    left = [s_job[i] for i in passed]
+    taken, _, more = await steps.take(left, limits, 100, 10_000)
+    assert not more
+    assert all(isinstance(t.claim, Parked) for t in taken)
+    line = [m.decode() for m in await redis.zrange(KEYS.waiting(TENANT, "s"), 0, -1)]
+    assert line == [s_job[i] for i in backlog[1:]]
+    assert await redis.zcard(KEYS.inflight(TENANT, "s")) == 1

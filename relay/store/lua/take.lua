@@ -27,21 +27,34 @@ ARGV
                        0: only peeked at; rate_ms: 1000 / its rate, 0 if none)
   8 unknown_grace_ms   how long a job of an unknown sink is put off before it ends
   9 jobs               JSON: the due job ids read from the queue, in its order
+ 10 max_aside          how many jobs one call sets aside before it passes over the rest of
+                       the sinks it set some aside for: they stay in the queue, untouched,
+                       for the next call (a large backlog is set aside in short calls,
+                       between which other work's calls run), while every other sink's
+                       jobs in the read are still taken
 uses: clock claim delivery_keys job_record
 flags: allow-oom
-Returns {{job_id, chat, token, reply, ...}, {expired job id, ...}, now_ms}: reply as
-lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is the
-ordered delivery's chat id from the job record ('' if none); now_ms is Redis' clock.
+Returns {{job_id, chat, token, reply, ...}, {expired job id, ...}, now_ms, stopped}: reply
+as lib/claim.lua's, or {'peek', stored|false, attempts, first_ms, last_ms}; chat is the
+ordered delivery's chat id from the job record ('' if none); now_ms is Redis' clock;
+stopped is 1 if the call passed over jobs once it had set max_aside aside, else 0.
 ]]
 local now, left = redis_now_ms(), tonumber(A.max)
 local sinks = cjson.decode(A.sinks)
 math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
 local memos = {}  -- per sink: what its claims learned (lib/claim.lua's memo)
-local n = 0
+local n, aside, max_aside, stopped = 0, 0, tonumber(A.max_aside), 0
+local aside_for = {}  -- the sinks ("tenant\nsink") this call set a job aside for
 for _, id in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
-  local score = redis.call('ZSCORE', K.queue, id)
+  local pass = false
+  if aside >= max_aside then
+    local t, s = job_parts(A.prefix, id)
+    pass = aside_for[t .. '\n' .. s] ~= nil
+    if pass then stopped = 1 end
+  end
+  local score = not pass and redis.call('ZSCORE', K.queue, id)
   local in_progress = IN_PROGRESS_KEY_PREFIX .. id
   if score and tonumber(score) <= now and redis.call('EXISTS', in_progress) == 0 then
     local record = redis.call('GET', JOB_KEY_PREFIX .. id)
@@ -101,7 +114,12 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
           error(got)
         end
         reply = got
-        if reply[1] ~= 'defer' and reply[1] ~= 'park' then left = left - 1 end
+        if reply[1] == 'park' then
+          aside = aside + 1
+          aside_for[key] = true
+        elseif reply[1] ~= 'defer' then
+          left = left - 1
+        end
       end
       -- the in-progress mark, for a job this worker now holds (one put off or set aside
       -- runs later, on any worker: it gets none, and writes nothing for it)
@@ -115,4 +133,4 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
     end
   end
 end
-return {out, expired, now}
+return {out, expired, now, stopped}

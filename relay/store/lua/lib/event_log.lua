@@ -17,7 +17,9 @@ The record, a hash ``{prefix}:log:{tenant}:{event_id}``, is written as things ha
   sz                    the record's bytes as Redis counts them (MEMORY USAGE), plus
                         its index entry's
 The bytes key sums `sz`. Records go oldest first, past the retention or over the byte
-cap. ``L``, a log handle: {rec, index, member, bytes}.
+cap. ``L``, a log handle: {rec, index, member, bytes}. A handle that `log_stage` made
+holds its record's fields back and writes them in one HSET, accounted once, at
+`log_flush` (a finish records its attempt, its end and the event kept, in one write).
 ]]
 
 local LOG_MAX_ATTEMPTS = 50
@@ -36,9 +38,29 @@ local function log_of(rec, index, member, bytes)
   return {rec = rec, index = index, member = member, bytes = bytes}
 end
 
--- Whether the event is in the log (taken in with the log on, and not trimmed since).
+-- Whether the event is in the log (taken in with the log on, and not trimmed since);
+-- a staged handle reads it once (nothing in one finish takes it in or trims it).
 local function log_in(L)
-  return redis.call('ZSCORE', L.index, L.member) ~= false
+  if L.staged and L.is_in ~= nil then return L.is_in end
+  local is_in = redis.call('ZSCORE', L.index, L.member) ~= false
+  if L.staged then L.is_in = is_in end
+  return is_in
+end
+
+-- From now on the handle's field writes wait for `log_flush`.
+local function log_stage(L)
+  L.staged = {}
+end
+
+-- Write `field`, `value` to the record now, or hold them back (a staged handle).
+local function log_set(L, field, value)
+  local held = L.staged
+  if held then
+    held[#held + 1] = field
+    held[#held + 1] = value
+  else
+    redis.call('HSET', L.rec, field, value)
+  end
 end
 
 -- Bring `sz` and the bytes total up to date after a write to the record.
@@ -72,21 +94,43 @@ local function log_finish(L, sink, now, attempt, state, stale)
     local head = '{"n":' .. n .. ',"t":' .. (now - ms) .. (stale and ',"stale":true' or '')
     local rest = string.sub(attempt, 2)
     if rest ~= '}' then head = head .. ',' end
-    redis.call('HSET', L.rec, 'a:' .. sink .. ':' .. n, head .. rest)
+    log_set(L, 'a:' .. sink .. ':' .. n, head .. rest)
     if n > LOG_MAX_ATTEMPTS then
       redis.call('HDEL', L.rec, 'a:' .. sink .. ':' .. (n - LOG_MAX_ATTEMPTS))
     end
   end
-  if state ~= '' then redis.call('HSET', L.rec, 's:' .. sink, state) end
-  log_account(L)
+  if state ~= '' then log_set(L, 's:' .. sink, state) end
+  if L.staged then L.dirty = true else log_account(L) end
 end
 
 -- The stored event is let go by its last delivery: the record keeps it.
 local function log_keep(L, stored)
   if stored and log_in(L) then
-    redis.call('HSET', L.rec, 'ev', stored)
-    log_account(L)
+    log_set(L, 'ev', stored)
+    if L.staged then L.dirty = true else log_account(L) end
   end
+end
+
+-- Write what a staged handle held back, in one HSET, and account for it once; the
+-- handle writes at once again after.
+local function log_flush(L)
+  local held = L.staged
+  if not held then return end
+  L.staged, L.is_in = nil, nil
+  if not L.dirty then
+    if #held > 0 then redis.call('HSET', L.rec, unpack(held)) end
+    return
+  end
+  L.dirty = nil
+  -- as log_account, with `sz` written in the same HSET first, so that what the record
+  -- takes counts its own `sz` field (a new record has none yet)
+  local old = tonumber(redis.call('HGET', L.rec, 'sz')) or 0
+  held[#held + 1] = 'sz'
+  held[#held + 1] = old
+  redis.call('HSET', L.rec, unpack(held))
+  local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + #L.member + 48
+  redis.call('HSET', L.rec, 'sz', size)
+  redis.call('INCRBY', L.bytes, size - old)
 end
 
 -- Remove the oldest records while the oldest is older than `oldest_ms` or the total is

@@ -42,6 +42,7 @@ local function finish(k, arg, fields)
     return 0
   end
   redis.call('DEL', k.in_progress)
+  log_stage(L)  -- the attempt, the end and the event kept go in one write, at done()
   local state = ({ok = 'ok', drop = 'drop', dead = 'dead:' .. arg.class})[outcome] or ''
   log_finish(L, arg.sink, now, arg.attempt, state, false)
   local keep = arg.log_keep and L or nil  -- no copy while Redis is short of memory
@@ -59,6 +60,7 @@ local function finish(k, arg, fields)
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
     tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms))
   local function done(next_job)
+    log_flush(L)
     local started = {}
     if arg.cap > 0 then started = wait_fill(k, arg.cap, now, arg.lease_ms) end
     return {next_job, change, started, handed}
