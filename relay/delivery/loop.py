@@ -104,6 +104,7 @@ class DeliveryLoop:
         self._now: list[str] = []  # jobs to start at once, in the next take
         self._now_task: asyncio.Task[None] | None = None
         self._backlog = False  # the last take filled every free slot: more may be due
+        self._passed = False  # the last read's take passed over jobs: read again at once
         self._refill_min = max(1, self.max_jobs // 8)
         self._failed_runs = Throttle(10.0)
         self._unknown_since: dict[str, float] = {}  # waiting sinks this worker does not know
@@ -159,8 +160,10 @@ class DeliveryLoop:
                 wait = self._poll_s
                 if next_due_ms is not None:
                     wait = min(wait, max(0.0, (next_due_ms - CLOCK.now_ms()) / 1000))
-                if self._backlog and self.free >= self._refill_min:
-                    continue  # slots freed while the take ran: read again at once
+                if self._backlog and (self.free >= self._refill_min or self._passed):
+                    # slots freed while the take ran, or it passed over jobs it may set
+                    # aside with no slot: read again at once
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
@@ -189,12 +192,14 @@ class DeliveryLoop:
                 due, newest, later = await pipe.execute()
             # a few slots stay for start_now's takes meanwhile (new work named to us)
             room = min(self._refill_min, self.free // 4)
+            self._passed = False
             if self.free - room <= 0:
                 self._backlog = bool(due)
             else:
                 found = [j.decode() for j in reversed(newest)] + [j.decode() for j in due]
                 ids = [i for i in dict.fromkeys(found) if i not in self.tasks]
                 started, handled, could, more = await self._take(ids, room)
+                self._passed = more
                 # more due than one read saw, and this read set some aside, or it passed
                 # over some once it had set enough aside: read on
                 self._backlog = more or started >= could or (len(due) >= head and handled > started)

@@ -82,16 +82,21 @@ async def test_a_take_sets_aside_a_bounded_share_and_still_takes_other_sinks_job
 ) -> None:
     """A backlog larger than one take sets aside is set aside over several takes, each a
     short call; the jobs a take passes over stay in the queue as they were, and the
-    other sinks' jobs in the same read, even those behind the backlog, are taken."""
+    other sinks' jobs in the same read, even those behind the backlog, are taken — as is
+    one of the backlog's sink that was handed a slot."""
     cfg = config_with(
         redis_url,
-        [sink_conf("s", URL, concurrency=1), sink_conf("t", URL, concurrency=100)],
+        [sink_conf("s", URL, concurrency=2), sink_conf("t", URL, concurrency=100)],
     )
     backlog = [f"b{i:03d}" for i in range(ASIDE_PER_TAKE + 20)]
     fresh = ["n0", "n1"]
     await ingest(runtime(redis, cfg), [*backlog, *fresh])
     s_job = {i: KEYS.job_id(TENANT, "s", i) for i in backlog}
     scores = {i: await redis.zscore(KEYS.queue, s_job[i]) for i in backlog}
+    # one far down the backlog was handed a slot by the waiting set: a lease of its own
+    handed = backlog[ASIDE_PER_TAKE + 10]
+    now_ms = int((await redis.time())[0]) * 1000
+    await redis.zadd(KEYS.inflight(TENANT, "s"), {s_job[handed]: now_ms + 60_000})
     # the read: the backlog of s first, t's new deliveries behind it
     jobs = [s_job[i] for i in backlog] + [KEYS.job_id(TENANT, "t", i) for i in fresh]
     steps = Steps(redis, KEYS, cfg.worker)
@@ -100,10 +105,11 @@ async def test_a_take_sets_aside_a_bounded_share_and_still_takes_other_sinks_job
     taken, _, more = await steps.take(jobs, limits, 100, 10_000)
     assert more  # it passed over some of s's jobs
     got = {t.ref.event_id: t.claim for t in taken if t.ref.sink == "s"}
-    assert [i for i in backlog if isinstance(got.get(i), Go)] == ["b000"]  # the one slot
+    # the free slot, and the one handed over, past the bound
+    assert [i for i in backlog if isinstance(got.get(i), Go)] == ["b000", handed]
     aside = [i for i in backlog if isinstance(got.get(i), Parked)]
     assert aside == backlog[1 : ASIDE_PER_TAKE + 1]  # in queue order, as many as one take does
-    passed = backlog[ASIDE_PER_TAKE + 1 :]
+    passed = [i for i in backlog[ASIDE_PER_TAKE + 1 :] if i != handed]
     assert not any(i in got for i in passed)
     for i in passed:  # untouched: in the queue at its place, nothing recorded
         assert await redis.zscore(KEYS.queue, s_job[i]) == scores[i]
@@ -119,5 +125,5 @@ async def test_a_take_sets_aside_a_bounded_share_and_still_takes_other_sinks_job
     assert not more
     assert all(isinstance(t.claim, Parked) for t in taken)
     line = [m.decode() for m in await redis.zrange(KEYS.waiting(TENANT, "s"), 0, -1)]
-    assert line == [s_job[i] for i in backlog[1:]]
-    assert await redis.zcard(KEYS.inflight(TENANT, "s")) == 1
+    assert line == [s_job[i] for i in backlog[1:] if i != handed]
+    assert await redis.zcard(KEYS.inflight(TENANT, "s")) == 2

@@ -31,7 +31,8 @@ ARGV
                        the sinks it set some aside for: they stay in the queue, untouched,
                        for the next call (a large backlog is set aside in short calls,
                        between which other work's calls run), while every other sink's
-                       jobs in the read are still taken
+                       jobs in the read are still taken, and so is one that holds a slot
+                       handed to it
 uses: clock claim delivery_keys job_record
 flags: allow-oom
 Returns {{job_id, chat, token, reply, ...}, {expired job id, ...}, now_ms, stopped}: reply
@@ -45,13 +46,27 @@ math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
 local memos = {}  -- per sink: what its claims learned (lib/claim.lua's memo)
 local n, aside, max_aside, stopped = 0, 0, tonumber(A.max_aside), 0
-local aside_for = {}  -- the sinks ("tenant\nsink") this call set a job aside for
+local aside_for = {}  -- the sinks ("tenant\nsink") this call set a job aside for: their
+                      -- in-flight sets
+local leases = {}  -- per such sink, once read: the jobs holding a lease (id -> true)
 for _, id in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
   local pass = false
   if aside >= max_aside then
     local t, s = job_parts(A.prefix, id)
-    pass = aside_for[t .. '\n' .. s] ~= nil
+    local key = t .. '\n' .. s
+    local inflight = aside_for[key]
+    if inflight then
+      -- one handed a slot (a lease of its own in the sink's in-flight set) still goes;
+      -- the set is read once, at the first job of its sink passed over
+      local held = leases[key]
+      if not held then
+        held = {}
+        for _, j in ipairs(redis.call('ZRANGE', inflight, 0, -1)) do held[j] = true end
+        leases[key] = held
+      end
+      pass = not held[id]
+    end
     if pass then stopped = 1 end
   end
   local score = not pass and redis.call('ZSCORE', K.queue, id)
@@ -116,7 +131,7 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
         reply = got
         if reply[1] == 'park' then
           aside = aside + 1
-          aside_for[key] = true
+          aside_for[key] = k.inflight
         elseif reply[1] ~= 'defer' then
           left = left - 1
         end
