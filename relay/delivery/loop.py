@@ -104,7 +104,6 @@ class DeliveryLoop:
         self._now: list[str] = []  # jobs to start at once, in the next take
         self._now_task: asyncio.Task[None] | None = None
         self._backlog = False  # the last take filled every free slot: more may be due
-        self._passed = False  # the last read's take passed over jobs: read again at once
         self._refill_min = max(1, self.max_jobs // 8)
         self._failed_runs = Throttle(10.0)
         self._unknown_since: dict[str, float] = {}  # waiting sinks this worker does not know
@@ -156,11 +155,11 @@ class DeliveryLoop:
         try:
             while self.allow_pick_jobs:
                 self._wake.clear()
-                next_due_ms = await self._read()
+                next_due_ms, passed = await self._read()
                 wait = self._poll_s
                 if next_due_ms is not None:
                     wait = min(wait, max(0.0, (next_due_ms - CLOCK.now_ms()) / 1000))
-                if self._backlog and (self.free >= self._refill_min or self._passed):
+                if self._backlog and (self.free >= self._refill_min or passed):
                     # slots freed while the take ran, or it passed over jobs it may set
                     # aside with no slot: read again at once
                     continue
@@ -172,9 +171,10 @@ class DeliveryLoop:
             # bounded: a helper's clean-up must never hold up the loop's end
             await asyncio.wait(helpers, timeout=CLOSE_S)
 
-    async def _read(self) -> int | None:
+    async def _read(self) -> tuple[int | None, bool]:
         """Read the queue's due jobs and take what this worker has slots for; the next
-        due time after now (Redis' clock, ms), if any.
+        due time after now (Redis' clock, ms), if any, and whether the take passed over
+        jobs it may set aside once it had set as many aside as one take does.
 
         The newest due jobs are read too, and offered first: a large due backlog (a
         worker that was down, a backfill) is set aside a read at a time, and new work
@@ -192,18 +192,17 @@ class DeliveryLoop:
                 due, newest, later = await pipe.execute()
             # a few slots stay for start_now's takes meanwhile (new work named to us)
             room = min(self._refill_min, self.free // 4)
-            self._passed = False
+            more = False
             if self.free - room <= 0:
                 self._backlog = bool(due)
             else:
                 found = [j.decode() for j in reversed(newest)] + [j.decode() for j in due]
                 ids = [i for i in dict.fromkeys(found) if i not in self.tasks]
                 started, handled, could, more = await self._take(ids, room)
-                self._passed = more
                 # more due than one read saw, and this read set some aside, or it passed
                 # over some once it had set enough aside: read on
                 self._backlog = more or started >= could or (len(due) >= head and handled > started)
-        return int(later[0][1]) if later else None
+        return (int(later[0][1]) if later else None), more
 
     def start_now(self, job_id: str) -> None:
         """Start ``job_id`` (due now) at once, with the same checks as a read's jobs. The

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from relay.ingest import envelope
 from relay.keys import Keys
 from relay.runtime import Runtime
-from relay.store.backlog import backlog, waiting
+from relay.store.backlog import backlog
 from relay.store.deadletters import DeadLetterStore, Filter
 from relay.store.sinks import SinkSwitch
 from tests.support.common import TENANT, wait_for
@@ -26,6 +26,7 @@ from tests.support.delivery import (
     runtime,
     sink_conf,
     sinks,
+    waiting_is,
     worker,
 )
 
@@ -53,10 +54,6 @@ async def ingest_now(rt: Runtime, ids: list[str]) -> None:
     for i in ids:
         body = make_envelope(i, timestamp=stamp)
         await rt.ingestor.ingest(TENANT, envelope.from_object(body), "webhook")
-
-
-async def waiting_is(redis: Redis, sink: str, n: int) -> bool:
-    return (await waiting(redis, KEYS)).get((TENANT, sink), 0) == n
 
 
 async def deadlines(redis: Redis, sink: str, ids: list[str]) -> list[int]:

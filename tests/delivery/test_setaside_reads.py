@@ -11,7 +11,6 @@ from redis.asyncio import Redis
 
 from relay.delivery.steps import ASIDE_PER_TAKE
 from relay.keys import Keys
-from relay.store.backlog import waiting
 from relay.store.sinks import SinkSwitch
 from tests.support.common import TENANT, wait_for
 from tests.support.delivery import (
@@ -23,6 +22,7 @@ from tests.support.delivery import (
     runtime,
     sink_conf,
     sinks,
+    waiting_is,
     worker,
 )
 
@@ -59,11 +59,7 @@ async def test_a_nearly_full_worker_sets_a_large_backlog_aside_without_waiting_f
         await ingest(rt, backlog, event_type="b.x")
         async with worker(rt):
             try:
-                await wait_for(lambda: _waiting(redis, "b", len(backlog)), 15)
+                await wait_for(lambda: waiting_is(redis, "b", len(backlog)), 15)
                 await wait_for(lambda: len(h.received) == 15, 15)
             finally:
                 release.set()
-
-
-async def _waiting(redis: Redis, sink: str, n: int) -> bool:
-    return (await waiting(redis, KEYS)).get((TENANT, sink), 0) == n

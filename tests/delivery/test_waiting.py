@@ -23,6 +23,7 @@ from tests.support.delivery import (
     runtime,
     sink_conf,
     sinks,
+    waiting_is,
     worker,
 )
 
@@ -161,7 +162,7 @@ async def test_the_waiting_deliveries_of_a_removed_sink_end_as_gone(
     await ingest(rt, ["g1", "g2", "g3"])
     store = DeadLetterStore(redis, cfg)
     async with worker(rt) as role:
-        await wait_for(lambda: _waiting_is(redis, 3), 10)
+        await wait_for(lambda: waiting_is(redis, "old", 3), 10)
         role.reload(config_with(redis_url, [keep], unknown_sink_grace=0.3))
 
         async def gone() -> bool:
@@ -171,7 +172,3 @@ async def test_the_waiting_deliveries_of_a_removed_sink_end_as_gone(
         await wait_for(gone, 20)
     assert await waiting(redis, KEYS) == {}
     assert await redis.scard(KEYS.waiting_sinks) == 0
-
-
-async def _waiting_is(redis: Redis, n: int) -> bool:
-    return (await waiting(redis, KEYS)).get((TENANT, "old"), 0) == n

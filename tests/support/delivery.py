@@ -25,7 +25,7 @@ from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.runtime import Runtime
-from relay.store.backlog import backlog
+from relay.store.backlog import backlog, waiting
 from relay.store.embedded import free_port
 from relay.store.endpoint import Endpoint
 from tests.support.common import SINK_SECRET, TENANT, config_dict
@@ -203,6 +203,11 @@ async def ingest(
 async def drained(redis: Redis) -> bool:
     """No delivery left to do: none queued, none waiting for its sink."""
     return await backlog(redis, Keys("chert-relay")) == 0
+
+
+async def waiting_is(redis: Redis, sink: str, n: int) -> bool:
+    """The test tenant's ``sink`` has ``n`` deliveries set aside in its waiting line."""
+    return (await waiting(redis, Keys("chert-relay"))).get((TENANT, sink), 0) == n
 
 
 @contextlib.asynccontextmanager

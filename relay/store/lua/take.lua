@@ -46,27 +46,21 @@ math.randomseed(tonumber(A.seed))
 local out, expired = {}, {}
 local memos = {}  -- per sink: what its claims learned (lib/claim.lua's memo)
 local n, aside, max_aside, stopped = 0, 0, tonumber(A.max_aside), 0
-local aside_for = {}  -- the sinks ("tenant\nsink") this call set a job aside for: their
-                      -- in-flight sets
-local leases = {}  -- per such sink, once read: the jobs holding a lease (id -> true)
+-- the sinks this call set a job aside for: {inflight = its in-flight set, leases = the
+-- jobs holding a lease in it (id -> true), read once, at the first job passed over}
+local aside_for = {}
 for _, id in ipairs(cjson.decode(A.jobs)) do
   if left <= 0 then break end
-  local pass = false
-  if aside >= max_aside then
-    local t, s = job_parts(A.prefix, id)
-    local key = t .. '\n' .. s
-    local inflight = aside_for[key]
-    if inflight then
-      -- one handed a slot (a lease of its own in the sink's in-flight set) still goes;
-      -- the set is read once, at the first job of its sink passed over
-      local held = leases[key]
-      if not held then
-        held = {}
-        for _, j in ipairs(redis.call('ZRANGE', inflight, 0, -1)) do held[j] = true end
-        leases[key] = held
-      end
-      pass = not held[id]
+  local tenant, sink, event_id = job_parts(A.prefix, id)
+  local key = tenant .. '\n' .. sink
+  local pass, sa = false, aside_for[key]
+  if aside >= max_aside and sa then
+    -- one handed a slot (a lease of its own in the sink's in-flight set) still goes
+    if not sa.leases then
+      sa.leases = {}
+      for _, j in ipairs(redis.call('ZRANGE', sa.inflight, 0, -1)) do sa.leases[j] = true end
     end
+    pass = not sa.leases[id]
     if pass then stopped = 1 end
   end
   local score = not pass and redis.call('ZSCORE', K.queue, id)
@@ -80,9 +74,8 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       n = n + 1
       local token = A.tag .. '.' .. n
       local chat = job_chat(record)
-      local tenant, sink, event_id = job_parts(A.prefix, id)
       local k = delivery_keys(A.prefix, K.queue, id, tenant, sink, event_id, chat)
-      local lim = sinks[tenant .. '\n' .. sink]
+      local lim = sinks[key]
       local reply
       local function peek()
         local st = redis.call('HMGET', k.attempts, 'a', 'first', 'last')
@@ -113,7 +106,6 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
       elseif lim[6] == 0 then
         reply = peek()
       else
-        local key = tenant .. '\n' .. sink
         memos[key] = memos[key] or {}
         local ok, got = pcall(claim, k, {
           now = now, job_id = id, max_age_ms = lim[1], max_attempts = lim[2], cap = lim[3],
@@ -131,7 +123,7 @@ for _, id in ipairs(cjson.decode(A.jobs)) do
         reply = got
         if reply[1] == 'park' then
           aside = aside + 1
-          aside_for[key] = k.inflight
+          aside_for[key] = aside_for[key] or {inflight = k.inflight}
         elseif reply[1] ~= 'defer' then
           left = left - 1
         end

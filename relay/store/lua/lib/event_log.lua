@@ -63,9 +63,16 @@ local function log_set(L, field, value)
   end
 end
 
--- Bring `sz` and the bytes total up to date after a write to the record.
-local function log_account(L)
+-- Bring `sz` and the bytes total up to date after a write to the record; or make that
+-- write here, `fields` (name, value, ...), with `sz` in it, so that what the record
+-- takes counts its own `sz` field (a new record has none yet).
+local function log_account(L, fields)
   local old = tonumber(redis.call('HGET', L.rec, 'sz')) or 0
+  if fields then
+    fields[#fields + 1] = 'sz'
+    fields[#fields + 1] = old
+    redis.call('HSET', L.rec, unpack(fields))
+  end
   local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + #L.member + 48
   redis.call('HSET', L.rec, 'sz', size)
   redis.call('INCRBY', L.bytes, size - old)
@@ -100,14 +107,14 @@ local function log_finish(L, sink, now, attempt, state, stale)
     end
   end
   if state ~= '' then log_set(L, 's:' .. sink, state) end
-  if L.staged then L.dirty = true else log_account(L) end
+  if not L.staged then log_account(L) end
 end
 
 -- The stored event is let go by its last delivery: the record keeps it.
 local function log_keep(L, stored)
   if stored and log_in(L) then
     log_set(L, 'ev', stored)
-    if L.staged then L.dirty = true else log_account(L) end
+    if not L.staged then log_account(L) end
   end
 end
 
@@ -117,20 +124,7 @@ local function log_flush(L)
   local held = L.staged
   if not held then return end
   L.staged, L.is_in = nil, nil
-  if not L.dirty then
-    if #held > 0 then redis.call('HSET', L.rec, unpack(held)) end
-    return
-  end
-  L.dirty = nil
-  -- as log_account, with `sz` written in the same HSET first, so that what the record
-  -- takes counts its own `sz` field (a new record has none yet)
-  local old = tonumber(redis.call('HGET', L.rec, 'sz')) or 0
-  held[#held + 1] = 'sz'
-  held[#held + 1] = old
-  redis.call('HSET', L.rec, unpack(held))
-  local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + #L.member + 48
-  redis.call('HSET', L.rec, 'sz', size)
-  redis.call('INCRBY', L.bytes, size - old)
+  if #held > 0 then log_account(L, held) end
 end
 
 -- Remove the oldest records while the oldest is older than `oldest_ms` or the total is
