@@ -33,6 +33,7 @@ SEGMENTS: dict[str, str] = {
     "waiting_sinks": "waiting",
     "wake": "wake",
     "event_log": "log",
+    "event_log_copy": "logev",
     "event_log_index": "logix",
     "event_log_bytes": "logbytes",
 }
@@ -161,9 +162,15 @@ class Keys:
     # --- the event log (relay.store.eventlog) -------------------------------------------
 
     def event_log(self, tenant: str, event_id: str) -> str:
-        """Hash: one event's record — its type, chat, arrivals, payload, and per sink its
-        state and every attempt (:file:`lua/lib/event_log.lua`)."""
+        """Hash: one event's record — its arrivals, and per sink its state and every
+        attempt (:file:`lua/lib/event_log.lua`); its type, chat and payload are in the
+        stored event, or once that is let go, in :meth:`event_log_copy`."""
         return f"{self._p['event_log']}{tenant}:{event_id}"
+
+    def event_log_copy(self, tenant: str, event_id: str) -> str:
+        """String: the record's copy of the stored event, kept (renamed) when its last
+        delivery let it go."""
+        return f"{self._p['event_log_copy']}{tenant}:{event_id}"
 
     @property
     def event_log_index(self) -> str:

@@ -207,10 +207,10 @@ def parse_record(
     routes: Routes,
 ) -> EventRecord:
     """An event in the log (first seen at ``first_ms``): its record as the scripts wrote
-    it (``raw``, perhaps empty), its stored event (the record's copy, else ``stored``:
-    the one its deliveries still hold), and ``routes``, the tenant's sinks now — a sink
-    the record says nothing of is under way if it takes the event's type, else not
-    routed there."""
+    it (``raw``, perhaps empty), its stored event (``stored``: the record's copy, else
+    the one its deliveries still hold; a record an earlier build wrote may hold its copy
+    in an ``ev`` field), and ``routes``, the tenant's sinks now — a sink the record says
+    nothing of is under way if it takes the event's type, else not routed there."""
     f = {k.decode(errors="replace"): v for k, v in raw.items()}
     copy = f.get("ev") or stored or b""
     try:
@@ -474,6 +474,7 @@ class EventLog:
                     if score is None:
                         pipe.zscore(k.event_log_index, f"{tenant}:{event_id}")
                     pipe.hgetall(k.event_log(tenant, event_id))
+                    pipe.get(k.event_log_copy(tenant, event_id))
                     pipe.get(k.event(tenant, event_id))
             found = iter(await pipe.execute(raise_on_error=False))
         out: list[tuple[int, EventRecord | None]] = []
@@ -483,11 +484,11 @@ class EventLog:
                 continue
             if score is None:
                 score = next(found)
-            raw, stored = next(found), next(found)
+            raw, kept, stored = next(found), next(found), next(found)
             if score is None or isinstance(raw, Exception):
                 out.append((int(score or 0), None))
                 continue
-            held = stored if isinstance(stored, bytes) else None
+            held = next((b for b in (kept, stored) if isinstance(b, bytes)), None)
             rec = parse_record(tenant, event_id, int(score), raw, held, self._routes(tenant))
             out.append((int(score), rec))
         return out
@@ -540,6 +541,7 @@ class EventLog:
                     "breaker": k.breaker(tenant, name),
                     "chat": k.chat_order(tenant, name, rec.chat_id) if ordered else "",
                     "log_index": k.event_log_index,
+                    "log_copy": k.event_log_copy(tenant, event_id),
                 },
                 args={
                     "job": jobs.delivery_job(

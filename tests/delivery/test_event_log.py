@@ -155,6 +155,39 @@ async def test_resend_delivers_a_delivered_event_again_with_its_webhook_id(
         assert not await redis.exists(KEYS.event(TENANT, "e5"))  # let go again
 
 
+async def test_a_record_an_earlier_build_wrote_keeps_its_copy_in_an_ev_field(
+    redis: Redis, redis_url: str
+) -> None:
+    # Earlier builds wrote the kept event into the record's `ev` field; an upgrade
+    # finds such records, which must still read, resend and trim.
+    async with sinks(Sink()) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e9"])
+        log = EventLog(redis, cfg)
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e9"], 10)
+            await wait_for(lambda: drained(redis), 10)
+            copy = await redis.get(KEYS.event_log_copy(TENANT, "e9"))
+            assert copy is not None  # kept by renaming the stored event
+            assert not await redis.exists(KEYS.event(TENANT, "e9"))
+            await redis.hset(KEYS.event_log(TENANT, "e9"), "ev", copy)
+            await redis.hdel(KEYS.event_log(TENANT, "e9"), "eb")
+            await redis.delete(KEYS.event_log_copy(TENANT, "e9"))
+            rec = await log.get(TENANT, "e9")
+            assert rec is not None
+            assert rec.type == "message.received"
+            assert rec.chat_id == "17f6e9ed"
+            assert await log.resend(TENANT, "e9") == [("s", "ok")]
+            await wait_for(lambda: s.ids() == ["e9", "e9"], 10)
+            await wait_for(lambda: drained(redis), 10)
+        assert s.received[1].body == s.received[0].body
+        # its second ending kept the event the new way (the header: users, resend time)
+        again = await redis.get(KEYS.event_log_copy(TENANT, "e9"))
+        assert again is not None
+        assert again[18:] == copy[18:]
+
+
 async def test_resend_leaves_a_delivery_under_way_alone(redis: Redis, redis_url: str) -> None:
     cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
     rt = runtime(redis, cfg)
@@ -214,12 +247,19 @@ async def test_the_log_keeps_within_its_byte_cap_oldest_first(redis: Redis, redi
         assert await log.get(TENANT, ids[-1]) is not None
         assert await log.get(TENANT, ids[0]) is None  # the oldest went
         assert not await redis.exists(KEYS.event_log(TENANT, ids[0]))
-        # the count is Redis' own: what the records take, with the index's share
-        total = 0
+        # the count is Redis' own: what the records and their copies take, with the
+        # index's share
+        total, copies = 0, 0
         for member in await redis.zrange(KEYS.event_log_index, 0, -1):
-            found = await redis.memory_usage(f"chert-relay:log:{member.decode()}", samples=0)
-            total += found or 0
+            tenant, _, event_id = member.decode().partition(":")
+            for key in (KEYS.event_log(tenant, event_id), KEYS.event_log_copy(tenant, event_id)):
+                found = await redis.memory_usage(key, samples=0)
+                total += found or 0
+            copies += await redis.exists(KEYS.event_log_copy(tenant, event_id))
+        assert copies == records
         assert total <= size
+        # a record that went took its copy with it
+        assert not await redis.exists(KEYS.event_log_copy(TENANT, ids[0]))
 
 
 async def _within(log: EventLog, cap: int) -> bool:

@@ -47,6 +47,7 @@ async def test_delivery_keys_match_the_python_names(redis: Redis, chat: str) -> 
         "att_base": k.attempts(tenant, sink, ""),
         "job_base": k.job_id(tenant, sink, ""),
         "log": k.event_log(tenant, event_id),
+        "log_copy": k.event_log_copy(tenant, event_id),
         "log_member": f"{tenant}:{event_id}",
         "log_bytes": k.event_log_bytes,
         "log_index": k.event_log_index,

@@ -42,6 +42,7 @@ local chat_p = prefix .. ':' .. KEY.chat_order .. ':'
 local held_p = prefix .. ':' .. KEY.held_chats .. ':'
 local log_cap = tonumber(A.log_cap)
 local log_p = prefix .. ':' .. KEY.event_log .. ':'
+local log_copy_p = prefix .. ':' .. KEY.event_log_copy .. ':'
 local log_index, log_bytes = prefix .. ':' .. KEY.event_log_index, prefix .. ':' .. KEY.event_log_bytes
 local logged = 0
 -- the stored event's source (its header: relay/store/stored_event.py)
@@ -64,7 +65,7 @@ for e = 1, n do
   local ev_ttl, njobs = ARGV[i + 4], tonumber(ARGV[i + 5])
   i = i + 6
   local tail = tenant .. ':' .. event_id
-  local L = log_cap > 0 and log_of(log_p .. tail, log_index, tail, log_bytes)
+  local L = log_cap > 0 and log_of(log_p .. tail, log_index, tail, log_bytes, log_copy_p .. tail)
   if redis.call('SET', seen_p .. tail, now, 'NX', 'PX', ev_ttl) then
     local id_json = cjson.encode(event_id)
     local chat_json = chat ~= '' and (',' .. cjson.encode(chat)) or ''
@@ -154,7 +155,7 @@ end
 if log_cap > 0 and logged > 0 then
   -- short of memory, the log gives way at once: the events queued need the room
   local cap = log_short() and 0 or log_cap
-  log_trim(log_index, log_bytes, log_p, cap, now - tonumber(A.log_keep_ms), 4 * logged + 16)
+  log_trim(log_index, log_bytes, log_p, log_copy_p, cap, now - tonumber(A.log_keep_ms), 4 * logged + 16)
 end
 for k = 1, #queued, 2000 do  -- unpack() has a stack limit: chunks of 1000 jobs
   redis.call('ZADD', queue, unpack(queued, k, math.min(k + 1999, #queued)))

@@ -20,6 +20,7 @@ KEYS
   11 breaker     the sink's breaker
   12 chat        the chat's list of events, for an ordered sink ('' if not)
   13 log_index   the event log's index
+  14 log_copy    the record's copy of the stored event
 ARGV
   1 job          the arq job record (JSON)
   2 job_ttl_ms
@@ -50,7 +51,8 @@ if users then
   local left = redis.call('PTTL', K.ev)
   if left >= 0 and left < ttl then redis.call('PEXPIRE', K.ev, ttl) end
 else
-  local stored = redis.call('HGET', K.log, 'ev')  -- kept when it was let go
+  -- kept when it was let go (in an `ev` field, by an earlier build)
+  local stored = redis.call('GET', K.log_copy) or redis.call('HGET', K.log, 'ev')
   if not stored then return 'no_payload' end
   redis.call('SET', K.ev, stored, 'PX', ttl)
   redis.call('SETRANGE', K.ev, 0, string.format('%04d %013d', 1, now))

@@ -70,5 +70,5 @@ for _, member in ipairs(redis.call('SMEMBERS', K.waiting_sinks)) do
 end
 if #started > 0 then redis.call('PUBLISH', A.wake, '') end
 log_trim(p .. KEY.event_log_index, p .. KEY.event_log_bytes, p .. KEY.event_log .. ':',
-  tonumber(A.log_cap), now - tonumber(A.log_keep_ms), 500)
+  p .. KEY.event_log_copy .. ':', tonumber(A.log_cap), now - tonumber(A.log_keep_ms), 500)
 return {started, unknown}

@@ -29,6 +29,7 @@ local function delivery_keys(prefix, queue, job_id, tenant, sink, event_id, chat
     att_base = p .. KEY.attempts .. ':' .. ts .. ':',  -- + event id: a delivery's record
     job_base = p .. ts .. ':',  -- + event id: a delivery's job id
     log = p .. KEY.event_log .. ':' .. tenant .. ':' .. event_id,  -- the event's record
+    log_copy = p .. KEY.event_log_copy .. ':' .. tenant .. ':' .. event_id,  -- its copy
     log_member = tenant .. ':' .. event_id,
     log_bytes = p .. KEY.event_log_bytes,
     log_index = p .. KEY.event_log_index,

@@ -12,12 +12,16 @@ The record, a hash ``{prefix}:log:{tenant}:{event_id}``, is written as things ha
   n:<sink>              how many attempts were recorded
   a:<sink>:<n>          attempt n: JSON {n, t (start, Redis ms), ms, st, k, err, x, src,
                         stale}; only the last LOG_MAX_ATTEMPTS are kept
-  ev                    the stored event, kept when its last delivery lets it go (or at
-                        once, for an event no sink takes)
+  eb                    the bytes of the record's copy of the stored event
   sz                    the record's bytes as Redis counts them (MEMORY USAGE), plus
-                        its index entry's
+                        its copy's and its index entry's
+The copy, ``{prefix}:logev:{tenant}:{event_id}``, is the stored event itself, kept when
+its last delivery lets it go: renamed, not rewritten, so that keeping it costs the AOF
+a RENAME rather than the event's bytes (or written at once, for an event no sink
+takes). A record written by an earlier build may hold its copy in an ``ev`` field.
 The bytes key sums `sz`. Records go oldest first, past the retention or over the byte
-cap. ``L``, a log handle: {rec, index, member, bytes}. A handle that `log_stage` made
+cap. ``L``, a log handle: {rec, index, member, bytes, copy} (copy: nil in a script that
+neither keeps nor reads one). A handle that `log_stage` made
 holds its record's fields back and writes them in one HSET, accounted once, at
 `log_flush` (a finish records its attempt, its end and the event kept, in one write).
 ]]
@@ -34,8 +38,8 @@ local function log_short()
   return limit > 0 and used > LOG_SHORT * limit
 end
 
-local function log_of(rec, index, member, bytes)
-  return {rec = rec, index = index, member = member, bytes = bytes}
+local function log_of(rec, index, member, bytes, copy)
+  return {rec = rec, index = index, member = member, bytes = bytes, copy = copy}
 end
 
 -- Whether the event is in the log (taken in with the log on, and not trimmed since);
@@ -67,13 +71,14 @@ end
 -- write here, `fields` (name, value, ...), with `sz` in it, so that what the record
 -- takes counts its own `sz` field (a new record has none yet).
 local function log_account(L, fields)
-  local old = tonumber(redis.call('HGET', L.rec, 'sz')) or 0
+  local had = redis.call('HMGET', L.rec, 'sz', 'eb')
+  local old, copy = tonumber(had[1]) or 0, L.eb or tonumber(had[2]) or 0
   if fields then
     fields[#fields + 1] = 'sz'
     fields[#fields + 1] = old
     redis.call('HSET', L.rec, unpack(fields))
   end
-  local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + #L.member + 48
+  local size = (redis.call('MEMORY', 'USAGE', L.rec, 'SAMPLES', 0) or 0) + copy + #L.member + 48
   redis.call('HSET', L.rec, 'sz', size)
   redis.call('INCRBY', L.bytes, size - old)
 end
@@ -110,12 +115,30 @@ local function log_finish(L, sink, now, attempt, state, stale)
   if not L.staged then log_account(L) end
 end
 
--- The stored event is let go by its last delivery: the record keeps it.
+-- The record's copy (L.copy) is written: its size goes in the record.
+local function log_copied(L)
+  L.eb = redis.call('MEMORY', 'USAGE', L.copy, 'SAMPLES', 0) or 0
+  log_set(L, 'eb', L.eb)
+  if not L.staged then log_account(L) end
+end
+
+-- An event no delivery holds is taken in: the record keeps `stored` at once.
 local function log_keep(L, stored)
   if stored and log_in(L) then
-    log_set(L, 'ev', stored)
-    if not L.staged then log_account(L) end
+    redis.call('SET', L.copy, stored)
+    log_copied(L)
   end
+end
+
+-- The stored event at `key` is let go by its last delivery: the record keeps it, by
+-- renaming it to its copy (no expiry: the record's retention decides). Whether it was
+-- kept (if not, the caller deletes it).
+local function log_keep_key(L, key)
+  if not log_in(L) then return false end
+  redis.call('RENAME', key, L.copy)
+  redis.call('PERSIST', L.copy)
+  log_copied(L)
+  return true
 end
 
 -- Write what a staged handle held back, in one HSET, and account for it once; the
@@ -127,9 +150,9 @@ local function log_flush(L)
   if #held > 0 then log_account(L, held) end
 end
 
--- Remove the oldest records while the oldest is older than `oldest_ms` or the total is
--- over `cap` bytes, at most `max_n`; how many went.
-local function log_trim(index, bytes, rec_prefix, cap, oldest_ms, max_n)
+-- Remove the oldest records (with their copies) while the oldest is older than
+-- `oldest_ms` or the total is over `cap` bytes, at most `max_n`; how many went.
+local function log_trim(index, bytes, rec_prefix, copy_prefix, cap, oldest_ms, max_n)
   local n = 0
   while n < max_n do
     local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
@@ -141,7 +164,7 @@ local function log_trim(index, bytes, rec_prefix, cap, oldest_ms, max_n)
     if total <= cap and tonumber(head[2]) >= oldest_ms then break end
     local rec = rec_prefix .. head[1]
     local size = tonumber(redis.call('HGET', rec, 'sz')) or 0
-    redis.call('DEL', rec)
+    redis.call('DEL', rec, copy_prefix .. head[1])
     redis.call('ZREM', index, head[1])
     if size > 0 then redis.call('DECRBY', bytes, size) end
     n = n + 1

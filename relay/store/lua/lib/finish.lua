@@ -36,7 +36,7 @@ uses: stored_event breaker deadletter_add chat_order wait event_log attempt
 
 local function finish(k, arg, fields)
   local now, job_id, outcome = tonumber(arg.now), arg.job_id, arg.outcome
-  local L = log_of(k.log, k.log_index, k.log_member, k.log_bytes)
+  local L = log_of(k.log, k.log_index, k.log_member, k.log_bytes, k.log_copy)
   if redis.call('GET', k.in_progress) ~= arg.token then
     if arg.attempt ~= '' then log_finish(L, arg.sink, now, arg.attempt, '', true) end
     return 0

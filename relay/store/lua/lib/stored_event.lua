@@ -8,14 +8,13 @@ local function event_at(stored)
   return tonumber(string.sub(stored, 6, 18))
 end
 
--- One user (a job or a dead letter) lets go; the last one deletes the event — after
--- the event log's record (``L``, lib/event_log.lua; nil: none) has kept a copy.
+-- One user (a job or a dead letter) lets go; the last one deletes the event, or hands
+-- it to the event log's record (``L``, lib/event_log.lua; nil: none) as its copy.
 local function event_release(key, L)
   local n = tonumber(redis.call('GETRANGE', key, 0, 3))
   if not n then return end
   if n <= 1 then
-    if L then log_keep(L, redis.call('GET', key)) end
-    redis.call('DEL', key)
+    if not (L and log_keep_key(L, key)) then redis.call('DEL', key) end
   else
     redis.call('SETRANGE', key, 0, string.format('%04d', n - 1))
   end
