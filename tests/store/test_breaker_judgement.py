@@ -22,17 +22,28 @@ T0 = 1_800_000_000_000 // WINDOW * WINDOW  # the start of a bucket
 class Breaker:
     """One breaker hash, driven through the Lua functions with chosen times."""
 
-    def __init__(self, redis: Redis, min_failures: int = 5, rate: float = 0.5) -> None:
+    def __init__(
+        self, redis: Redis, min_failures: int = 5, rate: float = 0.5, key: str = KEY
+    ) -> None:
         self._redis = redis
+        self.key = key
         self._rule = json.dumps([min_failures, rate, WINDOW])
         self._source = "\n".join([scripts.library("breaker"), PROBE.read_text()])
 
     async def _call(self, *args: object) -> object:
-        return await self._redis.eval(self._source, 1, KEY, *args)  # type: ignore[arg-type]
+        return await self._redis.eval(self._source, 1, self.key, *args)  # type: ignore[arg-type]
 
     async def record(self, now: int, effect: str, job: str = "j") -> str:
         got = await self._call("record", now, job, effect, self._rule, COOLDOWN, 86_400_000)
         return got.decode() if isinstance(got, bytes) else str(got)
+
+    async def batch(self, now: int, effects: list[tuple[str, str]]) -> list[str]:
+        """Record ``effects`` (job, effect) in one call, through a tally, as a finish
+        batch does."""
+        args = ("batch", now, "", json.dumps(effects), self._rule, COOLDOWN, 86_400_000)
+        got = await self._call(*args)
+        assert isinstance(got, list)
+        return [c.decode() if isinstance(c, bytes) else str(c) for c in got]
 
     async def check(self, now: int, job: str = "j") -> str:
         got = await self._call("check", now, job)
@@ -43,7 +54,7 @@ class Breaker:
         await self._call("take_probe", now, job)
 
     async def state(self) -> bytes | None:
-        return await self._redis.hget(KEY, "s")
+        return await self._redis.hget(self.key, "s")
 
 
 @pytest.mark.parametrize(
@@ -129,3 +140,47 @@ async def test_only_the_probes_answer_closes_or_reopens_it(redis: Redis) -> None
     assert fields == [b"0", b"1", b"0", b"0"]
     for i in range(4):
         assert await b.record(again + 100 + i, "failure") == ""
+
+
+BATCHES = [
+    # successes only, then a minority of failures among them: it stays closed
+    ([["success"] * 6, ["success", "failure", "success", "success", "failure", "success"]], None),
+    # opened in the middle of a batch, with a success after that the open breaker ignores
+    (
+        [
+            ["failure", "success", "failure", "failure"],
+            ["success", "failure", "failure", "success"],
+        ],
+        b"o",
+    ),
+    ([["success", "failure"] * 3, ["failure"] * 3 + ["success"] * 3], b"o"),
+]
+
+
+@pytest.mark.parametrize(("batches", "state"), BATCHES)
+async def test_a_batch_counts_its_successes_once_and_judges_as_one_at_a_time(
+    redis: Redis, batches: list[list[str]], state: bytes | None
+) -> None:
+    # A finish batch counts a closed breaker's successes once, at the end of its call;
+    # every change and every count must be what recording them one by one gives.
+    tallied = Breaker(redis, key=KEY + ":tallied")
+    one = Breaker(redis, key=KEY + ":one")
+    now = T0 + WINDOW - 2_000  # the second batch falls in the next bucket
+    for effects in batches:
+        jobs = [(f"j{now}.{n}", e) for n, e in enumerate(effects)]
+        got = await tallied.batch(now, jobs)
+        expected = [await one.record(now, e, job=j) for j, e in jobs]
+        assert got == expected
+        assert await redis.hgetall(tallied.key) == await redis.hgetall(one.key)
+        assert await redis.pttl(tallied.key) > 0
+        now += 3_000
+    assert await tallied.state() == state
+
+
+async def test_a_batch_writes_a_closed_breakers_successes_once(redis: Redis) -> None:
+    tallied = Breaker(redis, key=KEY + ":tallied")
+    await redis.config_resetstat()
+    assert await tallied.batch(T0 + 1_000, [(f"j{n}", "success") for n in range(8)]) == [""] * 8
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_hset"]["calls"] == 1
+    assert await redis.hmget(tallied.key, ["cf", "cs"]) == [b"0", b"8"]

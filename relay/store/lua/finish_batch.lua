@@ -50,6 +50,7 @@ local rule = cjson.decode(A.breaker_rule)
 local i = 12
 local now = redis_now_ms()
 local log_keep = A.log_keep == '1' and not log_short()
+local tally = breaker_tally()  -- closed breakers' successes: written once each, at the end
 
 -- Take `id` (due now) for the worker that asked, as take.lua does for a known sink
 -- (`reserve`: ahead, without a slot; `memo`: what is known of the sink already,
@@ -103,7 +104,7 @@ for n = 1, tonumber(ARGV[11]) do
     gone_url = ARGV[i + 11], class = ARGV[i + 12], member = sink .. ':' .. event_id,
     event_id = event_id, chat = chat, on_dead = ARGV[i + 13], cap = tonumber(ARGV[i + 14]),
     lease_ms = tonumber(A.lease_ms), sink = sink, attempt = ARGV[i + 16],
-    log_keep = log_keep, handoff = handoff, handoff_token = ARGV[i + 18],
+    log_keep = log_keep, handoff = handoff, handoff_token = ARGV[i + 18], tally = tally,
   }, fields)
   if type(res) == 'table' then
     local handed = res[4]
@@ -133,4 +134,5 @@ for n = 1, tonumber(ARGV[11]) do
   out[n] = res
   i = i + 21 + nfields
 end
+breaker_tally_write(tally, now, rule, tonumber(A.breaker_ttl_ms))
 return out

@@ -34,10 +34,11 @@ local function breaker_take_probe(key, now, job_id, lease)
   redis.call('HSET', key, 's', 'h', 'p', job_id, 'pu', now + lease)
 end
 
--- Count one attempt in the window; the failed attempts and all attempts of the last
--- `window` ms, estimated as the current bucket's plus the share of the previous bucket
--- the window still covers, rounded to the nearest whole attempt.
-local function breaker_count(key, now, window, failed)
+-- Count `failed` failed and `ok` successful attempts in the window; the failed attempts
+-- and all attempts of the last `window` ms, estimated as the current bucket's plus the
+-- share of the previous bucket the window still covers, rounded to the nearest whole
+-- attempt.
+local function breaker_count(key, now, window, failed, ok)
   local b = redis.call('HMGET', key, 'w', 'cf', 'cs', 'pf', 'ps')
   local n, w = math.floor(now / window), tonumber(b[1])
   local cf, cs = tonumber(b[2]) or 0, tonumber(b[3]) or 0
@@ -48,7 +49,7 @@ local function breaker_count(key, now, window, failed)
     if w == n - 1 then pf, ps = cf, cs else pf, ps = 0, 0 end
     cf, cs = 0, 0
   end
-  if failed then cf = cf + 1 else cs = cs + 1 end
+  cf, cs = cf + failed, cs + ok
   redis.call('HSET', key, 'w', n, 'cf', cf, 'cs', cs, 'pf', pf, 'ps', ps)
   local share = math.max(0, math.min(1, 1 - (now - n * window) / window))
   return math.floor(cf + pf * share + 0.5), math.floor(cf + cs + (pf + ps) * share + 0.5)
@@ -63,10 +64,19 @@ end
 -- success closes it with a fresh window; the other attempts still in flight change nothing.
 -- Returns the change, for the worker's log: '' | 'open <failed> <attempts>' | 'reopen'
 -- | 'close'.
-local function breaker_record(key, now, job_id, effect, rule, cooldown, ttl)
+-- `tally` (from breaker_tally; nil: none): the successes of a closed breaker are counted
+-- there, per breaker, and written once, by breaker_tally_write at the end of the script
+-- call — all of it at the same `now`, so that counting them later changes nothing: a
+-- failure counts those before it first, and nothing but the counts reads them.
+local function breaker_record(key, now, job_id, effect, rule, cooldown, ttl, tally)
   local failed = effect == 'failure'
   if not failed and effect ~= 'success' then return '' end
-  local b = redis.call('HMGET', key, 's', 'p')
+  local pending = tally and tally.n[key]
+  if pending and not failed then
+    tally.n[key] = pending + 1  -- closed, as it was when the first was tallied
+    return ''
+  end
+  local b = pending and {} or redis.call('HMGET', key, 's', 'p')
   if b[1] == 'o' or b[1] == 'h' then
     if b[1] ~= 'h' or b[2] ~= job_id then
       if failed then redis.call('PEXPIRE', key, ttl) end
@@ -79,17 +89,41 @@ local function breaker_record(key, now, job_id, effect, rule, cooldown, ttl)
       return 'reopen'
     end
     redis.call('DEL', key)
-    breaker_count(key, now, tonumber(rule[3]), false)
+    breaker_count(key, now, tonumber(rule[3]), 0, 1)
     redis.call('PEXPIRE', key, ttl)
     return 'close'
   end
-  local failures, attempts = breaker_count(key, now, tonumber(rule[3]), failed)
+  if tally and not failed then
+    tally.n[key] = 1
+    tally.keys[#tally.keys + 1] = key
+    return ''
+  end
+  if pending then tally.n[key] = nil end
+  local failures, attempts = breaker_count(key, now, tonumber(rule[3]), failed and 1 or 0,
+    (failed and 0 or 1) + (pending or 0))
   redis.call('PEXPIRE', key, ttl)
   if failed and failures >= tonumber(rule[1]) and failures >= tonumber(rule[2]) * attempts then
     redis.call('HSET', key, 's', 'o', 'u', now + cooldown)
     return 'open ' .. failures .. ' ' .. attempts
   end
   return ''
+end
+
+-- A tally of closed breakers' successes for breaker_record, kept across one script call.
+local function breaker_tally()
+  return {n = {}, keys = {}}
+end
+
+-- Count what `tally` holds, once per breaker.
+local function breaker_tally_write(tally, now, rule, ttl)
+  for _, key in ipairs(tally.keys) do
+    local ok = tally.n[key]
+    if ok then
+      breaker_count(key, now, tonumber(rule[3]), 0, ok)
+      redis.call('PEXPIRE', key, ttl)
+      tally.n[key] = nil  -- listed again if a failure counted it and a success came after
+    end
+  end
 end
 
 -- a probe that ends without an answer (cancelled) gives its turn to the next job

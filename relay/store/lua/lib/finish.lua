@@ -23,7 +23,8 @@ the log keeps a copy of the event when its last delivery lets it go), and handof
 handoff_token: the job (a claim ahead of this worker's, finish_batch.lua's reserve)
 that the worker started on this run's slot when the attempt succeeded ('': none) — the
 slot's lease passes to it, and its attempt is counted (the reserve's claim did not), if
-its in-progress mark still holds that token;
+its in-progress mark still holds that token; tally (lib/breaker.lua's breaker_tally,
+kept across a batch; nil: none);
 ``fields``: the dead letter's name/value pairs (a table).
 Returns 0 if the run no longer holds the delivery (nothing was changed), else
 {next_job, breaker_change, started, handed}: the job id of the chat's next event, now
@@ -58,7 +59,7 @@ local function finish(k, arg, fields)
     handed = true
   end
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
-    tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms))
+    tonumber(arg.cooldown_ms), tonumber(arg.breaker_ttl_ms), arg.tally)
   local function done(next_job)
     log_flush(L)
     local started = {}
