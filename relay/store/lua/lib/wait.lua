@@ -53,8 +53,10 @@ end
 -- paced sink, no more than the turns it can promise now (lib/rate.lua's rate_fits).
 local function wait_free(inflight, breaker, paused, cap, now, rate)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
-  if redis.call('EXISTS', paused) == 1 then return 0 end
   local free = cap - redis.call('ZCARD', inflight)
+  -- all slots held (as when a finish hands its slot on): nothing else need be read
+  if free <= 0 then return 0 end
+  if redis.call('EXISTS', paused) == 1 then return 0 end
   local admits = breaker_admits(breaker, now)
   if admits == 'none' then return 0 end
   if admits == 'one' then free = math.min(free, 1) end
@@ -74,13 +76,14 @@ local function unpark(wait, waiting, member, inflight, queue, att_base, job_base
   for i = 1, #popped, 2 do
     local id = popped[i]
     local att = att_base .. string.sub(id, #job_base + 1)
-    local st = redis.call('HMGET', att, 'pk', 'pr')
+    local st = redis.call('HMGET', att, 'pk', 'pr', 'dl', 'held')
     local since = tonumber(st[1])
     if since and (st[2] == 'busy' or st[2] == 'paused' or st[2] == 'rate') and now > since then
       -- waiting on the relay's own cap or pace, or on a pause, is not the sink's
       -- failure: the deadline moves
-      redis.call('HINCRBY', att, 'dl', now - since)
-      redis.call('HINCRBY', att, 'held', now - since)
+      local waited = now - since
+      redis.call('HSET', att, 'dl', (tonumber(st[3]) or 0) + waited,
+        'held', (tonumber(st[4]) or 0) + waited)
     end
     redis.call('HDEL', att, 'pk', 'pr')
     if reserve then redis.call('ZADD', inflight, now + lease_ms, id) end
