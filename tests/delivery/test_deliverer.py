@@ -115,6 +115,26 @@ async def test_400_dead_letters_at_once(redis: Redis, redis_url: str) -> None:
         assert await redis.ttl(rt.keys.event(TENANT, "bad-1")) == -1
 
 
+async def test_a_dead_letter_after_several_attempts_keeps_when_the_first_was(
+    redis: Redis, redis_url: str
+) -> None:
+    async with sinks(Sink(lambda s, r: (503, {}))) as (s,):
+        cfg = config_with(redis_url, [sink_conf("s", s.url, max_attempts=3)], retry_backoff=0.2)
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["tired-1"])
+        store = DeadLetterStore(redis, cfg)
+        async with worker(rt):
+            await wait_for(lambda: store.find(Filter()), 10)
+        [d] = await store.find(Filter())
+        assert (d.cls, d.attempts, len(s.received)) == ("exhausted", 3, 3)
+        assert d.first_attempt is not None
+        assert d.last_attempt is not None
+        # the first attempt's time is kept from the first claim on: the dead letter's
+        # span covers the sink's gap between its first and second requests too
+        sink_gap = s.received[2].at - s.received[1].at
+        assert d.last_attempt - d.first_attempt > sink_gap
+
+
 async def test_down_past_max_age_is_exhausted_then_replay_delivers(
     redis: Redis, redis_url: str
 ) -> None:
