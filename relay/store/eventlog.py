@@ -212,7 +212,7 @@ def parse_record(
     in an ``ev`` field), and ``routes``, the tenant's sinks now — a sink the record says
     nothing of is under way if it takes the event's type, else not routed there."""
     f = {k.decode(errors="replace"): v for k, v in raw.items()}
-    copy = f.get("ev") or stored or b""
+    copy = stored or f.get("ev") or b""
     try:
         ev: stored_event.StoredEvent | None = stored_event.parse(copy)
     except ValueError:
@@ -474,8 +474,10 @@ class EventLog:
                     if score is None:
                         pipe.zscore(k.event_log_index, f"{tenant}:{event_id}")
                     pipe.hgetall(k.event_log(tenant, event_id))
-                    pipe.get(k.event_log_copy(tenant, event_id))
+                    # the stored event before the copy: one renamed between the two
+                    # reads is found as the copy
                     pipe.get(k.event(tenant, event_id))
+                    pipe.get(k.event_log_copy(tenant, event_id))
             found = iter(await pipe.execute(raise_on_error=False))
         out: list[tuple[int, EventRecord | None]] = []
         for tenant, event_id, score in wanted:
@@ -484,7 +486,7 @@ class EventLog:
                 continue
             if score is None:
                 score = next(found)
-            raw, kept, stored = next(found), next(found), next(found)
+            raw, stored, kept = next(found), next(found), next(found)
             if score is None or isinstance(raw, Exception):
                 out.append((int(score or 0), None))
                 continue

@@ -51,9 +51,14 @@ if users then
   local left = redis.call('PTTL', K.ev)
   if left >= 0 and left < ttl then redis.call('PEXPIRE', K.ev, ttl) end
 else
-  -- kept when it was let go (in an `ev` field, by an earlier build)
-  local stored = redis.call('GET', K.log_copy) or redis.call('HGET', K.log, 'ev')
-  if not stored then return 'no_payload' end
+  -- kept when it was let go (in an `ev` field, by an earlier build: the stored event
+  -- holds it from now on, and becomes the copy when it is let go again)
+  local stored = redis.call('GET', K.log_copy)
+  if not stored then
+    stored = redis.call('HGET', K.log, 'ev')
+    if not stored then return 'no_payload' end
+    redis.call('HDEL', K.log, 'ev')
+  end
   redis.call('SET', K.ev, stored, 'PX', ttl)
   redis.call('SETRANGE', K.ev, 0, string.format('%04d %013d', 1, now))
 end

@@ -54,8 +54,8 @@ end
 local function wait_free(inflight, breaker, paused, cap, now, rate)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
   local free = cap - redis.call('ZCARD', inflight)
-  -- all slots held (as when a finish hands its slot on): nothing else need be read
-  if free <= 0 then return 0 end
+  -- every slot held (as when a finish hands its slot on): none, whatever else is read
+  if free == 0 then return 0 end
   if redis.call('EXISTS', paused) == 1 then return 0 end
   local admits = breaker_admits(breaker, now)
   if admits == 'none' then return 0 end
