@@ -23,7 +23,11 @@ a redis-server with AOF and ``appendfsync always``, as in ``bench/drain.py``.
    ``--fair-seconds``, each event timed from its ingest (its 202, were it a webhook) to
    its arrival. Run A: nothing else queued. Run B: ``--backlog`` events for ``t00/s0``
    (its own sink process, ~5 ms answers) queued before the worker starts, draining
-   meanwhile. The other sinks' p50/p99 in each run, per sink and together, and B/A.
+   meanwhile. Run C: the same backlog, drained by a second relay of its own (its own
+   redis-server and worker, the same sink process) on the same machine, while the
+   first relay carries only the steady events: what the drain's load costs the others
+   when they share nothing of the relay but the machine (its cores and its disk). The
+   other sinks' p50/p99 in each run, per sink and together, B/A and B/C.
 4. **Push latency**: webhooks at ``--rate`` (200/s) through ``chert-relay run`` (and
    ``serve`` + ``worker``) on the shipped config to the ~1 ms sink, from the webhook's
    send and from its answer to the sink's arrival (``bench/e2e.py``'s load generator);
@@ -55,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -287,8 +291,9 @@ def wait_count(sink: str, key: str, expected: int, timeout: float) -> dict[str, 
 
 
 def fair_run(
-    work: Path, fast: str, slow: str, args: argparse.Namespace, backlog: int
+    work: Path, fast: str, slow: str, args: argparse.Namespace, backlog: int, apart: bool = False
 ) -> dict[str, Any]:
+    """One fairness run; ``apart``: the backlog goes to a second relay of its own (run C)."""
     for s in (fast, slow):
         get_json(f"{s}/reset", "POST")
     work.mkdir()
@@ -300,27 +305,31 @@ def fair_run(
         data = fair_config(work, redis.url, fast, slow)
         path = work / "relay.toml"
         path.write_text(toml(data))
-        if backlog:
-            asyncio.run(fill(data, backlog, work.name, event=backlog_event(work.name)))
-        proc = worker(path)
-        try:
-            wait_port(WORKER_ADMIN[0])
-            asyncio.run(
-                fill(
-                    data,
-                    n,
-                    work.name,
-                    at=args.fair_rate,
-                    acked=acked,
-                    event=steady_event(work.name),
+        with contextlib.ExitStack() as apart_relay:
+            if backlog and apart:
+                apart_relay.enter_context(backlog_relay(work / "apart", fast, slow, backlog))
+            elif backlog:
+                asyncio.run(fill(data, backlog, work.name, event=backlog_event(work.name)))
+            proc = worker(path)
+            try:
+                wait_port(WORKER_ADMIN[0])
+                asyncio.run(
+                    fill(
+                        data,
+                        n,
+                        work.name,
+                        at=args.fair_rate,
+                        acked=acked,
+                        event=steady_event(work.name),
+                    )
                 )
-            )
-            slow_during = get_json(f"{slow}/stats")
-            stats = wait_count(fast, "deliveries", n, timeout=max(60.0, args.fair_seconds * 4))
-            arrived: dict[str, dict[str, float]] = get_json(f"{fast}/dump?by=path")
-            deferred = deferrals()
-        finally:
-            stop(proc)
+                slow_during = get_json(f"{slow}/stats")
+                timeout = max(60.0, args.fair_seconds * 4)
+                stats = wait_count(fast, "deliveries", n, timeout=timeout)
+                arrived: dict[str, dict[str, float]] = get_json(f"{fast}/dump?by=path")
+                deferred = deferrals()
+            finally:
+                stop(proc)
     finally:
         asyncio.run(redis.stop())
         shutil.rmtree(work / "redis", ignore_errors=True)  # its AOF need never be written out
@@ -356,15 +365,41 @@ def fair_run(
     return out
 
 
+@contextlib.contextmanager
+def backlog_relay(work: Path, fast: str, slow: str, backlog: int) -> Iterator[None]:
+    """Run C's second relay: its own redis-server and worker, tenant ``t00`` only, with
+    the backlog queued for ``t00/s0`` before the worker starts; stopped on the way out."""
+    work.mkdir()
+    redis = EmbeddedRedis(work / "redis", port=free_port())
+    asyncio.run(redis.start())
+    try:
+        data = fair_config(work, redis.url, fast, slow)
+        data["tenants"] = data["tenants"][:1]
+        data["admin"] = {"listen": "127.0.0.1:0", "worker_listen": f"127.0.0.1:{free_port()}"}
+        path = work / "relay.toml"
+        path.write_text(toml(data))
+        asyncio.run(fill(data, backlog, work.parent.name, event=backlog_event(work.parent.name)))
+        proc = worker(path)
+        try:
+            yield
+        finally:
+            stop(proc)
+    finally:
+        asyncio.run(redis.stop())
+        shutil.rmtree(work / "redis", ignore_errors=True)
+
+
 def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in rotate(["A", "B"], r):
+    for name in rotate(["A", "B", "C"], r):
         settle()
-        backlog = args.backlog if name == "B" else 0
-        got = fair_run(work / f"r{r}-fair-{name}", fast, slow, args, backlog)
+        backlog = args.backlog if name != "A" else 0
+        got = fair_run(work / f"r{r}-fair-{name}", fast, slow, args, backlog, apart=name == "C")
         out[name] = got
         p99s = [s["p99"] for s in got["sinks"].values()]
         what = f"a {backlog:,}-delivery backlog for t00/s0" if backlog else "no backlog"
+        if name == "C":
+            what += ", drained by a second relay of its own"
         print(
             f"  run {name} ({what}): the other {len(got['sinks'])} sinks, {got['delivered']:,} of"
             f" {got['expected']:,} delivered: p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms,"
@@ -385,6 +420,8 @@ def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int)
         )
     a, b = out["A"], out["B"]
     out["p99_ratio"] = b["p99"] / a["p99"]
+    out["p99_ratio_c"] = b["p99"] / out["C"]["p99"]
+    out["c_ratio"] = out["C"]["p99"] / a["p99"]
     ratios = {s: b["sinks"][s]["p99"] / v["p99"] for s, v in a["sinks"].items() if s in b["sinks"]}
     out["sink_ratios"] = ratios
     worst = max(ratios, key=ratios.__getitem__)
@@ -394,6 +431,10 @@ def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int)
         f"  B/A p99: together {out['p99_ratio']:.2f}; per sink median "
         f"{statistics.median(ratios.values()):.2f}, worst {worst} {ratios[worst]:.2f}; "
         f"{out['over_2x']} of {len(ratios)} sinks over 2x"
+    )
+    print(
+        f"  C/A p99 {out['c_ratio']:.2f} (the machine's share: the drain in a relay of its "
+        f"own); B/C p99 {out['p99_ratio_c']:.2f} (the share of sharing the relay)"
     )
     if args.per_sink:
         for s in sorted(a["sinks"]):
@@ -650,7 +691,11 @@ def summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f" p99 {spread(col('fair', 'B', 'p99'), '.1f')} ms\n"
             f"   B/A p99: {spread(col('fair', 'p99_ratio'))} together; worst sink "
             f"{spread(col('fair', 'worst_ratio'))}; sinks over 2x: "
-            f"{spread(col('fair', 'over_2x'), '.0f')} of 99   (goal: every sink <= 2)"
+            f"{spread(col('fair', 'over_2x'), '.0f')} of 99   (goal: every sink <= 2)\n"
+            f"   C (the backlog drained by a relay of its own): p50 "
+            f"{spread(col('fair', 'C', 'p50'), '.1f')} ms, p99 "
+            f"{spread(col('fair', 'C', 'p99'), '.1f')} ms; C/A p99 "
+            f"{spread(col('fair', 'c_ratio'))}; B/C p99 {spread(col('fair', 'p99_ratio_c'))}"
         )
     if "latency" in have:
         latency_summary(col, args)
