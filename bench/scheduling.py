@@ -26,8 +26,11 @@ a redis-server with AOF and ``appendfsync always``, as in ``bench/drain.py``.
    meanwhile. Run C: the same backlog, drained by a second relay of its own (its own
    redis-server and worker, the same sink process) on the same machine, while the
    first relay carries only the steady events: what the drain's load costs the others
-   when they share nothing of the relay but the machine (its cores and its disk). The
-   other sinks' p50/p99 in each run, per sink and together, B/A and B/C.
+   when they share nothing of the relay but the machine (its cores and its disk). Run D:
+   the same, but the second relay shares the first's redis-server (under a key prefix
+   of its own): C against D tells the share of the shared Redis from that of the
+   shared worker. The other sinks' p50/p99 in each run, per sink and together, B/A,
+   C/A, B/C and D/C.
 4. **Push latency**: webhooks at ``--rate`` (200/s) through ``chert-relay run`` (and
    ``serve`` + ``worker``) on the shipped config to the ~1 ms sink, from the webhook's
    send and from its answer to the sink's arrival (``bench/e2e.py``'s load generator);
@@ -291,9 +294,10 @@ def wait_count(sink: str, key: str, expected: int, timeout: float) -> dict[str, 
 
 
 def fair_run(
-    work: Path, fast: str, slow: str, args: argparse.Namespace, backlog: int, apart: bool = False
+    work: Path, fast: str, slow: str, args: argparse.Namespace, backlog: int, apart: str = ""
 ) -> dict[str, Any]:
-    """One fairness run; ``apart``: the backlog goes to a second relay of its own (run C)."""
+    """One fairness run; ``apart``: the backlog goes to a second relay with a worker of its
+    own and its own redis-server (``"redis"``, run C) or the first's (``"worker"``, run D)."""
     for s in (fast, slow):
         get_json(f"{s}/reset", "POST")
     work.mkdir()
@@ -307,7 +311,10 @@ def fair_run(
         path.write_text(toml(data))
         with contextlib.ExitStack() as apart_relay:
             if backlog and apart:
-                apart_relay.enter_context(backlog_relay(work / "apart", fast, slow, backlog))
+                shared = redis.url if apart == "worker" else None
+                apart_relay.enter_context(
+                    backlog_relay(work / "apart", fast, slow, backlog, shared)
+                )
             elif backlog:
                 asyncio.run(fill(data, backlog, work.name, event=backlog_event(work.name)))
             proc = worker(path)
@@ -366,14 +373,19 @@ def fair_run(
 
 
 @contextlib.contextmanager
-def backlog_relay(work: Path, fast: str, slow: str, backlog: int) -> Iterator[None]:
-    """Run C's second relay: its own redis-server and worker, tenant ``t00`` only, with
-    the backlog queued for ``t00/s0`` before the worker starts; stopped on the way out."""
+def backlog_relay(
+    work: Path, fast: str, slow: str, backlog: int, redis_url: str | None
+) -> Iterator[None]:
+    """Runs C and D's second relay: a worker of its own, tenant ``t00`` only, with the
+    backlog queued for ``t00/s0`` before the worker starts; on a redis-server of its own,
+    or on ``redis_url`` under a key prefix of its own. Stopped on the way out."""
     work.mkdir()
     redis = EmbeddedRedis(work / "redis", port=free_port())
-    asyncio.run(redis.start())
+    if redis_url is None:
+        asyncio.run(redis.start())
     try:
-        data = fair_config(work, redis.url, fast, slow)
+        data = fair_config(work, redis_url or redis.url, fast, slow)
+        data["redis"]["key_prefix"] = "bench-apart"
         data["tenants"] = data["tenants"][:1]
         data["admin"] = {"listen": "127.0.0.1:0", "worker_listen": f"127.0.0.1:{free_port()}"}
         path = work / "relay.toml"
@@ -385,21 +397,25 @@ def backlog_relay(work: Path, fast: str, slow: str, backlog: int) -> Iterator[No
         finally:
             stop(proc)
     finally:
-        asyncio.run(redis.stop())
-        shutil.rmtree(work / "redis", ignore_errors=True)
+        if redis_url is None:
+            asyncio.run(redis.stop())
+            shutil.rmtree(work / "redis", ignore_errors=True)
 
 
 def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in rotate(["A", "B", "C"], r):
+    for name in rotate(["A", "B", "C", "D"], r):
         settle()
         backlog = args.backlog if name != "A" else 0
-        got = fair_run(work / f"r{r}-fair-{name}", fast, slow, args, backlog, apart=name == "C")
+        apart = {"C": "redis", "D": "worker"}.get(name, "")
+        got = fair_run(work / f"r{r}-fair-{name}", fast, slow, args, backlog, apart=apart)
         out[name] = got
         p99s = [s["p99"] for s in got["sinks"].values()]
         what = f"a {backlog:,}-delivery backlog for t00/s0" if backlog else "no backlog"
         if name == "C":
             what += ", drained by a second relay of its own"
+        elif name == "D":
+            what += ", drained by a second relay's worker on the same redis-server"
         print(
             f"  run {name} ({what}): the other {len(got['sinks'])} sinks, {got['delivered']:,} of"
             f" {got['expected']:,} delivered: p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms,"
@@ -422,6 +438,7 @@ def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int)
     out["p99_ratio"] = b["p99"] / a["p99"]
     out["p99_ratio_c"] = b["p99"] / out["C"]["p99"]
     out["c_ratio"] = out["C"]["p99"] / a["p99"]
+    out["d_ratio_c"] = out["D"]["p99"] / out["C"]["p99"]
     ratios = {s: b["sinks"][s]["p99"] / v["p99"] for s, v in a["sinks"].items() if s in b["sinks"]}
     out["sink_ratios"] = ratios
     worst = max(ratios, key=ratios.__getitem__)
@@ -434,7 +451,8 @@ def fairness(work: Path, fast: str, slow: str, args: argparse.Namespace, r: int)
     )
     print(
         f"  C/A p99 {out['c_ratio']:.2f} (the machine's share: the drain in a relay of its "
-        f"own); B/C p99 {out['p99_ratio_c']:.2f} (the share of sharing the relay)"
+        f"own); B/C p99 {out['p99_ratio_c']:.2f} (the share of sharing the relay); D/C p99 "
+        f"{out['d_ratio_c']:.2f} (the share of sharing its redis-server alone)"
     )
     if args.per_sink:
         for s in sorted(a["sinks"]):
@@ -695,7 +713,11 @@ def summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"   C (the backlog drained by a relay of its own): p50 "
             f"{spread(col('fair', 'C', 'p50'), '.1f')} ms, p99 "
             f"{spread(col('fair', 'C', 'p99'), '.1f')} ms; C/A p99 "
-            f"{spread(col('fair', 'c_ratio'))}; B/C p99 {spread(col('fair', 'p99_ratio_c'))}"
+            f"{spread(col('fair', 'c_ratio'))}; B/C p99 {spread(col('fair', 'p99_ratio_c'))}\n"
+            f"   D (its own worker, the same redis-server): p50 "
+            f"{spread(col('fair', 'D', 'p50'), '.1f')} ms, p99 "
+            f"{spread(col('fair', 'D', 'p99'), '.1f')} ms; D/C p99 "
+            f"{spread(col('fair', 'd_ratio_c'))}"
         )
     if "latency" in have:
         latency_summary(col, args)
