@@ -5,13 +5,13 @@ starts it (lib/claim.lua) and a finish that hands a slot to a reserve started ah
 (lib/finish.lua) record the same.
 ]]
 
--- `had`: the record's 'first', 'ps' and 'rt' as the caller read them (false: unset),
--- so that only what is there is removed, and 'first' is written in the same HSET.
-local function attempt_counted(att, a, now, had)
-  if had[1] then
+-- From what the caller read of the record: `first`, its 'first' (false: unset), written
+-- in the same HSET when unset; `waited`, whether it holds 'ps' or 'rt', removed only then.
+local function attempt_counted(att, a, now, first, waited)
+  if first then
     redis.call('HSET', att, 'a', a, 'last', now)
   else
     redis.call('HSET', att, 'a', a, 'last', now, 'first', now)
   end
-  if had[2] or had[3] then redis.call('HDEL', att, 'ps', 'rt') end
+  if waited then redis.call('HDEL', att, 'ps', 'rt') end
 end

@@ -173,7 +173,7 @@ local function claim(k, arg)
   if not arg.reserve then
     redis.call('ZADD', k.inflight, now + lease, job_id)
     redis.call('PEXPIRE', k.inflight, lease + margin)
-    attempt_counted(k.attempts, a, now, {st[4], st[11], st[10]})
+    attempt_counted(k.attempts, a, now, st[4], st[11] or st[10])
   end
   write_dl()
   hold()

@@ -56,7 +56,7 @@ local function finish(k, arg, fields)
     redis.call('ZADD', k.inflight, now + arg.lease_ms, arg.handoff)
     local att = k.att_base .. string.sub(arg.handoff, #k.job_base + 1)
     local st = redis.call('HMGET', att, 'a', 'first', 'ps', 'rt')
-    attempt_counted(att, (tonumber(st[1]) or 0) + 1, now, {st[2], st[3], st[4]})
+    attempt_counted(att, (tonumber(st[1]) or 0) + 1, now, st[2], st[3] or st[4])
     handed = true
   end
   local change = breaker_record(k.breaker, now, job_id, arg.effect, arg.rule,
