@@ -197,6 +197,38 @@ async def test_a_record_an_earlier_build_wrote_keeps_its_copy_in_an_ev_field(
         assert rec.type == "message.received"
 
 
+async def test_a_resend_moves_an_earlier_builds_copy_out_of_the_record_before_using_it(
+    redis: Redis, redis_url: str
+) -> None:
+    # The resent delivery's stored event expires, and goes without being kept when
+    # Redis is short of memory or its dead letter is purged: the record must hold its
+    # own copy from the resend on, not only the stored event.
+    async with sinks(Sink()) as (s,):
+        cfg = log_config(redis_url, [sink_conf("s", s.url)])
+        rt = runtime(redis, cfg)
+        await ingest(rt, ["e8"])
+        async with worker(rt):
+            await wait_for(lambda: s.ids() == ["e8"], 10)
+            await wait_for(lambda: drained(redis), 10)
+    record, copy_key = KEYS.event_log(TENANT, "e8"), KEYS.event_log_copy(TENANT, "e8")
+    copy = await redis.get(copy_key)
+    assert copy is not None
+    await redis.hset(record, "ev", copy)  # the earlier build's layout
+    await redis.hdel(record, "eb")
+    await redis.delete(copy_key)
+    log = EventLog(redis, cfg)
+    assert await log.resend(TENANT, "e8") == [("s", "ok")]
+    assert await redis.get(copy_key) == copy
+    assert not await redis.hexists(record, "ev")
+    eb = await redis.memory_usage(copy_key, samples=0)
+    assert int(await redis.hget(record, "eb")) == eb
+    assert int(await redis.get(KEYS.event_log_bytes)) == int(await redis.hget(record, "sz"))
+    await redis.delete(KEYS.event(TENANT, "e8"))  # let go, not kept
+    rec = await log.get(TENANT, "e8")
+    assert rec is not None
+    assert rec.type == "message.received"
+
+
 async def test_resend_leaves_a_delivery_under_way_alone(redis: Redis, redis_url: str) -> None:
     cfg = log_config(redis_url, [sink_conf("s", "http://127.0.0.1:9/hook")])
     rt = runtime(redis, cfg)

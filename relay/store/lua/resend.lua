@@ -37,7 +37,7 @@ Returns 'ok' | 'missing' (no record) | 'pending' (a delivery is under way) |
 'dead_letter' | 'no_payload' (the record has no copy of the event).
 ]]
 local now = redis_now_ms()
-local L = log_of(K.log, K.log_index, A.log_member, K.log_bytes)
+local L = log_of(K.log, K.log_index, A.log_member, K.log_bytes, K.log_copy)
 if not log_in(L) then return 'missing' end
 if redis.call('EXISTS', K.entry) == 1 then return 'dead_letter' end
 if redis.call('EXISTS', K.job) == 1 or redis.call('EXISTS', K.in_progress) == 1 then
@@ -51,13 +51,16 @@ if users then
   local left = redis.call('PTTL', K.ev)
   if left >= 0 and left < ttl then redis.call('PEXPIRE', K.ev, ttl) end
 else
-  -- kept when it was let go (in an `ev` field, by an earlier build: the stored event
-  -- holds it from now on, and becomes the copy when it is let go again)
+  -- kept when it was let go: in the record's copy, or in an `ev` field by an earlier
+  -- build, which moves to the copy first (the stored event expires; the copy stays
+  -- with the record)
   local stored = redis.call('GET', K.log_copy)
   if not stored then
     stored = redis.call('HGET', K.log, 'ev')
     if not stored then return 'no_payload' end
+    redis.call('SET', K.log_copy, stored)
     redis.call('HDEL', K.log, 'ev')
+    log_copied(L)
   end
   redis.call('SET', K.ev, stored, 'PX', ttl)
   redis.call('SETRANGE', K.ev, 0, string.format('%04d %013d', 1, now))
