@@ -99,15 +99,7 @@ class Service:
         except ConfigError as e:
             log.error("configuration not reloaded: %s", e)
             return
-        if (
-            config.redis != self.config.redis
-            or config.relay.state_dir != self.config.relay.state_dir
-            or config.telemetry != self.config.telemetry
-        ):
-            log.warning(
-                "[redis], [telemetry] and relay.state_dir changes need a restart; "
-                "the rest applies now"
-            )
+        config = self._keep_restart_only(config)
         self.config = config
         if self.runtime is not None:
             self.runtime.config = config
@@ -117,6 +109,28 @@ class Service:
         for role in self.roles.values():
             role.reload(config)
         log.info("configuration reloaded from %s", self.config_path)
+
+    def _keep_restart_only(self, config: Config) -> Config:
+        """``config`` with the running values of what only a restart applies — ``[redis]``
+        (where every key lives: a new ``key_prefix`` taken by some parts and not others
+        would queue events no worker reads), ``[telemetry]`` and ``relay.state_dir`` —
+        and a warning naming what waits for the restart."""
+        old = self.config
+        kept: dict[str, object] = {}
+        if config.redis != old.redis:
+            kept["redis"] = old.redis
+        if config.telemetry != old.telemetry:
+            kept["telemetry"] = old.telemetry
+        if config.relay.state_dir != old.relay.state_dir:
+            kept["relay"] = config.relay.model_copy(update={"state_dir": old.relay.state_dir})
+        if not kept:
+            return config
+        log.warning(
+            "configuration: changes to %s need a restart; until then the running values "
+            "stay, and the rest applies now",
+            ", ".join("relay.state_dir" if k == "relay" else f"[{k}]" for k in kept),
+        )
+        return config.model_copy(update=kept)
 
     def _install_signals(self, stack: AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
