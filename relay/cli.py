@@ -50,6 +50,12 @@ def _load(args: argparse.Namespace, *, admin_tokens: bool = False) -> Config:
     return load_config(_config_path(args), admin_tokens=admin_tokens)
 
 
+def _load_for_redis(args: argparse.Namespace) -> Config:
+    # dlq, events and sinks only read and change the relay's Redis: the operator's shell
+    # need not hold the service's other secrets either (systemd's EnvironmentFile).
+    return load_config(_config_path(args), admin_tokens=False, redis_only=True)
+
+
 def role_factories() -> dict[str, RoleFactory]:
     """Roles beyond the receiver and admin, by name."""
     factories: dict[str, RoleFactory] = {}
@@ -244,12 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from relay.admin import deadletter_cli, events_cli
 
-    deadletter_cli.add_parser(commands, _load)
-    events_cli.add_parser(commands, _load)
+    deadletter_cli.add_parser(commands, _load_for_redis)
+    events_cli.add_parser(commands, _load_for_redis)
 
     from relay.admin import sink_cli
 
-    sink_cli.add_parser(commands, _load)
+    sink_cli.add_parser(commands, _load_for_redis)
     return p
 
 

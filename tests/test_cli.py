@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from multidict import CIMultiDict
 
 from relay.cli import build_parser
 from relay.signing import verify_webhook
-from tests.support.common import WEBHOOK_SECRET, config_dict, envelope
+from relay.store.embedded import EmbeddedRedis
+from tests.support.common import TENANT, WEBHOOK_SECRET, config_dict, envelope
 from tests.support.process import write_toml
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.toml"
@@ -120,14 +122,48 @@ def test_sign_takes_the_secret_from_the_config(tmp_path: Path) -> None:
     assert b"has no webhook secret" in missing.stderr
 
 
+def ran_before(state: Path) -> None:
+    """The embedded Redis a relay on ``state`` would have left: started and stopped."""
+    server = EmbeddedRedis(state / "redis")
+    asyncio.run(server.start())
+    asyncio.run(server.stop())
+
+
 def test_dlq_list_on_the_embedded_default_with_no_relay_running(tmp_path: Path) -> None:
     data = config_dict()
     data["relay"]["state_dir"] = str(tmp_path / "state")
     path = write_toml(tmp_path / "relay.toml", data)
+    ran_before(tmp_path / "state")
     out = cli("--config", str(path), "dlq", "list")
     assert out.returncode == 0, out.stderr
     assert b"0 dead letter(s)" in out.stderr
     assert not (tmp_path / "state" / "redis" / "redis.sock").exists()  # stopped again
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["dlq", "list"], ["events", "list"], ["sinks", "pause", "--tenant", TENANT, "--sink", "crm"]],
+)
+def test_a_command_on_a_state_dir_the_relay_never_used_is_refused_not_run_empty(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # The example's state_dir is relative: from another working directory (or a shell
+    # without the unit's CHERT_RELAY__RELAY__STATE_DIR) an operator's command would
+    # otherwise start an empty Redis there, list no dead letters and pause nothing.
+    data = config_dict()
+    data["relay"]["state_dir"] = "var/chert-relay"
+    path = write_toml(tmp_path / "relay.toml", data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "--log-format", "text", "-c", str(path), *command],
+        capture_output=True, timeout=60, check=False, cwd=elsewhere,
+    )  # fmt: skip
+    assert out.returncode == 69, out.stderr
+    said = out.stderr.decode()
+    assert f"no relay state at {elsewhere / 'var/chert-relay/redis'}" in said
+    assert "relay.state_dir = 'var/chert-relay' is relative to the working directory" in said
+    assert not (elsewhere / "var").exists()  # nothing made there
 
 
 def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
@@ -150,6 +186,7 @@ def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
         ],
     }
     path = write_toml(tmp_path / "relay.toml", data)
+    ran_before(tmp_path / "state")
     out = cli("--config", str(path), "dlq", "list")
     assert out.returncode == 0, out.stderr
     assert b"0 dead letter(s)" in out.stderr
@@ -162,6 +199,43 @@ def test_commands_that_do_not_serve_the_admin_listener_do_not_need_its_tokens(
         said = out.stdout + out.stderr
         assert b"admin.token: environment variable CHERT_RELAY_TEST_UNSET_ADMIN_TOKEN" in said
         assert b"admin.tokens[0].token: cannot read secret file" in said
+
+
+def test_redis_commands_do_not_need_the_services_other_secrets(tmp_path: Path) -> None:
+    """Installed under systemd, the webhook and sink secrets are ``env:`` variables that
+    only the unit's ``EnvironmentFile`` sets: ``dlq``, ``events`` and ``sinks`` read and
+    change the relay's Redis and must work from a shell without them. The service,
+    ``check-config`` and ``sinks test`` (which signs with the sink's secret) still
+    need them, and name the one missing."""
+    data = config_dict()
+    data["relay"]["state_dir"] = str(tmp_path / "state")
+    tenant = data["tenants"][0]
+    tenant["webhook_secrets"] = ["env:CHERT_RELAY_TEST_UNSET_WEBHOOK"]
+    tenant["sinks"][0]["secret"] = "env:CHERT_RELAY_TEST_UNSET_SINK"
+    tenant["sinks"][1]["proxy"] = "http://relay@127.0.0.1:9"
+    tenant["sinks"][1]["proxy_password"] = "file:proxy.password"  # not there
+    tenant["api"] = {"signing_secret": "env:CHERT_RELAY_TEST_UNSET_API"}
+    path = write_toml(tmp_path / "relay.toml", data)
+    ran_before(tmp_path / "state")
+    for command, said in (
+        (["dlq", "list"], b"0 dead letter(s)"),
+        (["events", "list"], b"0 event(s)"),
+        (["sinks", "list"], b"3 sink(s), 0 paused"),
+    ):
+        out = cli("--config", str(path), *command)
+        assert out.returncode == 0, (command, out.stderr)
+        assert said in out.stderr + out.stdout, command
+    out = cli("--config", str(path), "sinks", "test", "--tenant", TENANT, "--sink", "crm")
+    assert out.returncode == 78, out.stderr
+    assert b"environment variable CHERT_RELAY_TEST_UNSET_SINK is not set" in out.stderr
+    for strict in (["check-config"], ["run"], ["sign", "--tenant", TENANT]):
+        out = cli("--config", str(path), *strict)
+        assert out.returncode == 78, (strict, out.stderr)
+        said = out.stdout + out.stderr
+        assert b"webhook_secrets[0]: environment variable CHERT_RELAY_TEST_UNSET_WEBHOOK" in said
+        assert b"sinks[0].secret: environment variable CHERT_RELAY_TEST_UNSET_SINK" in said
+        assert b"api.signing_secret: environment variable CHERT_RELAY_TEST_UNSET_API" in said
+        assert b"sinks[1].proxy_password: cannot read secret file" in said
 
 
 def test_the_log_format_comes_from_the_environment(tmp_path: Path) -> None:

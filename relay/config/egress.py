@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from relay.config.base import Section
-from relay.config.values import Secret, SecretField, check_http_url, plain_remote
+from relay.config.values import Secret, ServiceSecretField, check_http_url, plain_remote
 
 TlsVersion = Literal["1.2", "1.3"]
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -87,7 +87,10 @@ def check_cert_file(path: str) -> str:
 
 
 def check_key_file(path: str, password: Secret | None) -> str:
-    """``path`` holds a PEM private key that ``password`` opens (or that needs none)."""
+    """``path`` holds a PEM private key that ``password`` opens (or that needs none);
+    not checked with a password this command could not read (it does not use it)."""
+    if password is not None and not password.resolved:
+        return path
     data = _read(path)
     try:
         serialization.load_pem_private_key(
@@ -163,7 +166,7 @@ class OAuth2Config(Section):
 
     token_url: str
     client_id: str = Field(min_length=1, max_length=1024)
-    client_secret: SecretField
+    client_secret: ServiceSecretField
     scope: str | None = Field(None, min_length=1, max_length=4096)
     audience: str | None = Field(None, min_length=1, max_length=4096)
     # How the client authenticates: HTTP Basic (RFC 6749 §2.3.1, the default every

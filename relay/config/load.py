@@ -73,7 +73,11 @@ def config_path(given: str | None = None, env: Mapping[str, str] | None = None) 
 
 
 def load_config(
-    path: str | Path, *, env: Mapping[str, str] | None = None, admin_tokens: bool = True
+    path: str | Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    admin_tokens: bool = True,
+    redis_only: bool = False,
 ) -> Config:
     """Read, override from the environment, and validate the whole configuration.
 
@@ -81,6 +85,12 @@ def load_config(
     (``dlq``, ``backfill``, ``sign``, ``simulate``): an admin token whose ``env:``
     variable is unset (or ``file:`` unreadable) in this shell is left unresolved
     instead of being a problem. The service and ``check-config`` keep the default.
+
+    ``redis_only=True`` is for the commands that only read and change the relay's Redis
+    (``dlq``, ``events``, ``sinks``): every secret but ``[redis]``'s may then be left
+    unresolved the same way — the webhook secrets, the sinks' secrets and credentials,
+    the API's signing secret. A command that uses an unresolved secret after all fails
+    with exit code 78 and the reason, when it reads it.
 
     Raises :class:`ConfigError` listing every problem with its key path.
     """
@@ -94,7 +104,12 @@ def load_config(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([("", f"not valid TOML: {e}")], str(path)) from None
     return parse_config(
-        data, base_dir=path.resolve().parent, env=env, source=str(path), admin_tokens=admin_tokens
+        data,
+        base_dir=path.resolve().parent,
+        env=env,
+        source=str(path),
+        admin_tokens=admin_tokens,
+        redis_only=redis_only,
     )
 
 
@@ -105,6 +120,7 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     source: str = "",
     admin_tokens: bool = True,
+    redis_only: bool = False,
 ) -> Config:
     problems: list[tuple[str, str]] = []
     for section, key, value in _env_overrides(os.environ if env is None else env):
@@ -116,7 +132,7 @@ def parse_config(
     if problems:
         raise ConfigError(problems, source)
     try:
-        context = {"base_dir": base_dir, "admin_tokens": admin_tokens}
+        context = {"base_dir": base_dir, "admin_tokens": admin_tokens, "redis_only": redis_only}
         return Config.model_validate(data, context=context)
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):

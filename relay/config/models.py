@@ -38,6 +38,7 @@ from relay.config.values import (
     ListenField,
     Secret,
     SecretField,
+    ServiceSecretField,
     Size,
     parse_listen,
     plain_remote,
@@ -306,7 +307,7 @@ class WorkerConfig(_Section):
 class ApiConfig(_Section):
     base_url: HttpUrl = "https://console.trychert.com/api/v1"
     auth: Literal["hmac", "bearer"] = "hmac"
-    signing_secret: SecretField | None = None
+    signing_secret: ServiceSecretField | None = None
     timeout: Duration = 30.0
     max_attempts: int = Field(4, ge=1, le=100)  # tries per call on retryable errors
     max_backoff: Duration = Field(60.0, gt=0)  # cap on one wait between tries
@@ -380,7 +381,7 @@ def repeated(names: Iterable[str]) -> list[str]:
 
 class TenantConfig(_Section):
     slug: str = Field(pattern=_SLUG_RE)
-    webhook_secrets: list[SecretField] = Field(default_factory=list)
+    webhook_secrets: list[ServiceSecretField] = Field(default_factory=list)
     # how old a webhook's signed timestamp may be; at most a day (Chert signs each
     # attempt as it sends it), and always shorter than relay.dedupe_ttl
     signature_tolerance: Duration = Field(300.0, ge=1, le=86400)

@@ -23,7 +23,14 @@ from relay.config import egress
 from relay.config.base import HEADER_NAME, SLUG_RE, Section
 from relay.config.egress import OAuth2Config, PemPath, TlsVersion
 from relay.config.filters import EventFilter, compile_filter
-from relay.config.values import Duration, Rate, Secret, SecretField, check_http_url, plain_remote
+from relay.config.values import (
+    Duration,
+    Rate,
+    Secret,
+    ServiceSecretField,
+    check_http_url,
+    plain_remote,
+)
 from relay.signing import standard_webhooks_key
 
 SinkKind = Literal["http", "redis-stream", "nats", "amqp"]
@@ -73,7 +80,7 @@ class SinkConfig(Section):
     # Which events of those types, by their fields (relay.config.filters): decided once,
     # at ingest; an event it keeps from the sink is "not routed: filter" in the event log.
     filter: EventFilter | None = None
-    secret: SecretField | None = None
+    secret: ServiceSecretField | None = None
     timeout: Duration = Field(10.0, gt=0)
     max_attempts: int = Field(15, ge=1, le=1000)
     max_age: Duration = Field(86400.0, gt=0)
@@ -92,7 +99,7 @@ class SinkConfig(Section):
     on_dead_letter: Literal["skip", "hold"] = "skip"
     # Broker sinks: the password for the URL's user (or, without a user, the NATS token
     # or Redis' default user), so that the URL itself need not hold a secret.
-    password: SecretField | None = None
+    password: ServiceSecretField | None = None
     stream: str | None = Field(None, min_length=1, max_length=1024)  # redis-stream
     max_len: int | None = Field(None, ge=1)  # redis-stream: trim to about this many
     subject: str | None = Field(None, max_length=1024)  # nats
@@ -102,14 +109,14 @@ class SinkConfig(Section):
     # key file is checked with its password, and a certificate against its key.
     ca_file: PemPath | None = None  # trusted instead of the system's store...
     system_ca: bool | None = None  # ...or as well, when true
-    client_key_password: SecretField | None = None
+    client_key_password: ServiceSecretField | None = None
     client_key_file: PemPath | None = None
     client_cert_file: PemPath | None = None  # mutual TLS: presented when the sink asks
     tls_min_version: TlsVersion | None = None
     # A forward proxy (CONNECT for https://); unset: the environment's HTTPS_PROXY /
     # HTTP_PROXY / NO_PROXY; "none": direct, whatever the environment says.
     proxy: str | None = None
-    proxy_password: SecretField | None = None  # for the user the proxy URL names
+    proxy_password: ServiceSecretField | None = None  # for the user the proxy URL names
     oauth2: OAuth2Config | None = None
 
     @model_validator(mode="before")
@@ -129,7 +136,7 @@ class SinkConfig(Section):
     @field_validator("secret")
     @classmethod
     def _whsec(cls, v: Secret | None) -> Secret | None:
-        if v is not None:
+        if v is not None and v.resolved:
             try:
                 key = standard_webhooks_key(v.get())
             except ValueError:

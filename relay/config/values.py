@@ -184,6 +184,16 @@ def _secret_validator(value: object, info: ValidationInfo) -> Secret:
     return resolve_secret(value, base)
 
 
+def _maybe_unresolved(value: object, info: ValidationInfo, lenient: bool) -> Secret:
+    context = info.context or {}
+    try:
+        return resolve_secret(value, context.get("base_dir"))
+    except ValueError as e:
+        if lenient and isinstance(value, str) and value.startswith(("env:", "file:")):
+            return Secret.unresolved(value, str(e))
+        raise
+
+
 def lenient_secret(value: object, info: ValidationInfo) -> Secret:
     """:func:`_secret_validator` for a secret that only some commands use (the admin
     tokens: only the admin listener reads them). When the validation context has
@@ -191,18 +201,25 @@ def lenient_secret(value: object, info: ValidationInfo) -> Secret:
     kept unresolved instead of failing the whole configuration: an operator's shell
     need not hold the service's secrets to list dead letters."""
     context = info.context or {}
-    try:
-        return resolve_secret(value, context.get("base_dir"))
-    except ValueError as e:
-        lenient = context.get("admin_tokens", True) is False
-        if lenient and isinstance(value, str) and value.startswith(("env:", "file:")):
-            return Secret.unresolved(value, str(e))
-        raise
+    lenient = context.get("admin_tokens", True) is False or context.get("redis_only") is True
+    return _maybe_unresolved(value, info, lenient)
+
+
+def service_secret(value: object, info: ValidationInfo) -> Secret:
+    """:func:`_secret_validator` for a secret the service uses and the commands that
+    only read and change the relay's Redis (``dlq``, ``events``, ``sinks``) do not: the
+    webhook secrets, the sinks' secrets and credentials, the API's signing secret. With
+    ``redis_only`` in the validation context, an ``env:``/``file:`` one that cannot be
+    read here is kept unresolved: those variables are often set for the service alone
+    (systemd's ``EnvironmentFile``), not in the operator's shell."""
+    return _maybe_unresolved(value, info, (info.context or {}).get("redis_only") is True)
 
 
 SecretField = Annotated[Secret, BeforeValidator(_secret_validator)]
 # A secret the commands that do not use it may leave unresolved (see lenient_secret).
 LenientSecretField = Annotated[Secret, BeforeValidator(lenient_secret)]
+# A secret only the service uses (see service_secret); [redis]'s stay SecretField.
+ServiceSecretField = Annotated[Secret, BeforeValidator(service_secret)]
 
 
 class Listen(BaseModel):

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -189,7 +190,32 @@ async def open_client(
 async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
     """A client for a command run from an operator's shell (``dlq``, ``events``,
     ``sinks``): the relay's Redis — the running relay's embedded server shared — once it
-    answers; :class:`RedisUnavailableError` if it does not."""
+    answers; :class:`RedisUnavailableError` if it does not.
+
+    On the embedded default, the relay's state must be there already: a ``state_dir``
+    with no embedded Redis in it is refused rather than started empty. That is the
+    relative example's ``var/chert-relay`` met from another working directory, or
+    ``/var/lib/chert-relay`` (the systemd units' ``CHERT_RELAY__RELAY__STATE_DIR``)
+    unknown to the shell. A command on an empty Redis would report no dead letters and
+    pause nothing the relay sends."""
+    if config.redis.url is None and not config.redis.sentinels:
+        data = config.relay.state_dir / "redis"
+        if not data.is_dir():
+            where = data.resolve()
+            relative = (
+                ""
+                if config.relay.state_dir.is_absolute()
+                else (
+                    f" (relay.state_dir = {str(config.relay.state_dir)!r} is relative to the "
+                    f"working directory, {Path.cwd()})"
+                )
+            )
+            raise RedisUnavailableError(
+                f"no relay state at {where}{relative}: the embedded Redis keeps the relay's "
+                "data there once the relay has run. Give this command the relay's state_dir "
+                "(the systemd units set CHERT_RELAY__RELAY__STATE_DIR=/var/lib/chert-relay) "
+                "or its [redis] url"
+            )
     _, client = await open_client(config, stack, share_running=True)
     try:
         await client.ping()
