@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # admin listener stops last, so that /readyz says "draining" until the end.
 STOP_ORDER = ("receiver", "poller", "worker", "admin")
 RoleFactory = Callable[[Runtime], Role]
+STATUS_ORDER = ("receiver", "worker", "poller", "admin")  # the roles' parts of STATUS=
 STATUS_EVERY_S = 10.0  # how often systemd's STATUS= line is refreshed
 
 
@@ -253,10 +254,11 @@ class Service:
             self.runtime.metrics.redis_primary_changes.inc()
 
     def status(self) -> str:
-        """One line on what this process is doing, for systemd's ``STATUS=``."""
+        """One line on what this process is doing, for systemd's ``STATUS=``: webhooks,
+        deliveries, then polling (the README's example), whatever order they started in."""
         parts = []
-        for role in self.roles.values():
-            line = getattr(role, "status", None)
+        for name in STATUS_ORDER:
+            line = getattr(self.roles.get(name), "status", None)
             if line is not None:
                 parts.append(line())
         return "; ".join(p for p in parts if p) or "starting"

@@ -238,6 +238,26 @@ def test_redis_commands_do_not_need_the_services_other_secrets(tmp_path: Path) -
         assert b"sinks[1].proxy_password: cannot read secret file" in said
 
 
+def test_the_config_file_comes_from_chert_relay_config_without_the_option(
+    tmp_path: Path,
+) -> None:
+    path = write_toml(tmp_path / "elsewhere.toml", config_dict())
+    env = {**os.environ, "CHERT_RELAY_CONFIG": str(path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config"],
+        capture_output=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().startswith(f"{path}: ok")
+    env["CHERT_RELAY_CONFIG"] = str(tmp_path / "missing.toml")
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config"],
+        capture_output=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert out.returncode == 78
+    assert f"cannot read {tmp_path / 'missing.toml'}".encode() in out.stderr
+
+
 def test_the_log_format_comes_from_the_environment(tmp_path: Path) -> None:
     """``CHERT_RELAY_LOG_FORMAT`` (the README's command line section) stands in for
     ``--log-format``, as the Dockerfile and compose.yaml use it."""

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from relay.config import Config
 from relay.delivery.collector import DeliveryCollector
+from relay.ingest.ingestor import Ingestor
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.service import Service
@@ -22,6 +23,7 @@ from relay.store.client import connect
 from relay.store.embedded import EmbeddedRedis
 from relay.store.endpoint import Endpoint
 from tests.support.common import TENANT, config_dict, envelope, make_config, signed
+from tests.support.delivery import event
 from tests.support.upstream import running_relay, webhook_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,12 +108,23 @@ async def test_a_worker_says_whether_it_could_read_the_delivery_state(
     server = await make_redis_server()
     client = connect(server.url, timeout=1.0)
     metrics = Metrics()
-    collector = DeliveryCollector(Endpoint(url=server.url).sync_client(), config_for(server.url))
+    config = config_for(server.url)
+    collector = DeliveryCollector(Endpoint(url=server.url).sync_client(), config)
     metrics.registry.register(collector)
     try:
         found = parse(metrics.render().decode())
         assert sample(found, "chert_relay_delivery_state_readable") == 1
         assert sample(found, "chert_relay_queue_ready_jobs") == 0
+        assert sample(found, "chert_relay_event_log_records") == 0
+        ingestor = Ingestor(client, config)
+        for i in ("m1", "m2"):
+            await ingestor.ingest(TENANT, event(i), "webhook")
+        found = parse(metrics.render().decode())
+        assert sample(found, "chert_relay_event_log_records") == 2
+        assert sample(found, "chert_relay_queue_ready_jobs") == 4  # two sinks each
+        # a record is written as its deliveries end: none yet
+        assert await client.get(Keys("chert-relay").event_log_bytes) is None
+        assert sample(found, "chert_relay_event_log_bytes") == 0
         await server.stop()
         found = parse(metrics.render().decode())
         assert sample(found, "chert_relay_delivery_state_readable") == 0

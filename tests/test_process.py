@@ -144,6 +144,13 @@ async def test_a_redis_that_can_evict_is_refused_and_aof_off_warns(
         assert await relay.wait() == EXIT_OK
         assert "AOF off" in relay.log
 
+        (tmp_path / "strict").mkdir()
+        strict, _, _ = relay_config(tmp_path / "strict", server.url, redis={"require_aof": True})
+        relay = RelayProcess(strict).start()
+        procs.append(relay)
+        assert await relay.wait() == EXIT_CONFIG
+        assert "refusing to start: Redis has AOF off (appendonly no)" in relay.log
+
         await client.config_set("appendonly", "yes")
         relay = RelayProcess(path).start()
         procs.append(relay)
@@ -151,5 +158,21 @@ async def test_a_redis_that_can_evict_is_refused_and_aof_off_warns(
         relay.signal(signal.SIGTERM)
         assert await relay.wait() == EXIT_OK
         assert "appendfsync everysec" in relay.log  # the test servers fsync every second
+
+        # an event log allowed more than a quarter of Redis' memory: warned, not refused
+        await client.config_set("maxmemory", str(64 * 2**20))
+        (tmp_path / "log").mkdir()
+        big_log, _, admin = relay_config(
+            tmp_path / "log", server.url, event_log={"enabled": True, "max_memory": "32MiB"}
+        )
+        relay = RelayProcess(big_log).start()
+        procs.append(relay)
+        await relay.wait_ready(admin)
+        relay.signal(signal.SIGTERM)
+        assert await relay.wait() == EXIT_OK
+        assert (
+            "event_log.max_memory (33,554,432 bytes) is more than a quarter of Redis' "
+            "maxmemory (67,108,864 bytes)" in relay.log
+        )
     finally:
         await client.aclose()

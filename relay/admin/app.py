@@ -31,7 +31,7 @@ from relay.metrics import Metrics, only_tenants
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SCRAPE_PING_TIMEOUT_S = 1.0  # the PING behind chert_relay_redis_up at each scrape
+SCRAPE_PING_TIMEOUT_S = 1.0  # the PING behind chert_relay_redis_up: each scrape, each /readyz
 # The largest request body the admin listener reads: its forms and JSON bodies are a few
 # hundred bytes, and a log-in form is read before anyone is known (aiohttp: 1 MiB).
 MAX_REQUEST_BYTES = 64 * 1024
@@ -102,7 +102,7 @@ class Admin:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    async def redis_ok(self, timeout: float = 2.0) -> bool:
+    async def redis_ok(self, timeout: float = SCRAPE_PING_TIMEOUT_S) -> bool:
         try:
             async with asyncio.timeout(timeout):
                 await self._redis.ping()
@@ -129,7 +129,7 @@ class Admin:
 
     async def metrics(self, request: web.Request) -> web.Response:
         # chert_relay_redis_up is as of this scrape, not of the last /readyz.
-        await self.redis_ok(timeout=SCRAPE_PING_TIMEOUT_S)
+        await self.redis_ok()
         # Off the event loop: some collectors read Redis synchronously (queue depth,
         # dead letters), and a slow Redis must not stall webhooks or deliveries.
         accept = request.headers.get("Accept", "") if self._openmetrics else ""

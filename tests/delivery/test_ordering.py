@@ -22,7 +22,7 @@ from relay.ingest import envelope
 from relay.keys import Keys
 from relay.runtime import Runtime
 from relay.store.deadletters import DeadLetter, DeadLetterStore, Filter
-from tests.support.common import TENANT, wait_for
+from tests.support.common import TENANT, metric_sample, wait_for
 from tests.support.common import envelope as make_envelope
 from tests.support.delivery import (
     Received,
@@ -210,6 +210,12 @@ async def test_hold_keeps_the_chat_until_its_dead_letter_is_replayed_or_purged(
             assert [i for i in s.ids() if i.startswith("ev:a")] == ["ev:a:0000", "ev:a:0001"]
             scraped = role.metrics.render().decode()
             assert 'chert_relay_ordered_chats_held{sink="s",tenant="acme-7a3f"} 1.0' in scraped
+
+            def held_for() -> float:
+                scraped = role.metrics.render().decode()
+                return metric_sample(scraped, "chert_relay_ordered_chat_held_oldest_seconds")
+
+            await wait_for(lambda: 0 < held_for() < 60, 10)  # since the dead letter
             # waiting behind the dead letter, nothing of the chat expires
             assert await redis.pttl(KEYS.chat_order(TENANT, "s", "a")) == -1
             assert await redis.pttl(Keys.job(KEYS.job_id(TENANT, "s", "ev:a:0002"))) == -1
@@ -226,6 +232,7 @@ async def test_hold_keeps_the_chat_until_its_dead_letter_is_replayed_or_purged(
             assert [i for i in s.ids() if i.startswith("ev:a")] == expected
             scraped = role.metrics.render().decode()
             assert 'chert_relay_ordered_chats_held{sink="s",tenant="acme-7a3f"} 0.0' in scraped
+            assert held_for() == 0
     assert await redis.exists(KEYS.chat_order(TENANT, "s", "a")) == 0
 
 

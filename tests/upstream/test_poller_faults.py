@@ -82,7 +82,9 @@ async def test_a_broken_cursor_chain_keeps_the_watermark_and_a_whole_one_advance
             # the rows it never reached, and only now advances.
             chert.requests.clear()
             chert.pages = {None: (newest, "c1"), "c1": (older, "c2"), "c2": (oldest, None)}
+            before = time.time()
             result = await poller.window_guarded()
+            after = time.time()
             assert result is not None
             assert result.seen == 5
             assert {r["since"] for r in chert.requests} == {since}
@@ -90,6 +92,11 @@ async def test_a_broken_cursor_chain_keeps_the_watermark_and_a_whole_one_advance
             want = parse_timestamp(newest[0]["created_at"])
             assert float(await redis.get(rt.keys.watermark(TENANT)) or b"0") == want
             assert poller.windows == 1
+            age = metrics.registry.get_sample_value(
+                "chert_relay_poll_watermark_age_seconds", {"tenant": TENANT}
+            )
+            assert age is not None
+            assert before - want <= age <= after - want  # set as the window advanced
 
             def windows(outcome: str) -> float:
                 return (
