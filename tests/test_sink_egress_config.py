@@ -98,6 +98,16 @@ def test_an_encrypted_key_opens_with_its_password(
     assert found["tenants[0].sinks[0].client_key_file"].startswith(
         "client_key_password does not decrypt"
     )
+    # dlq, events and sinks (redis_only) load without it: they never open the key
+    monkeypatch.delenv("KEY_PASSWORD")
+    locked = one_sink(**fields, client_key_password="env:KEY_PASSWORD")
+    cfg = parse_config(locked, env={}, redis_only=True)
+    assert not cfg.tenants[0].sinks[0].client_key_password.resolved
+    found = problems(locked)
+    assert (
+        "environment variable KEY_PASSWORD is not set"
+        in found["tenants[0].sinks[0].client_key_password"]
+    )
 
 
 def test_check_config_names_every_problem_with_its_key_path(tmp_path: Path, ca: Authority) -> None:

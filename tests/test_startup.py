@@ -204,18 +204,29 @@ def test_an_embedded_redis_server_that_fails_exits_69_with_its_words(tmp_path: P
     assert "FATAL: bad config directive" in line
 
 
-def test_a_second_relay_on_the_same_state_dir_exits_75(tmp_path: Path) -> None:
-    path = config(tmp_path, None)
+@pytest.mark.parametrize("path_length", ["short", "too long for a socket"])
+def test_a_second_relay_on_the_same_state_dir_exits_75(tmp_path: Path, path_length: str) -> None:
+    # Too long a path for a Unix socket puts the embedded server on a TCP port, which
+    # nothing records: the data directory's lock must still keep a second server off
+    # the same AOF.
+    state = tmp_path / "state" if path_length == "short" else tmp_path / ("s" * 120)
+    path = config(tmp_path, None, relay={"state_dir": str(state)})
     first = subprocess.Popen(
         command(path, "run"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         _line_with(first, "admin listening on")
         (tmp_path / "second").mkdir()
-        other = config(tmp_path / "second", None, relay={"state_dir": str(tmp_path / "state")})
+        other = config(tmp_path / "second", None, relay={"state_dir": str(state)})
         out = relay(other, "run")
         assert out.returncode == EXIT_TEMPFAIL
         assert "a redis-server is already running on" in failure_line(out)
+        out = relay(other, "dlq", "list")
+        if path_length == "short":  # an operator's command shares the running server
+            assert out.returncode == 0, out.stderr
+        else:  # it cannot find it, and starts none beside it
+            assert out.returncode == EXIT_TEMPFAIL
+            assert "a redis-server is already running on" in failure_line(out)
     finally:
         first.terminate()
         first.wait(timeout=60)

@@ -274,7 +274,9 @@ class SinkConfig(Section):
             raise ValueError("client_key_file needs client_cert_file (the key's certificate)")
         if self.client_key_password is not None and self.client_key_file is None:
             raise ValueError("client_key_password is for client_key_file, which is not set")
-        if self.client_cert_file is not None:
+        password = self.client_key_password
+        if self.client_cert_file is not None and (password is None or password.resolved):
+            # (with a password this command could not read, and does not use: unchecked)
             try:
                 self.tls_context()
             except (OSError, ssl.SSLError):

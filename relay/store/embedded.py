@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -62,6 +63,7 @@ class EmbeddedRedis:
         self.extra = tuple(extra)  # more redis-server options (tests: --replicaof …)
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self._lock: int | None = None  # the data directory's lock, held while it runs
 
     def _argv(self, exe: str, sock: Path | None) -> list[str]:
         argv = [
@@ -116,17 +118,25 @@ class EmbeddedRedis:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
             self.url = f"unix://{sock}"
-        self.process = subprocess.Popen(
-            self._argv(exe, sock),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
-        )
+        self._lock = self._take_lock()
+        try:
+            self.process = subprocess.Popen(
+                self._argv(exe, sock),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
+                pass_fds=(self._lock,),  # the server holds the lock too, as long as it runs
+            )
+        except OSError:
+            self._unlock()
+            raise
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise EmbeddedRedisError(f"redis-server exited at start-up: {self._log_tail()}")
+                said = self._log_tail()
+                self._unlock()
+                raise EmbeddedRedisError(f"redis-server exited at start-up: {said}")
             if await self.answers(self.url):
                 log.info("embedded redis-server started (pid %d) at %s", self.process.pid, self.url)
                 return self.url
@@ -147,6 +157,29 @@ class EmbeddedRedis:
                 f"the state directory {self.directory.parent} cannot be written "
                 f"({self.directory}: {e.strerror or e})"
             ) from None
+
+    def _take_lock(self) -> int:
+        """Lock the data directory (``redis.lock``, ``flock``), or raise
+        :class:`EmbeddedRedisInUseError`: two servers on one AOF would each write it as
+        their own. The socket alone cannot tell (a state directory whose path is too long
+        for a socket puts the server on a TCP port, which nothing records). The server
+        inherits the lock, so one left running by a killed relay still holds it."""
+        fd = os.open(self.directory / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedRedisInUseError(
+                f"a redis-server is already running on {self.directory} (another relay's, "
+                "or one a stopped relay left): is another relay using this state_dir? Set "
+                "[redis] url to share one Redis."
+            ) from None
+        return fd
+
+    def _unlock(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)  # the lock goes once the server's copy is closed too (it exited)
 
     def _log_tail(self) -> str:
         parts = []
@@ -172,6 +205,7 @@ class EmbeddedRedis:
         """SIGTERM the server (it fsyncs its AOF and exits) and wait for it."""
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
+            self._unlock()
             return
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -183,6 +217,7 @@ class EmbeddedRedis:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+        self._unlock()
         log.info("embedded redis-server stopped")
 
     def kill(self) -> None:
@@ -193,6 +228,7 @@ class EmbeddedRedis:
             if self.process.stderr is not None:
                 self.process.stderr.close()
             self.process = None
+        self._unlock()
 
 
 async def open_redis_url(

@@ -200,7 +200,14 @@ async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
     pause nothing the relay sends."""
     if config.redis.url is None and not config.redis.sentinels:
         data = config.relay.state_dir / "redis"
-        if not data.is_dir():
+        try:
+            there = data.is_dir()
+        except PermissionError:
+            raise RedisUnavailableError(
+                f"cannot read the relay's state at {data.resolve()} (permission denied): run "
+                "this as root or as the relay's user"
+            ) from None
+        if not there:
             where = data.resolve()
             relative = (
                 ""

@@ -4,12 +4,15 @@ found by id or by search, resent from, and kept within its retention and byte ca
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
-from relay.config import Config, parse_config
+from relay.config import Config, WorkerConfig, parse_config
+from relay.delivery.steps import Steps
 from relay.keys import Keys
 from relay.store.eventlog import EventLog, Query, decode_cursor
 from tests.support.common import TENANT, wait_for
@@ -365,3 +368,20 @@ async def test_the_log_gives_way_before_redis_refuses_an_event(
             assert len(set(s.ids())) == len(ids)
     finally:
         await redis.config_set("maxmemory", 0)
+
+
+async def test_the_worker_says_when_the_event_log_gives_way_to_a_full_redis(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="relay.delivery.steps")
+    steps = Steps(redis, KEYS, WorkerConfig())
+    assert await steps.check_memory() is False
+    used = int((await redis.info("memory"))["used_memory"])
+    await redis.config_set("maxmemory", used + 1000)  # past 90 % of it
+    try:
+        assert await steps.check_memory() is True
+        assert "the event log keeps no new copies and gives its oldest records up" in caplog.text
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert await steps.check_memory() is False
+    assert "the event log keeps copies again" in caplog.text

@@ -129,9 +129,15 @@ async def test_a_sink_that_answers_with_a_tls_alert_is_named_in_the_error(
         "1.3": server_context(pki.server, client_ca=pki.ca.ca_file),
         "1.2": server_context(pki.server, client_ca=pki.ca.ca_file, max_version=tls12),
     }
+    # Over TLS 1.3 the server checks the certificate after the client has finished its
+    # side of the handshake: the client may already be sending its request, and then
+    # reads the reset of the server's close before the alert. Both are named.
     said = {
-        "1.3": "TLS: the server requires a client certificate (set client_cert_file)",
-        "1.2": "TLS: the server refused the handshake",
+        "1.3": (
+            "TLS: the server requires a client certificate (set client_cert_file)",
+            "(over TLS 1.3 this is also how a server refuses a client certificate)",
+        ),
+        "1.2": ("TLS: the server refused the handshake",),
     }
     for n, (version, context) in enumerate(contexts.items(), 1):
         with AlertingTlsServer(context) as server:
@@ -143,7 +149,7 @@ async def test_a_sink_that_answers_with_a_tls_alert_is_named_in_the_error(
                 await wait_for(lambda: _dead_letters(store, n), 15)  # noqa: B023 - awaited here
             [dead] = [d for d in await store.find(Filter()) if d.event_id == f"e-{version}"]
             assert dead.cls == "exhausted", dead
-            assert said[version] in dead.error, dead.error
+            assert any(s in dead.error for s in said[version]), dead.error
             assert server.handshakes == 0
             assert server.refused >= 2
 
