@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -292,3 +294,31 @@ def test_a_bad_log_setting_in_the_environment_is_one_line_and_exit_78(name: str)
     assert out.returncode == 78
     (line,) = out.stderr.decode().splitlines()  # no traceback
     assert f"{name}='loud' is not one of" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a state directory another user owns")
+def test_a_command_run_as_root_leaves_the_relays_state_the_relays(tmp_path: Path) -> None:
+    """The systemd units run the relay as a dynamic user; an operator runs ``dlq`` as
+    root with the relay stopped. The redis-server that command starts must write as the
+    state's owner: a log or AOF file left root's would stop the relay's own server."""
+    base = Path(tempfile.mkdtemp(prefix="relay-owner-"))
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        ran_before(state)
+        nobody = 65534
+        for p in [state, *state.rglob("*")]:
+            os.chown(p, nobody, nobody)
+        # files the command's server makes anew: its log (rotated away, say) and the lock
+        # (an earlier build made none); an AOF rewrite would make more
+        (state / "redis" / "redis.log").unlink()
+        (state / "redis" / "redis.lock").unlink()
+        data = config_dict()
+        data["relay"]["state_dir"] = str(state)
+        path = write_toml(tmp_path / "relay.toml", data)
+        out = cli("--config", str(path), "dlq", "list")
+        assert out.returncode == 0, out.stderr
+        theirs = {p.name: p.stat().st_uid for p in [state, *state.rglob("*")]}
+        assert set(theirs.values()) == {nobody}, theirs
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

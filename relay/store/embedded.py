@@ -119,6 +119,7 @@ class EmbeddedRedis:
                 sock.unlink()
             self.url = f"unix://{sock}"
         self._lock = self._take_lock()
+        owner = self._owner()
         try:
             self.process = subprocess.Popen(
                 self._argv(exe, sock),
@@ -127,6 +128,9 @@ class EmbeddedRedis:
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
                 pass_fds=(self._lock,),  # the server holds the lock too, as long as it runs
+                user=owner[0] if owner else None,
+                group=owner[1] if owner else None,
+                extra_groups=[] if owner else None,
             )
         except OSError:
             self._unlock()
@@ -158,13 +162,28 @@ class EmbeddedRedis:
                 f"({self.directory}: {e.strerror or e})"
             ) from None
 
+    def _owner(self) -> tuple[int, int] | None:
+        """Whom the server runs as: root starting it on a data directory another user
+        owns (an operator's ``dlq`` on the systemd units' dynamic user's state, the
+        relay stopped) runs it as that user, so that every file it writes stays the
+        relay's to write; otherwise as this process (None)."""
+        if os.geteuid() != 0:
+            return None
+        st = self.directory.stat()
+        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
     def _take_lock(self) -> int:
         """Lock the data directory (``redis.lock``, ``flock``), or raise
         :class:`EmbeddedRedisInUseError`: two servers on one AOF would each write it as
         their own. The socket alone cannot tell (a state directory whose path is too long
         for a socket puts the server on a TCP port, which nothing records). The server
         inherits the lock, so one left running by a killed relay still holds it."""
-        fd = os.open(self.directory / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        path = self.directory / "redis.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.geteuid() == 0:  # made by root on another user's directory: theirs too
+            st = self.directory.stat()
+            if st.st_uid != 0:
+                os.fchown(fd, st.st_uid, st.st_gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
