@@ -144,7 +144,12 @@ def test_dlq_list_on_the_embedded_default_with_no_relay_running(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "command",
-    [["dlq", "list"], ["events", "list"], ["sinks", "pause", "--tenant", TENANT, "--sink", "crm"]],
+    [
+        ["dlq", "list"],
+        ["events", "list"],
+        ["sinks", "pause", "--tenant", TENANT, "--sink", "crm"],
+        ["backfill", "--tenant", TENANT, "--since", "2026-05-01T00:00:00Z"],
+    ],
 )
 def test_a_command_on_a_state_dir_the_relay_never_used_is_refused_not_run_empty(
     tmp_path: Path, command: list[str]
@@ -154,6 +159,7 @@ def test_a_command_on_a_state_dir_the_relay_never_used_is_refused_not_run_empty(
     # otherwise start an empty Redis there, list no dead letters and pause nothing.
     data = config_dict()
     data["relay"]["state_dir"] = "var/chert-relay"
+    data["tenants"][0]["api"] = {"signing_secret": "x" * 32}  # backfill needs one
     path = write_toml(tmp_path / "relay.toml", data)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -187,17 +187,15 @@ async def open_client(
     return endpoint, client
 
 
-async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
-    """A client for a command run from an operator's shell (``dlq``, ``events``,
-    ``sinks``): the relay's Redis — the running relay's embedded server shared — once it
-    answers; :class:`RedisUnavailableError` if it does not.
-
-    On the embedded default, the relay's state must be there already: a ``state_dir``
-    with no embedded Redis in it is refused rather than started empty. That is the
-    relative example's ``var/chert-relay`` met from another working directory, or
-    ``/var/lib/chert-relay`` (the systemd units' ``CHERT_RELAY__RELAY__STATE_DIR``)
-    unknown to the shell. A command on an empty Redis would report no dead letters and
-    pause nothing the relay sends."""
+def require_relay_state(config: Config) -> None:
+    """For a command that works on the relay's data (``dlq``, ``events``, ``sinks``,
+    ``backfill``): on the embedded default, the relay's state must be there already. A
+    ``state_dir`` with no embedded Redis in it is refused (:class:`RedisUnavailableError`)
+    rather than started empty. That is the relative example's ``var/chert-relay`` met from
+    another working directory, or ``/var/lib/chert-relay`` (the systemd units'
+    ``CHERT_RELAY__RELAY__STATE_DIR``) unknown to the shell. A command on an empty Redis
+    would report no dead letters, pause nothing the relay sends, or queue events no relay
+    delivers."""
     if config.redis.url is None and not config.redis.sentinels:
         data = config.relay.state_dir / "redis"
         try:
@@ -223,6 +221,14 @@ async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
                 "(the systemd units set CHERT_RELAY__RELAY__STATE_DIR=/var/lib/chert-relay) "
                 "or its [redis] url"
             )
+
+
+async def open_command_client(config: Config, stack: AsyncExitStack) -> Redis:
+    """A client for a command run from an operator's shell (``dlq``, ``events``,
+    ``sinks``): the relay's Redis — the running relay's embedded server shared — once it
+    answers; :class:`RedisUnavailableError` if it does not, or if the relay has no state
+    where this command looks (:func:`require_relay_state`)."""
+    require_relay_state(config)
     _, client = await open_client(config, stack, share_running=True)
     try:
         await client.ping()

@@ -46,7 +46,7 @@ from relay.ingest.ingestor import Ingestor
 from relay.metrics import Metrics
 from relay.progress import Meter
 from relay.store.client import check_server
-from relay.store.endpoint import open_client
+from relay.store.endpoint import open_client, require_relay_state
 from relay.upstream.chert_api import ChertApi, ChertPagingError, isoformat
 from relay.upstream.rows import RowsResult, ingest_rows
 
@@ -149,6 +149,7 @@ async def run_backfill(
     async with AsyncExitStack() as stack:
         if config.telemetry.tracing:  # each event's ingest span, exported before exiting
             stack.push_async_callback(telemetry.start())
+        require_relay_state(config)
         _, client = await open_client(config, stack, share_running=True)
         for warning in await check_server(client, require_aof=config.redis.require_aof):
             log.warning("%s", warning)
