@@ -305,11 +305,12 @@ def test_a_bad_log_setting_in_the_environment_is_one_line_and_exit_78(name: str)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a state directory another user owns")
 def test_a_command_run_as_root_leaves_the_relays_state_the_relays(tmp_path: Path) -> None:
     """The systemd units run the relay as a dynamic user; an operator runs ``dlq`` as
-    root with the relay stopped. The redis-server that command starts must write as the
-    state's owner: a log or AOF file left root's would stop the relay's own server."""
-    base = Path(tempfile.mkdtemp(prefix="relay-owner-"))
+    root with the relay stopped. What the redis-server that command starts makes there
+    must end up the state's owner's: a log or AOF file left root's would stop the
+    relay's own server. The state sits under a directory only root may enter, as
+    ``/var/lib/private`` is: a server started as the owner could not reach it."""
+    base = Path(tempfile.mkdtemp(prefix="relay-owner-"))  # 0700, root's
     try:
-        base.chmod(0o755)
         state = base / "state"
         ran_before(state)
         nobody = 65534

@@ -119,7 +119,6 @@ class EmbeddedRedis:
                 sock.unlink()
             self.url = f"unix://{sock}"
         self._lock = self._take_lock()
-        owner = self._owner()
         try:
             self.process = subprocess.Popen(
                 self._argv(exe, sock),
@@ -128,9 +127,6 @@ class EmbeddedRedis:
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
                 pass_fds=(self._lock,),  # the server holds the lock too, as long as it runs
-                user=owner[0] if owner else None,
-                group=owner[1] if owner else None,
-                extra_groups=[] if owner else None,
             )
         except OSError:
             self._unlock()
@@ -163,14 +159,31 @@ class EmbeddedRedis:
             ) from None
 
     def _owner(self) -> tuple[int, int] | None:
-        """Whom the server runs as: root starting it on a data directory another user
-        owns (an operator's ``dlq`` on the systemd units' dynamic user's state, the
-        relay stopped) runs it as that user, so that every file it writes stays the
-        relay's to write; otherwise as this process (None)."""
+        """Another user's, when root runs a server on a data directory that user owns:
+        an operator's ``dlq`` as root on the systemd units' dynamic user's state, with
+        the relay stopped (None otherwise)."""
         if os.geteuid() != 0:
             return None
-        st = self.directory.stat()
+        try:
+            st = self.directory.stat()
+        except OSError:
+            return None
         return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+    def _give_back(self) -> None:
+        """Once root's server has exited, give what it made in another user's data
+        directory (its log, the lock, an AOF rewrite's files) to that user: left root's,
+        the relay's own server could not write them. (Started as that user instead, the
+        server could not reach a directory under ``/var/lib/private``, root's alone.)"""
+        owner = self._owner()
+        if owner is None:
+            return
+        for where, dirs, files in os.walk(self.directory):
+            for name in [*dirs, *files]:
+                path = os.path.join(where, name)
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_uid != owner[0]:
+                        os.lchown(path, *owner)
 
     def _take_lock(self) -> int:
         """Lock the data directory (``redis.lock``, ``flock``), or raise
@@ -180,10 +193,9 @@ class EmbeddedRedis:
         inherits the lock, so one left running by a killed relay still holds it."""
         path = self.directory / "redis.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.geteuid() == 0:  # made by root on another user's directory: theirs too
-            st = self.directory.stat()
-            if st.st_uid != 0:
-                os.fchown(fd, st.st_uid, st.st_gid)
+        owner = self._owner()
+        if owner is not None:  # made by root on another user's directory: theirs too
+            os.fchown(fd, *owner)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,6 +211,7 @@ class EmbeddedRedis:
         fd, self._lock = self._lock, None
         if fd is not None:
             os.close(fd)  # the lock goes once the server's copy is closed too (it exited)
+            self._give_back()
 
     def _log_tail(self) -> str:
         parts = []
