@@ -76,6 +76,12 @@ class RedisServerMissingError(EmbeddedRedisError):
     exit_code = EXIT_OSFILE
 
 
+class ForeignStateError(RelayError):
+    """Root was asked to start the embedded redis-server on another user's state."""
+
+    exit_code = EXIT_NOPERM
+
+
 class EmbeddedRedisInUseError(EmbeddedRedisError):
     """Another process already runs the embedded redis-server of this state directory."""
 

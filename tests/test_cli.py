@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -303,29 +301,48 @@ def test_a_bad_log_setting_in_the_environment_is_one_line_and_exit_78(name: str)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a state directory another user owns")
-def test_a_command_run_as_root_leaves_the_relays_state_the_relays(tmp_path: Path) -> None:
-    """The systemd units run the relay as a dynamic user; an operator runs ``dlq`` as
-    root with the relay stopped. What the redis-server that command starts makes there
-    must end up the state's owner's: a log or AOF file left root's would stop the
-    relay's own server. The state sits under a directory only root may enter, as
-    ``/var/lib/private`` is: a server started as the owner could not reach it."""
-    base = Path(tempfile.mkdtemp(prefix="relay-owner-"))  # 0700, root's
+def test_root_starts_no_server_on_the_relays_users_state(tmp_path: Path) -> None:
+    """The systemd units run the relay as a dynamic user. An operator's ``dlq`` as root,
+    with the relay stopped, would start a redis-server as root in that user's state:
+    root's files the relay's own server cannot write, and links the user planted
+    followed as root. It is refused, touching nothing; with the relay's server running,
+    the command shares it."""
+    state = tmp_path / "state"
+    ran_before(state)
+    nobody = 65534
+    for p in [state, *state.rglob("*")]:
+        os.chown(p, nobody, nobody)
+
+    def listing() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_uid, p.stat().st_mtime_ns) for p in state.rglob("*")}
+
+    before = listing()
+    data = config_dict()
+    data["relay"]["state_dir"] = str(state)
+    path = write_toml(tmp_path / "relay.toml", data)
+    out = cli("--config", str(path), "dlq", "list")
+    assert out.returncode == 77, out.stderr
+    assert f"the relay's state at {state / 'redis'} belongs to uid {nobody}" in out.stderr.decode()
+    assert listing() == before
+    server = EmbeddedRedis(state / "redis")  # the relay's, running
+    asyncio.run(server.start())
     try:
-        state = base / "state"
-        ran_before(state)
-        nobody = 65534
-        for p in [state, *state.rglob("*")]:
-            os.chown(p, nobody, nobody)
-        # files the command's server makes anew: its log (rotated away, say) and the lock
-        # (an earlier build made none); an AOF rewrite would make more
-        (state / "redis" / "redis.log").unlink()
-        (state / "redis" / "redis.lock").unlink()
-        data = config_dict()
-        data["relay"]["state_dir"] = str(state)
-        path = write_toml(tmp_path / "relay.toml", data)
         out = cli("--config", str(path), "dlq", "list")
         assert out.returncode == 0, out.stderr
-        theirs = {p.name: p.stat().st_uid for p in [state, *state.rglob("*")]}
-        assert set(theirs.values()) == {nobody}, theirs
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        asyncio.run(server.stop())
+
+
+def test_a_link_planted_as_the_lock_is_not_followed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "redis").mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    (state / "redis" / "redis.lock").symlink_to(target)
+    data = config_dict()
+    data["relay"]["state_dir"] = str(state)
+    data["server"]["listen"] = "127.0.0.1:0"
+    path = write_toml(tmp_path / "relay.toml", data)
+    out = cli("--config", str(path), "run")
+    assert out.returncode == 73, out.stderr
+    assert f"cannot open {state / 'redis' / 'redis.lock'}" in out.stderr.decode()
+    assert not target.exists()

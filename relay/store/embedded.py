@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from relay.config import Config
 from relay.errors import (
     EmbeddedRedisError,
     EmbeddedRedisInUseError,
+    ForeignStateError,
     RedisServerMissingError,
     StateDirError,
 )
@@ -102,24 +104,28 @@ class EmbeddedRedis:
                 "install Redis (Debian: apt-get install redis-server) or set [redis] url"
             )
         self._make_directory()
-        sock: Path | None = self.directory / "redis.sock"
-        if self.port is None and len(str(sock)) > _MAX_UNIX_PATH:
-            self.port = free_port()
-        if self.port is not None:
-            sock = None
-            self.url = f"redis://127.0.0.1:{self.port}/0"
-        else:
-            assert sock is not None
-            if sock.exists() and await self.answers(f"unix://{sock}"):
-                raise EmbeddedRedisInUseError(
-                    f"a redis-server is already running on {sock}: is another relay "
-                    "using this state_dir? Set [redis] url to share one Redis."
-                )
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-            self.url = f"unix://{sock}"
+        if self._lock is not None and (self.process is None or self.process.poll() is not None):
+            self._forget()  # it exited on its own, and no stop() came
+        # The lock first: a server that runs is never touched (its socket not removed
+        # while it loads its AOF or stalls, nor a second one started beside it).
         self._lock = self._take_lock()
         try:
+            sock: Path | None = self.directory / "redis.sock"
+            if self.port is None and len(str(sock)) > _MAX_UNIX_PATH:
+                self.port = free_port()
+            if self.port is not None:
+                sock = None
+                self.url = f"redis://127.0.0.1:{self.port}/0"
+            else:
+                assert sock is not None
+                if sock.exists() and await self.answers(f"unix://{sock}"):
+                    raise EmbeddedRedisInUseError(  # one an earlier build started, unlocked
+                        f"a redis-server is already running on {sock}: is another relay "
+                        "using this state_dir? Set [redis] url to share one Redis."
+                    )
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
+                self.url = f"unix://{sock}"
             self.process = subprocess.Popen(
                 self._argv(exe, sock),
                 stdin=subprocess.DEVNULL,
@@ -128,14 +134,14 @@ class EmbeddedRedis:
                 start_new_session=True,  # a Ctrl-C meant for the relay does not reach it first
                 pass_fds=(self._lock,),  # the server holds the lock too, as long as it runs
             )
-        except OSError:
+        except BaseException:
             self._unlock()
             raise
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 said = self._log_tail()
-                self._unlock()
+                self._forget()
                 raise EmbeddedRedisError(f"redis-server exited at start-up: {said}")
             if await self.answers(self.url):
                 log.info("embedded redis-server started (pid %d) at %s", self.process.pid, self.url)
@@ -158,33 +164,6 @@ class EmbeddedRedis:
                 f"({self.directory}: {e.strerror or e})"
             ) from None
 
-    def _owner(self) -> tuple[int, int] | None:
-        """Another user's, when root runs a server on a data directory that user owns:
-        an operator's ``dlq`` as root on the systemd units' dynamic user's state, with
-        the relay stopped (None otherwise)."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            st = self.directory.stat()
-        except OSError:
-            return None
-        return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
-
-    def _give_back(self) -> None:
-        """Once root's server has exited, give what it made in another user's data
-        directory (its log, the lock, an AOF rewrite's files) to that user: left root's,
-        the relay's own server could not write them. (Started as that user instead, the
-        server could not reach a directory under ``/var/lib/private``, root's alone.)"""
-        owner = self._owner()
-        if owner is None:
-            return
-        for where, dirs, files in os.walk(self.directory):
-            for name in [*dirs, *files]:
-                path = os.path.join(where, name)
-                with contextlib.suppress(OSError):
-                    if os.lstat(path).st_uid != owner[0]:
-                        os.lchown(path, *owner)
-
     def _take_lock(self) -> int:
         """Lock the data directory (``redis.lock``, ``flock``), or raise
         :class:`EmbeddedRedisInUseError`: two servers on one AOF would each write it as
@@ -192,10 +171,13 @@ class EmbeddedRedis:
         for a socket puts the server on a TCP port, which nothing records). The server
         inherits the lock, so one left running by a killed relay still holds it."""
         path = self.directory / "redis.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        owner = self._owner()
-        if owner is not None:  # made by root on another user's directory: theirs too
-            os.fchown(fd, *owner)
+        try:  # never through a link planted there
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateDirError(f"cannot open {path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StateDirError(f"{path} is not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -211,7 +193,13 @@ class EmbeddedRedis:
         fd, self._lock = self._lock, None
         if fd is not None:
             os.close(fd)  # the lock goes once the server's copy is closed too (it exited)
-            self._give_back()
+
+    def _forget(self) -> None:
+        """A server that exited on its own: its pipe closed, its lock let go."""
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+        self._unlock()
 
     def _log_tail(self) -> str:
         parts = []
@@ -263,6 +251,26 @@ class EmbeddedRedis:
         self._unlock()
 
 
+def _not_root_on_anothers(directory: Path) -> None:
+    """Refuse (:class:`ForeignStateError`) to start, as root, a server on a data directory
+    another user owns: an operator's command as root on the systemd units' dynamic
+    user's state, the relay stopped. Root's server would write root's files there (the
+    relay's own could then not write them) and follow any link that user planted. (As
+    that user it could not reach a state under ``/var/lib/private``, root's alone.)"""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = directory.stat().st_uid
+    except OSError:
+        return
+    if owner != 0:
+        raise ForeignStateError(
+            f"the relay's state at {directory} belongs to uid {owner}, and this command "
+            "runs as root: start the relay (the command then uses its Redis), or run the "
+            "command as that user"
+        )
+
+
 async def open_redis_url(
     config: Config, stack: AsyncExitStack, *, share_running: bool = False
 ) -> str:
@@ -278,6 +286,8 @@ async def open_redis_url(
     sock = embedded.directory / "redis.sock"
     if share_running and sock.exists() and await EmbeddedRedis.answers(f"unix://{sock}"):
         return f"unix://{sock}"
+    if share_running:
+        _not_root_on_anothers(embedded.directory)
     url = await embedded.start()
     stack.push_async_callback(embedded.stop)
     return url

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -199,11 +200,13 @@ def require_relay_state(config: Config) -> None:
     if config.redis.url is None and not config.redis.sentinels:
         data = config.relay.state_dir / "redis"
         try:
-            there = data.is_dir()
-        except PermissionError:
+            there = stat.S_ISDIR(data.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            there = False
+        except OSError as e:  # (not Path.is_dir(), which hides this from Python 3.14 on)
             raise RedisUnavailableError(
-                f"cannot read the relay's state at {data.resolve()} (permission denied): run "
-                "this as root or as the relay's user"
+                f"cannot read the relay's state at {data.resolve()} ({e.strerror or e}): "
+                "run this as root or as the relay's user"
             ) from None
         if not there:
             where = data.resolve()
