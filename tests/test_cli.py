@@ -322,7 +322,10 @@ def test_root_starts_no_server_on_the_relays_users_state(tmp_path: Path) -> None
     path = write_toml(tmp_path / "relay.toml", data)
     out = cli("--config", str(path), "dlq", "list")
     assert out.returncode == 77, out.stderr
-    assert f"the relay's state at {state / 'redis'} belongs to uid {nobody}" in out.stderr.decode()
+    assert f"the relay's state at {state} belongs to uid {nobody}" in out.stderr.decode()
+    assert listing() == before
+    out = cli("--config", str(path), "run")  # nor the relay itself, as root
+    assert out.returncode == 77, out.stderr
     assert listing() == before
     server = EmbeddedRedis(state / "redis")  # the relay's, running
     asyncio.run(server.start())
@@ -331,6 +334,24 @@ def test_root_starts_no_server_on_the_relays_users_state(tmp_path: Path) -> None
         assert out.returncode == 0, out.stderr
     finally:
         asyncio.run(server.stop())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_follows_no_link_another_user_made_for_the_data_directory(tmp_path: Path) -> None:
+    # The relay's user swaps its data directory for a link to a directory of root's: root's
+    # command must not start a server there.
+    state, roots = tmp_path / "state", tmp_path / "roots"
+    state.mkdir()
+    roots.mkdir()
+    (state / "redis").symlink_to(roots)
+    os.lchown(state / "redis", 65534, 65534)
+    data = config_dict()
+    data["relay"]["state_dir"] = str(state)
+    path = write_toml(tmp_path / "relay.toml", data)
+    out = cli("--config", str(path), "dlq", "list")
+    assert out.returncode == 77, out.stderr
+    assert f"the relay's state at {state / 'redis'} belongs to uid 65534" in out.stderr.decode()
+    assert list(roots.iterdir()) == []
 
 
 def test_a_link_planted_as_the_lock_is_not_followed(tmp_path: Path) -> None:

@@ -251,24 +251,28 @@ class EmbeddedRedis:
         self._unlock()
 
 
-def _not_root_on_anothers(directory: Path) -> None:
-    """Refuse (:class:`ForeignStateError`) to start, as root, a server on a data directory
-    another user owns: an operator's command as root on the systemd units' dynamic
-    user's state, the relay stopped. Root's server would write root's files there (the
-    relay's own could then not write them) and follow any link that user planted. (As
-    that user it could not reach a state under ``/var/lib/private``, root's alone.)"""
+def _not_root_on_anothers(state_dir: Path) -> None:
+    """Refuse (:class:`ForeignStateError`) to start, as root, a server on a state another
+    user owns — the state directory or its ``redis`` data directory, each as named (a
+    link that user made is not followed to a directory of root's): the systemd units'
+    dynamic user's state, with an operator's ``dlq`` as root while the relay is stopped,
+    or ``sudo chert-relay run`` on it. Root's server would leave root's files there,
+    which the relay's own server could then not write, and follow any link that user
+    planted. (As that user it could not reach a state under ``/var/lib/private``, which
+    only root may enter.)"""
     if os.geteuid() != 0:
         return
-    try:
-        owner = directory.stat().st_uid
-    except OSError:
-        return
-    if owner != 0:
-        raise ForeignStateError(
-            f"the relay's state at {directory} belongs to uid {owner}, and this command "
-            "runs as root: start the relay (the command then uses its Redis), or run the "
-            "command as that user"
-        )
+    for path in (state_dir, state_dir / "redis"):
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            continue
+        if owner != 0:
+            raise ForeignStateError(
+                f"the relay's state at {path} belongs to uid {owner}, and this process "
+                "runs as root: run the relay as that user (its commands then use its "
+                "Redis, as root too), or run this as that user"
+            )
 
 
 async def open_redis_url(
@@ -286,8 +290,7 @@ async def open_redis_url(
     sock = embedded.directory / "redis.sock"
     if share_running and sock.exists() and await EmbeddedRedis.answers(f"unix://{sock}"):
         return f"unix://{sock}"
-    if share_running:
-        _not_root_on_anothers(embedded.directory)
+    _not_root_on_anothers(config.relay.state_dir)
     url = await embedded.start()
     stack.push_async_callback(embedded.stop)
     return url
