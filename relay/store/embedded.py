@@ -119,10 +119,7 @@ class EmbeddedRedis:
             else:
                 assert sock is not None
                 if sock.exists() and await self.answers(f"unix://{sock}"):
-                    raise EmbeddedRedisInUseError(  # one an earlier build started, unlocked
-                        f"a redis-server is already running on {sock}: is another relay "
-                        "using this state_dir? Set [redis] url to share one Redis."
-                    )
+                    raise self._in_use()  # one an earlier build started, unlocked
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
                 self.url = f"unix://{sock}"
@@ -182,12 +179,15 @@ class EmbeddedRedis:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise EmbeddedRedisInUseError(
-                f"a redis-server is already running on {self.directory} (another relay's, "
-                "or one a stopped relay left): is another relay using this state_dir? Set "
-                "[redis] url to share one Redis."
-            ) from None
+            raise self._in_use() from None
         return fd
+
+    def _in_use(self) -> EmbeddedRedisInUseError:
+        return EmbeddedRedisInUseError(
+            f"a redis-server is already running on {self.directory} (another relay's, or "
+            "one a stopped relay left): is another relay using this state_dir? Set [redis] "
+            "url to share one Redis."
+        )
 
     def _unlock(self) -> None:
         fd, self._lock = self._lock, None
@@ -195,7 +195,7 @@ class EmbeddedRedis:
             os.close(fd)  # the lock goes once the server's copy is closed too (it exited)
 
     def _forget(self) -> None:
-        """A server that exited on its own: its pipe closed, its lock let go."""
+        """Let go of a server that has exited: its pipe closed, its lock released."""
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
@@ -223,9 +223,9 @@ class EmbeddedRedis:
 
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the server (it fsyncs its AOF and exits) and wait for it."""
-        proc, self.process = self.process, None
+        proc = self.process
         if proc is None or proc.poll() is not None:
-            self._unlock()
+            self._forget()
             return
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -235,9 +235,7 @@ class EmbeddedRedis:
             log.error("redis-server did not stop within %.0fs; killing it", timeout)
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-        self._unlock()
+        self._forget()
         log.info("embedded redis-server stopped")
 
     def kill(self) -> None:
@@ -245,10 +243,7 @@ class EmbeddedRedis:
         if self.process is not None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
-            if self.process.stderr is not None:
-                self.process.stderr.close()
-            self.process = None
-        self._unlock()
+        self._forget()
 
 
 def _not_root_on_anothers(state_dir: Path) -> None:
